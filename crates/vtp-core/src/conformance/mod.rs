@@ -1,0 +1,75 @@
+//! Conformance suites: the behaviour every [`crate::JobStore`] and
+//! [`crate::BlobStore`] must show, as plain async functions plus macros that
+//! turn them into one `#[tokio::test]` per case.
+//!
+//! ```text
+//! async fn store() -> Arc<dyn JobStore> { Arc::new(InMemoryJobStore::new()) }
+//! vtp_core::job_store_conformance!(store);
+//! ```
+//!
+//! The factory must return a fresh, isolated store on every call.
+
+pub mod blob_store;
+pub mod job_store;
+
+/// Generates one `#[tokio::test]` per [`job_store`] case, each on a fresh
+/// store from the async factory `$factory`.
+#[macro_export]
+macro_rules! job_store_conformance {
+    ($factory:path) => {
+        $crate::job_store_conformance!(@cases $factory;
+            create_then_get,
+            get_unknown_is_not_found,
+            create_twice_is_already_exists,
+            list_filters_pages_and_orders,
+            transition_is_compare_and_set,
+            concurrent_transitions_have_one_winner,
+            stale_revision_is_a_conflict,
+            updates_are_idempotent_by_seq,
+            older_update_after_newer_changes_nothing,
+            reordered_epochs_are_all_recorded,
+            terminal_job_refuses_updates,
+            metrics_are_ordered_and_upserted,
+            concurrent_updates_apply_once_each,
+            metrics_of_unknown_job_is_not_found,
+            ping_succeeds,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store = $factory().await;
+                $crate::conformance::job_store::$case(store).await;
+            }
+        )*
+    };
+}
+
+/// Generates one `#[tokio::test]` per [`blob_store`] case, each on a fresh
+/// store from the async factory `$factory`.
+#[macro_export]
+macro_rules! blob_store_conformance {
+    ($factory:path) => {
+        $crate::blob_store_conformance!(@cases $factory;
+            put_then_get,
+            missing_object_is_not_found,
+            large_upload_streams_in_parts,
+            failed_upload_leaves_nothing,
+            failed_overwrite_keeps_previous,
+            list_is_recursive_sorted_and_segment_aware,
+            copy_and_delete,
+            uris_round_trip,
+            download_prefix_keeps_layout,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store = $factory().await;
+                $crate::conformance::blob_store::$case(store).await;
+            }
+        )*
+    };
+}

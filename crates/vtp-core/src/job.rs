@@ -1,0 +1,358 @@
+//! Training jobs: what a user asks for and what the platform knows about it.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::blob::BlobUri;
+use crate::error::{Error, Result};
+use crate::status::JobStatus;
+
+/// A job's identifier: a UUID (version 7, so ids sort by creation time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub Uuid);
+
+impl JobId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        JobId(Uuid::now_v7())
+    }
+}
+
+impl Default for JobId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl FromStr for JobId {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Uuid::parse_str(s)
+            .map(JobId)
+            .map_err(|e| Error::invalid("job_id", format!("{s:?} is not a UUID: {e}")))
+    }
+}
+
+impl From<Uuid> for JobId {
+    fn from(value: Uuid) -> Self {
+        JobId(value)
+    }
+}
+
+/// The current time as stored: UTC, microsecond precision (what Postgres keeps).
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// A training job as the platform records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Identifier.
+    pub id: JobId,
+    /// Who owns the job.
+    pub user_id: String,
+    /// Model architecture, e.g. `resnet18`.
+    pub model_name: String,
+    /// Training framework, e.g. `tch`.
+    pub framework: String,
+    /// Where the dataset lives: `s3://bucket/key` or `file:///path`.
+    pub dataset_s3_uri: String,
+    /// Hyperparameters, a JSON object.
+    pub config: serde_json::Value,
+    /// Life-cycle state.
+    pub status: JobStatus,
+    /// Fraction done, `0.0..=1.0`.
+    pub progress: f64,
+    /// Last human-readable message from the trainer or the platform.
+    pub message: Option<String>,
+    /// Why the job failed, when it did.
+    pub error: Option<String>,
+    /// Where the final checkpoint was stored.
+    pub checkpoint_s3_uri: Option<String>,
+    /// How many times the job has been handed to a launcher.
+    pub attempt: i32,
+    /// Highest [`crate::TrainingUpdate::seq`] applied so far (0: none).
+    pub last_seq: i64,
+    /// Bumped on every stored change; the optimistic-lock token.
+    pub revision: i64,
+    /// When the job was created.
+    pub created_at: DateTime<Utc>,
+    /// When the job last changed.
+    pub updated_at: DateTime<Utc>,
+    /// When the trainer first reported `running`.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When the job reached a terminal state.
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+impl Job {
+    /// Moves the job to `to` if the transition table allows it, stamping
+    /// `started_at` / `finished_at` and counting launch attempts.
+    pub fn transition(&mut self, to: JobStatus) -> Result<()> {
+        self.status.check_transition(to)?;
+        self.set_status(to);
+        Ok(())
+    }
+
+    /// Sets the status (already validated) with its bookkeeping.
+    pub(crate) fn set_status(&mut self, to: JobStatus) {
+        let now = now();
+        if to == JobStatus::Queued {
+            self.attempt += 1;
+        }
+        if to == JobStatus::Running && self.started_at.is_none() {
+            self.started_at = Some(now);
+        }
+        if to.is_terminal() {
+            self.finished_at = Some(now);
+            if to == JobStatus::Completed {
+                self.progress = 1.0;
+            }
+        }
+        self.status = to;
+        self.updated_at = now;
+    }
+}
+
+/// What a user sends to create a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewJob {
+    /// Who owns the job.
+    pub user_id: String,
+    /// Model architecture.
+    pub model_name: String,
+    /// Training framework.
+    pub framework: String,
+    /// Dataset location, checked for form here and for existence at start.
+    pub dataset_s3_uri: String,
+    /// Hyperparameters; an object, `{}` when left out.
+    #[serde(default = "empty_object")]
+    pub config: serde_json::Value,
+}
+
+fn empty_object() -> serde_json::Value {
+    serde_json::Value::Object(Default::default())
+}
+
+impl NewJob {
+    /// Checks every field, naming the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        validate_name("user_id", &self.user_id)?;
+        validate_name("model_name", &self.model_name)?;
+        validate_name("framework", &self.framework)?;
+        self.dataset_s3_uri
+            .parse::<BlobUri>()
+            .map_err(|e| match e {
+                Error::InvalidInput { message, .. } => Error::invalid("dataset_s3_uri", message),
+                other => other,
+            })?;
+        if !self.config.is_object() {
+            return Err(Error::invalid("config", "must be a JSON object"));
+        }
+        Ok(())
+    }
+
+    /// Validates and turns the request into a fresh `pending` job.
+    pub fn into_job(self) -> Result<Job> {
+        self.validate()?;
+        let now = now();
+        Ok(Job {
+            id: JobId::new(),
+            user_id: self.user_id,
+            model_name: self.model_name,
+            framework: self.framework,
+            dataset_s3_uri: self.dataset_s3_uri,
+            config: self.config,
+            status: JobStatus::Pending,
+            progress: 0.0,
+            message: None,
+            error: None,
+            checkpoint_s3_uri: None,
+            attempt: 0,
+            last_seq: 0,
+            revision: 0,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+        })
+    }
+}
+
+/// Checks a short identifier used in keys and labels: 1..=128 characters of
+/// ASCII letters, digits, `-`, `_` and `.`, not starting with a dot.
+pub fn validate_name(field: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if value.len() > 128 {
+        return Err(Error::invalid(field, "must be at most 128 characters"));
+    }
+    if value.starts_with('.') {
+        return Err(Error::invalid(field, "must not start with '.'"));
+    }
+    if let Some(bad) = value
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(Error::invalid(
+            field,
+            format!("{bad:?} is not allowed; use letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    Ok(())
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobFilter {
+    /// Only this user's jobs.
+    pub user_id: Option<String>,
+    /// Only jobs in this status.
+    pub status: Option<JobStatus>,
+    /// Only jobs not changed since this instant (for the stale-job sweeper).
+    pub updated_before: Option<DateTime<Utc>>,
+    /// Page size; [`JobFilter::MAX_LIMIT`] at most.
+    pub limit: u32,
+    /// Jobs to skip.
+    pub offset: u32,
+}
+
+impl JobFilter {
+    /// The default page size.
+    pub const DEFAULT_LIMIT: u32 = 50;
+    /// The largest page a store returns.
+    pub const MAX_LIMIT: u32 = 500;
+
+    /// All jobs, first page.
+    pub fn new() -> Self {
+        JobFilter {
+            limit: Self::DEFAULT_LIMIT,
+            ..Default::default()
+        }
+    }
+
+    /// Only `user_id`'s jobs.
+    pub fn with_user(mut self, user_id: impl Into<String>) -> Self {
+        self.user_id = Some(user_id.into());
+        self
+    }
+
+    /// Only jobs in `status`.
+    pub fn with_status(mut self, status: JobStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    /// Page size and offset.
+    pub fn with_page(mut self, limit: u32, offset: u32) -> Self {
+        self.limit = limit;
+        self.offset = offset;
+        self
+    }
+
+    /// The page size actually used: at least 1, at most [`Self::MAX_LIMIT`].
+    pub fn effective_limit(&self) -> u32 {
+        self.limit.clamp(1, Self::MAX_LIMIT)
+    }
+
+    /// Whether `job` passes the filter (used by in-memory stores).
+    pub fn matches(&self, job: &Job) -> bool {
+        self.user_id.as_ref().is_none_or(|u| *u == job.user_id)
+            && self.status.is_none_or(|s| s == job.status)
+            && self.updated_before.is_none_or(|t| job.updated_at < t)
+    }
+}
+
+/// One page of jobs, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobPage {
+    /// The jobs on this page.
+    pub jobs: Vec<Job>,
+    /// How many jobs match the filter in all.
+    pub total: u64,
+    /// The page size used.
+    pub limit: u32,
+    /// The offset used.
+    pub offset: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn new_job() -> NewJob {
+        NewJob {
+            user_id: "test".into(),
+            model_name: "resnet18".into(),
+            framework: "tch".into(),
+            dataset_s3_uri: "s3://datasets/test/my-dataset/".into(),
+            config: serde_json::json!({"epochs": 3}),
+        }
+    }
+
+    #[test]
+    fn seed_create_body_parses_and_validates() {
+        let body = r#"{"user_id": "test", "model_name": "yolo11n", "framework": "ultralytics",
+                       "dataset_s3_uri": "s3://datasets/test/my-dataset/"}"#;
+        let new: NewJob = serde_json::from_str(body).unwrap();
+        assert_eq!(new.config, serde_json::json!({}));
+        let job = new.into_job().unwrap();
+        assert_eq!(job.status, JobStatus::Pending);
+        assert_eq!(job.attempt, 0);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = serde_json::from_str::<NewJob>(
+            r#"{"user_id":"u","model_name":"m","framework":"f","dataset_s3_uri":"s3://b/k","epochs":3}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field `epochs`"), "{err}");
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut bad = new_job();
+        bad.dataset_s3_uri = "http://example.com/data".into();
+        assert!(
+            matches!(bad.validate(), Err(Error::InvalidInput { field, .. }) if field == "dataset_s3_uri")
+        );
+        let mut bad = new_job();
+        bad.user_id = "../etc".into();
+        assert!(
+            matches!(bad.validate(), Err(Error::InvalidInput { field, .. }) if field == "user_id")
+        );
+        let mut bad = new_job();
+        bad.config = serde_json::json!([1, 2]);
+        assert!(
+            matches!(bad.validate(), Err(Error::InvalidInput { field, .. }) if field == "config")
+        );
+    }
+
+    #[test]
+    fn transitions_stamp_times_and_attempts() {
+        let mut job = new_job().into_job().unwrap();
+        job.transition(JobStatus::Queued).unwrap();
+        assert_eq!(job.attempt, 1);
+        job.transition(JobStatus::Running).unwrap();
+        assert!(job.started_at.is_some());
+        job.transition(JobStatus::Completed).unwrap();
+        assert!(job.finished_at.is_some());
+        assert_eq!(job.progress, 1.0);
+        assert!(job.transition(JobStatus::Running).is_err());
+    }
+}

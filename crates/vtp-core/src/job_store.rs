@@ -1,0 +1,170 @@
+//! Durable job state: the [`JobStore`] trait.
+
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::error::{Error, Result};
+use crate::job::{Job, JobFilter, JobId, JobPage, NewJob};
+use crate::status::JobStatus;
+use crate::update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan, plan_update};
+
+/// What a compare-and-set expects to find.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// The job must be in this status.
+    pub status: JobStatus,
+    /// And, when given, at this revision (no change since it was read).
+    pub revision: Option<i64>,
+}
+
+impl Expected {
+    /// Expect only a status.
+    pub fn status(status: JobStatus) -> Self {
+        Expected {
+            status,
+            revision: None,
+        }
+    }
+
+    /// Expect the job exactly as read.
+    pub fn exactly(job: &Job) -> Self {
+        Expected {
+            status: job.status,
+            revision: Some(job.revision),
+        }
+    }
+}
+
+/// Where jobs and their metrics live.
+///
+/// The core is small; [`JobStoreExt`] builds transitions and callback
+/// handling on it, the same way for every backend.
+///
+/// # Contract
+/// - `create` stores a new job; ids are unique.
+/// - `compare_and_set` is atomic: it writes the mutable fields of `next`
+///   (status, progress, message, error, checkpoint_s3_uri, attempt, last_seq,
+///   updated_at, started_at, finished_at), bumps `revision` by one and upserts
+///   `metric` (one row per job and epoch, the newest wins) only if the stored
+///   job matches `expected`; otherwise it changes nothing.
+/// - `list` returns jobs newest first, with the total count of matches.
+/// - `metrics` returns a job's epoch metrics ordered by epoch.
+///
+/// # Errors
+/// - [`Error::NotFound`] for an unknown job id.
+/// - [`Error::AlreadyExists`] when `create` meets an existing id.
+/// - [`Error::Conflict`] when `compare_and_set` finds the job changed (a lost race).
+/// - [`Error::Unavailable`] when the database cannot be reached (retryable).
+#[async_trait]
+pub trait JobStore: Send + Sync + fmt::Debug + 'static {
+    /// Stores a new job.
+    async fn create(&self, job: &Job) -> Result<()>;
+
+    /// Reads one job.
+    async fn get(&self, id: JobId) -> Result<Job>;
+
+    /// Lists jobs matching `filter`, newest first.
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage>;
+
+    /// Writes `next` if the stored job matches `expected`; returns the stored job.
+    async fn compare_and_set(
+        &self,
+        expected: Expected,
+        next: &Job,
+        metric: Option<&TrainingMetric>,
+    ) -> Result<Job>;
+
+    /// Records `metric` unless its job already has one for that epoch.
+    /// Returns whether it was recorded.
+    async fn insert_metric_if_absent(&self, metric: &TrainingMetric) -> Result<bool>;
+
+    /// A job's epoch metrics, ordered by epoch.
+    async fn metrics(&self, id: JobId) -> Result<Vec<TrainingMetric>>;
+
+    /// Checks that the store can be reached.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// How often [`JobStoreExt::apply_update`] re-reads and retries after losing a race.
+pub const UPDATE_ATTEMPTS: usize = 16;
+
+/// Transitions and callback handling, for every [`JobStore`].
+#[async_trait]
+pub trait JobStoreExt: JobStore {
+    /// Validates `new` and stores it as a `pending` job.
+    async fn create_job(&self, new: NewJob) -> Result<Job> {
+        let job = new.into_job()?;
+        self.create(&job).await?;
+        Ok(job)
+    }
+
+    /// Moves job `id` from `from` to `to`, as a compare-and-set on the status.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] if the job is not in `from` (someone else moved it)
+    /// or the table forbids `from -> to`.
+    async fn transition(&self, id: JobId, from: JobStatus, to: JobStatus) -> Result<Job> {
+        self.transition_with(id, from, to, |_| {}).await
+    }
+
+    /// Like [`JobStoreExt::transition`], letting `edit` set other fields
+    /// (a message, an error) in the same write.
+    async fn transition_with<F>(
+        &self,
+        id: JobId,
+        from: JobStatus,
+        to: JobStatus,
+        edit: F,
+    ) -> Result<Job>
+    where
+        F: FnOnce(&mut Job) + Send,
+    {
+        let mut job = self.get(id).await?;
+        if job.status != from {
+            return Err(Error::conflict(format!(
+                "job {id} is {}, not {from}",
+                job.status
+            )));
+        }
+        job.transition(to)?;
+        edit(&mut job);
+        self.compare_and_set(Expected::status(from), &job, None)
+            .await
+    }
+
+    /// Applies a trainer report: idempotent by `seq`, guarded by the status
+    /// table, retried on lost races.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`], [`Error::InvalidInput`] for a malformed update,
+    /// [`Error::Conflict`] when the job is terminal or the report is illegal.
+    async fn apply_update(&self, id: JobId, update: &TrainingUpdate) -> Result<UpdateOutcome> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let job = self.get(id).await?;
+            match plan_update(&job, update)? {
+                UpdatePlan::Stale { metric } => {
+                    if let Some(metric) = metric {
+                        self.insert_metric_if_absent(&metric).await?;
+                    }
+                    return Ok(UpdateOutcome::Duplicate(Box::new(job)));
+                }
+                UpdatePlan::Apply { job: next, metric } => {
+                    match self
+                        .compare_and_set(Expected::exactly(&job), &next, metric.as_ref())
+                        .await
+                    {
+                        Ok(stored) => return Ok(UpdateOutcome::Applied(Box::new(stored))),
+                        Err(Error::Conflict { .. }) => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        Err(Error::conflict(format!(
+            "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
+        )))
+    }
+}
+
+impl<T: JobStore + ?Sized> JobStoreExt for T {}

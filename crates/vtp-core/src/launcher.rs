@@ -1,0 +1,76 @@
+//! Starting trainers: the [`TrainerLauncher`] trait.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+use crate::job::{Job, JobId};
+
+/// The body of the trainer's `POST /training/start`, as in the seed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartTraining {
+    /// The job to train.
+    pub job_id: JobId,
+    /// Its hyperparameters, with `model` set to the job's model name.
+    pub config: serde_json::Value,
+    /// Where its dataset lives.
+    pub dataset_s3_uri: String,
+    /// Where the trainer posts its reports.
+    pub callback_url: String,
+}
+
+impl StartTraining {
+    /// The request for `job`, reporting to `callback_url`.
+    pub fn for_job(job: &Job, callback_url: String) -> Self {
+        let mut config = job.config.clone();
+        if let Some(object) = config.as_object_mut() {
+            object
+                .entry("model")
+                .or_insert_with(|| job.model_name.clone().into());
+        }
+        StartTraining {
+            job_id: job.id,
+            config,
+            dataset_s3_uri: job.dataset_s3_uri.clone(),
+            callback_url,
+        }
+    }
+}
+
+/// What a cancel request found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CancelOutcome {
+    /// The trainer was told to stop; it will report `cancelled`.
+    Signalled,
+    /// Nothing is running for the job; it can be marked cancelled at once.
+    NotRunning,
+}
+
+/// Starts and stops trainers: an HTTP trainer service, a child process, a
+/// Kubernetes Job. Everything above the launcher is the same for all.
+///
+/// # Contract
+/// - `launch` returns once the trainer has accepted the job; progress then
+///   arrives through the callback URL. Launching a job that is already
+///   running is not an error (it is adopted, not started twice).
+/// - `cancel` asks the trainer to stop at its next step.
+///
+/// # Errors
+/// - [`crate::Error::Unavailable`] when the trainer cannot be reached (retryable).
+/// - [`crate::Error::InvalidInput`] when the trainer refuses the job as given.
+/// - [`crate::Error::Backend`] for other refusals.
+#[async_trait]
+pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
+    /// A short name for logs and `/health`: `http`, `subprocess`, `kubernetes`.
+    fn name(&self) -> &'static str;
+
+    /// Hands `request` to a trainer.
+    async fn launch(&self, request: &StartTraining) -> Result<()>;
+
+    /// Asks the trainer of `job_id` to stop.
+    async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome>;
+}

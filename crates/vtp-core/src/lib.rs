@@ -1,0 +1,60 @@
+//! # vtp-core
+//!
+//! The domain of the Vision Training Platform and the four traits the rest
+//! of VTP is built on:
+//!
+//! - [`JobStore`]: durable job state, transitions as compare-and-set;
+//! - [`BlobStore`]: datasets and checkpoints in object storage;
+//! - [`TrainerLauncher`]: starts and stops trainers;
+//! - [`Trainer`]: the training loop itself.
+//!
+//! A job's life, with any [`JobStore`] (here the in-memory one from `vtp-storage`):
+//!
+//! ```no_run
+//! # async fn demo(store: std::sync::Arc<dyn vtp_core::JobStore>) -> vtp_core::Result<()> {
+//! use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingUpdate};
+//!
+//! let job = store
+//!     .create_job(NewJob {
+//!         user_id: "alice".into(),
+//!         model_name: "resnet18".into(),
+//!         framework: "tch".into(),
+//!         dataset_s3_uri: "s3://datasets/alice/digits/".into(),
+//!         config: serde_json::json!({"epochs": 3}),
+//!     })
+//!     .await?;
+//! store.transition(job.id, JobStatus::Pending, JobStatus::Queued).await?;
+//! let report = TrainingUpdate::new(JobStatus::Running)
+//!     .with_seq(1)
+//!     .with_metric("epoch", 1.0)
+//!     .with_metric("loss", 0.42);
+//! store.apply_update(job.id, &report).await?;
+//! // The same report again changes nothing.
+//! assert!(!store.apply_update(job.id, &report).await?.applied());
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod blob;
+pub mod error;
+pub mod job;
+pub mod job_store;
+pub mod launcher;
+pub mod retry;
+pub mod status;
+pub mod trainer;
+pub mod update;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
+pub use error::{BoxError, Error, Result};
+pub use job::{Job, JobFilter, JobId, JobPage, NewJob};
+pub use job_store::{Expected, JobStore, JobStoreExt};
+pub use launcher::{CancelOutcome, StartTraining, TrainerLauncher};
+pub use retry::{BackoffConfig, RetryConfig};
+pub use status::JobStatus;
+pub use trainer::{EpochReport, ProgressSink, TrainSpec, TrainSummary, Trainer};
+pub use update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan};

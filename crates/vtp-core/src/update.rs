@@ -1,0 +1,396 @@
+//! Trainer reports: the callback body and how it changes a job.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::job::{Job, JobId, now};
+use crate::status::JobStatus;
+
+/// What a trainer posts to `POST /training/jobs/{id}/callback`.
+///
+/// The seed's shape, plus `seq`: a per-job sequence number, increasing by
+/// event, that makes replays harmless. An update whose `seq` is not above the
+/// job's last applied one changes nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingUpdate {
+    /// The job reported on; must match the URL when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<JobId>,
+    /// What the trainer says the job is doing.
+    pub status: JobStatus,
+    /// Fraction done, `0.0..=1.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<f64>,
+    /// Human-readable progress message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Named metrics of one epoch; must hold an integral `epoch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<BTreeMap<String, f64>>,
+    /// Where the checkpoint was stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_s3_uri: Option<String>,
+    /// Why the job failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Per-job event number, starting at 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<i64>,
+}
+
+impl TrainingUpdate {
+    /// An update with only a status.
+    pub fn new(status: JobStatus) -> Self {
+        TrainingUpdate {
+            job_id: None,
+            status,
+            progress: None,
+            message: None,
+            metrics: None,
+            checkpoint_s3_uri: None,
+            error: None,
+            seq: None,
+        }
+    }
+
+    /// Sets `seq`.
+    pub fn with_seq(mut self, seq: i64) -> Self {
+        self.seq = Some(seq);
+        self
+    }
+
+    /// Sets `progress`.
+    pub fn with_progress(mut self, progress: f64) -> Self {
+        self.progress = Some(progress);
+        self
+    }
+
+    /// Sets `message`.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = Some(message.into());
+        self
+    }
+
+    /// Adds a metric (use `"epoch"` for the epoch number).
+    pub fn with_metric(mut self, name: impl Into<String>, value: f64) -> Self {
+        self.metrics
+            .get_or_insert_with(BTreeMap::new)
+            .insert(name.into(), value);
+        self
+    }
+
+    /// Sets `checkpoint_s3_uri`.
+    pub fn with_checkpoint(mut self, uri: impl Into<String>) -> Self {
+        self.checkpoint_s3_uri = Some(uri.into());
+        self
+    }
+
+    /// Sets `error`.
+    pub fn with_error(mut self, error: impl Into<String>) -> Self {
+        self.error = Some(error.into());
+        self
+    }
+
+    /// Checks the fields that do not depend on the job.
+    pub fn validate(&self, job_id: JobId) -> Result<()> {
+        if let Some(claimed) = self.job_id
+            && claimed != job_id
+        {
+            return Err(Error::invalid(
+                "job_id",
+                format!("body names job {claimed} but the URL names job {job_id}"),
+            ));
+        }
+        if let Some(p) = self.progress
+            && !(0.0..=1.0).contains(&p)
+        {
+            return Err(Error::invalid("progress", format!("{p} is outside 0..=1")));
+        }
+        if let Some(seq) = self.seq
+            && seq < 1
+        {
+            return Err(Error::invalid("seq", "must be 1 or more"));
+        }
+        if let Some(metrics) = &self.metrics {
+            epoch_of(metrics)?;
+            if let Some((name, value)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::invalid(
+                    format!("metrics.{name}"),
+                    format!("{value} is not a finite number"),
+                ));
+            }
+        }
+        if let Some(uri) = &self.checkpoint_s3_uri {
+            uri.parse::<crate::BlobUri>().map_err(|_| {
+                Error::invalid(
+                    "checkpoint_s3_uri",
+                    format!("{uri:?} must start with s3:// or file://"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn epoch_of(metrics: &BTreeMap<String, f64>) -> Result<u32> {
+    let epoch = metrics
+        .get("epoch")
+        .ok_or_else(|| Error::invalid("metrics.epoch", "metrics must name their epoch"))?;
+    if epoch.fract() != 0.0 || *epoch < 0.0 || *epoch > f64::from(u32::MAX) {
+        return Err(Error::invalid(
+            "metrics.epoch",
+            format!("{epoch} is not a whole, non-negative number"),
+        ));
+    }
+    Ok(*epoch as u32)
+}
+
+/// The metrics of one epoch of one job, as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingMetric {
+    /// The job.
+    pub job_id: JobId,
+    /// The epoch, as the trainer numbers them.
+    pub epoch: u32,
+    /// Every named value reported for the epoch except `epoch`: `loss`, `accuracy`, `val_loss`, ...
+    pub values: BTreeMap<String, f64>,
+    /// When the epoch's report was stored.
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// What applying an update does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdatePlan {
+    /// A replay or an older event: the job stays as it is. An epoch metric it
+    /// carries is recorded only if that epoch has none yet, so reordered
+    /// deliveries lose no epoch.
+    Stale {
+        /// The epoch metric to record if absent.
+        metric: Option<TrainingMetric>,
+    },
+    /// Store this job state (and metric), if the job is still as read.
+    Apply {
+        /// The job after the update.
+        job: Box<Job>,
+        /// The epoch metrics to record, if the update carried any.
+        metric: Option<TrainingMetric>,
+    },
+}
+
+/// Decides what `update` does to `job`, without touching any store.
+///
+/// # Errors
+/// [`Error::InvalidInput`] for a malformed update, [`Error::Conflict`] when
+/// the job's status does not allow the reported one (a terminal job).
+pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
+    update.validate(job.id)?;
+    let metric = |recorded_at| {
+        update.metrics.as_ref().map(|metrics| {
+            let mut values = metrics.clone();
+            let epoch = values.remove("epoch").unwrap_or_default() as u32;
+            TrainingMetric {
+                job_id: job.id,
+                epoch,
+                values,
+                recorded_at,
+            }
+        })
+    };
+    if update.seq.is_some_and(|seq| seq <= job.last_seq) {
+        return Ok(UpdatePlan::Stale {
+            metric: metric(now()),
+        });
+    }
+    let status = job.status.after_report(update.status)?;
+    let mut next = job.clone();
+    if status != job.status {
+        next.set_status(status);
+    }
+    next.updated_at = now();
+    if let Some(progress) = update.progress {
+        next.progress = progress;
+    }
+    if update.message.is_some() {
+        next.message.clone_from(&update.message);
+    }
+    if update.error.is_some() {
+        next.error.clone_from(&update.error);
+    }
+    if status == JobStatus::Failed && next.error.is_none() {
+        next.error = Some("trainer reported failure without a reason".into());
+    }
+    if update.checkpoint_s3_uri.is_some() {
+        next.checkpoint_s3_uri.clone_from(&update.checkpoint_s3_uri);
+    }
+    if let Some(seq) = update.seq {
+        next.last_seq = seq;
+    }
+    let metric = metric(next.updated_at);
+    Ok(UpdatePlan::Apply {
+        job: Box::new(next),
+        metric,
+    })
+}
+
+/// What [`crate::JobStoreExt::apply_update`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum UpdateOutcome {
+    /// The update was applied; the job as it now is.
+    Applied(Box<Job>),
+    /// The update was a replay and changed nothing; the job as it is.
+    Duplicate(Box<Job>),
+}
+
+impl UpdateOutcome {
+    /// The job after the call.
+    pub fn job(&self) -> &Job {
+        match self {
+            UpdateOutcome::Applied(job) | UpdateOutcome::Duplicate(job) => job,
+        }
+    }
+
+    /// Whether anything changed.
+    pub fn applied(&self) -> bool {
+        matches!(self, UpdateOutcome::Applied(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::NewJob;
+
+    fn running_job() -> Job {
+        let mut job = NewJob {
+            user_id: "u".into(),
+            model_name: "cnn".into(),
+            framework: "tch".into(),
+            dataset_s3_uri: "s3://b/d".into(),
+            config: serde_json::json!({}),
+        }
+        .into_job()
+        .unwrap();
+        job.transition(JobStatus::Queued).unwrap();
+        job.transition(JobStatus::Running).unwrap();
+        job
+    }
+
+    #[test]
+    fn seed_callback_bodies_parse() {
+        let body = r#"{"job_id": "0190d3f6-1234-7abc-8def-0123456789ab", "status": "running",
+                       "progress": 0.5, "message": "Training in progress...",
+                       "metrics": {"epoch": 1, "loss": 0.7, "map": 0.1}}"#;
+        let update: TrainingUpdate = serde_json::from_str(body).unwrap();
+        assert_eq!(update.metrics.unwrap()["map"], 0.1);
+        let minimal: TrainingUpdate =
+            serde_json::from_str(r#"{"status": "failed", "error": "boom"}"#).unwrap();
+        assert_eq!(minimal.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn metrics_become_one_row_without_epoch() {
+        let job = running_job();
+        let update = TrainingUpdate::new(JobStatus::Running)
+            .with_seq(1)
+            .with_metric("epoch", 2.0)
+            .with_metric("loss", 0.25);
+        let UpdatePlan::Apply { job: next, metric } = plan_update(&job, &update).unwrap() else {
+            panic!("expected an applied plan")
+        };
+        let metric = metric.unwrap();
+        assert_eq!(metric.epoch, 2);
+        assert_eq!(metric.values.keys().collect::<Vec<_>>(), vec!["loss"]);
+        assert_eq!(next.last_seq, 1);
+    }
+
+    #[test]
+    fn replays_and_older_events_are_duplicates() {
+        let mut job = running_job();
+        job.last_seq = 5;
+        for seq in [3, 5] {
+            let update = TrainingUpdate::new(JobStatus::Running).with_seq(seq);
+            assert_eq!(
+                plan_update(&job, &update).unwrap(),
+                UpdatePlan::Stale { metric: None }
+            );
+        }
+        let late_epoch = TrainingUpdate::new(JobStatus::Running)
+            .with_seq(4)
+            .with_metric("epoch", 1.0)
+            .with_metric("loss", 0.5);
+        let UpdatePlan::Stale {
+            metric: Some(metric),
+        } = plan_update(&job, &late_epoch).unwrap()
+        else {
+            panic!("a late epoch keeps its metric")
+        };
+        assert_eq!(metric.epoch, 1);
+    }
+
+    #[test]
+    fn malformed_updates_name_the_field() {
+        let job = running_job();
+        let cases = [
+            (
+                TrainingUpdate::new(JobStatus::Running).with_progress(1.5),
+                "progress",
+            ),
+            (
+                TrainingUpdate::new(JobStatus::Running).with_metric("loss", 1.0),
+                "metrics.epoch",
+            ),
+            (
+                TrainingUpdate::new(JobStatus::Running).with_metric("epoch", 1.5),
+                "metrics.epoch",
+            ),
+            (
+                TrainingUpdate::new(JobStatus::Running)
+                    .with_metric("epoch", 1.0)
+                    .with_metric("loss", f64::NAN),
+                "metrics.loss",
+            ),
+            (TrainingUpdate::new(JobStatus::Running).with_seq(0), "seq"),
+            (
+                TrainingUpdate::new(JobStatus::Completed).with_checkpoint("/tmp/x"),
+                "checkpoint_s3_uri",
+            ),
+        ];
+        for (update, field) in cases {
+            match plan_update(&job, &update) {
+                Err(Error::InvalidInput { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("{field}: expected invalid input, got {other:?}"),
+            }
+        }
+        let mut foreign = TrainingUpdate::new(JobStatus::Running);
+        foreign.job_id = Some(JobId::new());
+        assert!(matches!(
+            plan_update(&job, &foreign),
+            Err(Error::InvalidInput { .. })
+        ));
+    }
+
+    #[test]
+    fn terminal_jobs_conflict() {
+        let mut job = running_job();
+        job.transition(JobStatus::Completed).unwrap();
+        let err = plan_update(&job, &TrainingUpdate::new(JobStatus::Running)).unwrap_err();
+        assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn failure_always_carries_a_reason() {
+        let job = running_job();
+        let UpdatePlan::Apply { job: next, .. } =
+            plan_update(&job, &TrainingUpdate::new(JobStatus::Failed)).unwrap()
+        else {
+            panic!("expected an applied plan")
+        };
+        assert_eq!(next.status, JobStatus::Failed);
+        assert!(next.error.is_some());
+        assert!(next.finished_at.is_some());
+    }
+}

@@ -1,0 +1,408 @@
+//! [`ObjectStoreBlobStore`]: every [`BlobStore`] on top of `object_store`
+//! (S3-compatible stores, local disk, memory), and [`BlobStoreBuilder`].
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use vtp_core::{BlobKey, BlobStore, BlobUri, ByteStream, Error, ObjectMeta, Result};
+
+/// The embedded default: a directory under `./.vtp/`.
+pub const DEFAULT_BLOB_URL: &str = "file://./.vtp/blobs";
+
+/// A [`BlobStore`] over any [`ObjectStore`], rooted at one base URI.
+#[derive(Debug, Clone)]
+pub struct ObjectStoreBlobStore {
+    store: Arc<dyn ObjectStore>,
+    base_uri: String,
+    part_size: usize,
+    max_concurrency: usize,
+}
+
+impl ObjectStoreBlobStore {
+    /// Default multipart part size: 8 MiB (S3 requires at least 5 MiB).
+    pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+    /// Default number of parts in flight during an upload.
+    pub const DEFAULT_MAX_CONCURRENCY: usize = 4;
+
+    /// Wraps `store`, whose keys are relative to `base_uri`.
+    pub fn new(store: Arc<dyn ObjectStore>, base_uri: impl Into<String>) -> Self {
+        ObjectStoreBlobStore {
+            store,
+            base_uri: base_uri.into().trim_end_matches('/').to_owned(),
+            part_size: Self::DEFAULT_PART_SIZE,
+            max_concurrency: Self::DEFAULT_MAX_CONCURRENCY,
+        }
+    }
+
+    /// A store in process memory. Its URIs use the made-up bucket `vtp-memory`.
+    pub fn in_memory() -> Self {
+        Self::new(Arc::new(object_store::memory::InMemory::new()), "s3://vtp-memory")
+    }
+
+    /// A store in the local directory `dir` (created if missing).
+    pub fn local(dir: &FsPath) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::invalid("blob_url", format!("cannot create {}: {e}", dir.display())))?;
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| Error::invalid("blob_url", format!("{}: {e}", dir.display())))?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(map_object_store)?;
+        Ok(Self::new(Arc::new(fs), format!("file://{}", dir.display())))
+    }
+
+    /// Sets the multipart part size (at least 5 MiB for S3).
+    pub fn with_part_size(mut self, bytes: usize) -> Self {
+        self.part_size = bytes.max(1);
+        self
+    }
+
+    fn path(key: &BlobKey) -> Path {
+        Path::from(key.as_str())
+    }
+
+    async fn put_multipart(&self, path: &Path, first: Bytes, mut data: ByteStream) -> Result<()> {
+        let upload = self.store.put_multipart(path).await.map_err(map_object_store)?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        writer.put(first);
+        let streamed: Result<()> = async {
+            while let Some(chunk) = data.try_next().await? {
+                writer
+                    .wait_for_capacity(self.max_concurrency)
+                    .await
+                    .map_err(map_object_store)?;
+                writer.put(chunk);
+            }
+            Ok(())
+        }
+        .await;
+        match streamed {
+            Ok(()) => writer.finish().await.map(|_| ()).map_err(map_object_store),
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(path = %path, error = %abort, "could not abort multipart upload");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BlobStore for ObjectStoreBlobStore {
+    fn base_uri(&self) -> &str {
+        &self.base_uri
+    }
+
+    async fn put_stream(&self, key: &BlobKey, mut data: ByteStream) -> Result<ObjectMeta> {
+        let path = Self::path(key);
+        // Small bodies go up in one request; larger ones switch to multipart
+        // once a whole part is buffered, so memory stays at a few parts.
+        let mut first = BytesMut::new();
+        let mut ended = false;
+        while first.len() < self.part_size {
+            match data.try_next().await? {
+                Some(chunk) => first.extend_from_slice(&chunk),
+                None => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if ended {
+            self.store
+                .put(&path, PutPayload::from(first.freeze()))
+                .await
+                .map_err(map_object_store)?;
+        } else {
+            self.put_multipart(&path, first.freeze(), data).await?;
+        }
+        self.head(key).await
+    }
+
+    async fn get_stream(&self, key: &BlobKey) -> Result<(ObjectMeta, ByteStream)> {
+        let result = self.store.get(&Self::path(key)).await.map_err(map_object_store)?;
+        let meta = convert_meta(&result.meta)?;
+        Ok((meta, result.into_stream().map_err(map_object_store).boxed()))
+    }
+
+    async fn head(&self, key: &BlobKey) -> Result<ObjectMeta> {
+        let meta = self.store.head(&Self::path(key)).await.map_err(map_object_store)?;
+        convert_meta(&meta)
+    }
+
+    async fn list(&self, prefix: Option<&BlobKey>) -> Result<Vec<ObjectMeta>> {
+        let prefix = prefix.map(Self::path);
+        let mut objects: Vec<ObjectMeta> = self
+            .store
+            .list(prefix.as_ref())
+            .map_err(map_object_store)
+            .and_then(|meta| futures::future::ready(convert_meta(&meta)))
+            .try_collect()
+            .await?;
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    async fn copy(&self, from: &BlobKey, to: &BlobKey) -> Result<()> {
+        self.store
+            .copy(&Self::path(from), &Self::path(to))
+            .await
+            .map_err(map_object_store)
+    }
+
+    async fn delete(&self, key: &BlobKey) -> Result<()> {
+        match self.store.delete(&Self::path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(map_object_store(e)),
+        }
+    }
+}
+
+fn convert_meta(meta: &object_store::ObjectMeta) -> Result<ObjectMeta> {
+    Ok(ObjectMeta {
+        key: BlobKey::parse(meta.location.as_ref())?,
+        size: meta.size,
+        last_modified: meta.last_modified,
+        e_tag: meta.e_tag.clone(),
+    })
+}
+
+/// Maps an `object_store` error to its category.
+pub fn map_object_store(err: object_store::Error) -> Error {
+    use object_store::Error as E;
+    match err {
+        E::NotFound { path, .. } => Error::not_found("object", path),
+        E::AlreadyExists { path, .. } => Error::AlreadyExists { kind: "object", id: path },
+        E::Precondition { path, .. } | E::NotModified { path, .. } => {
+            Error::conflict(format!("object {path} changed concurrently"))
+        }
+        E::InvalidPath { source } => Error::invalid("key", source.to_string()),
+        other if is_transient(&other) => Error::unavailable("object store", other),
+        other => Error::backend("object store", other),
+    }
+}
+
+/// Whether the failure is the store being unreachable or overloaded.
+fn is_transient(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cause {
+        #[cfg(feature = "s3")]
+        if let Some(http) = e.downcast_ref::<object_store::client::HttpError>() {
+            use object_store::client::HttpErrorKind as K;
+            return matches!(http.kind(), K::Connect | K::Request | K::Timeout | K::Interrupted);
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            return matches!(
+                io.kind(),
+                K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted | K::TimedOut | K::BrokenPipe
+            );
+        }
+        let text = e.to_string();
+        if ["status code: 500", "status code: 502", "status code: 503", "status code: 504"]
+            .iter()
+            .any(|s| text.contains(s))
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// S3 connection settings.
+#[derive(Clone, Default)]
+pub struct S3Settings {
+    /// Endpoint URL for non-AWS stores (`http://127.0.0.1:3900`).
+    pub endpoint: Option<String>,
+    /// Region (`garage` for Garage, `auto` for R2); defaults to `us-east-1`.
+    pub region: Option<String>,
+    /// Access key id.
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    pub secret_access_key: Option<String>,
+    /// Allow plain `http://` endpoints.
+    pub allow_http: bool,
+    /// Use `bucket.host` URLs instead of `host/bucket` (path style, the default).
+    pub virtual_hosted_style: bool,
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "***"))
+            .field("allow_http", &self.allow_http)
+            .field("virtual_hosted_style", &self.virtual_hosted_style)
+            .finish()
+    }
+}
+
+/// Builds a [`BlobStore`] from a URL: `file://dir` (relative paths allowed),
+/// `s3://bucket[/prefix]` or `memory://`.
+///
+/// ```no_run
+/// # fn demo() -> vtp_core::Result<()> {
+/// use vtp_storage::BlobStoreBuilder;
+/// let store = BlobStoreBuilder::new()
+///     .with_url("s3://vtp/datasets")
+///     .with_s3_endpoint("http://127.0.0.1:3900")
+///     .with_s3_region("garage")
+///     .with_s3_credentials("GK...", "secret")
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct BlobStoreBuilder {
+    url: String,
+    s3: S3Settings,
+    part_size: usize,
+}
+
+impl Default for BlobStoreBuilder {
+    fn default() -> Self {
+        BlobStoreBuilder {
+            url: DEFAULT_BLOB_URL.to_owned(),
+            s3: S3Settings::default(),
+            part_size: ObjectStoreBlobStore::DEFAULT_PART_SIZE,
+        }
+    }
+}
+
+impl BlobStoreBuilder {
+    /// The embedded default, `file://./.vtp/blobs`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Reads `VTP_BLOB_URL`, `VTP_S3_ENDPOINT`, `VTP_S3_REGION`,
+    /// `VTP_S3_ACCESS_KEY_ID`, `VTP_S3_SECRET_ACCESS_KEY`, `VTP_S3_ALLOW_HTTP`
+    /// and `VTP_S3_VIRTUAL_HOSTED_STYLE` over the defaults.
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let flag = |name: &str| var(name).is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        let mut builder = Self::new();
+        if let Some(url) = var("VTP_BLOB_URL") {
+            builder.url = url;
+        }
+        builder.s3 = S3Settings {
+            endpoint: var("VTP_S3_ENDPOINT"),
+            region: var("VTP_S3_REGION"),
+            access_key_id: var("VTP_S3_ACCESS_KEY_ID"),
+            secret_access_key: var("VTP_S3_SECRET_ACCESS_KEY"),
+            allow_http: flag("VTP_S3_ALLOW_HTTP"),
+            virtual_hosted_style: flag("VTP_S3_VIRTUAL_HOSTED_STYLE"),
+        };
+        builder
+    }
+
+    /// Where the store is rooted.
+    pub fn with_url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// All S3 settings at once.
+    pub fn with_s3(mut self, settings: S3Settings) -> Self {
+        self.s3 = settings;
+        self
+    }
+
+    /// The S3 endpoint; an `http://` endpoint also allows plain HTTP.
+    pub fn with_s3_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        let endpoint = endpoint.into();
+        self.s3.allow_http |= endpoint.starts_with("http://");
+        self.s3.endpoint = Some(endpoint);
+        self
+    }
+
+    /// The S3 region.
+    pub fn with_s3_region(mut self, region: impl Into<String>) -> Self {
+        self.s3.region = Some(region.into());
+        self
+    }
+
+    /// Static S3 credentials.
+    pub fn with_s3_credentials(mut self, access_key_id: impl Into<String>, secret: impl Into<String>) -> Self {
+        self.s3.access_key_id = Some(access_key_id.into());
+        self.s3.secret_access_key = Some(secret.into());
+        self
+    }
+
+    /// Multipart part size.
+    pub fn with_part_size(mut self, bytes: usize) -> Self {
+        self.part_size = bytes;
+        self
+    }
+
+    /// Validates the settings and builds the store.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the bad setting.
+    pub fn build(self) -> Result<Arc<dyn BlobStore>> {
+        let store = if self.url == "memory://" || self.url == "memory:" {
+            ObjectStoreBlobStore::in_memory()
+        } else if let Some(path) = self.url.strip_prefix("file://") {
+            let dir = PathBuf::from(path);
+            ObjectStoreBlobStore::local(&dir)?
+        } else if self.url.starts_with("s3://") {
+            self.build_s3()?
+        } else {
+            return Err(Error::invalid(
+                "blob_url",
+                format!("unsupported blob URL {:?}: use file://, s3:// or memory://", self.url),
+            ));
+        };
+        Ok(Arc::new(store.with_part_size(self.part_size)))
+    }
+
+    #[cfg(feature = "s3")]
+    fn build_s3(&self) -> Result<ObjectStoreBlobStore> {
+        use object_store::aws::AmazonS3Builder;
+        let BlobUri::S3 { bucket, key } = self.url.parse::<BlobUri>().map_err(|e| Error::invalid("blob_url", e.to_string()))? else {
+            return Err(Error::invalid("blob_url", "expected s3://bucket[/prefix]"));
+        };
+        let mut builder = AmazonS3Builder::from_env()
+            .with_bucket_name(&bucket)
+            .with_region(self.s3.region.as_deref().unwrap_or("us-east-1"))
+            .with_allow_http(self.s3.allow_http)
+            .with_virtual_hosted_style_request(self.s3.virtual_hosted_style)
+            .with_retry(object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(30),
+                ..Default::default()
+            });
+        if let Some(endpoint) = &self.s3.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let (Some(id), Some(secret)) = (&self.s3.access_key_id, &self.s3.secret_access_key) {
+            builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        let s3: Arc<dyn ObjectStore> = Arc::new(builder.build().map_err(|e| Error::invalid("s3", e.to_string()))?);
+        let prefix = key.trim_matches('/');
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
+            s3
+        } else {
+            BlobKey::parse(prefix)?;
+            Arc::new(object_store::prefix::PrefixStore::new(s3, prefix))
+        };
+        let base = if prefix.is_empty() {
+            format!("s3://{bucket}")
+        } else {
+            format!("s3://{bucket}/{prefix}")
+        };
+        Ok(ObjectStoreBlobStore::new(store, base))
+    }
+
+    #[cfg(not(feature = "s3"))]
+    fn build_s3(&self) -> Result<ObjectStoreBlobStore> {
+        Err(Error::invalid("blob_url", "this build has no S3 support (feature `s3`)"))
+    }
+}

@@ -1,0 +1,143 @@
+//! [`InMemoryJobStore`]: for tests and throwaway runs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use vtp_core::{Error, Expected, Job, JobFilter, JobId, JobPage, JobStore, Result, TrainingMetric};
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: HashMap<JobId, Job>,
+    metrics: BTreeMap<(JobId, u32), TrainingMetric>,
+}
+
+/// A [`JobStore`] in process memory; nothing survives the process.
+#[derive(Debug, Default)]
+pub struct InMemoryJobStore {
+    state: Mutex<State>,
+}
+
+impl InMemoryJobStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-written job:
+        // every write below is a single insert.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl JobStore for InMemoryJobStore {
+    async fn create(&self, job: &Job) -> Result<()> {
+        let mut state = self.lock();
+        if state.jobs.contains_key(&job.id) {
+            return Err(Error::AlreadyExists {
+                kind: "job",
+                id: job.id.to_string(),
+            });
+        }
+        state.jobs.insert(job.id, job.clone());
+        Ok(())
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job> {
+        self.lock()
+            .jobs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("job", id))
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage> {
+        let state = self.lock();
+        let mut matching: Vec<&Job> = state.jobs.values().filter(|j| filter.matches(j)).collect();
+        matching.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        let limit = filter.effective_limit();
+        Ok(JobPage {
+            total: matching.len() as u64,
+            jobs: matching
+                .into_iter()
+                .skip(filter.offset as usize)
+                .take(limit as usize)
+                .cloned()
+                .collect(),
+            limit,
+            offset: filter.offset,
+        })
+    }
+
+    async fn compare_and_set(
+        &self,
+        expected: Expected,
+        next: &Job,
+        metric: Option<&TrainingMetric>,
+    ) -> Result<Job> {
+        let mut state = self.lock();
+        let current = state
+            .jobs
+            .get(&next.id)
+            .ok_or_else(|| Error::not_found("job", next.id))?;
+        if current.status != expected.status
+            || expected.revision.is_some_and(|r| r != current.revision)
+        {
+            return Err(Error::conflict(format!(
+                "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
+                next.id, expected.status, expected.revision, current.status, current.revision
+            )));
+        }
+        // Only the mutable fields change; identity and request stay as stored.
+        let mut stored = current.clone();
+        stored.status = next.status;
+        stored.progress = next.progress;
+        stored.message.clone_from(&next.message);
+        stored.error.clone_from(&next.error);
+        stored.checkpoint_s3_uri.clone_from(&next.checkpoint_s3_uri);
+        stored.attempt = next.attempt;
+        stored.last_seq = next.last_seq;
+        stored.updated_at = next.updated_at;
+        stored.started_at = next.started_at;
+        stored.finished_at = next.finished_at;
+        stored.revision = current.revision + 1;
+        state.jobs.insert(stored.id, stored.clone());
+        if let Some(metric) = metric {
+            state
+                .metrics
+                .insert((metric.job_id, metric.epoch), metric.clone());
+        }
+        Ok(stored)
+    }
+
+    async fn insert_metric_if_absent(&self, metric: &TrainingMetric) -> Result<bool> {
+        let mut state = self.lock();
+        if !state.jobs.contains_key(&metric.job_id) {
+            return Err(Error::not_found("job", metric.job_id));
+        }
+        let key = (metric.job_id, metric.epoch);
+        if state.metrics.contains_key(&key) {
+            return Ok(false);
+        }
+        state.metrics.insert(key, metric.clone());
+        Ok(true)
+    }
+
+    async fn metrics(&self, id: JobId) -> Result<Vec<TrainingMetric>> {
+        let state = self.lock();
+        if !state.jobs.contains_key(&id) {
+            return Err(Error::not_found("job", id));
+        }
+        Ok(state
+            .metrics
+            .range((id, 0)..=(id, u32::MAX))
+            .map(|(_, m)| m.clone())
+            .collect())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

@@ -1,0 +1,52 @@
+//! [`PostgresJobStore`]: the production job store.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use vtp_core::{Error, Result};
+
+use super::sql::{impl_sql_job_store, map_sqlx};
+
+/// A [`vtp_core::JobStore`] in Postgres.
+///
+/// Connections are checked before use, so after an outage the pool
+/// reconnects by itself; while the database is down calls fail fast with
+/// [`Error::Unavailable`] after `acquire_timeout`.
+#[derive(Debug, Clone)]
+pub struct PostgresJobStore {
+    pool: PgPool,
+}
+
+impl PostgresJobStore {
+    /// How long a call waits for a connection before reporting the database unavailable.
+    pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+    /// Connects to `url` (`postgres://user@host/db`) and migrates.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options =
+            PgConnectOptions::from_str(url).map_err(|e| Error::invalid("database_url", e.to_string()))?;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Self::ACQUIRE_TIMEOUT)
+            .test_before_acquire(true)
+            .connect_with(options)
+            .await
+            .map_err(map_sqlx)?;
+        Self::from_pool(pool).await
+    }
+
+    /// Migrates and wraps an existing pool.
+    pub async fn from_pool(pool: PgPool) -> Result<Self> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(inner) => map_sqlx(inner),
+                other => Error::backend("database", other),
+            })?;
+        Ok(PostgresJobStore { pool })
+    }
+}
+
+impl_sql_job_store!(PostgresJobStore);

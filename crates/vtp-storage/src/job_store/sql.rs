@@ -1,0 +1,307 @@
+//! What the SQLite and Postgres job stores share: the row type, the error
+//! mapping and the store body (one macro, so both run the same SQL).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::types::Json;
+use uuid::Uuid;
+use vtp_core::{Error, Job, JobId, TrainingMetric};
+
+/// One `jobs` row as both databases decode it.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct JobRow {
+    id: Uuid,
+    user_id: String,
+    model_name: String,
+    framework: String,
+    dataset_s3_uri: String,
+    config: Json<serde_json::Value>,
+    status: String,
+    progress: f64,
+    message: Option<String>,
+    error: Option<String>,
+    checkpoint_s3_uri: Option<String>,
+    attempt: i32,
+    last_seq: i64,
+    revision: i64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+impl TryFrom<JobRow> for Job {
+    type Error = Error;
+
+    fn try_from(row: JobRow) -> Result<Self, Error> {
+        Ok(Job {
+            id: JobId(row.id),
+            user_id: row.user_id,
+            model_name: row.model_name,
+            framework: row.framework,
+            dataset_s3_uri: row.dataset_s3_uri,
+            config: row.config.0,
+            status: row
+                .status
+                .parse()
+                .map_err(|_| Error::internal(format!("job {} has unknown status {:?}", row.id, row.status)))?,
+            progress: row.progress,
+            message: row.message,
+            error: row.error,
+            checkpoint_s3_uri: row.checkpoint_s3_uri,
+            attempt: row.attempt,
+            last_seq: row.last_seq,
+            revision: row.revision,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            started_at: row.started_at,
+            finished_at: row.finished_at,
+        })
+    }
+}
+
+/// One `training_metrics` row.
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct MetricRow {
+    job_id: Uuid,
+    epoch: i64,
+    metric_values: Json<BTreeMap<String, f64>>,
+    recorded_at: DateTime<Utc>,
+}
+
+impl TryFrom<MetricRow> for TrainingMetric {
+    type Error = Error;
+
+    fn try_from(row: MetricRow) -> Result<Self, Error> {
+        Ok(TrainingMetric {
+            job_id: JobId(row.job_id),
+            epoch: u32::try_from(row.epoch)
+                .map_err(|_| Error::internal(format!("metric epoch {} out of range", row.epoch)))?,
+            values: row.metric_values.0,
+            recorded_at: row.recorded_at,
+        })
+    }
+}
+
+/// Maps a database error to its category (SQLSTATE for Postgres, result codes for SQLite).
+pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
+    use sqlx::Error as E;
+    match &err {
+        E::RowNotFound => Error::not_found("row", "?"),
+        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
+            Error::unavailable("database", err)
+        }
+        E::Database(db) => match db.code().as_deref() {
+            // unique_violation (Postgres), SQLITE_CONSTRAINT_PRIMARYKEY / _UNIQUE.
+            Some("23505" | "1555" | "2067") => Error::AlreadyExists {
+                kind: "row",
+                id: db.message().to_owned(),
+            },
+            // Connection exceptions, shutdown, too many connections, serialization
+            // failures, deadlocks; SQLITE_BUSY and SQLITE_LOCKED.
+            Some(code)
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || matches!(code, "53300" | "40001" | "40P01" | "5" | "6" | "517") =>
+            {
+                Error::unavailable("database", err)
+            }
+            _ => Error::backend("database", err),
+        },
+        _ => Error::backend("database", err),
+    }
+}
+
+/// Implements `JobStore` for `$store`, a struct with a `pool: sqlx::Pool<$db>` field.
+macro_rules! impl_sql_job_store {
+    ($store:ty) => {
+        #[async_trait::async_trait]
+        impl vtp_core::JobStore for $store {
+            async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
+                sqlx::query(
+                    "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                )
+                .bind(job.id.0)
+                .bind(&job.user_id)
+                .bind(&job.model_name)
+                .bind(&job.framework)
+                .bind(&job.dataset_s3_uri)
+                .bind(sqlx::types::Json(&job.config))
+                .bind(job.status.as_str())
+                .bind(job.progress)
+                .bind(&job.message)
+                .bind(&job.error)
+                .bind(&job.checkpoint_s3_uri)
+                .bind(job.attempt)
+                .bind(job.last_seq)
+                .bind(job.revision)
+                .bind(job.created_at)
+                .bind(job.updated_at)
+                .bind(job.started_at)
+                .bind(job.finished_at)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| match $crate::job_store::sql::map_sqlx(e) {
+                    vtp_core::Error::AlreadyExists { .. } => vtp_core::Error::AlreadyExists {
+                        kind: "job",
+                        id: job.id.to_string(),
+                    },
+                    other => other,
+                })?;
+                Ok(())
+            }
+
+            async fn get(&self, id: vtp_core::JobId) -> vtp_core::Result<vtp_core::Job> {
+                let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
+                    "SELECT id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+                     started_at, finished_at FROM jobs WHERE id = $1",
+                )
+                .bind(id.0)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                row.ok_or_else(|| vtp_core::Error::not_found("job", id))?.try_into()
+            }
+
+            async fn list(&self, filter: &vtp_core::JobFilter) -> vtp_core::Result<vtp_core::JobPage> {
+                let limit = filter.effective_limit();
+                let status = filter.status.map(vtp_core::JobStatus::as_str);
+                let rows: Vec<$crate::job_store::sql::JobRow> = sqlx::query_as(
+                    "SELECT id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+                     started_at, finished_at FROM jobs \
+                     WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3) \
+                     ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5",
+                )
+                .bind(&filter.user_id)
+                .bind(status)
+                .bind(filter.updated_before)
+                .bind(i64::from(limit))
+                .bind(i64::from(filter.offset))
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                let total: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs \
+                     WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3)",
+                )
+                .bind(&filter.user_id)
+                .bind(status)
+                .bind(filter.updated_before)
+                .fetch_one(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(vtp_core::JobPage {
+                    jobs: rows.into_iter().map(TryInto::try_into).collect::<vtp_core::Result<_>>()?,
+                    total: u64::try_from(total).unwrap_or(0),
+                    limit,
+                    offset: filter.offset,
+                })
+            }
+
+            async fn compare_and_set(
+                &self,
+                expected: vtp_core::Expected,
+                next: &vtp_core::Job,
+                metric: Option<&vtp_core::TrainingMetric>,
+            ) -> vtp_core::Result<vtp_core::Job> {
+                use $crate::job_store::sql::map_sqlx;
+                let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+                let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
+                    "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
+                     attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
+                     revision = revision + 1 \
+                     WHERE id = $1 AND status = $2 AND ($13 IS NULL OR revision = $13) \
+                     RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+                     started_at, finished_at",
+                )
+                .bind(next.id.0)
+                .bind(expected.status.as_str())
+                .bind(next.status.as_str())
+                .bind(next.progress)
+                .bind(&next.message)
+                .bind(&next.error)
+                .bind(&next.checkpoint_s3_uri)
+                .bind(next.attempt)
+                .bind(next.last_seq)
+                .bind(next.updated_at)
+                .bind(next.started_at)
+                .bind(next.finished_at)
+                .bind(expected.revision)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                let Some(row) = row else {
+                    drop(tx);
+                    let current = self.get(next.id).await?;
+                    return Err(vtp_core::Error::conflict(format!(
+                        "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
+                        next.id, expected.status, expected.revision, current.status, current.revision
+                    )));
+                };
+                if let Some(metric) = metric {
+                    sqlx::query(
+                        "INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
+                         recorded_at = excluded.recorded_at",
+                    )
+                    .bind(metric.job_id.0)
+                    .bind(i64::from(metric.epoch))
+                    .bind(sqlx::types::Json(&metric.values))
+                    .bind(metric.recorded_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
+                }
+                tx.commit().await.map_err(map_sqlx)?;
+                row.try_into()
+            }
+
+            async fn insert_metric_if_absent(&self, metric: &vtp_core::TrainingMetric) -> vtp_core::Result<bool> {
+                let done = sqlx::query(
+                    "INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT (job_id, epoch) DO NOTHING",
+                )
+                .bind(metric.job_id.0)
+                .bind(i64::from(metric.epoch))
+                .bind(sqlx::types::Json(&metric.values))
+                .bind(metric.recorded_at)
+                .execute(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn metrics(&self, id: vtp_core::JobId) -> vtp_core::Result<Vec<vtp_core::TrainingMetric>> {
+                let rows: Vec<$crate::job_store::sql::MetricRow> = sqlx::query_as(
+                    "SELECT job_id, epoch, metric_values, recorded_at FROM training_metrics \
+                     WHERE job_id = $1 ORDER BY epoch",
+                )
+                .bind(id.0)
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                if rows.is_empty() {
+                    // Distinguish "no metrics yet" from "no such job".
+                    self.get(id).await?;
+                }
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn ping(&self) -> vtp_core::Result<()> {
+                sqlx::query("SELECT 1")
+                    .execute(&self.pool)
+                    .await
+                    .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(())
+            }
+        }
+    };
+}
+
+pub(crate) use impl_sql_job_store;

@@ -23,6 +23,8 @@
 
 pub mod blob_store;
 pub mod job_store;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use blob_store::{BlobStoreBuilder, DEFAULT_BLOB_URL, ObjectStoreBlobStore, S3Settings, map_object_store};
 pub use job_store::memory::InMemoryJobStore;

@@ -1,0 +1,153 @@
+//! [`HttpLauncher`]: hands jobs to a trainer service over HTTP, as the seed does.
+//!
+//! The contract with the trainer service:
+//!
+//! - `POST {trainer}/training/start` with a [`StartTraining`] body; any 2xx
+//!   accepts the job, `409` means the trainer already runs it (adopted).
+//! - `POST {trainer}/training/{job_id}/cancel`; 2xx means the trainer will
+//!   stop and report `cancelled`, `404` means it does not run the job.
+//! - Error bodies are `{"error": {"code", "message"}}` (or FastAPI's
+//!   `{"detail": ...}`); their message is carried into the error.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use reqwest::{Response, StatusCode};
+use vtp_core::{CancelOutcome, Error, JobId, Result, RetryConfig, StartTraining, TrainerLauncher};
+
+/// Launches jobs on a trainer service at a base URL.
+#[derive(Debug, Clone)]
+pub struct HttpLauncher {
+    base: url::Url,
+    client: reqwest::Client,
+    retry: RetryConfig,
+}
+
+impl HttpLauncher {
+    /// How long one request may take.
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+    /// A launcher for the trainer service at `base_url` (`http://127.0.0.1:8001`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when `base_url` is not an http(s) URL.
+    pub fn new(base_url: &str) -> Result<Self> {
+        let mut base =
+            url::Url::parse(base_url).map_err(|e| Error::invalid("trainer_url", format!("{base_url:?}: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(Error::invalid("trainer_url", format!("{base_url:?} is not an http(s) URL")));
+        }
+        if !base.path().ends_with('/') {
+            base.set_path(&format!("{}/", base.path()));
+        }
+        let client = reqwest::Client::builder()
+            .timeout(Self::REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        Ok(HttpLauncher { base, client, retry: Self::default_retry() })
+    }
+
+    /// A few quick retries: the caller (an API request) is waiting.
+    pub fn default_retry() -> RetryConfig {
+        RetryConfig { max_retries: 3, timeout: Duration::from_secs(20), ..RetryConfig::default() }
+    }
+
+    /// Replaces the retry policy for unreachable or overloaded trainers.
+    #[must_use]
+    pub fn with_retry(mut self, retry: RetryConfig) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The trainer's base URL.
+    pub fn base_url(&self) -> &url::Url {
+        &self.base
+    }
+
+    fn endpoint(&self, path: &str) -> url::Url {
+        self.base.join(path).expect("relative paths join onto an http base")
+    }
+
+    async fn post<B: serde::Serialize + Sync>(&self, path: &str, body: Option<&B>) -> Result<Response> {
+        let url = self.endpoint(path);
+        self.retry
+            .run("trainer request", || async {
+                let mut request = self.client.post(url.clone());
+                if let Some(body) = body {
+                    request = request.json(body);
+                }
+                let response = request.send().await.map_err(transport_error)?;
+                let status = response.status();
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    let message = error_message(response).await;
+                    return Err(Error::unavailable("trainer", format!("{url} answered {status}: {message}")));
+                }
+                Ok(response)
+            })
+            .await
+    }
+}
+
+fn transport_error(err: reqwest::Error) -> Error {
+    if err.is_connect() || err.is_timeout() || err.is_request() {
+        Error::unavailable("trainer", err)
+    } else {
+        Error::backend("trainer", err)
+    }
+}
+
+/// The message of an error body, whichever shape the trainer used.
+async fn error_message(response: Response) -> String {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return if text.is_empty() { status.to_string() } else { text };
+    };
+    let message = json
+        .pointer("/error/message")
+        .or_else(|| json.get("detail"))
+        .or_else(|| json.get("error"))
+        .unwrap_or(&json);
+    match message {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[async_trait]
+impl TrainerLauncher for HttpLauncher {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    async fn launch(&self, request: &StartTraining) -> Result<()> {
+        let response = self.post("training/start", Some(request)).await?;
+        match response.status() {
+            s if s.is_success() => Ok(()),
+            StatusCode::CONFLICT => {
+                tracing::info!(job_id = %request.job_id, "trainer already runs the job; adopted");
+                Ok(())
+            }
+            StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                Err(Error::invalid("config", error_message(response).await))
+            }
+            status => Err(Error::backend(
+                "trainer",
+                format!("training/start answered {status}: {}", error_message(response).await),
+            )),
+        }
+    }
+
+    async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome> {
+        let response = self.post::<()>(&format!("training/{job_id}/cancel"), None).await?;
+        match response.status() {
+            s if s.is_success() => Ok(CancelOutcome::Signalled),
+            StatusCode::NOT_FOUND => Ok(CancelOutcome::NotRunning),
+            status => Err(Error::backend(
+                "trainer",
+                format!("cancel answered {status}: {}", error_message(response).await),
+            )),
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! [`vtp_core::TrainerLauncher`] implementations.
+
+pub mod http;

@@ -1,0 +1,118 @@
+//! A trainer service double for tests: speaks the trainer's HTTP contract
+//! on loopback, records what it was asked, and fails on demand.
+
+use std::collections::{HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use vtp_core::{JobId, StartTraining};
+
+#[derive(Debug, Default)]
+struct Inner {
+    started: Vec<StartTraining>,
+    cancelled: Vec<JobId>,
+    running: HashSet<JobId>,
+    /// Statuses to answer instead of the normal reply, oldest first.
+    failures: VecDeque<(StatusCode, String)>,
+}
+
+/// A running trainer double; the server stops when this is dropped.
+#[derive(Debug)]
+pub struct TrainerDouble {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+type Shared = Arc<Mutex<Inner>>;
+
+fn scripted_failure(inner: &Shared) -> Option<(StatusCode, Json<serde_json::Value>)> {
+    let (status, message) = inner.lock().unwrap().failures.pop_front()?;
+    Some((status, Json(serde_json::json!({"error": {"code": "scripted", "message": message}}))))
+}
+
+async fn start(
+    State(inner): State<Shared>,
+    Json(request): Json<StartTraining>,
+) -> (StatusCode, Json<serde_json::Value>) {
+    if let Some(failure) = scripted_failure(&inner) {
+        return failure;
+    }
+    let mut guard = inner.lock().unwrap();
+    let job_id = request.job_id;
+    guard.started.push(request);
+    if !guard.running.insert(job_id) {
+        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": {"code": "conflict", "message": "already running"}})));
+    }
+    (StatusCode::ACCEPTED, Json(serde_json::json!({"status": "accepted", "job_id": job_id})))
+}
+
+async fn cancel(State(inner): State<Shared>, Path(job_id): Path<JobId>) -> (StatusCode, Json<serde_json::Value>) {
+    if let Some(failure) = scripted_failure(&inner) {
+        return failure;
+    }
+    let mut guard = inner.lock().unwrap();
+    guard.cancelled.push(job_id);
+    if guard.running.remove(&job_id) {
+        (StatusCode::ACCEPTED, Json(serde_json::json!({"status": "cancelling"})))
+    } else {
+        (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": {"code": "not_found", "message": "not running"}})))
+    }
+}
+
+impl TrainerDouble {
+    /// Serves the double on a free loopback port.
+    ///
+    /// # Panics
+    /// When no loopback port can be bound.
+    pub async fn start() -> Self {
+        let inner = Shared::default();
+        let app = Router::new()
+            .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+            .route("/training/start", post(start))
+            .route("/training/{job_id}/cancel", post(cancel))
+            .with_state(inner.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let addr = listener.local_addr().expect("bound address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        TrainerDouble { addr, inner, task }
+    }
+
+    /// The double's base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every start request received, in order (refused ones included).
+    pub fn started(&self) -> Vec<StartTraining> {
+        self.inner.lock().unwrap().started.clone()
+    }
+
+    /// Every cancel request received, in order.
+    pub fn cancelled(&self) -> Vec<JobId> {
+        self.inner.lock().unwrap().cancelled.clone()
+    }
+
+    /// Answers the next request with `status` and `message` instead.
+    pub fn fail_next(&self, status: u16, message: &str) {
+        let status = StatusCode::from_u16(status).expect("a valid status code");
+        self.inner.lock().unwrap().failures.push_back((status, message.to_owned()));
+    }
+
+    /// Stops serving; later requests find nothing listening.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for TrainerDouble {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -225,7 +225,7 @@ pub trait BlobStoreExt: BlobStore {
         format!("{}/{}", self.base_uri(), key)
     }
 
-    /// The key that `uri` names in this store.
+    /// The key that `uri` names in this store; a trailing `/` (a prefix) is ignored.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] when the URI is malformed or points outside this store.
@@ -240,7 +240,7 @@ pub trait BlobStoreExt: BlobStore {
             .ok_or_else(|| {
                 Error::invalid("uri", format!("{uri:?} is outside the store at {base}"))
             })?;
-        BlobKey::parse(&rest)
+        BlobKey::parse(rest.trim_end_matches('/'))
     }
 
     /// Writes `data` under `key`.

@@ -257,6 +257,12 @@ impl JobFilter {
         self
     }
 
+    /// Only jobs last changed before `instant`.
+    pub fn with_updated_before(mut self, instant: DateTime<Utc>) -> Self {
+        self.updated_before = Some(instant);
+        self
+    }
+
     /// Page size and offset.
     pub fn with_page(mut self, limit: u32, offset: u32) -> Self {
         self.limit = limit;

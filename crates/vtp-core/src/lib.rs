@@ -51,7 +51,7 @@ pub mod conformance;
 
 pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
 pub use error::{BoxError, Error, Result};
-pub use job::{Job, JobFilter, JobId, JobPage, NewJob};
+pub use job::{Job, JobFilter, JobId, JobPage, NewJob, validate_name};
 pub use job_store::{Expected, JobStore, JobStoreExt};
 pub use launcher::{CancelOutcome, StartTraining, TrainerLauncher};
 pub use retry::{BackoffConfig, RetryConfig};

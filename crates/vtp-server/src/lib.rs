@@ -1,1 +1,121 @@
-//! placeholder
+//! # vtp-server
+//!
+//! The backend API of VTP as a library: [`app`] builds the axum router over
+//! an [`AppState`] (a [`JobStore`], a [`BlobStore`] and a
+//! [`TrainerLauncher`]); the `vtp-backend` binary is a thin shell that reads
+//! [`BackendConfig`] and calls [`serve`].
+//!
+//! Routes (the seed's REST shapes):
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | GET | `/health` | store reachability and launcher |
+//! | POST | `/training/jobs` | create a job (201) |
+//! | GET | `/training/jobs` | list, `?user_id=&status=&limit=&offset=` |
+//! | GET | `/training/jobs/{id}` | one job |
+//! | POST | `/training/jobs/{id}/start` | check the dataset, launch the trainer |
+//! | POST | `/training/jobs/{id}/callback` | trainer reports, idempotent by `seq` |
+//! | DELETE | `/training/jobs/{id}` | cancel |
+//! | GET | `/training/jobs/{id}/metrics` | per-epoch metrics |
+//! | GET | `/training/jobs/{id}/checkpoint` | stream the checkpoint |
+//! | POST | `/datasets/upload` | multipart `file`, `user_id`, `dataset_name` |
+#![warn(missing_docs)]
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tower_http::trace::TraceLayer;
+use vtp_core::{BlobStore, JobStore, TrainerLauncher};
+
+pub mod config;
+pub mod error;
+mod routes;
+pub mod sweeper;
+
+pub use config::{BackendConfig, LauncherKind};
+pub use error::{ApiError, ApiJson};
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// Where jobs and metrics live.
+    pub jobs: Arc<dyn JobStore>,
+    /// Where datasets and checkpoints live.
+    pub blobs: Arc<dyn BlobStore>,
+    /// How trainers are started and stopped.
+    pub launcher: Arc<dyn TrainerLauncher>,
+    /// Base URL trainers call back on (`http://127.0.0.1:8000`).
+    pub public_url: String,
+    /// Largest dataset upload, in bytes.
+    pub max_upload_bytes: u64,
+}
+
+impl AppState {
+    /// State with the default upload limit.
+    pub fn new(
+        jobs: Arc<dyn JobStore>,
+        blobs: Arc<dyn BlobStore>,
+        launcher: Arc<dyn TrainerLauncher>,
+        public_url: impl Into<String>,
+    ) -> Self {
+        AppState {
+            jobs,
+            blobs,
+            launcher,
+            public_url: public_url.into().trim_end_matches('/').to_owned(),
+            max_upload_bytes: 10 * 1024 * 1024 * 1024,
+        }
+    }
+
+    /// Sets the upload limit.
+    #[must_use]
+    pub fn with_max_upload_bytes(mut self, limit: u64) -> Self {
+        self.max_upload_bytes = limit;
+        self
+    }
+
+    /// The callback URL of a job.
+    pub fn callback_url(&self, job_id: vtp_core::JobId) -> String {
+        format!("{}/training/jobs/{job_id}/callback", self.public_url)
+    }
+}
+
+/// The backend router.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/health", get(routes::health))
+        .route("/training/jobs", post(routes::jobs::create).get(routes::jobs::list))
+        .route("/training/jobs/{id}", get(routes::jobs::get).delete(routes::jobs::cancel))
+        .route("/training/jobs/{id}/start", post(routes::jobs::start))
+        .route("/training/jobs/{id}/callback", post(routes::jobs::callback))
+        .route("/training/jobs/{id}/metrics", get(routes::jobs::metrics))
+        .route("/training/jobs/{id}/checkpoint", get(routes::jobs::checkpoint))
+        .route(
+            "/datasets/upload",
+            // The upload handler enforces its own limit while streaming.
+            post(routes::datasets::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves the backend on `listener` until `shutdown` resolves, with the
+/// stale-job sweeper running beside it.
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    stale_after: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let sweeper = tokio::spawn(sweeper::run(state.jobs.clone(), sweeper::SweepPolicy::new(stale_after)));
+    let result = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    sweeper.abort();
+    result
+}

@@ -1,1 +1,74 @@
-fn main() {}
+//! `vtp-backend`: the VTP backend API. Configuration comes from flags and
+//! `VTP_*` variables (`vtp-backend --help`); the defaults run on one machine
+//! with SQLite and local disk under `./.vtp/`.
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use vtp_server::{AppState, BackendConfig};
+use vtp_storage::BlobStoreBuilder;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let config = BackendConfig::parse();
+    config.validate()?;
+
+    let jobs = vtp_storage::connect_job_store(&config.database_url)
+        .await
+        .with_context(|| format!("opening the job store at {}", config.database_url))?;
+    let blobs = BlobStoreBuilder::from_env()
+        .with_url(config.blob_url.clone())
+        .build()
+        .with_context(|| format!("opening the blob store at {}", config.blob_url))?;
+    let launcher = config.build_launcher()?;
+    let state = AppState::new(jobs, blobs, launcher, config.public_url()).with_max_upload_bytes(config.max_upload_bytes);
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        database = %redact(&config.database_url),
+        blobs = %state.blobs.base_uri(),
+        launcher = state.launcher.name(),
+        "vtp-backend ready"
+    );
+    vtp_server::serve(listener, state, config.stale_after(), shutdown_signal()).await?;
+    tracing::info!("vtp-backend stopped");
+    Ok(())
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,133 @@
+//! Backend configuration from flags and `VTP_*` variables, with defaults
+//! that run on one machine with nothing installed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use vtp_core::{Error, Result, TrainerLauncher};
+
+/// Which launcher starts trainers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LauncherKind {
+    /// A trainer service reached over HTTP (`--trainer-url`).
+    Http,
+}
+
+/// `vtp-backend`'s settings.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "vtp-backend", version, about = "VTP backend API: jobs, datasets, callbacks and checkpoints")]
+pub struct BackendConfig {
+    /// Address to listen on.
+    #[arg(long, env = "VTP_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+
+    /// Job store: `sqlite://path`, `postgres://...` or `memory://`.
+    #[arg(long, env = "VTP_DATABASE_URL", default_value = vtp_storage::DEFAULT_DATABASE_URL)]
+    pub database_url: String,
+
+    /// Blob store: `file://dir`, `s3://bucket[/prefix]` (with `VTP_S3_*`) or `memory://`.
+    #[arg(long, env = "VTP_BLOB_URL", default_value = vtp_storage::DEFAULT_BLOB_URL)]
+    pub blob_url: String,
+
+    /// How trainers are started.
+    #[arg(long, env = "VTP_LAUNCHER", value_enum, default_value = "http")]
+    pub launcher: LauncherKind,
+
+    /// Trainer service base URL, for the `http` launcher.
+    #[arg(long, env = "VTP_TRAINER_URL", default_value = "http://127.0.0.1:8001")]
+    pub trainer_url: String,
+
+    /// Base URL trainers use to reach this backend (callback URLs are built
+    /// from it); defaults to `http://<listen address>`.
+    #[arg(long, env = "VTP_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Largest dataset upload, in bytes.
+    #[arg(long, env = "VTP_MAX_UPLOAD_BYTES", default_value_t = 10 * 1024 * 1024 * 1024)]
+    pub max_upload_bytes: u64,
+
+    /// A job with no report for this many seconds is failed (`running`,
+    /// `queued`) or finalised (`cancelling`) by the sweeper.
+    #[arg(long, env = "VTP_STALE_AFTER_SECS", default_value_t = 3600)]
+    pub stale_after_secs: u64,
+}
+
+impl BackendConfig {
+    /// The base URL trainers call back on.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => {
+                let mut addr = self.listen;
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+                }
+                format!("http://{addr}")
+            }
+        }
+    }
+
+    /// How long a job may go without a report.
+    pub fn stale_after(&self) -> Duration {
+        Duration::from_secs(self.stale_after_secs)
+    }
+
+    /// Builds the configured launcher.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad trainer URL.
+    pub fn build_launcher(&self) -> Result<Arc<dyn TrainerLauncher>> {
+        match self.launcher {
+            LauncherKind::Http => Ok(Arc::new(vtp_trainer::HttpLauncher::new(&self.trainer_url)?)),
+        }
+    }
+
+    /// Checks the settings that parsing alone cannot.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        let public = self.public_url();
+        if !(public.starts_with("http://") || public.starts_with("https://")) {
+            return Err(Error::invalid("public_url", format!("{public:?} is not an http(s) URL")));
+        }
+        if self.max_upload_bytes == 0 {
+            return Err(Error::invalid("max_upload_bytes", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn defaults_run_on_one_machine() {
+        let config = BackendConfig::try_parse_from(["vtp-backend"]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
+        assert!(config.database_url.starts_with("sqlite://"));
+        assert!(config.blob_url.starts_with("file://"));
+        assert_eq!(config.public_url(), "http://127.0.0.1:8000");
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn flags_override() {
+        let config = BackendConfig::try_parse_from([
+            "vtp-backend",
+            "--listen",
+            "0.0.0.0:9000",
+            "--public-url",
+            "http://backend.svc:9000/",
+        ])
+        .unwrap();
+        assert_eq!(config.public_url(), "http://backend.svc:9000");
+        let config = BackendConfig::try_parse_from(["vtp-backend", "--listen", "0.0.0.0:9000"]).unwrap();
+        assert_eq!(config.public_url(), "http://127.0.0.1:9000");
+        assert!(BackendConfig::try_parse_from(["vtp-backend", "--launcher", "carrier-pigeon"]).is_err());
+    }
+}

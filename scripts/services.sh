@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Starts the services the test suite needs, on loopback, installing what is
+# missing: Postgres (the local cluster) and Garage (a single-node S3 store with
+# one key and one bucket). Prints `export VAR=...` lines for the tests.
+#
+#   eval "$(scripts/services.sh start)"   # start and export VTP_TEST_*
+#   scripts/services.sh stop              # stop the Garage it started
+set -euo pipefail
+
+VTP_CACHE="${VTP_CACHE:-$HOME/.cache/vtp}"
+GARAGE_VERSION="2.5.0"
+GARAGE_DIR="$VTP_CACHE/garage"
+GARAGE_S3_PORT="${VTP_GARAGE_S3_PORT:-3900}"
+GARAGE_RPC_PORT="${VTP_GARAGE_RPC_PORT:-3901}"
+GARAGE_ADMIN_PORT="${VTP_GARAGE_ADMIN_PORT:-3903}"
+# Fixed test credentials: Garage runs on loopback only, for tests.
+S3_KEY_ID="GK0123456789abcdef01234567"
+S3_SECRET="0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+S3_BUCKET="vtp-test"
+
+log() { echo "services: $*" >&2; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+start_postgres() {
+    if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+        log "installing PostgreSQL"
+        as_root apt-get update -qq >&2
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+    fi
+    if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+        local version
+        version="$(ls /etc/postgresql | sort -V | tail -1)"
+        log "starting PostgreSQL $version"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start >&2 \
+            || as_root pg_ctlcluster "$version" main start >&2
+        for _ in $(seq 1 30); do
+            pg_isready -h 127.0.0.1 -p 5432 -q && break
+            sleep 0.5
+        done
+    fi
+    pg_isready -h 127.0.0.1 -p 5432 -q || { log "PostgreSQL did not come up"; exit 1; }
+    # Tests connect as `postgres` over TCP; make sure that works without a password.
+    if ! psql "postgres://postgres@127.0.0.1:5432/postgres" -Atqc "select 1" >/dev/null 2>&1; then
+        log "PostgreSQL refuses postgres@127.0.0.1 without a password; set VTP_TEST_DATABASE_URL"
+        exit 1
+    fi
+    # Drop databases left behind by interrupted test runs.
+    psql "postgres://postgres@127.0.0.1:5432/postgres" -Atqc \
+        "select datname from pg_database where datname like 'vtp\_t\_%'" 2>/dev/null |
+        while read -r db; do
+            [ -n "$db" ] && psql "postgres://postgres@127.0.0.1:5432/postgres" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true
+        done
+}
+
+install_garage() {
+    if command -v garage >/dev/null 2>&1 && garage --version 2>/dev/null | grep -q "$GARAGE_VERSION"; then
+        return
+    fi
+    log "installing garage $GARAGE_VERSION with cargo (takes a while, once)"
+    cargo install garage --version "$GARAGE_VERSION" --locked \
+        --no-default-features --features bundled-libs,lmdb >&2
+}
+
+garage_cli() { garage -c "$GARAGE_DIR/garage.toml" "$@"; }
+
+stop_garage() {
+    if [ -f "$GARAGE_DIR/garage.pid" ]; then
+        kill "$(cat "$GARAGE_DIR/garage.pid")" 2>/dev/null || true
+        for _ in $(seq 1 20); do
+            kill -0 "$(cat "$GARAGE_DIR/garage.pid")" 2>/dev/null || break
+            sleep 0.2
+        done
+        rm -f "$GARAGE_DIR/garage.pid"
+    fi
+}
+
+start_garage() {
+    install_garage
+    stop_garage
+    rm -rf "$GARAGE_DIR"
+    mkdir -p "$GARAGE_DIR/meta" "$GARAGE_DIR/data"
+    cat >"$GARAGE_DIR/garage.toml" <<TOML
+metadata_dir = "$GARAGE_DIR/meta"
+data_dir = "$GARAGE_DIR/data"
+db_engine = "lmdb"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$GARAGE_RPC_PORT"
+rpc_public_addr = "127.0.0.1:$GARAGE_RPC_PORT"
+rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+
+[s3_api]
+s3_region = "garage"
+api_bind_addr = "127.0.0.1:$GARAGE_S3_PORT"
+root_domain = ".s3.garage.localhost"
+
+[admin]
+api_bind_addr = "127.0.0.1:$GARAGE_ADMIN_PORT"
+TOML
+    chmod 600 "$GARAGE_DIR/garage.toml"
+    log "starting garage on 127.0.0.1:$GARAGE_S3_PORT"
+    RUST_LOG=warn nohup garage -c "$GARAGE_DIR/garage.toml" server >"$GARAGE_DIR/garage.log" 2>&1 &
+    echo $! >"$GARAGE_DIR/garage.pid"
+    local node=""
+    for _ in $(seq 1 50); do
+        node="$(garage_cli node id -q 2>/dev/null | cut -d@ -f1)" && [ -n "$node" ] && break
+        sleep 0.2
+    done
+    [ -n "$node" ] || { log "garage did not start:"; cat "$GARAGE_DIR/garage.log" >&2; exit 1; }
+    garage_cli layout assign -z dc1 -c 1G "$node" >/dev/null
+    garage_cli layout apply --version 1 >/dev/null
+    garage_cli key import --yes -n vtp-test "$S3_KEY_ID" "$S3_SECRET" >/dev/null
+    garage_cli bucket create "$S3_BUCKET" >/dev/null
+    garage_cli bucket allow --read --write --owner "$S3_BUCKET" --key vtp-test >/dev/null
+    # Ready when an authenticated request gets through.
+    for _ in $(seq 1 50); do
+        curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$GARAGE_S3_PORT/" | grep -q '^[1-5]' && break
+        sleep 0.2
+    done
+}
+
+case "${1:-start}" in
+    start)
+        start_postgres
+        start_garage
+        cat <<ENV
+export VTP_REQUIRE_SERVICES=1
+export VTP_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
+export VTP_TEST_S3_ENDPOINT=http://127.0.0.1:$GARAGE_S3_PORT
+export VTP_TEST_S3_REGION=garage
+export VTP_TEST_S3_BUCKET=$S3_BUCKET
+export VTP_TEST_S3_ACCESS_KEY_ID=$S3_KEY_ID
+export VTP_TEST_S3_SECRET_ACCESS_KEY=$S3_SECRET
+ENV
+        ;;
+    stop) stop_garage ;;
+    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac

@@ -12,9 +12,17 @@ use vtp_storage::BlobStoreBuilder;
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
         .init();
-    let config = BackendConfig::parse();
+    let mut config = BackendConfig::parse();
     config.validate()?;
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let bound = listener.local_addr()?;
+    // With `--listen 127.0.0.1:0` callback URLs must carry the real port.
+    config.listen = bound;
 
     let jobs = vtp_storage::connect_job_store(&config.database_url)
         .await
@@ -26,11 +34,10 @@ async fn main() -> anyhow::Result<()> {
     let launcher = config.build_launcher()?;
     let state = AppState::new(jobs, blobs, launcher, config.public_url()).with_max_upload_bytes(config.max_upload_bytes);
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    // One plain line on stdout, so scripts and tests can find a `:0` port.
+    println!("vtp-backend listening on http://{bound}");
     tracing::info!(
-        listen = %listener.local_addr()?,
+        listen = %bound,
         database = %redact(&config.database_url),
         blobs = %state.blobs.base_uri(),
         launcher = state.launcher.name(),

@@ -1,0 +1,173 @@
+//! Helpers for the workspace-level tests: a TCP proxy that fails on demand
+//! (to take Postgres or S3 away from a live backend) and the real
+//! `vtp-backend` binary as a child process.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::AbortHandle;
+
+/// A loopback TCP proxy in front of a real service, which can be taken down
+/// (live connections cut, new ones dropped) and brought back.
+#[derive(Debug)]
+pub struct FaultProxy {
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Debug, Default)]
+struct ProxyState {
+    down: AtomicBool,
+    /// Client-to-server bytes forwarded so far.
+    forwarded: AtomicU64,
+    /// Go down once this many client-to-server bytes have passed (0: never).
+    down_after: AtomicU64,
+    connections: Mutex<Vec<AbortHandle>>,
+}
+
+impl ProxyState {
+    fn cut(&self) {
+        self.down.store(true, Ordering::SeqCst);
+        for handle in self.connections.lock().unwrap().drain(..) {
+            handle.abort();
+        }
+    }
+}
+
+impl FaultProxy {
+    /// Proxies a fresh loopback port to `target`.
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(ProxyState::default());
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else { continue };
+                if shared.down.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let conn_state = shared.clone();
+                let handle = tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else { return };
+                    pipe(client, server, conn_state).await;
+                });
+                shared.connections.lock().unwrap().push(handle.abort_handle());
+            }
+        });
+        FaultProxy { addr, state, task }
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Takes the service away (true) or brings it back (false).
+    pub fn set_down(&self, down: bool) {
+        if down {
+            self.state.cut();
+        } else {
+            self.state.down.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Goes down by itself once `bytes` more client bytes have passed.
+    pub fn down_after(&self, bytes: u64) {
+        let now = self.state.forwarded.load(Ordering::SeqCst);
+        self.state.down_after.store(now + bytes, Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.state.cut();
+    }
+}
+
+async fn pipe(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let upstream = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let total = state.forwarded.fetch_add(n as u64, Ordering::SeqCst) + n as u64;
+            let limit = state.down_after.load(Ordering::SeqCst);
+            if limit > 0 && total >= limit {
+                state.cut();
+                break;
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = server_write.shutdown().await;
+    };
+    let downstream = async {
+        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+        let _ = client_write.shutdown().await;
+    };
+    tokio::join!(upstream, downstream);
+}
+
+/// The real `vtp-backend` binary, listening on a loopback port; killed on drop.
+#[derive(Debug)]
+pub struct BackendProcess {
+    child: tokio::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl BackendProcess {
+    /// Starts the binary with `envs` (and no other `VTP_*` settings), waits
+    /// until it listens.
+    pub async fn start(envs: &[(&str, String)]) -> Self {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_vtp-backend"));
+        command.arg("--listen").arg("127.0.0.1:0");
+        for (name, _) in std::env::vars() {
+            if name.starts_with("VTP_") && !name.starts_with("VTP_TEST_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .env("VTP_LOG", "info,vtp_server=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command.spawn().expect("spawn vtp-backend");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                if let Some(url) = line.strip_prefix("vtp-backend listening on ") {
+                    return url.trim().to_owned();
+                }
+            }
+            panic!("vtp-backend exited before listening");
+        })
+        .await
+        .expect("vtp-backend listens within a minute");
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        BackendProcess { child, url }
+    }
+
+    /// `url` + `path`.
+    pub fn at(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}

@@ -21,7 +21,9 @@ async fn json_of(response: reqwest::Response) -> (reqwest::StatusCode, Value) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_flow_against_postgres_and_garage() {
-    let Some(db) = TestDatabase::create().await else { return };
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
     let Some(s3) = TestS3::from_env() else { return };
     let blob_url = s3.fresh_url();
     let trainer = TrainerDouble::start().await;
@@ -29,7 +31,10 @@ async fn seed_flow_against_postgres_and_garage() {
     env.push(("VTP_DATABASE_URL", db.url().to_owned()));
     env.push(("VTP_TRAINER_URL", trainer.url()));
     let backend = BackendProcess::start(&env).await;
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap();
     // The same store the backend writes to, read directly.
     let blobs = s3.builder().with_url(blob_url.clone()).build().unwrap();
 
@@ -40,37 +45,82 @@ async fn seed_flow_against_postgres_and_garage() {
     // A 20 MB dataset, the seed's field order (file first), lands byte-identical.
     let data = pattern(20 * 1024 * 1024, 42);
     let form = reqwest::multipart::Form::new()
-        .part("file", reqwest::multipart::Part::bytes(data.clone()).file_name("sample.zip"))
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(data.clone()).file_name("sample.zip"),
+        )
         .text("user_id", "test")
         .text("dataset_name", "my-dataset");
-    let (status, uploaded) = json_of(http.post(backend.at("/datasets/upload")).multipart(form).send().await.unwrap()).await;
+    let (status, uploaded) = json_of(
+        http.post(backend.at("/datasets/upload"))
+            .multipart(form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 201, "{uploaded}");
     let dataset_uri = uploaded["s3_uri"].as_str().unwrap().to_owned();
-    assert_eq!(dataset_uri, format!("{blob_url}/users/test/datasets/my-dataset/sample.zip"));
+    assert_eq!(
+        dataset_uri,
+        format!("{blob_url}/users/test/datasets/my-dataset/sample.zip")
+    );
     assert_eq!(uploaded["size"], data.len());
-    let stored = blobs.get_bytes(&blobs.key_for(&dataset_uri).unwrap()).await.unwrap();
+    let stored = blobs
+        .get_bytes(&blobs.key_for(&dataset_uri).unwrap())
+        .await
+        .unwrap();
     assert!(stored == data, "the stored dataset differs from the upload");
-    let keys: Vec<String> = blobs.list(None).await.unwrap().into_iter().map(|m| m.key.as_str().to_owned()).collect();
-    assert_eq!(keys, ["users/test/datasets/my-dataset/sample.zip"], "no staging object is left");
+    let keys: Vec<String> = blobs
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key.as_str().to_owned())
+        .collect();
+    assert_eq!(
+        keys,
+        ["users/test/datasets/my-dataset/sample.zip"],
+        "no staging object is left"
+    );
 
     // Create (the seed's body) and start.
     let body = json!({"user_id": "test", "model_name": "yolo11n", "framework": "ultralytics",
                       "dataset_s3_uri": dataset_uri, "config": {"epochs": 3}});
-    let (status, job) = json_of(http.post(backend.at("/training/jobs")).json(&body).send().await.unwrap()).await;
+    let (status, job) = json_of(
+        http.post(backend.at("/training/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
-    let (status, started) = json_of(http.post(backend.at(&format!("/training/jobs/{id}/start"))).send().await.unwrap()).await;
+    let (status, started) = json_of(
+        http.post(backend.at(&format!("/training/jobs/{id}/start")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 202, "{started}");
     let launched = trainer.started();
     assert_eq!(launched.len(), 1);
     assert_eq!(launched[0].dataset_s3_uri, dataset_uri);
     let callback = launched[0].callback_url.clone();
-    assert_eq!(callback, backend.at(&format!("/training/jobs/{id}/callback")));
+    assert_eq!(
+        callback,
+        backend.at(&format!("/training/jobs/{id}/callback"))
+    );
 
     // The trainer reports: running, epochs 1..3 with duplicates and reordering, completed.
     let checkpoint = BlobKey::parse(&format!("jobs/{id}/best.safetensors")).unwrap();
     let weights = pattern(300_000, 7);
-    blobs.put_bytes(&checkpoint, Bytes::from(weights.clone())).await.unwrap();
+    blobs
+        .put_bytes(&checkpoint, Bytes::from(weights.clone()))
+        .await
+        .unwrap();
     let epoch = |seq: i64, e: u32| {
         json!({"job_id": id, "status": "running", "seq": seq, "progress": f64::from(e) / 3.0,
                "message": format!("epoch {e}/3"),
@@ -88,7 +138,8 @@ async fn seed_flow_against_postgres_and_garage() {
         epoch(4, 3),
     ];
     for report in reports {
-        let (status, answer) = json_of(http.post(&callback).json(&report).send().await.unwrap()).await;
+        let (status, answer) =
+            json_of(http.post(&callback).json(&report).send().await.unwrap()).await;
         assert_eq!(status, 200, "{report} -> {answer}");
     }
     // A report after the end is refused.
@@ -96,11 +147,23 @@ async fn seed_flow_against_postgres_and_garage() {
     let (status, _) = json_of(http.post(&callback).json(&late).send().await.unwrap()).await;
     assert_eq!(status, 409);
 
-    let (_, job) = json_of(http.get(backend.at(&format!("/training/jobs/{id}"))).send().await.unwrap()).await;
+    let (_, job) = json_of(
+        http.get(backend.at(&format!("/training/jobs/{id}")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(job["status"], "completed", "{job}");
     assert_eq!(job["progress"], 1.0);
     assert_eq!(job["checkpoint_s3_uri"], blobs.uri(&checkpoint).as_str());
-    let (_, metrics) = json_of(http.get(backend.at(&format!("/training/jobs/{id}/metrics"))).send().await.unwrap()).await;
+    let (_, metrics) = json_of(
+        http.get(backend.at(&format!("/training/jobs/{id}/metrics")))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(metrics.as_array().unwrap().len(), 3, "{metrics}");
     // Exactly three rows in Postgres itself.
     let store = PostgresJobStore::connect(db.url()).await.unwrap();
@@ -109,11 +172,21 @@ async fn seed_flow_against_postgres_and_garage() {
     assert_eq!(rows[1].values["loss"], 0.5);
 
     // The checkpoint streams back byte-identical.
-    let response = http.get(backend.at(&format!("/training/jobs/{id}/checkpoint"))).send().await.unwrap();
+    let response = http
+        .get(backend.at(&format!("/training/jobs/{id}/checkpoint")))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.bytes().await.unwrap() == weights);
 
     // Listing by user and status sees it.
-    let (_, page) = json_of(http.get(backend.at("/training/jobs?user_id=test&status=completed")).send().await.unwrap()).await;
+    let (_, page) = json_of(
+        http.get(backend.at("/training/jobs?user_id=test&status=completed"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(page["total"], 1);
 }

@@ -20,7 +20,12 @@ use vtp_trainer::HttpLauncher;
 async fn serve(state: AppState) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(vtp_server::serve(listener, state, Duration::from_secs(3600), std::future::pending()));
+    tokio::spawn(vtp_server::serve(
+        listener,
+        state,
+        Duration::from_secs(3600),
+        std::future::pending(),
+    ));
     url
 }
 
@@ -41,49 +46,108 @@ fn seed_job() -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_is_503_and_a_retry_after_it_succeeds() {
-    let Some(db) = TestDatabase::create().await else { return };
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
     let mut url = url::Url::parse(db.url()).unwrap();
-    let target = resolve(&format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432)));
+    let target = resolve(&format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port().unwrap_or(5432)
+    ));
     let proxy = FaultProxy::start(target).await;
     url.set_port(Some(proxy.addr().port())).unwrap();
     url.set_host(Some("127.0.0.1")).unwrap();
     let jobs: Arc<dyn JobStore> = Arc::new(PostgresJobStore::connect(url.as_str()).await.unwrap());
     let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
     let launcher = Arc::new(HttpLauncher::new("http://127.0.0.1:9").unwrap());
-    let base = serve(AppState::new(jobs.clone(), blobs, launcher, "http://127.0.0.1:8000")).await;
+    let base = serve(AppState::new(
+        jobs.clone(),
+        blobs,
+        launcher,
+        "http://127.0.0.1:8000",
+    ))
+    .await;
     let http = reqwest::Client::new();
 
-    let (status, job) = json_of(http.post(format!("{base}/training/jobs")).json(&seed_job()).send().await.unwrap()).await;
+    let (status, job) = json_of(
+        http.post(format!("{base}/training/jobs"))
+            .json(&seed_job())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 201, "{job}");
     let id = job["id"].as_str().unwrap().to_owned();
 
     proxy.set_down(true);
-    let (status, body) = json_of(http.get(format!("{base}/training/jobs/{id}")).send().await.unwrap()).await;
+    let (status, body) = json_of(
+        http.get(format!("{base}/training/jobs/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["error"]["code"], "unavailable");
-    assert!(body["error"]["message"].as_str().unwrap().contains("database"), "{body}");
-    let (status, _) = json_of(http.post(format!("{base}/training/jobs")).json(&seed_job()).send().await.unwrap()).await;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("database"),
+        "{body}"
+    );
+    let (status, _) = json_of(
+        http.post(format!("{base}/training/jobs"))
+            .json(&seed_job())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 503, "a create during the outage fails cleanly");
     let (status, health) = json_of(http.get(format!("{base}/health")).send().await.unwrap()).await;
     assert_eq!(status, 503, "{health}");
     assert_eq!(health["status"], "degraded");
 
     proxy.set_down(false);
-    let (status, read) = json_of(http.get(format!("{base}/training/jobs/{id}")).send().await.unwrap()).await;
+    let (status, read) = json_of(
+        http.get(format!("{base}/training/jobs/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 200, "the retry after the outage succeeds: {read}");
     assert_eq!(read, job);
-    let (status, _) = json_of(http.post(format!("{base}/training/jobs")).json(&seed_job()).send().await.unwrap()).await;
+    let (status, _) = json_of(
+        http.post(format!("{base}/training/jobs"))
+            .json(&seed_job())
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 201);
     let (status, _) = json_of(http.get(format!("{base}/health")).send().await.unwrap()).await;
     assert_eq!(status, 200);
-    assert_eq!(jobs.list(&JobFilter::new()).await.unwrap().total, 2, "one job before, one after, none half-made");
+    assert_eq!(
+        jobs.list(&JobFilter::new()).await.unwrap().total,
+        2,
+        "one job before, one after, none half-made"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_failing_during_an_upload_leaves_nothing() {
     let Some(s3) = TestS3::from_env() else { return };
     let endpoint = url::Url::parse(s3.settings.endpoint.as_deref().unwrap()).unwrap();
-    let target = resolve(&format!("{}:{}", endpoint.host_str().unwrap(), endpoint.port_or_known_default().unwrap()));
+    let target = resolve(&format!(
+        "{}:{}",
+        endpoint.host_str().unwrap(),
+        endpoint.port_or_known_default().unwrap()
+    ));
     let proxy = FaultProxy::start(target).await;
     let root = s3.fresh_url();
     let mut through_proxy = s3.settings.clone();
@@ -97,20 +161,37 @@ async fn s3_failing_during_an_upload_leaves_nothing() {
     let direct = s3.builder().with_url(root).build().unwrap();
     let jobs: Arc<dyn JobStore> = Arc::new(vtp_storage::InMemoryJobStore::new());
     let launcher = Arc::new(HttpLauncher::new("http://127.0.0.1:9").unwrap());
-    let base = serve(AppState::new(jobs, blobs, launcher, "http://127.0.0.1:8000")).await;
+    let base = serve(AppState::new(
+        jobs,
+        blobs,
+        launcher,
+        "http://127.0.0.1:8000",
+    ))
+    .await;
 
     // S3 goes away after ~7 MB of the 16 MB upload: mid-way through the second part.
     proxy.down_after(7 * 1024 * 1024);
     let form = reqwest::multipart::Form::new()
         .text("user_id", "test")
         .text("dataset_name", "broken")
-        .part("file", reqwest::multipart::Part::bytes(pattern(16 * 1024 * 1024, 5)).file_name("big.zip"));
-    let response = reqwest::Client::new().post(format!("{base}/datasets/upload")).multipart(form).send().await.unwrap();
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(pattern(16 * 1024 * 1024, 5)).file_name("big.zip"),
+        );
+    let response = reqwest::Client::new()
+        .post(format!("{base}/datasets/upload"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     let (status, body) = json_of(response).await;
     assert!(status.is_server_error(), "{status}: {body}");
     assert!(body["error"]["message"].as_str().is_some(), "{body}");
 
     proxy.set_down(false);
     let left = direct.list(None).await.unwrap();
-    assert!(left.is_empty(), "no object, partial or whole, is visible: {left:?}");
+    assert!(
+        left.is_empty(),
+        "no object, partial or whole, is visible: {left:?}"
+    );
 }

@@ -50,17 +50,25 @@ impl FaultProxy {
         let shared = state.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((client, _)) = listener.accept().await else { continue };
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
                 if shared.down.load(Ordering::SeqCst) {
                     drop(client);
                     continue;
                 }
                 let conn_state = shared.clone();
                 let handle = tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(target).await else { return };
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
                     pipe(client, server, conn_state).await;
                 });
-                shared.connections.lock().unwrap().push(handle.abort_handle());
+                shared
+                    .connections
+                    .lock()
+                    .unwrap()
+                    .push(handle.abort_handle());
             }
         });
         FaultProxy { addr, state, task }

@@ -16,7 +16,11 @@ pub enum LauncherKind {
 
 /// `vtp-backend`'s settings.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "vtp-backend", version, about = "VTP backend API: jobs, datasets, callbacks and checkpoints")]
+#[command(
+    name = "vtp-backend",
+    version,
+    about = "VTP backend API: jobs, datasets, callbacks and checkpoints"
+)]
 pub struct BackendConfig {
     /// Address to listen on.
     #[arg(long, env = "VTP_LISTEN", default_value = "127.0.0.1:8000")]
@@ -90,7 +94,10 @@ impl BackendConfig {
     pub fn validate(&self) -> Result<()> {
         let public = self.public_url();
         if !(public.starts_with("http://") || public.starts_with("https://")) {
-            return Err(Error::invalid("public_url", format!("{public:?} is not an http(s) URL")));
+            return Err(Error::invalid(
+                "public_url",
+                format!("{public:?} is not an http(s) URL"),
+            ));
         }
         if self.max_upload_bytes == 0 {
             return Err(Error::invalid("max_upload_bytes", "must be positive"));
@@ -126,8 +133,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(config.public_url(), "http://backend.svc:9000");
-        let config = BackendConfig::try_parse_from(["vtp-backend", "--listen", "0.0.0.0:9000"]).unwrap();
+        let config =
+            BackendConfig::try_parse_from(["vtp-backend", "--listen", "0.0.0.0:9000"]).unwrap();
         assert_eq!(config.public_url(), "http://127.0.0.1:9000");
-        assert!(BackendConfig::try_parse_from(["vtp-backend", "--launcher", "carrier-pigeon"]).is_err());
+        assert!(
+            BackendConfig::try_parse_from(["vtp-backend", "--launcher", "carrier-pigeon"]).is_err()
+        );
     }
 }

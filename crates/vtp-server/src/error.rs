@@ -22,7 +22,12 @@ pub struct ApiError {
 impl ApiError {
     /// An error with an explicit status and code.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, code, message: message.into(), field: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
 
     /// Names the offending field.
@@ -75,7 +80,12 @@ impl From<Error> for ApiError {
             Error::InvalidInput { field, .. } => Some(field.clone()),
             _ => None,
         };
-        ApiError { status, code, message: error_chain(&err), field }
+        ApiError {
+            status,
+            code,
+            message: error_chain(&err),
+            field,
+        }
     }
 }
 
@@ -85,9 +95,12 @@ impl IntoResponse for ApiError {
         if let Some(field) = self.field {
             error["field"] = field.into();
         }
-        let mut response = (self.status, Json(serde_json::json!({ "error": error }))).into_response();
+        let mut response =
+            (self.status, Json(serde_json::json!({ "error": error }))).into_response();
         if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         response
     }
@@ -132,23 +145,36 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         let inner = err.into_inner();
         match inner.classify() {
             serde_json::error::Category::Data => {
-                let field = if path == "." { backticked(&inner.to_string()) } else { Some(path) };
+                let field = if path == "." {
+                    backticked(&inner.to_string())
+                } else {
+                    Some(path)
+                };
                 let message = match &field {
                     Some(field) => format!("invalid {field}: {inner}"),
                     None => inner.to_string(),
                 };
-                let error = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", message);
+                let error =
+                    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", message);
                 match field {
                     Some(field) => error.with_field(field),
                     None => error,
                 }
             }
-            _ => ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("malformed JSON: {inner}")),
+            _ => ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "malformed_json",
+                format!("malformed JSON: {inner}"),
+            ),
         }
     })?;
-    deserializer
-        .end()
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", format!("malformed JSON: {e}")))?;
+    deserializer.end().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("malformed JSON: {e}"),
+        )
+    })?;
     Ok(value)
 }
 
@@ -173,7 +199,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             .map_err(|e: QueryRejection| {
                 let text = e.body_text();
                 let field = backticked(&text).unwrap_or_else(|| "query".to_owned());
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", text).with_field(field)
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", text)
+                    .with_field(field)
             })
     }
 }
@@ -190,7 +217,12 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             .await
             .map(|p| ApiPath(p.0))
             .map_err(|e: PathRejection| {
-                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_input", e.body_text()).with_field("path")
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_input",
+                    e.body_text(),
+                )
+                .with_field("path")
             })
     }
 }
@@ -219,7 +251,8 @@ mod tests {
         assert_eq!(err.status, StatusCode::UNPROCESSABLE_ENTITY);
         assert_eq!(err.field.as_deref(), Some("inner.epochs"));
 
-        let err = parse_json::<Body>(br#"{"name": "a", "inner": {"epochs": 1}, "colour": 1}"#).unwrap_err();
+        let err = parse_json::<Body>(br#"{"name": "a", "inner": {"epochs": 1}, "colour": 1}"#)
+            .unwrap_err();
         assert_eq!(err.field.as_deref(), Some("colour"), "{err:?}");
 
         let err = parse_json::<Body>(br#"{"inner": {"epochs": 1}}"#).unwrap_err();
@@ -227,7 +260,8 @@ mod tests {
 
         let err = parse_json::<Body>(br#"{"name": "a", "#).unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
-        let err = parse_json::<Body>(br#"{"name": "a", "inner": {"epochs": 1}} trailing"#).unwrap_err();
+        let err =
+            parse_json::<Body>(br#"{"name": "a", "inner": {"epochs": 1}} trailing"#).unwrap_err();
         assert_eq!(err.status, StatusCode::BAD_REQUEST);
     }
 
@@ -236,10 +270,22 @@ mod tests {
         let cases = [
             (Error::not_found("job", "x"), StatusCode::NOT_FOUND),
             (Error::conflict("terminal"), StatusCode::CONFLICT),
-            (Error::invalid("config", "bad"), StatusCode::UNPROCESSABLE_ENTITY),
-            (Error::TooLarge { size: 2, limit: 1 }, StatusCode::PAYLOAD_TOO_LARGE),
-            (Error::unavailable("database", "down"), StatusCode::SERVICE_UNAVAILABLE),
-            (Error::backend("trainer", "refused"), StatusCode::BAD_GATEWAY),
+            (
+                Error::invalid("config", "bad"),
+                StatusCode::UNPROCESSABLE_ENTITY,
+            ),
+            (
+                Error::TooLarge { size: 2, limit: 1 },
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                Error::unavailable("database", "down"),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+            (
+                Error::backend("trainer", "refused"),
+                StatusCode::BAD_GATEWAY,
+            ),
         ];
         for (err, status) in cases {
             assert_eq!(ApiError::from(err).status, status);

@@ -88,12 +88,21 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/health", get(routes::health))
-        .route("/training/jobs", post(routes::jobs::create).get(routes::jobs::list))
-        .route("/training/jobs/{id}", get(routes::jobs::get).delete(routes::jobs::cancel))
+        .route(
+            "/training/jobs",
+            post(routes::jobs::create).get(routes::jobs::list),
+        )
+        .route(
+            "/training/jobs/{id}",
+            get(routes::jobs::get).delete(routes::jobs::cancel),
+        )
         .route("/training/jobs/{id}/start", post(routes::jobs::start))
         .route("/training/jobs/{id}/callback", post(routes::jobs::callback))
         .route("/training/jobs/{id}/metrics", get(routes::jobs::metrics))
-        .route("/training/jobs/{id}/checkpoint", get(routes::jobs::checkpoint))
+        .route(
+            "/training/jobs/{id}/checkpoint",
+            get(routes::jobs::checkpoint),
+        )
         .route(
             "/datasets/upload",
             // The upload handler enforces its own limit while streaming.
@@ -114,8 +123,13 @@ pub async fn serve(
     stale_after: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let sweeper = tokio::spawn(sweeper::run(state.jobs.clone(), sweeper::SweepPolicy::new(stale_after)));
-    let result = axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await;
+    let sweeper = tokio::spawn(sweeper::run(
+        state.jobs.clone(),
+        sweeper::SweepPolicy::new(stale_after),
+    ));
+    let result = axum::serve(listener, app(state))
+        .with_graceful_shutdown(shutdown)
+        .await;
     sweeper.abort();
     result
 }

@@ -37,11 +37,19 @@ impl SweepPolicy {
 ///
 /// # Errors
 /// Store errors other than lost races.
-pub async fn sweep_once(jobs: &dyn JobStore, policy: &SweepPolicy, now: DateTime<Utc>) -> Result<usize> {
+pub async fn sweep_once(
+    jobs: &dyn JobStore,
+    policy: &SweepPolicy,
+    now: DateTime<Utc>,
+) -> Result<usize> {
     let rules = [
         (JobStatus::Queued, policy.stale_after, JobStatus::Failed),
         (JobStatus::Running, policy.stale_after, JobStatus::Failed),
-        (JobStatus::Cancelling, policy.cancel_grace, JobStatus::Cancelled),
+        (
+            JobStatus::Cancelling,
+            policy.cancel_grace,
+            JobStatus::Cancelled,
+        ),
     ];
     let mut changed = 0;
     for (status, limit, to) in rules {
@@ -52,7 +60,10 @@ pub async fn sweep_once(jobs: &dyn JobStore, policy: &SweepPolicy, now: DateTime
             .with_page(JobFilter::MAX_LIMIT, 0);
         let page = jobs.list(&filter).await?;
         for job in page.jobs {
-            let reason = format!("no report from the trainer for over {}s while {status}", limit.as_secs());
+            let reason = format!(
+                "no report from the trainer for over {}s while {status}",
+                limit.as_secs()
+            );
             let result = jobs
                 .transition_with(job.id, status, to, |job| {
                     if to == JobStatus::Failed {
@@ -111,11 +122,26 @@ mod tests {
         let policy = SweepPolicy::new(Duration::from_secs(60));
         let pending = store.create_job(new_job()).await.unwrap();
         let running = store.create_job(new_job()).await.unwrap();
-        store.transition(running.id, JobStatus::Pending, JobStatus::Queued).await.unwrap();
-        store.apply_update(running.id, &TrainingUpdate::new(JobStatus::Running).with_seq(1)).await.unwrap();
+        store
+            .transition(running.id, JobStatus::Pending, JobStatus::Queued)
+            .await
+            .unwrap();
+        store
+            .apply_update(
+                running.id,
+                &TrainingUpdate::new(JobStatus::Running).with_seq(1),
+            )
+            .await
+            .unwrap();
         let cancelling = store.create_job(new_job()).await.unwrap();
-        store.transition(cancelling.id, JobStatus::Pending, JobStatus::Queued).await.unwrap();
-        store.transition(cancelling.id, JobStatus::Queued, JobStatus::Cancelling).await.unwrap();
+        store
+            .transition(cancelling.id, JobStatus::Pending, JobStatus::Queued)
+            .await
+            .unwrap();
+        store
+            .transition(cancelling.id, JobStatus::Queued, JobStatus::Cancelling)
+            .await
+            .unwrap();
 
         // Nothing is stale yet.
         assert_eq!(sweep_once(&store, &policy, Utc::now()).await.unwrap(), 0);
@@ -124,8 +150,18 @@ mod tests {
         assert_eq!(sweep_once(&store, &policy, later).await.unwrap(), 2);
         let failed = store.get(running.id).await.unwrap();
         assert_eq!(failed.status, JobStatus::Failed);
-        assert!(failed.error.unwrap().contains("no report"), "the reason is recorded");
-        assert_eq!(store.get(cancelling.id).await.unwrap().status, JobStatus::Cancelled);
-        assert_eq!(store.get(pending.id).await.unwrap().status, JobStatus::Pending, "pending jobs wait for a start");
+        assert!(
+            failed.error.unwrap().contains("no report"),
+            "the reason is recorded"
+        );
+        assert_eq!(
+            store.get(cancelling.id).await.unwrap().status,
+            JobStatus::Cancelled
+        );
+        assert_eq!(
+            store.get(pending.id).await.unwrap().status,
+            JobStatus::Pending,
+            "pending jobs wait for a start"
+        );
     }
 }

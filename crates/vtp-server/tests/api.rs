@@ -28,7 +28,11 @@ struct Harness {
 fn fast_retry() -> RetryConfig {
     RetryConfig {
         max_retries: 2,
-        backoff: BackoffConfig { init_backoff: Duration::from_millis(5), max_backoff: Duration::from_millis(20), base: 2.0 },
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+            base: 2.0,
+        },
         timeout: Duration::from_secs(5),
     }
 }
@@ -37,9 +41,24 @@ async fn harness_with_limit(limit: u64) -> Harness {
     let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
     let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
     let trainer = TrainerDouble::start().await;
-    let launcher = Arc::new(HttpLauncher::new(&trainer.url()).unwrap().with_retry(fast_retry()));
-    let state = AppState::new(jobs.clone(), blobs.clone(), launcher, "http://backend.test:8000/").with_max_upload_bytes(limit);
-    Harness { app: app(state), jobs, blobs, trainer }
+    let launcher = Arc::new(
+        HttpLauncher::new(&trainer.url())
+            .unwrap()
+            .with_retry(fast_retry()),
+    );
+    let state = AppState::new(
+        jobs.clone(),
+        blobs.clone(),
+        launcher,
+        "http://backend.test:8000/",
+    )
+    .with_max_upload_bytes(limit);
+    Harness {
+        app: app(state),
+        jobs,
+        blobs,
+        trainer,
+    }
 }
 
 async fn harness() -> Harness {
@@ -50,7 +69,11 @@ async fn send(app: &Router, request: Request<Body>) -> (StatusCode, Value) {
     let response = app.clone().oneshot(request).await.unwrap();
     let status = response.status();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes))) };
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)))
+    };
     (status, body)
 }
 
@@ -64,11 +87,20 @@ fn json_request(method: &str, uri: &str, body: &Value) -> Request<Body> {
 }
 
 fn raw_json(method: &str, uri: &str, body: &'static str) -> Request<Body> {
-    Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json").body(Body::from(body)).unwrap()
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(body))
+        .unwrap()
 }
 
 fn empty(method: &str, uri: &str) -> Request<Body> {
-    Request::builder().method(method).uri(uri).body(Body::empty()).unwrap()
+    Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .unwrap()
 }
 
 /// The seed's job body.
@@ -85,7 +117,10 @@ async fn create(h: &Harness, body: &Value) -> Value {
 /// A job whose dataset exists in the store.
 async fn startable_job(h: &Harness) -> Value {
     let key = BlobKey::parse("users/test/datasets/digits/digits.zip").unwrap();
-    h.blobs.put_bytes(&key, Bytes::from_static(b"PK fake archive")).await.unwrap();
+    h.blobs
+        .put_bytes(&key, Bytes::from_static(b"PK fake archive"))
+        .await
+        .unwrap();
     let mut body = seed_job(&h.blobs.uri(&key));
     body["config"] = json!({"epochs": 3, "lr": 0.01});
     create(h, &body).await
@@ -100,7 +135,11 @@ async fn started_job(h: &Harness) -> String {
 }
 
 async fn report(h: &Harness, id: &str, body: Value) -> (StatusCode, Value) {
-    send(&h.app, json_request("POST", &format!("/training/jobs/{id}/callback"), &body)).await
+    send(
+        &h.app,
+        json_request("POST", &format!("/training/jobs/{id}/callback"), &body),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -117,7 +156,11 @@ async fn create_and_read_the_seed_job() {
     let h = harness().await;
     let job = create(&h, &seed_job("s3://datasets/test/my-dataset/")).await;
     assert_eq!(job["status"], "pending");
-    assert_eq!(job["config"], json!({}), "config defaults to an empty object");
+    assert_eq!(
+        job["config"],
+        json!({}),
+        "config defaults to an empty object"
+    );
     let id = job["id"].as_str().unwrap();
     let (status, read) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(status, StatusCode::OK);
@@ -127,7 +170,11 @@ async fn create_and_read_the_seed_job() {
 #[tokio::test]
 async fn bad_json_is_400_and_wrong_shape_is_422_naming_the_field() {
     let h = harness().await;
-    let (status, body) = send(&h.app, raw_json("POST", "/training/jobs", r#"{"user_id": "x", "#)).await;
+    let (status, body) = send(
+        &h.app,
+        raw_json("POST", "/training/jobs", r#"{"user_id": "x", "#),
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"]["code"], "malformed_json");
 
@@ -137,7 +184,11 @@ async fn bad_json_is_400_and_wrong_shape_is_422_naming_the_field() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"]["field"], "colour");
 
-    let (status, body) = send(&h.app, json_request("POST", "/training/jobs", &json!({"user_id": "x"}))).await;
+    let (status, body) = send(
+        &h.app,
+        json_request("POST", "/training/jobs", &json!({"user_id": "x"})),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "model_name", "{body}");
 
@@ -149,18 +200,40 @@ async fn bad_json_is_400_and_wrong_shape_is_422_naming_the_field() {
 
     let (status, _) = send(
         &h.app,
-        Request::builder().method("POST").uri("/training/jobs").header(header::CONTENT_TYPE, "text/plain").body(Body::from("{}")).unwrap(),
+        Request::builder()
+            .method("POST")
+            .uri("/training/jobs")
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("{}"))
+            .unwrap(),
     )
     .await;
     assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
-    assert_eq!(h.jobs.list(&vtp_core::JobFilter::new()).await.unwrap().total, 0, "nothing was stored");
+    assert_eq!(
+        h.jobs
+            .list(&vtp_core::JobFilter::new())
+            .await
+            .unwrap()
+            .total,
+        0,
+        "nothing was stored"
+    );
 }
 
 #[tokio::test]
 async fn dataset_uri_must_be_s3_or_file() {
     let h = harness().await;
-    for bad in ["http://example.com/data.zip", "/data/digits", "s3://", "file://relative/path"] {
-        let (status, body) = send(&h.app, json_request("POST", "/training/jobs", &seed_job(bad))).await;
+    for bad in [
+        "http://example.com/data.zip",
+        "/data/digits",
+        "s3://",
+        "file://relative/path",
+    ] {
+        let (status, body) = send(
+            &h.app,
+            json_request("POST", "/training/jobs", &seed_job(bad)),
+        )
+        .await;
         assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
         assert_eq!(body["error"]["field"], "dataset_s3_uri", "{bad}: {body}");
     }
@@ -200,7 +273,11 @@ async fn list_filters_and_pages() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(page["total"], 3);
     assert_eq!(page["jobs"].as_array().unwrap().len(), 2);
-    let (_, rest) = send(&h.app, empty("GET", "/training/jobs?user_id=alice&limit=2&offset=2")).await;
+    let (_, rest) = send(
+        &h.app,
+        empty("GET", "/training/jobs?user_id=alice&limit=2&offset=2"),
+    )
+    .await;
     assert_eq!(rest["jobs"].as_array().unwrap().len(), 1);
     let (_, pending) = send(&h.app, empty("GET", "/training/jobs?status=pending")).await;
     assert_eq!(pending["total"], 4);
@@ -216,7 +293,11 @@ async fn list_filters_and_pages() {
 async fn start_checks_the_dataset_then_launches() {
     let h = harness().await;
     // A dataset that does not exist: 422, and the job is still pending.
-    let job = create(&h, &seed_job("s3://vtp-memory/users/test/datasets/missing/")).await;
+    let job = create(
+        &h,
+        &seed_job("s3://vtp-memory/users/test/datasets/missing/"),
+    )
+    .await;
     let id = job["id"].as_str().unwrap();
     let (status, body) = send(&h.app, empty("POST", &format!("/training/jobs/{id}/start"))).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
@@ -224,7 +305,11 @@ async fn start_checks_the_dataset_then_launches() {
     // A dataset outside this backend's store: 422 too.
     let job = create(&h, &seed_job("s3://someone-elses-bucket/data.zip")).await;
     let other = job["id"].as_str().unwrap();
-    let (status, _) = send(&h.app, empty("POST", &format!("/training/jobs/{other}/start"))).await;
+    let (status, _) = send(
+        &h.app,
+        empty("POST", &format!("/training/jobs/{other}/start")),
+    )
+    .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     let (_, read) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(read["status"], "pending");
@@ -239,7 +324,10 @@ async fn start_checks_the_dataset_then_launches() {
     let started = h.trainer.started();
     assert_eq!(started.len(), 1);
     assert_eq!(started[0].job_id.to_string(), id);
-    assert_eq!(started[0].callback_url, format!("http://backend.test:8000/training/jobs/{id}/callback"));
+    assert_eq!(
+        started[0].callback_url,
+        format!("http://backend.test:8000/training/jobs/{id}/callback")
+    );
     assert_eq!(started[0].config["model"], "yolo11n");
     assert_eq!(started[0].config["epochs"], 3);
 
@@ -259,7 +347,13 @@ async fn a_refused_launch_fails_the_job_with_the_reason() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     let (_, read) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(read["status"], "failed");
-    assert!(read["error"].as_str().unwrap().contains("unknown model yolo11n"), "{read}");
+    assert!(
+        read["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown model yolo11n"),
+        "{read}"
+    );
 }
 
 #[tokio::test]
@@ -273,7 +367,10 @@ async fn an_unreachable_trainer_is_503_and_fails_the_job() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let (_, read) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(read["status"], "failed");
-    assert!(read["error"].as_str().unwrap().contains("launch failed"), "{read}");
+    assert!(
+        read["error"].as_str().unwrap().contains("launch failed"),
+        "{read}"
+    );
 }
 
 #[tokio::test]
@@ -284,47 +381,92 @@ async fn callbacks_are_idempotent_and_ordered_by_seq() {
         json!({"job_id": id, "status": "running", "seq": seq, "progress": f64::from(epoch) / 3.0,
                "metrics": {"epoch": epoch, "loss": loss, "accuracy": 1.0 - loss}})
     };
-    let (status, body) = report(&h, &id, json!({"job_id": id, "status": "running", "seq": 1, "message": "started"})).await;
+    let (status, body) = report(
+        &h,
+        &id,
+        json!({"job_id": id, "status": "running", "seq": 1, "message": "started"}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["applied"], true);
     // Epoch 2 arrives before epoch 1, epoch 1 twice, epoch 3 twice.
-    for (seq, e, loss) in [(3, 2, 0.5), (2, 1, 0.9), (2, 1, 0.9), (4, 3, 0.2), (4, 3, 0.2)] {
+    for (seq, e, loss) in [
+        (3, 2, 0.5),
+        (2, 1, 0.9),
+        (2, 1, 0.9),
+        (4, 3, 0.2),
+        (4, 3, 0.2),
+    ] {
         let (status, body) = report(&h, &id, epoch(seq, e, loss)).await;
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     let (_, job) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(job["last_seq"], 4);
-    assert!((job["progress"].as_f64().unwrap() - 1.0).abs() < 1e-9, "progress follows the newest report: {job}");
+    assert!(
+        (job["progress"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "progress follows the newest report: {job}"
+    );
 
     let checkpoint = BlobKey::parse(&format!("jobs/{id}/best.safetensors")).unwrap();
-    h.blobs.put_bytes(&checkpoint, Bytes::from_static(b"weights")).await.unwrap();
+    h.blobs
+        .put_bytes(&checkpoint, Bytes::from_static(b"weights"))
+        .await
+        .unwrap();
     let uri = h.blobs.uri(&checkpoint);
     let done = json!({"job_id": id, "status": "completed", "seq": 5, "progress": 1.0, "checkpoint_s3_uri": uri});
     let (status, _) = report(&h, &id, done.clone()).await;
     assert_eq!(status, StatusCode::OK);
 
-    let (_, metrics) = send(&h.app, empty("GET", &format!("/training/jobs/{id}/metrics"))).await;
+    let (_, metrics) = send(
+        &h.app,
+        empty("GET", &format!("/training/jobs/{id}/metrics")),
+    )
+    .await;
     let metrics = metrics.as_array().unwrap();
     assert_eq!(metrics.len(), 3, "{metrics:?}");
-    assert_eq!(metrics.iter().map(|m| m["epoch"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(
+        metrics
+            .iter()
+            .map(|m| m["epoch"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
     assert_eq!(metrics[1]["loss"], 0.5);
 
     // Terminal: a replay of the final report is a harmless duplicate, a new report is 409.
     let (status, body) = report(&h, &id, done).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["applied"], false);
-    let (status, body) = report(&h, &id, json!({"status": "running", "seq": 6, "progress": 0.1})).await;
+    let (status, body) = report(
+        &h,
+        &id,
+        json!({"status": "running", "seq": 6, "progress": 0.1}),
+    )
+    .await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     let (_, job) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(job["status"], "completed");
     assert_eq!(job["progress"], 1.0);
     assert_eq!(job["checkpoint_s3_uri"], uri.as_str());
 
-    let response = h.app.clone().oneshot(empty("GET", &format!("/training/jobs/{id}/checkpoint"))).await.unwrap();
+    let response = h
+        .app
+        .clone()
+        .oneshot(empty("GET", &format!("/training/jobs/{id}/checkpoint")))
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.headers()[header::CONTENT_LENGTH], "7");
-    assert!(response.headers()[header::CONTENT_DISPOSITION].to_str().unwrap().contains("best.safetensors"));
-    assert_eq!(response.into_body().collect().await.unwrap().to_bytes(), Bytes::from_static(b"weights"));
+    assert!(
+        response.headers()[header::CONTENT_DISPOSITION]
+            .to_str()
+            .unwrap()
+            .contains("best.safetensors")
+    );
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from_static(b"weights")
+    );
 }
 
 #[tokio::test]
@@ -344,7 +486,11 @@ async fn bad_callbacks_are_refused_and_change_nothing() {
     ];
     for body in cases {
         let (status, answer) = report(&h, &id, body.clone()).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body} -> {answer}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{body} -> {answer}"
+        );
     }
     let (_, job) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(job["status"], "queued");
@@ -361,7 +507,11 @@ async fn cancel_goes_through_the_trainer() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(body["status"], "cancelled");
     let (status, _) = send(&h.app, empty("DELETE", &format!("/training/jobs/{id}"))).await;
-    assert_eq!(status, StatusCode::CONFLICT, "a cancelled job stays cancelled");
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a cancelled job stays cancelled"
+    );
 
     // Running: cancelling until the trainer reports.
     let id = started_job(&h).await;
@@ -370,7 +520,12 @@ async fn cancel_goes_through_the_trainer() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "cancelling");
     assert_eq!(h.trainer.cancelled().len(), 1);
-    let (status, _) = report(&h, &id, json!({"status": "cancelled", "seq": 2, "message": "stopped at step 12"})).await;
+    let (status, _) = report(
+        &h,
+        &id,
+        json!({"status": "cancelled", "seq": 2, "message": "stopped at step 12"}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK);
     let (_, job) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(job["status"], "cancelled");
@@ -382,16 +537,28 @@ async fn cancel_goes_through_the_trainer() {
     let (_, first) = send(&h.app, empty("DELETE", &format!("/training/jobs/{id}"))).await;
     assert_eq!(first["status"], "cancelling");
     let (_, second) = send(&h.app, empty("DELETE", &format!("/training/jobs/{id}"))).await;
-    assert_eq!(second["status"], "cancelled", "the trainer said it runs nothing: {second}");
+    assert_eq!(
+        second["status"], "cancelled",
+        "the trainer said it runs nothing: {second}"
+    );
 }
 
 #[tokio::test]
 async fn checkpoint_of_an_unfinished_job_is_404() {
     let h = harness().await;
     let id = started_job(&h).await;
-    let (status, body) = send(&h.app, empty("GET", &format!("/training/jobs/{id}/checkpoint"))).await;
+    let (status, body) = send(
+        &h.app,
+        empty("GET", &format!("/training/jobs/{id}/checkpoint")),
+    )
+    .await;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    assert!(body["error"]["message"].as_str().unwrap().contains("checkpoint"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("checkpoint")
+    );
 }
 
 const BOUNDARY: &str = "vtp-test-boundary";
@@ -418,64 +585,138 @@ fn upload_request(uri: &str, body: Vec<u8>) -> Request<Body> {
     Request::builder()
         .method("POST")
         .uri(uri)
-        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
         .header(header::CONTENT_LENGTH, body.len())
         .body(Body::from(body))
         .unwrap()
 }
 
 async fn all_keys(blobs: &Arc<dyn BlobStore>) -> Vec<String> {
-    blobs.list(None).await.unwrap().into_iter().map(|m| m.key.as_str().to_owned()).collect()
+    blobs
+        .list(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key.as_str().to_owned())
+        .collect()
 }
 
 #[tokio::test]
 async fn upload_in_the_seed_field_order() {
     let h = harness().await;
     let data = vtp_core::conformance::blob_store::pattern(3 * 1024 * 1024 + 17, 3);
-    let body = multipart(&[("file", Some("sample.zip"), &data), ("user_id", None, b"test"), ("dataset_name", None, b"my-dataset")]);
+    let body = multipart(&[
+        ("file", Some("sample.zip"), &data),
+        ("user_id", None, b"test"),
+        ("dataset_name", None, b"my-dataset"),
+    ]);
     let (status, answer) = send(&h.app, upload_request("/datasets/upload", body)).await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
-    assert_eq!(answer["s3_uri"], "s3://vtp-memory/users/test/datasets/my-dataset/sample.zip");
+    assert_eq!(
+        answer["s3_uri"],
+        "s3://vtp-memory/users/test/datasets/my-dataset/sample.zip"
+    );
     assert_eq!(answer["size"], data.len());
     let key = h.blobs.key_for(answer["s3_uri"].as_str().unwrap()).unwrap();
     assert_eq!(h.blobs.get_bytes(&key).await.unwrap(), data);
-    assert_eq!(all_keys(&h.blobs).await, [key.as_str()], "the staging object is gone");
+    assert_eq!(
+        all_keys(&h.blobs).await,
+        [key.as_str()],
+        "the staging object is gone"
+    );
 }
 
 #[tokio::test]
 async fn upload_names_may_come_as_query_and_file_names_are_sanitised() {
     let h = harness().await;
     let body = multipart(&[("file", Some("../../etc/my set.zip"), b"abc")]);
-    let (status, answer) = send(&h.app, upload_request("/datasets/upload?user_id=alice&dataset_name=digits", body)).await;
+    let (status, answer) = send(
+        &h.app,
+        upload_request("/datasets/upload?user_id=alice&dataset_name=digits", body),
+    )
+    .await;
     assert_eq!(status, StatusCode::CREATED, "{answer}");
-    assert_eq!(answer["s3_uri"], "s3://vtp-memory/users/alice/datasets/digits/my_set.zip");
+    assert_eq!(
+        answer["s3_uri"],
+        "s3://vtp-memory/users/alice/datasets/digits/my_set.zip"
+    );
 }
 
 #[tokio::test]
 async fn bad_uploads_are_422_and_store_nothing() {
     let h = harness().await;
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (multipart(&[("file", Some("a.zip"), b"abc"), ("user_id", None, b"test")]), "dataset_name"),
-        (multipart(&[("user_id", None, b"test"), ("dataset_name", None, b"d")]), "file"),
-        (multipart(&[("file", Some("a.zip"), b"abc"), ("user_id", None, b"../root"), ("dataset_name", None, b"d")]), "user_id"),
-        (multipart(&[("file", Some("a.zip"), b"abc"), ("user_id", None, b"u"), ("dataset_name", None, b"a/b")]), "dataset_name"),
-        (multipart(&[("file", Some("a.zip"), b"abc"), ("file", Some("b.zip"), b"abc"), ("user_id", None, b"u"), ("dataset_name", None, b"d")]), "file"),
-        (multipart(&[("file", Some("a.zip"), b"abc"), ("owner", None, b"u")]), "owner"),
+        (
+            multipart(&[("file", Some("a.zip"), b"abc"), ("user_id", None, b"test")]),
+            "dataset_name",
+        ),
+        (
+            multipart(&[("user_id", None, b"test"), ("dataset_name", None, b"d")]),
+            "file",
+        ),
+        (
+            multipart(&[
+                ("file", Some("a.zip"), b"abc"),
+                ("user_id", None, b"../root"),
+                ("dataset_name", None, b"d"),
+            ]),
+            "user_id",
+        ),
+        (
+            multipart(&[
+                ("file", Some("a.zip"), b"abc"),
+                ("user_id", None, b"u"),
+                ("dataset_name", None, b"a/b"),
+            ]),
+            "dataset_name",
+        ),
+        (
+            multipart(&[
+                ("file", Some("a.zip"), b"abc"),
+                ("file", Some("b.zip"), b"abc"),
+                ("user_id", None, b"u"),
+                ("dataset_name", None, b"d"),
+            ]),
+            "file",
+        ),
+        (
+            multipart(&[("file", Some("a.zip"), b"abc"), ("owner", None, b"u")]),
+            "owner",
+        ),
     ];
     for (body, field) in cases {
         let (status, answer) = send(&h.app, upload_request("/datasets/upload", body)).await;
-        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{field}: {answer}");
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{field}: {answer}"
+        );
         assert_eq!(answer["error"]["field"], field, "{answer}");
     }
     // A body that is not multipart at all.
-    let (status, _) = send(&h.app, json_request("POST", "/datasets/upload", &json!({"file": "x"}))).await;
+    let (status, _) = send(
+        &h.app,
+        json_request("POST", "/datasets/upload", &json!({"file": "x"})),
+    )
+    .await;
     assert!(status.is_client_error());
     // A multipart body cut off in the middle of the file.
-    let mut cut = multipart(&[("user_id", None, b"u"), ("dataset_name", None, b"d"), ("file", Some("a.zip"), &[7u8; 10_000])]);
+    let mut cut = multipart(&[
+        ("user_id", None, b"u"),
+        ("dataset_name", None, b"d"),
+        ("file", Some("a.zip"), &[7u8; 10_000]),
+    ]);
     cut.truncate(cut.len() - 5_000);
     let (status, _) = send(&h.app, upload_request("/datasets/upload", cut)).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert!(all_keys(&h.blobs).await.is_empty(), "{:?}", all_keys(&h.blobs).await);
+    assert!(
+        all_keys(&h.blobs).await.is_empty(),
+        "{:?}",
+        all_keys(&h.blobs).await
+    );
 }
 
 #[tokio::test]
@@ -490,7 +731,10 @@ async fn an_upload_over_the_limit_is_413_before_the_body_is_read() {
     let request = Request::builder()
         .method("POST")
         .uri("/datasets/upload?user_id=u&dataset_name=d")
-        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
         .header(header::CONTENT_LENGTH, "4096")
         .body(Body::from_stream(body))
         .unwrap();
@@ -502,15 +746,28 @@ async fn an_upload_over_the_limit_is_413_before_the_body_is_read() {
 #[tokio::test]
 async fn an_upload_without_length_is_cut_at_the_limit() {
     let h = harness_with_limit(64 * 1024).await;
-    let body = multipart(&[("user_id", None, b"u"), ("dataset_name", None, b"d"), ("file", Some("big.zip"), &vec![1u8; 200 * 1024])]);
-    let chunks: Vec<Result<Bytes, std::io::Error>> = body.chunks(8192).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let body = multipart(&[
+        ("user_id", None, b"u"),
+        ("dataset_name", None, b"d"),
+        ("file", Some("big.zip"), &vec![1u8; 200 * 1024]),
+    ]);
+    let chunks: Vec<Result<Bytes, std::io::Error>> = body
+        .chunks(8192)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
     let request = Request::builder()
         .method("POST")
         .uri("/datasets/upload")
-        .header(header::CONTENT_TYPE, format!("multipart/form-data; boundary={BOUNDARY}"))
+        .header(
+            header::CONTENT_TYPE,
+            format!("multipart/form-data; boundary={BOUNDARY}"),
+        )
         .body(Body::from_stream(futures::stream::iter(chunks)))
         .unwrap();
     let (status, answer) = send(&h.app, request).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{answer}");
-    assert!(all_keys(&h.blobs).await.is_empty(), "nothing partial is left");
+    assert!(
+        all_keys(&h.blobs).await.is_empty(),
+        "nothing partial is left"
+    );
 }

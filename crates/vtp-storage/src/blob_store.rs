@@ -41,17 +41,22 @@ impl ObjectStoreBlobStore {
 
     /// A store in process memory. Its URIs use the made-up bucket `vtp-memory`.
     pub fn in_memory() -> Self {
-        Self::new(Arc::new(object_store::memory::InMemory::new()), "s3://vtp-memory")
+        Self::new(
+            Arc::new(object_store::memory::InMemory::new()),
+            "s3://vtp-memory",
+        )
     }
 
     /// A store in the local directory `dir` (created if missing).
     pub fn local(dir: &FsPath) -> Result<Self> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::invalid("blob_url", format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            Error::invalid("blob_url", format!("cannot create {}: {e}", dir.display()))
+        })?;
         let dir = dir
             .canonicalize()
             .map_err(|e| Error::invalid("blob_url", format!("{}: {e}", dir.display())))?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir).map_err(map_object_store)?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(&dir)
+            .map_err(map_object_store)?;
         Ok(Self::new(Arc::new(fs), format!("file://{}", dir.display())))
     }
 
@@ -66,7 +71,11 @@ impl ObjectStoreBlobStore {
     }
 
     async fn put_multipart(&self, path: &Path, first: Bytes, mut data: ByteStream) -> Result<()> {
-        let upload = self.store.put_multipart(path).await.map_err(map_object_store)?;
+        let upload = self
+            .store
+            .put_multipart(path)
+            .await
+            .map_err(map_object_store)?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
         writer.put(first);
         let streamed: Result<()> = async {
@@ -125,13 +134,21 @@ impl BlobStore for ObjectStoreBlobStore {
     }
 
     async fn get_stream(&self, key: &BlobKey) -> Result<(ObjectMeta, ByteStream)> {
-        let result = self.store.get(&Self::path(key)).await.map_err(map_object_store)?;
+        let result = self
+            .store
+            .get(&Self::path(key))
+            .await
+            .map_err(map_object_store)?;
         let meta = convert_meta(&result.meta)?;
         Ok((meta, result.into_stream().map_err(map_object_store).boxed()))
     }
 
     async fn head(&self, key: &BlobKey) -> Result<ObjectMeta> {
-        let meta = self.store.head(&Self::path(key)).await.map_err(map_object_store)?;
+        let meta = self
+            .store
+            .head(&Self::path(key))
+            .await
+            .map_err(map_object_store)?;
         convert_meta(&meta)
     }
 
@@ -177,7 +194,10 @@ pub fn map_object_store(err: object_store::Error) -> Error {
     use object_store::Error as E;
     match err {
         E::NotFound { path, .. } => Error::not_found("object", path),
-        E::AlreadyExists { path, .. } => Error::AlreadyExists { kind: "object", id: path },
+        E::AlreadyExists { path, .. } => Error::AlreadyExists {
+            kind: "object",
+            id: path,
+        },
         E::Precondition { path, .. } | E::NotModified { path, .. } => {
             Error::conflict(format!("object {path} changed concurrently"))
         }
@@ -194,19 +214,31 @@ fn is_transient(err: &(dyn std::error::Error + 'static)) -> bool {
         #[cfg(feature = "s3")]
         if let Some(http) = e.downcast_ref::<object_store::client::HttpError>() {
             use object_store::client::HttpErrorKind as K;
-            return matches!(http.kind(), K::Connect | K::Request | K::Timeout | K::Interrupted);
+            return matches!(
+                http.kind(),
+                K::Connect | K::Request | K::Timeout | K::Interrupted
+            );
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind as K;
             return matches!(
                 io.kind(),
-                K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted | K::TimedOut | K::BrokenPipe
+                K::ConnectionRefused
+                    | K::ConnectionReset
+                    | K::ConnectionAborted
+                    | K::TimedOut
+                    | K::BrokenPipe
             );
         }
         let text = e.to_string();
-        if ["status code: 500", "status code: 502", "status code: 503", "status code: 504"]
-            .iter()
-            .any(|s| text.contains(s))
+        if [
+            "status code: 500",
+            "status code: 502",
+            "status code: 503",
+            "status code: 504",
+        ]
+        .iter()
+        .any(|s| text.contains(s))
         {
             return true;
         }
@@ -238,7 +270,10 @@ impl std::fmt::Debug for S3Settings {
             .field("endpoint", &self.endpoint)
             .field("region", &self.region)
             .field("access_key_id", &self.access_key_id)
-            .field("secret_access_key", &self.secret_access_key.as_ref().map(|_| "***"))
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
             .field("allow_http", &self.allow_http)
             .field("virtual_hosted_style", &self.virtual_hosted_style)
             .finish()
@@ -287,7 +322,8 @@ impl BlobStoreBuilder {
     /// and `VTP_S3_VIRTUAL_HOSTED_STYLE` over the defaults.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let flag = |name: &str| var(name).is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
+        let flag =
+            |name: &str| var(name).is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
         let mut builder = Self::new();
         if let Some(url) = var("VTP_BLOB_URL") {
             builder.url = url;
@@ -330,7 +366,11 @@ impl BlobStoreBuilder {
     }
 
     /// Static S3 credentials.
-    pub fn with_s3_credentials(mut self, access_key_id: impl Into<String>, secret: impl Into<String>) -> Self {
+    pub fn with_s3_credentials(
+        mut self,
+        access_key_id: impl Into<String>,
+        secret: impl Into<String>,
+    ) -> Self {
         self.s3.access_key_id = Some(access_key_id.into());
         self.s3.secret_access_key = Some(secret.into());
         self
@@ -357,7 +397,10 @@ impl BlobStoreBuilder {
         } else {
             return Err(Error::invalid(
                 "blob_url",
-                format!("unsupported blob URL {:?}: use file://, s3:// or memory://", self.url),
+                format!(
+                    "unsupported blob URL {:?}: use file://, s3:// or memory://",
+                    self.url
+                ),
             ));
         };
         Ok(Arc::new(store.with_part_size(self.part_size)))
@@ -366,7 +409,11 @@ impl BlobStoreBuilder {
     #[cfg(feature = "s3")]
     fn build_s3(&self) -> Result<ObjectStoreBlobStore> {
         use object_store::aws::AmazonS3Builder;
-        let BlobUri::S3 { bucket, key } = self.url.parse::<BlobUri>().map_err(|e| Error::invalid("blob_url", e.to_string()))? else {
+        let BlobUri::S3 { bucket, key } = self
+            .url
+            .parse::<BlobUri>()
+            .map_err(|e| Error::invalid("blob_url", e.to_string()))?
+        else {
             return Err(Error::invalid("blob_url", "expected s3://bucket[/prefix]"));
         };
         let mut builder = AmazonS3Builder::from_env()
@@ -383,9 +430,15 @@ impl BlobStoreBuilder {
             builder = builder.with_endpoint(endpoint);
         }
         if let (Some(id), Some(secret)) = (&self.s3.access_key_id, &self.s3.secret_access_key) {
-            builder = builder.with_access_key_id(id).with_secret_access_key(secret);
+            builder = builder
+                .with_access_key_id(id)
+                .with_secret_access_key(secret);
         }
-        let s3: Arc<dyn ObjectStore> = Arc::new(builder.build().map_err(|e| Error::invalid("s3", e.to_string()))?);
+        let s3: Arc<dyn ObjectStore> = Arc::new(
+            builder
+                .build()
+                .map_err(|e| Error::invalid("s3", e.to_string()))?,
+        );
         let prefix = key.trim_matches('/');
         let store: Arc<dyn ObjectStore> = if prefix.is_empty() {
             s3
@@ -403,6 +456,9 @@ impl BlobStoreBuilder {
 
     #[cfg(not(feature = "s3"))]
     fn build_s3(&self) -> Result<ObjectStoreBlobStore> {
-        Err(Error::invalid("blob_url", "this build has no S3 support (feature `s3`)"))
+        Err(Error::invalid(
+            "blob_url",
+            "this build has no S3 support (feature `s3`)",
+        ))
     }
 }

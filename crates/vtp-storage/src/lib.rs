@@ -26,7 +26,9 @@ pub mod job_store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use blob_store::{BlobStoreBuilder, DEFAULT_BLOB_URL, ObjectStoreBlobStore, S3Settings, map_object_store};
+pub use blob_store::{
+    BlobStoreBuilder, DEFAULT_BLOB_URL, ObjectStoreBlobStore, S3Settings, map_object_store,
+};
 pub use job_store::memory::InMemoryJobStore;
 #[cfg(feature = "postgres")]
 pub use job_store::postgres::PostgresJobStore;

@@ -61,7 +61,8 @@ impl TestDatabase {
     /// # Panics
     /// When Postgres is unreachable and [`services_required`].
     pub async fn create() -> Option<Self> {
-        let admin_url = var("VTP_TEST_DATABASE_URL").unwrap_or_else(|| DEFAULT_TEST_DATABASE_URL.to_owned());
+        let admin_url =
+            var("VTP_TEST_DATABASE_URL").unwrap_or_else(|| DEFAULT_TEST_DATABASE_URL.to_owned());
         let mut admin = match PgConnection::connect(&admin_url).await {
             Ok(conn) => conn,
             Err(e) => return unavailable("Postgres", &format!("{admin_url}: {e}")),
@@ -75,7 +76,11 @@ impl TestDatabase {
         let _ = admin.close().await;
         let mut url = url::Url::parse(&admin_url).expect("VTP_TEST_DATABASE_URL is a URL");
         url.set_path(&name);
-        Some(TestDatabase { admin_url, name, url: url.to_string() })
+        Some(TestDatabase {
+            admin_url,
+            name,
+            url: url.to_string(),
+        })
     }
 
     /// The URL of the test database.
@@ -95,10 +100,16 @@ impl Drop for TestDatabase {
         let drop = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
         // Drop runs inside async tests; do the work on a thread of its own.
         let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
                 let mut admin = PgConnection::connect(&admin_url).await.ok()?;
-                sqlx::raw_sql(sqlx::AssertSqlSafe(drop)).execute(&mut admin).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(drop))
+                    .execute(&mut admin)
+                    .await
+                    .ok()?;
                 admin.close().await.ok()
             })
         });
@@ -124,8 +135,14 @@ impl TestS3 {
         let Some(endpoint) = var("VTP_TEST_S3_ENDPOINT") else {
             return unavailable("S3", "VTP_TEST_S3_ENDPOINT is not set");
         };
-        let (Some(key_id), Some(secret)) = (var("VTP_TEST_S3_ACCESS_KEY_ID"), var("VTP_TEST_S3_SECRET_ACCESS_KEY")) else {
-            return unavailable("S3", "VTP_TEST_S3_ACCESS_KEY_ID / VTP_TEST_S3_SECRET_ACCESS_KEY are not set");
+        let (Some(key_id), Some(secret)) = (
+            var("VTP_TEST_S3_ACCESS_KEY_ID"),
+            var("VTP_TEST_S3_SECRET_ACCESS_KEY"),
+        ) else {
+            return unavailable(
+                "S3",
+                "VTP_TEST_S3_ACCESS_KEY_ID / VTP_TEST_S3_SECRET_ACCESS_KEY are not set",
+            );
         };
         Some(TestS3 {
             bucket: var("VTP_TEST_S3_BUCKET").unwrap_or_else(|| "vtp-test".to_owned()),
@@ -142,12 +159,18 @@ impl TestS3 {
 
     /// A fresh `s3://bucket/tests/<uuid>` URL, so tests never see each other's objects.
     pub fn fresh_url(&self) -> String {
-        format!("s3://{}/tests/{}", self.bucket, uuid::Uuid::new_v4().simple())
+        format!(
+            "s3://{}/tests/{}",
+            self.bucket,
+            uuid::Uuid::new_v4().simple()
+        )
     }
 
     /// A builder for a store rooted at [`TestS3::fresh_url`].
     pub fn builder(&self) -> BlobStoreBuilder {
-        BlobStoreBuilder::new().with_url(self.fresh_url()).with_s3(self.settings.clone())
+        BlobStoreBuilder::new()
+            .with_url(self.fresh_url())
+            .with_s3(self.settings.clone())
     }
 
     /// A store rooted at a fresh prefix.
@@ -155,7 +178,9 @@ impl TestS3 {
     /// # Panics
     /// When the settings do not build a store.
     pub fn fresh_store(&self) -> Arc<dyn BlobStore> {
-        self.builder().build().expect("test S3 settings build a store")
+        self.builder()
+            .build()
+            .expect("test S3 settings build a store")
     }
 
     /// The variables a child process (the backend binary) needs to reach the
@@ -166,8 +191,14 @@ impl TestS3 {
             ("VTP_BLOB_URL", url.to_owned()),
             ("VTP_S3_ENDPOINT", s.endpoint.clone().unwrap_or_default()),
             ("VTP_S3_REGION", s.region.clone().unwrap_or_default()),
-            ("VTP_S3_ACCESS_KEY_ID", s.access_key_id.clone().unwrap_or_default()),
-            ("VTP_S3_SECRET_ACCESS_KEY", s.secret_access_key.clone().unwrap_or_default()),
+            (
+                "VTP_S3_ACCESS_KEY_ID",
+                s.access_key_id.clone().unwrap_or_default(),
+            ),
+            (
+                "VTP_S3_SECRET_ACCESS_KEY",
+                s.secret_access_key.clone().unwrap_or_default(),
+            ),
             ("VTP_S3_ALLOW_HTTP", s.allow_http.to_string()),
         ]
     }

@@ -14,7 +14,9 @@ mod local {
 
     async fn store() -> Option<(Arc<dyn BlobStore>, tempfile::TempDir)> {
         let dir = tempfile::tempdir().unwrap();
-        let store = ObjectStoreBlobStore::local(dir.path()).unwrap().with_part_size(PART);
+        let store = ObjectStoreBlobStore::local(dir.path())
+            .unwrap()
+            .with_part_size(PART);
         Some((Arc::new(store), dir))
     }
     vtp_core::blob_store_conformance!(store);
@@ -24,7 +26,10 @@ mod memory {
     use super::*;
 
     async fn store() -> Option<(Arc<dyn BlobStore>, ())> {
-        Some((Arc::new(ObjectStoreBlobStore::in_memory().with_part_size(PART)), ()))
+        Some((
+            Arc::new(ObjectStoreBlobStore::in_memory().with_part_size(PART)),
+            (),
+        ))
     }
     vtp_core::blob_store_conformance!(store);
 }
@@ -48,13 +53,30 @@ fn builder_validates_urls() {
         .with_url(format!("file://{}", dir.path().display()))
         .build()
         .unwrap();
-    assert!(store.base_uri().starts_with("file://"), "{}", store.base_uri());
+    assert!(
+        store.base_uri().starts_with("file://"),
+        "{}",
+        store.base_uri()
+    );
 
-    let store = vtp_storage::BlobStoreBuilder::new().with_url("memory://").build().unwrap();
-    assert!(store.base_uri().starts_with("s3://"), "{}", store.base_uri());
+    let store = vtp_storage::BlobStoreBuilder::new()
+        .with_url("memory://")
+        .build()
+        .unwrap();
+    assert!(
+        store.base_uri().starts_with("s3://"),
+        "{}",
+        store.base_uri()
+    );
 
     for bad in ["ftp://host/x", "bucket/key", "s3://"] {
-        let err = vtp_storage::BlobStoreBuilder::new().with_url(bad).build().unwrap_err();
-        assert!(matches!(err, vtp_core::Error::InvalidInput { .. }), "{bad}: {err:?}");
+        let err = vtp_storage::BlobStoreBuilder::new()
+            .with_url(bad)
+            .build()
+            .unwrap_err();
+        assert!(
+            matches!(err, vtp_core::Error::InvalidInput { .. }),
+            "{bad}: {err:?}"
+        );
     }
 }

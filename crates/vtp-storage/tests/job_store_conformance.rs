@@ -21,7 +21,9 @@ mod sqlite {
 
     async fn store() -> Option<(Arc<dyn JobStore>, tempfile::TempDir)> {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteJobStore::open(&dir.path().join("nested/vtp.db")).await.unwrap();
+        let store = SqliteJobStore::open(&dir.path().join("nested/vtp.db"))
+            .await
+            .unwrap();
         Some((Arc::new(store), dir))
     }
     vtp_core::job_store_conformance!(store);
@@ -47,10 +49,20 @@ async fn connect_by_url() {
     let url = format!("sqlite://{}", dir.path().join("by-url.db").display());
     let store = vtp_storage::connect_job_store(&url).await.unwrap();
     store.ping().await.unwrap();
-    vtp_storage::connect_job_store("memory://").await.unwrap().ping().await.unwrap();
+    vtp_storage::connect_job_store("memory://")
+        .await
+        .unwrap()
+        .ping()
+        .await
+        .unwrap();
 
-    let err = vtp_storage::connect_job_store("mysql://localhost/x").await.unwrap_err();
-    assert!(matches!(err, vtp_core::Error::InvalidInput { ref field, .. } if field == "database_url"), "{err:?}");
+    let err = vtp_storage::connect_job_store("mysql://localhost/x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, vtp_core::Error::InvalidInput { ref field, .. } if field == "database_url"),
+        "{err:?}"
+    );
 }
 
 /// A SQLite file keeps its jobs across reopen (the embedded default is durable).

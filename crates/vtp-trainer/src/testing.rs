@@ -32,7 +32,10 @@ type Shared = Arc<Mutex<Inner>>;
 
 fn scripted_failure(inner: &Shared) -> Option<(StatusCode, Json<serde_json::Value>)> {
     let (status, message) = inner.lock().unwrap().failures.pop_front()?;
-    Some((status, Json(serde_json::json!({"error": {"code": "scripted", "message": message}}))))
+    Some((
+        status,
+        Json(serde_json::json!({"error": {"code": "scripted", "message": message}})),
+    ))
 }
 
 async fn start(
@@ -46,21 +49,36 @@ async fn start(
     let job_id = request.job_id;
     guard.started.push(request);
     if !guard.running.insert(job_id) {
-        return (StatusCode::CONFLICT, Json(serde_json::json!({"error": {"code": "conflict", "message": "already running"}})));
+        return (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({"error": {"code": "conflict", "message": "already running"}})),
+        );
     }
-    (StatusCode::ACCEPTED, Json(serde_json::json!({"status": "accepted", "job_id": job_id})))
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({"status": "accepted", "job_id": job_id})),
+    )
 }
 
-async fn cancel(State(inner): State<Shared>, Path(job_id): Path<JobId>) -> (StatusCode, Json<serde_json::Value>) {
+async fn cancel(
+    State(inner): State<Shared>,
+    Path(job_id): Path<JobId>,
+) -> (StatusCode, Json<serde_json::Value>) {
     if let Some(failure) = scripted_failure(&inner) {
         return failure;
     }
     let mut guard = inner.lock().unwrap();
     guard.cancelled.push(job_id);
     if guard.running.remove(&job_id) {
-        (StatusCode::ACCEPTED, Json(serde_json::json!({"status": "cancelling"})))
+        (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({"status": "cancelling"})),
+        )
     } else {
-        (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": {"code": "not_found", "message": "not running"}})))
+        (
+            StatusCode::NOT_FOUND,
+            Json(serde_json::json!({"error": {"code": "not_found", "message": "not running"}})),
+        )
     }
 }
 
@@ -72,11 +90,16 @@ impl TrainerDouble {
     pub async fn start() -> Self {
         let inner = Shared::default();
         let app = Router::new()
-            .route("/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+            .route(
+                "/health",
+                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+            )
             .route("/training/start", post(start))
             .route("/training/{job_id}/cancel", post(cancel))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
         let addr = listener.local_addr().expect("bound address");
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -102,7 +125,11 @@ impl TrainerDouble {
     /// Answers the next request with `status` and `message` instead.
     pub fn fail_next(&self, status: u16, message: &str) {
         let status = StatusCode::from_u16(status).expect("a valid status code");
-        self.inner.lock().unwrap().failures.push_back((status, message.to_owned()));
+        self.inner
+            .lock()
+            .unwrap()
+            .failures
+            .push_back((status, message.to_owned()));
     }
 
     /// Stops serving; later requests find nothing listening.

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use vtp_core::{BackoffConfig, CancelOutcome, Error, JobId, RetryConfig, StartTraining, TrainerLauncher};
+use vtp_core::{
+    BackoffConfig, CancelOutcome, Error, JobId, RetryConfig, StartTraining, TrainerLauncher,
+};
 use vtp_trainer::HttpLauncher;
 use vtp_trainer::testing::TrainerDouble;
 
@@ -19,7 +21,11 @@ fn request(job_id: JobId) -> StartTraining {
 fn fast_retry(max_retries: usize) -> RetryConfig {
     RetryConfig {
         max_retries,
-        backoff: BackoffConfig { init_backoff: Duration::from_millis(5), max_backoff: Duration::from_millis(20), base: 2.0 },
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(5),
+            max_backoff: Duration::from_millis(20),
+            base: 2.0,
+        },
         timeout: Duration::from_secs(10),
     }
 }
@@ -41,7 +47,11 @@ async fn launch_twice_adopts_the_running_job() {
     let job_id = JobId::new();
     launcher.launch(&request(job_id)).await.unwrap();
     launcher.launch(&request(job_id)).await.unwrap();
-    assert_eq!(trainer.started().len(), 2, "the second start reached the trainer and was answered 409");
+    assert_eq!(
+        trainer.started().len(),
+        2,
+        "the second start reached the trainer and was answered 409"
+    );
 }
 
 #[tokio::test]
@@ -49,7 +59,9 @@ async fn transient_failures_are_retried() {
     let trainer = TrainerDouble::start().await;
     trainer.fail_next(503, "warming up");
     trainer.fail_next(500, "hiccup");
-    let launcher = HttpLauncher::new(&trainer.url()).unwrap().with_retry(fast_retry(3));
+    let launcher = HttpLauncher::new(&trainer.url())
+        .unwrap()
+        .with_retry(fast_retry(3));
     launcher.launch(&request(JobId::new())).await.unwrap();
     assert_eq!(trainer.started().len(), 1);
 }
@@ -60,7 +72,9 @@ async fn retries_run_out_with_the_trainer_message() {
     for _ in 0..3 {
         trainer.fail_next(503, "out of GPUs");
     }
-    let launcher = HttpLauncher::new(&trainer.url()).unwrap().with_retry(fast_retry(2));
+    let launcher = HttpLauncher::new(&trainer.url())
+        .unwrap()
+        .with_retry(fast_retry(2));
     let err = launcher.launch(&request(JobId::new())).await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
     let chain = format!("{err:?}");
@@ -71,7 +85,9 @@ async fn retries_run_out_with_the_trainer_message() {
 async fn refused_config_is_invalid_input_with_the_message() {
     let trainer = TrainerDouble::start().await;
     trainer.fail_next(422, "unknown model \"resnet9000\"");
-    let launcher = HttpLauncher::new(&trainer.url()).unwrap().with_retry(fast_retry(3));
+    let launcher = HttpLauncher::new(&trainer.url())
+        .unwrap()
+        .with_retry(fast_retry(3));
     let err = launcher.launch(&request(JobId::new())).await.unwrap_err();
     match err {
         Error::InvalidInput { field, message } => {
@@ -91,7 +107,16 @@ async fn unreachable_trainer_is_unavailable() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let launcher = HttpLauncher::new(&url).unwrap().with_retry(fast_retry(1));
     let err = launcher.launch(&request(JobId::new())).await.unwrap_err();
-    assert!(matches!(err, Error::Unavailable { service: "trainer", .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                service: "trainer",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[tokio::test]
@@ -100,15 +125,27 @@ async fn cancel_signals_running_and_reports_unknown() {
     let launcher = HttpLauncher::new(&trainer.url()).unwrap();
     let job_id = JobId::new();
     launcher.launch(&request(job_id)).await.unwrap();
-    assert_eq!(launcher.cancel(job_id).await.unwrap(), CancelOutcome::Signalled);
-    assert_eq!(launcher.cancel(job_id).await.unwrap(), CancelOutcome::NotRunning);
+    assert_eq!(
+        launcher.cancel(job_id).await.unwrap(),
+        CancelOutcome::Signalled
+    );
+    assert_eq!(
+        launcher.cancel(job_id).await.unwrap(),
+        CancelOutcome::NotRunning
+    );
     assert_eq!(trainer.cancelled(), vec![job_id, job_id]);
 }
 
 #[test]
 fn base_urls_are_checked_and_joined() {
-    assert!(matches!(HttpLauncher::new("ftp://x").unwrap_err(), Error::InvalidInput { .. }));
-    assert!(matches!(HttpLauncher::new("not a url").unwrap_err(), Error::InvalidInput { .. }));
+    assert!(matches!(
+        HttpLauncher::new("ftp://x").unwrap_err(),
+        Error::InvalidInput { .. }
+    ));
+    assert!(matches!(
+        HttpLauncher::new("not a url").unwrap_err(),
+        Error::InvalidInput { .. }
+    ));
     let launcher = HttpLauncher::new("http://trainer:8001/api").unwrap();
     assert_eq!(launcher.base_url().as_str(), "http://trainer:8001/api/");
 }

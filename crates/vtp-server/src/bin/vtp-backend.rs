@@ -11,7 +11,9 @@ use vtp_storage::BlobStoreBuilder;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let mut config = BackendConfig::parse();
@@ -32,7 +34,8 @@ async fn main() -> anyhow::Result<()> {
         .build()
         .with_context(|| format!("opening the blob store at {}", config.blob_url))?;
     let launcher = config.build_launcher()?;
-    let state = AppState::new(jobs, blobs, launcher, config.public_url()).with_max_upload_bytes(config.max_upload_bytes);
+    let state = AppState::new(jobs, blobs, launcher, config.public_url())
+        .with_max_upload_bytes(config.max_upload_bytes);
 
     // One plain line on stdout, so scripts and tests can find a `:0` port.
     println!("vtp-backend listening on http://{bound}");

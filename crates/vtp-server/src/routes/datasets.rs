@@ -44,7 +44,11 @@ pub struct Uploaded {
 const MAX_TEXT_FIELD: usize = 1024;
 
 fn bad_multipart(e: &MultipartError) -> ApiError {
-    ApiError::new(e.status(), "bad_multipart", format!("malformed multipart body: {}", e.body_text()))
+    ApiError::new(
+        e.status(),
+        "bad_multipart",
+        format!("malformed multipart body: {}", e.body_text()),
+    )
 }
 
 /// `POST /datasets/upload`
@@ -73,7 +77,11 @@ pub async fn upload(
     let mut dataset_name = query.dataset_name;
     let mut staged: Option<(BlobKey, String, ObjectMeta)> = None;
     let result = async {
-        while let Some(mut field) = multipart.next_field().await.map_err(|e| bad_multipart(&e))? {
+        while let Some(mut field) = multipart
+            .next_field()
+            .await
+            .map_err(|e| bad_multipart(&e))?
+        {
             match field.name().unwrap_or_default() {
                 "user_id" => user_id = Some(text(&mut field, "user_id").await?),
                 "dataset_name" => dataset_name = Some(text(&mut field, "dataset_name").await?),
@@ -89,20 +97,30 @@ pub async fn upload(
                 other => {
                     return Err(Error::invalid(
                         other,
-                        format!("unknown form field {other:?}; expected file, user_id and dataset_name"),
+                        format!(
+                            "unknown form field {other:?}; expected file, user_id and dataset_name"
+                        ),
                     )
                     .into());
                 }
             }
         }
         let Some((staging, filename, _)) = &staged else {
-            return Err(ApiError::from(Error::invalid("file", "a multipart field named `file` is required")));
+            return Err(ApiError::from(Error::invalid(
+                "file",
+                "a multipart field named `file` is required",
+            )));
         };
-        let user_id = user_id.take().ok_or_else(|| Error::invalid("user_id", "is required"))?;
-        let dataset_name = dataset_name.take().ok_or_else(|| Error::invalid("dataset_name", "is required"))?;
+        let user_id = user_id
+            .take()
+            .ok_or_else(|| Error::invalid("user_id", "is required"))?;
+        let dataset_name = dataset_name
+            .take()
+            .ok_or_else(|| Error::invalid("dataset_name", "is required"))?;
         validate_name("user_id", &user_id)?;
         validate_name("dataset_name", &dataset_name)?;
-        let key = BlobKey::from_segments(&["users", &user_id, "datasets", &dataset_name, filename])?;
+        let key =
+            BlobKey::from_segments(&["users", &user_id, "datasets", &dataset_name, filename])?;
         state.blobs.copy(staging, &key).await?;
         let meta = state.blobs.head(&key).await?;
         Ok::<_, ApiError>(Uploaded {
@@ -147,7 +165,13 @@ fn safe_file_name(name: Option<&str>) -> String {
         .unwrap_or("dataset");
     let mut clean: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(128)
         .collect();
     if clean.starts_with('.') {
@@ -157,9 +181,17 @@ fn safe_file_name(name: Option<&str>) -> String {
 }
 
 /// Streams one multipart field into the store, aborting past `limit` bytes.
-async fn stream_field(state: &AppState, key: &BlobKey, field: &mut Field<'_>, limit: u64) -> Result<ObjectMeta, ApiError> {
+async fn stream_field(
+    state: &AppState,
+    key: &BlobKey,
+    field: &mut Field<'_>,
+    limit: u64,
+) -> Result<ObjectMeta, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<vtp_core::Result<Bytes>>(4);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) }).boxed();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+    .boxed();
     let blobs = state.blobs.clone();
     let target = key.clone();
     let put = tokio::spawn(async move { blobs.put_stream(&target, stream).await });
@@ -188,7 +220,9 @@ async fn stream_field(state: &AppState, key: &BlobKey, field: &mut Field<'_>, li
         }
     }
     drop(tx);
-    let stored = put.await.map_err(|e| Error::internal(format!("upload task: {e}")))?;
+    let stored = put
+        .await
+        .map_err(|e| Error::internal(format!("upload task: {e}")))?;
     if let Some(failure) = failure {
         return Err(failure);
     }
@@ -203,7 +237,10 @@ mod tests {
     fn file_names_are_made_safe() {
         assert_eq!(safe_file_name(Some("digits.zip")), "digits.zip");
         assert_eq!(safe_file_name(Some("../../etc/passwd")), "passwd");
-        assert_eq!(safe_file_name(Some("C:\\data\\my set.tar.gz")), "my_set.tar.gz");
+        assert_eq!(
+            safe_file_name(Some("C:\\data\\my set.tar.gz")),
+            "my_set.tar.gz"
+        );
         assert_eq!(safe_file_name(Some(".hidden")), "_hidden");
         assert_eq!(safe_file_name(Some("..")), "dataset");
         assert_eq!(safe_file_name(None), "dataset");

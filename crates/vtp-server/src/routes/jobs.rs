@@ -9,8 +9,8 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vtp_core::{
-    BlobStoreExt, CancelOutcome, Error, Job, JobFilter, JobId, JobPage, JobStatus, JobStoreExt, NewJob, StartTraining,
-    TrainingUpdate,
+    BlobStoreExt, CancelOutcome, Error, Job, JobFilter, JobId, JobPage, JobStatus, JobStoreExt,
+    NewJob, StartTraining, TrainingUpdate,
 };
 
 use crate::AppState;
@@ -19,7 +19,10 @@ use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain};
 type ApiResult<T> = Result<T, ApiError>;
 
 /// `POST /training/jobs`
-pub async fn create(State(state): State<AppState>, ApiJson(new): ApiJson<NewJob>) -> ApiResult<(StatusCode, Json<Job>)> {
+pub async fn create(
+    State(state): State<AppState>,
+    ApiJson(new): ApiJson<NewJob>,
+) -> ApiResult<(StatusCode, Json<Job>)> {
     let job = state.jobs.create_job(new).await?;
     tracing::info!(job_id = %job.id, user_id = %job.user_id, model = %job.model_name, "job created");
     Ok((StatusCode::CREATED, Json(job)))
@@ -36,7 +39,10 @@ pub struct ListQuery {
 }
 
 /// `GET /training/jobs`
-pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQuery>) -> ApiResult<Json<JobPage>> {
+pub async fn list(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> ApiResult<Json<JobPage>> {
     let filter = JobFilter {
         user_id: query.user_id,
         status: query.status,
@@ -45,13 +51,18 @@ pub async fn list(State(state): State<AppState>, ApiQuery(query): ApiQuery<ListQ
         ..JobFilter::default()
     };
     if filter.limit > JobFilter::MAX_LIMIT {
-        return Err(Error::invalid("limit", format!("must be at most {}", JobFilter::MAX_LIMIT)).into());
+        return Err(
+            Error::invalid("limit", format!("must be at most {}", JobFilter::MAX_LIMIT)).into(),
+        );
     }
     Ok(Json(state.jobs.list(&filter).await?))
 }
 
 /// `GET /training/jobs/{id}`
-pub async fn get(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) -> ApiResult<Json<Job>> {
+pub async fn get(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<JobId>,
+) -> ApiResult<Json<Job>> {
     Ok(Json(state.jobs.get(id).await?))
 }
 
@@ -65,13 +76,23 @@ pub struct Started {
 /// `POST /training/jobs/{id}/start`: checks that the dataset exists, moves
 /// the job to `queued` and hands it to the launcher. A launch failure fails
 /// the job with the reason.
-pub async fn start(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) -> ApiResult<(StatusCode, Json<Started>)> {
+pub async fn start(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<JobId>,
+) -> ApiResult<(StatusCode, Json<Started>)> {
     let job = state.jobs.get(id).await?;
     if job.status != JobStatus::Pending {
-        return Err(Error::conflict(format!("job {id} is {}; only a pending job can be started", job.status)).into());
+        return Err(Error::conflict(format!(
+            "job {id} is {}; only a pending job can be started",
+            job.status
+        ))
+        .into());
     }
     check_dataset(&state, &job).await?;
-    let job = state.jobs.transition(id, JobStatus::Pending, JobStatus::Queued).await?;
+    let job = state
+        .jobs
+        .transition(id, JobStatus::Pending, JobStatus::Queued)
+        .await?;
     let request = StartTraining::for_job(&job, state.callback_url(id));
     if let Err(err) = state.launcher.launch(&request).await {
         let reason = format!("launch failed: {}", error_chain(&err));
@@ -90,13 +111,22 @@ pub async fn start(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) -
     }
     tracing::info!(job_id = %id, launcher = state.launcher.name(), "job launched");
     let job = state.jobs.get(id).await?;
-    Ok((StatusCode::ACCEPTED, Json(Started { status: "started", job })))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Started {
+            status: "started",
+            job,
+        }),
+    ))
 }
 
 /// The dataset must be in this backend's blob store and hold at least one object.
 async fn check_dataset(state: &AppState, job: &Job) -> ApiResult<()> {
     let invalid = |message: String| ApiError::from(Error::invalid("dataset_s3_uri", message));
-    let key = state.blobs.key_for(&job.dataset_s3_uri).map_err(|e| invalid(error_chain(&e)))?;
+    let key = state
+        .blobs
+        .key_for(&job.dataset_s3_uri)
+        .map_err(|e| invalid(error_chain(&e)))?;
     if !state.blobs.exists(&key).await? {
         return Err(invalid(format!("no dataset at {}", job.dataset_s3_uri)));
     }
@@ -128,7 +158,10 @@ pub async fn callback(
 /// `DELETE /training/jobs/{id}`: cancels. A job that never reached a trainer
 /// is cancelled at once; a launched one goes to `cancelling` until the
 /// trainer reports `cancelled` (or says it is not running it).
-pub async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) -> ApiResult<Json<Job>> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<JobId>,
+) -> ApiResult<Json<Job>> {
     let job = state.jobs.get(id).await?;
     match job.status {
         JobStatus::Pending => {
@@ -141,7 +174,10 @@ pub async fn cancel(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) 
             Ok(Json(job))
         }
         JobStatus::Queued | JobStatus::Running => {
-            state.jobs.transition(id, job.status, JobStatus::Cancelling).await?;
+            state
+                .jobs
+                .transition(id, job.status, JobStatus::Cancelling)
+                .await?;
             signal_trainer(&state, id).await
         }
         JobStatus::Cancelling => signal_trainer(&state, id).await,
@@ -174,7 +210,10 @@ async fn signal_trainer(state: &AppState, id: JobId) -> ApiResult<Json<Job>> {
 
 /// `GET /training/jobs/{id}/metrics`: one object per epoch,
 /// `{"epoch": 1, "loss": ..., "accuracy": ..., "recorded_at": ...}`.
-pub async fn metrics(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) -> ApiResult<Json<Vec<serde_json::Value>>> {
+pub async fn metrics(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<JobId>,
+) -> ApiResult<Json<Vec<serde_json::Value>>> {
     let rows = state.jobs.metrics(id).await?;
     let rows = rows
         .into_iter()
@@ -192,7 +231,10 @@ pub async fn metrics(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>)
 }
 
 /// `GET /training/jobs/{id}/checkpoint`: streams the job's checkpoint.
-pub async fn checkpoint(State(state): State<AppState>, ApiPath(id): ApiPath<JobId>) -> ApiResult<Response> {
+pub async fn checkpoint(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<JobId>,
+) -> ApiResult<Response> {
     let job = state.jobs.get(id).await?;
     let uri = job
         .checkpoint_s3_uri
@@ -202,9 +244,15 @@ pub async fn checkpoint(State(state): State<AppState>, ApiPath(id): ApiPath<JobI
     let body = Body::from_stream(stream.map_err(|e| std::io::Error::other(error_chain(&e))));
     let mut response = body.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(meta.size));
-    let disposition = format!("attachment; filename=\"{}\"", key.file_name().replace('"', ""));
+    let disposition = format!(
+        "attachment; filename=\"{}\"",
+        key.file_name().replace('"', "")
+    );
     if let Ok(value) = HeaderValue::from_str(&disposition) {
         headers.insert(header::CONTENT_DISPOSITION, value);
     }

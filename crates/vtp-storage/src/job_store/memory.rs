@@ -27,7 +27,9 @@ impl InMemoryJobStore {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave a half-written job:
         // every write below is a single insert.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -56,7 +58,7 @@ impl JobStore for InMemoryJobStore {
     async fn list(&self, filter: &JobFilter) -> Result<JobPage> {
         let state = self.lock();
         let mut matching: Vec<&Job> = state.jobs.values().filter(|j| filter.matches(j)).collect();
-        matching.sort_by(|a, b| (b.created_at, b.id).cmp(&(a.created_at, a.id)));
+        matching.sort_by_key(|job| std::cmp::Reverse((job.created_at, job.id)));
         let limit = filter.effective_limit();
         Ok(JobPage {
             total: matching.len() as u64,

@@ -24,8 +24,8 @@ impl PostgresJobStore {
 
     /// Connects to `url` (`postgres://user@host/db`) and migrates.
     pub async fn connect(url: &str) -> Result<Self> {
-        let options =
-            PgConnectOptions::from_str(url).map_err(|e| Error::invalid("database_url", e.to_string()))?;
+        let options = PgConnectOptions::from_str(url)
+            .map_err(|e| Error::invalid("database_url", e.to_string()))?;
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Self::ACQUIRE_TIMEOUT)

@@ -42,10 +42,12 @@ impl TryFrom<JobRow> for Job {
             framework: row.framework,
             dataset_s3_uri: row.dataset_s3_uri,
             config: row.config.0,
-            status: row
-                .status
-                .parse()
-                .map_err(|_| Error::internal(format!("job {} has unknown status {:?}", row.id, row.status)))?,
+            status: row.status.parse().map_err(|_| {
+                Error::internal(format!(
+                    "job {} has unknown status {:?}",
+                    row.id, row.status
+                ))
+            })?,
             progress: row.progress,
             message: row.message,
             error: row.error,

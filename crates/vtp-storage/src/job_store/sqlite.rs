@@ -4,7 +4,9 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use vtp_core::{Error, Result};
 
 use super::sql::{impl_sql_job_store, map_sqlx};
@@ -32,7 +34,10 @@ impl SqliteJobStore {
             let file = options.get_filename();
             if let Some(parent) = file.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|e| {
-                    Error::invalid("database_url", format!("cannot create {}: {e}", parent.display()))
+                    Error::invalid(
+                        "database_url",
+                        format!("cannot create {}: {e}", parent.display()),
+                    )
                 })?;
             }
         }

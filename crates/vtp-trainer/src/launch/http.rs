@@ -32,10 +32,13 @@ impl HttpLauncher {
     /// # Errors
     /// [`Error::InvalidInput`] when `base_url` is not an http(s) URL.
     pub fn new(base_url: &str) -> Result<Self> {
-        let mut base =
-            url::Url::parse(base_url).map_err(|e| Error::invalid("trainer_url", format!("{base_url:?}: {e}")))?;
+        let mut base = url::Url::parse(base_url)
+            .map_err(|e| Error::invalid("trainer_url", format!("{base_url:?}: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
-            return Err(Error::invalid("trainer_url", format!("{base_url:?} is not an http(s) URL")));
+            return Err(Error::invalid(
+                "trainer_url",
+                format!("{base_url:?} is not an http(s) URL"),
+            ));
         }
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
@@ -45,12 +48,20 @@ impl HttpLauncher {
             .connect_timeout(Duration::from_secs(3))
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
-        Ok(HttpLauncher { base, client, retry: Self::default_retry() })
+        Ok(HttpLauncher {
+            base,
+            client,
+            retry: Self::default_retry(),
+        })
     }
 
     /// A few quick retries: the caller (an API request) is waiting.
     pub fn default_retry() -> RetryConfig {
-        RetryConfig { max_retries: 3, timeout: Duration::from_secs(20), ..RetryConfig::default() }
+        RetryConfig {
+            max_retries: 3,
+            timeout: Duration::from_secs(20),
+            ..RetryConfig::default()
+        }
     }
 
     /// Replaces the retry policy for unreachable or overloaded trainers.
@@ -66,10 +77,16 @@ impl HttpLauncher {
     }
 
     fn endpoint(&self, path: &str) -> url::Url {
-        self.base.join(path).expect("relative paths join onto an http base")
+        self.base
+            .join(path)
+            .expect("relative paths join onto an http base")
     }
 
-    async fn post<B: serde::Serialize + Sync>(&self, path: &str, body: Option<&B>) -> Result<Response> {
+    async fn post<B: serde::Serialize + Sync>(
+        &self,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Response> {
         let url = self.endpoint(path);
         self.retry
             .run("trainer request", || async {
@@ -81,7 +98,10 @@ impl HttpLauncher {
                 let status = response.status();
                 if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
                     let message = error_message(response).await;
-                    return Err(Error::unavailable("trainer", format!("{url} answered {status}: {message}")));
+                    return Err(Error::unavailable(
+                        "trainer",
+                        format!("{url} answered {status}: {message}"),
+                    ));
                 }
                 Ok(response)
             })
@@ -102,7 +122,11 @@ async fn error_message(response: Response) -> String {
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return if text.is_empty() { status.to_string() } else { text };
+        return if text.is_empty() {
+            status.to_string()
+        } else {
+            text
+        };
     };
     let message = json
         .pointer("/error/message")
@@ -134,19 +158,27 @@ impl TrainerLauncher for HttpLauncher {
             }
             status => Err(Error::backend(
                 "trainer",
-                format!("training/start answered {status}: {}", error_message(response).await),
+                format!(
+                    "training/start answered {status}: {}",
+                    error_message(response).await
+                ),
             )),
         }
     }
 
     async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome> {
-        let response = self.post::<()>(&format!("training/{job_id}/cancel"), None).await?;
+        let response = self
+            .post::<()>(&format!("training/{job_id}/cancel"), None)
+            .await?;
         match response.status() {
             s if s.is_success() => Ok(CancelOutcome::Signalled),
             StatusCode::NOT_FOUND => Ok(CancelOutcome::NotRunning),
             status => Err(Error::backend(
                 "trainer",
-                format!("cancel answered {status}: {}", error_message(response).await),
+                format!(
+                    "cancel answered {status}: {}",
+                    error_message(response).await
+                ),
             )),
         }
     }

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole VTP test suite, on a fresh Debian machine or a warm one.
+#
+# Installs and starts what the tests need on loopback (Postgres, Garage; see
+# scripts/services.sh), then runs formatting, lints, docs and every test with
+# VTP_REQUIRE_SERVICES=1, so a test that needs a missing service fails rather
+# than skips. Build output is cached outside the clone in ~/.cache/vtp.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export VTP_CACHE="${VTP_CACHE:-$HOME/.cache/vtp}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$VTP_CACHE/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+mkdir -p "$VTP_CACHE"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    step "installing Rust (rustup; the toolchain is pinned in rust-toolchain.toml)"
+    curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+    # shellcheck disable=SC1091
+    . "$HOME/.cargo/env"
+fi
+if ! command -v cc >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
+    step "installing build tools and PostgreSQL"
+    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl postgresql
+fi
+
+step "starting services (Postgres, Garage)"
+services_env="$(scripts/services.sh start)"
+eval "$services_env"
+trap 'scripts/services.sh stop' EXIT
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+
+step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
+cargo test --workspace --locked
+
+step "all tests passed"

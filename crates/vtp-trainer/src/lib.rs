@@ -6,8 +6,14 @@
 //! same [`vtp_core::TrainerLauncher`] contract.
 #![warn(missing_docs)]
 
+#[cfg(feature = "torch")]
+pub mod data;
+#[cfg(feature = "torch")]
+pub mod engine;
 pub mod launch;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "torch")]
+pub use engine::{Predictor, TchTrainer, TrainConfig};
 pub use launch::http::HttpLauncher;

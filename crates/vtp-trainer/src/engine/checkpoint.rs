@@ -1,0 +1,228 @@
+//! Checkpoints: weights as safetensors (loadable with
+//! `safetensors.torch.load_file`), optimizer state beside them, and a JSON
+//! sidecar with class names, config, metrics and sha256 digests.
+//!
+//! ```text
+//! last.safetensors        model weights (torchvision parameter names)
+//! last.optim.safetensors  optimizer state, for resume
+//! last.json               CheckpointMeta
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tch::nn::VarStore;
+use vtp_core::{Error, Result};
+
+use super::config::TrainConfig;
+use super::optim::Optimizer;
+use super::torch_err;
+
+/// The sidecar format tag.
+pub const FORMAT: &str = "vtp-checkpoint/1";
+
+/// What the JSON sidecar holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// [`FORMAT`].
+    pub format: String,
+    /// Architecture name.
+    pub model: String,
+    /// Class names; output `i` of the model is `class_names[i]`.
+    pub class_names: Vec<String>,
+    /// Input side.
+    pub image_size: u32,
+    /// Per-channel normalisation mean (RGB, 0..1 scale).
+    pub mean: [f32; 3],
+    /// Per-channel normalisation standard deviation.
+    pub std: [f32; 3],
+    /// The run's config.
+    pub config: TrainConfig,
+    /// Last completed epoch.
+    pub epoch: u32,
+    /// Metrics of that epoch.
+    pub metrics: BTreeMap<String, f64>,
+    /// Metrics of every epoch so far.
+    pub history: Vec<BTreeMap<String, f64>>,
+    /// Best validation accuracy so far.
+    pub best_val_accuracy: f64,
+    /// Weights file name, next to the sidecar.
+    pub weights: String,
+    /// sha256 of the weights file, hex.
+    pub sha256: String,
+    /// Optimizer state file name, when saved.
+    pub optimizer: Option<String>,
+    /// sha256 of the optimizer file, hex.
+    pub optimizer_sha256: Option<String>,
+}
+
+/// Hex sha256 of a file.
+///
+/// # Errors
+/// I/O errors.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::internal(format!("{}: {e}", path.display()))
+}
+
+/// Writes `stem`.safetensors, `stem`.optim.safetensors and `stem`.json into
+/// `dir`, each through a temporary file and a rename, so a crash never leaves
+/// a torn checkpoint. Returns the weights path.
+///
+/// # Errors
+/// I/O and libtorch failures.
+pub fn save(
+    dir: &Path,
+    stem: &str,
+    vs: &VarStore,
+    optimizer: Option<&Optimizer>,
+    mut meta: CheckpointMeta,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let weights = dir.join(format!("{stem}.safetensors"));
+    let tmp = dir.join(format!(".{stem}.tmp.safetensors"));
+    vs.save(&tmp).map_err(torch_err)?;
+    meta.sha256 = sha256_file(&tmp)?;
+    std::fs::rename(&tmp, &weights).map_err(|e| io(&weights, e))?;
+    meta.weights = format!("{stem}.safetensors");
+    if let Some(optimizer) = optimizer {
+        let path = dir.join(format!("{stem}.optim.safetensors"));
+        let tmp = dir.join(format!(".{stem}.optim.tmp.safetensors"));
+        tch::Tensor::write_safetensors(&optimizer.state_tensors(), &tmp).map_err(torch_err)?;
+        meta.optimizer_sha256 = Some(sha256_file(&tmp)?);
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+        meta.optimizer = Some(format!("{stem}.optim.safetensors"));
+    }
+    let sidecar = dir.join(format!("{stem}.json"));
+    let tmp = dir.join(format!(".{stem}.json.tmp"));
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::internal(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| io(&tmp, e))?;
+    std::fs::rename(&tmp, &sidecar).map_err(|e| io(&sidecar, e))?;
+    Ok(weights)
+}
+
+/// A checkpoint on disk.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The sidecar.
+    pub meta: CheckpointMeta,
+    /// The weights file.
+    pub weights: PathBuf,
+    /// The optimizer state file, when there is one.
+    pub optimizer: Option<PathBuf>,
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint from its weights file (`best.safetensors`), its
+    /// sidecar (`best.json`) or its directory (then `best`, else `last`),
+    /// verifying the weights' sha256.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a missing, malformed or tampered checkpoint.
+    pub fn open(path: &Path) -> Result<Self> {
+        let sidecar = if path.is_dir() {
+            ["best.json", "last.json"]
+                .iter()
+                .map(|n| path.join(n))
+                .find(|p| p.is_file())
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "checkpoint",
+                        format!("{} holds no best.json or last.json", path.display()),
+                    )
+                })?
+        } else if path.extension().is_some_and(|e| e == "json") {
+            path.to_path_buf()
+        } else {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+            path.with_file_name(format!("{stem}.json"))
+        };
+        let text = std::fs::read(&sidecar).map_err(|e| {
+            Error::invalid(
+                "checkpoint",
+                format!("cannot read {}: {e}", sidecar.display()),
+            )
+        })?;
+        let meta: CheckpointMeta = serde_json::from_slice(&text).map_err(|e| {
+            Error::invalid(
+                "checkpoint",
+                format!("{} is not a VTP checkpoint sidecar: {e}", sidecar.display()),
+            )
+        })?;
+        if meta.format != FORMAT {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("unknown format {:?}", meta.format),
+            ));
+        }
+        let dir = sidecar.parent().unwrap_or(Path::new("."));
+        let weights = dir.join(&meta.weights);
+        let digest = sha256_file(&weights)?;
+        if digest != meta.sha256 {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("{} does not match its sha256", weights.display()),
+            ));
+        }
+        let optimizer = meta
+            .optimizer
+            .as_ref()
+            .map(|o| dir.join(o))
+            .filter(|p| p.is_file());
+        Ok(Checkpoint {
+            meta,
+            weights,
+            optimizer,
+        })
+    }
+
+    /// Loads the weights into `vs` (built for the same architecture).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the weights do not fit the model.
+    pub fn load_weights(&self, vs: &mut VarStore) -> Result<()> {
+        vs.load(&self.weights).map_err(|e| {
+            Error::invalid(
+                "checkpoint",
+                format!("{} does not fit the model: {e}", self.weights.display()),
+            )
+        })
+    }
+
+    /// Restores the optimizer state, when saved.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when it does not fit.
+    pub fn load_optimizer(&self, optimizer: &mut Optimizer) -> Result<bool> {
+        let Some(path) = &self.optimizer else {
+            return Ok(false);
+        };
+        let named = tch::Tensor::read_safetensors(path).map_err(torch_err)?;
+        optimizer.load_state(&named)?;
+        Ok(true)
+    }
+}

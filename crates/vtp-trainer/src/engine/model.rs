@@ -1,0 +1,174 @@
+//! The architectures: a small CNN, ResNet-18/34 and MobileNetV2 (the last
+//! three from tch's vision models, whose parameter names match torchvision).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+use tch::nn::{self, ModuleT};
+use vtp_core::{Error, Result};
+
+/// A model architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ModelKind {
+    /// Three conv-bn-relu blocks and a linear head; fast on a CPU.
+    SmallCnn,
+    /// ResNet-18.
+    ResNet18,
+    /// ResNet-34.
+    ResNet34,
+    /// MobileNetV2.
+    MobileNetV2,
+}
+
+/// What `GET /models` lists.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelInfo {
+    /// Name used in `config.model`.
+    pub name: &'static str,
+    /// One line about it.
+    pub description: &'static str,
+    /// Smallest `image_size`.
+    pub min_image_size: u32,
+    /// Parameters with 10 classes.
+    pub parameters: i64,
+}
+
+impl ModelKind {
+    /// Every architecture.
+    pub const ALL: [ModelKind; 4] = [
+        ModelKind::SmallCnn,
+        ModelKind::ResNet18,
+        ModelKind::ResNet34,
+        ModelKind::MobileNetV2,
+    ];
+
+    /// The name used in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::SmallCnn => "small_cnn",
+            ModelKind::ResNet18 => "resnet18",
+            ModelKind::ResNet34 => "resnet34",
+            ModelKind::MobileNetV2 => "mobilenet_v2",
+        }
+    }
+
+    /// Smallest input side that survives the network's downsampling.
+    pub fn min_image_size(self) -> u32 {
+        match self {
+            ModelKind::SmallCnn => 8,
+            ModelKind::ResNet18 | ModelKind::ResNet34 | ModelKind::MobileNetV2 => 32,
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            ModelKind::SmallCnn => "3 conv-bn-relu blocks (32-64-128), global pooling, linear head",
+            ModelKind::ResNet18 => "ResNet-18 (torchvision layout)",
+            ModelKind::ResNet34 => "ResNet-34 (torchvision layout)",
+            ModelKind::MobileNetV2 => "MobileNetV2 (torchvision layout)",
+        }
+    }
+
+    /// Builds the network under `p` for `classes` outputs.
+    pub fn build(self, p: &nn::Path, classes: i64) -> Box<dyn ModuleT> {
+        match self {
+            ModelKind::SmallCnn => Box::new(small_cnn(p, classes)),
+            ModelKind::ResNet18 => Box::new(tch::vision::resnet::resnet18(p, classes)),
+            ModelKind::ResNet34 => Box::new(tch::vision::resnet::resnet34(p, classes)),
+            ModelKind::MobileNetV2 => Box::new(tch::vision::mobilenet::v2(p, classes)),
+        }
+    }
+
+    /// Name, description and size.
+    pub fn info(self) -> ModelInfo {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let _model = self.build(&vs.root(), 10);
+        let parameters = vs
+            .trainable_variables()
+            .iter()
+            .map(tch::Tensor::numel)
+            .sum::<usize>() as i64;
+        ModelInfo {
+            name: self.name(),
+            description: self.description(),
+            min_image_size: self.min_image_size(),
+            parameters,
+        }
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ModelKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let normalised = s.to_ascii_lowercase().replace('-', "_");
+        let alias = match normalised.as_str() {
+            "small_cnn" | "cnn" | "smallcnn" => Some(ModelKind::SmallCnn),
+            "resnet18" | "resnet_18" => Some(ModelKind::ResNet18),
+            "resnet34" | "resnet_34" => Some(ModelKind::ResNet34),
+            "mobilenet_v2" | "mobilenetv2" => Some(ModelKind::MobileNetV2),
+            _ => None,
+        };
+        alias.ok_or_else(|| {
+            let known: Vec<_> = ModelKind::ALL.iter().map(|k| k.name()).collect();
+            Error::invalid(
+                "config.model",
+                format!("unknown model {s:?}; known: {}", known.join(", ")),
+            )
+        })
+    }
+}
+
+fn conv_bn(p: &nn::Path, name: &str, c_in: i64, c_out: i64) -> (nn::Conv2D, nn::BatchNorm) {
+    let conv = nn::conv2d(
+        p / format!("conv{name}"),
+        c_in,
+        c_out,
+        3,
+        nn::ConvConfig {
+            padding: 1,
+            bias: false,
+            ..Default::default()
+        },
+    );
+    let bn = nn::batch_norm2d(p / format!("bn{name}"), c_out, Default::default());
+    (conv, bn)
+}
+
+/// The small CNN. In PyTorch terms (same parameter names):
+///
+/// ```text
+/// conv1 = Conv2d(3, 32, 3, padding=1, bias=False); bn1 = BatchNorm2d(32)   -> relu -> max_pool2d(2)
+/// conv2 = Conv2d(32, 64, 3, padding=1, bias=False); bn2 = BatchNorm2d(64)  -> relu -> max_pool2d(2)
+/// conv3 = Conv2d(64, 128, 3, padding=1, bias=False); bn3 = BatchNorm2d(128) -> relu -> adaptive_avg_pool2d(1)
+/// fc = Linear(128, classes)
+/// ```
+fn small_cnn(p: &nn::Path, classes: i64) -> nn::FuncT<'static> {
+    let (c1, b1) = conv_bn(p, "1", 3, 32);
+    let (c2, b2) = conv_bn(p, "2", 32, 64);
+    let (c3, b3) = conv_bn(p, "3", 64, 128);
+    let fc = nn::linear(p / "fc", 128, classes, Default::default());
+    nn::func_t(move |xs, train| {
+        xs.apply(&c1)
+            .apply_t(&b1, train)
+            .relu()
+            .max_pool2d_default(2)
+            .apply(&c2)
+            .apply_t(&b2, train)
+            .relu()
+            .max_pool2d_default(2)
+            .apply(&c3)
+            .apply_t(&b3, train)
+            .relu()
+            .adaptive_avg_pool2d([1, 1])
+            .flat_view()
+            .apply(&fc)
+    })
+}

@@ -1,0 +1,183 @@
+//! SGD with momentum and AdamW, written on tensors so that their state can be
+//! saved with a checkpoint and restored on resume (tch's built-in optimizers
+//! keep their state inside libtorch, out of reach). The update rules are
+//! PyTorch's `torch.optim.SGD` and `torch.optim.AdamW`.
+
+use tch::{Kind, Tensor};
+use vtp_core::Result;
+
+use super::config::OptimizerKind;
+use super::torch_err;
+
+fn t(r: std::result::Result<Tensor, tch::TchError>) -> Result<Tensor> {
+    r.map_err(torch_err)
+}
+
+/// For in-place ops, whose returned handle is not needed.
+fn done(r: std::result::Result<Tensor, tch::TchError>) -> Result<()> {
+    r.map(drop).map_err(torch_err)
+}
+
+/// An optimizer over a fixed list of named parameters.
+#[derive(Debug)]
+pub struct Optimizer {
+    kind: OptimizerKind,
+    lr: f64,
+    momentum: f64,
+    weight_decay: f64,
+    betas: (f64, f64),
+    eps: f64,
+    step: i64,
+    params: Vec<(String, Tensor)>,
+    /// Per parameter: SGD `[momentum]`, AdamW `[exp_avg, exp_avg_sq]`.
+    state: Vec<Vec<Tensor>>,
+}
+
+impl Optimizer {
+    /// An optimizer for `params` (name, tensor), sorted by name for a stable layout.
+    pub fn new(
+        kind: OptimizerKind,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        mut params: Vec<(String, Tensor)>,
+    ) -> Self {
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let slots = match kind {
+            OptimizerKind::Sgd => 1,
+            OptimizerKind::Adamw => 2,
+        };
+        let state = params
+            .iter()
+            .map(|(_, p)| (0..slots).map(|_| p.zeros_like()).collect())
+            .collect();
+        Optimizer {
+            kind,
+            lr,
+            momentum,
+            weight_decay,
+            betas: (0.9, 0.999),
+            eps: 1e-8,
+            step: 0,
+            params,
+            state,
+        }
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> i64 {
+        self.step
+    }
+
+    /// Sets the learning rate (for schedules).
+    pub fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+
+    /// Clears every gradient.
+    pub fn zero_grad(&mut self) {
+        for (_, p) in &mut self.params {
+            let mut grad = p.grad();
+            if grad.defined() {
+                let _ = grad.zero_();
+            }
+        }
+    }
+
+    /// Applies one update from the current gradients.
+    ///
+    /// # Errors
+    /// libtorch failures.
+    pub fn step(&mut self) -> Result<()> {
+        self.step += 1;
+        let (lr, wd, momentum) = (self.lr, self.weight_decay, self.momentum);
+        let (b1, b2) = self.betas;
+        let steps = self.step as f64;
+        let (bias1, bias2) = (1.0 - b1.powf(steps), 1.0 - b2.powf(steps));
+        tch::no_grad(|| -> Result<()> {
+            for ((_, p), state) in self.params.iter_mut().zip(&mut self.state) {
+                let grad = p.grad();
+                if !grad.defined() {
+                    continue;
+                }
+                match self.kind {
+                    OptimizerKind::Sgd => {
+                        let d = if wd == 0.0 {
+                            grad
+                        } else {
+                            t(grad.f_add(&t(p.f_mul_scalar(wd))?))?
+                        };
+                        if momentum == 0.0 {
+                            done(p.f_sub_(&t(d.f_mul_scalar(lr))?))?;
+                        } else {
+                            let buf = &mut state[0];
+                            done(buf.f_mul_scalar_(momentum))?;
+                            done(buf.f_add_(&d))?;
+                            done(p.f_sub_(&t(buf.f_mul_scalar(lr))?))?;
+                        }
+                    }
+                    OptimizerKind::Adamw => {
+                        if wd != 0.0 {
+                            done(p.f_mul_scalar_(1.0 - lr * wd))?;
+                        }
+                        let (m, v) = state.split_at_mut(1);
+                        let (m, v) = (&mut m[0], &mut v[0]);
+                        done(m.f_lerp_(&grad, 1.0 - b1))?;
+                        done(v.f_mul_scalar_(b2))?;
+                        done(v.f_addcmul_(&grad, &t(grad.f_mul_scalar(1.0 - b2))?))?;
+                        let denom =
+                            t(t(t(v.f_div_scalar(bias2))?.f_sqrt())?.f_add_scalar(self.eps))?;
+                        let update = t(t(m.f_div(&denom))?.f_mul_scalar(lr / bias1))?;
+                        done(p.f_sub_(&update))?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The state as named tensors (for a checkpoint), plus the step count.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("step".to_owned(), Tensor::from_slice(&[self.step]))];
+        for ((name, _), state) in self.params.iter().zip(&self.state) {
+            for (i, t) in state.iter().enumerate() {
+                out.push((format!("{name}.{i}"), t.to_device(tch::Device::Cpu)));
+            }
+        }
+        out
+    }
+
+    /// Restores what [`Optimizer::state_tensors`] saved.
+    ///
+    /// # Errors
+    /// [`vtp_core::Error::InvalidInput`] when the state belongs to another model or optimizer.
+    pub fn load_state(&mut self, named: &[(String, Tensor)]) -> Result<()> {
+        let find = |key: &str| named.iter().find(|(n, _)| n == key).map(|(_, t)| t);
+        let mismatch = |what: String| {
+            vtp_core::Error::invalid(
+                "checkpoint",
+                format!("optimizer state does not fit: {what}"),
+            )
+        };
+        let step = find("step").ok_or_else(|| mismatch("no step".into()))?;
+        self.step = step.f_int64_value(&[0]).map_err(torch_err)?;
+        tch::no_grad(|| -> Result<()> {
+            for ((name, p), state) in self.params.iter().zip(&mut self.state) {
+                for (i, slot) in state.iter_mut().enumerate() {
+                    let saved = find(&format!("{name}.{i}"))
+                        .ok_or_else(|| mismatch(format!("{name}.{i} missing")))?;
+                    if saved.size() != p.size() {
+                        return Err(mismatch(format!(
+                            "{name}.{i} has shape {:?}, expected {:?}",
+                            saved.size(),
+                            p.size()
+                        )));
+                    }
+                    slot.f_copy_(&saved.to_kind(Kind::Float).to_device(p.device()))
+                        .map_err(torch_err)?;
+                }
+            }
+            Ok(())
+        })
+    }
+}

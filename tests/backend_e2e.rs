@@ -29,6 +29,7 @@ async fn seed_flow_against_postgres_and_garage() {
     let trainer = TrainerDouble::start().await;
     let mut env = s3.env_for(&blob_url);
     env.push(("VTP_DATABASE_URL", db.url().to_owned()));
+    env.push(("VTP_LAUNCHER", "http".to_owned()));
     env.push(("VTP_TRAINER_URL", trainer.url()));
     let backend = BackendProcess::start(&env).await;
     let http = reqwest::Client::builder()

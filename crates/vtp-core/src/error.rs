@@ -168,6 +168,22 @@ impl Error {
     }
 }
 
+/// `error` and its sources joined with `": "`, skipping a source whose text
+/// the message already holds: "database unavailable: connection refused".
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -133,6 +133,35 @@ pub trait JobStoreExt: JobStore {
             .await
     }
 
+    /// Ends a job whose trainer is gone: `cancelling` becomes `cancelled`,
+    /// other active states `failed` with `reason`. A job already finished is
+    /// left alone. Returns the job as stored.
+    ///
+    /// # Errors
+    /// Store errors; lost races are retried.
+    async fn finalize_lost(&self, id: JobId, reason: &str) -> Result<Job> {
+        for _ in 0..UPDATE_ATTEMPTS {
+            let job = self.get(id).await?;
+            if job.status.is_terminal() {
+                return Ok(job);
+            }
+            let to = if job.status == JobStatus::Cancelling { JobStatus::Cancelled } else { JobStatus::Failed };
+            let mut next = job.clone();
+            next.transition(to)?;
+            if to == JobStatus::Failed {
+                next.error = Some(reason.to_owned());
+            } else {
+                next.message = Some(reason.to_owned());
+            }
+            match self.compare_and_set(Expected::exactly(&job), &next, None).await {
+                Ok(stored) => return Ok(stored),
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::conflict(format!("job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts")))
+    }
+
     /// Applies a trainer report: idempotent by `seq`, guarded by the status
     /// table, retried on lost races.
     ///

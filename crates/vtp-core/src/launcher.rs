@@ -73,4 +73,8 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
 
     /// Asks the trainer of `job_id` to stop.
     async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome>;
+
+    /// Whether a trainer still holds `job_id` (used to re-adopt jobs after a
+    /// backend restart).
+    async fn is_running(&self, job_id: JobId) -> Result<bool>;
 }

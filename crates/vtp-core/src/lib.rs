@@ -50,7 +50,7 @@ pub mod update;
 pub mod conformance;
 
 pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
-pub use error::{BoxError, Error, Result};
+pub use error::{BoxError, Error, Result, error_chain};
 pub use job::{Job, JobFilter, JobId, JobPage, NewJob, validate_name};
 pub use job_store::{Expected, JobStore, JobStoreExt};
 pub use launcher::{CancelOutcome, StartTraining, TrainerLauncher};

@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use vtp_core::{Error, Result, TrainerLauncher};
+use vtp_core::{Error, JobStore, Result, TrainerLauncher};
 
 /// Which launcher starts trainers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LauncherKind {
+    /// The trainer service as a child process on loopback (tier 1).
+    Subprocess,
     /// A trainer service reached over HTTP (`--trainer-url`).
     Http,
 }
@@ -35,8 +37,13 @@ pub struct BackendConfig {
     pub blob_url: String,
 
     /// How trainers are started.
-    #[arg(long, env = "VTP_LAUNCHER", value_enum, default_value = "http")]
+    #[arg(long, env = "VTP_LAUNCHER", value_enum, default_value = "subprocess")]
     pub launcher: LauncherKind,
+
+    /// The `vtp-trainer-service` binary, for the `subprocess` launcher;
+    /// defaults to the one next to this executable.
+    #[arg(long, env = "VTP_TRAINER_BIN")]
+    pub trainer_bin: Option<std::path::PathBuf>,
 
     /// Trainer service base URL, for the `http` launcher.
     #[arg(long, env = "VTP_TRAINER_URL", default_value = "http://127.0.0.1:8001")]
@@ -77,13 +84,24 @@ impl BackendConfig {
         Duration::from_secs(self.stale_after_secs)
     }
 
-    /// Builds the configured launcher.
+    /// Builds the configured launcher. The subprocess trainer shares the
+    /// backend's blob store (`blob_uri`, the store's resolved root) and works
+    /// under `./.vtp/trainer`.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a bad trainer URL.
-    pub fn build_launcher(&self) -> Result<Arc<dyn TrainerLauncher>> {
+    pub fn build_launcher(&self, jobs: Arc<dyn JobStore>, blob_uri: &str) -> Result<Arc<dyn TrainerLauncher>> {
         match self.launcher {
             LauncherKind::Http => Ok(Arc::new(vtp_trainer::HttpLauncher::new(&self.trainer_url)?)),
+            LauncherKind::Subprocess => {
+                let program = self.trainer_bin.clone().unwrap_or_else(vtp_trainer::SubprocessLauncher::sibling_binary);
+                let blob_url = if self.blob_url.starts_with("file://") { blob_uri.to_owned() } else { self.blob_url.clone() };
+                Ok(Arc::new(
+                    vtp_trainer::SubprocessLauncher::new(program, jobs)
+                        .with_env("VTP_BLOB_URL", blob_url)
+                        .with_env("VTP_WORK_DIR", std::env::var("VTP_WORK_DIR").unwrap_or_else(|_| "./.vtp/trainer".into())),
+                ))
+            }
         }
     }
 

@@ -43,20 +43,7 @@ impl ApiError {
     }
 }
 
-/// `error` and its sources, joined: "database unavailable: connection refused".
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !message.contains(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        source = cause.source();
-    }
-    message
-}
+pub use vtp_core::error_chain;
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {

@@ -35,6 +35,8 @@ pub mod config;
 pub mod error;
 mod routes;
 pub mod sweeper;
+#[cfg(feature = "torch")]
+pub mod trainer_service;
 
 pub use config::{BackendConfig, LauncherKind};
 pub use error::{ApiError, ApiJson};
@@ -110,6 +112,80 @@ pub fn app(state: AppState) -> Router {
         )
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Resolves when the parent process exits (the process is re-parented) or on
+/// a shutdown signal: a child trainer never outlives its backend.
+pub async fn parent_exited() {
+    #[cfg(unix)]
+    let orphaned = async {
+        let parent = std::os::unix::process::parent_id();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if std::os::unix::process::parent_id() != parent {
+                return;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let orphaned = std::future::pending::<()>();
+    tokio::select! {
+        () = orphaned => tracing::warn!("parent process exited; stopping"),
+        () = shutdown_signal() => {},
+    }
+}
+
+/// Re-adopts or ends the jobs left active by an earlier run of the backend:
+/// a job its launcher still runs is kept; one it does not is failed (or,
+/// when it was being cancelled, cancelled) with the reason. Jobs whose
+/// trainer cannot be asked are left to the sweeper.
+///
+/// # Errors
+/// Store errors while listing.
+pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
+    use vtp_core::{JobFilter, JobStatus, JobStoreExt};
+    let (mut adopted, mut ended) = (0, 0);
+    for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
+        let page = state.jobs.list(&JobFilter::new().with_status(status).with_page(JobFilter::MAX_LIMIT, 0)).await?;
+        for job in page.jobs {
+            match state.launcher.is_running(job.id).await {
+                Ok(true) => {
+                    tracing::info!(job_id = %job.id, %status, "re-adopted a job after restart");
+                    adopted += 1;
+                }
+                Ok(false) => {
+                    let reason = format!("the backend restarted and its {} trainer no longer runs the job", state.launcher.name());
+                    state.jobs.finalize_lost(job.id, &reason).await?;
+                    tracing::warn!(job_id = %job.id, %status, %reason, "ended a lost job");
+                    ended += 1;
+                }
+                Err(e) => tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide"),
+            }
+        }
+    }
+    Ok((adopted, ended))
 }
 
 /// Serves the backend on `listener` until `shutdown` resolves, with the

@@ -11,9 +11,12 @@ pub mod data;
 #[cfg(feature = "torch")]
 pub mod engine;
 pub mod launch;
+#[cfg(feature = "torch")]
+pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 #[cfg(feature = "torch")]
 pub use engine::{Predictor, TchTrainer, TrainConfig};
 pub use launch::http::HttpLauncher;
+pub use launch::subprocess::SubprocessLauncher;

@@ -82,6 +82,10 @@ async fn cancel(
     }
 }
 
+async fn status(State(inner): State<Shared>, Path(job_id): Path<JobId>) -> StatusCode {
+    if inner.lock().unwrap().running.contains(&job_id) { StatusCode::OK } else { StatusCode::NOT_FOUND }
+}
+
 impl TrainerDouble {
     /// Serves the double on a free loopback port.
     ///
@@ -96,6 +100,7 @@ impl TrainerDouble {
             )
             .route("/training/start", post(start))
             .route("/training/{job_id}/cancel", post(cancel))
+            .route("/training/{job_id}", get(status))
             .with_state(inner.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
@@ -130,6 +135,11 @@ impl TrainerDouble {
             .unwrap()
             .failures
             .push_back((status, message.to_owned()));
+    }
+
+    /// Forgets every job, as a restarted trainer would.
+    pub fn forget_all(&self) {
+        self.inner.lock().unwrap().running.clear();
     }
 
     /// Stops serving; later requests find nothing listening.

@@ -33,10 +33,15 @@ async fn main() -> anyhow::Result<()> {
         .with_url(config.blob_url.clone())
         .build()
         .with_context(|| format!("opening the blob store at {}", config.blob_url))?;
-    let launcher = config.build_launcher()?;
+    let launcher = config.build_launcher(jobs.clone(), blobs.base_uri())?;
     let state = AppState::new(jobs, blobs, launcher, config.public_url())
         .with_max_upload_bytes(config.max_upload_bytes);
 
+    match vtp_server::recover(&state).await {
+        Ok((adopted, ended)) if adopted + ended > 0 => tracing::info!(adopted, ended, "recovered jobs of an earlier run"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %vtp_core::error_chain(&e), "could not recover earlier jobs"),
+    }
     // One plain line on stdout, so scripts and tests can find a `:0` port.
     println!("vtp-backend listening on http://{bound}");
     tracing::info!(
@@ -46,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         launcher = state.launcher.name(),
         "vtp-backend ready"
     );
-    vtp_server::serve(listener, state, config.stale_after(), shutdown_signal()).await?;
+    vtp_server::serve(listener, state, config.stale_after(), vtp_server::shutdown_signal()).await?;
     tracing::info!("vtp-backend stopped");
     Ok(())
 }
@@ -59,26 +64,5 @@ fn redact(url: &str) -> String {
             parsed.to_string()
         }
         _ => url.to_owned(),
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
     }
 }

@@ -6,6 +6,7 @@
 //!   accepts the job, `409` means the trainer already runs it (adopted).
 //! - `POST {trainer}/training/{job_id}/cancel`; 2xx means the trainer will
 //!   stop and report `cancelled`, `404` means it does not run the job.
+//! - `GET {trainer}/training/{job_id}`: 2xx while the trainer holds the job, `404` otherwise.
 //! - Error bodies are `{"error": {"code", "message"}}` (or FastAPI's
 //!   `{"detail": ...}`); their message is carried into the error.
 
@@ -163,6 +164,21 @@ impl TrainerLauncher for HttpLauncher {
                     error_message(response).await
                 ),
             )),
+        }
+    }
+
+    async fn is_running(&self, job_id: JobId) -> Result<bool> {
+        let url = self.endpoint(&format!("training/{job_id}"));
+        let response = self
+            .retry
+            .run("trainer request", || async {
+                self.client.get(url.clone()).send().await.map_err(transport_error)
+            })
+            .await?;
+        match response.status() {
+            s if s.is_success() => Ok(true),
+            StatusCode::NOT_FOUND => Ok(false),
+            status => Err(Error::backend("trainer", format!("job status answered {status}: {}", error_message(response).await))),
         }
     }
 

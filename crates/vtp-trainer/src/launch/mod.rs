@@ -1,3 +1,4 @@
 //! [`vtp_core::TrainerLauncher`] implementations.
 
 pub mod http;
+pub mod subprocess;

@@ -1,0 +1,180 @@
+//! [`SubprocessLauncher`] (tier 1): the backend starts the trainer service as
+//! a child process on loopback and talks to it over the same HTTP contract as
+//! [`HttpLauncher`], so everything above the launcher is shared with the
+//! other tiers.
+//!
+//! The child is started on the first launch (and again if it died). When it
+//! exits, every job it was running is failed with its exit status. The child
+//! runs with `--exit-with-parent`, so it does not outlive the backend.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use vtp_core::{CancelOutcome, Error, JobId, JobStore, JobStoreExt, Result, StartTraining, TrainerLauncher};
+
+use super::http::HttpLauncher;
+
+/// The line the trainer service prints on stdout once it listens.
+pub const LISTENING_PREFIX: &str = "vtp-trainer-service listening on ";
+
+#[derive(Debug)]
+struct Child {
+    http: HttpLauncher,
+    /// Jobs handed to this child.
+    jobs: Arc<Mutex<HashSet<JobId>>>,
+    /// Cleared by the monitor when the child exits.
+    alive: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Runs the trainer service as a child process of the backend.
+#[derive(Debug)]
+pub struct SubprocessLauncher {
+    program: PathBuf,
+    envs: Vec<(String, String)>,
+    jobs: Arc<dyn JobStore>,
+    child: tokio::sync::Mutex<Option<Child>>,
+}
+
+impl SubprocessLauncher {
+    /// How long the child may take to listen.
+    pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+    /// A launcher running `program` (the `vtp-trainer-service` binary), failing
+    /// jobs in `jobs` when it dies.
+    pub fn new(program: impl Into<PathBuf>, jobs: Arc<dyn JobStore>) -> Self {
+        SubprocessLauncher { program: program.into(), envs: Vec::new(), jobs, child: tokio::sync::Mutex::new(None) }
+    }
+
+    /// Sets an environment variable for the child (blob store settings, work dir).
+    #[must_use]
+    pub fn with_env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.envs.push((name.into(), value.into()));
+        self
+    }
+
+    /// The `vtp-trainer-service` next to the running executable, the usual
+    /// place after `cargo build`.
+    pub fn sibling_binary() -> PathBuf {
+        let name = "vtp-trainer-service";
+        std::env::current_exe()
+            .ok()
+            .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+            .unwrap_or_else(|| PathBuf::from(name))
+    }
+
+    /// The child's HTTP launcher, starting the child when none is alive.
+    async fn ensure_child(&self) -> Result<(HttpLauncher, Arc<Mutex<HashSet<JobId>>>)> {
+        let mut guard = self.child.lock().await;
+        if let Some(child) = guard.as_ref()
+            && child.alive.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok((child.http.clone(), child.jobs.clone()));
+        }
+        let child = self.spawn().await?;
+        let out = (child.http.clone(), child.jobs.clone());
+        *guard = Some(child);
+        Ok(out)
+    }
+
+    async fn spawn(&self) -> Result<Child> {
+        if !self.program.is_file() {
+            return Err(Error::unavailable(
+                "trainer",
+                format!(
+                    "trainer binary {} not found; build it with `cargo build --features torch --bin vtp-trainer-service` or set VTP_TRAINER_BIN",
+                    self.program.display()
+                ),
+            ));
+        }
+        let mut command = tokio::process::Command::new(&self.program);
+        command
+            .args(["--listen", "127.0.0.1:0", "--exit-with-parent"])
+            .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut process = command.spawn().map_err(|e| Error::unavailable("trainer", format!("spawning {}: {e}", self.program.display())))?;
+        let stdout = process.stdout.take().ok_or_else(|| Error::internal("child stdout"))?;
+        let mut lines = BufReader::new(stdout).lines();
+        let url = tokio::time::timeout(Self::START_TIMEOUT, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix(LISTENING_PREFIX) {
+                    return Some(url.trim().to_owned());
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        let Some(url) = url else {
+            let _ = process.kill().await;
+            let status = process.wait().await.map(|s| s.to_string()).unwrap_or_default();
+            return Err(Error::unavailable("trainer", format!("{} did not start ({status})", self.program.display())));
+        };
+        let pid = process.id();
+        tracing::info!(?pid, %url, "trainer process started");
+        let jobs = Arc::new(Mutex::new(HashSet::new()));
+        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        // Keep reading stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let (store, held, flag) = (self.jobs.clone(), jobs.clone(), alive.clone());
+        tokio::spawn(async move {
+            let status = process.wait().await;
+            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            let lost: Vec<JobId> = held.lock().expect("jobs lock").drain().collect();
+            tracing::warn!(?pid, %status, jobs = lost.len(), "trainer process exited");
+            for job_id in lost {
+                let reason = format!("the trainer process exited ({status})");
+                if let Err(e) = store.finalize_lost(job_id, &reason).await {
+                    tracing::error!(%job_id, error = %e, "could not fail a job of the dead trainer");
+                }
+            }
+        });
+        Ok(Child { http: HttpLauncher::new(&url)?, jobs, alive })
+    }
+
+    async fn current(&self) -> Option<(HttpLauncher, Arc<Mutex<HashSet<JobId>>>)> {
+        let guard = self.child.lock().await;
+        let child = guard.as_ref()?;
+        child.alive.load(std::sync::atomic::Ordering::SeqCst).then(|| (child.http.clone(), child.jobs.clone()))
+    }
+}
+
+#[async_trait]
+impl TrainerLauncher for SubprocessLauncher {
+    fn name(&self) -> &'static str {
+        "subprocess"
+    }
+
+    async fn launch(&self, request: &StartTraining) -> Result<()> {
+        let (http, jobs) = self.ensure_child().await?;
+        jobs.lock().expect("jobs lock").insert(request.job_id);
+        let result = http.launch(request).await;
+        if result.is_err() {
+            jobs.lock().expect("jobs lock").remove(&request.job_id);
+        }
+        result
+    }
+
+    async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome> {
+        match self.current().await {
+            Some((http, _)) => http.cancel(job_id).await,
+            None => Ok(CancelOutcome::NotRunning),
+        }
+    }
+
+    async fn is_running(&self, job_id: JobId) -> Result<bool> {
+        match self.current().await {
+            Some((http, _)) => http.is_running(job_id).await,
+            None => Ok(false),
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! The trainer service's engine room: [`TrainerService`] accepts jobs,
+//! downloads their datasets from the blob store, trains them one at a time
+//! with [`crate::TchTrainer`] on a blocking thread, uploads checkpoints under
+//! `jobs/{job_id}/`, and reports every step of the way through the
+//! persisted [`Outbox`]. The HTTP shell lives in `vtp-server`.
+
+pub mod outbox;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use vtp_core::{
+    BlobKey, BlobStore, BlobStoreExt, EpochReport, Error, JobId, JobStatus, ProgressSink, Result, StartTraining,
+    TrainSpec, Trainer, TrainingUpdate, error_chain,
+};
+
+pub use outbox::Outbox;
+
+use crate::TchTrainer;
+use crate::data::{extract_archive, is_archive};
+use crate::engine::TrainConfig;
+
+/// What `start` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartOutcome {
+    /// The job was queued for training.
+    Accepted,
+    /// The job is already here; nothing new was started.
+    AlreadyRunning,
+}
+
+/// A job's state as the service sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocalState {
+    /// Waiting for a training slot.
+    Queued,
+    /// Training.
+    Running,
+    /// Asked to stop.
+    Cancelling,
+}
+
+#[derive(Debug)]
+struct Slot {
+    cancel: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
+}
+
+/// Trains jobs handed to it over the seed's `POST /training/start` contract.
+#[derive(Debug)]
+pub struct TrainerService {
+    blobs: Arc<dyn BlobStore>,
+    outbox: Arc<Outbox>,
+    work_dir: PathBuf,
+    slots: Mutex<HashMap<JobId, Slot>>,
+    permits: Arc<Semaphore>,
+}
+
+impl TrainerService {
+    /// A service reading datasets from and writing checkpoints to `blobs`,
+    /// working under `work_dir`, training `concurrency` jobs at a time.
+    ///
+    /// # Errors
+    /// When the outbox under `work_dir` cannot be opened.
+    pub fn new(blobs: Arc<dyn BlobStore>, work_dir: &Path, concurrency: usize) -> Result<Arc<Self>> {
+        let outbox = Arc::new(Outbox::open(&work_dir.join("outbox"))?);
+        Ok(Arc::new(TrainerService {
+            blobs,
+            outbox,
+            work_dir: work_dir.to_path_buf(),
+            slots: Mutex::new(HashMap::new()),
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+        }))
+    }
+
+    /// The outbox (run [`Outbox::run`] beside the service).
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// The blob store.
+    pub fn blobs(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
+    /// Checks `request` and queues it. Bad configs and datasets outside the
+    /// store are refused here, before any work starts.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field.
+    pub fn start(self: &Arc<Self>, request: StartTraining) -> Result<StartOutcome> {
+        let config = TrainConfig::from_json(&request.config)?;
+        let dataset = self
+            .blobs
+            .key_for(&request.dataset_s3_uri)
+            .map_err(|e| Error::invalid("dataset_s3_uri", e.to_string()))?;
+        let slot = Slot { cancel: Arc::new(AtomicBool::new(false)), running: Arc::new(AtomicBool::new(false)) };
+        let (cancel, running) = (slot.cancel.clone(), slot.running.clone());
+        {
+            let mut slots = self.slots.lock().expect("slots lock");
+            if slots.contains_key(&request.job_id) {
+                return Ok(StartOutcome::AlreadyRunning);
+            }
+            slots.insert(request.job_id, slot);
+        }
+        let service = self.clone();
+        tokio::spawn(async move {
+            let job_id = request.job_id;
+            let permit = service.permits.clone().acquire_owned().await;
+            running.store(true, Ordering::SeqCst);
+            let outcome = service.run_job(&request, &config, &dataset, cancel).await;
+            drop(permit);
+            let update = match outcome {
+                Ok(update) => update,
+                Err(e) => {
+                    let message = error_chain(&e);
+                    tracing::warn!(%job_id, error = %message, "job failed");
+                    TrainingUpdate::new(JobStatus::Failed).with_error(message)
+                }
+            };
+            service.report(&request, update);
+            service.slots.lock().expect("slots lock").remove(&job_id);
+            let _ = tokio::fs::remove_dir_all(service.job_dir(job_id)).await;
+        });
+        Ok(StartOutcome::Accepted)
+    }
+
+    /// Asks a job to stop at its next step; false when the service does not run it.
+    pub fn cancel(&self, job_id: JobId) -> bool {
+        match self.slots.lock().expect("slots lock").get(&job_id) {
+            Some(slot) => {
+                slot.cancel.store(true, Ordering::SeqCst);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The job's state here, when the service has it.
+    pub fn state(&self, job_id: JobId) -> Option<LocalState> {
+        let slots = self.slots.lock().expect("slots lock");
+        let slot = slots.get(&job_id)?;
+        Some(if slot.cancel.load(Ordering::SeqCst) {
+            LocalState::Cancelling
+        } else if slot.running.load(Ordering::SeqCst) {
+            LocalState::Running
+        } else {
+            LocalState::Queued
+        })
+    }
+
+    /// Jobs the service holds.
+    pub fn jobs(&self) -> Vec<JobId> {
+        self.slots.lock().expect("slots lock").keys().copied().collect()
+    }
+
+    fn job_dir(&self, job_id: JobId) -> PathBuf {
+        self.work_dir.join("jobs").join(job_id.to_string())
+    }
+
+    fn report(&self, request: &StartTraining, update: TrainingUpdate) {
+        if let Err(e) = self.outbox.enqueue(request.job_id, &request.callback_url, update) {
+            tracing::error!(job_id = %request.job_id, error = %e, "cannot queue a report");
+        }
+    }
+
+    async fn run_job(
+        self: &Arc<Self>,
+        request: &StartTraining,
+        config: &TrainConfig,
+        dataset: &BlobKey,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<TrainingUpdate> {
+        let job_id = request.job_id;
+        self.report(request, TrainingUpdate::new(JobStatus::Running).with_progress(0.0).with_message("downloading the dataset"));
+        let dir = self.job_dir(job_id);
+        let dataset_dir = self.fetch_dataset(dataset, &dir).await?;
+        if cancel.load(Ordering::SeqCst) {
+            return Ok(TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training"));
+        }
+        let output = dir.join("output");
+        let spec = TrainSpec { job_id, config: request.config.clone(), dataset_dir, output_dir: output.clone() };
+        let mut sink = OutboxSink { service: self.clone(), request: request.clone() };
+        self.report(request, TrainingUpdate::new(JobStatus::Running).with_progress(0.0).with_message(format!("training {} for {} epochs", config.model, config.epochs)));
+        let flag = cancel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            TchTrainer::new().train(&spec, &mut sink, &|| flag.load(Ordering::SeqCst))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("training thread: {e}")))?;
+        match result {
+            Ok(summary) => {
+                let uploaded = self.upload_checkpoints(job_id, &output).await?;
+                let best = summary.checkpoint.file_name().and_then(|n| n.to_str()).unwrap_or("best.safetensors");
+                let uri = uploaded.get(best).cloned().ok_or_else(|| Error::internal("the checkpoint was not uploaded"))?;
+                let accuracy = summary.metrics.get("val_accuracy").copied().unwrap_or_default();
+                Ok(TrainingUpdate::new(JobStatus::Completed)
+                    .with_progress(1.0)
+                    .with_message(format!("done: val accuracy {:.2}%", accuracy * 100.0))
+                    .with_checkpoint(uri))
+            }
+            Err(Error::Cancelled { reason }) => {
+                let uploaded = self.upload_checkpoints(job_id, &output).await.unwrap_or_default();
+                let mut update = TrainingUpdate::new(JobStatus::Cancelled).with_message(reason);
+                if let Some(uri) = uploaded.get("last.safetensors") {
+                    update = update.with_checkpoint(uri.clone());
+                }
+                Ok(update)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Downloads the dataset and unpacks archives; returns the ImageFolder root.
+    async fn fetch_dataset(&self, key: &BlobKey, dir: &Path) -> Result<PathBuf> {
+        let raw = dir.join("download");
+        let _ = tokio::fs::remove_dir_all(&raw).await;
+        let files = self.blobs.download_prefix(key, &raw).await.map_err(|e| match e {
+            Error::NotFound { .. } => Error::invalid("dataset_s3_uri", format!("no dataset at {}", self.blobs.uri(key))),
+            other => other,
+        })?;
+        match files.as_slice() {
+            [single] if is_archive(single) => {
+                let archive = single.clone();
+                let target = dir.join("dataset");
+                tokio::task::spawn_blocking(move || extract_archive(&archive, &target))
+                    .await
+                    .map_err(|e| Error::internal(format!("extraction thread: {e}")))?
+            }
+            [single] => Err(Error::invalid(
+                "dataset_s3_uri",
+                format!("{} is a single file that is not a .zip, .tar or .tar.gz archive", single.display()),
+            )),
+            _ => Ok(raw),
+        }
+    }
+
+    /// Uploads every checkpoint file under `jobs/{job_id}/`; returns file name -> URI.
+    async fn upload_checkpoints(&self, job_id: JobId, output: &Path) -> Result<BTreeMap<String, String>> {
+        let mut uploaded = BTreeMap::new();
+        let mut entries = tokio::fs::read_dir(output).await.map_err(|e| Error::internal(format!("{}: {e}", output.display())))?;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let key = BlobKey::from_segments(&["jobs", &job_id.to_string(), &name])?;
+            self.blobs.put_file(&key, &entry.path()).await?;
+            uploaded.insert(name, self.blobs.uri(&key));
+        }
+        Ok(uploaded)
+    }
+}
+
+/// Reports each epoch through the outbox.
+struct OutboxSink {
+    service: Arc<TrainerService>,
+    request: StartTraining,
+}
+
+impl ProgressSink for OutboxSink {
+    fn epoch_finished(&mut self, report: &EpochReport) {
+        let metric = |k: &str| report.metrics.get(k).copied().unwrap_or(f64::NAN);
+        let mut update = TrainingUpdate::new(JobStatus::Running)
+            .with_progress(f64::from(report.epoch) / f64::from(report.epochs.max(1)))
+            .with_message(format!(
+                "epoch {}/{}: loss {:.4}, val accuracy {:.2}%",
+                report.epoch,
+                report.epochs,
+                metric("loss"),
+                metric("val_accuracy") * 100.0
+            ));
+        for (name, value) in &report.metrics {
+            if value.is_finite() {
+                update = update.with_metric(name.clone(), *value);
+            }
+        }
+        self.service.report(&self.request, update);
+    }
+}

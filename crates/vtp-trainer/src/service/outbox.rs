@@ -1,0 +1,240 @@
+//! The callback outbox: every report a trainer makes is written to disk with
+//! a per-job sequence number before it is sent, then delivered in order with
+//! exponential backoff and jitter until the backend takes it. Reports survive
+//! a backend outage and a trainer restart; the sequence number makes the
+//! backend ignore any it already has.
+//!
+//! Layout: `{dir}/{job_id}/{seq:010}.json` per pending report and
+//! `{dir}/{job_id}/seq` with the last sequence number handed out.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rand::RngExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use vtp_core::{BackoffConfig, Error, JobId, Result, TrainingUpdate};
+
+/// One pending report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    /// Where it goes.
+    pub callback_url: String,
+    /// What it says (with `seq` set).
+    pub update: TrainingUpdate,
+}
+
+#[derive(Debug)]
+struct JobState {
+    failures: u32,
+    next_attempt: Instant,
+}
+
+/// A persisted, ordered, retrying sender of trainer reports.
+#[derive(Debug)]
+pub struct Outbox {
+    dir: PathBuf,
+    client: reqwest::Client,
+    backoff: BackoffConfig,
+    give_up_after: Duration,
+    seqs: Mutex<HashMap<JobId, i64>>,
+    retry_state: Mutex<HashMap<JobId, JobState>>,
+    notify: Notify,
+    idle: Notify,
+}
+
+fn io(path: &Path, e: std::io::Error) -> Error {
+    Error::internal(format!("outbox {}: {e}", path.display()))
+}
+
+impl Outbox {
+    /// Opens (creating) an outbox in `dir`; pending reports from an earlier
+    /// run are delivered once [`Outbox::run`] starts.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
+        Ok(Outbox {
+            dir: dir.to_path_buf(),
+            client,
+            backoff: BackoffConfig { init_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(5), base: 2.0 },
+            give_up_after: Duration::from_secs(24 * 3600),
+            seqs: Mutex::new(HashMap::new()),
+            retry_state: Mutex::new(HashMap::new()),
+            notify: Notify::new(),
+            idle: Notify::new(),
+        })
+    }
+
+    /// Sets the retry delays.
+    #[must_use]
+    pub fn with_backoff(mut self, backoff: BackoffConfig) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    fn job_dir(&self, job_id: JobId) -> PathBuf {
+        self.dir.join(job_id.to_string())
+    }
+
+    /// Persists `update` for `job_id` with the next sequence number and wakes
+    /// the sender. Safe to call from any thread. Returns the sequence number.
+    ///
+    /// # Errors
+    /// I/O errors (the report is then not queued).
+    pub fn enqueue(&self, job_id: JobId, callback_url: &str, mut update: TrainingUpdate) -> Result<i64> {
+        let dir = self.job_dir(job_id);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let mut seqs = self.seqs.lock().expect("outbox lock");
+        let last = match seqs.get(&job_id) {
+            Some(last) => *last,
+            None => std::fs::read_to_string(dir.join("seq")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0),
+        };
+        let seq = last + 1;
+        update.seq = Some(seq);
+        update.job_id = Some(job_id);
+        let entry = OutboxEntry { callback_url: callback_url.to_owned(), update };
+        let json = serde_json::to_vec(&entry).map_err(|e| Error::internal(e.to_string()))?;
+        let path = dir.join(format!("{seq:010}.json"));
+        let tmp = dir.join(format!(".{seq:010}.tmp"));
+        std::fs::write(&tmp, json).map_err(|e| io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+        std::fs::write(dir.join("seq"), seq.to_string()).map_err(|e| io(&dir, e))?;
+        seqs.insert(job_id, seq);
+        drop(seqs);
+        self.notify.notify_one();
+        Ok(seq)
+    }
+
+    /// Reports not yet delivered, oldest first per job.
+    pub fn pending(&self) -> Vec<(JobId, PathBuf)> {
+        let mut out = Vec::new();
+        let Ok(jobs) = std::fs::read_dir(&self.dir) else { return out };
+        for job in jobs.filter_map(std::result::Result::ok) {
+            let Some(job_id) = job.file_name().to_str().and_then(|n| n.parse::<JobId>().ok()) else { continue };
+            let Ok(files) = std::fs::read_dir(job.path()) else { continue };
+            let mut files: Vec<PathBuf> = files
+                .filter_map(std::result::Result::ok)
+                .map(|f| f.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+                .collect();
+            files.sort();
+            out.extend(files.into_iter().map(|f| (job_id, f)));
+        }
+        out
+    }
+
+    /// Waits until nothing is pending, or `timeout` passes; returns whether it drained.
+    pub async fn drained(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.pending().is_empty() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), self.idle.notified()).await;
+        }
+    }
+
+    fn delay(&self, failures: u32) -> Duration {
+        let exp = self.backoff.init_backoff.as_secs_f64() * f64::from(self.backoff.base).powi(failures.min(30) as i32);
+        let capped = exp.min(self.backoff.max_backoff.as_secs_f64());
+        // Full jitter between half and the whole delay.
+        Duration::from_secs_f64(capped * rand::rng().random_range(0.5..=1.0))
+    }
+
+    /// Delivers pending reports forever; run it as a task.
+    pub async fn run(&self) {
+        loop {
+            let next_wake = self.deliver_due().await;
+            if self.pending().is_empty() {
+                self.idle.notify_waiters();
+            }
+            let wait = next_wake.map_or(Duration::from_secs(60), |at| at.saturating_duration_since(Instant::now()));
+            let _ = tokio::time::timeout(wait, self.notify.notified()).await;
+        }
+    }
+
+    /// One pass: sends every due job's reports in order; returns when the
+    /// next backed-off job is due.
+    async fn deliver_due(&self) -> Option<Instant> {
+        let mut next_wake: Option<Instant> = None;
+        let mut blocked: Vec<JobId> = Vec::new();
+        for (job_id, path) in self.pending() {
+            if blocked.contains(&job_id) {
+                continue;
+            }
+            let due = self.retry_state.lock().expect("outbox lock").get(&job_id).map(|s| s.next_attempt);
+            if let Some(at) = due
+                && at > Instant::now()
+            {
+                blocked.push(job_id);
+                next_wake = Some(next_wake.map_or(at, |w| w.min(at)));
+                continue;
+            }
+            match self.send(&path).await {
+                Delivery::Done => {
+                    let _ = std::fs::remove_file(&path);
+                    self.retry_state.lock().expect("outbox lock").remove(&job_id);
+                }
+                Delivery::Retry(reason) => {
+                    let mut states = self.retry_state.lock().expect("outbox lock");
+                    let state = states.entry(job_id).or_insert(JobState { failures: 0, next_attempt: Instant::now() });
+                    state.failures += 1;
+                    let age = std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    if age.is_some_and(|age| age > self.give_up_after) {
+                        tracing::error!(%job_id, path = %path.display(), %reason, "giving up on a report after its deadline");
+                        let _ = std::fs::remove_file(&path);
+                        states.remove(&job_id);
+                        continue;
+                    }
+                    state.next_attempt = Instant::now() + self.delay(state.failures - 1);
+                    tracing::warn!(%job_id, failures = state.failures, %reason, "report not delivered; will retry");
+                    next_wake = Some(next_wake.map_or(state.next_attempt, |w| w.min(state.next_attempt)));
+                    blocked.push(job_id);
+                }
+            }
+        }
+        next_wake
+    }
+
+    async fn send(&self, path: &Path) -> Delivery {
+        let entry: OutboxEntry = match std::fs::read(path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+            Ok(entry) => entry,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "dropping an unreadable outbox entry");
+                return Delivery::Done;
+            }
+        };
+        match self.client.post(&entry.callback_url).json(&entry.update).send().await {
+            Ok(response) if response.status().is_success() => Delivery::Done,
+            Ok(response) if response.status().is_server_error() || response.status().as_u16() == 429 => {
+                Delivery::Retry(format!("backend answered {}", response.status()))
+            }
+            Ok(response) => {
+                // 404 (job unknown), 409 (already finished), 422 (refused): resending cannot help.
+                let status = response.status();
+                let body = response.text().await.unwrap_or_default();
+                tracing::warn!(seq = ?entry.update.seq, %status, %body, "backend refused a report; dropped");
+                Delivery::Done
+            }
+            Err(e) => Delivery::Retry(format!("{}: {e}", entry.callback_url)),
+        }
+    }
+}
+
+enum Delivery {
+    Done,
+    Retry(String),
+}

@@ -28,6 +28,9 @@ if ! command -v cc >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1 ||
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl postgresql
 fi
 
+step "libtorch (torch wheel from PyPI, in $VTP_CACHE/venv)"
+eval "$(scripts/libtorch.sh)"
+
 step "starting services (Postgres, Garage)"
 services_env="$(scripts/services.sh start)"
 eval "$services_env"
@@ -36,13 +39,19 @@ trap 'scripts/services.sh stop' EXIT
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "the crates that do not train build without libtorch"
+if cargo tree --locked -p vtp-server -e normal -i torch-sys >/dev/null 2>&1; then
+    echo "vtp-server depends on libtorch without the torch feature" >&2
+    exit 1
+fi
+
 step "cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "cargo doc"
-RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked --quiet
 
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
-cargo test --workspace --locked
+cargo test --workspace --all-features --locked
 
 step "all tests passed"

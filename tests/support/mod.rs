@@ -131,20 +131,41 @@ async fn pipe(client: TcpStream, server: TcpStream, state: Arc<ProxyState>) {
     tokio::join!(upstream, downstream);
 }
 
-/// The real `vtp-backend` binary, listening on a loopback port; killed on drop.
+/// A service binary of this workspace as a child process, listening on a
+/// loopback port; killed on drop.
 #[derive(Debug)]
-pub struct BackendProcess {
+pub struct ServiceProcess {
     child: tokio::process::Child,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
 }
 
-impl BackendProcess {
-    /// Starts the binary with `envs` (and no other `VTP_*` settings), waits
-    /// until it listens.
+/// The real `vtp-backend` binary.
+pub type BackendProcess = ServiceProcess;
+
+impl ServiceProcess {
+    /// Starts `vtp-backend --listen 127.0.0.1:0` with `envs` (and no other
+    /// `VTP_*` settings); waits until it listens.
     pub async fn start(envs: &[(&str, String)]) -> Self {
-        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_vtp-backend"));
-        command.arg("--listen").arg("127.0.0.1:0");
+        Self::spawn(
+            env!("CARGO_BIN_EXE_vtp-backend"),
+            &["--listen", "127.0.0.1:0"],
+            envs,
+            "vtp-backend listening on ",
+        )
+        .await
+    }
+
+    /// Starts `program` with `args` and `envs`; waits for the stdout line
+    /// starting with `prefix` and takes the URL after it.
+    pub async fn spawn(
+        program: &str,
+        args: &[&str],
+        envs: &[(&str, String)],
+        prefix: &str,
+    ) -> Self {
+        let mut command = tokio::process::Command::new(program);
+        command.args(args);
         for (name, _) in std::env::vars() {
             if name.starts_with("VTP_") && !name.starts_with("VTP_TEST_") {
                 command.env_remove(name);
@@ -156,26 +177,73 @@ impl BackendProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        let mut child = command.spawn().expect("spawn vtp-backend");
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Duration::from_secs(60), async {
             while let Some(line) = lines.next_line().await.unwrap() {
-                if let Some(url) = line.strip_prefix("vtp-backend listening on ") {
+                if let Some(url) = line.strip_prefix(prefix) {
                     return url.trim().to_owned();
                 }
             }
-            panic!("vtp-backend exited before listening");
+            panic!("{program} exited before listening");
         })
         .await
-        .expect("vtp-backend listens within a minute");
+        .unwrap_or_else(|_| panic!("{program} listens within a minute"));
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        BackendProcess { child, url }
+        ServiceProcess { child, url }
     }
 
     /// `url` + `path`.
     pub fn at(&self, path: &str) -> String {
         format!("{}{path}", self.url)
     }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Kills the process (SIGKILL) and waits for it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// Process ids whose parent is `pid`.
+pub fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        if rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+            == Some(pid)
+        {
+            out.push(child);
+        }
+    }
+    out
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -145,7 +145,11 @@ pub trait JobStoreExt: JobStore {
             if job.status.is_terminal() {
                 return Ok(job);
             }
-            let to = if job.status == JobStatus::Cancelling { JobStatus::Cancelled } else { JobStatus::Failed };
+            let to = if job.status == JobStatus::Cancelling {
+                JobStatus::Cancelled
+            } else {
+                JobStatus::Failed
+            };
             let mut next = job.clone();
             next.transition(to)?;
             if to == JobStatus::Failed {
@@ -153,13 +157,18 @@ pub trait JobStoreExt: JobStore {
             } else {
                 next.message = Some(reason.to_owned());
             }
-            match self.compare_and_set(Expected::exactly(&job), &next, None).await {
+            match self
+                .compare_and_set(Expected::exactly(&job), &next, None)
+                .await
+            {
                 Ok(stored) => return Ok(stored),
                 Err(Error::Conflict { .. }) => continue,
                 Err(e) => return Err(e),
             }
         }
-        Err(Error::conflict(format!("job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts")))
+        Err(Error::conflict(format!(
+            "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
+        )))
     }
 
     /// Applies a trainer report: idempotent by `seq`, guarded by the status

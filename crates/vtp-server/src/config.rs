@@ -90,16 +90,31 @@ impl BackendConfig {
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a bad trainer URL.
-    pub fn build_launcher(&self, jobs: Arc<dyn JobStore>, blob_uri: &str) -> Result<Arc<dyn TrainerLauncher>> {
+    pub fn build_launcher(
+        &self,
+        jobs: Arc<dyn JobStore>,
+        blob_uri: &str,
+    ) -> Result<Arc<dyn TrainerLauncher>> {
         match self.launcher {
             LauncherKind::Http => Ok(Arc::new(vtp_trainer::HttpLauncher::new(&self.trainer_url)?)),
             LauncherKind::Subprocess => {
-                let program = self.trainer_bin.clone().unwrap_or_else(vtp_trainer::SubprocessLauncher::sibling_binary);
-                let blob_url = if self.blob_url.starts_with("file://") { blob_uri.to_owned() } else { self.blob_url.clone() };
+                let program = self
+                    .trainer_bin
+                    .clone()
+                    .unwrap_or_else(vtp_trainer::SubprocessLauncher::sibling_binary);
+                let blob_url = if self.blob_url.starts_with("file://") {
+                    blob_uri.to_owned()
+                } else {
+                    self.blob_url.clone()
+                };
                 Ok(Arc::new(
                     vtp_trainer::SubprocessLauncher::new(program, jobs)
                         .with_env("VTP_BLOB_URL", blob_url)
-                        .with_env("VTP_WORK_DIR", std::env::var("VTP_WORK_DIR").unwrap_or_else(|_| "./.vtp/trainer".into())),
+                        .with_env(
+                            "VTP_WORK_DIR",
+                            std::env::var("VTP_WORK_DIR")
+                                .unwrap_or_else(|_| "./.vtp/trainer".into()),
+                        ),
                 ))
             }
         }

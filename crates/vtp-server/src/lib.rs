@@ -168,7 +168,14 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
     use vtp_core::{JobFilter, JobStatus, JobStoreExt};
     let (mut adopted, mut ended) = (0, 0);
     for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
-        let page = state.jobs.list(&JobFilter::new().with_status(status).with_page(JobFilter::MAX_LIMIT, 0)).await?;
+        let page = state
+            .jobs
+            .list(
+                &JobFilter::new()
+                    .with_status(status)
+                    .with_page(JobFilter::MAX_LIMIT, 0),
+            )
+            .await?;
         for job in page.jobs {
             match state.launcher.is_running(job.id).await {
                 Ok(true) => {
@@ -176,12 +183,17 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
                     adopted += 1;
                 }
                 Ok(false) => {
-                    let reason = format!("the backend restarted and its {} trainer no longer runs the job", state.launcher.name());
+                    let reason = format!(
+                        "the backend restarted and its {} trainer no longer runs the job",
+                        state.launcher.name()
+                    );
                     state.jobs.finalize_lost(job.id, &reason).await?;
                     tracing::warn!(job_id = %job.id, %status, %reason, "ended a lost job");
                     ended += 1;
                 }
-                Err(e) => tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide"),
+                Err(e) => {
+                    tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide")
+                }
             }
         }
     }

@@ -26,24 +26,43 @@ use crate::error::{ApiError, ApiJson, ApiPath};
 
 type Service = Arc<TrainerService>;
 
-async fn start(State(service): State<Service>, ApiJson(request): ApiJson<StartTraining>) -> Result<impl IntoResponse, ApiError> {
+async fn start(
+    State(service): State<Service>,
+    ApiJson(request): ApiJson<StartTraining>,
+) -> Result<impl IntoResponse, ApiError> {
     let job_id = request.job_id;
     match service.start(request)? {
-        StartOutcome::Accepted => Ok((StatusCode::ACCEPTED, Json(json!({"status": "accepted", "job_id": job_id})))),
-        StartOutcome::AlreadyRunning => Err(ApiError::from(Error::conflict(format!("job {job_id} is already here")))),
+        StartOutcome::Accepted => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "accepted", "job_id": job_id})),
+        )),
+        StartOutcome::AlreadyRunning => Err(ApiError::from(Error::conflict(format!(
+            "job {job_id} is already here"
+        )))),
     }
 }
 
-async fn cancel(State(service): State<Service>, ApiPath(job_id): ApiPath<JobId>) -> Result<impl IntoResponse, ApiError> {
+async fn cancel(
+    State(service): State<Service>,
+    ApiPath(job_id): ApiPath<JobId>,
+) -> Result<impl IntoResponse, ApiError> {
     if service.cancel(job_id) {
-        Ok((StatusCode::ACCEPTED, Json(json!({"status": "cancelling", "job_id": job_id}))))
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"status": "cancelling", "job_id": job_id})),
+        ))
     } else {
         Err(Error::not_found("job", job_id).into())
     }
 }
 
-async fn status(State(service): State<Service>, ApiPath(job_id): ApiPath<JobId>) -> Result<impl IntoResponse, ApiError> {
-    let state = service.state(job_id).ok_or_else(|| Error::not_found("job", job_id))?;
+async fn status(
+    State(service): State<Service>,
+    ApiPath(job_id): ApiPath<JobId>,
+) -> Result<impl IntoResponse, ApiError> {
+    let state = service
+        .state(job_id)
+        .ok_or_else(|| Error::not_found("job", job_id))?;
     Ok(Json(json!({"job_id": job_id, "state": state})))
 }
 
@@ -104,7 +123,9 @@ pub async fn serve_trainer(
 ) -> std::io::Result<()> {
     let outbox = service.outbox().clone();
     let delivery = tokio::spawn(async move { outbox.run().await });
-    let result = axum::serve(listener, trainer_app(service)).with_graceful_shutdown(shutdown).await;
+    let result = axum::serve(listener, trainer_app(service))
+        .with_graceful_shutdown(shutdown)
+        .await;
     delivery.abort();
     result
 }

@@ -771,3 +771,55 @@ async fn an_upload_without_length_is_cut_at_the_limit() {
         "nothing partial is left"
     );
 }
+
+#[tokio::test]
+async fn recovery_readopts_held_jobs_and_ends_lost_ones() {
+    let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
+    let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
+    let trainer = TrainerDouble::start().await;
+    let launcher = Arc::new(
+        HttpLauncher::new(&trainer.url())
+            .unwrap()
+            .with_retry(fast_retry()),
+    );
+    let state = AppState::new(
+        jobs.clone(),
+        blobs.clone(),
+        launcher,
+        "http://backend.test:8000",
+    );
+    let h = Harness {
+        app: app(state.clone()),
+        jobs: jobs.clone(),
+        blobs,
+        trainer,
+    };
+    let held = started_job(&h).await;
+    report(&h, &held, json!({"status": "running", "seq": 1})).await;
+    let lost = started_job(&h).await;
+    report(&h, &lost, json!({"status": "running", "seq": 1})).await;
+    let cancelling = started_job(&h).await;
+    send(
+        &h.app,
+        empty("DELETE", &format!("/training/jobs/{cancelling}")),
+    )
+    .await;
+
+    // The trainer restarted too and kept only the first job.
+    h.trainer.forget_all();
+    let held_id: vtp_core::JobId = held.parse().unwrap();
+    h.trainer.hold(held_id);
+    let (adopted, ended) = vtp_server::recover(&state).await.unwrap();
+    assert_eq!((adopted, ended), (1, 2));
+    assert_eq!(
+        jobs.get(held_id).await.unwrap().status,
+        vtp_core::JobStatus::Running
+    );
+    let lost = jobs.get(lost.parse().unwrap()).await.unwrap();
+    assert_eq!(lost.status, vtp_core::JobStatus::Failed);
+    assert!(lost.error.unwrap().contains("backend restarted"));
+    assert_eq!(
+        jobs.get(cancelling.parse().unwrap()).await.unwrap().status,
+        vtp_core::JobStatus::Cancelled
+    );
+}

@@ -1,5 +1,6 @@
-//! A trainer service double for tests: speaks the trainer's HTTP contract
-//! on loopback, records what it was asked, and fails on demand.
+//! Test helpers: a trainer service double that speaks the trainer's HTTP
+//! contract on loopback, records what it was asked and fails on demand; and
+//! a generator of small, learnable image datasets.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -83,7 +84,11 @@ async fn cancel(
 }
 
 async fn status(State(inner): State<Shared>, Path(job_id): Path<JobId>) -> StatusCode {
-    if inner.lock().unwrap().running.contains(&job_id) { StatusCode::OK } else { StatusCode::NOT_FOUND }
+    if inner.lock().unwrap().running.contains(&job_id) {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
 }
 
 impl TrainerDouble {
@@ -137,6 +142,11 @@ impl TrainerDouble {
             .push_back((status, message.to_owned()));
     }
 
+    /// Marks `job_id` as running here.
+    pub fn hold(&self, job_id: JobId) {
+        self.inner.lock().unwrap().running.insert(job_id);
+    }
+
     /// Forgets every job, as a restarted trainer would.
     pub fn forget_all(&self) {
         self.inner.lock().unwrap().running.clear();
@@ -152,4 +162,81 @@ impl Drop for TrainerDouble {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Writes an ImageFolder of three visually distinct classes with noise
+/// (`disc`, `square`, `stripes`; 24x24, PNG and JPEG alternating) under `dir`.
+///
+/// # Panics
+/// On I/O errors.
+pub fn shapes_dataset(dir: &std::path::Path, per_class: usize, seed: u64) {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for (class, name) in ["disc", "square", "stripes"].iter().enumerate() {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        for i in 0..per_class {
+            let (cx, cy): (i32, i32) = (rng.random_range(9..15), rng.random_range(9..15));
+            let colour = [
+                rng.random_range(150..255u8),
+                rng.random_range(150..255u8),
+                rng.random_range(150..255u8),
+            ];
+            let mut noise =
+                rand::rngs::StdRng::seed_from_u64(seed * 1000 + (class * per_class + i) as u64);
+            let img = image::RgbImage::from_fn(24, 24, |x, y| {
+                let (dx, dy) = (x as i32 - cx, y as i32 - cy);
+                let on = match class {
+                    0 => dx * dx + dy * dy <= 25,
+                    1 => dx.abs().max(dy.abs()) == 6 || dx.abs().max(dy.abs()) == 5,
+                    _ => y % 6 < 3,
+                };
+                let n = noise.random_range(0..40u8);
+                if on {
+                    image::Rgb(colour.map(|c| c.saturating_sub(n)))
+                } else {
+                    image::Rgb([n, n, n])
+                }
+            });
+            let path = dir
+                .join(name)
+                .join(format!("{i}.{}", if i % 2 == 0 { "png" } else { "jpg" }));
+            img.save(path).unwrap();
+        }
+    }
+}
+
+/// Zips every file under `dir` into `archive`, paths relative to `dir`'s parent
+/// (so the archive holds one top-level folder).
+///
+/// # Panics
+/// On I/O errors.
+pub fn zip_dir(dir: &std::path::Path, archive: &std::path::Path) {
+    use std::io::Write;
+    let base = dir.parent().unwrap();
+    let mut writer = zip::ZipWriter::new(std::fs::File::create(archive).unwrap());
+    let mut stack = vec![dir.to_path_buf()];
+    let mut files = Vec::new();
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path)
+            } else {
+                files.push(path)
+            }
+        }
+    }
+    files.sort();
+    for path in files {
+        let name = path
+            .strip_prefix(base)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        writer
+            .start_file(name, zip::write::SimpleFileOptions::default())
+            .unwrap();
+        writer.write_all(&std::fs::read(&path).unwrap()).unwrap();
+    }
+    writer.finish().unwrap();
 }

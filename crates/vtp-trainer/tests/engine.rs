@@ -6,44 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use vtp_core::{EpochReport, Error, JobId, ProgressSink, TrainSpec, Trainer};
 use vtp_trainer::engine::{Checkpoint, ModelKind, Predictor, TchTrainer};
-
-/// Three visually distinct classes with noise: filled discs, hollow squares,
-/// horizontal stripes, at random positions and colours.
-fn shapes_dataset(dir: &Path, per_class: usize, seed: u64) {
-    use rand::{RngExt, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    for (class, name) in ["disc", "square", "stripes"].iter().enumerate() {
-        std::fs::create_dir_all(dir.join(name)).unwrap();
-        for i in 0..per_class {
-            let (cx, cy): (i32, i32) = (rng.random_range(9..15), rng.random_range(9..15));
-            let colour = [
-                rng.random_range(150..255u8),
-                rng.random_range(150..255u8),
-                rng.random_range(150..255u8),
-            ];
-            let mut noise =
-                rand::rngs::StdRng::seed_from_u64(seed * 1000 + (class * per_class + i) as u64);
-            let img = image::RgbImage::from_fn(24, 24, |x, y| {
-                let (dx, dy) = (x as i32 - cx, y as i32 - cy);
-                let on = match class {
-                    0 => dx * dx + dy * dy <= 25,
-                    1 => dx.abs().max(dy.abs()) == 6 || dx.abs().max(dy.abs()) == 5,
-                    _ => y % 6 < 3,
-                };
-                let n = noise.random_range(0..40u8);
-                if on {
-                    image::Rgb(colour.map(|c| c.saturating_sub(n)))
-                } else {
-                    image::Rgb([n, n, n])
-                }
-            });
-            let path = dir
-                .join(name)
-                .join(format!("{i}.{}", if i % 2 == 0 { "png" } else { "jpg" }));
-            img.save(path).unwrap();
-        }
-    }
-}
+use vtp_trainer::testing::shapes_dataset;
 
 #[derive(Default)]
 struct Recorder(Vec<EpochReport>);

@@ -38,9 +38,13 @@ async fn main() -> anyhow::Result<()> {
         .with_max_upload_bytes(config.max_upload_bytes);
 
     match vtp_server::recover(&state).await {
-        Ok((adopted, ended)) if adopted + ended > 0 => tracing::info!(adopted, ended, "recovered jobs of an earlier run"),
+        Ok((adopted, ended)) if adopted + ended > 0 => {
+            tracing::info!(adopted, ended, "recovered jobs of an earlier run")
+        }
         Ok(_) => {}
-        Err(e) => tracing::warn!(error = %vtp_core::error_chain(&e), "could not recover earlier jobs"),
+        Err(e) => {
+            tracing::warn!(error = %vtp_core::error_chain(&e), "could not recover earlier jobs")
+        }
     }
     // One plain line on stdout, so scripts and tests can find a `:0` port.
     println!("vtp-backend listening on http://{bound}");
@@ -51,7 +55,13 @@ async fn main() -> anyhow::Result<()> {
         launcher = state.launcher.name(),
         "vtp-backend ready"
     );
-    vtp_server::serve(listener, state, config.stale_after(), vtp_server::shutdown_signal()).await?;
+    vtp_server::serve(
+        listener,
+        state,
+        config.stale_after(),
+        vtp_server::shutdown_signal(),
+    )
+    .await?;
     tracing::info!("vtp-backend stopped");
     Ok(())
 }

@@ -13,7 +13,11 @@ use vtp_trainer::service::TrainerService;
 
 /// `vtp-trainer-service`'s settings.
 #[derive(Debug, Parser)]
-#[command(name = "vtp-trainer-service", version, about = "VTP trainer service: trains image classifiers with libtorch")]
+#[command(
+    name = "vtp-trainer-service",
+    version,
+    about = "VTP trainer service: trains image classifiers with libtorch"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "VTP_TRAINER_LISTEN", default_value = "127.0.0.1:8001")]
@@ -35,7 +39,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(
+            EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
@@ -44,9 +50,14 @@ async fn main() -> anyhow::Result<()> {
         .build()
         .with_context(|| format!("opening the blob store at {}", args.blob_url))?;
     let service = TrainerService::new(blobs, &args.work_dir, args.concurrency)?;
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     let bound = listener.local_addr()?;
-    println!("{}http://{bound}", vtp_trainer::launch::subprocess::LISTENING_PREFIX);
+    println!(
+        "{}http://{bound}",
+        vtp_trainer::launch::subprocess::LISTENING_PREFIX
+    );
     tracing::info!(listen = %bound, blobs = %service.blobs().base_uri(), "vtp-trainer-service ready");
     let exit_with_parent = args.exit_with_parent;
     vtp_server::trainer_service::serve_trainer(listener, service, async move {

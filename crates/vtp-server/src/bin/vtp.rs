@@ -16,10 +16,19 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
-#[command(name = "vtp", version, about = "VTP client: upload datasets, train, watch, download checkpoints")]
+#[command(
+    name = "vtp",
+    version,
+    about = "VTP client: upload datasets, train, watch, download checkpoints"
+)]
 struct Cli {
     /// Backend base URL.
-    #[arg(long, env = "VTP_URL", default_value = "http://127.0.0.1:8000", global = true)]
+    #[arg(
+        long,
+        env = "VTP_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
     url: String,
     #[command(subcommand)]
     command: Command,
@@ -89,11 +98,19 @@ async fn watch(http: &reqwest::Client, url: &str, job: &str) -> anyhow::Result<V
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     loop {
-        let job: Value = check(http.get(format!("{url}/training/jobs/{job}")).send().await?).await?;
+        let job: Value = check(
+            http.get(format!("{url}/training/jobs/{job}"))
+                .send()
+                .await?,
+        )
+        .await?;
         let progress = job["progress"].as_f64().unwrap_or(0.0);
         bar.set_position((progress * 1000.0) as u64);
         let status = job["status"].as_str().unwrap_or("?").to_owned();
-        bar.set_message(format!("{status}: {}", job["message"].as_str().unwrap_or("")));
+        bar.set_message(format!(
+            "{status}: {}",
+            job["message"].as_str().unwrap_or("")
+        ));
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             bar.finish();
             return Ok(job);
@@ -104,24 +121,50 @@ async fn watch(http: &reqwest::Client, url: &str, job: &str) -> anyhow::Result<V
 
 async fn summarise(http: &reqwest::Client, url: &str, job: &Value) -> anyhow::Result<()> {
     let id = job["id"].as_str().unwrap_or_default();
-    let metrics = check(http.get(format!("{url}/training/jobs/{id}/metrics")).send().await?).await?;
+    let metrics = check(
+        http.get(format!("{url}/training/jobs/{id}/metrics"))
+            .send()
+            .await?,
+    )
+    .await?;
     println!("\nepoch   loss     val_loss  val_acc   seconds  img/s");
     for row in metrics.as_array().into_iter().flatten() {
         println!(
             "{:>5}   {:<7.4}  {:<8.4}  {:>6.2}%   {:>7.1}  {:>6.0}",
-            row["epoch"], row["loss"].as_f64().unwrap_or(f64::NAN), row["val_loss"].as_f64().unwrap_or(f64::NAN),
-            row["val_accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0, row["epoch_seconds"].as_f64().unwrap_or(f64::NAN),
+            row["epoch"],
+            row["loss"].as_f64().unwrap_or(f64::NAN),
+            row["val_loss"].as_f64().unwrap_or(f64::NAN),
+            row["val_accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            row["epoch_seconds"].as_f64().unwrap_or(f64::NAN),
             row["images_per_second"].as_f64().unwrap_or(f64::NAN)
         );
     }
     match job["status"].as_str() {
         Some("completed") => {
-            let best = metrics.as_array().into_iter().flatten().filter_map(|r| r["val_accuracy"].as_f64()).fold(0.0, f64::max);
-            println!("\njob {id} completed: best val accuracy {:.2}%", best * 100.0);
-            println!("checkpoint: {}", job["checkpoint_s3_uri"].as_str().unwrap_or("?"));
+            let best = metrics
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|r| r["val_accuracy"].as_f64())
+                .fold(0.0, f64::max);
+            println!(
+                "\njob {id} completed: best val accuracy {:.2}%",
+                best * 100.0
+            );
+            println!(
+                "checkpoint: {}",
+                job["checkpoint_s3_uri"].as_str().unwrap_or("?")
+            );
             Ok(())
         }
-        other => bail!("job {id} ended {}: {}", other.unwrap_or("?"), job["error"].as_str().or(job["message"].as_str()).unwrap_or("")),
+        other => bail!(
+            "job {id} ended {}: {}",
+            other.unwrap_or("?"),
+            job["error"]
+                .as_str()
+                .or(job["message"].as_str())
+                .unwrap_or("")
+        ),
     }
 }
 
@@ -132,23 +175,56 @@ async fn main() -> anyhow::Result<()> {
     let url = cli.url.trim_end_matches('/');
     match cli.command {
         Command::Upload { file, user, name } => {
-            let data = tokio::fs::read(&file).await.with_context(|| format!("reading {}", file.display()))?;
-            let file_name = file.file_name().and_then(|n| n.to_str()).unwrap_or("dataset.zip").to_owned();
+            let data = tokio::fs::read(&file)
+                .await
+                .with_context(|| format!("reading {}", file.display()))?;
+            let file_name = file
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("dataset.zip")
+                .to_owned();
             let form = reqwest::multipart::Form::new()
-                .part("file", reqwest::multipart::Part::bytes(data).file_name(file_name))
+                .part(
+                    "file",
+                    reqwest::multipart::Part::bytes(data).file_name(file_name),
+                )
                 .text("user_id", user)
                 .text("dataset_name", name);
-            let body = check(http.post(format!("{url}/datasets/upload")).multipart(form).send().await?).await?;
+            let body = check(
+                http.post(format!("{url}/datasets/upload"))
+                    .multipart(form)
+                    .send()
+                    .await?,
+            )
+            .await?;
             println!("{}", body["s3_uri"].as_str().unwrap_or_default());
         }
-        Command::Train { dataset, model, epochs, config, user } => {
-            let mut config: Value = serde_json::from_str(&config).context("--config is not JSON")?;
+        Command::Train {
+            dataset,
+            model,
+            epochs,
+            config,
+            user,
+        } => {
+            let mut config: Value =
+                serde_json::from_str(&config).context("--config is not JSON")?;
             config["epochs"] = epochs.into();
             let body = json!({"user_id": user, "model_name": model, "framework": "tch", "dataset_s3_uri": dataset, "config": config});
-            let job = check(http.post(format!("{url}/training/jobs")).json(&body).send().await?).await?;
+            let job = check(
+                http.post(format!("{url}/training/jobs"))
+                    .json(&body)
+                    .send()
+                    .await?,
+            )
+            .await?;
             let id = job["id"].as_str().unwrap_or_default().to_owned();
             println!("job {id}");
-            check(http.post(format!("{url}/training/jobs/{id}/start")).send().await?).await?;
+            check(
+                http.post(format!("{url}/training/jobs/{id}/start"))
+                    .send()
+                    .await?,
+            )
+            .await?;
             let job = watch(&http, url, &id).await?;
             summarise(&http, url, &job).await?;
         }
@@ -157,7 +233,10 @@ async fn main() -> anyhow::Result<()> {
             summarise(&http, url, &job).await?;
         }
         Command::Download { job, output } => {
-            let response = http.get(format!("{url}/training/jobs/{job}/checkpoint")).send().await?;
+            let response = http
+                .get(format!("{url}/training/jobs/{job}/checkpoint"))
+                .send()
+                .await?;
             if !response.status().is_success() {
                 check(response).await?;
                 unreachable!("check fails on an error status");

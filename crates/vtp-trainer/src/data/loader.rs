@@ -221,6 +221,17 @@ impl Loader {
         }
     }
 
+    /// The files found corrupt so far (cached loaders only).
+    pub fn corrupt_paths(&self) -> Vec<std::path::PathBuf> {
+        let Some(cache) = &self.shared.cache else {
+            return Vec::new();
+        };
+        (0..cache.len())
+            .filter(|&i| matches!(cache[i].get(), Some(None)))
+            .map(|i| self.shared.samples[i].path.clone())
+            .collect()
+    }
+
     /// Decodes every image now, on the worker threads (when caching), so a
     /// dataset of corrupt files fails before training starts. Returns the
     /// number of corrupt images skipped.

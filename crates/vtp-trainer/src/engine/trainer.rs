@@ -192,7 +192,11 @@ fn run(
     tch::manual_seed(config.seed as i64);
 
     let data = ImageFolder::open(&spec.dataset_dir, config.val_split, config.seed)?;
+    // Policy: a few corrupt images (1%, at least one) are skipped and counted.
+    let total = data.train.len() + data.val.len();
+    let max_corrupt = (total / 100).max(1);
     let loader_config = LoaderConfig {
+        max_corrupt,
         image_size: config.image_size,
         batch_size: config.batch_size,
         workers: config.workers.max(1),
@@ -209,6 +213,20 @@ fn run(
         },
     );
     let skipped = train.prepare()? + val.prepare()?;
+    if skipped > max_corrupt {
+        let mut corrupt = train.corrupt_paths();
+        corrupt.extend(val.corrupt_paths());
+        let first = corrupt
+            .first()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        return Err(Error::invalid(
+            "dataset",
+            format!(
+                "{skipped} corrupt images of {total} (at most {max_corrupt} tolerated); first: {first}"
+            ),
+        ));
+    }
     tracing::info!(job_id = %spec.job_id, model = %kind, classes = data.classes.len(), train = train.len(), val = val.len(), skipped, ?device, "training");
 
     let vs = VarStore::new(device);

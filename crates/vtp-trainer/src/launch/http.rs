@@ -172,13 +172,23 @@ impl TrainerLauncher for HttpLauncher {
         let response = self
             .retry
             .run("trainer request", || async {
-                self.client.get(url.clone()).send().await.map_err(transport_error)
+                self.client
+                    .get(url.clone())
+                    .send()
+                    .await
+                    .map_err(transport_error)
             })
             .await?;
         match response.status() {
             s if s.is_success() => Ok(true),
             StatusCode::NOT_FOUND => Ok(false),
-            status => Err(Error::backend("trainer", format!("job status answered {status}: {}", error_message(response).await))),
+            status => Err(Error::backend(
+                "trainer",
+                format!(
+                    "job status answered {status}: {}",
+                    error_message(response).await
+                ),
+            )),
         }
     }
 

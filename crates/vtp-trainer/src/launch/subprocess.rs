@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use vtp_core::{CancelOutcome, Error, JobId, JobStore, JobStoreExt, Result, StartTraining, TrainerLauncher};
+use vtp_core::{
+    CancelOutcome, Error, JobId, JobStore, JobStoreExt, Result, StartTraining, TrainerLauncher,
+};
 
 use super::http::HttpLauncher;
 
@@ -47,7 +49,12 @@ impl SubprocessLauncher {
     /// A launcher running `program` (the `vtp-trainer-service` binary), failing
     /// jobs in `jobs` when it dies.
     pub fn new(program: impl Into<PathBuf>, jobs: Arc<dyn JobStore>) -> Self {
-        SubprocessLauncher { program: program.into(), envs: Vec::new(), jobs, child: tokio::sync::Mutex::new(None) }
+        SubprocessLauncher {
+            program: program.into(),
+            envs: Vec::new(),
+            jobs,
+            child: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// Sets an environment variable for the child (blob store settings, work dir).
@@ -99,8 +106,16 @@ impl SubprocessLauncher {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
-        let mut process = command.spawn().map_err(|e| Error::unavailable("trainer", format!("spawning {}: {e}", self.program.display())))?;
-        let stdout = process.stdout.take().ok_or_else(|| Error::internal("child stdout"))?;
+        let mut process = command.spawn().map_err(|e| {
+            Error::unavailable(
+                "trainer",
+                format!("spawning {}: {e}", self.program.display()),
+            )
+        })?;
+        let stdout = process
+            .stdout
+            .take()
+            .ok_or_else(|| Error::internal("child stdout"))?;
         let mut lines = BufReader::new(stdout).lines();
         let url = tokio::time::timeout(Self::START_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -115,8 +130,15 @@ impl SubprocessLauncher {
         .flatten();
         let Some(url) = url else {
             let _ = process.kill().await;
-            let status = process.wait().await.map(|s| s.to_string()).unwrap_or_default();
-            return Err(Error::unavailable("trainer", format!("{} did not start ({status})", self.program.display())));
+            let status = process
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            return Err(Error::unavailable(
+                "trainer",
+                format!("{} did not start ({status})", self.program.display()),
+            ));
         };
         let pid = process.id();
         tracing::info!(?pid, %url, "trainer process started");
@@ -138,13 +160,20 @@ impl SubprocessLauncher {
                 }
             }
         });
-        Ok(Child { http: HttpLauncher::new(&url)?, jobs, alive })
+        Ok(Child {
+            http: HttpLauncher::new(&url)?,
+            jobs,
+            alive,
+        })
     }
 
     async fn current(&self) -> Option<(HttpLauncher, Arc<Mutex<HashSet<JobId>>>)> {
         let guard = self.child.lock().await;
         let child = guard.as_ref()?;
-        child.alive.load(std::sync::atomic::Ordering::SeqCst).then(|| (child.http.clone(), child.jobs.clone()))
+        child
+            .alive
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then(|| (child.http.clone(), child.jobs.clone()))
     }
 }
 

@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use vtp_core::{
-    BlobKey, BlobStore, BlobStoreExt, EpochReport, Error, JobId, JobStatus, ProgressSink, Result, StartTraining,
-    TrainSpec, Trainer, TrainingUpdate, error_chain,
+    BlobKey, BlobStore, BlobStoreExt, EpochReport, Error, JobId, JobStatus, ProgressSink, Result,
+    StartTraining, TrainSpec, Trainer, TrainingUpdate, error_chain,
 };
 
 pub use outbox::Outbox;
@@ -44,6 +44,8 @@ pub enum LocalState {
     Running,
     /// Asked to stop.
     Cancelling,
+    /// Finished here, with reports still waiting for the backend.
+    Reporting,
 }
 
 #[derive(Debug)]
@@ -68,7 +70,11 @@ impl TrainerService {
     ///
     /// # Errors
     /// When the outbox under `work_dir` cannot be opened.
-    pub fn new(blobs: Arc<dyn BlobStore>, work_dir: &Path, concurrency: usize) -> Result<Arc<Self>> {
+    pub fn new(
+        blobs: Arc<dyn BlobStore>,
+        work_dir: &Path,
+        concurrency: usize,
+    ) -> Result<Arc<Self>> {
         let outbox = Arc::new(Outbox::open(&work_dir.join("outbox"))?);
         Ok(Arc::new(TrainerService {
             blobs,
@@ -100,7 +106,10 @@ impl TrainerService {
             .blobs
             .key_for(&request.dataset_s3_uri)
             .map_err(|e| Error::invalid("dataset_s3_uri", e.to_string()))?;
-        let slot = Slot { cancel: Arc::new(AtomicBool::new(false)), running: Arc::new(AtomicBool::new(false)) };
+        let slot = Slot {
+            cancel: Arc::new(AtomicBool::new(false)),
+            running: Arc::new(AtomicBool::new(false)),
+        };
         let (cancel, running) = (slot.cancel.clone(), slot.running.clone());
         {
             let mut slots = self.slots.lock().expect("slots lock");
@@ -142,10 +151,17 @@ impl TrainerService {
         }
     }
 
-    /// The job's state here, when the service has it.
+    /// The job's state here, when the service still holds it: training, or
+    /// done with reports not yet delivered (so a restarted backend re-adopts
+    /// the job instead of failing it).
     pub fn state(&self, job_id: JobId) -> Option<LocalState> {
         let slots = self.slots.lock().expect("slots lock");
-        let slot = slots.get(&job_id)?;
+        let Some(slot) = slots.get(&job_id) else {
+            return self
+                .outbox
+                .has_pending(job_id)
+                .then_some(LocalState::Reporting);
+        };
         Some(if slot.cancel.load(Ordering::SeqCst) {
             LocalState::Cancelling
         } else if slot.running.load(Ordering::SeqCst) {
@@ -157,7 +173,12 @@ impl TrainerService {
 
     /// Jobs the service holds.
     pub fn jobs(&self) -> Vec<JobId> {
-        self.slots.lock().expect("slots lock").keys().copied().collect()
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .keys()
+            .copied()
+            .collect()
     }
 
     fn job_dir(&self, job_id: JobId) -> PathBuf {
@@ -165,7 +186,10 @@ impl TrainerService {
     }
 
     fn report(&self, request: &StartTraining, update: TrainingUpdate) {
-        if let Err(e) = self.outbox.enqueue(request.job_id, &request.callback_url, update) {
+        if let Err(e) = self
+            .outbox
+            .enqueue(request.job_id, &request.callback_url, update)
+        {
             tracing::error!(job_id = %request.job_id, error = %e, "cannot queue a report");
         }
     }
@@ -178,16 +202,39 @@ impl TrainerService {
         cancel: Arc<AtomicBool>,
     ) -> Result<TrainingUpdate> {
         let job_id = request.job_id;
-        self.report(request, TrainingUpdate::new(JobStatus::Running).with_progress(0.0).with_message("downloading the dataset"));
+        self.report(
+            request,
+            TrainingUpdate::new(JobStatus::Running)
+                .with_progress(0.0)
+                .with_message("downloading the dataset"),
+        );
         let dir = self.job_dir(job_id);
         let dataset_dir = self.fetch_dataset(dataset, &dir).await?;
         if cancel.load(Ordering::SeqCst) {
-            return Ok(TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training"));
+            return Ok(
+                TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training")
+            );
         }
         let output = dir.join("output");
-        let spec = TrainSpec { job_id, config: request.config.clone(), dataset_dir, output_dir: output.clone() };
-        let mut sink = OutboxSink { service: self.clone(), request: request.clone() };
-        self.report(request, TrainingUpdate::new(JobStatus::Running).with_progress(0.0).with_message(format!("training {} for {} epochs", config.model, config.epochs)));
+        let spec = TrainSpec {
+            job_id,
+            config: request.config.clone(),
+            dataset_dir,
+            output_dir: output.clone(),
+        };
+        let mut sink = OutboxSink {
+            service: self.clone(),
+            request: request.clone(),
+        };
+        self.report(
+            request,
+            TrainingUpdate::new(JobStatus::Running)
+                .with_progress(0.0)
+                .with_message(format!(
+                    "training {} for {} epochs",
+                    config.model, config.epochs
+                )),
+        );
         let flag = cancel.clone();
         let result = tokio::task::spawn_blocking(move || {
             TchTrainer::new().train(&spec, &mut sink, &|| flag.load(Ordering::SeqCst))
@@ -197,16 +244,30 @@ impl TrainerService {
         match result {
             Ok(summary) => {
                 let uploaded = self.upload_checkpoints(job_id, &output).await?;
-                let best = summary.checkpoint.file_name().and_then(|n| n.to_str()).unwrap_or("best.safetensors");
-                let uri = uploaded.get(best).cloned().ok_or_else(|| Error::internal("the checkpoint was not uploaded"))?;
-                let accuracy = summary.metrics.get("val_accuracy").copied().unwrap_or_default();
+                let best = summary
+                    .checkpoint
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("best.safetensors");
+                let uri = uploaded
+                    .get(best)
+                    .cloned()
+                    .ok_or_else(|| Error::internal("the checkpoint was not uploaded"))?;
+                let accuracy = summary
+                    .metrics
+                    .get("val_accuracy")
+                    .copied()
+                    .unwrap_or_default();
                 Ok(TrainingUpdate::new(JobStatus::Completed)
                     .with_progress(1.0)
                     .with_message(format!("done: val accuracy {:.2}%", accuracy * 100.0))
                     .with_checkpoint(uri))
             }
             Err(Error::Cancelled { reason }) => {
-                let uploaded = self.upload_checkpoints(job_id, &output).await.unwrap_or_default();
+                let uploaded = self
+                    .upload_checkpoints(job_id, &output)
+                    .await
+                    .unwrap_or_default();
                 let mut update = TrainingUpdate::new(JobStatus::Cancelled).with_message(reason);
                 if let Some(uri) = uploaded.get("last.safetensors") {
                     update = update.with_checkpoint(uri.clone());
@@ -221,10 +282,17 @@ impl TrainerService {
     async fn fetch_dataset(&self, key: &BlobKey, dir: &Path) -> Result<PathBuf> {
         let raw = dir.join("download");
         let _ = tokio::fs::remove_dir_all(&raw).await;
-        let files = self.blobs.download_prefix(key, &raw).await.map_err(|e| match e {
-            Error::NotFound { .. } => Error::invalid("dataset_s3_uri", format!("no dataset at {}", self.blobs.uri(key))),
-            other => other,
-        })?;
+        let files = self
+            .blobs
+            .download_prefix(key, &raw)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::invalid(
+                    "dataset_s3_uri",
+                    format!("no dataset at {}", self.blobs.uri(key)),
+                ),
+                other => other,
+            })?;
         match files.as_slice() {
             [single] if is_archive(single) => {
                 let archive = single.clone();
@@ -235,16 +303,25 @@ impl TrainerService {
             }
             [single] => Err(Error::invalid(
                 "dataset_s3_uri",
-                format!("{} is a single file that is not a .zip, .tar or .tar.gz archive", single.display()),
+                format!(
+                    "{} is a single file that is not a .zip, .tar or .tar.gz archive",
+                    single.display()
+                ),
             )),
             _ => Ok(raw),
         }
     }
 
     /// Uploads every checkpoint file under `jobs/{job_id}/`; returns file name -> URI.
-    async fn upload_checkpoints(&self, job_id: JobId, output: &Path) -> Result<BTreeMap<String, String>> {
+    async fn upload_checkpoints(
+        &self,
+        job_id: JobId,
+        output: &Path,
+    ) -> Result<BTreeMap<String, String>> {
         let mut uploaded = BTreeMap::new();
-        let mut entries = tokio::fs::read_dir(output).await.map_err(|e| Error::internal(format!("{}: {e}", output.display())))?;
+        let mut entries = tokio::fs::read_dir(output)
+            .await
+            .map_err(|e| Error::internal(format!("{}: {e}", output.display())))?;
         while let Ok(Some(entry)) = entries.next_entry().await {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') {

@@ -65,7 +65,11 @@ impl Outbox {
         Ok(Outbox {
             dir: dir.to_path_buf(),
             client,
-            backoff: BackoffConfig { init_backoff: Duration::from_millis(200), max_backoff: Duration::from_secs(5), base: 2.0 },
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(200),
+                max_backoff: Duration::from_secs(5),
+                base: 2.0,
+            },
             give_up_after: Duration::from_secs(24 * 3600),
             seqs: Mutex::new(HashMap::new()),
             retry_state: Mutex::new(HashMap::new()),
@@ -90,18 +94,29 @@ impl Outbox {
     ///
     /// # Errors
     /// I/O errors (the report is then not queued).
-    pub fn enqueue(&self, job_id: JobId, callback_url: &str, mut update: TrainingUpdate) -> Result<i64> {
+    pub fn enqueue(
+        &self,
+        job_id: JobId,
+        callback_url: &str,
+        mut update: TrainingUpdate,
+    ) -> Result<i64> {
         let dir = self.job_dir(job_id);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let mut seqs = self.seqs.lock().expect("outbox lock");
         let last = match seqs.get(&job_id) {
             Some(last) => *last,
-            None => std::fs::read_to_string(dir.join("seq")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0),
+            None => std::fs::read_to_string(dir.join("seq"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0),
         };
         let seq = last + 1;
         update.seq = Some(seq);
         update.job_id = Some(job_id);
-        let entry = OutboxEntry { callback_url: callback_url.to_owned(), update };
+        let entry = OutboxEntry {
+            callback_url: callback_url.to_owned(),
+            update,
+        };
         let json = serde_json::to_vec(&entry).map_err(|e| Error::internal(e.to_string()))?;
         let path = dir.join(format!("{seq:010}.json"));
         let tmp = dir.join(format!(".{seq:010}.tmp"));
@@ -114,13 +129,34 @@ impl Outbox {
         Ok(seq)
     }
 
+    /// Whether reports for `job_id` wait to be delivered.
+    pub fn has_pending(&self, job_id: JobId) -> bool {
+        std::fs::read_dir(self.job_dir(job_id))
+            .map(|entries| {
+                entries
+                    .filter_map(std::result::Result::ok)
+                    .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+            })
+            .unwrap_or(false)
+    }
+
     /// Reports not yet delivered, oldest first per job.
     pub fn pending(&self) -> Vec<(JobId, PathBuf)> {
         let mut out = Vec::new();
-        let Ok(jobs) = std::fs::read_dir(&self.dir) else { return out };
+        let Ok(jobs) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
         for job in jobs.filter_map(std::result::Result::ok) {
-            let Some(job_id) = job.file_name().to_str().and_then(|n| n.parse::<JobId>().ok()) else { continue };
-            let Ok(files) = std::fs::read_dir(job.path()) else { continue };
+            let Some(job_id) = job
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<JobId>().ok())
+            else {
+                continue;
+            };
+            let Ok(files) = std::fs::read_dir(job.path()) else {
+                continue;
+            };
             let mut files: Vec<PathBuf> = files
                 .filter_map(std::result::Result::ok)
                 .map(|f| f.path())
@@ -143,12 +179,15 @@ impl Outbox {
             if left.is_zero() {
                 return false;
             }
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(100)), self.idle.notified()).await;
+            let _ =
+                tokio::time::timeout(left.min(Duration::from_millis(100)), self.idle.notified())
+                    .await;
         }
     }
 
     fn delay(&self, failures: u32) -> Duration {
-        let exp = self.backoff.init_backoff.as_secs_f64() * f64::from(self.backoff.base).powi(failures.min(30) as i32);
+        let exp = self.backoff.init_backoff.as_secs_f64()
+            * f64::from(self.backoff.base).powi(failures.min(30) as i32);
         let capped = exp.min(self.backoff.max_backoff.as_secs_f64());
         // Full jitter between half and the whole delay.
         Duration::from_secs_f64(capped * rand::rng().random_range(0.5..=1.0))
@@ -161,7 +200,9 @@ impl Outbox {
             if self.pending().is_empty() {
                 self.idle.notify_waiters();
             }
-            let wait = next_wake.map_or(Duration::from_secs(60), |at| at.saturating_duration_since(Instant::now()));
+            let wait = next_wake.map_or(Duration::from_secs(60), |at| {
+                at.saturating_duration_since(Instant::now())
+            });
             let _ = tokio::time::timeout(wait, self.notify.notified()).await;
         }
     }
@@ -175,7 +216,12 @@ impl Outbox {
             if blocked.contains(&job_id) {
                 continue;
             }
-            let due = self.retry_state.lock().expect("outbox lock").get(&job_id).map(|s| s.next_attempt);
+            let due = self
+                .retry_state
+                .lock()
+                .expect("outbox lock")
+                .get(&job_id)
+                .map(|s| s.next_attempt);
             if let Some(at) = due
                 && at > Instant::now()
             {
@@ -186,13 +232,22 @@ impl Outbox {
             match self.send(&path).await {
                 Delivery::Done => {
                     let _ = std::fs::remove_file(&path);
-                    self.retry_state.lock().expect("outbox lock").remove(&job_id);
+                    self.retry_state
+                        .lock()
+                        .expect("outbox lock")
+                        .remove(&job_id);
                 }
                 Delivery::Retry(reason) => {
                     let mut states = self.retry_state.lock().expect("outbox lock");
-                    let state = states.entry(job_id).or_insert(JobState { failures: 0, next_attempt: Instant::now() });
+                    let state = states.entry(job_id).or_insert(JobState {
+                        failures: 0,
+                        next_attempt: Instant::now(),
+                    });
                     state.failures += 1;
-                    let age = std::fs::metadata(&path).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok());
+                    let age = std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
                     if age.is_some_and(|age| age > self.give_up_after) {
                         tracing::error!(%job_id, path = %path.display(), %reason, "giving up on a report after its deadline");
                         let _ = std::fs::remove_file(&path);
@@ -201,7 +256,8 @@ impl Outbox {
                     }
                     state.next_attempt = Instant::now() + self.delay(state.failures - 1);
                     tracing::warn!(%job_id, failures = state.failures, %reason, "report not delivered; will retry");
-                    next_wake = Some(next_wake.map_or(state.next_attempt, |w| w.min(state.next_attempt)));
+                    next_wake =
+                        Some(next_wake.map_or(state.next_attempt, |w| w.min(state.next_attempt)));
                     blocked.push(job_id);
                 }
             }
@@ -210,16 +266,27 @@ impl Outbox {
     }
 
     async fn send(&self, path: &Path) -> Delivery {
-        let entry: OutboxEntry = match std::fs::read(path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+        let entry: OutboxEntry = match std::fs::read(path)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        {
             Ok(entry) => entry,
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "dropping an unreadable outbox entry");
                 return Delivery::Done;
             }
         };
-        match self.client.post(&entry.callback_url).json(&entry.update).send().await {
+        match self
+            .client
+            .post(&entry.callback_url)
+            .json(&entry.update)
+            .send()
+            .await
+        {
             Ok(response) if response.status().is_success() => Delivery::Done,
-            Ok(response) if response.status().is_server_error() || response.status().as_u16() == 429 => {
+            Ok(response)
+                if response.status().is_server_error() || response.status().as_u16() == 429 =>
+            {
                 Delivery::Retry(format!("backend answered {}", response.status()))
             }
             Ok(response) => {

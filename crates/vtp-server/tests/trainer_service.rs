@@ -1,0 +1,361 @@
+//! The trainer service in process, behind a real backend in process: jobs
+//! train, report every epoch, upload checkpoints, cancel, and fail with the
+//! reason on bad input, while the service keeps serving.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStore};
+use vtp_server::AppState;
+use vtp_storage::{InMemoryJobStore, ObjectStoreBlobStore};
+use vtp_trainer::HttpLauncher;
+use vtp_trainer::service::TrainerService;
+use vtp_trainer::testing::{shapes_dataset, zip_dir};
+
+struct Stack {
+    backend: String,
+    trainer: String,
+    blobs: Arc<dyn BlobStore>,
+    http: reqwest::Client,
+    _work: tempfile::TempDir,
+}
+
+async fn stack() -> Stack {
+    let work = tempfile::tempdir().unwrap();
+    let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
+    let service = TrainerService::new(blobs.clone(), &work.path().join("trainer"), 1).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let trainer = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(vtp_server::trainer_service::serve_trainer(
+        listener,
+        service,
+        std::future::pending(),
+    ));
+
+    let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let state = AppState::new(
+        jobs,
+        blobs.clone(),
+        Arc::new(HttpLauncher::new(&trainer).unwrap()),
+        backend.clone(),
+    );
+    tokio::spawn(vtp_server::serve(
+        listener,
+        state,
+        Duration::from_secs(3600),
+        std::future::pending(),
+    ));
+    Stack {
+        backend,
+        trainer,
+        blobs,
+        http: reqwest::Client::new(),
+        _work: work,
+    }
+}
+
+impl Stack {
+    /// Uploads a zip of generated shapes; returns its URI.
+    async fn shapes(&self, per_class: usize) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        shapes_dataset(&dir.path().join("shapes"), per_class, 5);
+        let archive = dir.path().join("shapes.zip");
+        zip_dir(&dir.path().join("shapes"), &archive);
+        let key = BlobKey::parse("users/t/datasets/shapes/shapes.zip").unwrap();
+        self.blobs.put_file(&key, &archive).await.unwrap();
+        self.blobs.uri(&key)
+    }
+
+    async fn call(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn create_and_start(&self, dataset: &str, config: Value) -> (String, u16, Value) {
+        let body = json!({"user_id": "t", "model_name": "small_cnn", "framework": "tch", "dataset_s3_uri": dataset, "config": config});
+        let (status, job) = self
+            .call(
+                self.http
+                    .post(format!("{}/training/jobs", self.backend))
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(status, 201, "{job}");
+        let id = job["id"].as_str().unwrap().to_owned();
+        let (status, started) = self
+            .call(
+                self.http
+                    .post(format!("{}/training/jobs/{id}/start", self.backend)),
+            )
+            .await;
+        (id, status, started)
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        self.call(
+            self.http
+                .get(format!("{}/training/jobs/{id}", self.backend)),
+        )
+        .await
+        .1
+    }
+
+    async fn wait(&self, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..1200 {
+            let job = self.job(id).await;
+            if done(&job) {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} never got there: {}", self.job(id).await);
+    }
+
+    async fn finished(&self, id: &str) -> Value {
+        self.wait(id, |j| {
+            matches!(
+                j["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            )
+        })
+        .await
+    }
+}
+
+fn small(epochs: u32) -> Value {
+    json!({"epochs": epochs, "image_size": 16, "batch_size": 16, "threads": 1, "workers": 1, "hflip": false})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_trains_reports_every_epoch_and_uploads_checkpoints() {
+    let s = stack().await;
+    let dataset = s.shapes(30).await;
+    let (id, status, body) = s.create_and_start(&dataset, small(3)).await;
+    assert_eq!(status, 202, "{body}");
+    let job = s.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert!(job["started_at"].is_string() && job["finished_at"].is_string());
+    assert!(
+        job["message"].as_str().unwrap().contains("val accuracy"),
+        "{job}"
+    );
+    let (_, metrics) = s
+        .call(
+            s.http
+                .get(format!("{}/training/jobs/{id}/metrics", s.backend)),
+        )
+        .await;
+    let epochs: Vec<u64> = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2, 3]);
+    for key in [
+        "loss",
+        "val_loss",
+        "val_accuracy",
+        "epoch_seconds",
+        "images_per_second",
+    ] {
+        assert!(metrics[2][key].is_number(), "{key} in {}", metrics[2]);
+    }
+    let uri = job["checkpoint_s3_uri"].as_str().unwrap();
+    assert!(
+        uri.ends_with(&format!("jobs/{id}/best.safetensors")),
+        "{uri}"
+    );
+    let listed: Vec<String> = s
+        .blobs
+        .list(Some(&BlobKey::parse(&format!("jobs/{id}")).unwrap()))
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key.file_name().to_owned())
+        .collect();
+    for name in [
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "last.optim.safetensors",
+    ] {
+        assert!(listed.iter().any(|l| l == name), "{name} in {listed:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_configs_are_refused_before_any_work() {
+    let s = stack().await;
+    let start = json!({"job_id": vtp_core::JobId::new(), "config": {"model": "resnet9000"},
+                       "dataset_s3_uri": "s3://vtp-memory/x.zip", "callback_url": "http://127.0.0.1:9/cb"});
+    let (status, body) = s
+        .call(
+            s.http
+                .post(format!("{}/training/start", s.trainer))
+                .json(&start),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "config.model");
+    let (_, health) = s.call(s.http.get(format!("{}/health", s.trainer))).await;
+    assert_eq!(health["jobs"], json!([]), "nothing was started");
+
+    // Through the backend: the job fails at once with the trainer's reason.
+    let dataset = s.shapes(4).await;
+    let (id, status, body) = s.create_and_start(&dataset, json!({"epochs": 0})).await;
+    assert_eq!(status, 422, "{body}");
+    let job = s.job(&id).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("epochs"), "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_are_listed() {
+    let s = stack().await;
+    let (status, body) = s.call(s.http.get(format!("{}/models", s.trainer))).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = body["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["small_cnn", "resnet18", "resnet34", "mobilenet_v2"]);
+    assert!(
+        body["models"][1]["parameters"].as_i64().unwrap() > 11_000_000,
+        "{}",
+        body["models"][1]
+    );
+    assert!(body["parameters"]["lr"].is_string());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_the_job_and_keeps_its_last_checkpoint() {
+    let s = stack().await;
+    let dataset = s.shapes(30).await;
+    let (id, status, _) = s.create_and_start(&dataset, small(500)).await;
+    assert_eq!(status, 202);
+    // Wait for the first epoch's report, then cancel.
+    s.wait(&id, |j| j["progress"].as_f64().unwrap_or(0.0) > 0.0)
+        .await;
+    let (status, body) = s
+        .call(s.http.delete(format!("{}/training/jobs/{id}", s.backend)))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelling");
+    let job = s.finished(&id).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    let uri = job["checkpoint_s3_uri"]
+        .as_str()
+        .expect("the last checkpoint is kept");
+    assert!(uri.ends_with("last.safetensors"), "{uri}");
+    assert!(
+        s.blobs
+            .exists(&s.blobs.key_for(uri).unwrap())
+            .await
+            .unwrap()
+    );
+    let (_, health) = s.call(s.http.get(format!("{}/health", s.trainer))).await;
+    assert_eq!(health["jobs"], json!([]), "the slot is free again");
+}
+
+async fn upload_zip(s: &Stack, name: &str, entries: &[(&str, &[u8])]) -> String {
+    use std::io::Write;
+    let mut buf = std::io::Cursor::new(Vec::new());
+    {
+        let mut writer = zip::ZipWriter::new(&mut buf);
+        for (path, data) in entries {
+            writer
+                .start_file(*path, zip::write::SimpleFileOptions::default())
+                .unwrap();
+            writer.write_all(data).unwrap();
+        }
+        writer.finish().unwrap();
+    }
+    let key = BlobKey::parse(&format!("users/t/datasets/{name}/{name}.zip")).unwrap();
+    s.blobs
+        .put_bytes(&key, buf.into_inner().into())
+        .await
+        .unwrap();
+    s.blobs.uri(&key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_datasets_fail_the_job_with_the_reason_and_the_service_keeps_serving() {
+    let s = stack().await;
+    let png = {
+        let mut bytes = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(4, 4)
+            .write_to(&mut bytes, image::ImageFormat::Png)
+            .unwrap();
+        bytes.into_inner()
+    };
+    let hostile = upload_zip(
+        &s,
+        "hostile",
+        &[("a/1.png", &png), ("../../escape.png", &png)],
+    )
+    .await;
+    let one_class = upload_zip(
+        &s,
+        "oneclass",
+        &[("cats/1.png", &png), ("cats/2.png", &png)],
+    )
+    .await;
+    let corrupt = upload_zip(
+        &s,
+        "corrupt",
+        &[
+            ("a/1.png", b"not a png"),
+            ("a/2.png", b"nope"),
+            ("b/1.png", &png),
+            ("b/2.png", &png),
+        ],
+    )
+    .await;
+    let text = {
+        let key = BlobKey::parse("users/t/datasets/text/notes.txt").unwrap();
+        s.blobs
+            .put_bytes(&key, bytes::Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        s.blobs.uri(&key)
+    };
+    for (dataset, reason) in [
+        (hostile, "escapes"),
+        (one_class, "single class"),
+        (corrupt, "corrupt"),
+        (text, "not a .zip"),
+    ] {
+        let (id, status, body) = s.create_and_start(&dataset, small(2)).await;
+        assert_eq!(status, 202, "{body}");
+        let job = s.finished(&id).await;
+        assert_eq!(job["status"], "failed", "{job}");
+        assert!(
+            job["error"].as_str().unwrap().contains(reason),
+            "{reason}: {job}"
+        );
+    }
+    // A CUDA request without CUDA fails the job, not the service.
+    let good = s.shapes(10).await;
+    let mut cuda = small(1);
+    cuda["device"] = "cuda".into();
+    let (id, _, _) = s.create_and_start(&good, cuda).await;
+    let job = s.finished(&id).await;
+    if !tch::Cuda::is_available() {
+        assert_eq!(job["status"], "failed");
+        assert!(job["error"].as_str().unwrap().contains("cuda"), "{job}");
+    }
+    let (id, _, _) = s.create_and_start(&good, small(1)).await;
+    assert_eq!(
+        s.finished(&id).await["status"],
+        "completed",
+        "the service still trains"
+    );
+}

@@ -106,6 +106,13 @@ TOML
         sleep 0.2
     done
     [ -n "$node" ] || { log "garage did not start:"; cat "$GARAGE_DIR/garage.log" >&2; exit 1; }
+    # `node id` reads a local file; wait until the daemon answers RPC too.
+    local up=""
+    for _ in $(seq 1 100); do
+        garage_cli status >/dev/null 2>&1 && { up=1; break; }
+        sleep 0.2
+    done
+    [ -n "$up" ] || { log "garage RPC did not come up:"; cat "$GARAGE_DIR/garage.log" >&2; exit 1; }
     garage_cli layout assign -z dc1 -c 1G "$node" >/dev/null
     garage_cli layout apply --version 1 >/dev/null
     garage_cli key import --yes -n vtp-test "$S3_KEY_ID" "$S3_SECRET" >/dev/null

@@ -49,4 +49,4 @@ impl PostgresJobStore {
     }
 }
 
-impl_sql_job_store!(PostgresJobStore);
+impl_sql_job_store!(PostgresJobStore, single_statement = true);

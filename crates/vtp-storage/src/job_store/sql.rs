@@ -116,8 +116,13 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
 }
 
 /// Implements `JobStore` for `$store`, a struct with a `pool: sqlx::Pool<$db>` field.
+///
+/// With `single_statement = true` (Postgres) a compare-and-set with a metric
+/// is one statement (the metric insert rides in a data-modifying CTE): one
+/// round trip instead of BEGIN, UPDATE, INSERT, COMMIT. SQLite has no
+/// data-modifying CTEs and uses the transaction.
 macro_rules! impl_sql_job_store {
-    ($store:ty) => {
+    ($store:ty, single_statement = $single:expr) => {
         #[async_trait::async_trait]
         impl vtp_core::JobStore for $store {
             async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
@@ -212,6 +217,49 @@ macro_rules! impl_sql_job_store {
                 metric: Option<&vtp_core::TrainingMetric>,
             ) -> vtp_core::Result<vtp_core::Job> {
                 use $crate::job_store::sql::map_sqlx;
+                if $single {
+                    let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
+                        "WITH upd AS (UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, \
+                         checkpoint_s3_uri = $7, attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, \
+                         finished_at = $12, revision = revision + 1 \
+                         WHERE id = $1 AND status = $2 AND ($13 IS NULL OR revision = $13) \
+                         RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+                         message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+                         started_at, finished_at), \
+                         ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
+                         SELECT id, $14, $15, $16 FROM upd WHERE $14 IS NOT NULL \
+                         ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
+                         recorded_at = excluded.recorded_at) \
+                         SELECT * FROM upd",
+                    )
+                    .bind(next.id.0)
+                    .bind(expected.status.as_str())
+                    .bind(next.status.as_str())
+                    .bind(next.progress)
+                    .bind(&next.message)
+                    .bind(&next.error)
+                    .bind(&next.checkpoint_s3_uri)
+                    .bind(next.attempt)
+                    .bind(next.last_seq)
+                    .bind(next.updated_at)
+                    .bind(next.started_at)
+                    .bind(next.finished_at)
+                    .bind(expected.revision)
+                    .bind(metric.map(|m| i64::from(m.epoch)))
+                    .bind(metric.map(|m| sqlx::types::Json(&m.values)))
+                    .bind(metric.map(|m| m.recorded_at))
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(map_sqlx)?;
+                    let Some(row) = row else {
+                        let current = self.get(next.id).await?;
+                        return Err(vtp_core::Error::conflict(format!(
+                            "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
+                            next.id, expected.status, expected.revision, current.status, current.revision
+                        )));
+                    };
+                    return row.try_into();
+                }
                 let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
                 let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
                     "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \

@@ -66,4 +66,4 @@ impl SqliteJobStore {
     }
 }
 
-impl_sql_job_store!(SqliteJobStore);
+impl_sql_job_store!(SqliteJobStore, single_statement = false);

@@ -13,6 +13,11 @@ fn t(r: std::result::Result<Tensor, tch::TchError>) -> Result<Tensor> {
     r.map_err(torch_err)
 }
 
+/// A 0-dim tensor holding `value`, on `like`'s device and kind.
+fn scalar(value: f64, like: &Tensor) -> Result<Tensor> {
+    t(Tensor::f_scalar_tensor(value, (like.kind(), like.device())))
+}
+
 /// For in-place ops, whose returned handle is not needed.
 fn done(r: std::result::Result<Tensor, tch::TchError>) -> Result<()> {
     r.map(drop).map_err(torch_err)
@@ -100,35 +105,42 @@ impl Optimizer {
                 if !grad.defined() {
                     continue;
                 }
+                // Every update is in place: scale factors ride on 0-dim
+                // tensors through `addcmul_`/`addcdiv_`, so a step allocates
+                // almost nothing (large allocations cost page faults on CPU).
                 match self.kind {
                     OptimizerKind::Sgd => {
-                        let d = if wd == 0.0 {
-                            grad
-                        } else {
-                            t(grad.f_add(&t(p.f_mul_scalar(wd))?))?
-                        };
+                        let mut grad = grad;
+                        if wd != 0.0 {
+                            done(grad.f_addcmul_(p, &scalar(wd, p)?))?;
+                        }
                         if momentum == 0.0 {
-                            done(p.f_sub_(&t(d.f_mul_scalar(lr))?))?;
+                            done(p.f_addcmul_(&grad, &scalar(-lr, p)?))?;
                         } else {
                             let buf = &mut state[0];
                             done(buf.f_mul_scalar_(momentum))?;
-                            done(buf.f_add_(&d))?;
-                            done(p.f_sub_(&t(buf.f_mul_scalar(lr))?))?;
+                            done(buf.f_add_(&grad))?;
+                            done(p.f_addcmul_(buf, &scalar(-lr, p)?))?;
                         }
                     }
                     OptimizerKind::Adamw => {
+                        let mut grad = grad;
                         if wd != 0.0 {
                             done(p.f_mul_scalar_(1.0 - lr * wd))?;
                         }
                         let (m, v) = state.split_at_mut(1);
                         let (m, v) = (&mut m[0], &mut v[0]);
                         done(m.f_lerp_(&grad, 1.0 - b1))?;
+                        // v = b2 v + (1 - b2) g^2, with g scaled in place (it is not needed after).
                         done(v.f_mul_scalar_(b2))?;
-                        done(v.f_addcmul_(&grad, &t(grad.f_mul_scalar(1.0 - b2))?))?;
-                        let denom =
-                            t(t(t(v.f_div_scalar(bias2))?.f_sqrt())?.f_add_scalar(self.eps))?;
-                        let update = t(t(m.f_div(&denom))?.f_mul_scalar(lr / bias1))?;
-                        done(p.f_sub_(&update))?;
+                        done(grad.f_mul_scalar_((1.0 - b2).sqrt()))?;
+                        done(v.f_addcmul_(&grad, &grad))?;
+                        // p -= lr / bias1 * m / (sqrt(v / bias2) + eps)
+                        let mut denom = t(v.f_sqrt())?;
+                        done(denom.f_mul_scalar_(1.0 / bias2.sqrt()))?;
+                        done(denom.f_add_scalar_(self.eps))?;
+                        done(denom.f_mul_scalar_(-bias1 / lr))?;
+                        done(p.f_addcdiv_(m, &denom))?;
                     }
                 }
             }

@@ -1,0 +1,63 @@
+//! Fixtures shared by the benchmarks.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+use vtp_trainer::data::{ImageFolder, Loader, LoaderConfig};
+use vtp_trainer::engine::ModelKind;
+
+/// Threads on each side of every comparison.
+pub const THREADS: usize = 2;
+
+/// 2,000 96x96 JPEGs in 10 classes under `dir/jpegs` (made once).
+pub fn jpeg_folder(dir: &Path) -> PathBuf {
+    let root = dir.join("jpegs");
+    if root.is_dir() {
+        return root;
+    }
+    for class in 0..10u32 {
+        std::fs::create_dir_all(root.join(class.to_string())).unwrap();
+        for i in 0..200u32 {
+            let img = image::RgbImage::from_fn(96, 96, |x, y| {
+                let v = (x * (class + 1) + y * 3 + i * 7) % 256;
+                image::Rgb([v as u8, ((x ^ y) * class) as u8, (255 - v) as u8])
+            });
+            img.save(root.join(class.to_string()).join(format!("{i}.jpg"))).unwrap();
+        }
+    }
+    root
+}
+
+/// A loader over every image of `root` that decodes each image every pass.
+pub fn uncached_loader(root: &Path, size: u32) -> Loader {
+    let data = ImageFolder::open(root, 0.01, 0).unwrap();
+    let mut samples = data.train;
+    samples.extend(data.val);
+    Loader::new(samples, LoaderConfig { image_size: size, batch_size: 64, workers: THREADS, cache_bytes: 0, ..LoaderConfig::default() })
+}
+
+/// Seeded initial weights and 8 random batches for a training-step benchmark.
+pub fn step_fixture(dir: &Path, kind: ModelKind, size: i64, batch: i64) -> (PathBuf, PathBuf) {
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let _model = kind.build(&vs.root(), 10);
+    let weights = dir.join(format!("init_{kind}.safetensors"));
+    vs.save(&weights).unwrap();
+    let mut named = Vec::new();
+    for i in 0..8 {
+        named.push((format!("x{i}"), Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu))));
+        named.push((format!("y{i}"), Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu))));
+    }
+    let batches = dir.join(format!("batches_{kind}.safetensors"));
+    Tensor::write_safetensors(&named, &batches).unwrap();
+    (weights, batches)
+}
+
+/// The batches of a [`step_fixture`].
+pub fn load_batches(path: &Path) -> Vec<(Tensor, Tensor)> {
+    let data = Tensor::read_safetensors(path).unwrap();
+    let get = |name: &str| data.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap();
+    (0..8).map(|i| (get(&format!("x{i}")), get(&format!("y{i}")))).collect()
+}

@@ -54,4 +54,7 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --lock
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked
 
+step "benches compile"
+cargo bench --locked -p vtp-server --features torch --no-run
+
 step "all tests passed"

@@ -289,6 +289,10 @@ fn run(
                     reason: format!("cancelled at epoch {epoch}, step {step}"),
                 });
             }
+            // BatchNorm cannot train on one image; a lone leftover is dropped.
+            if batch.len() < 2 {
+                continue;
+            }
             let (xs, ys) = run.batch_tensors(&batch.images, &batch.labels)?;
             let logits = run.model.forward_t(&xs, true);
             let loss = logits

@@ -30,21 +30,28 @@ fn training_step(c: &mut Criterion) {
         let model = kind.build(&vs.root(), 10);
         vs.load(&weights).unwrap();
         let batches = load_batches(&batches);
-        let params = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let params = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
         let mut i = 0;
         group.throughput(Throughput::Elements(batch as u64));
-        group.bench_function(BenchmarkId::new(kind.name(), format!("{size}x{size}/b{batch}")), |b| {
-            b.iter(|| {
-                let (x, y) = &batches[i % batches.len()];
-                i += 1;
-                opt.zero_grad();
-                let loss = model.forward_t(x, true).cross_entropy_for_logits(y);
-                loss.backward();
-                opt.step().unwrap();
-                loss.double_value(&[])
-            });
-        });
+        group.bench_function(
+            BenchmarkId::new(kind.name(), format!("{size}x{size}/b{batch}")),
+            |b| {
+                b.iter(|| {
+                    let (x, y) = &batches[i % batches.len()];
+                    i += 1;
+                    opt.zero_grad();
+                    let loss = model.forward_t(x, true).cross_entropy_for_logits(y);
+                    loss.backward();
+                    opt.step().unwrap();
+                    loss.double_value(&[])
+                });
+            },
+        );
     }
     group.finish();
 }
@@ -57,16 +64,29 @@ fn input_pipeline(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(loader.len() as u64));
     group.bench_function("decode_augment_batch/2000x96px_to_64px", |b| {
-        b.iter(|| loader.epoch(1, 1, true).map(|batch| batch.len()).sum::<usize>());
+        b.iter(|| {
+            loader
+                .epoch(1, 1, true)
+                .map(|batch| batch.len())
+                .sum::<usize>()
+        });
     });
     group.finish();
 }
 
 fn callback_ingestion(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(THREADS).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (app, job_id) = rt.block_on(async {
-        let store: Arc<dyn JobStore> = Arc::new(vtp_storage::SqliteJobStore::open(&dir.path().join("bench.db")).await.unwrap());
+        let store: Arc<dyn JobStore> = Arc::new(
+            vtp_storage::SqliteJobStore::open(&dir.path().join("bench.db"))
+                .await
+                .unwrap(),
+        );
         let job = store
             .create_job(NewJob {
                 user_id: "bench".into(),
@@ -77,10 +97,21 @@ fn callback_ingestion(c: &mut Criterion) {
             })
             .await
             .unwrap();
-        store.transition(job.id, JobStatus::Pending, JobStatus::Queued).await.unwrap();
+        store
+            .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+            .await
+            .unwrap();
         let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
         let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
-        (vtp_server::app(vtp_server::AppState::new(store, blobs, launcher, "http://127.0.0.1:8000")), job.id)
+        (
+            vtp_server::app(vtp_server::AppState::new(
+                store,
+                blobs,
+                launcher,
+                "http://127.0.0.1:8000",
+            )),
+            job.id,
+        )
     });
     let mut seq = 0i64;
     let mut group = c.benchmark_group("callback_ingestion");
@@ -101,18 +132,38 @@ fn callback_ingestion(c: &mut Criterion) {
 }
 
 fn checkpoint_s3(c: &mut Criterion) {
-    let Some(s3) = vtp_storage::testing::TestS3::from_env() else { return };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(THREADS).enable_all().build().unwrap();
+    let Some(s3) = vtp_storage::testing::TestS3::from_env() else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
     let store = s3.fresh_store();
-    let data = bytes::Bytes::from((0..50 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+    let data = bytes::Bytes::from(
+        (0..50 * 1024 * 1024u32)
+            .map(|i| (i % 253) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let key = BlobKey::parse("checkpoints/bench.safetensors").unwrap();
     let mut group = c.benchmark_group("checkpoint_s3");
     group.sample_size(10);
     group.throughput(Throughput::Bytes(data.len() as u64));
-    group.bench_function("put_50MB", |b| b.iter(|| rt.block_on(store.put_bytes(&key, data.clone())).unwrap()));
-    group.bench_function("get_50MB", |b| b.iter(|| rt.block_on(store.get_bytes(&key)).unwrap().len()));
+    group.bench_function("put_50MB", |b| {
+        b.iter(|| rt.block_on(store.put_bytes(&key, data.clone())).unwrap())
+    });
+    group.bench_function("get_50MB", |b| {
+        b.iter(|| rt.block_on(store.get_bytes(&key)).unwrap().len())
+    });
     group.finish();
 }
 
-criterion_group!(benches, training_step, input_pipeline, callback_ingestion, checkpoint_s3);
+criterion_group!(
+    benches,
+    training_step,
+    input_pipeline,
+    callback_ingestion,
+    checkpoint_s3
+);
 criterion_main!(benches);

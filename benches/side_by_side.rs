@@ -38,18 +38,27 @@ fn median(values: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
-    if v.len() % 2 == 1 { v[v.len() / 2] } else { (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0 }
+    if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    }
 }
 
 impl Row {
     fn ratio(&self) -> f64 {
         let (ours, peer) = (median(&self.ours), median(&self.peer));
-        if self.higher_is_better { ours / peer } else { peer / ours }
+        if self.higher_is_better {
+            ours / peer
+        } else {
+            peer / ours
+        }
     }
 }
 
 fn python() -> String {
-    std::env::var("VIRTUAL_ENV").map_or_else(|_| "python3".to_owned(), |v| format!("{v}/bin/python"))
+    std::env::var("VIRTUAL_ENV")
+        .map_or_else(|_| "python3".to_owned(), |v| format!("{v}/bin/python"))
 }
 
 fn peers_dir() -> PathBuf {
@@ -65,26 +74,44 @@ fn run_peer(script: &str, args: &[String], envs: &[(&str, String)]) -> Value {
         .current_dir(peers_dir())
         .output()
         .unwrap_or_else(|e| panic!("running {script}: {e}"));
-    assert!(output.status.success(), "{script} failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
-    serde_json::from_str(stdout.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{script} output {stdout:?}: {e}"))
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{script} output {stdout:?}: {e}"))
 }
 
 fn rounds() -> usize {
-    std::env::var("VTP_BENCH_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+    std::env::var("VTP_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
 }
 
 // ---------------------------------------------------------------- training step
 
 /// Median milliseconds per step of our loop (the trainer's model and
 /// optimizer), and the first three losses (to check both sides compute the same thing).
-fn step_ours(kind: ModelKind, weights: &Path, batches: &Path, steps: usize, warmup: usize) -> (f64, Vec<f64>) {
+fn step_ours(
+    kind: ModelKind,
+    weights: &Path,
+    batches: &Path,
+    steps: usize,
+    warmup: usize,
+) -> (f64, Vec<f64>) {
     tch::set_num_threads(THREADS as i32);
     let mut vs = VarStore::new(Device::Cpu);
     let model = kind.build(&vs.root(), 10);
     vs.load(weights).unwrap();
     let batches = load_batches(batches);
-    let params = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let params = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
     let mut times = Vec::new();
     let mut losses = Vec::new();
@@ -105,7 +132,12 @@ fn step_ours(kind: ModelKind, weights: &Path, batches: &Path, steps: usize, warm
         if step >= warmup {
             times.push(start.elapsed().as_secs_f64() * 1e3);
             if std::env::var("VTP_BENCH_PROFILE").is_ok() {
-                eprintln!("fwd {:.2} bwd {:.2} opt {:.2}", (t1 - start).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3, (t3 - t2).as_secs_f64() * 1e3);
+                eprintln!(
+                    "fwd {:.2} bwd {:.2} opt {:.2}",
+                    (t1 - start).as_secs_f64() * 1e3,
+                    (t2 - t1).as_secs_f64() * 1e3,
+                    (t3 - t2).as_secs_f64() * 1e3
+                );
             }
         }
     }
@@ -114,7 +146,10 @@ fn step_ours(kind: ModelKind, weights: &Path, batches: &Path, steps: usize, warm
 
 fn bench_step(dir: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
-    for (kind, size, batch, steps) in [(ModelKind::SmallCnn, 28, 64, 60), (ModelKind::ResNet18, 64, 32, 20)] {
+    for (kind, size, batch, steps) in [
+        (ModelKind::SmallCnn, 28, 64, 60),
+        (ModelKind::ResNet18, 64, 32, 20),
+    ] {
         let (weights, batches) = step_fixture(dir, kind, size, batch);
         let mut row = Row {
             name: format!("training step, {kind} {size}x{size} batch {batch}"),
@@ -127,11 +162,23 @@ fn bench_step(dir: &Path) -> Vec<Row> {
         for _ in 0..rounds() {
             let (ours, our_losses) = step_ours(kind, &weights, &batches, steps, 10);
             row.ours.push(ours);
-            let args = ["--model", kind.name(), "--weights", weights.to_str().unwrap(), "--batches", batches.to_str().unwrap(), "--steps", &steps.to_string()]
-                .map(str::to_owned);
+            let args = [
+                "--model",
+                kind.name(),
+                "--weights",
+                weights.to_str().unwrap(),
+                "--batches",
+                batches.to_str().unwrap(),
+                "--steps",
+                &steps.to_string(),
+            ]
+            .map(str::to_owned);
             let peer = run_peer("train_step.py", &args, &[]);
             row.peer.push(peer["median_ms"].as_f64().unwrap());
-            eprintln!("{kind}: first losses, ours {our_losses:.5?}, PyTorch {}", peer["losses"]);
+            eprintln!(
+                "{kind}: first losses, ours {our_losses:.5?}, PyTorch {}",
+                peer["losses"]
+            );
         }
         rows.push(row);
     }
@@ -154,7 +201,11 @@ fn epoch_ours(root: &Path, size: u32) -> f64 {
     let loader = uncached_loader(root, size);
     let vs = VarStore::new(Device::Cpu);
     let model = ModelKind::SmallCnn.build(&vs.root(), 10);
-    let params = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+    let params = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
     let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
     let s = i64::from(size);
     let start = Instant::now();
@@ -187,12 +238,25 @@ fn bench_pipeline(dir: &Path, with_step: bool) -> Vec<Row> {
         peer_name: "DataLoader, 2 workers",
     };
     for _ in 0..rounds() {
-        row.ours.push(if with_step { epoch_ours(&root, size) } else { pipeline_ours(&root, size) });
-        let mut args = vec!["--data".into(), root.display().to_string(), "--size".into(), size.to_string()];
+        row.ours.push(if with_step {
+            epoch_ours(&root, size)
+        } else {
+            pipeline_ours(&root, size)
+        });
+        let mut args = vec![
+            "--data".into(),
+            root.display().to_string(),
+            "--size".into(),
+            size.to_string(),
+        ];
         if with_step {
             args.extend(["--train".into(), "small_cnn".into()]);
         }
-        row.peer.push(run_peer("pipeline.py", &args, &[])["images_per_second"].as_f64().unwrap());
+        row.peer.push(
+            run_peer("pipeline.py", &args, &[])["images_per_second"]
+                .as_f64()
+                .unwrap(),
+        );
     }
     vec![row]
 }
@@ -207,8 +271,13 @@ struct Load {
 
 /// Posts `per_job` callbacks to each job from `concurrency` clients.
 async fn drive(base: &str, jobs: &[String], per_job: usize, concurrency: usize) -> Load {
-    let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build().unwrap();
-    let work: Vec<(String, usize)> = (1..=per_job).flat_map(|seq| jobs.iter().map(move |j| (j.clone(), seq))).collect();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()
+        .unwrap();
+    let work: Vec<(String, usize)> = (1..=per_job)
+        .flat_map(|seq| jobs.iter().map(move |j| (j.clone(), seq)))
+        .collect();
     let work = Arc::new(std::sync::Mutex::new(work.into_iter()));
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -235,7 +304,11 @@ async fn drive(base: &str, jobs: &[String], per_job: usize, concurrency: usize) 
     }
     let seconds = start.elapsed().as_secs_f64();
     all.sort_by(f64::total_cmp);
-    Load { per_second: all.len() as f64 / seconds, p50_ms: all[all.len() / 2], p99_ms: all[all.len() * 99 / 100] }
+    Load {
+        per_second: all.len() as f64 / seconds,
+        p50_ms: all[all.len() / 2],
+        p99_ms: all[all.len() * 99 / 100],
+    }
 }
 
 fn new_job() -> NewJob {
@@ -249,12 +322,21 @@ fn new_job() -> NewJob {
 }
 
 async fn callbacks_ours(jobs_n: usize, per_job: usize) -> Load {
-    let db = vtp_storage::testing::TestDatabase::create().await.expect("Postgres");
-    let store: Arc<dyn JobStore> = Arc::new(vtp_storage::PostgresJobStore::connect(db.url()).await.unwrap());
+    let db = vtp_storage::testing::TestDatabase::create()
+        .await
+        .expect("Postgres");
+    let store: Arc<dyn JobStore> = Arc::new(
+        vtp_storage::PostgresJobStore::connect(db.url())
+            .await
+            .unwrap(),
+    );
     let mut ids = Vec::new();
     for _ in 0..jobs_n {
         let job = store.create_job(new_job()).await.unwrap();
-        store.transition(job.id, JobStatus::Pending, JobStatus::Queued).await.unwrap();
+        store
+            .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+            .await
+            .unwrap();
         ids.push(job.id.to_string());
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -269,9 +351,15 @@ async fn callbacks_ours(jobs_n: usize, per_job: usize) -> Load {
 }
 
 async fn callbacks_peer(jobs_n: usize, per_job: usize) -> Load {
-    let db = vtp_storage::testing::TestDatabase::create().await.expect("Postgres");
+    let db = vtp_storage::testing::TestDatabase::create()
+        .await
+        .expect("Postgres");
     let url = db.url().replacen("postgres://", "postgresql+asyncpg://", 1);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let status = std::process::Command::new(python())
         .arg("callback_app.py")
         .env("DATABASE_URL", &url)
@@ -279,9 +367,22 @@ async fn callbacks_peer(jobs_n: usize, per_job: usize) -> Load {
         .status()
         .expect("creating the peer's tables");
     assert!(status.success(), "the peer could not create its tables");
-    let uvicorn = format!("{}/bin/uvicorn", std::env::var("VIRTUAL_ENV").unwrap_or_default());
+    let uvicorn = format!(
+        "{}/bin/uvicorn",
+        std::env::var("VIRTUAL_ENV").unwrap_or_default()
+    );
     let mut server = tokio::process::Command::new(uvicorn)
-        .args(["callback_app:app", "--host", "127.0.0.1", "--port", &port.to_string(), "--workers", &THREADS.to_string(), "--log-level", "warning"])
+        .args([
+            "callback_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--workers",
+            &THREADS.to_string(),
+            "--log-level",
+            "warning",
+        ])
         .env("DATABASE_URL", url)
         .current_dir(peers_dir())
         .kill_on_drop(true)
@@ -293,7 +394,12 @@ async fn callbacks_peer(jobs_n: usize, per_job: usize) -> Load {
     let deadline = Instant::now() + Duration::from_secs(60);
     for _ in 0..jobs_n {
         let job = loop {
-            match client.post(format!("{base}/training/jobs")).json(&new_job()).send().await {
+            match client
+                .post(format!("{base}/training/jobs"))
+                .json(&new_job())
+                .send()
+                .await
+            {
                 Ok(r) if r.status().is_success() => break r.json::<Value>().await.unwrap(),
                 _ if Instant::now() > deadline => panic!("the FastAPI peer did not come up"),
                 _ => {
@@ -311,9 +417,33 @@ async fn callbacks_peer(jobs_n: usize, per_job: usize) -> Load {
 
 fn bench_callbacks(rt: &tokio::runtime::Runtime) -> Vec<Row> {
     let (jobs, per_job) = (50, 60);
-    let mut rate = Row { name: format!("callback ingestion, {} POSTs from 32 clients into Postgres", jobs * per_job), unit: "callbacks/s", higher_is_better: true, ours: vec![], peer: vec![], peer_name: "FastAPI + SQLAlchemy (uvicorn, 2 workers)" };
-    let mut p99 = Row { name: "callback latency p99".into(), unit: "ms", higher_is_better: false, ours: vec![], peer: vec![], peer_name: "FastAPI + SQLAlchemy (uvicorn, 2 workers)" };
-    let mut p50 = Row { name: "callback latency p50".into(), unit: "ms", higher_is_better: false, ours: vec![], peer: vec![], peer_name: "FastAPI + SQLAlchemy (uvicorn, 2 workers)" };
+    let mut rate = Row {
+        name: format!(
+            "callback ingestion, {} POSTs from 32 clients into Postgres",
+            jobs * per_job
+        ),
+        unit: "callbacks/s",
+        higher_is_better: true,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "FastAPI + SQLAlchemy (uvicorn, 2 workers)",
+    };
+    let mut p99 = Row {
+        name: "callback latency p99".into(),
+        unit: "ms",
+        higher_is_better: false,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "FastAPI + SQLAlchemy (uvicorn, 2 workers)",
+    };
+    let mut p50 = Row {
+        name: "callback latency p50".into(),
+        unit: "ms",
+        higher_is_better: false,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "FastAPI + SQLAlchemy (uvicorn, 2 workers)",
+    };
     for _ in 0..rounds() {
         let ours = rt.block_on(callbacks_ours(jobs, per_job));
         let peer = rt.block_on(callbacks_peer(jobs, per_job));
@@ -338,14 +468,36 @@ fn bench_s3(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<Row> {
         let small = bytes::Bytes::from(vec![7u8; 4096]);
         let puts = (0..1000).map(|i| {
             let (store, small) = (store.clone(), small.clone());
-            async move { store.put_bytes(&BlobKey::parse(&format!("dataset/small/{i:04}.bin")).unwrap(), small).await.unwrap() }
+            async move {
+                store
+                    .put_bytes(
+                        &BlobKey::parse(&format!("dataset/small/{i:04}.bin")).unwrap(),
+                        small,
+                    )
+                    .await
+                    .unwrap()
+            }
         });
         futures::future::join_all(puts).await;
         let large: Vec<u8> = (0..64 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
-        store.put_bytes(&BlobKey::parse("dataset/large.bin").unwrap(), large.into()).await.unwrap();
+        store
+            .put_bytes(&BlobKey::parse("dataset/large.bin").unwrap(), large.into())
+            .await
+            .unwrap();
     });
-    let bucket_prefix = root.strip_prefix(&format!("s3://{}/", s3.bucket)).unwrap().to_owned() + "/dataset";
-    let mut row = Row { name: "dataset download from Garage: 1,000 x 4 KiB + 1 x 64 MiB".into(), unit: "s", higher_is_better: false, ours: vec![], peer: vec![], peer_name: "boto3, 16 threads" };
+    let bucket_prefix = root
+        .strip_prefix(&format!("s3://{}/", s3.bucket))
+        .unwrap()
+        .to_owned()
+        + "/dataset";
+    let mut row = Row {
+        name: "dataset download from Garage: 1,000 x 4 KiB + 1 x 64 MiB".into(),
+        unit: "s",
+        higher_is_better: false,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "boto3, 16 threads",
+    };
     for round in 0..rounds() {
         let out = dir.join(format!("s3-ours-{round}"));
         let start = Instant::now();
@@ -355,12 +507,29 @@ fn bench_s3(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<Row> {
         let _ = std::fs::remove_dir_all(&out);
         let out = dir.join(format!("s3-peer-{round}"));
         let env = [
-            ("VTP_TEST_S3_ENDPOINT", s3.settings.endpoint.clone().unwrap()),
+            (
+                "VTP_TEST_S3_ENDPOINT",
+                s3.settings.endpoint.clone().unwrap(),
+            ),
             ("VTP_TEST_S3_REGION", s3.settings.region.clone().unwrap()),
-            ("VTP_TEST_S3_ACCESS_KEY_ID", s3.settings.access_key_id.clone().unwrap()),
-            ("VTP_TEST_S3_SECRET_ACCESS_KEY", s3.settings.secret_access_key.clone().unwrap()),
+            (
+                "VTP_TEST_S3_ACCESS_KEY_ID",
+                s3.settings.access_key_id.clone().unwrap(),
+            ),
+            (
+                "VTP_TEST_S3_SECRET_ACCESS_KEY",
+                s3.settings.secret_access_key.clone().unwrap(),
+            ),
         ];
-        let args = ["--bucket", &s3.bucket, "--prefix", &bucket_prefix, "--out", out.to_str().unwrap()].map(str::to_owned);
+        let args = [
+            "--bucket",
+            &s3.bucket,
+            "--prefix",
+            &bucket_prefix,
+            "--out",
+            out.to_str().unwrap(),
+        ]
+        .map(str::to_owned);
         let peer = run_peer("s3_download.py", &args, &env);
         assert_eq!(peer["objects"], 1001);
         row.peer.push(peer["seconds"].as_f64().unwrap());
@@ -372,13 +541,26 @@ fn bench_s3(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<Row> {
 // ---------------------------------------------------------------- main
 
 fn main() {
-    let pairs: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let pairs: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let all = ["step", "pipeline", "epoch", "callbacks", "s3"];
-    let pairs: Vec<&str> = if pairs.is_empty() { all.to_vec() } else { pairs.iter().map(String::as_str).collect() };
-    let target = std::env::var("CARGO_TARGET_DIR").map_or_else(|_| PathBuf::from("target"), PathBuf::from).join("bench");
+    let pairs: Vec<&str> = if pairs.is_empty() {
+        all.to_vec()
+    } else {
+        pairs.iter().map(String::as_str).collect()
+    };
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map_or_else(|_| PathBuf::from("target"), PathBuf::from)
+        .join("bench");
     std::fs::create_dir_all(&target).unwrap();
     let work = tempfile::tempdir_in(&target).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(THREADS).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
     let mut rows = Vec::new();
     for pair in pairs {
         eprintln!("== {pair}");
@@ -393,7 +575,11 @@ fn main() {
     }
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_default();
     let mut table = format!(
         "Machine: {cpu}, {} cores; {THREADS} threads each side; {} interleaved rounds; medians.\n\n| benchmark | unit | VTP | peer | peer value | ratio (VTP vs peer) |\n|---|---|---|---|---|---|\n",

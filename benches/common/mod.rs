@@ -24,7 +24,8 @@ pub fn jpeg_folder(dir: &Path) -> PathBuf {
                 let v = (x * (class + 1) + y * 3 + i * 7) % 256;
                 image::Rgb([v as u8, ((x ^ y) * class) as u8, (255 - v) as u8])
             });
-            img.save(root.join(class.to_string()).join(format!("{i}.jpg"))).unwrap();
+            img.save(root.join(class.to_string()).join(format!("{i}.jpg")))
+                .unwrap();
         }
     }
     root
@@ -35,7 +36,16 @@ pub fn uncached_loader(root: &Path, size: u32) -> Loader {
     let data = ImageFolder::open(root, 0.01, 0).unwrap();
     let mut samples = data.train;
     samples.extend(data.val);
-    Loader::new(samples, LoaderConfig { image_size: size, batch_size: 64, workers: THREADS, cache_bytes: 0, ..LoaderConfig::default() })
+    Loader::new(
+        samples,
+        LoaderConfig {
+            image_size: size,
+            batch_size: 64,
+            workers: THREADS,
+            cache_bytes: 0,
+            ..LoaderConfig::default()
+        },
+    )
 }
 
 /// Seeded initial weights and 8 random batches for a training-step benchmark.
@@ -47,8 +57,14 @@ pub fn step_fixture(dir: &Path, kind: ModelKind, size: i64, batch: i64) -> (Path
     vs.save(&weights).unwrap();
     let mut named = Vec::new();
     for i in 0..8 {
-        named.push((format!("x{i}"), Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu))));
-        named.push((format!("y{i}"), Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu))));
+        named.push((
+            format!("x{i}"),
+            Tensor::randn([batch, 3, size, size], (Kind::Float, Device::Cpu)),
+        ));
+        named.push((
+            format!("y{i}"),
+            Tensor::randint(10, [batch], (Kind::Int64, Device::Cpu)),
+        ));
     }
     let batches = dir.join(format!("batches_{kind}.safetensors"));
     Tensor::write_safetensors(&named, &batches).unwrap();
@@ -58,6 +74,13 @@ pub fn step_fixture(dir: &Path, kind: ModelKind, size: i64, batch: i64) -> (Path
 /// The batches of a [`step_fixture`].
 pub fn load_batches(path: &Path) -> Vec<(Tensor, Tensor)> {
     let data = Tensor::read_safetensors(path).unwrap();
-    let get = |name: &str| data.iter().find(|(n, _)| n == name).map(|(_, t)| t.shallow_clone()).unwrap();
-    (0..8).map(|i| (get(&format!("x{i}")), get(&format!("y{i}")))).collect()
+    let get = |name: &str| {
+        data.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t.shallow_clone())
+            .unwrap()
+    };
+    (0..8)
+        .map(|i| (get(&format!("x{i}")), get(&format!("y{i}"))))
+        .collect()
 }

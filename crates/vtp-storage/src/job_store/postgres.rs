@@ -10,9 +10,11 @@ use super::sql::{impl_sql_job_store, map_sqlx};
 
 /// A [`vtp_core::JobStore`] in Postgres.
 ///
-/// Connections are checked before use, so after an outage the pool
-/// reconnects by itself; while the database is down calls fail fast with
-/// [`Error::Unavailable`] after `acquire_timeout`.
+/// A connection that sat idle for more than [`PostgresJobStore::PING_IDLE_AFTER`]
+/// is pinged before use (and replaced when dead), so after an outage the pool
+/// reconnects by itself without paying a ping on every busy request; while
+/// the database is down calls fail fast with [`Error::Unavailable`] after
+/// `acquire_timeout`.
 #[derive(Debug, Clone)]
 pub struct PostgresJobStore {
     pool: PgPool,
@@ -22,6 +24,9 @@ impl PostgresJobStore {
     /// How long a call waits for a connection before reporting the database unavailable.
     pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+    /// Idle time after which a pooled connection is pinged before use.
+    pub const PING_IDLE_AFTER: Duration = Duration::from_millis(250);
+
     /// Connects to `url` (`postgres://user@host/db`) and migrates.
     pub async fn connect(url: &str) -> Result<Self> {
         let options = PgConnectOptions::from_str(url)
@@ -29,7 +34,16 @@ impl PostgresJobStore {
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Self::ACQUIRE_TIMEOUT)
-            .test_before_acquire(true)
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < Self::PING_IDLE_AFTER {
+                        return Ok(true);
+                    }
+                    // A dead connection is dropped and another one tried.
+                    Ok(sqlx::Connection::ping(conn).await.is_ok())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(map_sqlx)?;

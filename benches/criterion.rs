@@ -9,15 +9,12 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tch::Device;
-use tch::nn::VarStore;
 use tower::ServiceExt;
 use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, NewJob};
-use vtp_trainer::engine::optim::Optimizer;
-use vtp_trainer::engine::{ModelKind, OptimizerKind};
+use vtp_trainer::engine::ModelKind;
 
 mod common;
-use common::{THREADS, jpeg_folder, load_batches, step_fixture, uncached_loader};
+use common::{THREADS, jpeg_folder, load_batches, model_and_sgd, step_fixture, uncached_loader};
 
 fn training_step(c: &mut Criterion) {
     tch::set_num_threads(THREADS as i32);
@@ -26,16 +23,8 @@ fn training_step(c: &mut Criterion) {
     group.sample_size(20);
     for (kind, size, batch) in [(ModelKind::SmallCnn, 28, 64), (ModelKind::ResNet18, 64, 32)] {
         let (weights, batches) = step_fixture(dir.path(), kind, size, batch);
-        let mut vs = VarStore::new(Device::Cpu);
-        let model = kind.build(&vs.root(), 10);
-        vs.load(&weights).unwrap();
+        let (_vs, model, mut opt) = model_and_sgd(kind, Some(&weights));
         let batches = load_batches(&batches);
-        let params = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
         let mut i = 0;
         group.throughput(Throughput::Elements(batch as u64));
         group.bench_function(

@@ -13,14 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tch::nn::VarStore;
-use tch::{Device, Tensor};
+use tch::Tensor;
 use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, NewJob};
-use vtp_trainer::engine::optim::Optimizer;
-use vtp_trainer::engine::{ModelKind, OptimizerKind};
+use vtp_trainer::engine::ModelKind;
 
 mod common;
-use common::{THREADS, jpeg_folder, load_batches, step_fixture, uncached_loader};
+use common::{THREADS, jpeg_folder, load_batches, model_and_sgd, step_fixture, uncached_loader};
 
 /// One pair's samples, one per round.
 struct Row {
@@ -103,16 +101,8 @@ fn step_ours(
     warmup: usize,
 ) -> (f64, Vec<f64>) {
     tch::set_num_threads(THREADS as i32);
-    let mut vs = VarStore::new(Device::Cpu);
-    let model = kind.build(&vs.root(), 10);
-    vs.load(weights).unwrap();
+    let (_vs, model, mut opt) = model_and_sgd(kind, Some(weights));
     let batches = load_batches(batches);
-    let params = vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
     let mut times = Vec::new();
     let mut losses = Vec::new();
     for step in 0..warmup + steps {
@@ -199,14 +189,7 @@ fn epoch_ours(root: &Path, size: u32) -> f64 {
     tch::set_num_threads(THREADS as i32);
     tch::manual_seed(0);
     let loader = uncached_loader(root, size);
-    let vs = VarStore::new(Device::Cpu);
-    let model = ModelKind::SmallCnn.build(&vs.root(), 10);
-    let params = vs
-        .variables()
-        .into_iter()
-        .filter(|(_, t)| t.requires_grad())
-        .collect();
-    let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
+    let (_vs, model, mut opt) = model_and_sgd(ModelKind::SmallCnn, None);
     let s = i64::from(size);
     let start = Instant::now();
     let mut seen = 0;

@@ -6,18 +6,13 @@ mod support;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde_json::{Value, json};
-use support::BackendProcess;
+use serde_json::json;
+use support::{BackendProcess, json_of};
 use vtp_core::conformance::blob_store::pattern;
 use vtp_core::{BlobKey, BlobStoreExt, JobId, JobStore};
 use vtp_storage::PostgresJobStore;
 use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::testing::TrainerDouble;
-
-async fn json_of(response: reqwest::Response) -> (reqwest::StatusCode, Value) {
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seed_flow_against_postgres_and_garage() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::FaultProxy;
+use support::{FaultProxy, json_of};
 use vtp_core::conformance::blob_store::pattern;
 use vtp_core::{BlobStore, JobFilter, JobStore};
 use vtp_server::AppState;
@@ -32,11 +32,6 @@ async fn serve(state: AppState) -> String {
 fn resolve(host_port: &str) -> SocketAddr {
     use std::net::ToSocketAddrs;
     host_port.to_socket_addrs().unwrap().next().unwrap()
-}
-
-async fn json_of(response: reqwest::Response) -> (reqwest::StatusCode, Value) {
-    let status = response.status();
-    (status, response.json().await.unwrap_or(Value::Null))
 }
 
 fn seed_job() -> Value {

@@ -3,10 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use tch::nn::ModuleT;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 use vtp_trainer::data::{ImageFolder, Loader, LoaderConfig};
-use vtp_trainer::engine::ModelKind;
+use vtp_trainer::engine::optim::Optimizer;
+use vtp_trainer::engine::{ModelKind, OptimizerKind};
 
 /// Threads on each side of every comparison.
 pub const THREADS: usize = 2;
@@ -83,4 +85,24 @@ pub fn load_batches(path: &Path) -> Vec<(Tensor, Tensor)> {
     (0..8)
         .map(|i| (get(&format!("x{i}")), get(&format!("y{i}"))))
         .collect()
+}
+
+/// A model of `kind` (with `weights`, when given) and the trainer's SGD
+/// (lr 0.01, momentum 0.9, weight decay 5e-4) over its parameters.
+pub fn model_and_sgd(
+    kind: ModelKind,
+    weights: Option<&Path>,
+) -> (VarStore, Box<dyn ModuleT>, Optimizer) {
+    let mut vs = VarStore::new(Device::Cpu);
+    let model = kind.build(&vs.root(), 10);
+    if let Some(weights) = weights {
+        vs.load(weights).unwrap();
+    }
+    let params = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    let opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
+    (vs, model, opt)
 }

@@ -247,3 +247,12 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The status and JSON body of a response (`null` when the body is not JSON).
+pub async fn json_of(response: reqwest::Response) -> (reqwest::StatusCode, serde_json::Value) {
+    let status = response.status();
+    (
+        status,
+        response.json().await.unwrap_or(serde_json::Value::Null),
+    )
+}

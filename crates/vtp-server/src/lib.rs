@@ -114,6 +114,17 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Logs to stderr, filtered by `VTP_LOG` (default `info`), for the binaries.
+pub fn init_tracing() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VTP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

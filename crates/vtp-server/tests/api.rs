@@ -37,7 +37,8 @@ fn fast_retry() -> RetryConfig {
     }
 }
 
-async fn harness_with_limit(limit: u64) -> Harness {
+/// The state and a harness over it: in-memory stores, the trainer double.
+async fn state_and_harness(limit: u64) -> (AppState, Harness) {
     let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
     let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
     let trainer = TrainerDouble::start().await;
@@ -53,12 +54,17 @@ async fn harness_with_limit(limit: u64) -> Harness {
         "http://backend.test:8000/",
     )
     .with_max_upload_bytes(limit);
-    Harness {
-        app: app(state),
+    let harness = Harness {
+        app: app(state.clone()),
         jobs,
         blobs,
         trainer,
-    }
+    };
+    (state, harness)
+}
+
+async fn harness_with_limit(limit: u64) -> Harness {
+    state_and_harness(limit).await.1
 }
 
 async fn harness() -> Harness {
@@ -774,26 +780,8 @@ async fn an_upload_without_length_is_cut_at_the_limit() {
 
 #[tokio::test]
 async fn recovery_readopts_held_jobs_and_ends_lost_ones() {
-    let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
-    let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
-    let trainer = TrainerDouble::start().await;
-    let launcher = Arc::new(
-        HttpLauncher::new(&trainer.url())
-            .unwrap()
-            .with_retry(fast_retry()),
-    );
-    let state = AppState::new(
-        jobs.clone(),
-        blobs.clone(),
-        launcher,
-        "http://backend.test:8000",
-    );
-    let h = Harness {
-        app: app(state.clone()),
-        jobs: jobs.clone(),
-        blobs,
-        trainer,
-    };
+    let (state, h) = state_and_harness(64 * 1024 * 1024).await;
+    let jobs = h.jobs.clone();
     let held = started_job(&h).await;
     report(&h, &held, json!({"status": "running", "seq": 1})).await;
     let lost = started_job(&h).await;

@@ -4,18 +4,12 @@
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use vtp_server::{AppState, BackendConfig};
 use vtp_storage::BlobStoreBuilder;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    vtp_server::init_tracing();
     let mut config = BackendConfig::parse();
     config.validate()?;
 

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use vtp_storage::BlobStoreBuilder;
 use vtp_trainer::service::TrainerService;
 
@@ -38,12 +37,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("VTP_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    vtp_server::init_tracing();
     let args = Args::parse();
     let blobs = BlobStoreBuilder::from_env()
         .with_url(args.blob_url.clone())

@@ -120,22 +120,33 @@ fn extract_zip(archive: &Path, file: File, dest: &Path) -> Result<()> {
             fs::create_dir_all(&target).map_err(|e| io_error(&target, e))?;
             continue;
         }
-        total = total.saturating_add(entry.size());
-        if total > MAX_UNPACKED_BYTES {
-            return Err(invalid(
-                archive,
-                format!("unpacks to more than {MAX_UNPACKED_BYTES} bytes"),
-            ));
-        }
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
-        }
-        let mut out = File::create(&target).map_err(|e| io_error(&target, e))?;
-        // `take` bounds what a lying size header can write.
-        let limit = entry.size();
-        io::copy(&mut io::Read::take(&mut entry, limit), &mut out)
-            .map_err(|e| invalid(archive, e))?;
+        let size = entry.size();
+        write_entry(archive, &target, &mut entry, size, &mut total)?;
     }
+    Ok(())
+}
+
+/// Writes one file entry of `size` bytes, keeping the running `total` under
+/// [`MAX_UNPACKED_BYTES`]; `take` bounds what a lying size header can write.
+fn write_entry(
+    archive: &Path,
+    target: &Path,
+    entry: &mut impl io::Read,
+    size: u64,
+    total: &mut u64,
+) -> Result<()> {
+    *total = total.saturating_add(size);
+    if *total > MAX_UNPACKED_BYTES {
+        return Err(invalid(
+            archive,
+            format!("unpacks to more than {MAX_UNPACKED_BYTES} bytes"),
+        ));
+    }
+    if let Some(parent) = target.parent() {
+        fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
+    }
+    let mut out = File::create(target).map_err(|e| io_error(target, e))?;
+    io::copy(&mut io::Read::take(entry, size), &mut out).map_err(|e| invalid(archive, e))?;
     Ok(())
 }
 
@@ -151,18 +162,8 @@ fn extract_tar(archive: &Path, reader: impl io::Read, dest: &Path) -> Result<()>
                 fs::create_dir_all(&target).map_err(|e| io_error(&target, e))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                total = total.saturating_add(entry.size());
-                if total > MAX_UNPACKED_BYTES {
-                    return Err(invalid(
-                        archive,
-                        format!("unpacks to more than {MAX_UNPACKED_BYTES} bytes"),
-                    ));
-                }
-                if let Some(parent) = target.parent() {
-                    fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
-                }
-                let mut out = File::create(&target).map_err(|e| io_error(&target, e))?;
-                io::copy(&mut entry, &mut out).map_err(|e| invalid(archive, e))?;
+                let size = entry.size();
+                write_entry(archive, &target, &mut entry, size, &mut total)?;
             }
             // pax/GNU metadata records carry no file.
             tar::EntryType::XGlobalHeader

@@ -16,6 +16,14 @@ use super::{select_device, torch_err};
 use crate::data::loader::{MEAN, STD};
 use crate::data::{ImageFolder, Loader, LoaderConfig};
 
+/// Serialises seeding and weight initialisation across threads.
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// libtorch seeds are i64; reinterpret the bits.
+fn run_seed(seed: u64) -> i64 {
+    i64::from_ne_bytes(seed.to_ne_bytes())
+}
+
 /// Progress inside an epoch, for progress bars.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepProgress {
@@ -189,7 +197,6 @@ fn run(
     let kind = config.model_kind()?;
     let device = select_device(&config.device)?;
     tch::set_num_threads(i32::try_from(config.effective_threads()).unwrap_or(1));
-    tch::manual_seed(config.seed as i64);
 
     let data = ImageFolder::open(&spec.dataset_dir, config.val_split, config.seed)?;
     // Policy: a few corrupt images (1%, at least one) are skipped and counted.
@@ -229,8 +236,18 @@ fn run(
     }
     tracing::info!(job_id = %spec.job_id, model = %kind, classes = data.classes.len(), train = train.len(), val = val.len(), skipped, ?device, "training");
 
-    let vs = VarStore::new(device);
-    let model = kind.build(&vs.root(), data.classes.len() as i64);
+    // libtorch's generator is process-wide: seed and initialise under a lock,
+    // so trainers running side by side (tests, a service with concurrency > 1)
+    // still get the initial weights their seed names.
+    let (vs, model) = {
+        let _guard = INIT_LOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        tch::manual_seed(run_seed(config.seed));
+        let vs = VarStore::new(device);
+        let model = kind.build(&vs.root(), data.classes.len() as i64);
+        (vs, model)
+    };
     let params: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()

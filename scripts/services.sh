@@ -39,16 +39,25 @@ start_postgres() {
         done
     fi
     pg_isready -h 127.0.0.1 -p 5432 -q || { log "PostgreSQL did not come up"; exit 1; }
-    # Tests connect as `postgres` over TCP; make sure that works without a password.
-    if ! psql "postgres://postgres@127.0.0.1:5432/postgres" -Atqc "select 1" >/dev/null 2>&1; then
-        log "PostgreSQL refuses postgres@127.0.0.1 without a password; set VTP_TEST_DATABASE_URL"
-        exit 1
+    # Tests connect as `postgres` over TCP. Debian's default cluster wants a
+    # password there: give the local superuser one (loopback only, tests only).
+    PG_URL="${VTP_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+    if ! psql "$PG_URL" -Atqc "select 1" >/dev/null 2>&1; then
+        local with_password="postgres://postgres:vtp-test@127.0.0.1:5432/postgres"
+        if ! psql "$with_password" -Atqc "select 1" >/dev/null 2>&1; then
+            log "setting a password for the postgres role (loopback test cluster)"
+            as_root su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'vtp-test'\"" >&2 || true
+        fi
+        psql "$with_password" -Atqc "select 1" >/dev/null 2>&1 || {
+            log "cannot connect to PostgreSQL on 127.0.0.1:5432; set VTP_TEST_DATABASE_URL"
+            exit 1
+        }
+        PG_URL="$with_password"
     fi
     # Drop databases left behind by interrupted test runs.
-    psql "postgres://postgres@127.0.0.1:5432/postgres" -Atqc \
-        "select datname from pg_database where datname like 'vtp\_t\_%'" 2>/dev/null |
+    psql "$PG_URL" -Atqc "select datname from pg_database where datname like 'vtp\_t\_%'" 2>/dev/null |
         while read -r db; do
-            [ -n "$db" ] && psql "postgres://postgres@127.0.0.1:5432/postgres" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true
+            [ -n "$db" ] && psql "$PG_URL" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true
         done
 }
 
@@ -131,7 +140,7 @@ case "${1:-start}" in
         start_garage
         cat <<ENV
 export VTP_REQUIRE_SERVICES=1
-export VTP_TEST_DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres
+export VTP_TEST_DATABASE_URL=$PG_URL
 export VTP_TEST_S3_ENDPOINT=http://127.0.0.1:$GARAGE_S3_PORT
 export VTP_TEST_S3_REGION=garage
 export VTP_TEST_S3_BUCKET=$S3_BUCKET

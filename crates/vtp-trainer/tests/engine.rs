@@ -268,3 +268,41 @@ fn checkpoints_load_in_pytorch_with_the_same_logits() {
         assert!((a - b).abs() < 1e-4, "ours {ours:?} vs PyTorch {theirs:?}");
     }
 }
+
+/// A panic inside the loop (libtorch reports C++ exceptions, out-of-memory
+/// among them, by panicking through tch's infallible ops) fails the run with
+/// the message instead of taking the process down.
+#[test]
+fn a_panic_in_the_loop_is_an_error_not_a_crash() {
+    let (dir, data) = dataset();
+    let mut trainer = TchTrainer::new().on_step(|step| {
+        if step.step == 2 {
+            panic!("simulated libtorch failure: DefaultCPUAllocator: not enough memory");
+        }
+    });
+    let mut recorder = Recorder::default();
+    let err = trainer
+        .train(
+            &spec(&data, &dir.path().join("out"), config(1)),
+            &mut recorder,
+            &|| false,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Backend {
+                service: "libtorch",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(
+        vtp_core::error_chain(&err).contains("not enough memory"),
+        "{err}"
+    );
+    // The same thread trains again afterwards.
+    let (again, _) = train(&spec(&data, &dir.path().join("again"), config(1)));
+    again.unwrap();
+}

@@ -225,6 +225,8 @@ impl TrainerService {
         let mut sink = OutboxSink {
             service: self.clone(),
             request: request.clone(),
+            output: output.clone(),
+            runtime: tokio::runtime::Handle::current(),
         };
         self.report(
             request,
@@ -335,10 +337,34 @@ impl TrainerService {
     }
 }
 
-/// Reports each epoch through the outbox.
+/// After each epoch: uploads the `last` checkpoint (so the store always
+/// holds the newest one, whatever happens to this machine) and reports
+/// through the outbox. Runs on the training thread.
 struct OutboxSink {
     service: Arc<TrainerService>,
     request: StartTraining,
+    output: PathBuf,
+    runtime: tokio::runtime::Handle,
+}
+
+impl OutboxSink {
+    fn upload_last(&self) {
+        let job_id = self.request.job_id;
+        let result = self.runtime.block_on(async {
+            for name in ["last.safetensors", "last.optim.safetensors", "last.json"] {
+                let path = self.output.join(name);
+                if path.is_file() {
+                    let key = BlobKey::from_segments(&["jobs", &job_id.to_string(), name])?;
+                    self.service.blobs.put_file(&key, &path).await?;
+                }
+            }
+            Ok::<_, Error>(())
+        });
+        if let Err(e) = result {
+            // Not fatal: the final upload tries again.
+            tracing::warn!(%job_id, error = %error_chain(&e), "could not upload the last checkpoint");
+        }
+    }
 }
 
 impl ProgressSink for OutboxSink {
@@ -358,6 +384,7 @@ impl ProgressSink for OutboxSink {
                 update = update.with_metric(name.clone(), *value);
             }
         }
+        self.upload_last();
         self.service.report(&self.request, update);
     }
 }

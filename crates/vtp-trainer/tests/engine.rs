@@ -8,6 +8,17 @@ use vtp_core::{EpochReport, Error, JobId, ProgressSink, TrainSpec, Trainer};
 use vtp_trainer::engine::{Checkpoint, ModelKind, Predictor, TchTrainer};
 use vtp_trainer::testing::shapes_dataset;
 
+/// libtorch's thread pool is process-wide: two trainings running at once in
+/// one process split it differently and their float reductions (and so the
+/// bits of their losses) differ. These tests train one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 #[derive(Default)]
 struct Recorder(Vec<EpochReport>);
 
@@ -46,6 +57,7 @@ fn dataset() -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn it_learns_and_checkpoints_predict() {
+    let _serial = serial();
     let (dir, data) = dataset();
     let out = dir.path().join("out");
     let (summary, reports) = train(&spec(&data, &out, config(4)));
@@ -100,6 +112,7 @@ fn it_learns_and_checkpoints_predict() {
 
 #[test]
 fn the_same_seed_gives_the_same_first_epoch_loss() {
+    let _serial = serial();
     let (dir, data) = dataset();
     let (_, a) = train(&spec(&data, &dir.path().join("a"), config(1)));
     let (_, b) = train(&spec(&data, &dir.path().join("b"), config(1)));
@@ -113,6 +126,7 @@ fn the_same_seed_gives_the_same_first_epoch_loss() {
 
 #[test]
 fn resume_continues_at_the_next_epoch_with_the_optimizer_state() {
+    let _serial = serial();
     let (dir, data) = dataset();
     let out = dir.path().join("out");
     let (_, first) = train(&spec(&data, &out, config(2)));
@@ -146,6 +160,7 @@ fn resume_continues_at_the_next_epoch_with_the_optimizer_state() {
 
 #[test]
 fn cancel_stops_at_the_next_step_and_saves_last() {
+    let _serial = serial();
     let (dir, data) = dataset();
     let out = dir.path().join("out");
     let steps = AtomicUsize::new(0);
@@ -166,6 +181,7 @@ fn cancel_stops_at_the_next_step_and_saves_last() {
 
 #[test]
 fn every_architecture_trains() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shapes");
     shapes_dataset(&data, 6, 1);
@@ -183,6 +199,7 @@ fn every_architecture_trains() {
 
 #[test]
 fn bad_datasets_and_configs_fail_clearly() {
+    let _serial = serial();
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
@@ -223,6 +240,7 @@ fn bad_datasets_and_configs_fail_clearly() {
 /// gives the same logits.
 #[test]
 fn checkpoints_load_in_pytorch_with_the_same_logits() {
+    let _serial = serial();
     let (dir, data) = dataset();
     let out = dir.path().join("out");
     train(&spec(&data, &out, config(1))).0.unwrap();
@@ -274,6 +292,7 @@ fn checkpoints_load_in_pytorch_with_the_same_logits() {
 /// the message instead of taking the process down.
 #[test]
 fn a_panic_in_the_loop_is_an_error_not_a_crash() {
+    let _serial = serial();
     let (dir, data) = dataset();
     let mut trainer = TchTrainer::new().on_step(|step| {
         if step.step == 2 {

@@ -115,6 +115,50 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
     }
 }
 
+/// The compare-and-set `UPDATE ... RETURNING` of a job, as a literal (so
+/// `concat!` can wrap it in a CTE). Parameters `$1..$13`: see [`bind_update`].
+macro_rules! update_job_sql {
+    () => {
+        "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
+         attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
+         revision = revision + 1 \
+         WHERE id = $1 AND status = $2 AND ($13 IS NULL OR revision = $13) \
+         RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+         message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+         started_at, finished_at"
+    };
+}
+pub(crate) use update_job_sql;
+
+/// Binds `$1..$13` of [`update_job_sql`]: the next job's fields and the expectation.
+macro_rules! bind_update {
+    ($query:expr, $next:expr, $expected:expr) => {
+        $query
+            .bind($next.id.0)
+            .bind($expected.status.as_str())
+            .bind($next.status.as_str())
+            .bind($next.progress)
+            .bind(&$next.message)
+            .bind(&$next.error)
+            .bind(&$next.checkpoint_s3_uri)
+            .bind($next.attempt)
+            .bind($next.last_seq)
+            .bind($next.updated_at)
+            .bind($next.started_at)
+            .bind($next.finished_at)
+            .bind($expected.revision)
+    };
+}
+pub(crate) use bind_update;
+
+/// The conflict a failed compare-and-set reports, naming what was expected and what was found.
+pub(crate) fn lost_race(next: &Job, expected: &vtp_core::Expected, current: &Job) -> Error {
+    Error::conflict(format!(
+        "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
+        next.id, expected.status, expected.revision, current.status, current.revision
+    ))
+}
+
 /// Implements `JobStore` for `$store`, a struct with a `pool: sqlx::Pool<$db>` field.
 ///
 /// With `single_statement = true` (Postgres) a compare-and-set with a metric
@@ -216,83 +260,44 @@ macro_rules! impl_sql_job_store {
                 next: &vtp_core::Job,
                 metric: Option<&vtp_core::TrainingMetric>,
             ) -> vtp_core::Result<vtp_core::Job> {
-                use $crate::job_store::sql::map_sqlx;
+                use $crate::job_store::sql::{lost_race, map_sqlx};
                 if $single {
-                    let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
-                        "WITH upd AS (UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, \
-                         checkpoint_s3_uri = $7, attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, \
-                         finished_at = $12, revision = revision + 1 \
-                         WHERE id = $1 AND status = $2 AND ($13 IS NULL OR revision = $13) \
-                         RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                         message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
-                         started_at, finished_at), \
-                         ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
-                         SELECT id, $14, $15, $16 FROM upd WHERE $14 IS NOT NULL \
-                         ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
-                         recorded_at = excluded.recorded_at) \
-                         SELECT * FROM upd",
+                    let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
+                        sqlx::query_as(concat!(
+                            "WITH upd AS (",
+                            $crate::job_store::sql::update_job_sql!(),
+                            "), ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
+                             SELECT id, $14, $15, $16 FROM upd WHERE $14 IS NOT NULL \
+                             ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
+                             recorded_at = excluded.recorded_at) \
+                             SELECT * FROM upd",
+                        )),
+                        next,
+                        expected
                     )
-                    .bind(next.id.0)
-                    .bind(expected.status.as_str())
-                    .bind(next.status.as_str())
-                    .bind(next.progress)
-                    .bind(&next.message)
-                    .bind(&next.error)
-                    .bind(&next.checkpoint_s3_uri)
-                    .bind(next.attempt)
-                    .bind(next.last_seq)
-                    .bind(next.updated_at)
-                    .bind(next.started_at)
-                    .bind(next.finished_at)
-                    .bind(expected.revision)
                     .bind(metric.map(|m| i64::from(m.epoch)))
                     .bind(metric.map(|m| sqlx::types::Json(&m.values)))
                     .bind(metric.map(|m| m.recorded_at))
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(map_sqlx)?;
-                    let Some(row) = row else {
-                        let current = self.get(next.id).await?;
-                        return Err(vtp_core::Error::conflict(format!(
-                            "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
-                            next.id, expected.status, expected.revision, current.status, current.revision
-                        )));
+                    return match row {
+                        Some(row) => row.try_into(),
+                        None => Err(lost_race(next, &expected, &self.get(next.id).await?)),
                     };
-                    return row.try_into();
                 }
                 let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-                let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
-                    "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
-                     attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
-                     revision = revision + 1 \
-                     WHERE id = $1 AND status = $2 AND ($13 IS NULL OR revision = $13) \
-                     RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
-                     started_at, finished_at",
+                let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
+                    sqlx::query_as($crate::job_store::sql::update_job_sql!()),
+                    next,
+                    expected
                 )
-                .bind(next.id.0)
-                .bind(expected.status.as_str())
-                .bind(next.status.as_str())
-                .bind(next.progress)
-                .bind(&next.message)
-                .bind(&next.error)
-                .bind(&next.checkpoint_s3_uri)
-                .bind(next.attempt)
-                .bind(next.last_seq)
-                .bind(next.updated_at)
-                .bind(next.started_at)
-                .bind(next.finished_at)
-                .bind(expected.revision)
                 .fetch_optional(&mut *tx)
                 .await
                 .map_err(map_sqlx)?;
                 let Some(row) = row else {
                     drop(tx);
-                    let current = self.get(next.id).await?;
-                    return Err(vtp_core::Error::conflict(format!(
-                        "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
-                        next.id, expected.status, expected.revision, current.status, current.revision
-                    )));
+                    return Err(lost_race(next, &expected, &self.get(next.id).await?));
                 };
                 if let Some(metric) = metric {
                     sqlx::query(

@@ -85,9 +85,22 @@ fn io(path: &Path, e: std::io::Error) -> Error {
     Error::internal(format!("{}: {e}", path.display()))
 }
 
+/// Moves a finished temporary file into place, so readers never see a torn one.
+fn publish(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(tmp, path).map_err(|e| io(path, e))
+}
+
+/// Writes the sidecar `stem`.json for `meta`.
+fn write_sidecar(dir: &Path, stem: &str, meta: &CheckpointMeta) -> Result<()> {
+    let tmp = dir.join(format!(".{stem}.json.tmp"));
+    let json = serde_json::to_vec_pretty(meta).map_err(|e| Error::internal(e.to_string()))?;
+    std::fs::write(&tmp, json).map_err(|e| io(&tmp, e))?;
+    publish(&tmp, &dir.join(format!("{stem}.json")))
+}
+
 /// Writes `stem`.safetensors, `stem`.optim.safetensors and `stem`.json into
 /// `dir`, each through a temporary file and a rename, so a crash never leaves
-/// a torn checkpoint. Returns the weights path.
+/// a torn checkpoint. Returns the sidecar as written.
 ///
 /// # Errors
 /// I/O and libtorch failures.
@@ -97,28 +110,49 @@ pub fn save(
     vs: &VarStore,
     optimizer: Option<&Optimizer>,
     mut meta: CheckpointMeta,
-) -> Result<PathBuf> {
+) -> Result<CheckpointMeta> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
-    let weights = dir.join(format!("{stem}.safetensors"));
     let tmp = dir.join(format!(".{stem}.tmp.safetensors"));
     vs.save(&tmp).map_err(torch_err)?;
     meta.sha256 = sha256_file(&tmp)?;
-    std::fs::rename(&tmp, &weights).map_err(|e| io(&weights, e))?;
     meta.weights = format!("{stem}.safetensors");
+    publish(&tmp, &dir.join(&meta.weights))?;
+    meta.optimizer = None;
+    meta.optimizer_sha256 = None;
     if let Some(optimizer) = optimizer {
-        let path = dir.join(format!("{stem}.optim.safetensors"));
         let tmp = dir.join(format!(".{stem}.optim.tmp.safetensors"));
         tch::Tensor::write_safetensors(&optimizer.state_tensors(), &tmp).map_err(torch_err)?;
         meta.optimizer_sha256 = Some(sha256_file(&tmp)?);
-        std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
-        meta.optimizer = Some(format!("{stem}.optim.safetensors"));
+        let name = format!("{stem}.optim.safetensors");
+        publish(&tmp, &dir.join(&name))?;
+        meta.optimizer = Some(name);
     }
-    let sidecar = dir.join(format!("{stem}.json"));
-    let tmp = dir.join(format!(".{stem}.json.tmp"));
-    let json = serde_json::to_vec_pretty(&meta).map_err(|e| Error::internal(e.to_string()))?;
-    std::fs::write(&tmp, json).map_err(|e| io(&tmp, e))?;
-    std::fs::rename(&tmp, &sidecar).map_err(|e| io(&sidecar, e))?;
-    Ok(weights)
+    write_sidecar(dir, stem, &meta)?;
+    Ok(meta)
+}
+
+/// Copies the checkpoint `saved` (as [`save`] returned it) in `dir` to
+/// `stem`.*, without serialising or hashing the tensors again. Returns the
+/// copy's sidecar.
+///
+/// # Errors
+/// I/O failures.
+pub fn copy_as(dir: &Path, saved: &CheckpointMeta, stem: &str) -> Result<CheckpointMeta> {
+    let copy = |from: &str, to: &str| -> Result<()> {
+        let tmp = dir.join(format!(".{to}.tmp"));
+        std::fs::copy(dir.join(from), &tmp).map_err(|e| io(&tmp, e))?;
+        publish(&tmp, &dir.join(to))
+    };
+    let mut meta = saved.clone();
+    meta.weights = format!("{stem}.safetensors");
+    copy(&saved.weights, &meta.weights)?;
+    if let Some(optimizer) = &saved.optimizer {
+        let name = format!("{stem}.optim.safetensors");
+        copy(optimizer, &name)?;
+        meta.optimizer = Some(name);
+    }
+    write_sidecar(dir, stem, &meta)?;
+    Ok(meta)
 }
 
 /// A checkpoint on disk.

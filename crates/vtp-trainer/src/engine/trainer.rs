@@ -132,7 +132,7 @@ impl Run<'_> {
         }
     }
 
-    fn save(&self, stem: &str, epoch: u32) -> Result<std::path::PathBuf> {
+    fn save(&self, stem: &str, epoch: u32) -> Result<CheckpointMeta> {
         checkpoint::save(
             self.output,
             stem,
@@ -361,9 +361,9 @@ fn run(
         if improved {
             run.best = val_accuracy;
         }
-        run.save("last", epoch)?;
+        let last = run.save("last", epoch)?;
         if improved {
-            run.save("best", epoch)?;
+            checkpoint::copy_as(run.output, &last, "best")?;
         }
         progress.epoch_finished(&EpochReport {
             epoch,

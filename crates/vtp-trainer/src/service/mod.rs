@@ -384,7 +384,11 @@ impl ProgressSink for OutboxSink {
                 update = update.with_metric(name.clone(), *value);
             }
         }
-        self.upload_last();
+        // After the final epoch the service uploads every checkpoint file at
+        // once; uploading `last` here too would send it twice.
+        if report.epoch < report.epochs {
+            self.upload_last();
+        }
         self.service.report(&self.request, update);
     }
 }

@@ -54,6 +54,15 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --lock
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked
 
+step "Python bindings: maturin develop, pytest (real backend and in process), mypy --strict, stubtest"
+python -m pip install -q --disable-pip-version-check -r crates/vtp-py/requirements-test.txt
+# The backend and trainer binaries the pytest suite runs, as cargo test built them.
+cargo build --workspace --all-features --bins --locked
+(cd crates/vtp-py && maturin develop --locked)
+(cd crates/vtp-py && python -m pytest -q)
+(cd crates/vtp-py && python -m mypy --strict python/vtp ../../examples/notebook/notebook.py)
+(cd crates/vtp-py && python -m mypy.stubtest vtp._vtp)
+
 step "benches compile"
 cargo bench --locked -p vtp-server --features torch --no-run
 

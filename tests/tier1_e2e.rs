@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{ServiceProcess, children_of, free_port};
-use vtp_core::{BlobKey, BlobStoreExt};
 use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::engine::Predictor;
 use vtp_trainer::testing::{shapes_dataset, zip_dir};
@@ -183,7 +182,7 @@ async fn a_job_trains_in_the_subprocess_trainer_and_its_checkpoint_predicts() {
         "well above chance: {metrics}"
     );
 
-    // The checkpoint downloads through the API, its sidecar sits beside it in S3, and it predicts.
+    // The checkpoint downloads through the API, so does its sidecar, and it predicts.
     let dir = tempfile::tempdir().unwrap();
     let response = env
         .http
@@ -197,17 +196,18 @@ async fn a_job_trains_in_the_subprocess_trainer_and_its_checkpoint_predicts() {
         response.bytes().await.unwrap(),
     )
     .unwrap();
-    let blobs = env
-        .s3
-        .builder()
-        .with_url(env.blob_url.clone())
-        .build()
-        .unwrap();
-    let sidecar = BlobKey::parse(&format!("jobs/{id}/best.json")).unwrap();
-    blobs
-        .download_to(&sidecar, &dir.path().join("best.json"))
+    let response = env
+        .http
+        .get(backend.at(&format!("/training/jobs/{id}/checkpoint/best.json")))
+        .send()
         .await
         .unwrap();
+    assert_eq!(response.status(), 200);
+    std::fs::write(
+        dir.path().join("best.json"),
+        response.bytes().await.unwrap(),
+    )
+    .unwrap();
     let predictor = Predictor::load(&dir.path().join("best.safetensors")).unwrap();
     let images = tempfile::tempdir().unwrap();
     shapes_dataset(images.path(), 3, 99);

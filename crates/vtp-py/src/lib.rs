@@ -1,1 +1,45 @@
-//! placeholder
+//! # vtp-py
+//!
+//! The native half of the `vtp` Python package (`vtp._vtp`): the backend
+//! client, the platform in process and checkpoints, all on the Rust engine.
+//! The pure-Python half (`python/vtp/`) adds job objects, event streams,
+//! progress bars, pandas and matplotlib.
+//!
+//! ```python
+//! import vtp
+//! result = vtp.local().train(dataset="digits/", model="small_cnn", epochs=5)
+//! print(result.metrics[-1]["val_accuracy"], result.checkpoint)
+//! ```
+//!
+//! Every blocking call releases the GIL and stays interruptible by Ctrl-C;
+//! errors arrive as `vtp.VtpError` subclasses ([`errors`]).
+#![warn(missing_docs)]
+
+use pyo3::prelude::*;
+
+mod checkpoint;
+mod client;
+pub mod errors;
+mod local;
+mod runtime;
+
+pub use checkpoint::Checkpoint;
+pub use client::Client;
+pub use local::LocalPlatform;
+
+/// The module `vtp._vtp`.
+#[pymodule]
+fn _vtp(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<Client>()?;
+    m.add_class::<LocalPlatform>()?;
+    m.add_class::<Checkpoint>()?;
+    m.add("VtpError", py.get_type::<errors::VtpError>())?;
+    m.add("NotFound", py.get_type::<errors::NotFound>())?;
+    m.add("Conflict", py.get_type::<errors::Conflict>())?;
+    m.add("InvalidInput", py.get_type::<errors::InvalidInput>())?;
+    m.add("Unavailable", py.get_type::<errors::Unavailable>())?;
+    m.add("JobFailed", py.get_type::<errors::JobFailed>())?;
+    Ok(())
+}

@@ -18,6 +18,7 @@
 //! | DELETE | `/training/jobs/{id}` | cancel |
 //! | GET | `/training/jobs/{id}/metrics` | per-epoch metrics |
 //! | GET | `/training/jobs/{id}/checkpoint` | stream the checkpoint |
+//! | GET | `/training/jobs/{id}/checkpoint/{file}` | a file beside it (`best.json`, `last.safetensors`) |
 //! | POST | `/datasets/upload` | multipart `file`, `user_id`, `dataset_name` |
 #![warn(missing_docs)]
 
@@ -104,6 +105,10 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/training/jobs/{id}/checkpoint",
             get(routes::jobs::checkpoint),
+        )
+        .route(
+            "/training/jobs/{id}/checkpoint/{file}",
+            get(routes::jobs::checkpoint_file),
         )
         .route(
             "/datasets/upload",

@@ -473,6 +473,48 @@ async fn callbacks_are_idempotent_and_ordered_by_seq() {
         response.into_body().collect().await.unwrap().to_bytes(),
         Bytes::from_static(b"weights")
     );
+
+    // The files beside it download by name; anything else is refused.
+    let sidecar = BlobKey::parse(&format!("jobs/{id}/best.json")).unwrap();
+    h.blobs
+        .put_bytes(&sidecar, Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let response = h
+        .app
+        .clone()
+        .oneshot(empty(
+            "GET",
+            &format!("/training/jobs/{id}/checkpoint/best.json"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from_static(b"{}")
+    );
+    let (status, body) = send(
+        &h.app,
+        empty("GET", &format!("/training/jobs/{id}/checkpoint/last.json")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not uploaded: {body}");
+    for file in ["..%2Fsecret", "best.txt", "jobs.db"] {
+        let (status, body) = send(
+            &h.app,
+            empty("GET", &format!("/training/jobs/{id}/checkpoint/{file}")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{file}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("not a checkpoint file"),
+            "{body}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -9,8 +9,8 @@ use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vtp_core::{
-    BlobStoreExt, CancelOutcome, Error, Job, JobFilter, JobId, JobPage, JobStatus, JobStoreExt,
-    NewJob, StartTraining, TrainingUpdate,
+    BlobKey, BlobStoreExt, CancelOutcome, Error, Job, JobFilter, JobId, JobPage, JobStatus,
+    JobStoreExt, NewJob, StartTraining, TrainingUpdate,
 };
 
 use crate::AppState;
@@ -235,12 +235,52 @@ pub async fn checkpoint(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Response> {
+    let key = checkpoint_key(&state, id).await?;
+    stream_blob(&state, &key).await
+}
+
+/// The files a checkpoint consists of, servable next to it.
+const CHECKPOINT_FILES: [&str; 6] = [
+    "best.safetensors",
+    "best.json",
+    "best.optim.safetensors",
+    "last.safetensors",
+    "last.json",
+    "last.optim.safetensors",
+];
+
+/// `GET /training/jobs/{id}/checkpoint/{file}`: one file of the job's
+/// checkpoint directory, such as `best.json` (the sidecar with class names
+/// and config that `Checkpoint::open` needs) or `last.safetensors`.
+pub async fn checkpoint_file(
+    State(state): State<AppState>,
+    ApiPath((id, file)): ApiPath<(JobId, String)>,
+) -> ApiResult<Response> {
+    if !CHECKPOINT_FILES.contains(&file.as_str()) {
+        return Err(Error::invalid(
+            "file",
+            format!("{file:?} is not a checkpoint file; expected one of {CHECKPOINT_FILES:?}"),
+        )
+        .into());
+    }
+    let weights = checkpoint_key(&state, id).await?;
+    let dir = weights.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
+    let key = BlobKey::parse(&format!("{dir}/{file}"))?;
+    stream_blob(&state, &key).await
+}
+
+/// The key of the job's final checkpoint; 404 until there is one.
+async fn checkpoint_key(state: &AppState, id: JobId) -> ApiResult<BlobKey> {
     let job = state.jobs.get(id).await?;
     let uri = job
         .checkpoint_s3_uri
         .ok_or_else(|| Error::not_found("checkpoint of job", id))?;
-    let key = state.blobs.key_for(&uri)?;
-    let (meta, stream) = state.blobs.get_stream(&key).await?;
+    Ok(state.blobs.key_for(&uri)?)
+}
+
+/// Streams a blob as a download.
+async fn stream_blob(state: &AppState, key: &BlobKey) -> ApiResult<Response> {
+    let (meta, stream) = state.blobs.get_stream(key).await?;
     let body = Body::from_stream(stream.map_err(|e| std::io::Error::other(error_chain(&e))));
     let mut response = body.into_response();
     let headers = response.headers_mut();

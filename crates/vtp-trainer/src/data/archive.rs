@@ -219,6 +219,68 @@ fn looks_like_split_or_class(_dir: &Path, only: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// Packs the directory `dir` into a zip at `archive`, every entry under
+/// `dir`'s own name (the layout [`extract_archive`] unwraps). Files are
+/// stored, not deflated: dataset images are compressed already. Hidden
+/// files and symbolic links are left out.
+///
+/// # Errors
+/// [`Error::InvalidInput`] when `dir` is not a readable directory; I/O
+/// errors writing `archive` as [`Error::Internal`].
+pub fn pack_dir(dir: &Path, archive: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(unreadable(dir, "not a directory"));
+    }
+    let root = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("dataset")
+        .to_owned();
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(current) = stack.pop() {
+        for entry in fs::read_dir(&current).map_err(|e| unreadable(&current, e))? {
+            let entry = entry.map_err(|e| unreadable(&current, e))?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let kind = entry
+                .file_type()
+                .map_err(|e| unreadable(&entry.path(), e))?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    files.sort();
+    let io_err =
+        |e: &dyn std::fmt::Display| Error::internal(format!("writing {}: {e}", archive.display()));
+    let out = File::create(archive).map_err(|e| io_err(&e))?;
+    let mut writer = zip::ZipWriter::new(io::BufWriter::new(out));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .large_file(true);
+    for path in files {
+        let relative = path.strip_prefix(dir).unwrap_or(&path);
+        let mut name = root.clone();
+        for part in relative.components() {
+            name.push('/');
+            name.push_str(&part.as_os_str().to_string_lossy());
+        }
+        writer.start_file(name, options).map_err(|e| io_err(&e))?;
+        let mut input = File::open(&path).map_err(|e| unreadable(&path, e))?;
+        io::copy(&mut input, &mut writer).map_err(|e| io_err(&e))?;
+    }
+    writer.finish().map_err(|e| io_err(&e))?;
+    Ok(())
+}
+
+fn unreadable(path: &Path, message: impl std::fmt::Display) -> Error {
+    Error::invalid("dataset", format!("{}: {message}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write;
@@ -237,6 +299,35 @@ mod tests {
         }
         writer.finish().unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn packed_folders_unpack_to_the_same_files() {
+        let src = tempfile::tempdir().unwrap();
+        let root = src.path().join("shapes");
+        fs::create_dir_all(root.join("disc")).unwrap();
+        fs::create_dir_all(root.join("square/nested")).unwrap();
+        fs::write(root.join("disc/0.png"), b"disc").unwrap();
+        fs::write(root.join("square/nested/1.jpg"), b"square").unwrap();
+        fs::write(root.join(".DS_Store"), b"junk").unwrap();
+        let archive = src.path().join("shapes.zip");
+        pack_dir(&root, &archive).unwrap();
+
+        let out = tempfile::tempdir().unwrap();
+        let unpacked = extract_archive(&archive, out.path()).unwrap();
+        assert_eq!(unpacked, out.path().join("shapes"));
+        assert_eq!(fs::read(unpacked.join("disc/0.png")).unwrap(), b"disc");
+        assert_eq!(
+            fs::read(unpacked.join("square/nested/1.jpg")).unwrap(),
+            b"square"
+        );
+        assert!(
+            !unpacked.join(".DS_Store").exists(),
+            "hidden files stay out"
+        );
+
+        let err = pack_dir(&root.join("missing"), &archive).unwrap_err();
+        assert!(err.to_string().contains("not a directory"), "{err}");
     }
 
     #[test]

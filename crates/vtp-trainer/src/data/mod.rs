@@ -5,6 +5,6 @@ pub mod archive;
 pub mod image_folder;
 pub mod loader;
 
-pub use archive::{extract_archive, is_archive};
+pub use archive::{extract_archive, is_archive, pack_dir};
 pub use image_folder::{ImageFolder, Sample};
 pub use loader::{Batch, Loader, LoaderConfig};

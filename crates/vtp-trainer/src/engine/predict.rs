@@ -88,11 +88,28 @@ impl Predictor {
     /// # Errors
     /// libtorch failures.
     pub fn predict_images(&self, images: &[image::DynamicImage]) -> Result<Vec<Prediction>> {
-        let input: Vec<f32> = images
+        self.top1(&self.preprocess(images))
+    }
+
+    /// Logits of decoded images, after the checkpoint's resize and
+    /// normalisation.
+    ///
+    /// # Errors
+    /// libtorch failures.
+    pub fn logits_of_images(&self, images: &[image::DynamicImage]) -> Result<Vec<Vec<f32>>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.logits(&self.preprocess(images))
+    }
+
+    /// The model's input for `images`: resized to the checkpoint's side and
+    /// normalised, flattened NCHW.
+    pub fn preprocess(&self, images: &[image::DynamicImage]) -> Vec<f32> {
+        images
             .iter()
             .flat_map(|img| normalise(&resize(img, self.meta.image_size), self.meta.image_size))
-            .collect();
-        self.top1(&input)
+            .collect()
     }
 
     /// Classifies image files.

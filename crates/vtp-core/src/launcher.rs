@@ -40,6 +40,36 @@ impl StartTraining {
     }
 }
 
+/// What a trainer asks of the machine it runs on, from `config.resources`
+/// of a job: `{"cpu": "2", "memory": "4Gi", "gpu": 1}`. Launchers that
+/// schedule (Kubernetes) turn it into requests and limits; the others
+/// ignore it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// CPU as a Kubernetes quantity: `"2"`, `"500m"`.
+    pub cpu: Option<String>,
+    /// Memory as a Kubernetes quantity: `"4Gi"`.
+    pub memory: Option<String>,
+    /// Whole GPUs (`nvidia.com/gpu`).
+    pub gpu: Option<u32>,
+}
+
+impl Resources {
+    /// The `resources` of a job's config; `None` when absent.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] naming `config.resources` when malformed.
+    pub fn from_config(config: &serde_json::Value) -> crate::Result<Option<Self>> {
+        match config.get("resources") {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(value) => serde_json::from_value(value.clone())
+                .map(Some)
+                .map_err(|e| crate::Error::invalid("config.resources", e.to_string())),
+        }
+    }
+}
+
 /// What a cancel request found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -53,7 +53,7 @@ pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta
 pub use error::{BoxError, Error, Result, error_chain};
 pub use job::{Job, JobFilter, JobId, JobPage, NewJob, validate_name};
 pub use job_store::{Expected, JobStore, JobStoreExt};
-pub use launcher::{CancelOutcome, StartTraining, TrainerLauncher};
+pub use launcher::{CancelOutcome, Resources, StartTraining, TrainerLauncher};
 pub use retry::{BackoffConfig, RetryConfig};
 pub use status::JobStatus;
 pub use trainer::{EpochReport, ProgressSink, TrainSpec, TrainSummary, Trainer};

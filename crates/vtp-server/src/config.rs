@@ -14,6 +14,9 @@ pub enum LauncherKind {
     Subprocess,
     /// A trainer service reached over HTTP (`--trainer-url`).
     Http,
+    /// Each job as a Kubernetes Job (tiers 2 and 3; `VTP_K8S_*`, in-cluster
+    /// or from a kubeconfig).
+    Kubernetes,
 }
 
 /// `vtp-backend`'s settings.
@@ -62,6 +65,11 @@ pub struct BackendConfig {
     /// `queued`) or finalised (`cancelling`) by the sweeper.
     #[arg(long, env = "VTP_STALE_AFTER_SECS", default_value_t = 3600)]
     pub stale_after_secs: u64,
+
+    /// Seconds between passes of the Kubernetes reconciler, which ends jobs
+    /// whose Job failed, vanished or cannot start.
+    #[arg(long, env = "VTP_K8S_RECONCILE_SECS", default_value_t = 10)]
+    pub reconcile_secs: u64,
 }
 
 impl BackendConfig {
@@ -86,11 +94,14 @@ impl BackendConfig {
 
     /// Builds the configured launcher. The subprocess trainer shares the
     /// backend's blob store (`blob_uri`, the store's resolved root) and works
-    /// under `./.vtp/trainer`.
+    /// under `./.vtp/trainer`. The Kubernetes launcher reconciles once (so
+    /// jobs that ended while the backend was down get their reasons) and then
+    /// every `reconcile_secs` in a background task.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a bad trainer URL.
-    pub fn build_launcher(
+    /// [`Error::InvalidInput`] for a bad trainer URL or `VTP_K8S_*` setting;
+    /// [`Error::Unavailable`] when no Kubernetes configuration is found.
+    pub async fn build_launcher(
         &self,
         jobs: Arc<dyn JobStore>,
         blob_uri: &str,
@@ -116,6 +127,25 @@ impl BackendConfig {
                                 .unwrap_or_else(|_| "./.vtp/trainer".into()),
                         ),
                 ))
+            }
+            LauncherKind::Kubernetes => {
+                let launcher = vtp_trainer::KubernetesLauncher::from_env(jobs).await?;
+                match launcher.reconcile().await {
+                    Ok(done) => tracing::info!(
+                        running = done.running,
+                        ended = done.ended.len(),
+                        "reconciled Kubernetes Jobs"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %vtp_core::error_chain(&e), "first reconcile failed; the loop retries")
+                    }
+                }
+                tokio::spawn(
+                    launcher
+                        .clone()
+                        .run_reconciler(Duration::from_secs(self.reconcile_secs.max(1))),
+                );
+                Ok(Arc::new(launcher))
             }
         }
     }

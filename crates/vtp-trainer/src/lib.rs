@@ -19,4 +19,6 @@ pub mod testing;
 #[cfg(feature = "torch")]
 pub use engine::{Predictor, TchTrainer, TrainConfig};
 pub use launch::http::HttpLauncher;
+#[cfg(feature = "kubernetes")]
+pub use launch::kubernetes::{KubernetesConfig, KubernetesLauncher};
 pub use launch::subprocess::SubprocessLauncher;

@@ -27,7 +27,9 @@ async fn main() -> anyhow::Result<()> {
         .with_url(config.blob_url.clone())
         .build()
         .with_context(|| format!("opening the blob store at {}", config.blob_url))?;
-    let launcher = config.build_launcher(jobs.clone(), blobs.base_uri())?;
+    let launcher = config
+        .build_launcher(jobs.clone(), blobs.base_uri())
+        .await?;
     let state = AppState::new(jobs, blobs, launcher, config.public_url())
         .with_max_upload_bytes(config.max_upload_bytes);
 

@@ -1,13 +1,23 @@
 //! `vtp-trainer-service`: trains jobs handed to it over HTTP with libtorch,
 //! reading datasets from and writing checkpoints to the blob store
 //! (`VTP_BLOB_URL`, `VTP_S3_*`), reporting to each job's callback URL.
+//!
+//! `vtp-trainer-service run-job` is the one-shot form a Kubernetes Job runs:
+//! it trains the request in `VTP_START_TRAINING`, delivers every report,
+//! and exits 0 (completed or cancelled), 3 (the job can never succeed as
+//! given: the Job's pod failure policy stops retrying) or 1 (worth a retry).
+//! SIGTERM cancels the job, which saves `last` and reports `cancelled`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use vtp_core::{JobStatus, StartTraining};
 use vtp_storage::BlobStoreBuilder;
+use vtp_trainer::launch::kubernetes::{EXIT_NON_RETRYABLE, START_TRAINING_ENV};
 use vtp_trainer::service::TrainerService;
 
 /// `vtp-trainer-service`'s settings.
@@ -33,6 +43,21 @@ struct Args {
     /// Exit when the parent process exits (the subprocess launcher sets it).
     #[arg(long)]
     exit_with_parent: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Trains one job to the end and exits (the Kubernetes Job's command).
+    RunJob {
+        /// The `POST /training/start` body, as JSON.
+        #[arg(long, env = START_TRAINING_ENV)]
+        request: String,
+        /// Longest wait for the backend to take the last reports, in seconds.
+        #[arg(long, env = "VTP_REPORT_DRAIN_SECS", default_value_t = 300)]
+        drain_secs: u64,
+    },
 }
 
 #[tokio::main]
@@ -43,6 +68,15 @@ async fn main() -> anyhow::Result<()> {
         .with_url(args.blob_url.clone())
         .build()
         .with_context(|| format!("opening the blob store at {}", args.blob_url))?;
+    if let Some(Command::RunJob {
+        request,
+        drain_secs,
+    }) = &args.command
+    {
+        let service = TrainerService::new(blobs, &args.work_dir, 1)?;
+        let code = run_job(service, request, Duration::from_secs(*drain_secs)).await;
+        std::process::exit(code);
+    }
     let service = TrainerService::new(blobs, &args.work_dir, args.concurrency)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -63,4 +97,56 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// The one-shot trainer: trains `request`, waits for its reports to be
+/// delivered, and returns the process exit code.
+async fn run_job(service: Arc<TrainerService>, request: &str, drain: Duration) -> i32 {
+    let request: StartTraining = match serde_json::from_str(request) {
+        Ok(request) => request,
+        Err(e) => {
+            tracing::error!(error = %e, "{START_TRAINING_ENV} is not a start request");
+            return EXIT_NON_RETRYABLE;
+        }
+    };
+    let job_id = request.job_id;
+    // A retried pod starts with an empty outbox: number its reports above
+    // any an earlier attempt sent, so the backend does not take them for replays.
+    let floor = chrono::Utc::now().timestamp_millis() * 1000;
+    if let Err(e) = service.outbox().raise_seq_floor(job_id, floor) {
+        tracing::error!(%job_id, error = %vtp_core::error_chain(&e), "cannot prepare the outbox");
+        return 1;
+    }
+    let outbox = service.outbox().clone();
+    let delivery = tokio::spawn(async move { outbox.run().await });
+    let cancel = {
+        let service = service.clone();
+        tokio::spawn(async move {
+            vtp_server::shutdown_signal().await;
+            tracing::info!(%job_id, "termination requested; cancelling the job");
+            service.cancel(job_id);
+        })
+    };
+    let code = match service.run_once(request).await {
+        Ok(finished) => match finished.status {
+            JobStatus::Completed | JobStatus::Cancelled => 0,
+            _ if finished.retryable => 1,
+            _ => EXIT_NON_RETRYABLE,
+        },
+        Err(e) if e.is_retryable() => 1,
+        Err(_) => EXIT_NON_RETRYABLE,
+    };
+    let drained = tokio::time::timeout(drain, async {
+        while service.outbox().has_pending(job_id) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(%job_id, "reports still undelivered; the backend's reconciler will settle the job");
+    }
+    cancel.abort();
+    delivery.abort();
+    tracing::info!(%job_id, code, "one-shot trainer done");
+    code
 }

@@ -65,6 +65,9 @@ pub struct TrainConfig {
     pub hflip: bool,
     /// Continue from the `last` checkpoint in the output directory, if any.
     pub resume: bool,
+    /// What the trainer asks of its machine (CPU, memory, GPUs); read by the
+    /// Kubernetes launcher for the pod's requests and limits, not by training.
+    pub resources: Option<vtp_core::Resources>,
 }
 
 impl Default for TrainConfig {
@@ -86,6 +89,7 @@ impl Default for TrainConfig {
             random_crop: true,
             hflip: true,
             resume: true,
+            resources: None,
         }
     }
 }

@@ -1,4 +1,6 @@
 //! [`vtp_core::TrainerLauncher`] implementations.
 
 pub mod http;
+#[cfg(feature = "kubernetes")]
+pub mod kubernetes;
 pub mod subprocess;

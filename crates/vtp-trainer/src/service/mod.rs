@@ -48,6 +48,25 @@ pub enum LocalState {
     Reporting,
 }
 
+/// How a job trained here ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finished {
+    /// `completed`, `cancelled` or `failed`.
+    pub status: JobStatus,
+    /// For `failed`: whether trying again may succeed (an outage, not a bad
+    /// dataset or config).
+    pub retryable: bool,
+}
+
+/// A request that passed [`TrainerService::admit`].
+#[derive(Debug)]
+struct Admitted {
+    config: TrainConfig,
+    dataset: BlobKey,
+    cancel: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
+}
+
 #[derive(Debug)]
 struct Slot {
     cancel: Arc<AtomicBool>,
@@ -101,6 +120,43 @@ impl TrainerService {
     /// # Errors
     /// [`Error::InvalidInput`] naming the field.
     pub fn start(self: &Arc<Self>, request: StartTraining) -> Result<StartOutcome> {
+        let Some(admitted) = self.admit(&request)? else {
+            return Ok(StartOutcome::AlreadyRunning);
+        };
+        let service = self.clone();
+        tokio::spawn(async move { service.execute(request, admitted).await });
+        Ok(StartOutcome::Accepted)
+    }
+
+    /// Trains `request` to the end in the caller's task (the one-shot
+    /// trainer of a Kubernetes Job) and returns how it ended. Reports go
+    /// through the outbox as usual; a refused request is reported `failed`
+    /// too, so the backend learns the reason.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a bad config or dataset URI (reported).
+    pub async fn run_once(self: &Arc<Self>, request: StartTraining) -> Result<Finished> {
+        let admitted = match self.admit(&request) {
+            Ok(Some(admitted)) => admitted,
+            Ok(None) => {
+                return Err(Error::conflict(format!(
+                    "job {} is already here",
+                    request.job_id
+                )));
+            }
+            Err(e) => {
+                self.report(
+                    &request,
+                    TrainingUpdate::new(JobStatus::Failed).with_error(error_chain(&e)),
+                );
+                return Err(e);
+            }
+        };
+        Ok(self.clone().execute(request, admitted).await)
+    }
+
+    /// Validates `request` and claims its slot; `None` when it is here already.
+    fn admit(&self, request: &StartTraining) -> Result<Option<Admitted>> {
         let config = TrainConfig::from_json(&request.config)?;
         let dataset = self
             .blobs
@@ -111,33 +167,49 @@ impl TrainerService {
             running: Arc::new(AtomicBool::new(false)),
         };
         let (cancel, running) = (slot.cancel.clone(), slot.running.clone());
-        {
-            let mut slots = self.slots.lock().expect("slots lock");
-            if slots.contains_key(&request.job_id) {
-                return Ok(StartOutcome::AlreadyRunning);
-            }
-            slots.insert(request.job_id, slot);
+        let mut slots = self.slots.lock().expect("slots lock");
+        if slots.contains_key(&request.job_id) {
+            return Ok(None);
         }
-        let service = self.clone();
-        tokio::spawn(async move {
-            let job_id = request.job_id;
-            let permit = service.permits.clone().acquire_owned().await;
-            running.store(true, Ordering::SeqCst);
-            let outcome = service.run_job(&request, &config, &dataset, cancel).await;
-            drop(permit);
-            let update = match outcome {
-                Ok(update) => update,
-                Err(e) => {
-                    let message = error_chain(&e);
-                    tracing::warn!(%job_id, error = %message, "job failed");
-                    TrainingUpdate::new(JobStatus::Failed).with_error(message)
-                }
-            };
-            service.report(&request, update);
-            service.slots.lock().expect("slots lock").remove(&job_id);
-            let _ = tokio::fs::remove_dir_all(service.job_dir(job_id)).await;
-        });
-        Ok(StartOutcome::Accepted)
+        slots.insert(request.job_id, slot);
+        Ok(Some(Admitted {
+            config,
+            dataset,
+            cancel,
+            running,
+        }))
+    }
+
+    /// Waits for a training slot, trains, reports the outcome and frees the slot.
+    async fn execute(self: Arc<Self>, request: StartTraining, admitted: Admitted) -> Finished {
+        let job_id = request.job_id;
+        let permit = self.permits.clone().acquire_owned().await;
+        admitted.running.store(true, Ordering::SeqCst);
+        let outcome = self
+            .run_job(
+                &request,
+                &admitted.config,
+                &admitted.dataset,
+                admitted.cancel,
+            )
+            .await;
+        drop(permit);
+        let (update, retryable) = match outcome {
+            Ok(update) => (update, false),
+            Err(e) => {
+                let message = error_chain(&e);
+                tracing::warn!(%job_id, error = %message, "job failed");
+                (
+                    TrainingUpdate::new(JobStatus::Failed).with_error(message),
+                    e.is_retryable(),
+                )
+            }
+        };
+        let status = update.status;
+        self.report(&request, update);
+        self.slots.lock().expect("slots lock").remove(&job_id);
+        let _ = tokio::fs::remove_dir_all(self.job_dir(job_id)).await;
+        Finished { status, retryable }
     }
 
     /// Asks a job to stop at its next step; false when the service does not run it.

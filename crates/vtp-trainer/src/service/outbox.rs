@@ -88,7 +88,20 @@ impl Outbox {
     fn job_dir(&self, job_id: JobId) -> PathBuf {
         self.dir.join(job_id.to_string())
     }
+}
 
+/// The last sequence number handed out for `job_id`: cached, else persisted in `dir`.
+fn last_seq(seqs: &HashMap<JobId, i64>, job_id: JobId, dir: &Path) -> i64 {
+    match seqs.get(&job_id) {
+        Some(last) => *last,
+        None => std::fs::read_to_string(dir.join("seq"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0),
+    }
+}
+
+impl Outbox {
     /// Persists `update` for `job_id` with the next sequence number and wakes
     /// the sender. Safe to call from any thread. Returns the sequence number.
     ///
@@ -103,14 +116,7 @@ impl Outbox {
         let dir = self.job_dir(job_id);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
         let mut seqs = self.seqs.lock().expect("outbox lock");
-        let last = match seqs.get(&job_id) {
-            Some(last) => *last,
-            None => std::fs::read_to_string(dir.join("seq"))
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0),
-        };
-        let seq = last + 1;
+        let seq = last_seq(&seqs, job_id, &dir) + 1;
         update.seq = Some(seq);
         update.job_id = Some(job_id);
         let entry = OutboxEntry {
@@ -127,6 +133,24 @@ impl Outbox {
         drop(seqs);
         self.notify.notify_one();
         Ok(seq)
+    }
+
+    /// Makes the next sequence number of `job_id` greater than `floor`. A
+    /// retried one-shot trainer (a new pod with an empty outbox) starts
+    /// above every report an earlier attempt sent, so the backend does not
+    /// drop its reports as replays.
+    ///
+    /// # Errors
+    /// I/O errors writing the counter.
+    pub fn raise_seq_floor(&self, job_id: JobId, floor: i64) -> Result<()> {
+        let dir = self.job_dir(job_id);
+        std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
+        let mut seqs = self.seqs.lock().expect("outbox lock");
+        if last_seq(&seqs, job_id, &dir) < floor {
+            std::fs::write(dir.join("seq"), floor.to_string()).map_err(|e| io(&dir, e))?;
+            seqs.insert(job_id, floor);
+        }
+        Ok(())
     }
 
     /// Whether reports for `job_id` wait to be delivered.

@@ -1,0 +1,323 @@
+//! The Kubernetes launcher with the real kube client against a fake API
+//! server on loopback: the Job it creates, adoption, cancel, and every
+//! failure the reconciler maps back to the job store.
+
+#[path = "../../../tests/support/fake_kube.rs"]
+mod fake_kube;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fake_kube::FakeKube;
+use serde_json::{Value, json};
+use vtp_core::{
+    CancelOutcome, Error, JobStatus, JobStore, JobStoreExt, NewJob, StartTraining, TrainerLauncher,
+};
+use vtp_storage::InMemoryJobStore;
+use vtp_trainer::launch::kubernetes::{EXIT_NON_RETRYABLE, START_TRAINING_ENV, job_name};
+use vtp_trainer::{KubernetesConfig, KubernetesLauncher};
+
+const NS: &str = "vtp-test";
+
+struct Env {
+    kube: FakeKube,
+    store: Arc<dyn JobStore>,
+    launcher: KubernetesLauncher,
+}
+
+async fn env() -> Env {
+    let kube = FakeKube::start().await;
+    let store: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
+    let config = KubernetesConfig {
+        namespace: NS.into(),
+        image: "registry.example/vtp-trainer:1.2.3".into(),
+        service_account: Some("vtp-trainer".into()),
+        s3_secret: Some("vtp-s3".into()),
+        env: vec![
+            ("VTP_BLOB_URL".into(), "s3://datasets/vtp".into()),
+            ("VTP_S3_ENDPOINT".into(), "http://garage:3900".into()),
+        ],
+        backoff_limit: 1,
+        settle_time: Duration::ZERO,
+        ..KubernetesConfig::default()
+    };
+    let launcher = KubernetesLauncher::new(kube.client(NS), config, store.clone());
+    Env {
+        kube,
+        store,
+        launcher,
+    }
+}
+
+/// A job in the store, moved to `status`, and its start request.
+async fn job_in(env: &Env, status: JobStatus, config: Value) -> StartTraining {
+    let job = env
+        .store
+        .create_job(NewJob {
+            user_id: "u".into(),
+            model_name: "small_cnn".into(),
+            framework: "tch".into(),
+            dataset_s3_uri: "s3://datasets/vtp/users/u/d.zip".into(),
+            config,
+        })
+        .await
+        .unwrap();
+    let path: &[JobStatus] = match status {
+        JobStatus::Queued => &[JobStatus::Queued],
+        JobStatus::Running => &[JobStatus::Queued, JobStatus::Running],
+        JobStatus::Cancelling => &[JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling],
+        _ => &[],
+    };
+    let mut from = JobStatus::Pending;
+    for to in path {
+        env.store.transition(job.id, from, *to).await.unwrap();
+        from = *to;
+    }
+    StartTraining::for_job(
+        &job,
+        format!("http://backend/training/jobs/{}/callback", job.id),
+    )
+}
+
+#[tokio::test]
+async fn launch_creates_one_labelled_job_with_the_request_resources_and_policies() {
+    let env = env().await;
+    let request = job_in(
+        &env,
+        JobStatus::Queued,
+        json!({"epochs": 3, "resources": {"cpu": "2", "memory": "3Gi", "gpu": 1}}),
+    )
+    .await;
+    env.launcher.launch(&request).await.unwrap();
+
+    let name = job_name(request.job_id);
+    let job = env.kube.job(&name).expect("the Job was created");
+    // The manifest is a valid batch/v1 Job.
+    let typed: k8s_openapi::api::batch::v1::Job = serde_json::from_value(job.clone()).unwrap();
+    let spec = typed.spec.unwrap();
+    assert_eq!(
+        job["metadata"]["labels"]["vtp.dev/job-id"],
+        request.job_id.to_string()
+    );
+    assert_eq!(
+        job["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "vtp"
+    );
+    assert_eq!(spec.backoff_limit, Some(1));
+    assert_eq!(spec.active_deadline_seconds, Some(24 * 3600));
+    assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
+    let rule = &spec.pod_failure_policy.unwrap().rules[0];
+    assert_eq!(rule.action, "FailJob");
+    let codes = rule.on_exit_codes.as_ref().unwrap();
+    assert_eq!(
+        (codes.operator.as_str(), codes.values.as_slice()),
+        ("In", &[EXIT_NON_RETRYABLE][..])
+    );
+    assert_eq!(codes.container_name.as_deref(), Some("trainer"));
+
+    let pod = spec.template.spec.unwrap();
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("vtp-trainer"));
+    assert_eq!(pod.termination_grace_period_seconds, Some(30));
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.image.as_deref(),
+        Some("registry.example/vtp-trainer:1.2.3")
+    );
+    assert_eq!(container.args.as_deref(), Some(&["run-job".to_owned()][..]));
+    let env_vars = container.env.clone().unwrap();
+    let value_of = |name: &str| {
+        env_vars
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    let sent: StartTraining = serde_json::from_str(&value_of(START_TRAINING_ENV).unwrap()).unwrap();
+    assert_eq!(sent, request, "the pod gets the job's start request");
+    assert_eq!(
+        value_of("VTP_BLOB_URL").as_deref(),
+        Some("s3://datasets/vtp")
+    );
+    // Credentials come from the Secret, never inline.
+    assert!(
+        env_vars
+            .iter()
+            .all(|e| !e.name.contains("SECRET") && !e.name.contains("ACCESS_KEY"))
+    );
+    let from = container.env_from.clone().unwrap();
+    assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "vtp-s3");
+    let resources = container.resources.clone().unwrap();
+    let limits = resources.limits.unwrap();
+    assert_eq!(limits["cpu"].0, "2");
+    assert_eq!(limits["memory"].0, "3Gi");
+    assert_eq!(limits["nvidia.com/gpu"].0, "1");
+    assert_eq!(resources.requests.unwrap()["cpu"].0, "2");
+
+    // A second launch (a retried start, a restarted backend) adopts it.
+    env.launcher.launch(&request).await.unwrap();
+    assert_eq!(env.kube.job_names(), vec![name.clone()]);
+    assert!(env.launcher.is_running(request.job_id).await.unwrap());
+
+    // Defaults when the config names no resources; a bad one is refused.
+    let plain = job_in(&env, JobStatus::Queued, json!({})).await;
+    let manifest = env.launcher.job_manifest(&plain).unwrap();
+    let limits = manifest.spec.unwrap().template.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap();
+    assert_eq!(
+        (limits["cpu"].0.as_str(), limits["memory"].0.as_str()),
+        ("1", "2Gi")
+    );
+    assert!(!limits.contains_key("nvidia.com/gpu"));
+    let bad = job_in(&env, JobStatus::Queued, json!({"resources": {"cpus": 2}})).await;
+    let err = env.launcher.launch(&bad).await.unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidInput { ref field, .. } if field == "config.resources"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_of_the_same_name_that_is_not_ours_is_a_conflict() {
+    let env = env().await;
+    let request = job_in(&env, JobStatus::Queued, json!({})).await;
+    env.kube.put_job(json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": job_name(request.job_id), "labels": {"vtp.dev/job-id": "someone-else"}},
+        "spec": {"template": {"spec": {"containers": []}}}
+    }));
+    let err = env.launcher.launch(&request).await.unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn cancel_deletes_the_job_in_the_foreground_after_the_grace_period() {
+    let env = env().await;
+    let request = job_in(&env, JobStatus::Running, json!({})).await;
+    env.launcher.launch(&request).await.unwrap();
+    let outcome = env.launcher.cancel(request.job_id).await.unwrap();
+    assert_eq!(outcome, CancelOutcome::Signalled);
+    let delete = env
+        .kube
+        .seen()
+        .into_iter()
+        .find(|s| s.method == "DELETE")
+        .unwrap();
+    assert_eq!(delete.name, job_name(request.job_id));
+    assert_eq!(delete.body["propagationPolicy"], "Foreground");
+    assert_eq!(delete.body["gracePeriodSeconds"], 30);
+    assert!(env.kube.job(&job_name(request.job_id)).is_none());
+    assert_eq!(
+        env.launcher.cancel(request.job_id).await.unwrap(),
+        CancelOutcome::NotRunning
+    );
+    assert!(!env.launcher.is_running(request.job_id).await.unwrap());
+}
+
+#[tokio::test]
+async fn the_reconciler_ends_every_lost_job_with_its_reason() {
+    let env = env().await;
+    let launch = |config: Value, status: JobStatus| {
+        let env = &env;
+        async move {
+            let request = job_in(env, status, config).await;
+            env.launcher.launch(&request).await.unwrap();
+            (request.job_id, job_name(request.job_id))
+        }
+    };
+    // Deadline exceeded.
+    let (deadline, name) = launch(json!({}), JobStatus::Running).await;
+    env.kube.set_condition(
+        &name,
+        "Failed",
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline",
+    );
+    // Evicted, then out of retries.
+    let (evicted, name) = launch(json!({}), JobStatus::Running).await;
+    env.kube.set_condition(
+        &name,
+        "Failed",
+        "BackoffLimitExceeded",
+        "Job has reached the specified backoff limit",
+    );
+    env.kube.add_pod(
+        &name,
+        &format!("{name}-abcde"),
+        json!({
+            "phase": "Failed", "reason": "Evicted",
+            "message": "The node was low on resource: memory."
+        }),
+    );
+    // The trainer refused the job: exit code 3 and the pod failure policy.
+    let (refused, name) = launch(json!({}), JobStatus::Running).await;
+    env.kube.set_condition(
+        &name,
+        "Failed",
+        "PodFailurePolicy",
+        "Container trainer for pod x failed with exit code 3",
+    );
+    env.kube.add_pod(&name, &format!("{name}-fghij"), json!({
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]
+    }));
+    // The image cannot be pulled: the Job would wait forever.
+    let (unpullable, pull_name) = launch(json!({}), JobStatus::Queued).await;
+    env.kube.add_pod(&pull_name, &format!("{pull_name}-klmno"), json!({
+        "phase": "Pending",
+        "containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": false, "restartCount": 0,
+            "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"registry.example/vtp-trainer:1.2.3\""}}}]
+    }));
+    // The Job vanished while the backend was not looking.
+    let (vanished, name) = launch(json!({}), JobStatus::Running).await;
+    env.kube.vanish(&name);
+    // Cancelled, and the Job is gone before the trainer reported.
+    let (cancelling, name) = launch(json!({}), JobStatus::Cancelling).await;
+    env.kube.vanish(&name);
+    // Completed, but the final report never came.
+    let (silent, name) = launch(json!({}), JobStatus::Running).await;
+    env.kube.set_condition(&name, "Complete", "Completed", "");
+    // Healthy and running.
+    let (healthy, name) = launch(json!({}), JobStatus::Running).await;
+    env.kube.add_pod(&name, &format!("{name}-pqrst"), json!({
+        "phase": "Running",
+        "containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": true, "restartCount": 0,
+            "state": {"running": {}}}]
+    }));
+
+    let done = env.launcher.reconcile().await.unwrap();
+    assert_eq!(done.running, 1, "{done:?}");
+    assert_eq!(done.ended.len(), 7, "{done:?}");
+
+    let ended = |id| {
+        let store = env.store.clone();
+        async move { store.get(id).await.unwrap() }
+    };
+    for (id, expected) in [
+        (deadline, "DeadlineExceeded"),
+        (evicted, "Evicted: The node was low on resource: memory."),
+        (refused, "exited with code 3"),
+        (unpullable, "ImagePullBackOff"),
+        (vanished, "vanished"),
+        (silent, "final report never arrived"),
+    ] {
+        let job = ended(id).await;
+        assert_eq!(job.status, JobStatus::Failed, "{expected}: {job:?}");
+        let error = job.error.unwrap();
+        assert!(error.contains(expected), "{expected:?} in {error:?}");
+    }
+    let job = ended(cancelling).await;
+    assert_eq!(job.status, JobStatus::Cancelled);
+    assert!(job.message.unwrap().contains("vanished"));
+    assert_eq!(ended(healthy).await.status, JobStatus::Running);
+    // The unpullable Job was deleted; nothing else was.
+    assert!(env.kube.job(&pull_name).is_none());
+
+    // A second pass finds nothing more to do.
+    let again = env.launcher.reconcile().await.unwrap();
+    assert_eq!((again.running, again.ended.len()), (1, 0));
+}

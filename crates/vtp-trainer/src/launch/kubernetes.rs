@@ -1,0 +1,689 @@
+//! [`KubernetesLauncher`] (tiers 2 and 3): each job runs as a `batch/v1`
+//! Job named `vtp-{job_id}`, whose pod runs the trainer image in one-shot
+//! mode (`vtp-trainer-service run-job`, the request in `VTP_START_TRAINING`)
+//! and reports over the same callback URL as every other tier.
+//!
+//! - Creating a Job that exists already adopts it: no second Job.
+//! - Cancel deletes the Job with foreground propagation and the trainer's
+//!   grace period, so the pod gets SIGTERM, saves `last` and reports
+//!   `cancelled` before it is killed.
+//! - [`KubernetesLauncher::reconcile`] (run every few seconds by the
+//!   backend) maps Job and pod status back to the job store, so a job whose
+//!   pod was evicted, could not pull its image, or whose Job vanished ends
+//!   in a terminal state with the reason even when no callback arrives.
+//!
+//! S3 credentials reach the pod from a Secret (`envFrom`), never inline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use k8s_openapi::api::batch::v1::{
+    Job as K8sJob, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyRule,
+};
+use k8s_openapi::api::core::v1::{
+    Container, EnvFromSource, EnvVar, Pod, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SecretEnvSource,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use vtp_core::{
+    CancelOutcome, Error, JobFilter, JobId, JobStatus, JobStore, JobStoreExt, Resources, Result,
+    StartTraining, TrainerLauncher, error_chain,
+};
+
+/// Exit code of the one-shot trainer for a job that can never succeed as
+/// given (bad dataset, bad config): the Job's `podFailurePolicy` fails the
+/// Job at once instead of retrying.
+pub const EXIT_NON_RETRYABLE: i32 = 3;
+
+/// The variable holding the `StartTraining` JSON for the one-shot trainer.
+pub const START_TRAINING_ENV: &str = "VTP_START_TRAINING";
+
+/// Label carrying the job id on Jobs and pods.
+pub const JOB_ID_LABEL: &str = "vtp.dev/job-id";
+
+/// Label selecting every Job this launcher manages.
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=vtp";
+
+/// The trainer container's name (the pod failure policy refers to it).
+pub const CONTAINER: &str = "trainer";
+
+/// Waiting reasons of a container that will not start without a change.
+const STUCK_REASONS: [&str; 5] = [
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+];
+
+/// Settings of the Kubernetes launcher (`VTP_K8S_*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KubernetesConfig {
+    /// Namespace of the Jobs (`VTP_K8S_NAMESPACE`, default `default`, or the
+    /// pod's own namespace in-cluster).
+    pub namespace: String,
+    /// Trainer image (`VTP_K8S_IMAGE`).
+    pub image: String,
+    /// `imagePullPolicy` (`VTP_K8S_IMAGE_PULL_POLICY`), the cluster's default when unset.
+    pub image_pull_policy: Option<String>,
+    /// Service account of the trainer pods (`VTP_K8S_SERVICE_ACCOUNT`).
+    pub service_account: Option<String>,
+    /// Secret whose keys become the trainer's environment: the S3
+    /// credentials `VTP_S3_ACCESS_KEY_ID`, `VTP_S3_SECRET_ACCESS_KEY`
+    /// (`VTP_K8S_S3_SECRET`).
+    pub s3_secret: Option<String>,
+    /// Plain environment of the trainer: blob URL, S3 endpoint and region.
+    pub env: Vec<(String, String)>,
+    /// Pod retries before the Job fails (`VTP_K8S_BACKOFF_LIMIT`, default 0:
+    /// a retry restarts training from scratch; the platform prefers to fail
+    /// the job with the reason).
+    pub backoff_limit: i32,
+    /// Longest a Job may run (`VTP_K8S_ACTIVE_DEADLINE_SECS`, default 1 day).
+    pub active_deadline: Duration,
+    /// How long finished Jobs stay for inspection (`VTP_K8S_TTL_SECS`, 1 hour).
+    pub ttl_after_finished: Duration,
+    /// Time between SIGTERM and SIGKILL on cancel (`VTP_K8S_GRACE_SECS`, 30 s).
+    pub grace_period: Duration,
+    /// Requests and limits when a job's config names none.
+    pub default_resources: Resources,
+    /// How long a job may wait for its Job to appear, or to report after
+    /// its Job ended, before the reconciler ends it (`VTP_K8S_SETTLE_SECS`, 60 s).
+    pub settle_time: Duration,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: "default".into(),
+            image: "vtp-trainer:latest".into(),
+            image_pull_policy: None,
+            service_account: None,
+            s3_secret: None,
+            env: Vec::new(),
+            backoff_limit: 0,
+            active_deadline: Duration::from_secs(24 * 3600),
+            ttl_after_finished: Duration::from_secs(3600),
+            grace_period: Duration::from_secs(30),
+            default_resources: Resources {
+                cpu: Some("1".into()),
+                memory: Some("2Gi".into()),
+                gpu: None,
+            },
+            settle_time: Duration::from_secs(60),
+        }
+    }
+}
+
+impl KubernetesConfig {
+    /// Reads `VTP_K8S_*` over the defaults; the trainer's plain environment
+    /// comes from the backend's own `VTP_BLOB_URL` and non-secret `VTP_S3_*`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming a variable that does not parse.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let secs = |name: &str, default: Duration| -> Result<Duration> {
+            match var(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<u64>()
+                    .map(Duration::from_secs)
+                    .map_err(|e| Error::invalid(name, format!("{v:?}: {e}"))),
+            }
+        };
+        let defaults = KubernetesConfig::default();
+        let namespace = var("VTP_K8S_NAMESPACE")
+            .or_else(|| {
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+                    .ok()
+                    .map(|s| s.trim().to_owned())
+            })
+            .unwrap_or(defaults.namespace);
+        let env = [
+            "VTP_BLOB_URL",
+            "VTP_S3_ENDPOINT",
+            "VTP_S3_REGION",
+            "VTP_S3_ALLOW_HTTP",
+            "VTP_S3_VIRTUAL_HOSTED_STYLE",
+        ]
+        .iter()
+        .filter_map(|name| var(name).map(|v| ((*name).to_owned(), v)))
+        .collect();
+        Ok(KubernetesConfig {
+            namespace,
+            image: var("VTP_K8S_IMAGE").unwrap_or(defaults.image),
+            image_pull_policy: var("VTP_K8S_IMAGE_PULL_POLICY"),
+            service_account: var("VTP_K8S_SERVICE_ACCOUNT"),
+            s3_secret: var("VTP_K8S_S3_SECRET"),
+            env,
+            backoff_limit: match var("VTP_K8S_BACKOFF_LIMIT") {
+                None => defaults.backoff_limit,
+                Some(v) => v
+                    .parse()
+                    .map_err(|e| Error::invalid("VTP_K8S_BACKOFF_LIMIT", format!("{v:?}: {e}")))?,
+            },
+            active_deadline: secs("VTP_K8S_ACTIVE_DEADLINE_SECS", defaults.active_deadline)?,
+            ttl_after_finished: secs("VTP_K8S_TTL_SECS", defaults.ttl_after_finished)?,
+            grace_period: secs("VTP_K8S_GRACE_SECS", defaults.grace_period)?,
+            default_resources: defaults.default_resources,
+            settle_time: secs("VTP_K8S_SETTLE_SECS", defaults.settle_time)?,
+        })
+    }
+}
+
+/// What one [`KubernetesLauncher::reconcile`] pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    /// Active jobs whose Job is still running.
+    pub running: usize,
+    /// Jobs ended by this pass, with the reason.
+    pub ended: Vec<(JobId, String)>,
+}
+
+/// Runs trainers as Kubernetes Jobs.
+#[derive(Clone)]
+pub struct KubernetesLauncher {
+    jobs_api: Api<K8sJob>,
+    pods_api: Api<Pod>,
+    config: KubernetesConfig,
+    store: Arc<dyn JobStore>,
+}
+
+impl std::fmt::Debug for KubernetesLauncher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesLauncher")
+            .field("namespace", &self.config.namespace)
+            .field("image", &self.config.image)
+            .finish()
+    }
+}
+
+/// Makes ring rustls's process-wide crypto provider, unless one is set:
+/// with several TLS stacks in one binary, rustls cannot pick by itself and
+/// the kube client would panic. Call before building a `kube::Client`.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The Job name of a job.
+pub fn job_name(job_id: JobId) -> String {
+    format!("vtp-{job_id}")
+}
+
+/// A kube error in the platform's categories.
+fn from_kube(error: kube::Error) -> Error {
+    match error {
+        kube::Error::Api(status) => {
+            let message = format!("kubernetes: {} ({})", status.message, status.reason);
+            match status.code {
+                404 => Error::NotFound {
+                    kind: "kubernetes object",
+                    id: status.message.clone(),
+                },
+                409 => Error::conflict(message),
+                400 | 422 => Error::invalid("kubernetes", message),
+                429 | 500..=599 => Error::Unavailable {
+                    service: "kubernetes",
+                    source: message.into(),
+                },
+                _ => Error::Backend {
+                    service: "kubernetes",
+                    source: message.into(),
+                },
+            }
+        }
+        other => Error::Unavailable {
+            service: "kubernetes",
+            source: Box::new(other),
+        },
+    }
+}
+
+impl KubernetesLauncher {
+    /// A launcher over `client`, ending jobs in `store` that the reconciler
+    /// finds lost.
+    pub fn new(client: kube::Client, config: KubernetesConfig, store: Arc<dyn JobStore>) -> Self {
+        KubernetesLauncher {
+            jobs_api: Api::namespaced(client.clone(), &config.namespace),
+            pods_api: Api::namespaced(client, &config.namespace),
+            config,
+            store,
+        }
+    }
+
+    /// A launcher from the environment: in-cluster service account, else
+    /// `KUBECONFIG` / `~/.kube/config`; settings from [`KubernetesConfig::from_env`].
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no cluster configuration is found.
+    pub async fn from_env(store: Arc<dyn JobStore>) -> Result<Self> {
+        let config = KubernetesConfig::from_env()?;
+        install_crypto_provider();
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| Error::Unavailable {
+                service: "kubernetes",
+                source: Box::new(e),
+            })?;
+        Ok(KubernetesLauncher::new(client, config, store))
+    }
+
+    /// The launcher's settings.
+    pub fn config(&self) -> &KubernetesConfig {
+        &self.config
+    }
+
+    /// The Job that runs `request`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a malformed `config.resources`.
+    pub fn job_manifest(&self, request: &StartTraining) -> Result<K8sJob> {
+        let c = &self.config;
+        let name = job_name(request.job_id);
+        let labels = BTreeMap::from([
+            (
+                "app.kubernetes.io/name".to_owned(),
+                "vtp-trainer".to_owned(),
+            ),
+            ("app.kubernetes.io/managed-by".to_owned(), "vtp".to_owned()),
+            (JOB_ID_LABEL.to_owned(), request.job_id.to_string()),
+        ]);
+        let resources =
+            Resources::from_config(&request.config)?.unwrap_or_else(|| c.default_resources.clone());
+        let mut quantities = BTreeMap::new();
+        if let Some(cpu) = &resources.cpu {
+            quantities.insert("cpu".to_owned(), Quantity(cpu.clone()));
+        }
+        if let Some(memory) = &resources.memory {
+            quantities.insert("memory".to_owned(), Quantity(memory.clone()));
+        }
+        if let Some(gpu) = resources.gpu.filter(|g| *g > 0) {
+            quantities.insert("nvidia.com/gpu".to_owned(), Quantity(gpu.to_string()));
+        }
+        let request_json =
+            serde_json::to_string(request).map_err(|e| Error::internal(e.to_string()))?;
+        let mut env: Vec<EnvVar> = c
+            .env
+            .iter()
+            .map(|(name, value)| EnvVar {
+                name: name.clone(),
+                value: Some(value.clone()),
+                ..EnvVar::default()
+            })
+            .collect();
+        env.push(EnvVar {
+            name: START_TRAINING_ENV.to_owned(),
+            value: Some(request_json),
+            ..EnvVar::default()
+        });
+        let container = Container {
+            name: CONTAINER.to_owned(),
+            image: Some(c.image.clone()),
+            image_pull_policy: c.image_pull_policy.clone(),
+            args: Some(vec!["run-job".to_owned()]),
+            env: Some(env),
+            env_from: c.s3_secret.as_ref().map(|secret| {
+                vec![EnvFromSource {
+                    secret_ref: Some(SecretEnvSource {
+                        name: secret.clone(),
+                        optional: Some(false),
+                    }),
+                    ..EnvFromSource::default()
+                }]
+            }),
+            resources: Some(ResourceRequirements {
+                // Requests equal limits: the pod is Guaranteed, and GPUs must match.
+                requests: Some(quantities.clone()),
+                limits: Some(quantities),
+                ..ResourceRequirements::default()
+            }),
+            ..Container::default()
+        };
+        Ok(K8sJob {
+            metadata: ObjectMeta {
+                name: Some(name),
+                namespace: Some(c.namespace.clone()),
+                labels: Some(labels.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(JobSpec {
+                backoff_limit: Some(c.backoff_limit),
+                active_deadline_seconds: Some(c.active_deadline.as_secs() as i64),
+                ttl_seconds_after_finished: Some(c.ttl_after_finished.as_secs() as i32),
+                pod_failure_policy: Some(PodFailurePolicy {
+                    rules: vec![PodFailurePolicyRule {
+                        action: "FailJob".to_owned(),
+                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                            container_name: Some(CONTAINER.to_owned()),
+                            operator: "In".to_owned(),
+                            values: vec![EXIT_NON_RETRYABLE],
+                        }),
+                        on_pod_conditions: None,
+                    }],
+                }),
+                template: PodTemplateSpec {
+                    metadata: Some(ObjectMeta {
+                        labels: Some(labels),
+                        ..ObjectMeta::default()
+                    }),
+                    spec: Some(PodSpec {
+                        // Required by podFailurePolicy; the Job retries pods.
+                        restart_policy: Some("Never".to_owned()),
+                        service_account_name: c.service_account.clone(),
+                        termination_grace_period_seconds: Some(c.grace_period.as_secs() as i64),
+                        containers: vec![container],
+                        ..PodSpec::default()
+                    }),
+                },
+                ..JobSpec::default()
+            }),
+            status: None,
+        })
+    }
+
+    /// One reconcile pass: every active job (queued, running, cancelling)
+    /// is checked against its Job and pods, and ended with the reason when
+    /// its Job failed, vanished, finished without a report, or its pod cannot
+    /// start.
+    ///
+    /// # Errors
+    /// Store or Kubernetes errors; the pass is simply tried again later.
+    pub async fn reconcile(&self) -> Result<Reconciled> {
+        let mut active = Vec::new();
+        for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
+            let page = self
+                .store
+                .list(
+                    &JobFilter::new()
+                        .with_status(status)
+                        .with_page(JobFilter::MAX_LIMIT, 0),
+                )
+                .await?;
+            active.extend(page.jobs);
+        }
+        let listed = self
+            .jobs_api
+            .list(&ListParams::default().labels(MANAGED_SELECTOR))
+            .await
+            .map_err(from_kube)?;
+        let by_id: HashMap<String, K8sJob> = listed
+            .items
+            .into_iter()
+            .filter_map(|job| {
+                let id = job.metadata.labels.as_ref()?.get(JOB_ID_LABEL)?.clone();
+                Some((id, job))
+            })
+            .collect();
+        let now = chrono::Utc::now();
+        let settled = |since: chrono::DateTime<chrono::Utc>| {
+            (now - since).to_std().unwrap_or_default() >= self.config.settle_time
+        };
+        let mut report = Reconciled::default();
+        for job in active {
+            let verdict = match by_id.get(&job.id.to_string()) {
+                None if settled(job.updated_at) => {
+                    Some(format!("its Kubernetes Job {} vanished", job_name(job.id)))
+                }
+                None => None,
+                Some(k8s) => self.verdict(k8s, job.updated_at, &settled).await?,
+            };
+            match verdict {
+                Some(reason) => {
+                    tracing::warn!(job_id = %job.id, %reason, "reconcile: ending job");
+                    self.store.finalize_lost(job.id, &reason).await?;
+                    report.ended.push((job.id, reason));
+                }
+                None => report.running += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Why the job behind `k8s` is over, or `None` while it runs.
+    async fn verdict(
+        &self,
+        k8s: &K8sJob,
+        updated_at: chrono::DateTime<chrono::Utc>,
+        settled: &impl Fn(chrono::DateTime<chrono::Utc>) -> bool,
+    ) -> Result<Option<String>> {
+        let name = k8s.metadata.name.clone().unwrap_or_default();
+        let conditions = k8s
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.clone())
+            .unwrap_or_default();
+        // `FailureTarget` and `SuccessCriteriaMet` come first on newer clusters.
+        let holds = |kinds: [&str; 2]| {
+            conditions
+                .iter()
+                .find(|c| kinds.contains(&c.type_.as_str()) && c.status == "True")
+        };
+        if let Some(failed) = holds(["Failed", "FailureTarget"]) {
+            let pods = self.pod_reasons(&name).await?;
+            let mut reason = format!(
+                "Kubernetes Job {name} failed: {}",
+                failed
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "no reason given".into())
+            );
+            if let Some(message) = failed.message.as_ref().filter(|m| !m.is_empty()) {
+                reason.push_str(&format!(" ({message})"));
+            }
+            if !pods.is_empty() {
+                reason.push_str(&format!("; {}", pods.join("; ")));
+            }
+            return Ok(Some(reason));
+        }
+        if let Some(done) = holds(["Complete", "SuccessCriteriaMet"]) {
+            let since = done
+                .last_transition_time
+                .as_ref()
+                .and_then(|t| {
+                    chrono::DateTime::from_timestamp(
+                        t.0.as_second(),
+                        t.0.subsec_nanosecond() as u32,
+                    )
+                })
+                .unwrap_or(updated_at);
+            return Ok(settled(since).then(|| {
+                format!(
+                    "Kubernetes Job {name} completed, but its trainer's final report never arrived"
+                )
+            }));
+        }
+        // Still active: a pod that cannot start never will on its own.
+        let stuck = self.stuck_pods(&name).await?;
+        if !stuck.is_empty() {
+            self.delete(&name, Duration::ZERO).await?;
+            return Ok(Some(format!(
+                "the trainer pod of {name} cannot start: {}",
+                stuck.join("; ")
+            )));
+        }
+        Ok(None)
+    }
+
+    async fn pods_of(&self, name: &str) -> Result<Vec<Pod>> {
+        Ok(self
+            .pods_api
+            .list(&ListParams::default().labels(&format!("job-name={name}")))
+            .await
+            .map_err(from_kube)?
+            .items)
+    }
+
+    /// Why the Job's pods failed: eviction, OOM, exit codes.
+    async fn pod_reasons(&self, name: &str) -> Result<Vec<String>> {
+        let mut reasons = Vec::new();
+        for pod in self.pods_of(name).await? {
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let Some(status) = pod.status else { continue };
+            if let Some(reason) = status.reason.as_ref().filter(|r| !r.is_empty()) {
+                let message = status.message.clone().unwrap_or_default();
+                reasons.push(
+                    format!("pod {pod_name} {reason}: {message}")
+                        .trim_end_matches(": ")
+                        .to_owned(),
+                );
+            }
+            for container in status.container_statuses.unwrap_or_default() {
+                let terminated = container
+                    .state
+                    .as_ref()
+                    .and_then(|s| s.terminated.clone())
+                    .or_else(|| {
+                        container
+                            .last_state
+                            .as_ref()
+                            .and_then(|s| s.terminated.clone())
+                    });
+                if let Some(t) = terminated.filter(|t| t.exit_code != 0) {
+                    reasons.push(format!(
+                        "pod {pod_name} container {} exited with code {}{}",
+                        container.name,
+                        t.exit_code,
+                        t.reason.map(|r| format!(" ({r})")).unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        Ok(reasons)
+    }
+
+    /// Containers waiting for something that will not change by itself.
+    async fn stuck_pods(&self, name: &str) -> Result<Vec<String>> {
+        let mut stuck = Vec::new();
+        for pod in self.pods_of(name).await? {
+            let pod_name = pod.metadata.name.clone().unwrap_or_default();
+            let statuses = pod
+                .status
+                .and_then(|s| s.container_statuses)
+                .unwrap_or_default();
+            for container in statuses {
+                let Some(waiting) = container.state.and_then(|s| s.waiting) else {
+                    continue;
+                };
+                let reason = waiting.reason.unwrap_or_default();
+                if STUCK_REASONS.contains(&reason.as_str()) {
+                    stuck.push(format!(
+                        "pod {pod_name} {reason}: {}",
+                        waiting.message.unwrap_or_default()
+                    ));
+                }
+            }
+        }
+        Ok(stuck)
+    }
+
+    async fn delete(&self, name: &str, grace: Duration) -> Result<bool> {
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Foreground),
+            grace_period_seconds: Some(grace.as_secs() as u32),
+            ..DeleteParams::default()
+        };
+        match self.jobs_api.delete(name, &params).await {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+            Err(e) => Err(from_kube(e)),
+        }
+    }
+
+    /// Runs [`reconcile`](Self::reconcile) every `every` until the task is dropped.
+    pub async fn run_reconciler(self, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match self.reconcile().await {
+                Ok(done) if !done.ended.is_empty() => {
+                    tracing::info!(
+                        ended = done.ended.len(),
+                        running = done.running,
+                        "reconciled"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %error_chain(&e), "reconcile failed; trying again")
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl TrainerLauncher for KubernetesLauncher {
+    fn name(&self) -> &'static str {
+        "kubernetes"
+    }
+
+    async fn launch(&self, request: &StartTraining) -> Result<()> {
+        let job = self.job_manifest(request)?;
+        match self.jobs_api.create(&PostParams::default(), &job).await {
+            Ok(_) => {
+                tracing::info!(job_id = %request.job_id, name = %job_name(request.job_id), "created Kubernetes Job");
+                Ok(())
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                // Created by an earlier attempt (a retried start, a restarted
+                // backend): adopt it, provided it is ours.
+                let existing = self
+                    .jobs_api
+                    .get(&job_name(request.job_id))
+                    .await
+                    .map_err(from_kube)?;
+                let ours = existing
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(JOB_ID_LABEL))
+                    .is_some_and(|id| *id == request.job_id.to_string());
+                if !ours {
+                    return Err(Error::conflict(format!(
+                        "a Kubernetes Job named {} exists but is not labelled with job {}",
+                        job_name(request.job_id),
+                        request.job_id
+                    )));
+                }
+                tracing::info!(job_id = %request.job_id, "adopted the existing Kubernetes Job");
+                Ok(())
+            }
+            Err(e) => Err(from_kube(e)),
+        }
+    }
+
+    async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome> {
+        if self
+            .delete(&job_name(job_id), self.config.grace_period)
+            .await?
+        {
+            Ok(CancelOutcome::Signalled)
+        } else {
+            Ok(CancelOutcome::NotRunning)
+        }
+    }
+
+    async fn is_running(&self, job_id: JobId) -> Result<bool> {
+        let Some(job) = self
+            .jobs_api
+            .get_opt(&job_name(job_id))
+            .await
+            .map_err(from_kube)?
+        else {
+            return Ok(false);
+        };
+        let finished = job
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True");
+        Ok(!finished)
+    }
+}

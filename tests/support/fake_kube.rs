@@ -1,0 +1,283 @@
+//! A fake Kubernetes API server on loopback, speaking the REST protocol for
+//! the calls the Kubernetes launcher makes: create, get, list (with a label
+//! selector) and delete `batch/v1` Jobs, and list pods. The real kube client
+//! talks to it. Tests set Job conditions and pod statuses to play the
+//! cluster; with [`FakeKube::run_pods_with`], each created Job's container
+//! runs as a local process (a tiny kubelet).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::{Value, json};
+
+/// One request the server saw.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// `POST`, `GET`, `DELETE`.
+    pub method: &'static str,
+    /// The object's name, or `""` for collections.
+    pub name: String,
+    /// The JSON body (a Job on create, `DeleteOptions` on delete).
+    pub body: Value,
+}
+
+type Kubelet = Arc<dyn Fn(&Value) + Send + Sync>;
+
+#[derive(Default)]
+struct Cluster {
+    jobs: BTreeMap<String, Value>,
+    pods: BTreeMap<String, Value>,
+    seen: Vec<Seen>,
+    kubelet: Option<Kubelet>,
+}
+
+/// The fake API server.
+#[derive(Clone)]
+pub struct FakeKube {
+    url: String,
+    cluster: Arc<Mutex<Cluster>>,
+}
+
+fn status(code: u16, reason: &str, message: String) -> Response {
+    (
+        StatusCode::from_u16(code).unwrap(),
+        Json(json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": message, "reason": reason, "code": code
+        })),
+    )
+        .into_response()
+}
+
+/// Whether `labels` match a `k=v,k2=v2` selector.
+fn selected(object: &Value, selector: Option<&String>) -> bool {
+    let Some(selector) = selector else {
+        return true;
+    };
+    selector.split(',').filter(|s| !s.is_empty()).all(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        object["metadata"]["labels"][key].as_str() == Some(value)
+    })
+}
+
+type Shared = Arc<Mutex<Cluster>>;
+
+async fn create_job(
+    State(cluster): State<Shared>,
+    Path(namespace): Path<String>,
+    Json(mut job): Json<Value>,
+) -> Response {
+    let name = job["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let kubelet = {
+        let mut c = cluster.lock().unwrap();
+        c.seen.push(Seen {
+            method: "POST",
+            name: name.clone(),
+            body: job.clone(),
+        });
+        if c.jobs.contains_key(&name) {
+            return status(
+                409,
+                "AlreadyExists",
+                format!("jobs.batch \"{name}\" already exists"),
+            );
+        }
+        job["metadata"]["namespace"] = json!(namespace);
+        job["metadata"]["uid"] = json!(uuid::Uuid::new_v4().to_string());
+        job["metadata"]["resourceVersion"] = json!("1");
+        job["metadata"]["creationTimestamp"] =
+            json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+        job["status"] = json!({"active": 1});
+        c.jobs.insert(name, job.clone());
+        c.kubelet.clone()
+    };
+    if let Some(kubelet) = kubelet {
+        kubelet(&job);
+    }
+    (StatusCode::CREATED, Json(job)).into_response()
+}
+
+async fn list_jobs(
+    State(cluster): State<Shared>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let c = cluster.lock().unwrap();
+    let items: Vec<Value> = c
+        .jobs
+        .values()
+        .filter(|j| selected(j, query.get("labelSelector")))
+        .cloned()
+        .collect();
+    Json(json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
+}
+
+async fn get_job(
+    State(cluster): State<Shared>,
+    Path((_, name)): Path<(String, String)>,
+) -> Response {
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "GET",
+        name: name.clone(),
+        body: Value::Null,
+    });
+    match c.jobs.get(&name) {
+        Some(job) => Json(job.clone()).into_response(),
+        None => status(404, "NotFound", format!("jobs.batch \"{name}\" not found")),
+    }
+}
+
+async fn delete_job(
+    State(cluster): State<Shared>,
+    Path((_, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Response {
+    let mut c = cluster.lock().unwrap();
+    let options: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    c.seen.push(Seen {
+        method: "DELETE",
+        name: name.clone(),
+        body: options,
+    });
+    match c.jobs.remove(&name) {
+        Some(mut job) => {
+            c.pods
+                .retain(|_, pod| pod["metadata"]["labels"]["job-name"].as_str() != Some(&name));
+            job["metadata"]["deletionTimestamp"] =
+                json!(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true));
+            Json(job).into_response()
+        }
+        None => status(404, "NotFound", format!("jobs.batch \"{name}\" not found")),
+    }
+}
+
+async fn list_pods(
+    State(cluster): State<Shared>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let c = cluster.lock().unwrap();
+    let items: Vec<Value> = c
+        .pods
+        .values()
+        .filter(|p| selected(p, query.get("labelSelector")))
+        .cloned()
+        .collect();
+    Json(json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
+}
+
+impl FakeKube {
+    /// Serves on a loopback port until the test ends.
+    pub async fn start() -> Self {
+        let cluster: Shared = Arc::default();
+        let app = Router::new()
+            .route(
+                "/apis/batch/v1/namespaces/{namespace}/jobs",
+                get(list_jobs).post(create_job),
+            )
+            .route(
+                "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
+                get(get_job).delete(delete_job),
+            )
+            .route("/api/v1/namespaces/{namespace}/pods", get(list_pods))
+            .with_state(cluster.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        FakeKube { url, cluster }
+    }
+
+    /// The API server URL.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// A kube client of this server, in `namespace`.
+    pub fn client(&self, namespace: &str) -> kube::Client {
+        vtp_trainer::launch::kubernetes::install_crypto_provider();
+        let mut config = kube::Config::new(self.url.parse().unwrap());
+        config.default_namespace = namespace.to_owned();
+        kube::Client::try_from(config).unwrap()
+    }
+
+    /// A kubeconfig file for this server (for the backend binary).
+    pub fn kubeconfig(&self, dir: &std::path::Path, namespace: &str) -> std::path::PathBuf {
+        let path = dir.join("kubeconfig");
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: fake\nclusters:\n- name: fake\n  cluster:\n    server: {}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n    namespace: {namespace}\nusers:\n- name: fake\n  user:\n    token: fake-token\n",
+                self.url
+            ),
+        )
+        .unwrap();
+        path
+    }
+
+    /// Runs `kubelet` on every Job created from now on.
+    pub fn run_pods_with(&self, kubelet: impl Fn(&Value) + Send + Sync + 'static) {
+        self.cluster.lock().unwrap().kubelet = Some(Arc::new(kubelet));
+    }
+
+    /// The Job named `name`.
+    pub fn job(&self, name: &str) -> Option<Value> {
+        self.cluster.lock().unwrap().jobs.get(name).cloned()
+    }
+
+    /// Names of the Jobs.
+    pub fn job_names(&self) -> Vec<String> {
+        self.cluster.lock().unwrap().jobs.keys().cloned().collect()
+    }
+
+    /// Requests seen so far.
+    pub fn seen(&self) -> Vec<Seen> {
+        self.cluster.lock().unwrap().seen.clone()
+    }
+
+    /// Stores a Job as if someone else had created it.
+    pub fn put_job(&self, job: Value) {
+        let name = job["metadata"]["name"].as_str().unwrap().to_owned();
+        self.cluster.lock().unwrap().jobs.insert(name, job);
+    }
+
+    /// Gives the Job a terminal condition (`Failed` / `Complete`).
+    pub fn set_condition(&self, name: &str, kind: &str, reason: &str, message: &str) {
+        let mut c = self.cluster.lock().unwrap();
+        let job = c.jobs.get_mut(name).expect("job exists");
+        job["status"] = json!({
+            "failed": if kind == "Failed" { 1 } else { 0 },
+            "conditions": [{
+                "type": kind, "status": "True", "reason": reason, "message": message,
+                "lastTransitionTime": "2020-01-01T00:00:00Z", "lastProbeTime": "2020-01-01T00:00:00Z"
+            }]
+        });
+    }
+
+    /// Removes a Job behind the launcher's back.
+    pub fn vanish(&self, name: &str) {
+        self.cluster.lock().unwrap().jobs.remove(name);
+    }
+
+    /// Adds a pod of the Job `job` with the given `status`.
+    pub fn add_pod(&self, job: &str, pod: &str, status: Value) {
+        let value = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": pod, "labels": {"job-name": job}},
+            "status": status
+        });
+        self.cluster
+            .lock()
+            .unwrap()
+            .pods
+            .insert(pod.to_owned(), value);
+    }
+}

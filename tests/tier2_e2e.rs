@@ -1,0 +1,284 @@
+//! Tier 2 end to end: the same `vtp-backend` binary, switched to Kubernetes
+//! by environment alone (`VTP_LAUNCHER=kubernetes`, a kubeconfig), against a
+//! fake API server whose "kubelet" runs each Job's container as a local
+//! `vtp-trainer-service run-job` process with the Job's environment and its
+//! Secret; Postgres and Garage are real. Then the backend goes down while
+//! Jobs fail and vanish, and the reconciler settles them after the restart.
+
+#[path = "support/fake_kube.rs"]
+mod fake_kube;
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use fake_kube::FakeKube;
+use serde_json::{Value, json};
+use support::ServiceProcess;
+use vtp_storage::testing::{TestDatabase, TestS3};
+use vtp_trainer::testing::{shapes_dataset, zip_dir};
+
+const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
+const NAMESPACE: &str = "vtp";
+const SECRET: &str = "vtp-s3";
+
+struct Env {
+    _db: TestDatabase,
+    s3: TestS3,
+    blob_url: String,
+    db_url: String,
+    work: tempfile::TempDir,
+    http: reqwest::Client,
+    kube: FakeKube,
+}
+
+impl Env {
+    async fn new() -> Option<Env> {
+        let db = TestDatabase::create().await?;
+        let s3 = TestS3::from_env()?;
+        Some(Env {
+            db_url: db.url().to_owned(),
+            _db: db,
+            blob_url: s3.fresh_url(),
+            s3,
+            work: tempfile::tempdir().unwrap(),
+            http: reqwest::Client::new(),
+            kube: FakeKube::start().await,
+        })
+    }
+
+    /// The backend's environment: its own stores, and the launcher chosen
+    /// by configuration alone.
+    fn backend_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.s3.env_for(&self.blob_url);
+        env.extend([
+            ("VTP_DATABASE_URL", self.db_url.clone()),
+            ("VTP_LAUNCHER", "kubernetes".to_owned()),
+            (
+                "KUBECONFIG",
+                self.kube
+                    .kubeconfig(self.work.path(), NAMESPACE)
+                    .display()
+                    .to_string(),
+            ),
+            ("VTP_K8S_NAMESPACE", NAMESPACE.to_owned()),
+            ("VTP_K8S_IMAGE", "vtp-trainer:e2e".to_owned()),
+            ("VTP_K8S_S3_SECRET", SECRET.to_owned()),
+            ("VTP_K8S_RECONCILE_SECS", "1".to_owned()),
+            ("VTP_K8S_SETTLE_SECS", "0".to_owned()),
+        ]);
+        env
+    }
+
+    /// The Secret the pods' `envFrom` names: the S3 credentials.
+    fn secret(&self) -> BTreeMap<String, String> {
+        self.s3
+            .env_for(&self.blob_url)
+            .into_iter()
+            .filter(|(k, _)| k.contains("ACCESS_KEY"))
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect()
+    }
+
+    async fn json(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn upload_shapes(&self, backend: &ServiceProcess) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        shapes_dataset(&dir.path().join("shapes"), 30, 5);
+        let archive = dir.path().join("shapes.zip");
+        zip_dir(&dir.path().join("shapes"), &archive);
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap())
+                    .file_name("shapes.zip"),
+            )
+            .text("user_id", "tier2")
+            .text("dataset_name", "shapes");
+        let (status, body) = self
+            .json(
+                self.http
+                    .post(backend.at("/datasets/upload"))
+                    .multipart(form),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        body["s3_uri"].as_str().unwrap().to_owned()
+    }
+
+    async fn create_and_start(&self, backend: &ServiceProcess, dataset: &str) -> String {
+        let config = json!({"epochs": 2, "image_size": 16, "batch_size": 16, "threads": 1, "workers": 1, "hflip": false,
+            "resources": {"cpu": "1", "memory": "1Gi"}});
+        let body = json!({"user_id": "tier2", "model_name": "small_cnn", "framework": "tch", "dataset_s3_uri": dataset, "config": config});
+        let (status, job) = self
+            .json(self.http.post(backend.at("/training/jobs")).json(&body))
+            .await;
+        assert_eq!(status, 201, "{job}");
+        let id = job["id"].as_str().unwrap().to_owned();
+        let (status, body) = self
+            .json(
+                self.http
+                    .post(backend.at(&format!("/training/jobs/{id}/start"))),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        id
+    }
+
+    async fn wait_terminal(&self, backend: &ServiceProcess, id: &str) -> Value {
+        for _ in 0..1200 {
+            let (_, job) = self
+                .json(self.http.get(backend.at(&format!("/training/jobs/{id}"))))
+                .await;
+            if matches!(
+                job["status"].as_str(),
+                Some("completed" | "failed" | "cancelled")
+            ) {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} did not finish");
+    }
+}
+
+/// The kubelet: runs the Job's container as `vtp-trainer-service` with the
+/// container's args and env plus the Secret, then records the Job's outcome.
+fn run_pods(env: &Env) {
+    let kube = env.kube.clone();
+    let secret = env.secret();
+    let work = env.work.path().to_path_buf();
+    env.kube.run_pods_with(move |job: &Value| {
+        let name = job["metadata"]["name"].as_str().unwrap().to_owned();
+        let container = &job["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(container["envFrom"][0]["secretRef"]["name"], SECRET);
+        let mut command = std::process::Command::new(TRAINER_BIN);
+        command
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        for arg in container["args"].as_array().unwrap() {
+            command.arg(arg.as_str().unwrap());
+        }
+        for var in container["env"].as_array().unwrap() {
+            command.env(
+                var["name"].as_str().unwrap(),
+                var["value"].as_str().unwrap(),
+            );
+        }
+        command
+            .envs(&secret)
+            .env("VTP_WORK_DIR", work.join(&name))
+            .env("VTP_LOG", "info");
+        let mut child = command.spawn().expect("the trainer binary runs");
+        let kube = kube.clone();
+        std::thread::spawn(move || {
+            let status = child.wait().unwrap();
+            if status.success() {
+                kube.set_condition(&name, "Complete", "Completed", "");
+            } else {
+                kube.set_condition(
+                    &name,
+                    "Failed",
+                    "BackoffLimitExceeded",
+                    &format!("pod exited: {status}"),
+                );
+            }
+        });
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_as_a_kubernetes_job_on_the_same_backend_binary() {
+    let Some(env) = Env::new().await else { return };
+    run_pods(&env);
+    let backend = ServiceProcess::start(&env.backend_env()).await;
+    let (_, health) = env.json(env.http.get(backend.at("/health"))).await;
+    assert_eq!(health["launcher"], "kubernetes", "{health}");
+
+    let dataset = env.upload_shapes(&backend).await;
+    let id = env.create_and_start(&backend, &dataset).await;
+    let job = env.wait_terminal(&backend, &id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert!(
+        job["checkpoint_s3_uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("/best.safetensors")
+    );
+    let (_, metrics) = env
+        .json(
+            env.http
+                .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
+        )
+        .await;
+    assert_eq!(metrics.as_array().unwrap().len(), 2, "{metrics}");
+
+    let created = env.kube.job(&format!("vtp-{id}")).expect("one Job per job");
+    assert_eq!(created["metadata"]["labels"]["vtp.dev/job-id"], id.as_str());
+    let posts = env
+        .kube
+        .seen()
+        .iter()
+        .filter(|s| s.method == "POST")
+        .count();
+    assert_eq!(posts, 1, "no second Job");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_backend_restart_the_reconciler_ends_jobs_that_failed_or_vanished_meanwhile() {
+    let Some(env) = Env::new().await else { return };
+    // No kubelet: the Jobs are created and nothing runs them.
+    let backend = ServiceProcess::start(&env.backend_env()).await;
+    let dataset = env.upload_shapes(&backend).await;
+    let evicted = env.create_and_start(&backend, &dataset).await;
+    let vanished = env.create_and_start(&backend, &dataset).await;
+    let waiting = env.create_and_start(&backend, &dataset).await;
+    backend.kill().await;
+
+    // While the backend is down: one pod is evicted and its Job fails, one
+    // Job is deleted by hand, one keeps waiting for a node.
+    let name = format!("vtp-{evicted}");
+    env.kube.set_condition(
+        &name,
+        "Failed",
+        "BackoffLimitExceeded",
+        "Job has reached the specified backoff limit",
+    );
+    env.kube.add_pod(&name, &format!("{name}-x1"), json!({"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}));
+    env.kube.vanish(&format!("vtp-{vanished}"));
+
+    let backend = ServiceProcess::start(&env.backend_env()).await;
+    let job = env.wait_terminal(&backend, &evicted).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("Evicted"), "{job}");
+    let job = env.wait_terminal(&backend, &vanished).await;
+    assert_eq!(job["status"], "failed");
+    assert!(job["error"].as_str().unwrap().contains("vanished"), "{job}");
+    let (_, job) = env
+        .json(
+            env.http
+                .get(backend.at(&format!("/training/jobs/{waiting}"))),
+        )
+        .await;
+    assert_eq!(
+        job["status"], "queued",
+        "its Job still runs: adopted, {job}"
+    );
+
+    // Cancel: the Job is deleted in the foreground; with no trainer to
+    // report, the reconciler settles it as cancelled.
+    let (status, job) = env
+        .json(
+            env.http
+                .delete(backend.at(&format!("/training/jobs/{waiting}"))),
+        )
+        .await;
+    assert_eq!(status, 200, "{job}");
+    let job = env.wait_terminal(&backend, &waiting).await;
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(env.kube.job(&format!("vtp-{waiting}")).is_none());
+}

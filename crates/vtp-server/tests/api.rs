@@ -149,6 +149,41 @@ async fn report(h: &Harness, id: &str, body: Value) -> (StatusCode, Value) {
 }
 
 #[tokio::test]
+async fn metrics_count_requests_by_route_and_status_and_jobs_created() {
+    let h = harness().await;
+    let id = started_job(&h).await;
+    let missing = uuid::Uuid::new_v4();
+    let (status, _) = send(&h.app, empty("GET", &format!("/training/jobs/{missing}"))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let response = h
+        .app
+        .clone()
+        .oneshot(empty("GET", "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        response
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec(),
+    )
+    .unwrap();
+    for expected in [
+        "vtp_jobs_created_total",
+        r#"vtp_http_requests_total{method="GET",route="/training/jobs/{id}",status="404"}"#,
+        r#"vtp_http_requests_total{method="POST",route="/training/jobs/{id}/start",status="202"}"#,
+        r#"vtp_http_request_duration_seconds_bucket{method="POST",route="/training/jobs""#,
+    ] {
+        assert!(text.contains(expected), "{expected} in\n{text}");
+    }
+    assert!(!text.contains(&id), "job ids stay out of label values");
+}
+
+#[tokio::test]
 async fn health_reports_store_and_launcher() {
     let h = harness().await;
     let (status, body) = send(&h.app, empty("GET", "/health")).await;
@@ -506,7 +541,7 @@ async fn callbacks_are_idempotent_and_ordered_by_seq() {
             empty("GET", &format!("/training/jobs/{id}/checkpoint/{file}")),
         )
         .await;
-        assert_eq!(status, StatusCode::BAD_REQUEST, "{file}: {body}");
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{file}: {body}");
         assert!(
             body["error"]["message"]
                 .as_str()

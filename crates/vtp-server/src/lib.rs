@@ -18,6 +18,7 @@
 //! | DELETE | `/training/jobs/{id}` | cancel |
 //! | GET | `/training/jobs/{id}/metrics` | per-epoch metrics |
 //! | GET | `/training/jobs/{id}/checkpoint` | stream the checkpoint |
+//! | GET | `/metrics` | Prometheus metrics |
 //! | GET | `/training/jobs/{id}/checkpoint/{file}` | a file beside it (`best.json`, `last.safetensors`) |
 //! | POST | `/datasets/upload` | multipart `file`, `user_id`, `dataset_name` |
 #![warn(missing_docs)]
@@ -34,6 +35,7 @@ use vtp_core::{BlobStore, JobStore, TrainerLauncher};
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 mod routes;
 pub mod sweeper;
 #[cfg(feature = "torch")]
@@ -89,6 +91,8 @@ impl AppState {
 
 /// The backend router.
 pub fn app(state: AppState) -> Router {
+    // Install the recorder before the first request records anything.
+    metrics::handle();
     Router::new()
         .route("/health", get(routes::health))
         .route(
@@ -115,6 +119,8 @@ pub fn app(state: AppState) -> Router {
             // The upload handler enforces its own limit while streaming.
             post(routes::datasets::upload).layer(DefaultBodyLimit::disable()),
         )
+        .route_layer(axum::middleware::from_fn(metrics::track))
+        .route("/metrics", get(metrics::render))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -24,6 +24,7 @@ pub async fn create(
     ApiJson(new): ApiJson<NewJob>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
     let job = state.jobs.create_job(new).await?;
+    metrics::counter!("vtp_jobs_created_total").increment(1);
     tracing::info!(job_id = %job.id, user_id = %job.user_id, model = %job.model_name, "job created");
     Ok((StatusCode::CREATED, Json(job)))
 }
@@ -143,6 +144,12 @@ pub async fn callback(
 ) -> ApiResult<Json<serde_json::Value>> {
     let outcome = state.jobs.apply_update(id, &update).await?;
     let job = outcome.job();
+    metrics::counter!("vtp_reports_total", "applied" => if outcome.applied() { "true" } else { "false" })
+        .increment(1);
+    if outcome.applied() && job.status.is_terminal() {
+        metrics::counter!("vtp_jobs_finished_total", "status" => job.status.to_string())
+            .increment(1);
+    }
     if outcome.applied() {
         tracing::debug!(job_id = %id, status = %job.status, seq = ?update.seq, "report applied");
     } else {

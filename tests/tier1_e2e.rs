@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use support::{ServiceProcess, children_of, free_port};
 use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::engine::Predictor;
-use vtp_trainer::testing::{shapes_dataset, zip_dir};
+use vtp_trainer::testing::shapes_dataset;
 
 const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
 
@@ -61,27 +61,7 @@ impl Env {
 
     /// Uploads a zip of generated shapes through the backend; returns its URI.
     async fn upload_shapes(&self, backend: &ServiceProcess, per_class: usize) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        shapes_dataset(&dir.path().join("shapes"), per_class, 11);
-        let archive = dir.path().join("shapes.zip");
-        zip_dir(&dir.path().join("shapes"), &archive);
-        let form = reqwest::multipart::Form::new()
-            .part(
-                "file",
-                reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap())
-                    .file_name("shapes.zip"),
-            )
-            .text("user_id", "e2e")
-            .text("dataset_name", "shapes");
-        let (status, body) = self
-            .call(
-                self.http
-                    .post(backend.at("/datasets/upload"))
-                    .multipart(form),
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        body["s3_uri"].as_str().unwrap().to_owned()
+        support::upload_shapes(&self.http, backend, "e2e", per_class, 11).await
     }
 
     async fn create_and_start(

@@ -16,7 +16,6 @@ use fake_kube::FakeKube;
 use serde_json::{Value, json};
 use support::ServiceProcess;
 use vtp_storage::testing::{TestDatabase, TestS3};
-use vtp_trainer::testing::{shapes_dataset, zip_dir};
 
 const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
 const NAMESPACE: &str = "vtp";
@@ -87,27 +86,7 @@ impl Env {
     }
 
     async fn upload_shapes(&self, backend: &ServiceProcess) -> String {
-        let dir = tempfile::tempdir().unwrap();
-        shapes_dataset(&dir.path().join("shapes"), 30, 5);
-        let archive = dir.path().join("shapes.zip");
-        zip_dir(&dir.path().join("shapes"), &archive);
-        let form = reqwest::multipart::Form::new()
-            .part(
-                "file",
-                reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap())
-                    .file_name("shapes.zip"),
-            )
-            .text("user_id", "tier2")
-            .text("dataset_name", "shapes");
-        let (status, body) = self
-            .json(
-                self.http
-                    .post(backend.at("/datasets/upload"))
-                    .multipart(form),
-            )
-            .await;
-        assert_eq!(status, 201, "{body}");
-        body["s3_uri"].as_str().unwrap().to_owned()
+        support::upload_shapes(&self.http, backend, "tier2", 30, 5).await
     }
 
     async fn create_and_start(&self, backend: &ServiceProcess, dataset: &str) -> String {

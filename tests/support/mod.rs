@@ -256,3 +256,36 @@ pub async fn json_of(response: reqwest::Response) -> (reqwest::StatusCode, serde
         response.json().await.unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// Uploads a zip of generated shapes (`per_class` images of each of three
+/// classes, from `seed`) through the backend's `/datasets/upload` as
+/// `user`; returns the dataset URI.
+pub async fn upload_shapes(
+    http: &reqwest::Client,
+    backend: &ServiceProcess,
+    user: &str,
+    per_class: usize,
+    seed: u64,
+) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    vtp_trainer::testing::shapes_dataset(&dir.path().join("shapes"), per_class, seed);
+    let archive = dir.path().join("shapes.zip");
+    vtp_trainer::testing::zip_dir(&dir.path().join("shapes"), &archive);
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap())
+                .file_name("shapes.zip"),
+        )
+        .text("user_id", user.to_owned())
+        .text("dataset_name", "shapes");
+    let response = http
+        .post(backend.at("/datasets/upload"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 201, "{body}");
+    body["s3_uri"].as_str().unwrap().to_owned()
+}

@@ -34,8 +34,9 @@ impl Client {
         Ok(request)
     }
 
-    /// Sends and reads the whole answer; error statuses become exceptions.
-    async fn send(request: RequestBuilder) -> PyResult<bytes::Bytes> {
+    /// Sends `request`; an error status becomes an exception carrying the
+    /// server's message. Returns the URL (for messages) and the response.
+    async fn execute(request: RequestBuilder) -> PyResult<(String, reqwest::Response)> {
         let (client, request) = request.build_split();
         let request = request.map_err(|e| InvalidInput::new_err(e.to_string()))?;
         let url = request.url().to_string();
@@ -44,15 +45,17 @@ impl Client {
             .await
             .map_err(|e| from_transport(&url, &e))?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| from_transport(&url, &e))?;
-        if status.is_success() {
-            Ok(body)
-        } else {
-            Err(from_status(status.as_u16(), &body))
+        if !status.is_success() {
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(from_status(status.as_u16(), &body));
         }
+        Ok((url, response))
+    }
+
+    /// Sends and reads the whole answer.
+    async fn send(request: RequestBuilder) -> PyResult<bytes::Bytes> {
+        let (url, response) = Self::execute(request).await?;
+        response.bytes().await.map_err(|e| from_transport(&url, &e))
     }
 
     async fn send_json(request: RequestBuilder) -> PyResult<Value> {
@@ -74,18 +77,7 @@ impl Client {
         use futures::TryStreamExt;
         use tokio::io::AsyncWriteExt;
 
-        let (client, request) = request.build_split();
-        let request = request.map_err(|e| InvalidInput::new_err(e.to_string()))?;
-        let url = request.url().to_string();
-        let response = client
-            .execute(request)
-            .await
-            .map_err(|e| from_transport(&url, &e))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response.bytes().await.unwrap_or_default();
-            return Err(from_status(status.as_u16(), &body));
-        }
+        let (url, response) = Self::execute(request).await?;
         let dir = dest.parent().unwrap_or(Path::new(".")).to_path_buf();
         let io = |e: std::io::Error| {
             crate::errors::VtpError::new_err(format!("{}: {e}", dest.display()))

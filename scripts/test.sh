@@ -54,6 +54,14 @@ RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --lock
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked
 
+if command -v kubectl >/dev/null 2>&1; then
+    step "kubectl kustomize renders the deploy/ overlays"
+    for overlay in deploy/overlays/*/; do
+        kubectl kustomize "$overlay" >/dev/null
+        echo "rendered $overlay"
+    done
+fi
+
 step "Python bindings: maturin develop, pytest (real backend and in process), mypy --strict, stubtest"
 python -m pip install -q --disable-pip-version-check -r crates/vtp-py/requirements-test.txt
 # The backend and trainer binaries the pytest suite runs, as cargo test built them.

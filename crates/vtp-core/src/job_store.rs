@@ -133,6 +133,22 @@ pub trait JobStoreExt: JobStore {
             .await
     }
 
+    /// The jobs a trainer holds or should hold: `queued`, `running` and
+    /// `cancelling`, in that order (up to [`JobFilter::MAX_LIMIT`] of each).
+    ///
+    /// # Errors
+    /// Store errors.
+    async fn active_jobs(&self) -> Result<Vec<Job>> {
+        let mut active = Vec::new();
+        for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
+            let filter = JobFilter::new()
+                .with_status(status)
+                .with_page(JobFilter::MAX_LIMIT, 0);
+            active.extend(self.list(&filter).await?.jobs);
+        }
+        Ok(active)
+    }
+
     /// Ends a job whose trainer is gone: `cancelling` becomes `cancelled`,
     /// other active states `failed` with `reason`. A job already finished is
     /// left alone. Returns the job as stored.

@@ -187,35 +187,26 @@ pub async fn parent_exited() {
 /// # Errors
 /// Store errors while listing.
 pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
-    use vtp_core::{JobFilter, JobStatus, JobStoreExt};
+    use vtp_core::JobStoreExt;
     let (mut adopted, mut ended) = (0, 0);
-    for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
-        let page = state
-            .jobs
-            .list(
-                &JobFilter::new()
-                    .with_status(status)
-                    .with_page(JobFilter::MAX_LIMIT, 0),
-            )
-            .await?;
-        for job in page.jobs {
-            match state.launcher.is_running(job.id).await {
-                Ok(true) => {
-                    tracing::info!(job_id = %job.id, %status, "re-adopted a job after restart");
-                    adopted += 1;
-                }
-                Ok(false) => {
-                    let reason = format!(
-                        "the backend restarted and its {} trainer no longer runs the job",
-                        state.launcher.name()
-                    );
-                    state.jobs.finalize_lost(job.id, &reason).await?;
-                    tracing::warn!(job_id = %job.id, %status, %reason, "ended a lost job");
-                    ended += 1;
-                }
-                Err(e) => {
-                    tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide")
-                }
+    for job in state.jobs.active_jobs().await? {
+        let status = job.status;
+        match state.launcher.is_running(job.id).await {
+            Ok(true) => {
+                tracing::info!(job_id = %job.id, %status, "re-adopted a job after restart");
+                adopted += 1;
+            }
+            Ok(false) => {
+                let reason = format!(
+                    "the backend restarted and its {} trainer no longer runs the job",
+                    state.launcher.name()
+                );
+                state.jobs.finalize_lost(job.id, &reason).await?;
+                tracing::warn!(job_id = %job.id, %status, %reason, "ended a lost job");
+                ended += 1;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide")
             }
         }
     }

@@ -31,8 +31,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use vtp_core::{
-    CancelOutcome, Error, JobFilter, JobId, JobStatus, JobStore, JobStoreExt, Resources, Result,
-    StartTraining, TrainerLauncher, error_chain,
+    CancelOutcome, Error, JobId, JobStore, JobStoreExt, Resources, Result, StartTraining,
+    TrainerLauncher, error_chain,
 };
 
 /// Exit code of the one-shot trainer for a job that can never succeed as
@@ -394,18 +394,7 @@ impl KubernetesLauncher {
     /// # Errors
     /// Store or Kubernetes errors; the pass is simply tried again later.
     pub async fn reconcile(&self) -> Result<Reconciled> {
-        let mut active = Vec::new();
-        for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
-            let page = self
-                .store
-                .list(
-                    &JobFilter::new()
-                        .with_status(status)
-                        .with_page(JobFilter::MAX_LIMIT, 0),
-                )
-                .await?;
-            active.extend(page.jobs);
-        }
+        let active = self.store.active_jobs().await?;
         let listed = self
             .jobs_api
             .list(&ListParams::default().labels(MANAGED_SELECTOR))

@@ -54,9 +54,8 @@ impl Env {
     }
 
     async fn call(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let (status, body) = support::json_of(request.send().await.unwrap()).await;
+        (status.as_u16(), body)
     }
 
     /// Uploads a zip of generated shapes through the backend; returns its URI.

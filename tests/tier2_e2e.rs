@@ -80,9 +80,8 @@ impl Env {
     }
 
     async fn json(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
+        let (status, body) = support::json_of(request.send().await.unwrap()).await;
+        (status.as_u16(), body)
     }
 
     async fn upload_shapes(&self, backend: &ServiceProcess) -> String {

@@ -194,9 +194,39 @@ pub trait JobStoreExt: JobStore {
     /// [`Error::NotFound`], [`Error::InvalidInput`] for a malformed update,
     /// [`Error::Conflict`] when the job is terminal or the report is illegal.
     async fn apply_update(&self, id: JobId, update: &TrainingUpdate) -> Result<UpdateOutcome> {
+        self.apply_update_from(id, update, None).await
+    }
+
+    /// [`JobStoreExt::apply_update`], planned against `known` (a version of
+    /// the job this caller stored or read before) instead of a fresh read.
+    ///
+    /// This saves the read when `known` is current, and is as safe as a fresh
+    /// read when it is not: an applied plan is written by a compare-and-set
+    /// on `known`'s revision, so an outdated `known` loses the race and the
+    /// job is re-read; any other outcome (a replay, a refused report) is
+    /// decided again on a fresh read before it is returned.
+    ///
+    /// # Errors
+    /// As [`JobStoreExt::apply_update`].
+    async fn apply_update_from(
+        &self,
+        id: JobId,
+        update: &TrainingUpdate,
+        known: Option<Job>,
+    ) -> Result<UpdateOutcome> {
+        let mut known = known.filter(|job| job.id == id);
         for _ in 0..UPDATE_ATTEMPTS {
-            let job = self.get(id).await?;
-            match plan_update(&job, update)? {
+            let (job, fresh) = match known.take() {
+                Some(job) => (job, false),
+                None => (self.get(id).await?, true),
+            };
+            let plan = match plan_update(&job, update) {
+                Ok(plan) => plan,
+                Err(Error::Conflict { .. }) if !fresh => continue,
+                Err(e) => return Err(e),
+            };
+            match plan {
+                UpdatePlan::Stale { .. } if !fresh => continue,
                 UpdatePlan::Stale { metric } => {
                     if let Some(metric) = metric {
                         self.insert_metric_if_absent(&metric).await?;

@@ -35,6 +35,7 @@ use vtp_core::{BlobStore, JobStore, TrainerLauncher};
 
 pub mod config;
 pub mod error;
+mod known_jobs;
 pub mod metrics;
 mod routes;
 pub mod sweeper;
@@ -43,6 +44,7 @@ pub mod trainer_service;
 
 pub use config::{BackendConfig, LauncherKind};
 pub use error::{ApiError, ApiJson};
+pub use known_jobs::KnownJobs;
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -57,6 +59,8 @@ pub struct AppState {
     pub public_url: String,
     /// Largest dataset upload, in bytes.
     pub max_upload_bytes: u64,
+    /// The last stored version of jobs that trainers report on.
+    pub known_jobs: Arc<KnownJobs>,
 }
 
 impl AppState {
@@ -73,6 +77,7 @@ impl AppState {
             launcher,
             public_url: public_url.into().trim_end_matches('/').to_owned(),
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
+            known_jobs: Arc::new(KnownJobs::new()),
         }
     }
 

@@ -12,7 +12,10 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
-use vtp_core::{BackoffConfig, BlobKey, BlobStore, BlobStoreExt, JobStore, RetryConfig};
+use vtp_core::{
+    BackoffConfig, BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, RetryConfig,
+    TrainingUpdate,
+};
 use vtp_server::{AppState, app};
 use vtp_storage::{InMemoryJobStore, ObjectStoreBlobStore};
 use vtp_trainer::HttpLauncher;
@@ -550,6 +553,58 @@ async fn callbacks_are_idempotent_and_ordered_by_seq() {
             "{body}"
         );
     }
+}
+
+#[tokio::test]
+async fn reports_are_decided_on_the_stored_job_when_another_writer_changed_it() {
+    let h = harness().await;
+    let id = started_job(&h).await;
+    let job_id: vtp_core::JobId = id.parse().unwrap();
+    let running =
+        |seq: i64, progress: f64| json!({"status": "running", "seq": seq, "progress": progress});
+    let (status, body) = report(&h, &id, running(1, 0.1)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // Another writer (a second replica, the reconciler) moves the job on
+    // behind this backend, whose remembered version is now outdated.
+    let direct = |update: TrainingUpdate| {
+        let jobs = h.jobs.clone();
+        async move { jobs.apply_update(job_id, &update).await.unwrap() }
+    };
+    direct(
+        TrainingUpdate::new(JobStatus::Running)
+            .with_seq(2)
+            .with_progress(0.5),
+    )
+    .await;
+    // A replay the outdated version would apply is a duplicate of the stored job.
+    let (status, body) = report(&h, &id, running(2, 0.4)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["applied"], false);
+    let (status, body) = report(&h, &id, running(3, 0.6)).await;
+    assert_eq!(
+        (status, &body["applied"]),
+        (StatusCode::OK, &json!(true)),
+        "{body}"
+    );
+    direct(
+        TrainingUpdate::new(JobStatus::Failed)
+            .with_seq(4)
+            .with_error("evicted"),
+    )
+    .await;
+    // The remembered version is running; the stored job has failed.
+    let (status, body) = report(&h, &id, running(5, 0.7)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, job) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
+    assert_eq!(
+        (&job["status"], &job["error"], &job["last_seq"]),
+        (&json!("failed"), &json!("evicted"), &json!(4)),
+        "{job}"
+    );
+    assert!(
+        (job["progress"].as_f64().unwrap() - 0.6).abs() < 1e-9,
+        "{job}"
+    );
 }
 
 #[tokio::test]

@@ -349,6 +349,57 @@ pub async fn concurrent_updates_apply_once_each(store: Store) {
     assert_eq!(store.metrics(job.id).await.unwrap().len(), 10);
 }
 
+pub async fn updates_from_a_known_version_are_checked(store: Store) {
+    let job = running_job(&store).await;
+    // Current: the read is skipped and the write lands.
+    let first = store
+        .apply_update_from(job.id, &epoch(1, 1, 0.9), Some(job.clone()))
+        .await
+        .unwrap();
+    assert!(first.applied());
+    assert_eq!(first.job(), &store.get(job.id).await.unwrap());
+    assert_eq!(first.job().revision, job.revision + 1);
+    // Outdated: the compare-and-set loses, the job is re-read, the write lands once.
+    let second = store
+        .apply_update_from(job.id, &epoch(2, 2, 0.5), Some(job.clone()))
+        .await
+        .unwrap();
+    assert!(second.applied());
+    assert_eq!(second.job().last_seq, 2);
+    assert_eq!(second.job().revision, job.revision + 2);
+    // A replay that the outdated version would apply is a duplicate of the stored job.
+    let replay = store
+        .apply_update_from(job.id, &epoch(1, 1, 0.9), Some(job.clone()))
+        .await
+        .unwrap();
+    assert!(!replay.applied());
+    assert_eq!(replay.job(), second.job());
+    // A version that would refuse the report (a finished job) is checked against the store.
+    let mut finished = second.job().clone();
+    finished.set_status(JobStatus::Completed);
+    let third = store
+        .apply_update_from(job.id, &epoch(3, 3, 0.3), Some(finished))
+        .await
+        .unwrap();
+    assert!(third.applied(), "the stored job is still running");
+    // Another job's version is ignored.
+    let other = running_job(&store).await;
+    let fourth = store
+        .apply_update_from(job.id, &epoch(4, 4, 0.2), Some(other))
+        .await
+        .unwrap();
+    assert_eq!(fourth.job().id, job.id);
+    assert_eq!(fourth.job().last_seq, 4);
+    let epochs: Vec<_> = store
+        .metrics(job.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.epoch)
+        .collect();
+    assert_eq!(epochs, vec![1, 2, 3, 4]);
+}
+
 pub async fn metrics_of_unknown_job_is_not_found(store: Store) {
     let err = store.metrics(JobId::new()).await.unwrap_err();
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");

@@ -142,8 +142,16 @@ pub async fn callback(
     ApiPath(id): ApiPath<JobId>,
     ApiJson(update): ApiJson<TrainingUpdate>,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let outcome = state.jobs.apply_update(id, &update).await?;
+    let known = state.known_jobs.get(id);
+    let outcome = match state.jobs.apply_update_from(id, &update, known).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            state.known_jobs.forget(id);
+            return Err(e.into());
+        }
+    };
     let job = outcome.job();
+    state.known_jobs.remember(job);
     metrics::counter!("vtp_reports_total", "applied" => if outcome.applied() { "true" } else { "false" })
         .increment(1);
     if outcome.applied() && job.status.is_terminal() {

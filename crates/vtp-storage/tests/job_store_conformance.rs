@@ -89,3 +89,69 @@ async fn sqlite_persists_across_reopen() {
 }
 
 use vtp_storage::SqliteJobStore;
+
+/// Progress reports rewrite a Postgres row in place (heap-only updates: no
+/// new index entries), which is what keeps callback ingestion cheap; an
+/// index on a column that every report changes would silently undo it.
+#[tokio::test]
+async fn postgres_progress_reports_are_heap_only_updates() {
+    use std::time::{Duration, Instant};
+    use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingUpdate};
+    use vtp_storage::PostgresJobStore;
+    use vtp_storage::testing::TestDatabase;
+
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let store = PostgresJobStore::connect(db.url()).await.unwrap();
+    let job = store
+        .create_job(NewJob {
+            user_id: "alice".into(),
+            model_name: "small_cnn".into(),
+            framework: "tch".into(),
+            dataset_s3_uri: "s3://datasets/digits".into(),
+            config: serde_json::json!({"epochs": 2}),
+        })
+        .await
+        .unwrap();
+    store
+        .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+        .await
+        .unwrap();
+    let reports = 40;
+    for seq in 1..=reports {
+        let update = TrainingUpdate::new(JobStatus::Running)
+            .with_seq(seq)
+            .with_progress(seq as f64 / 100.0)
+            .with_message(format!("step {seq}"))
+            .with_metric("epoch", seq as f64)
+            .with_metric("loss", 1.0 / seq as f64);
+        store.apply_update(job.id, &update).await.unwrap();
+    }
+    // A backend publishes its table statistics when it exits (or after 10 s idle).
+    drop(store);
+    let stats = sqlx::PgPool::connect(db.url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (updates, hot) = loop {
+        let (updates, hot): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'",
+        )
+        .fetch_one(&stats)
+        .await
+        .unwrap();
+        if updates > reports || Instant::now() > deadline {
+            break (updates, hot);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        updates > reports,
+        "statistics never arrived: {updates} updates"
+    );
+    // The status changes (pending -> queued -> running) may move the row to a
+    // new index entry; every progress report after them must not.
+    assert!(
+        hot >= reports - 1,
+        "{hot} of {updates} updates were heap-only"
+    );
+}

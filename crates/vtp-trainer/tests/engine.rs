@@ -325,3 +325,68 @@ fn a_panic_in_the_loop_is_an_error_not_a_crash() {
     let (again, _) = train(&spec(&data, &dir.path().join("again"), config(1)));
     again.unwrap();
 }
+
+/// `backward_step` (gradients handed back by autograd) makes exactly the
+/// update that `zero_grad`, `backward` and `step` (gradients accumulated in
+/// `.grad`) make, for both optimizers, and leaves `.grad` alone.
+#[test]
+fn backward_step_updates_as_backward_then_step() {
+    use tch::nn::VarStore;
+    use tch::{Device, Kind, Tensor};
+    use vtp_trainer::engine::OptimizerKind;
+    use vtp_trainer::engine::optim::Optimizer;
+
+    let _serial = serial();
+    for kind in [OptimizerKind::Sgd, OptimizerKind::Adamw] {
+        let replica = || {
+            tch::manual_seed(7);
+            let vs = VarStore::new(Device::Cpu);
+            let model = ModelKind::SmallCnn.build(&vs.root(), 3);
+            let params = vs
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect();
+            let optimizer = Optimizer::new(kind, 0.05, 0.9, 5e-4, params);
+            (vs, model, optimizer)
+        };
+        let (accumulated, model_a, mut opt_a) = replica();
+        let (returned, model_b, mut opt_b) = replica();
+        tch::manual_seed(8);
+        let batches: Vec<_> = (0..3)
+            .map(|_| {
+                (
+                    Tensor::randn([8, 3, 16, 16], (Kind::Float, Device::Cpu)),
+                    Tensor::randint(3, [8], (Kind::Int64, Device::Cpu)),
+                )
+            })
+            .collect();
+        for (x, y) in &batches {
+            opt_a.zero_grad();
+            let loss = model_a.forward_t(x, true).cross_entropy_for_logits(y);
+            loss.backward();
+            opt_a.step().unwrap();
+            let loss = model_b.forward_t(x, true).cross_entropy_for_logits(y);
+            opt_b.backward_step(&loss).unwrap();
+        }
+        let (a, b) = (accumulated.variables(), returned.variables());
+        assert_eq!(a.len(), b.len());
+        for (name, value) in &a {
+            let diff = f64::try_from((value - &b[name]).abs().max()).unwrap();
+            assert!(diff < 1e-6, "{kind:?} {name}: differs by {diff}");
+            if value.requires_grad() {
+                assert!(!b[name].grad().defined(), "{name}: .grad was written");
+            }
+        }
+        assert!(
+            f64::try_from(
+                (&a["conv1.weight"] - &replica().0.variables()["conv1.weight"])
+                    .abs()
+                    .max()
+            )
+            .unwrap()
+                > 1e-4,
+            "the parameters moved"
+        );
+    }
+}

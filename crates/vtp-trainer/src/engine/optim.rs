@@ -89,19 +89,42 @@ impl Optimizer {
         }
     }
 
-    /// Applies one update from the current gradients.
+    /// Applies one update from the gradients accumulated in each
+    /// parameter's `.grad` (by `loss.backward()`, after [`Optimizer::zero_grad`]).
     ///
     /// # Errors
     /// libtorch failures.
     pub fn step(&mut self) -> Result<()> {
+        let grads = self.params.iter().map(|(_, p)| p.grad()).collect();
+        self.apply(grads)
+    }
+
+    /// Back-propagates `loss` and applies one update: the training step.
+    ///
+    /// Autograd hands the gradients back as fresh tensors (as
+    /// `torch.autograd.grad` does) instead of accumulating them into each
+    /// parameter's `.grad`, so a step makes no zeroing pass and no
+    /// accumulation pass over the parameters (PyTorch's
+    /// `zero_grad(set_to_none=True)` saves the same work); `.grad` is left
+    /// untouched.
+    ///
+    /// # Errors
+    /// libtorch failures (a `loss` that does not depend on the parameters).
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
+        let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
+        let grads = Tensor::f_run_backward(&[loss], &params, false, false).map_err(torch_err)?;
+        self.apply(grads)
+    }
+
+    /// One update with `grads`, one per parameter (undefined: no gradient).
+    fn apply(&mut self, grads: Vec<Tensor>) -> Result<()> {
         self.step += 1;
         let (lr, wd, momentum) = (self.lr, self.weight_decay, self.momentum);
         let (b1, b2) = self.betas;
         let steps = self.step as f64;
         let (bias1, bias2) = (1.0 - b1.powf(steps), 1.0 - b2.powf(steps));
         tch::no_grad(|| -> Result<()> {
-            for ((_, p), state) in self.params.iter_mut().zip(&mut self.state) {
-                let grad = p.grad();
+            for (((_, p), state), grad) in self.params.iter_mut().zip(&mut self.state).zip(grads) {
                 if !grad.defined() {
                     continue;
                 }

@@ -315,9 +315,7 @@ fn run(
             let loss = logits
                 .f_cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100, 0.0)
                 .map_err(torch_err)?;
-            run.optimizer.zero_grad();
-            loss.f_backward().map_err(torch_err)?;
-            run.optimizer.step()?;
+            run.optimizer.backward_step(&loss)?;
             let value = loss.f_double_value(&[]).map_err(torch_err)?;
             if !value.is_finite() {
                 return Err(Error::invalid(

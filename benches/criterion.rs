@@ -33,10 +33,8 @@ fn training_step(c: &mut Criterion) {
                 b.iter(|| {
                     let (x, y) = &batches[i % batches.len()];
                     i += 1;
-                    opt.zero_grad();
                     let loss = model.forward_t(x, true).cross_entropy_for_logits(y);
-                    loss.backward();
-                    opt.step().unwrap();
+                    opt.backward_step(&loss).unwrap();
                     loss.double_value(&[])
                 });
             },

@@ -85,20 +85,13 @@ impl fmt::Debug for KnownJobs {
 
 #[cfg(test)]
 mod tests {
-    use vtp_core::{JobStatus, NewJob};
+    use vtp_core::JobStatus;
 
     use super::*;
+    use crate::sweeper::tests::new_job;
 
     fn job() -> Job {
-        NewJob {
-            user_id: "u".into(),
-            model_name: "small_cnn".into(),
-            framework: "tch".into(),
-            dataset_s3_uri: "s3://b/d".into(),
-            config: serde_json::json!({}),
-        }
-        .into_job()
-        .unwrap()
+        new_job().into_job().unwrap()
     }
 
     #[test]

@@ -100,13 +100,13 @@ pub async fn run(jobs: Arc<dyn JobStore>, policy: SweepPolicy) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingUpdate};
     use vtp_storage::InMemoryJobStore;
 
     use super::*;
 
-    fn new_job() -> NewJob {
+    pub(crate) fn new_job() -> NewJob {
         NewJob {
             user_id: "u".into(),
             model_name: "small_cnn".into(),

@@ -65,24 +65,26 @@ async fn connect_by_url() {
     );
 }
 
+/// A small job of user alice on the digits dataset.
+fn digits_job() -> vtp_core::NewJob {
+    vtp_core::NewJob {
+        user_id: "alice".into(),
+        model_name: "small_cnn".into(),
+        framework: "tch".into(),
+        dataset_s3_uri: "file:///data/digits".into(),
+        config: serde_json::json!({"epochs": 2}),
+    }
+}
+
 /// A SQLite file keeps its jobs across reopen (the embedded default is durable).
 #[tokio::test]
 async fn sqlite_persists_across_reopen() {
-    use vtp_core::{JobStoreExt, NewJob};
+    use vtp_core::JobStoreExt;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vtp.db");
     let job = {
         let store = SqliteJobStore::open(&path).await.unwrap();
-        store
-            .create_job(NewJob {
-                user_id: "alice".into(),
-                model_name: "small_cnn".into(),
-                framework: "tch".into(),
-                dataset_s3_uri: "file:///data/digits".into(),
-                config: serde_json::json!({"epochs": 2}),
-            })
-            .await
-            .unwrap()
+        store.create_job(digits_job()).await.unwrap()
     };
     let store = SqliteJobStore::open(&path).await.unwrap();
     assert_eq!(store.get(job.id).await.unwrap(), job);
@@ -96,7 +98,7 @@ use vtp_storage::SqliteJobStore;
 #[tokio::test]
 async fn postgres_progress_reports_are_heap_only_updates() {
     use std::time::{Duration, Instant};
-    use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingUpdate};
+    use vtp_core::{JobStatus, JobStoreExt, TrainingUpdate};
     use vtp_storage::PostgresJobStore;
     use vtp_storage::testing::TestDatabase;
 
@@ -104,16 +106,7 @@ async fn postgres_progress_reports_are_heap_only_updates() {
         return;
     };
     let store = PostgresJobStore::connect(db.url()).await.unwrap();
-    let job = store
-        .create_job(NewJob {
-            user_id: "alice".into(),
-            model_name: "small_cnn".into(),
-            framework: "tch".into(),
-            dataset_s3_uri: "s3://datasets/digits".into(),
-            config: serde_json::json!({"epochs": 2}),
-        })
-        .await
-        .unwrap();
+    let job = store.create_job(digits_job()).await.unwrap();
     store
         .transition(job.id, JobStatus::Pending, JobStatus::Queued)
         .await

@@ -390,3 +390,52 @@ fn backward_step_updates_as_backward_then_step() {
         );
     }
 }
+
+/// Autograd may hand two parameters one gradient buffer (`p1 + p2`), and a
+/// parameter may be frozen: `backward_step` still updates each parameter
+/// with its own gradient and weight decay, as backward-then-step does.
+#[test]
+fn backward_step_with_shared_gradients_and_frozen_parameters() {
+    use tch::{Kind, Tensor};
+    use vtp_trainer::engine::OptimizerKind;
+    use vtp_trainer::engine::optim::Optimizer;
+
+    let _serial = serial();
+    for kind in [OptimizerKind::Sgd, OptimizerKind::Adamw] {
+        let params = || {
+            let p1 = Tensor::from_slice(&[1.0f32, -2.0, 3.0]).set_requires_grad(true);
+            let p2 = Tensor::from_slice(&[0.5f32, 0.25, -1.0]).set_requires_grad(true);
+            let frozen = Tensor::from_slice(&[7.0f32, 7.0, 7.0]);
+            (p1, p2, frozen)
+        };
+        let loss_of = |p1: &Tensor, p2: &Tensor, frozen: &Tensor| {
+            (p1 + p2 + frozen).pow_tensor_scalar(2).sum(Kind::Float)
+        };
+        let named = |p1: &Tensor, p2: &Tensor, frozen: &Tensor| {
+            vec![
+                ("a".to_owned(), p1.shallow_clone()),
+                ("b".to_owned(), p2.shallow_clone()),
+                ("c".to_owned(), frozen.shallow_clone()),
+            ]
+        };
+        let (a1, a2, af) = params();
+        let (b1, b2, bf) = params();
+        let mut accumulated = Optimizer::new(kind, 0.01, 0.9, 0.1, named(&a1, &a2, &af));
+        let mut returned = Optimizer::new(kind, 0.01, 0.9, 0.1, named(&b1, &b2, &bf));
+        for _ in 0..3 {
+            accumulated.zero_grad();
+            loss_of(&a1, &a2, &af).backward();
+            accumulated.step().unwrap();
+            returned.backward_step(&loss_of(&b1, &b2, &bf)).unwrap();
+        }
+        for (a, b) in [(&a1, &b1), (&a2, &b2), (&af, &bf)] {
+            let diff = f64::try_from((a - b).abs().max()).unwrap();
+            assert!(diff < 1e-6, "{kind:?}: {a:?} vs {b:?}");
+        }
+        assert_eq!(
+            Vec::<f32>::try_from(&bf).unwrap(),
+            vec![7.0; 3],
+            "frozen stays"
+        );
+    }
+}

@@ -106,13 +106,28 @@ impl Optimizer {
     /// parameter's `.grad`, so a step makes no zeroing pass and no
     /// accumulation pass over the parameters (PyTorch's
     /// `zero_grad(set_to_none=True)` saves the same work); `.grad` is left
-    /// untouched.
+    /// untouched. As with `set_to_none`, a parameter that `loss` does not
+    /// depend on gets no update at all (no momentum, no weight decay), and a
+    /// frozen one (`requires_grad` false) is skipped.
     ///
     /// # Errors
-    /// libtorch failures (a `loss` that does not depend on the parameters).
+    /// libtorch failures (a `loss` that does not require gradients).
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        let params: Vec<&Tensor> = self.params.iter().map(|(_, p)| p).collect();
-        let grads = Tensor::f_run_backward(&[loss], &params, false, false).map_err(torch_err)?;
+        let trainable: Vec<usize> = (0..self.params.len())
+            .filter(|&i| self.params[i].1.requires_grad())
+            .collect();
+        let inputs: Vec<&Tensor> = trainable.iter().map(|&i| &self.params[i].1).collect();
+        let returned = Tensor::f_run_backward(&[loss], &inputs, false, false).map_err(torch_err)?;
+        let mut grads: Vec<Tensor> = self.params.iter().map(|_| Tensor::new()).collect();
+        // The update writes into each gradient. Autograd may hand the same
+        // buffer to two parameters, or an expanded (overlapping) view; those
+        // are copied first, the rest are used as they are.
+        let mut buffers = std::collections::HashSet::new();
+        for (i, grad) in trainable.into_iter().zip(returned) {
+            let private = !grad.defined()
+                || (grad.is_contiguous() && buffers.insert(grad.data_ptr() as usize));
+            grads[i] = if private { grad } else { grad.copy() };
+        }
         self.apply(grads)
     }
 

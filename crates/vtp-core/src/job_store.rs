@@ -110,27 +110,44 @@ pub trait JobStoreExt: JobStore {
 
     /// Like [`JobStoreExt::transition`], letting `edit` set other fields
     /// (a message, an error) in the same write.
+    ///
+    /// The write is a compare-and-set on the job exactly as read, so a report
+    /// that lands in between (same status, newer progress and `last_seq`) is
+    /// never overwritten: the job is re-read and the transition made again
+    /// on top of it, as long as it is still in `from`.
     async fn transition_with<F>(
         &self,
         id: JobId,
         from: JobStatus,
         to: JobStatus,
-        edit: F,
+        mut edit: F,
     ) -> Result<Job>
     where
-        F: FnOnce(&mut Job) + Send,
+        F: FnMut(&mut Job) + Send,
     {
-        let mut job = self.get(id).await?;
-        if job.status != from {
-            return Err(Error::conflict(format!(
-                "job {id} is {}, not {from}",
-                job.status
-            )));
+        for _ in 0..UPDATE_ATTEMPTS {
+            let job = self.get(id).await?;
+            if job.status != from {
+                return Err(Error::conflict(format!(
+                    "job {id} is {}, not {from}",
+                    job.status
+                )));
+            }
+            let mut next = job.clone();
+            next.transition(to)?;
+            edit(&mut next);
+            match self
+                .compare_and_set(Expected::exactly(&job), &next, None)
+                .await
+            {
+                Ok(stored) => return Ok(stored),
+                Err(Error::Conflict { .. }) => continue,
+                Err(e) => return Err(e),
+            }
         }
-        job.transition(to)?;
-        edit(&mut job);
-        self.compare_and_set(Expected::status(from), &job, None)
-            .await
+        Err(Error::conflict(format!(
+            "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
+        )))
     }
 
     /// The jobs a trainer holds or should hold: `queued`, `running` and
@@ -222,7 +239,9 @@ pub trait JobStoreExt: JobStore {
             };
             let plan = match plan_update(&job, update) {
                 Ok(plan) => plan,
-                Err(Error::Conflict { .. }) if !fresh => continue,
+                // A refusal may come from the known version being outdated
+                // (a finished job that is running in the store, say).
+                Err(_) if !fresh => continue,
                 Err(e) => return Err(e),
             };
             match plan {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use vtp_core::{Error, JobFilter, JobStatus, JobStore, JobStoreExt, Result};
+use vtp_core::{Error, Expected, JobFilter, JobStatus, JobStore, Result};
 
 use crate::error::error_chain;
 
@@ -64,14 +64,17 @@ pub async fn sweep_once(
                 "no report from the trainer for over {}s while {status}",
                 limit.as_secs()
             );
+            // A compare-and-set on the very version found stale: a report
+            // that lands after the listing bumps the revision and wins.
+            let mut next = job.clone();
+            next.transition(to)?;
+            if to == JobStatus::Failed {
+                next.error = Some(reason.clone());
+            } else {
+                next.message = Some(reason.clone());
+            }
             let result = jobs
-                .transition_with(job.id, status, to, |job| {
-                    if to == JobStatus::Failed {
-                        job.error = Some(reason.clone());
-                    } else {
-                        job.message = Some(reason.clone());
-                    }
-                })
+                .compare_and_set(Expected::exactly(&job), &next, None)
                 .await;
             match result {
                 Ok(_) => {
@@ -163,5 +166,66 @@ pub(crate) mod tests {
             JobStatus::Pending,
             "pending jobs wait for a start"
         );
+    }
+
+    /// A store where a trainer reports on every job right after it is listed.
+    #[derive(Debug)]
+    struct ReportsAfterListing(InMemoryJobStore);
+
+    #[async_trait::async_trait]
+    impl JobStore for ReportsAfterListing {
+        async fn create(&self, job: &vtp_core::Job) -> Result<()> {
+            self.0.create(job).await
+        }
+        async fn get(&self, id: vtp_core::JobId) -> Result<vtp_core::Job> {
+            self.0.get(id).await
+        }
+        async fn list(&self, filter: &JobFilter) -> Result<vtp_core::JobPage> {
+            let page = self.0.list(filter).await?;
+            for job in &page.jobs {
+                let report = TrainingUpdate::new(JobStatus::Running)
+                    .with_seq(job.last_seq + 1)
+                    .with_progress(0.5);
+                self.0.apply_update(job.id, &report).await?;
+            }
+            Ok(page)
+        }
+        async fn compare_and_set(
+            &self,
+            expected: Expected,
+            next: &vtp_core::Job,
+            metric: Option<&vtp_core::TrainingMetric>,
+        ) -> Result<vtp_core::Job> {
+            self.0.compare_and_set(expected, next, metric).await
+        }
+        async fn insert_metric_if_absent(&self, metric: &vtp_core::TrainingMetric) -> Result<bool> {
+            self.0.insert_metric_if_absent(metric).await
+        }
+        async fn metrics(&self, id: vtp_core::JobId) -> Result<Vec<vtp_core::TrainingMetric>> {
+            self.0.metrics(id).await
+        }
+        async fn ping(&self) -> Result<()> {
+            self.0.ping().await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_report_after_the_listing_keeps_the_job_alive() {
+        let store = ReportsAfterListing(InMemoryJobStore::new());
+        let policy = SweepPolicy::new(Duration::from_secs(60));
+        let job = store.create_job(new_job()).await.unwrap();
+        store
+            .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+            .await
+            .unwrap();
+        store
+            .apply_update(job.id, &TrainingUpdate::new(JobStatus::Running).with_seq(1))
+            .await
+            .unwrap();
+        let later = Utc::now() + chrono::Duration::seconds(61);
+        assert_eq!(sweep_once(&store, &policy, later).await.unwrap(), 0);
+        let alive = store.get(job.id).await.unwrap();
+        assert_eq!(alive.status, JobStatus::Running);
+        assert_eq!((alive.last_seq, alive.progress), (2, 0.5));
     }
 }

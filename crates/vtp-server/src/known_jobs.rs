@@ -36,13 +36,19 @@ impl KnownJobs {
 
     /// Remembers `job` as stored; a finished job is forgotten (nothing will
     /// change it again through a report).
+    ///
+    /// Its `config` is not kept: a report never changes it, the
+    /// compare-and-set writes only the mutable fields, and answers carry the
+    /// job as the store returns it; so an entry stays small whatever the
+    /// config's size.
     pub fn remember(&self, job: &Job) {
-        let mut jobs = self.lock();
         if job.status.is_terminal() {
-            jobs.remove(&job.id);
-        } else {
-            jobs.insert(job.id, job.clone());
+            self.forget(job.id);
+            return;
         }
+        let mut slim = job.clone();
+        slim.config = serde_json::Value::Null;
+        self.lock().insert(job.id, slim);
     }
 
     /// Forgets `id` (after an error, when its version is unknown).
@@ -99,7 +105,13 @@ mod tests {
         let known = KnownJobs::new();
         let mut job = job();
         known.remember(&job);
-        assert_eq!(known.get(job.id), Some(job.clone()));
+        let remembered = known.get(job.id).unwrap();
+        assert_eq!(
+            remembered.config,
+            serde_json::Value::Null,
+            "configs are not kept"
+        );
+        assert_eq!(remembered.revision, job.revision);
         job.transition(JobStatus::Cancelled).unwrap();
         known.remember(&job);
         assert_eq!(known.get(job.id), None);

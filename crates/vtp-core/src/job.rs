@@ -106,6 +106,21 @@ impl Job {
         Ok(())
     }
 
+    /// Moves to the final state `to` with `reason`: as the error when the
+    /// job failed, as the message otherwise.
+    ///
+    /// # Errors
+    /// As [`Job::transition`].
+    pub fn end_with_reason(&mut self, to: JobStatus, reason: &str) -> Result<()> {
+        self.transition(to)?;
+        if to == JobStatus::Failed {
+            self.error = Some(reason.to_owned());
+        } else {
+            self.message = Some(reason.to_owned());
+        }
+        Ok(())
+    }
+
     /// Sets the status (already validated) with its bookkeeping.
     pub(crate) fn set_status(&mut self, to: JobStatus) {
         let now = now();

@@ -125,8 +125,7 @@ pub trait JobStoreExt: JobStore {
     where
         F: FnMut(&mut Job) + Send,
     {
-        for _ in 0..UPDATE_ATTEMPTS {
-            let job = self.get(id).await?;
+        rewrite(self, id, |job| {
             if job.status != from {
                 return Err(Error::conflict(format!(
                     "job {id} is {}, not {from}",
@@ -136,18 +135,9 @@ pub trait JobStoreExt: JobStore {
             let mut next = job.clone();
             next.transition(to)?;
             edit(&mut next);
-            match self
-                .compare_and_set(Expected::exactly(&job), &next, None)
-                .await
-            {
-                Ok(stored) => return Ok(stored),
-                Err(Error::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::conflict(format!(
-            "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
-        )))
+            Ok(Some(next))
+        })
+        .await
     }
 
     /// The jobs a trainer holds or should hold: `queued`, `running` and
@@ -173,10 +163,9 @@ pub trait JobStoreExt: JobStore {
     /// # Errors
     /// Store errors; lost races are retried.
     async fn finalize_lost(&self, id: JobId, reason: &str) -> Result<Job> {
-        for _ in 0..UPDATE_ATTEMPTS {
-            let job = self.get(id).await?;
+        rewrite(self, id, |job| {
             if job.status.is_terminal() {
-                return Ok(job);
+                return Ok(None);
             }
             let to = if job.status == JobStatus::Cancelling {
                 JobStatus::Cancelled
@@ -184,24 +173,10 @@ pub trait JobStoreExt: JobStore {
                 JobStatus::Failed
             };
             let mut next = job.clone();
-            next.transition(to)?;
-            if to == JobStatus::Failed {
-                next.error = Some(reason.to_owned());
-            } else {
-                next.message = Some(reason.to_owned());
-            }
-            match self
-                .compare_and_set(Expected::exactly(&job), &next, None)
-                .await
-            {
-                Ok(stored) => return Ok(stored),
-                Err(Error::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        Err(Error::conflict(format!(
-            "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
-        )))
+            next.end_with_reason(to, reason)?;
+            Ok(Some(next))
+        })
+        .await
     }
 
     /// Applies a trainer report: idempotent by `seq`, guarded by the status
@@ -271,3 +246,30 @@ pub trait JobStoreExt: JobStore {
 }
 
 impl<T: JobStore + ?Sized> JobStoreExt for T {}
+
+/// Reads job `id`, lets `plan` decide its next version (`None`: keep it as
+/// it is), and writes that with a compare-and-set on the exact revision
+/// read; a lost race reads again, up to [`UPDATE_ATTEMPTS`] times.
+async fn rewrite<S, F>(store: &S, id: JobId, mut plan: F) -> Result<Job>
+where
+    S: JobStore + ?Sized,
+    F: FnMut(&Job) -> Result<Option<Job>> + Send,
+{
+    for _ in 0..UPDATE_ATTEMPTS {
+        let job = store.get(id).await?;
+        let Some(next) = plan(&job)? else {
+            return Ok(job);
+        };
+        match store
+            .compare_and_set(Expected::exactly(&job), &next, None)
+            .await
+        {
+            Ok(stored) => return Ok(stored),
+            Err(Error::Conflict { .. }) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(Error::conflict(format!(
+        "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
+    )))
+}

@@ -67,12 +67,7 @@ pub async fn sweep_once(
             // A compare-and-set on the very version found stale: a report
             // that lands after the listing bumps the revision and wins.
             let mut next = job.clone();
-            next.transition(to)?;
-            if to == JobStatus::Failed {
-                next.error = Some(reason.clone());
-            } else {
-                next.message = Some(reason.clone());
-            }
+            next.end_with_reason(to, &reason)?;
             let result = jobs
                 .compare_and_set(Expected::exactly(&job), &next, None)
                 .await;

@@ -141,10 +141,12 @@ async fn postgres_progress_reports_are_heap_only_updates() {
         updates > reports,
         "statistics never arrived: {updates} updates"
     );
-    // The status changes (pending -> queued -> running) may move the row to a
-    // new index entry; every progress report after them must not.
+    // An update is heap-only only when the row's page has room, which
+    // depends on when Postgres prunes old versions (other tests' snapshots
+    // can delay it), so a few may not be; an indexed column that every
+    // report changes makes none of them so.
     assert!(
-        hot >= reports - 1,
+        hot * 4 >= reports * 3,
         "{hot} of {updates} updates were heap-only"
     );
 }

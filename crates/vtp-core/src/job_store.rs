@@ -14,24 +14,16 @@ use crate::update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan, p
 pub struct Expected {
     /// The job must be in this status.
     pub status: JobStatus,
-    /// And, when given, at this revision (no change since it was read).
-    pub revision: Option<i64>,
+    /// And at this revision (no change since it was read).
+    pub revision: i64,
 }
 
 impl Expected {
-    /// Expect only a status.
-    pub fn status(status: JobStatus) -> Self {
-        Expected {
-            status,
-            revision: None,
-        }
-    }
-
     /// Expect the job exactly as read.
     pub fn exactly(job: &Job) -> Self {
         Expected {
             status: job.status,
-            revision: Some(job.revision),
+            revision: job.revision,
         }
     }
 }

@@ -84,11 +84,9 @@ impl JobStore for InMemoryJobStore {
             .jobs
             .get(&next.id)
             .ok_or_else(|| Error::not_found("job", next.id))?;
-        if current.status != expected.status
-            || expected.revision.is_some_and(|r| r != current.revision)
-        {
+        if current.status != expected.status || expected.revision != current.revision {
             return Err(Error::conflict(format!(
-                "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
+                "job {} changed concurrently: expected {} (revision {}), found {} (revision {})",
                 next.id, expected.status, expected.revision, current.status, current.revision
             )));
         }

@@ -122,7 +122,7 @@ macro_rules! update_job_sql {
         "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
          attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
          revision = revision + 1 \
-         WHERE id = $1 AND status = $2 AND ($13 IS NULL OR revision = $13) \
+         WHERE id = $1 AND status = $2 AND revision = $13 \
          RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
          message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
          started_at, finished_at"
@@ -154,7 +154,7 @@ pub(crate) use bind_update;
 /// The conflict a failed compare-and-set reports, naming what was expected and what was found.
 pub(crate) fn lost_race(next: &Job, expected: &vtp_core::Expected, current: &Job) -> Error {
     Error::conflict(format!(
-        "job {} changed concurrently: expected {} (revision {:?}), found {} (revision {})",
+        "job {} changed concurrently: expected {} (revision {}), found {} (revision {})",
         next.id, expected.status, expected.revision, current.status, current.revision
     ))
 }

@@ -253,6 +253,13 @@ impl UpdateOutcome {
         }
     }
 
+    /// The job after the call, by value.
+    pub fn into_job(self) -> Job {
+        match self {
+            UpdateOutcome::Applied(job) | UpdateOutcome::Duplicate(job) => *job,
+        }
+    }
+
     /// Whether anything changed.
     pub fn applied(&self) -> bool {
         matches!(self, UpdateOutcome::Applied(_))

@@ -41,14 +41,13 @@ impl KnownJobs {
     /// compare-and-set writes only the mutable fields, and answers carry the
     /// job as the store returns it; so an entry stays small whatever the
     /// config's size.
-    pub fn remember(&self, job: &Job) {
+    pub fn remember(&self, mut job: Job) {
         if job.status.is_terminal() {
             self.forget(job.id);
             return;
         }
-        let mut slim = job.clone();
-        slim.config = serde_json::Value::Null;
-        self.lock().insert(job.id, slim);
+        job.config = serde_json::Value::Null;
+        self.lock().insert(job.id, job);
     }
 
     /// Forgets `id` (after an error, when its version is unknown).
@@ -104,7 +103,7 @@ mod tests {
     fn remembers_active_jobs_and_forgets_finished_ones() {
         let known = KnownJobs::new();
         let mut job = job();
-        known.remember(&job);
+        known.remember(job.clone());
         let remembered = known.get(job.id).unwrap();
         assert_eq!(
             remembered.config,
@@ -113,7 +112,7 @@ mod tests {
         );
         assert_eq!(remembered.revision, job.revision);
         job.transition(JobStatus::Cancelled).unwrap();
-        known.remember(&job);
+        known.remember(job.clone());
         assert_eq!(known.get(job.id), None);
         assert!(known.is_empty());
     }
@@ -122,14 +121,14 @@ mod tests {
     fn keeps_at_most_capacity_jobs_evicting_the_least_recent() {
         let known = KnownJobs::new();
         let first = job();
-        known.remember(&first);
+        known.remember(first.clone());
         for _ in 0..KnownJobs::CAPACITY {
-            known.remember(&job());
+            known.remember(job());
         }
         assert_eq!(known.len(), KnownJobs::CAPACITY);
         assert_eq!(known.get(first.id), None);
         let last = job();
-        known.remember(&last);
+        known.remember(last.clone());
         known.forget(last.id);
         assert_eq!(known.get(last.id), None);
     }

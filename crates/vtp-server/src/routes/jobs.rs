@@ -150,23 +150,23 @@ pub async fn callback(
             return Err(e.into());
         }
     };
-    let job = outcome.job();
-    state.known_jobs.remember(job);
-    metrics::counter!("vtp_reports_total", "applied" => if outcome.applied() { "true" } else { "false" })
+    let applied = outcome.applied();
+    let status = outcome.job().status;
+    state.known_jobs.remember(outcome.into_job());
+    metrics::counter!("vtp_reports_total", "applied" => if applied { "true" } else { "false" })
         .increment(1);
-    if outcome.applied() && job.status.is_terminal() {
-        metrics::counter!("vtp_jobs_finished_total", "status" => job.status.to_string())
-            .increment(1);
+    if applied && status.is_terminal() {
+        metrics::counter!("vtp_jobs_finished_total", "status" => status.to_string()).increment(1);
     }
-    if outcome.applied() {
-        tracing::debug!(job_id = %id, status = %job.status, seq = ?update.seq, "report applied");
+    if applied {
+        tracing::debug!(job_id = %id, %status, seq = ?update.seq, "report applied");
     } else {
         tracing::debug!(job_id = %id, seq = ?update.seq, "stale report ignored");
     }
     Ok(Json(json!({
         "status": "ok",
-        "applied": outcome.applied(),
-        "job_status": job.status,
+        "applied": applied,
+        "job_status": status,
     })))
 }
 

@@ -114,23 +114,26 @@ pub(crate) mod tests {
         }
     }
 
+    /// A job that has reached `running` through a first report.
+    async fn running_job(store: &dyn JobStore) -> vtp_core::Job {
+        let job = store.create_job(new_job()).await.unwrap();
+        store
+            .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+            .await
+            .unwrap();
+        store
+            .apply_update(job.id, &TrainingUpdate::new(JobStatus::Running).with_seq(1))
+            .await
+            .unwrap();
+        store.get(job.id).await.unwrap()
+    }
+
     #[tokio::test]
     async fn silent_jobs_are_finalised_and_live_ones_kept() {
         let store = InMemoryJobStore::new();
         let policy = SweepPolicy::new(Duration::from_secs(60));
         let pending = store.create_job(new_job()).await.unwrap();
-        let running = store.create_job(new_job()).await.unwrap();
-        store
-            .transition(running.id, JobStatus::Pending, JobStatus::Queued)
-            .await
-            .unwrap();
-        store
-            .apply_update(
-                running.id,
-                &TrainingUpdate::new(JobStatus::Running).with_seq(1),
-            )
-            .await
-            .unwrap();
+        let running = running_job(&store).await;
         let cancelling = store.create_job(new_job()).await.unwrap();
         store
             .transition(cancelling.id, JobStatus::Pending, JobStatus::Queued)
@@ -208,15 +211,7 @@ pub(crate) mod tests {
     async fn a_report_after_the_listing_keeps_the_job_alive() {
         let store = ReportsAfterListing(InMemoryJobStore::new());
         let policy = SweepPolicy::new(Duration::from_secs(60));
-        let job = store.create_job(new_job()).await.unwrap();
-        store
-            .transition(job.id, JobStatus::Pending, JobStatus::Queued)
-            .await
-            .unwrap();
-        store
-            .apply_update(job.id, &TrainingUpdate::new(JobStatus::Running).with_seq(1))
-            .await
-            .unwrap();
+        let job = running_job(&store).await;
         let later = Utc::now() + chrono::Duration::seconds(61);
         assert_eq!(sweep_once(&store, &policy, later).await.unwrap(), 0);
         let alive = store.get(job.id).await.unwrap();

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod detect;
 pub mod model;
 pub mod optim;
 pub mod predict;

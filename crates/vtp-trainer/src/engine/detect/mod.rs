@@ -1,0 +1,12 @@
+//! Object detection: the YOLO family (`yolov8n`, `yolo11n`, ...) built
+//! natively in tch with the Ultralytics `state_dict` names, its loss
+//! (task-aligned assignment, CIoU, DFL, BCE), and evaluation (NMS, COCO mAP).
+//!
+//! Data path: [`crate::data::yolo`] reads the dataset,
+//! [`crate::data::detect_loader`] makes augmented batches, [`model`] runs
+//! the network, [`loss`] trains it, [`metrics`] scores it.
+
+pub mod anchors;
+pub mod loss;
+pub mod metrics;
+pub mod model;

@@ -7,6 +7,7 @@
 //! the network, [`loss`] trains it, [`metrics`] scores it.
 
 pub mod anchors;
+pub mod blocks;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -7,6 +7,8 @@
 //! the network, [`loss`] trains it, [`metrics`] scores it.
 
 pub mod anchors;
+pub mod assigner;
+pub mod iou;
 pub mod loss;
 pub mod metrics;
 pub mod model;

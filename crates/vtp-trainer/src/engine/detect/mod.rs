@@ -7,7 +7,9 @@
 //! the network, [`loss`] trains it, [`metrics`] scores it.
 
 pub mod anchors;
+pub mod assigner;
 pub mod blocks;
+pub mod iou;
 pub mod loss;
 pub mod metrics;
 pub mod model;

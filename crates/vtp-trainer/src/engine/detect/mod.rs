@@ -10,3 +10,4 @@ pub mod anchors;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod nms;

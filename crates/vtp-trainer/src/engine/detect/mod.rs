@@ -13,3 +13,4 @@ pub mod iou;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod nms;

@@ -133,8 +133,7 @@ impl MapEvaluator {
 
     /// The scores over all images added so far.
     pub fn finish(&self) -> DetectionMetrics {
-        let nc = self.gts.len();
-        let mut per_class_map = vec![None; nc];
+        let mut per_class_map = vec![None; self.gts.len()];
         let mut ap_sum = [0.0f64; IOU_THRESHOLDS];
         let mut with_gt = 0usize;
         let recall_thresholds: Vec<f64> = (0..RECALL_POINTS)
@@ -142,15 +141,14 @@ impl MapEvaluator {
             .collect();
         let mut sorted = Vec::new();
         let mut pr = Vec::new();
-        for class in 0..nc {
-            let npig = self.gts[class];
+        for ((class_map, &npig), dets) in per_class_map.iter_mut().zip(&self.gts).zip(&self.dets) {
             // COCO marks classes without ground truth -1 and leaves them out.
             if npig == 0 {
                 continue;
             }
             with_gt += 1;
             sorted.clear();
-            sorted.extend(self.dets[class].iter().filter(|s| s.coco).copied());
+            sorted.extend(dets.iter().filter(|s| s.coco).copied());
             sorted.sort_by(|a, b| b.score.total_cmp(&a.score));
             let mut class_sum = 0.0;
             for (t, ap) in ap_sum.iter_mut().enumerate() {
@@ -158,7 +156,7 @@ impl MapEvaluator {
                 *ap += a;
                 class_sum += a;
             }
-            per_class_map[class] = Some(class_sum / IOU_THRESHOLDS as f64);
+            *class_map = Some(class_sum / IOU_THRESHOLDS as f64);
         }
         let (map50, map) = if with_gt == 0 {
             (0.0, 0.0)

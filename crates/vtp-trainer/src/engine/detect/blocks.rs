@@ -261,7 +261,7 @@ pub struct C2f {
 
 impl C2f {
     /// YOLOv8's `C2f`: hidden `c = c2 / 2`, bottlenecks without expansion.
-    pub fn c2f(p: &Path, c1: i64, c2: i64, n: i64, shortcut: bool) -> Self {
+    pub fn yolov8(p: &Path, c1: i64, c2: i64, n: i64, shortcut: bool) -> Self {
         let c = c2 / 2;
         let m = (0..n)
             .map(|i| Inner::Bottleneck(Bottleneck::new(&(p / "m" / i), c, c, shortcut, 1.0)))

@@ -299,7 +299,7 @@ impl DetectionModel {
             let (layer, c2) = match row.module {
                 Module::Conv(c2, k, s) => (Layer::Conv(Conv::plain(&q, c1, c(c2), k, s)), c(c2)),
                 Module::C2f(c2, shortcut) => {
-                    (Layer::C2f(C2f::c2f(&q, c1, c(c2), n, shortcut)), c(c2))
+                    (Layer::C2f(C2f::yolov8(&q, c1, c(c2), n, shortcut)), c(c2))
                 }
                 // Ultralytics forces `c3k` on for the m/l/x scales only; the
                 // n and s scales built here take the YAML's value.

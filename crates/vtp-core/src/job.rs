@@ -168,14 +168,21 @@ impl NewJob {
         validate_name("user_id", &self.user_id)?;
         validate_name("model_name", &self.model_name)?;
         validate_name("framework", &self.framework)?;
+        crate::models::check_model(&self.model_name, &self.framework)?;
         self.dataset_s3_uri
             .parse::<BlobUri>()
             .map_err(|e| match e {
                 Error::InvalidInput { message, .. } => Error::invalid("dataset_s3_uri", message),
                 other => other,
             })?;
-        if !self.config.is_object() {
+        let Some(config) = self.config.as_object() else {
             return Err(Error::invalid("config", "must be a JSON object"));
+        };
+        if let Some(model) = config.get("model") {
+            let name = model
+                .as_str()
+                .ok_or_else(|| Error::invalid("config.model", "must be a string"))?;
+            crate::models::find_model("config.model", name)?;
         }
         Ok(())
     }

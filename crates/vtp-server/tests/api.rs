@@ -236,6 +236,30 @@ async fn bad_json_is_400_and_wrong_shape_is_422_naming_the_field() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(body["error"]["field"], "model_name", "{body}");
 
+    // The catalog decides at create: an unknown model or framework, or a
+    // model outside the framework's family, is a 422 naming the field.
+    for (model, framework, field) in [
+        ("yolo9000", "ultralytics", "model_name"),
+        ("yolo11n", "keras", "framework"),
+        ("resnet18", "ultralytics", "model_name"),
+    ] {
+        let mut body = seed_job("s3://b/d");
+        body["model_name"] = json!(model);
+        body["framework"] = json!(framework);
+        let (status, answer) = send(&h.app, json_request("POST", "/training/jobs", &body)).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+    let mut bad_config_model = seed_job("s3://b/d");
+    bad_config_model["config"] = json!({"model": "yolo9000"});
+    let (status, answer) = send(
+        &h.app,
+        json_request("POST", "/training/jobs", &bad_config_model),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert_eq!(answer["error"]["field"], "config.model", "{answer}");
+
     let mut wrong_type = seed_job("s3://b/d");
     wrong_type["config"] = json!([1, 2]);
     let (status, body) = send(&h.app, json_request("POST", "/training/jobs", &wrong_type)).await;

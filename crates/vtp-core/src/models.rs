@@ -1,0 +1,232 @@
+//! The model catalog: every architecture VTP trains, its task, and the
+//! frameworks a job may name. It lives here, below every crate, so the
+//! backend can refuse an unknown model or framework when a job is created
+//! (without libtorch), and the trainer builds exactly the models listed.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// What a model learns to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// One class per image (ImageFolder datasets, accuracy).
+    Classify,
+    /// Boxes with classes (YOLO datasets, mAP).
+    Detect,
+}
+
+impl Task {
+    /// The name used in sidecars and listings.
+    pub fn name(self) -> &'static str {
+        match self {
+            Task::Classify => "classify",
+            Task::Detect => "detect",
+        }
+    }
+}
+
+impl fmt::Display for Task {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The `framework` of a job: which family of models, dataset layout, loss
+/// and metrics it means. Both are trained by VTP's own libtorch engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Framework {
+    /// VTP's engine with any model of the catalog.
+    Tch,
+    /// The Ultralytics model family (YOLO), its dataset layout
+    /// (`data.yaml`), loss and metrics; weights interchangeable with the
+    /// `ultralytics` package.
+    Ultralytics,
+}
+
+impl Framework {
+    /// Every framework.
+    pub const ALL: [Framework; 2] = [Framework::Tch, Framework::Ultralytics];
+
+    /// The name jobs use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Framework::Tch => "tch",
+            Framework::Ultralytics => "ultralytics",
+        }
+    }
+}
+
+impl FromStr for Framework {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Framework::ALL
+            .into_iter()
+            .find(|f| f.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| {
+                Error::invalid(
+                    "framework",
+                    format!("unknown framework {s:?}; known: tch, ultralytics"),
+                )
+            })
+    }
+}
+
+/// One architecture of the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ModelSpec {
+    /// The name used in `model_name` and `config.model`.
+    pub name: &'static str,
+    /// What it does.
+    pub task: Task,
+    /// Frameworks whose model family includes it.
+    #[serde(skip)]
+    pub frameworks: &'static [Framework],
+    /// Other spellings accepted for it.
+    #[serde(skip)]
+    pub aliases: &'static [&'static str],
+    /// One line about it.
+    pub description: &'static str,
+}
+
+const TCH: &[Framework] = &[Framework::Tch];
+const BOTH: &[Framework] = &[Framework::Tch, Framework::Ultralytics];
+
+/// Every model VTP trains.
+pub const MODELS: &[ModelSpec] = &[
+    ModelSpec {
+        name: "small_cnn",
+        task: Task::Classify,
+        frameworks: TCH,
+        aliases: &["cnn", "smallcnn"],
+        description: "3 conv-bn-relu blocks (32-64-128), global pooling, linear head",
+    },
+    ModelSpec {
+        name: "resnet18",
+        task: Task::Classify,
+        frameworks: TCH,
+        aliases: &["resnet_18"],
+        description: "ResNet-18 (torchvision layout)",
+    },
+    ModelSpec {
+        name: "resnet34",
+        task: Task::Classify,
+        frameworks: TCH,
+        aliases: &["resnet_34"],
+        description: "ResNet-34 (torchvision layout)",
+    },
+    ModelSpec {
+        name: "mobilenet_v2",
+        task: Task::Classify,
+        frameworks: TCH,
+        aliases: &["mobilenetv2"],
+        description: "MobileNetV2 (torchvision layout)",
+    },
+    ModelSpec {
+        name: "yolov8n",
+        task: Task::Detect,
+        frameworks: BOTH,
+        aliases: &[],
+        description: "YOLOv8 nano detector (Ultralytics layout and weights)",
+    },
+    ModelSpec {
+        name: "yolov8s",
+        task: Task::Detect,
+        frameworks: BOTH,
+        aliases: &[],
+        description: "YOLOv8 small detector (Ultralytics layout and weights)",
+    },
+    ModelSpec {
+        name: "yolo11n",
+        task: Task::Detect,
+        frameworks: BOTH,
+        aliases: &["yolov11n"],
+        description: "YOLO11 nano detector (Ultralytics layout and weights)",
+    },
+    ModelSpec {
+        name: "yolo11s",
+        task: Task::Detect,
+        frameworks: BOTH,
+        aliases: &["yolov11s"],
+        description: "YOLO11 small detector (Ultralytics layout and weights)",
+    },
+];
+
+/// The catalog entry for `name` (case-insensitive, `-` read as `_`, aliases
+/// accepted).
+///
+/// # Errors
+/// [`Error::InvalidInput`] on `field`, listing the known names.
+pub fn find_model(field: &str, name: &str) -> Result<&'static ModelSpec> {
+    let normalised = name.to_ascii_lowercase().replace('-', "_");
+    MODELS
+        .iter()
+        .find(|m| m.name == normalised || m.aliases.contains(&normalised.as_str()))
+        .ok_or_else(|| {
+            let known: Vec<_> = MODELS.iter().map(|m| m.name).collect();
+            Error::invalid(
+                field,
+                format!("unknown model {name:?}; known: {}", known.join(", ")),
+            )
+        })
+}
+
+/// Checks that a job's `model_name` and `framework` name a model VTP trains
+/// within that framework's family.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `framework` or `model_name`.
+pub fn check_model(model_name: &str, framework: &str) -> Result<&'static ModelSpec> {
+    let framework: Framework = framework.parse()?;
+    let spec = find_model("model_name", model_name)?;
+    if !spec.frameworks.contains(&framework) {
+        let family: Vec<_> = MODELS
+            .iter()
+            .filter(|m| m.frameworks.contains(&framework))
+            .map(|m| m.name)
+            .collect();
+        return Err(Error::invalid(
+            "model_name",
+            format!(
+                "{} is not in the {} family; it has: {}",
+                spec.name,
+                framework.name(),
+                family.join(", ")
+            ),
+        ));
+    }
+    Ok(spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seeds_job_is_a_detector() {
+        let spec = check_model("yolo11n", "ultralytics").unwrap();
+        assert_eq!(spec.task, Task::Detect);
+        assert_eq!(check_model("YOLOv11n", "tch").unwrap().name, "yolo11n");
+        assert_eq!(find_model("m", "ResNet-18").unwrap().name, "resnet18");
+    }
+
+    #[test]
+    fn unknown_names_are_refused_naming_the_field() {
+        for (model, framework, field) in [
+            ("yolo9000", "ultralytics", "model_name"),
+            ("yolo11n", "keras", "framework"),
+            ("resnet18", "ultralytics", "model_name"),
+        ] {
+            match check_model(model, framework) {
+                Err(Error::InvalidInput { field: got, .. }) => assert_eq!(got, field),
+                other => panic!("{model}/{framework}: {other:?}"),
+            }
+        }
+    }
+}

@@ -404,6 +404,9 @@ struct Scratch {
     /// Per output column and row: first source index and blend weight.
     cols: Vec<(isize, f32)>,
     rows: Vec<(isize, f32)>,
+    /// Two source rows resampled along x, and one output row, RGB.
+    lines: [Vec<f32>; 2],
+    rgb: Vec<f32>,
     /// `(class, [x1, y1, x2, y2])` in source pixels.
     boxes: Vec<(usize, [f32; 4])>,
 }
@@ -753,55 +756,83 @@ impl Warp {
         };
         table(size, width, self.translate.0, &mut scratch.cols);
         table(size, height, self.translate.1, &mut scratch.rows);
-        let plane = size * size;
-        let grey = f32::from(PAD_GREY);
-        let (w, h) = (width as isize, height as isize);
-        let at = |x: isize, y: isize| -> [f32; 3] {
-            if x < 0 || y < 0 || x >= w || y >= h {
-                [grey; 3]
-            } else {
-                let p = (y as usize * width + x as usize) * 3;
-                [
-                    f32::from(src[p]),
-                    f32::from(src[p + 1]),
-                    f32::from(src[p + 2]),
-                ]
+        // Bilinear sampling done separably: each source row is resampled
+        // along x once into a line (two lines are kept, as neighbouring
+        // output rows share source rows), then output rows blend two lines.
+        let line = |row: isize, cols: &[(isize, f32)], line: &mut Vec<f32>| {
+            line.clear();
+            let grey = f32::from(PAD_GREY);
+            if row < 0 || row >= height as isize {
+                line.resize(cols.len() * 3, grey);
+                return;
+            }
+            let pixels = &src[row as usize * width * 3..(row as usize + 1) * width * 3];
+            let at = |x: isize, c: usize| {
+                if x < 0 || x >= width as isize {
+                    grey
+                } else {
+                    f32::from(pixels[x as usize * 3 + c])
+                }
+            };
+            for &(x0, fx) in cols {
+                if x0 >= 0 && (x0 as usize) + 1 < width {
+                    let p = &pixels[x0 as usize * 3..x0 as usize * 3 + 6];
+                    for c in 0..3 {
+                        let (a, b) = (f32::from(p[c]), f32::from(p[c + 3]));
+                        line.push(a + (b - a) * fx);
+                    }
+                } else {
+                    for c in 0..3 {
+                        let (a, b) = (at(x0, c), at(x0 + 1, c));
+                        line.push(a + (b - a) * fx);
+                    }
+                }
             }
         };
-        for (y, &(y0, fy)) in scratch.rows.iter().enumerate() {
-            for (x, &(x0, fx)) in scratch.cols.iter().enumerate() {
-                let mut rgb = if x0 >= 0 && y0 >= 0 && x0 + 1 < w && y0 + 1 < h {
-                    let p = (y0 as usize * width + x0 as usize) * 3;
-                    let q = p + width * 3;
-                    std::array::from_fn(|c| {
-                        let top =
-                            f32::from(src[p + c]) * (1.0 - fx) + f32::from(src[p + 3 + c]) * fx;
-                        let bottom =
-                            f32::from(src[q + c]) * (1.0 - fx) + f32::from(src[q + 3 + c]) * fx;
-                        top * (1.0 - fy) + bottom * fy
-                    })
-                } else if x0 < -1 || y0 < -1 || x0 >= w || y0 >= h {
-                    [grey; 3]
+        let plane = size * size;
+        let (red, rest) = out.split_at_mut(plane);
+        let (green, blue) = rest.split_at_mut(plane);
+        let Scratch {
+            cols,
+            rows,
+            lines,
+            rgb,
+            ..
+        } = scratch;
+        let mut held: [Option<isize>; 2] = [None, None];
+        for (y, &(y0, fy)) in rows.iter().enumerate() {
+            // Line 0 holds source row y0, line 1 row y0 + 1.
+            if held[0] != Some(y0) {
+                if held[1] == Some(y0) {
+                    lines.swap(0, 1);
+                    held.swap(0, 1);
                 } else {
-                    let (a, b2, c2, d) = (
-                        at(x0, y0),
-                        at(x0 + 1, y0),
-                        at(x0, y0 + 1),
-                        at(x0 + 1, y0 + 1),
-                    );
-                    std::array::from_fn(|c| {
-                        (a[c] * (1.0 - fx) + b2[c] * fx) * (1.0 - fy)
-                            + (c2[c] * (1.0 - fx) + d[c] * fx) * fy
-                    })
-                };
+                    line(y0, cols, &mut lines[0]);
+                    held[0] = Some(y0);
+                }
+            }
+            if held[1] != Some(y0 + 1) {
+                line(y0 + 1, cols, &mut lines[1]);
+                held[1] = Some(y0 + 1);
+            }
+            let (top, bottom) = (&lines[0], &lines[1]);
+            rgb.clear();
+            rgb.extend(top.iter().zip(bottom).map(|(a, b)| a + (b - a) * fy));
+            let row = y * size..(y + 1) * size;
+            let (r, g, b) = (
+                &mut red[row.clone()],
+                &mut green[row.clone()],
+                &mut blue[row],
+            );
+            for (x, p) in rgb.chunks_exact(3).enumerate() {
+                let mut v = [p[0], p[1], p[2]];
                 if let Some(gains) = self.hsv {
-                    rgb = jitter(rgb, gains);
+                    v = jitter(v, gains);
                 }
                 let xo = if self.flip { size - 1 - x } else { x };
-                let i = y * size + xo;
-                for c in 0..3 {
-                    out[c * plane + i] = rgb[c] / 255.0;
-                }
+                r[xo] = v[0] / 255.0;
+                g[xo] = v[1] / 255.0;
+                b[xo] = v[2] / 255.0;
             }
         }
     }
@@ -810,26 +841,42 @@ impl Warp {
 /// Shifts hue by `gains[0]` turns and scales saturation and value by
 /// `1 + gains[1]` and `1 + gains[2]` (clipped), as Ultralytics' RandomHSV.
 fn jitter([r, g, b]: [f32; 3], [dh, ds, dv]: [f32; 3]) -> [f32; 3] {
+    // Plain RGB -> HSV -> RGB with the hue in sixths of a turn; wrapping by
+    // comparison rather than `%` keeps this per-pixel step cheap.
     let max = r.max(g).max(b);
     let min = r.min(g).min(b);
     let delta = max - min;
-    let hue = if delta <= 0.0 {
+    let mut hue = if delta <= 0.0 {
         0.0
     } else if max == r {
-        ((g - b) / delta).rem_euclid(6.0)
+        let h = (g - b) / delta;
+        if h < 0.0 { h + 6.0 } else { h }
     } else if max == g {
         (b - r) / delta + 2.0
     } else {
         (r - g) / delta + 4.0
-    } / 6.0;
+    };
+    hue += dh * 6.0;
+    while hue >= 6.0 {
+        hue -= 6.0;
+    }
+    while hue < 0.0 {
+        hue += 6.0;
+    }
     let sat = if max > 0.0 { delta / max } else { 0.0 };
-    let hue = (hue + dh).rem_euclid(1.0) * 6.0;
     let sat = (sat * (1.0 + ds)).clamp(0.0, 1.0);
     let val = (max * (1.0 + dv)).clamp(0.0, 255.0);
     let chroma = val * sat;
-    let x = chroma * (1.0 - ((hue % 2.0) - 1.0).abs());
+    let sector = (hue as u32).min(5);
+    let frac = hue - sector as f32;
+    let x = chroma
+        * if sector.is_multiple_of(2) {
+            frac
+        } else {
+            1.0 - frac
+        };
     let m = val - chroma;
-    let (r, g, b) = match hue as u32 {
+    let (r, g, b) = match sector {
         0 => (chroma, x, 0.0),
         1 => (x, chroma, 0.0),
         2 => (0.0, chroma, x),

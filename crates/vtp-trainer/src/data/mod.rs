@@ -1,5 +1,6 @@
-//! Datasets: archives unpacked safely, ImageFolder layouts scanned, and the
-//! input pipeline that turns images into normalised batches on worker threads.
+//! Datasets: archives unpacked safely, ImageFolder and YOLO layouts scanned,
+//! and the input pipelines (classification and detection) that turn images
+//! into batches on worker threads.
 
 pub mod archive;
 pub mod detect_loader;
@@ -8,5 +9,7 @@ pub mod loader;
 pub mod yolo;
 
 pub use archive::{extract_archive, is_archive, pack_dir};
+pub use detect_loader::{DetectBatch, DetectEpoch, DetectLoader, DetectLoaderConfig, ImageShape};
 pub use image_folder::{ImageFolder, Sample};
 pub use loader::{Batch, Loader, LoaderConfig};
+pub use yolo::{YoloBox, YoloDataset, YoloSample};

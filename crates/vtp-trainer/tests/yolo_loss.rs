@@ -37,6 +37,9 @@ fn cases() -> Vec<(&'static str, Vec<Row>)> {
                 [1.0, 2.0, 0.5, 0.5, 0.9, 0.9],
                 [1.0, 0.0, 0.5, 0.55, 0.7, 0.6],
                 [1.0, 1.0, 0.12, 0.85, 0.05, 0.08],
+                // 4x4 px between the stride-8 anchor centres: only the
+                // 16-pixel candidate floor gives it any anchor.
+                [1.0, 0.0, 0.125, 0.125, 0.0625, 0.0625],
             ],
         ),
         ("no_boxes", vec![]),
@@ -46,10 +49,23 @@ fn cases() -> Vec<(&'static str, Vec<Row>)> {
 /// Writes one case: seeded raw outputs, targets, and our loss and gradients.
 fn write_case(path: &Path, seed: i64, rows: &[Row]) -> (f64, [f64; 3]) {
     tch::manual_seed(seed);
+    // Plain noise would put every distance near the middle of the 16 bins
+    // (boxes wider than the image, CIoU with any ground truth below zero, so
+    // no alignment metric above zero); a falling ramp over the bins makes the
+    // expected distance about one bin, so boxes vary in size and the
+    // assignment has real metrics to rank.
+    let ramp = Tensor::arange(16, (Kind::Float, Device::Cpu)).repeat([4]) * -0.6;
+    let bias = Tensor::cat(&[ramp, Tensor::zeros([NC], (Kind::Float, Device::Cpu))], 0).view([
+        1,
+        64 + NC,
+        1,
+        1,
+    ]);
     let raw: Vec<Tensor> = [(8, 8), (4, 4), (2, 2)]
         .iter()
         .map(|&(h, w)| {
-            Tensor::randn([2, 64 + NC, h, w], (Kind::Float, Device::Cpu)).set_requires_grad(true)
+            (Tensor::randn([2, 64 + NC, h, w], (Kind::Float, Device::Cpu)) + &bias)
+                .set_requires_grad(true)
         })
         .collect();
     let flat: Vec<f32> = rows.iter().flatten().copied().collect();

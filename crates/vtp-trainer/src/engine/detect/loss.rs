@@ -110,7 +110,7 @@ impl DetectionLoss {
         let img_h = sizes[0].0 as f64 * self.strides[0];
         let img_w = sizes[0].1 as f64 * self.strides[0];
 
-        let gt = self.pad_targets(targets, bs, img_w, img_h, kind); // [bs, n, 5]
+        let gt = self.pad_targets(&targets.to_device(device), bs, img_w, img_h, kind); // [bs, n, 5]
         let gt_labels = gt.narrow(2, 0, 1); // [bs, n, 1]
         let gt_bboxes = gt.narrow(2, 1, 4); // [bs, n, 4] pixels xyxy
         let mask_gt = gt_bboxes.sum_dim_intlist(2i64, true, kind).gt(0.0);

@@ -168,13 +168,18 @@ fn decode(path: &Path, size: u32) -> Result<Decoded> {
     let orientation = decoder.orientation().map_err(corrupt)?;
     let mut image = image::DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     image.apply_orientation(orientation);
-    let (w0, h0) = (image.width(), image.height());
-    if w0 == 0 || h0 == 0 {
+    if image.width() == 0 || image.height() == 0 {
         return Err(Error::invalid(
             "dataset",
             format!("corrupt image {}: it has no pixels", path.display()),
         ));
     }
+    Ok(fit(&image, size))
+}
+
+/// `image` with its long side resized to `size`.
+fn fit(image: &image::DynamicImage, size: u32) -> Decoded {
+    let (w0, h0) = (image.width().max(1), image.height().max(1));
     let r = f64::from(size) / f64::from(w0.max(h0));
     let w = ((f64::from(w0) * r).round() as u32).clamp(1, size);
     let h = ((f64::from(h0) * r).round() as u32).clamp(1, size);
@@ -184,12 +189,45 @@ fn decode(path: &Path, size: u32) -> Result<Decoded> {
     } else {
         image::imageops::resize(&rgb, w, h, FilterType::Triangle)
     };
-    Ok(Decoded {
+    Decoded {
         original: (h0, w0),
         width: w as usize,
         height: h as usize,
         rgb: rgb.into_raw(),
-    })
+    }
+}
+
+/// A decoded image as a detector sees it at validation and prediction:
+/// long side resized to `size`, centred in the `size` square on grey,
+/// CHW RGB scaled to `0..1`; with the shape that maps boxes back.
+pub fn letterbox_image(image: &image::DynamicImage, size: u32) -> (Vec<f32>, ImageShape) {
+    let decoded = fit(image, size);
+    let side = size as usize;
+    let pad = ((side - decoded.width) / 2, (side - decoded.height) / 2);
+    let warp = Warp {
+        scale: 1.0,
+        translate: (
+            pad.0 as f32 + decoded.width as f32 / 2.0,
+            pad.1 as f32 + decoded.height as f32 / 2.0,
+        ),
+        flip: false,
+        hsv: None,
+    };
+    let mut out = vec![0.0; 3 * side * side];
+    warp.apply(
+        &decoded.rgb,
+        decoded.width,
+        decoded.height,
+        side,
+        &mut Scratch::default(),
+        &mut out,
+    );
+    let shape = ImageShape::letterbox(
+        decoded.original,
+        (decoded.height as u32, decoded.width as u32),
+        size,
+    );
+    (out, shape)
 }
 
 type Image = Arc<Decoded>;

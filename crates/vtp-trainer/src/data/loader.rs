@@ -86,12 +86,19 @@ type Pixels = Arc<[u8]>;
 /// # Errors
 /// [`Error::InvalidInput`] naming the file when it cannot be decoded.
 pub fn decode(path: &Path, size: u32) -> Result<Vec<u8>> {
-    let image = image::ImageReader::open(path)
+    Ok(resize(&open_image(path)?, size))
+}
+
+/// Decodes the image at `path`, whatever its extension says.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming the file when it cannot be read or decoded.
+pub fn open_image(path: &Path) -> Result<image::DynamicImage> {
+    image::ImageReader::open(path)
         .and_then(image::ImageReader::with_guessed_format)
         .map_err(|e| Error::invalid("dataset", format!("cannot read {}: {e}", path.display())))?
         .decode()
-        .map_err(|e| Error::invalid("dataset", format!("corrupt image {}: {e}", path.display())))?;
-    Ok(resize(&image, size))
+        .map_err(|e| Error::invalid("dataset", format!("corrupt image {}: {e}", path.display())))
 }
 
 /// Resizes to an RGB `size`×`size` square (shorter side, then centre crop).

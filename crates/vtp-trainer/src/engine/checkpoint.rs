@@ -17,6 +17,8 @@ use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use vtp_core::{Error, Result};
 
+use vtp_core::Task;
+
 use super::config::TrainConfig;
 use super::optim::Optimizer;
 use super::torch_err;
@@ -29,6 +31,9 @@ pub const FORMAT: &str = "vtp-checkpoint/1";
 pub struct CheckpointMeta {
     /// [`FORMAT`].
     pub format: String,
+    /// What the model does; `classify` in sidecars written before detection.
+    #[serde(default = "classify")]
+    pub task: Task,
     /// Architecture name.
     pub model: String,
     /// Class names; output `i` of the model is `class_names[i]`.
@@ -39,6 +44,10 @@ pub struct CheckpointMeta {
     pub mean: [f32; 3],
     /// Per-channel normalisation standard deviation.
     pub std: [f32; 3],
+    /// Detection: the largest stride of the network (input sides are
+    /// multiples of it; images are letterboxed to `image_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stride: Option<u32>,
     /// The run's config.
     pub config: TrainConfig,
     /// Last completed epoch.
@@ -47,8 +56,14 @@ pub struct CheckpointMeta {
     pub metrics: BTreeMap<String, f64>,
     /// Metrics of every epoch so far.
     pub history: Vec<BTreeMap<String, f64>>,
-    /// Best validation accuracy so far.
+    /// Best validation accuracy so far (classification).
     pub best_val_accuracy: f64,
+    /// Detection: the best fitness so far (0.1 mAP50 + 0.9 mAP50-95).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_fitness: Option<f64>,
+    /// Detection: updates of the weights' moving average, for resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_updates: Option<i64>,
     /// Weights file name, next to the sidecar.
     pub weights: String,
     /// sha256 of the weights file, hex.
@@ -57,6 +72,10 @@ pub struct CheckpointMeta {
     pub optimizer: Option<String>,
     /// sha256 of the optimizer file, hex.
     pub optimizer_sha256: Option<String>,
+}
+
+fn classify() -> Task {
+    Task::Classify
 }
 
 /// Hex sha256 of a file.
@@ -109,6 +128,23 @@ pub fn save(
     stem: &str,
     vs: &VarStore,
     optimizer: Option<&Optimizer>,
+    meta: CheckpointMeta,
+) -> Result<CheckpointMeta> {
+    save_with(dir, stem, vs, optimizer, Vec::new(), meta)
+}
+
+/// [`save`], with `extra` named tensors stored beside the optimizer state
+/// in `stem`.optim.safetensors (a detector keeps its raw weights there,
+/// while the weights file holds their moving average).
+///
+/// # Errors
+/// I/O and libtorch failures.
+pub fn save_with(
+    dir: &Path,
+    stem: &str,
+    vs: &VarStore,
+    optimizer: Option<&Optimizer>,
+    extra: Vec<(String, tch::Tensor)>,
     mut meta: CheckpointMeta,
 ) -> Result<CheckpointMeta> {
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
@@ -121,7 +157,9 @@ pub fn save(
     meta.optimizer_sha256 = None;
     if let Some(optimizer) = optimizer {
         let tmp = dir.join(format!(".{stem}.optim.tmp.safetensors"));
-        tch::Tensor::write_safetensors(&optimizer.state_tensors(), &tmp).map_err(torch_err)?;
+        let mut state = optimizer.state_tensors();
+        state.extend(extra);
+        tch::Tensor::write_safetensors(&state, &tmp).map_err(torch_err)?;
         meta.optimizer_sha256 = Some(sha256_file(&tmp)?);
         let name = format!("{stem}.optim.safetensors");
         publish(&tmp, &dir.join(&name))?;
@@ -244,6 +282,28 @@ impl Checkpoint {
                 "checkpoint",
                 format!("{} does not fit the model: {e}", self.weights.display()),
             )
+        })
+    }
+
+    /// Every tensor of the training state file (optimizer state and what
+    /// [`save_with`] stored beside it); empty when there is none.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] when the file is unreadable or tampered with.
+    pub fn training_state(&self) -> Result<Vec<(String, tch::Tensor)>> {
+        let Some(path) = &self.optimizer else {
+            return Ok(Vec::new());
+        };
+        if let Some(expected) = &self.meta.optimizer_sha256
+            && &sha256_file(path)? != expected
+        {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("{} does not match its sha256", path.display()),
+            ));
+        }
+        tch::Tensor::read_safetensors(path).map_err(|e| {
+            Error::invalid("checkpoint", format!("cannot read {}: {e}", path.display()))
         })
     }
 

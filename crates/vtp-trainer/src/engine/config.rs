@@ -4,11 +4,16 @@ use serde::{Deserialize, Serialize};
 use vtp_core::{Error, Result};
 
 use super::model::ModelKind;
+use vtp_core::Task;
 
 /// Which optimizer updates the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
+    /// Chosen from the run's length, as Ultralytics does (detection): SGD
+    /// for long runs, AdamW with a learning rate fitted to the class count
+    /// for short ones. SGD for classification.
+    Auto,
     /// Stochastic gradient descent with momentum (and L2 weight decay).
     Sgd,
     /// Adam with decoupled weight decay.
@@ -68,6 +73,51 @@ pub struct TrainConfig {
     /// What the trainer asks of its machine (CPU, memory, GPUs); read by the
     /// Kubernetes launcher for the pod's requests and limits, not by training.
     pub resources: Option<vtp_core::Resources>,
+    /// Weights to start from: a safetensors file with the model's parameter
+    /// names (for YOLO, an Ultralytics `state_dict` converted by
+    /// `scripts/ultralytics_to_safetensors.py`). The trainer service takes a
+    /// blob URI and downloads it; the engine reads a local path.
+    pub init_weights: Option<String>,
+    /// Detection: probability of a four-image mosaic (0 turns it off).
+    pub mosaic: f64,
+    /// Detection: the last epochs trained without mosaic.
+    pub close_mosaic: u32,
+    /// Detection: random translation, as a fraction of the image side.
+    pub translate: f64,
+    /// Detection: random scale gain (`1 ± scale`).
+    pub scale: f64,
+    /// Detection: probability of a horizontal flip.
+    pub fliplr: f64,
+    /// Detection: hue jitter (fraction).
+    pub hsv_h: f64,
+    /// Detection: saturation jitter (fraction).
+    pub hsv_s: f64,
+    /// Detection: value jitter (fraction).
+    pub hsv_v: f64,
+    /// Detection: warm-up length in epochs (at least 100 steps when set).
+    pub warmup_epochs: f64,
+    /// Detection: momentum at the start of warm-up.
+    pub warmup_momentum: f64,
+    /// Detection: the biases' learning rate at the start of warm-up.
+    pub warmup_bias_lr: f64,
+    /// Detection: final learning rate as a fraction of `lr` (linear decay).
+    pub lrf: f64,
+    /// Detection: nominal batch size; gradients accumulate over
+    /// `nbs / batch_size` batches and weight decay scales with it.
+    pub nbs: usize,
+    /// Detection: box (CIoU) loss gain.
+    #[serde(rename = "box")]
+    pub box_gain: f64,
+    /// Detection: classification loss gain.
+    pub cls: f64,
+    /// Detection: distribution focal loss gain.
+    pub dfl: f64,
+    /// Detection: confidence threshold of validation NMS.
+    pub conf: f64,
+    /// Detection: IoU threshold of NMS.
+    pub iou: f64,
+    /// Detection: most detections kept per image.
+    pub max_det: usize,
 }
 
 impl Default for TrainConfig {
@@ -90,17 +140,74 @@ impl Default for TrainConfig {
             hflip: true,
             resume: true,
             resources: None,
+            init_weights: None,
+            mosaic: 1.0,
+            close_mosaic: 10,
+            translate: 0.1,
+            scale: 0.5,
+            fliplr: 0.5,
+            hsv_h: 0.015,
+            hsv_s: 0.7,
+            hsv_v: 0.4,
+            warmup_epochs: 3.0,
+            warmup_momentum: 0.8,
+            warmup_bias_lr: 0.1,
+            lrf: 0.01,
+            nbs: 64,
+            box_gain: 7.5,
+            cls: 0.5,
+            dfl: 1.5,
+            conf: 0.001,
+            iou: 0.7,
+            max_det: 300,
         }
     }
 }
 
 impl TrainConfig {
+    /// The defaults of a task: classification as above; detection with the
+    /// Ultralytics recipe (640 px, batch 16, `lr` 0.01, optimizer `auto`,
+    /// momentum 0.937).
+    pub fn defaults_for(task: Task) -> Self {
+        match task {
+            Task::Classify => TrainConfig::default(),
+            Task::Detect => TrainConfig {
+                model: "yolo11n".into(),
+                batch_size: 16,
+                lr: 0.01,
+                optimizer: OptimizerKind::Auto,
+                momentum: 0.937,
+                image_size: 640,
+                ..TrainConfig::default()
+            },
+        }
+    }
+
     /// Parses a job's `config`, naming the first bad field as `config.<field>`.
+    /// Keys left out take the defaults of the model's task.
     ///
     /// # Errors
     /// [`Error::InvalidInput`].
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
-        let config: TrainConfig = serde_path_to_error::deserialize(value).map_err(|e| {
+        let task = match value.get("model").and_then(serde_json::Value::as_str) {
+            Some(model) => vtp_core::find_model("config.model", model)?.task,
+            None => Task::Classify,
+        };
+        let mut merged = serde_json::to_value(TrainConfig::defaults_for(task))
+            .map_err(|e| Error::internal(e.to_string()))?;
+        if let (Some(base), Some(given)) = (merged.as_object_mut(), value.as_object()) {
+            // `learning_rate` is an alias of `lr`: the default must not
+            // stand beside it as a duplicate.
+            if given.contains_key("learning_rate") {
+                base.remove("lr");
+            }
+            for (key, v) in given {
+                base.insert(key.clone(), v.clone());
+            }
+        } else {
+            merged = value.clone();
+        }
+        let config: TrainConfig = serde_path_to_error::deserialize(&merged).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner().to_string();
             let field = if path == "." {
@@ -117,11 +224,27 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// The architecture.
+    /// The architecture of a classifier.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an unknown model or a detector.
+    pub fn model_kind(&self) -> Result<ModelKind> {
+        self.model.parse()
+    }
+
+    /// What the model does.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for an unknown model.
-    pub fn model_kind(&self) -> Result<ModelKind> {
+    pub fn task(&self) -> Result<Task> {
+        Ok(vtp_core::find_model("config.model", &self.model)?.task)
+    }
+
+    /// The architecture of a detector.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for an unknown model or a classifier.
+    pub fn yolo_variant(&self) -> Result<super::detect::model::YoloVariant> {
         self.model.parse()
     }
 
@@ -130,9 +253,28 @@ impl TrainConfig {
     /// # Errors
     /// [`Error::InvalidInput`] naming the field.
     pub fn validate(&self) -> Result<()> {
-        let kind = self.model_kind()?;
         let bad =
             |field: &str, message: String| Err(Error::invalid(format!("config.{field}"), message));
+        let (min, max, name) = match self.task()? {
+            Task::Classify => {
+                let kind = self.model_kind()?;
+                (kind.min_image_size(), 1024, kind.name())
+            }
+            Task::Detect => {
+                let variant = self.yolo_variant()?;
+                if !self.image_size.is_multiple_of(32) {
+                    return bad(
+                        "image_size",
+                        format!(
+                            "{} is not a multiple of 32, the stride of {variant}",
+                            self.image_size
+                        ),
+                    );
+                }
+                self.validate_detection()?;
+                (32, 1280, variant.name())
+            }
+        };
         if !(1..=10_000).contains(&self.epochs) {
             return bad("epochs", format!("{} is outside 1..=10000", self.epochs));
         }
@@ -154,15 +296,10 @@ impl TrainConfig {
                 format!("{} must be in [0, 1)", self.weight_decay),
             );
         }
-        let min = kind.min_image_size();
-        if !(min..=1024).contains(&self.image_size) {
+        if !(min..=max).contains(&self.image_size) {
             return bad(
                 "image_size",
-                format!(
-                    "{} is outside {min}..=1024 for {}",
-                    self.image_size,
-                    kind.name()
-                ),
+                format!("{} is outside {min}..={max} for {name}", self.image_size),
             );
         }
         if !(self.val_split > 0.0 && self.val_split < 1.0) {
@@ -170,6 +307,59 @@ impl TrainConfig {
         }
         if self.threads > 1024 || self.workers > 64 {
             return bad("threads", "too many threads".into());
+        }
+        Ok(())
+    }
+
+    /// Ranges of the detection settings.
+    fn validate_detection(&self) -> Result<()> {
+        let fractions = [
+            ("mosaic", self.mosaic),
+            ("translate", self.translate),
+            ("scale", self.scale),
+            ("fliplr", self.fliplr),
+            ("hsv_h", self.hsv_h),
+            ("hsv_s", self.hsv_s),
+            ("hsv_v", self.hsv_v),
+            ("warmup_momentum", self.warmup_momentum),
+            ("lrf", self.lrf),
+            ("conf", self.conf),
+            ("iou", self.iou),
+        ];
+        for (field, value) in fractions {
+            if !(0.0..=1.0).contains(&value) {
+                return Err(Error::invalid(
+                    format!("config.{field}"),
+                    format!("{value} must be in [0, 1]"),
+                ));
+            }
+        }
+        let gains = [
+            ("warmup_epochs", self.warmup_epochs, 100.0),
+            ("warmup_bias_lr", self.warmup_bias_lr, 10.0),
+            ("box", self.box_gain, 100.0),
+            ("cls", self.cls, 100.0),
+            ("dfl", self.dfl, 100.0),
+        ];
+        for (field, value, max) in gains {
+            if !(0.0..=max).contains(&value) {
+                return Err(Error::invalid(
+                    format!("config.{field}"),
+                    format!("{value} must be in [0, {max}]"),
+                ));
+            }
+        }
+        if !(1..=4096).contains(&self.nbs) {
+            return Err(Error::invalid(
+                "config.nbs",
+                format!("{} is outside 1..=4096", self.nbs),
+            ));
+        }
+        if !(1..=10_000).contains(&self.max_det) {
+            return Err(Error::invalid(
+                "config.max_det",
+                format!("{} is outside 1..=10000", self.max_det),
+            ));
         }
         Ok(())
     }

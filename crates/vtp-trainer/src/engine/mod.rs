@@ -13,7 +13,7 @@ pub mod trainer;
 pub use checkpoint::{Checkpoint, CheckpointMeta};
 pub use config::{DeviceChoice, OptimizerKind, TrainConfig};
 pub use model::{ModelInfo, ModelKind};
-pub use predict::{Prediction, Predictor};
+pub use predict::{BoxPrediction, DetectOptions, Prediction, Predictor};
 pub use trainer::{StepProgress, TchTrainer};
 
 use vtp_core::Error;

@@ -26,12 +26,48 @@ pub enum ModelKind {
 pub struct ModelInfo {
     /// Name used in `config.model`.
     pub name: &'static str,
+    /// What it does.
+    pub task: vtp_core::Task,
     /// One line about it.
     pub description: &'static str,
     /// Smallest `image_size`.
     pub min_image_size: u32,
-    /// Parameters with 10 classes.
+    /// Trainable parameters with 10 classes (classifiers) or 80
+    /// (detectors; Ultralytics' summary calls them "gradients").
     pub parameters: i64,
+}
+
+/// Every model of [`vtp_core::MODELS`] with its task and size.
+///
+/// # Errors
+/// [`Error::InvalidInput`] if the catalog names a model this engine cannot
+/// build (a test keeps that from happening).
+pub fn catalog() -> Result<Vec<ModelInfo>> {
+    vtp_core::MODELS
+        .iter()
+        .map(|spec| match spec.task {
+            vtp_core::Task::Classify => Ok(spec.name.parse::<ModelKind>()?.info()),
+            vtp_core::Task::Detect => {
+                let variant: super::detect::model::YoloVariant = spec.name.parse()?;
+                let vs = nn::VarStore::new(tch::Device::Cpu);
+                let _model = super::detect::model::DetectionModel::new(&vs.root(), variant, 80);
+                Ok(ModelInfo {
+                    name: spec.name,
+                    task: spec.task,
+                    description: spec.description,
+                    min_image_size: 32,
+                    parameters: trainable_parameters(&vs),
+                })
+            }
+        })
+        .collect()
+}
+
+fn trainable_parameters(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables()
+        .iter()
+        .map(tch::Tensor::numel)
+        .sum::<usize>() as i64
 }
 
 impl ModelKind {
@@ -84,13 +120,10 @@ impl ModelKind {
     pub fn info(self) -> ModelInfo {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let _model = self.build(&vs.root(), 10);
-        let parameters = vs
-            .trainable_variables()
-            .iter()
-            .map(tch::Tensor::numel)
-            .sum::<usize>() as i64;
+        let parameters = trainable_parameters(&vs);
         ModelInfo {
             name: self.name(),
+            task: vtp_core::Task::Classify,
             description: self.description(),
             min_image_size: self.min_image_size(),
             parameters,

@@ -23,19 +23,41 @@ fn done(r: std::result::Result<Tensor, tch::TchError>) -> Result<()> {
     r.map(drop).map_err(torch_err)
 }
 
+/// Which parameter group a parameter belongs to: groups differ in weight
+/// decay and (during a detection warm-up) in learning rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamGroup {
+    /// Convolution and linear weights: decayed.
+    Weights = 0,
+    /// Normalisation weights: not decayed.
+    Norm = 1,
+    /// Biases: not decayed, with their own warm-up learning rate.
+    Bias = 2,
+}
+
 /// An optimizer over a fixed list of named parameters.
 #[derive(Debug)]
 pub struct Optimizer {
     kind: OptimizerKind,
-    lr: f64,
+    /// Learning rate per [`ParamGroup`].
+    lr: [f64; 3],
     momentum: f64,
     weight_decay: f64,
     betas: (f64, f64),
     eps: f64,
     step: i64,
     params: Vec<(String, Tensor)>,
+    /// Per parameter: its group; only [`ParamGroup::Weights`] is decayed
+    /// when groups are in use.
+    groups: Vec<ParamGroup>,
+    /// Whether groups decide the weight decay (else every parameter is decayed).
+    grouped: bool,
+    /// Nesterov momentum for SGD.
+    nesterov: bool,
     /// Per parameter: SGD `[momentum]`, AdamW `[exp_avg, exp_avg_sq]`.
     state: Vec<Vec<Tensor>>,
+    /// Gradients summed by [`Optimizer::accumulate`] since the last step.
+    pending: Option<Vec<Tensor>>,
 }
 
 impl Optimizer {
@@ -49,24 +71,151 @@ impl Optimizer {
     ) -> Self {
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = match kind {
-            OptimizerKind::Sgd => 1,
+            // The trainer resolves `auto` before it builds an optimizer.
+            OptimizerKind::Sgd | OptimizerKind::Auto => 1,
             OptimizerKind::Adamw => 2,
         };
         let state = params
             .iter()
             .map(|(_, p)| (0..slots).map(|_| p.zeros_like()).collect())
             .collect();
+        let groups = vec![ParamGroup::Weights; params.len()];
         Optimizer {
             kind,
-            lr,
+            lr: [lr; 3],
             momentum,
             weight_decay,
             betas: (0.9, 0.999),
             eps: 1e-8,
             step: 0,
             params,
+            groups,
+            grouped: false,
+            nesterov: false,
             state,
+            pending: None,
         }
+    }
+
+    /// Like [`Optimizer::new`], with each parameter put in the group
+    /// `group_of(name, tensor)` names: only [`ParamGroup::Weights`] is
+    /// decayed, and [`Optimizer::set_group_lr`] sets a group's rate. SGD
+    /// uses Nesterov momentum and for AdamW `momentum` is beta1, as
+    /// Ultralytics builds its optimizers.
+    pub fn grouped(
+        kind: OptimizerKind,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        params: Vec<(String, Tensor)>,
+        group_of: impl Fn(&str, &Tensor) -> ParamGroup,
+    ) -> Self {
+        let mut optimizer = Optimizer::new(kind, lr, momentum, weight_decay, params);
+        optimizer.groups = optimizer
+            .params
+            .iter()
+            .map(|(name, p)| group_of(name, p))
+            .collect();
+        optimizer.grouped = true;
+        optimizer.nesterov = true;
+        optimizer.betas.0 = momentum;
+        optimizer
+    }
+
+    /// Sets the learning rate of one group.
+    pub fn set_group_lr(&mut self, group: ParamGroup, lr: f64) {
+        self.lr[group as usize] = lr;
+    }
+
+    /// The learning rate of one group.
+    pub fn group_lr(&self, group: ParamGroup) -> f64 {
+        self.lr[group as usize]
+    }
+
+    /// Sets SGD's momentum, or AdamW's beta1 (warm-up ramps it).
+    pub fn set_momentum(&mut self, momentum: f64) {
+        self.momentum = momentum;
+        if self.grouped {
+            self.betas.0 = momentum;
+        }
+    }
+
+    /// Back-propagates `loss` and adds the gradients to those held since the
+    /// last [`Optimizer::step_accumulated`] (gradient accumulation over
+    /// several batches, as a nominal batch size asks).
+    ///
+    /// # Errors
+    /// libtorch failures.
+    pub fn accumulate(&mut self, loss: &Tensor) -> Result<()> {
+        let grads = self.gradients(loss)?;
+        match &mut self.pending {
+            None => self.pending = Some(grads),
+            Some(held) => {
+                for (sum, grad) in held.iter_mut().zip(grads) {
+                    if !grad.defined() {
+                        continue;
+                    }
+                    if sum.defined() {
+                        done(sum.f_add_(&grad))?;
+                    } else {
+                        *sum = grad;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the accumulated gradients, first scaling them so that their
+    /// total L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`).
+    /// Nothing happens when nothing was accumulated.
+    ///
+    /// # Errors
+    /// libtorch failures.
+    pub fn step_accumulated(&mut self, max_norm: Option<f64>) -> Result<()> {
+        let Some(mut grads) = self.pending.take() else {
+            return Ok(());
+        };
+        if let Some(max_norm) = max_norm {
+            let norms: Vec<Tensor> = grads
+                .iter()
+                .filter(|g| g.defined())
+                .map(|g| g.f_norm().map_err(torch_err))
+                .collect::<Result<_>>()?;
+            if !norms.is_empty() {
+                let total = t(t(Tensor::f_stack(&norms, 0))?.f_norm())?
+                    .f_double_value(&[])
+                    .map_err(torch_err)?;
+                let coef = max_norm / (total + 1e-6);
+                if coef < 1.0 {
+                    for g in grads.iter_mut().filter(|g| g.defined()) {
+                        done(g.f_mul_scalar_(coef))?;
+                    }
+                }
+            }
+        }
+        self.apply(grads)
+    }
+
+    /// Gradients of `loss` for every parameter (undefined where frozen or
+    /// unused), each a private buffer the update may write into.
+    fn gradients(&self, loss: &Tensor) -> Result<Vec<Tensor>> {
+        let trainable: Vec<usize> = (0..self.params.len())
+            .filter(|&i| self.params[i].1.requires_grad())
+            .collect();
+        let inputs: Vec<&Tensor> = trainable.iter().map(|&i| &self.params[i].1).collect();
+        let returned = Tensor::f_run_backward(&[loss], &inputs, false, false).map_err(torch_err)?;
+        let mut grads: Vec<Tensor> = self.params.iter().map(|_| Tensor::new()).collect();
+        // The update writes into each gradient. Autograd may hand the same
+        // buffer to two parameters, or an expanded (overlapping) view; those
+        // are copied first, the rest are used as they are.
+        let mut buffers = std::collections::HashSet::new();
+        for (i, grad) in trainable.into_iter().zip(returned) {
+            let private = !grad.defined()
+                || (grad.is_contiguous() && buffers.insert(grad.data_ptr() as usize));
+            grads[i] = if private { grad } else { grad.copy() };
+        }
+        Ok(grads)
     }
 
     /// Steps taken.
@@ -76,7 +225,7 @@ impl Optimizer {
 
     /// Sets the learning rate (for schedules).
     pub fn set_lr(&mut self, lr: f64) {
-        self.lr = lr;
+        self.lr = [lr; 3];
     }
 
     /// Clears every gradient.
@@ -113,41 +262,39 @@ impl Optimizer {
     /// # Errors
     /// libtorch failures (a `loss` that does not require gradients).
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
-        let trainable: Vec<usize> = (0..self.params.len())
-            .filter(|&i| self.params[i].1.requires_grad())
-            .collect();
-        let inputs: Vec<&Tensor> = trainable.iter().map(|&i| &self.params[i].1).collect();
-        let returned = Tensor::f_run_backward(&[loss], &inputs, false, false).map_err(torch_err)?;
-        let mut grads: Vec<Tensor> = self.params.iter().map(|_| Tensor::new()).collect();
-        // The update writes into each gradient. Autograd may hand the same
-        // buffer to two parameters, or an expanded (overlapping) view; those
-        // are copied first, the rest are used as they are.
-        let mut buffers = std::collections::HashSet::new();
-        for (i, grad) in trainable.into_iter().zip(returned) {
-            let private = !grad.defined()
-                || (grad.is_contiguous() && buffers.insert(grad.data_ptr() as usize));
-            grads[i] = if private { grad } else { grad.copy() };
-        }
+        let grads = self.gradients(loss)?;
         self.apply(grads)
     }
 
     /// One update with `grads`, one per parameter (undefined: no gradient).
     fn apply(&mut self, grads: Vec<Tensor>) -> Result<()> {
         self.step += 1;
-        let (lr, wd, momentum) = (self.lr, self.weight_decay, self.momentum);
+        let momentum = self.momentum;
         let (b1, b2) = self.betas;
         let steps = self.step as f64;
         let (bias1, bias2) = (1.0 - b1.powf(steps), 1.0 - b2.powf(steps));
         tch::no_grad(|| -> Result<()> {
-            for (((_, p), state), grad) in self.params.iter_mut().zip(&mut self.state).zip(grads) {
+            for ((((_, p), state), grad), &group) in self
+                .params
+                .iter_mut()
+                .zip(&mut self.state)
+                .zip(grads)
+                .zip(&self.groups)
+            {
                 if !grad.defined() {
                     continue;
                 }
+                let lr = self.lr[group as usize];
+                let wd = if !self.grouped || group == ParamGroup::Weights {
+                    self.weight_decay
+                } else {
+                    0.0
+                };
                 // Every update is in place: scale factors ride on 0-dim
                 // tensors through `addcmul_`/`addcdiv_`, so a step allocates
                 // almost nothing (large allocations cost page faults on CPU).
                 match self.kind {
-                    OptimizerKind::Sgd => {
+                    OptimizerKind::Sgd | OptimizerKind::Auto => {
                         let mut grad = grad;
                         if wd != 0.0 {
                             done(grad.f_addcmul_(p, &scalar(wd, p)?))?;
@@ -158,7 +305,13 @@ impl Optimizer {
                             let buf = &mut state[0];
                             done(buf.f_mul_scalar_(momentum))?;
                             done(buf.f_add_(&grad))?;
-                            done(p.f_addcmul_(buf, &scalar(-lr, p)?))?;
+                            if self.nesterov {
+                                // PyTorch's nesterov: step along g + momentum * buf.
+                                done(grad.f_addcmul_(buf, &scalar(momentum, p)?))?;
+                                done(p.f_addcmul_(&grad, &scalar(-lr, p)?))?;
+                            } else {
+                                done(p.f_addcmul_(buf, &scalar(-lr, p)?))?;
+                            }
                         }
                     }
                     OptimizerKind::Adamw => {

@@ -24,6 +24,18 @@ fn run_seed(seed: u64) -> i64 {
     i64::from_ne_bytes(seed.to_ne_bytes())
 }
 
+/// Runs `init` (which creates weights) with libtorch's process-wide
+/// generator seeded by `seed`, under a lock, so trainers running side by
+/// side (tests, a service with concurrency > 1) still get the initial
+/// weights their seed names.
+pub(crate) fn seeded_init<T>(seed: u64, init: impl FnOnce() -> T) -> T {
+    let _guard = INIT_LOCK
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    tch::manual_seed(run_seed(seed));
+    init()
+}
+
 /// Progress inside an epoch, for progress bars.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepProgress {
@@ -111,6 +123,10 @@ impl Run<'_> {
     fn meta(&self, epoch: u32) -> CheckpointMeta {
         CheckpointMeta {
             format: checkpoint::FORMAT.into(),
+            task: vtp_core::Task::Classify,
+            stride: None,
+            best_fitness: None,
+            ema_updates: None,
             model: self
                 .config
                 .model_kind()
@@ -194,6 +210,9 @@ fn run(
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<TrainSummary> {
     let config = TrainConfig::from_json(&spec.config)?;
+    if config.task()? == vtp_core::Task::Detect {
+        return super::detect::train::run(&mut trainer.on_step, spec, config, progress, cancelled);
+    }
     let kind = config.model_kind()?;
     let device = select_device(&config.device)?;
     tch::set_num_threads(i32::try_from(config.effective_threads()).unwrap_or(1));
@@ -236,25 +255,23 @@ fn run(
     }
     tracing::info!(job_id = %spec.job_id, model = %kind, classes = data.classes.len(), train = train.len(), val = val.len(), skipped, ?device, "training");
 
-    // libtorch's generator is process-wide: seed and initialise under a lock,
-    // so trainers running side by side (tests, a service with concurrency > 1)
-    // still get the initial weights their seed names.
-    let (vs, model) = {
-        let _guard = INIT_LOCK
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        tch::manual_seed(run_seed(config.seed));
+    let (vs, model) = seeded_init(config.seed, || {
         let vs = VarStore::new(device);
         let model = kind.build(&vs.root(), data.classes.len() as i64);
         (vs, model)
-    };
+    });
     let params: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
         .filter(|(_, t)| t.requires_grad())
         .collect();
+    // `auto` is SGD for classification.
+    let optimizer_kind = match config.optimizer {
+        super::config::OptimizerKind::Auto => super::config::OptimizerKind::Sgd,
+        kind => kind,
+    };
     let optimizer = Optimizer::new(
-        config.optimizer,
+        optimizer_kind,
         config.lr,
         config.momentum,
         config.weight_decay,

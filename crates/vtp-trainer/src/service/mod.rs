@@ -63,6 +63,8 @@ pub struct Finished {
 struct Admitted {
     config: TrainConfig,
     dataset: BlobKey,
+    /// `config.init_weights`, a blob in the store.
+    init_weights: Option<BlobKey>,
     cancel: Arc<AtomicBool>,
     running: Arc<AtomicBool>,
 }
@@ -162,6 +164,15 @@ impl TrainerService {
             .blobs
             .key_for(&request.dataset_s3_uri)
             .map_err(|e| Error::invalid("dataset_s3_uri", e.to_string()))?;
+        let init_weights = config
+            .init_weights
+            .as_deref()
+            .map(|uri| {
+                self.blobs
+                    .key_for(uri)
+                    .map_err(|e| Error::invalid("config.init_weights", e.to_string()))
+            })
+            .transpose()?;
         let slot = Slot {
             cancel: Arc::new(AtomicBool::new(false)),
             running: Arc::new(AtomicBool::new(false)),
@@ -175,6 +186,7 @@ impl TrainerService {
         Ok(Some(Admitted {
             config,
             dataset,
+            init_weights,
             cancel,
             running,
         }))
@@ -190,6 +202,7 @@ impl TrainerService {
                 &request,
                 &admitted.config,
                 &admitted.dataset,
+                admitted.init_weights.as_ref(),
                 admitted.cancel,
             )
             .await;
@@ -271,6 +284,7 @@ impl TrainerService {
         request: &StartTraining,
         config: &TrainConfig,
         dataset: &BlobKey,
+        init_weights: Option<&BlobKey>,
         cancel: Arc<AtomicBool>,
     ) -> Result<TrainingUpdate> {
         let job_id = request.job_id;
@@ -287,10 +301,26 @@ impl TrainerService {
                 TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training")
             );
         }
+        let mut train_config = request.config.clone();
+        if let Some(key) = init_weights {
+            // The engine reads a local file: fetch the blob and point at it.
+            let local = dir.join("init_weights.safetensors");
+            self.blobs
+                .download_to(key, &local)
+                .await
+                .map_err(|e| match e {
+                    Error::NotFound { .. } => Error::invalid(
+                        "config.init_weights",
+                        format!("no weights at {}", self.blobs.uri(key)),
+                    ),
+                    other => other,
+                })?;
+            train_config["init_weights"] = local.display().to_string().into();
+        }
         let output = dir.join("output");
         let spec = TrainSpec {
             job_id,
-            config: request.config.clone(),
+            config: train_config,
             dataset_dir,
             output_dir: output.clone(),
         };
@@ -327,14 +357,9 @@ impl TrainerService {
                     .get(best)
                     .cloned()
                     .ok_or_else(|| Error::internal("the checkpoint was not uploaded"))?;
-                let accuracy = summary
-                    .metrics
-                    .get("val_accuracy")
-                    .copied()
-                    .unwrap_or_default();
                 Ok(TrainingUpdate::new(JobStatus::Completed)
                     .with_progress(1.0)
-                    .with_message(format!("done: val accuracy {:.2}%", accuracy * 100.0))
+                    .with_message(format!("done: {}", headline(&summary.metrics)))
                     .with_checkpoint(uri))
             }
             Err(Error::Cancelled { reason }) => {
@@ -409,6 +434,19 @@ impl TrainerService {
     }
 }
 
+/// The one validation number a person looks for: mAP50-95 for a detector,
+/// accuracy for a classifier.
+fn headline(metrics: &BTreeMap<String, f64>) -> String {
+    match (metrics.get("map"), metrics.get("val_accuracy")) {
+        (Some(map), _) => format!(
+            "val mAP50-95 {map:.4}, mAP50 {:.4}",
+            metrics.get("map50").copied().unwrap_or(f64::NAN)
+        ),
+        (None, Some(accuracy)) => format!("val accuracy {:.2}%", accuracy * 100.0),
+        (None, None) => "no validation metrics".to_owned(),
+    }
+}
+
 /// After each epoch: uploads the `last` checkpoint (so the store always
 /// holds the newest one, whatever happens to this machine) and reports
 /// through the outbox. Runs on the training thread.
@@ -441,15 +479,14 @@ impl OutboxSink {
 
 impl ProgressSink for OutboxSink {
     fn epoch_finished(&mut self, report: &EpochReport) {
-        let metric = |k: &str| report.metrics.get(k).copied().unwrap_or(f64::NAN);
+        let loss = report.metrics.get("loss").copied().unwrap_or(f64::NAN);
         let mut update = TrainingUpdate::new(JobStatus::Running)
             .with_progress(f64::from(report.epoch) / f64::from(report.epochs.max(1)))
             .with_message(format!(
-                "epoch {}/{}: loss {:.4}, val accuracy {:.2}%",
+                "epoch {}/{}: loss {loss:.4}, {}",
                 report.epoch,
                 report.epochs,
-                metric("loss"),
-                metric("val_accuracy") * 100.0
+                headline(&report.metrics)
             ));
         for (name, value) in &report.metrics {
             if value.is_finite() {

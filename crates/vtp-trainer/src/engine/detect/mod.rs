@@ -9,8 +9,10 @@
 pub mod anchors;
 pub mod assigner;
 pub mod blocks;
+pub mod draw;
 pub mod iou;
 pub mod loss;
 pub mod metrics;
 pub mod model;
 pub mod nms;
+pub(crate) mod train;

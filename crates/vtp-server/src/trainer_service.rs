@@ -19,7 +19,6 @@ use axum::routing::{get, post};
 use axum::{Json, response::IntoResponse};
 use serde_json::json;
 use vtp_core::{Error, JobId, StartTraining};
-use vtp_trainer::engine::ModelKind;
 use vtp_trainer::service::{StartOutcome, TrainerService};
 
 use crate::error::{ApiError, ApiJson, ApiPath};
@@ -66,9 +65,9 @@ async fn status(
     Ok(Json(json!({"job_id": job_id, "state": state})))
 }
 
-async fn models() -> impl IntoResponse {
-    let models: Vec<_> = ModelKind::ALL.iter().map(|k| k.info()).collect();
-    Json(json!({
+async fn models() -> Result<impl IntoResponse, ApiError> {
+    let models = vtp_trainer::engine::model::catalog()?;
+    Ok(Json(json!({
         "models": models,
         "parameters": {
             "epochs": "passes over the training set (5)",
@@ -85,9 +84,24 @@ async fn models() -> impl IntoResponse {
             "val_split": "held-out fraction when there is no val/ split (0.2)",
             "random_crop": "(true)",
             "hflip": "(true)",
-            "resume": "continue from the last checkpoint (true)"
+            "resume": "continue from the last checkpoint (true)",
+            "init_weights": "blob URI of safetensors weights to start from (none)",
+        },
+        "detection_parameters": {
+            "epochs": "(5)", "batch_size": "(16)", "image_size": "a multiple of 32 (640)",
+            "lr": "initial learning rate; ignored with optimizer auto (0.01)",
+            "optimizer": "auto, sgd (Nesterov) or adamw (auto)",
+            "momentum": "(0.937)", "weight_decay": "(5e-4)", "lrf": "final lr fraction (0.01)",
+            "warmup_epochs": "(3)", "warmup_momentum": "(0.8)", "warmup_bias_lr": "(0.1)",
+            "nbs": "nominal batch size for gradient accumulation (64)",
+            "mosaic": "(1.0)", "close_mosaic": "epochs at the end without mosaic (10)",
+            "translate": "(0.1)", "scale": "(0.5)", "fliplr": "(0.5)",
+            "hsv_h": "(0.015)", "hsv_s": "(0.7)", "hsv_v": "(0.4)",
+            "box": "(7.5)", "cls": "(0.5)", "dfl": "(1.5)",
+            "conf": "validation NMS confidence (0.001)", "iou": "NMS IoU (0.7)", "max_det": "(300)",
+            "init_weights": "blob URI of a converted Ultralytics state_dict (none)",
         }
-    }))
+    })))
 }
 
 async fn health(State(service): State<Service>) -> impl IntoResponse {

@@ -226,13 +226,35 @@ async fn models_are_listed() {
         .iter()
         .map(|m| m["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["small_cnn", "resnet18", "resnet34", "mobilenet_v2"]);
+    assert_eq!(
+        names,
+        [
+            "small_cnn",
+            "resnet18",
+            "resnet34",
+            "mobilenet_v2",
+            "yolov8n",
+            "yolov8s",
+            "yolo11n",
+            "yolo11s"
+        ]
+    );
     assert!(
         body["models"][1]["parameters"].as_i64().unwrap() > 11_000_000,
         "{}",
         body["models"][1]
     );
+    assert_eq!(body["models"][1]["task"], "classify");
+    // yolo11n with 80 classes: Ultralytics' summary says 2,624,080
+    // parameters, 2,624,064 of which take gradients (the 16 DFL bins are fixed).
+    assert_eq!(body["models"][6]["task"], "detect");
+    assert_eq!(
+        body["models"][6]["parameters"], 2_624_064,
+        "{}",
+        body["models"][6]
+    );
     assert!(body["parameters"]["lr"].is_string());
+    assert!(body["detection_parameters"]["close_mosaic"].is_string());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

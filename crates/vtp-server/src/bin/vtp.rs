@@ -4,7 +4,8 @@
 //! vtp upload digits.zip --user demo --name digits      # prints the dataset URI
 //! vtp train --dataset <URI> --model small_cnn --epochs 8 --config '{"hflip": false}'
 //! vtp watch <JOB>                                       # progress bar until it ends
-//! vtp download <JOB> -o best.safetensors
+//! vtp download <JOB> -o model/                        # weights and sidecar
+//! vtp predict model/best.safetensors img.png --draw boxes.png   # with the `torch` feature
 //! ```
 
 use std::path::PathBuf;
@@ -64,19 +65,44 @@ enum Command {
         /// Owner.
         #[arg(long, default_value = "demo")]
         user: String,
+        /// The job's framework: `tch`, or `ultralytics` for the YOLO family
+        /// (the seed's job).
+        #[arg(long, default_value = "tch")]
+        framework: String,
     },
     /// Follows a job with a progress bar until it ends.
     Watch {
         /// Job id.
         job: String,
     },
-    /// Downloads a job's checkpoint.
+    /// Downloads a job's checkpoint: its weights and their sidecar, under
+    /// their own names (`best.safetensors`, `best.json`).
     Download {
         /// Job id.
         job: String,
-        /// Output file.
-        #[arg(short, long, default_value = "checkpoint.safetensors")]
+        /// Output directory.
+        #[arg(short, long, default_value = ".")]
         output: PathBuf,
+    },
+    /// Predicts with a downloaded checkpoint: each image's class, or a
+    /// detector's boxes (in the image's pixels).
+    #[cfg(feature = "torch")]
+    Predict {
+        /// The checkpoint (weights, sidecar or directory).
+        checkpoint: PathBuf,
+        /// Images.
+        #[arg(required = true)]
+        images: Vec<PathBuf>,
+        /// Detection: smallest score kept.
+        #[arg(long, default_value_t = 0.25)]
+        conf: f32,
+        /// Detection: NMS IoU threshold.
+        #[arg(long, default_value_t = 0.7)]
+        iou: f32,
+        /// Detection: writes the images side by side with their boxes
+        /// drawn, as a PNG.
+        #[arg(long)]
+        draw: Option<PathBuf>,
     },
 }
 
@@ -127,30 +153,58 @@ async fn summarise(http: &reqwest::Client, url: &str, job: &Value) -> anyhow::Re
             .await?,
     )
     .await?;
-    println!("\nepoch   loss     val_loss  val_acc   seconds  img/s");
-    for row in metrics.as_array().into_iter().flatten() {
-        println!(
-            "{:>5}   {:<7.4}  {:<8.4}  {:>6.2}%   {:>7.1}  {:>6.0}",
-            row["epoch"],
-            row["loss"].as_f64().unwrap_or(f64::NAN),
-            row["val_loss"].as_f64().unwrap_or(f64::NAN),
-            row["val_accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0,
-            row["epoch_seconds"].as_f64().unwrap_or(f64::NAN),
-            row["images_per_second"].as_f64().unwrap_or(f64::NAN)
-        );
+    let rows: Vec<&Value> = metrics.as_array().into_iter().flatten().collect();
+    let detector = rows.iter().any(|r| r.get("map").is_some());
+    let num = |row: &Value, key: &str| row[key].as_f64().unwrap_or(f64::NAN);
+    if detector {
+        println!("\nepoch   loss     val_loss  P       R       mAP50   mAP50-95  seconds  img/s");
+        for row in &rows {
+            println!(
+                "{:>5}   {:<7.4}  {:<8.4}  {:<6.4}  {:<6.4}  {:<6.4}  {:<8.4}  {:>7.1}  {:>6.0}",
+                row["epoch"],
+                num(row, "loss"),
+                num(row, "val_loss"),
+                num(row, "precision"),
+                num(row, "recall"),
+                num(row, "map50"),
+                num(row, "map"),
+                num(row, "epoch_seconds"),
+                num(row, "images_per_second")
+            );
+        }
+    } else {
+        println!("\nepoch   loss     val_loss  val_acc   seconds  img/s");
+        for row in &rows {
+            println!(
+                "{:>5}   {:<7.4}  {:<8.4}  {:>6.2}%   {:>7.1}  {:>6.0}",
+                row["epoch"],
+                num(row, "loss"),
+                num(row, "val_loss"),
+                num(row, "val_accuracy") * 100.0,
+                num(row, "epoch_seconds"),
+                num(row, "images_per_second")
+            );
+        }
     }
     match job["status"].as_str() {
         Some("completed") => {
-            let best = metrics
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|r| r["val_accuracy"].as_f64())
-                .fold(0.0, f64::max);
-            println!(
-                "\njob {id} completed: best val accuracy {:.2}%",
-                best * 100.0
-            );
+            let best = |key: &str| {
+                rows.iter()
+                    .filter_map(|r| r[key].as_f64())
+                    .fold(0.0, f64::max)
+            };
+            if detector {
+                println!(
+                    "\njob {id} completed: best val mAP50-95 {:.4} (mAP50 {:.4})",
+                    best("map"),
+                    best("map50")
+                );
+            } else {
+                println!(
+                    "\njob {id} completed: best val accuracy {:.2}%",
+                    best("val_accuracy") * 100.0
+                );
+            }
             println!(
                 "checkpoint: {}",
                 job["checkpoint_s3_uri"].as_str().unwrap_or("?")
@@ -205,11 +259,12 @@ async fn main() -> anyhow::Result<()> {
             epochs,
             config,
             user,
+            framework,
         } => {
             let mut config: Value =
                 serde_json::from_str(&config).context("--config is not JSON")?;
             config["epochs"] = epochs.into();
-            let body = json!({"user_id": user, "model_name": model, "framework": "tch", "dataset_s3_uri": dataset, "config": config});
+            let body = json!({"user_id": user, "model_name": model, "framework": framework, "dataset_s3_uri": dataset, "config": config});
             let job = check(
                 http.post(format!("{url}/training/jobs"))
                     .json(&body)
@@ -233,18 +288,102 @@ async fn main() -> anyhow::Result<()> {
             summarise(&http, url, &job).await?;
         }
         Command::Download { job, output } => {
-            let response = http
-                .get(format!("{url}/training/jobs/{job}/checkpoint"))
-                .send()
-                .await?;
-            if !response.status().is_success() {
-                check(response).await?;
-                unreachable!("check fails on an error status");
+            let record = check(
+                http.get(format!("{url}/training/jobs/{job}"))
+                    .send()
+                    .await?,
+            )
+            .await?;
+            let Some(uri) = record["checkpoint_s3_uri"].as_str() else {
+                bail!(
+                    "job {job} has no checkpoint yet (status {})",
+                    record["status"]
+                );
+            };
+            let weights = uri.rsplit('/').next().unwrap_or("best.safetensors");
+            let stem = weights.strip_suffix(".safetensors").unwrap_or(weights);
+            tokio::fs::create_dir_all(&output)
+                .await
+                .with_context(|| format!("creating {}", output.display()))?;
+            for (route, name) in [
+                (
+                    format!("{url}/training/jobs/{job}/checkpoint"),
+                    weights.to_owned(),
+                ),
+                (
+                    format!("{url}/training/jobs/{job}/checkpoint/{stem}.json"),
+                    format!("{stem}.json"),
+                ),
+            ] {
+                let response = http.get(route).send().await?;
+                if !response.status().is_success() {
+                    check(response).await?;
+                    unreachable!("check fails on an error status");
+                }
+                let bytes = response.bytes().await?;
+                let path = output.join(&name);
+                tokio::fs::write(&path, &bytes).await?;
+                println!("{} bytes -> {}", bytes.len(), path.display());
             }
-            let bytes = response.bytes().await?;
-            tokio::fs::write(&output, &bytes).await?;
-            println!("{} bytes -> {}", bytes.len(), output.display());
         }
+        #[cfg(feature = "torch")]
+        Command::Predict {
+            checkpoint,
+            images,
+            conf,
+            iou,
+            draw,
+        } => predict(&checkpoint, &images, conf, iou, draw.as_deref())?,
+    }
+    Ok(())
+}
+
+#[cfg(feature = "torch")]
+fn predict(
+    checkpoint: &std::path::Path,
+    images: &[PathBuf],
+    conf: f32,
+    iou: f32,
+    draw: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use vtp_trainer::engine::{DetectOptions, Predictor};
+    let predictor = Predictor::load(checkpoint)?;
+    if predictor.task() == vtp_core::Task::Classify {
+        for (path, p) in images.iter().zip(predictor.predict_paths(images)?) {
+            println!("{}\t{}\t{:.4}", path.display(), p.class, p.probability);
+        }
+        return Ok(());
+    }
+    let options = DetectOptions {
+        conf,
+        iou,
+        ..DetectOptions::default()
+    };
+    let found = predictor.detect_paths(images, &options)?;
+    for (path, boxes) in images.iter().zip(&found) {
+        for b in boxes {
+            println!(
+                "{}\t{}\t{:.4}\t{:.1}\t{:.1}\t{:.1}\t{:.1}",
+                path.display(),
+                b.class,
+                b.score,
+                b.bbox[0],
+                b.bbox[1],
+                b.bbox[2],
+                b.bbox[3]
+            );
+        }
+    }
+    if let Some(out) = draw {
+        let decoded = images
+            .iter()
+            .map(|p| vtp_trainer::data::loader::open_image(p))
+            .collect::<vtp_core::Result<Vec<_>>>()?;
+        let sheet = vtp_trainer::engine::detect::draw::contact_sheet(&decoded, &found);
+        sheet
+            .save(out)
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("drawn: {}", out.display());
     }
     Ok(())
 }

@@ -2,7 +2,9 @@
 # # VTP in a notebook
 #
 # Trains a small CNN on the UCI handwritten digits with the Rust engine, in
-# this process, then plots the curves and classifies a few images.
+# this process, then plots the curves and classifies a few images; then
+# trains the seed's YOLO detector on the same digits pasted onto canvases
+# and finds them with boxes.
 #
 # Run with: `python examples/notebook/notebook.py` from the repository root
 # (after `pip install ./crates/vtp-py`), or open it in Jupyter / VS Code,
@@ -68,4 +70,33 @@ for sample, prediction in zip(samples, checkpoint.predict(samples)):
 # %%
 job = platform.get_job(result.job.id)
 print(job, job.data["finished_at"])
+
+# %% [markdown]
+# ## Detection: the seed's `yolo11n` on digits pasted onto canvases
+#
+# The same engine trains YOLO detectors on a YOLO dataset (`data.yaml`,
+# `images/`, `labels/`); the result carries mAP, and the checkpoint's
+# `predict` returns boxes in each image's own pixels. Its weights load
+# into the Ultralytics package's `DetectionModel` as they are.
+
+# %%
+yolo = data / "digits-yolo"
+if not (yolo / "data.yaml").is_file():
+    subprocess.run(
+        [sys.executable, "examples/detect/make_digits_yolo.py", str(yolo), "--train", "256", "--val", "64", "--size", "64"],
+        check=True,
+    )
+detector = platform.train(
+    dataset=yolo,
+    model="yolo11n",
+    epochs=int(sys.argv[2]) if len(sys.argv) > 2 else 5,
+    image_size=64,
+    batch_size=16,
+    nbs=16,
+    fliplr=0.0,
+)
+print(f"mAP50-95 {detector.map:.4f}, mAP50 {detector.map50:.4f}")
+boxes = detector.load_checkpoint().predict(sorted((yolo / "images" / "val").glob("*.png"))[:2])
+for found in boxes:
+    print([(b["class"], round(b["score"], 2), [round(v) for v in b["box"]]) for b in found[:4]])
 platform.close()

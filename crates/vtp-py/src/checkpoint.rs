@@ -139,6 +139,60 @@ impl Checkpoint {
         to_python(py, &value)
     }
 
+    /// What the model does: `"classify"` or `"detect"`.
+    #[getter]
+    fn task(&self) -> String {
+        self.meta["task"].as_str().unwrap_or("classify").to_owned()
+    }
+
+    /// Boxes found in each image: per image a list of dicts `{"class",
+    /// "index", "score", "box": [x1, y1, x2, y2]}` in the image's own
+    /// pixels, best first.
+    #[pyo3(signature = (images, conf=0.25, iou=0.7, max_det=300))]
+    fn detect(
+        &self,
+        py: Python<'_>,
+        images: Vec<ImageArg>,
+        conf: f32,
+        iou: f32,
+        max_det: usize,
+    ) -> PyResult<Py<PyAny>> {
+        let options = vtp_trainer::engine::DetectOptions { conf, iou, max_det };
+        let boxes = py.detach(|| {
+            let decoded = self.decode(images)?;
+            self.with_predictor(|p| p.detect_images(&decoded, &options))?
+                .map_err(from_core)
+        })?;
+        let value = serde_json::to_value(boxes).map_err(|e| VtpError::new_err(e.to_string()))?;
+        to_python(py, &value)
+    }
+
+    /// A detector's raw head outputs for letterboxed NCHW input (0..1 RGB,
+    /// flattened), one flattened `[N, 64 + classes, H, W]` list per level
+    /// with its shape: what Ultralytics' `Detect` returns, for comparing.
+    fn detector_outputs(
+        &self,
+        py: Python<'_>,
+        input: Vec<f32>,
+        height: i64,
+        width: i64,
+    ) -> PyResult<Vec<(Vec<i64>, Vec<f32>)>> {
+        py.detach(|| {
+            let outputs = self
+                .with_predictor(|p| p.detector_outputs(&input, height, width))?
+                .map_err(from_core)?;
+            outputs
+                .into_iter()
+                .map(|t| {
+                    let shape = t.size();
+                    let flat = Vec::<f32>::try_from(t.flatten(0, -1))
+                        .map_err(|e| VtpError::new_err(e.to_string()))?;
+                    Ok((shape, flat))
+                })
+                .collect()
+        })
+    }
+
     /// Raw logits, one list per image, as the model computes them after the
     /// checkpoint's resize and normalisation.
     fn logits(&self, py: Python<'_>, images: Vec<ImageArg>) -> PyResult<Vec<Vec<f32>>> {

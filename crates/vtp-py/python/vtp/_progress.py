@@ -32,6 +32,8 @@ class ProgressBar:
                 parts.append(f"{name} {row[name]:.4f}")
         if row.get("val_accuracy") is not None:
             parts.append(f"val_acc {row['val_accuracy']:.2%}")
+        if row.get("map") is not None:
+            parts.append(f"mAP50-95 {row['map']:.4f}")
         self._suffix = " ".join(parts)
 
     def update(self, progress: float, status: str) -> None:

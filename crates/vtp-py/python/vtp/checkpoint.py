@@ -99,11 +99,30 @@ class Checkpoint:
         """The sidecar: epoch, metrics, history, sha256 digests."""
         return self._native.meta
 
-    def predict(self, images: Image | Sequence[Image]) -> Any:
-        """Top-1 class of each image: a dict ``{"class", "index",
-        "probability"}``, or a list of them for a list of images."""
+    @property
+    def task(self) -> str:
+        """``"classify"`` or ``"detect"``."""
+        return self._native.task
+
+    def predict(
+        self,
+        images: Image | Sequence[Image],
+        conf: float = 0.25,
+        iou: float = 0.7,
+        max_det: int = 300,
+    ) -> Any:
+        """A classifier's top-1 class of each image: a dict ``{"class",
+        "index", "probability"}``. A detector's boxes in each image: a list
+        of dicts ``{"class", "index", "score", "box": [x1, y1, x2, y2]}`` in
+        the image's own pixels, best first (``conf``, ``iou`` and
+        ``max_det`` are the detector's thresholds). One result for one
+        image, a list of them for a list."""
         batch, single = _batch(images)
-        predictions: list[dict[str, Any]] = self._native.predict(batch)
+        predictions: list[Any]
+        if self.task == "detect":
+            predictions = self._native.detect(batch, conf=conf, iou=iou, max_det=max_det)
+        else:
+            predictions = self._native.predict(batch)
         return predictions[0] if single else predictions
 
     __call__ = predict

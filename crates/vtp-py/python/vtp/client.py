@@ -232,6 +232,18 @@ class TrainResult:
         values = [row["val_accuracy"] for row in self.metrics if row.get("val_accuracy") is not None]
         return max(values) if values else None
 
+    @property
+    def map(self) -> float | None:
+        """A detector's best validation mAP@0.5:0.95 over the epochs."""
+        values = [row["map"] for row in self.metrics if row.get("map") is not None]
+        return max(values) if values else None
+
+    @property
+    def map50(self) -> float | None:
+        """A detector's best validation mAP@0.5 over the epochs."""
+        values = [row["map50"] for row in self.metrics if row.get("map50") is not None]
+        return max(values) if values else None
+
     def load_checkpoint(self) -> Checkpoint:
         """The trained model, for prediction."""
         if self._loaded is None:

@@ -1,4 +1,5 @@
-//! Criterion benchmarks of the hot paths: a training step, the input
+//! Criterion benchmarks of the hot paths: a training step, a detection
+//! step (YOLO forward, v8 loss, backward, SGD), NMS with COCO mAP, the input
 //! pipeline, callback ingestion through the backend into a store, and a
 //! 50 MB checkpoint put and get against S3 (when `VTP_TEST_S3_*` is set).
 //!
@@ -40,6 +41,85 @@ fn training_step(c: &mut Criterion) {
             },
         );
     }
+    group.finish();
+}
+
+fn detection_step(c: &mut Criterion) {
+    use vtp_trainer::engine::detect::loss::{DetectionLoss, LossGains};
+    use vtp_trainer::engine::detect::model::{DetectionModel, YoloVariant};
+    tch::set_num_threads(THREADS as i32);
+    let dir = tempfile::tempdir().unwrap();
+    let variant = YoloVariant::V11n;
+    let (weights, batches, nc) = common::detect_step_fixture(dir.path(), variant, 128, 16, 2);
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = DetectionModel::new(&vs.root(), variant, nc);
+    vs.load(&weights).unwrap();
+    let params = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    let mut opt = vtp_trainer::engine::optim::Optimizer::new(
+        vtp_trainer::engine::OptimizerKind::Sgd,
+        0.01,
+        0.9,
+        0.0,
+        params,
+    );
+    let loss_fn = DetectionLoss::new(nc, 16, [8.0, 16.0, 32.0], LossGains::default());
+    let batches = common::load_detect_batches(&batches);
+    let mut i = 0;
+    let mut group = c.benchmark_group("detection_step");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(16));
+    group.bench_function("yolo11n/128x128/b16", |b| {
+        b.iter(|| {
+            let (x, t) = &batches[i % batches.len()];
+            i += 1;
+            let (loss, parts) = loss_fn.compute(&model.forward_t(x, true), t);
+            opt.backward_step(&loss).unwrap();
+            parts.box_loss
+        });
+    });
+    group.finish();
+}
+
+fn nms_and_map(c: &mut Criterion) {
+    use vtp_trainer::engine::detect::metrics::{GroundTruth, MapEvaluator};
+    use vtp_trainer::engine::detect::nms::{NmsConfig, non_max_suppression};
+    // A validation batch's decoded output: 16 images, 10 classes, the 1,344
+    // anchors of a 128 px input, with a few confident boxes among noise.
+    tch::manual_seed(0);
+    let (n, nc, anchors) = (16i64, 10i64, 1344i64);
+    let xy = tch::Tensor::rand([n, 2, anchors], (tch::Kind::Float, tch::Device::Cpu)) * 128.0;
+    let wh = tch::Tensor::rand([n, 2, anchors], (tch::Kind::Float, tch::Device::Cpu)) * 40.0 + 4.0;
+    let scores = tch::Tensor::rand([n, nc, anchors], (tch::Kind::Float, tch::Device::Cpu))
+        .pow_tensor_scalar(8);
+    let pred = tch::Tensor::cat(&[xy, wh, scores], 1);
+    let config = NmsConfig {
+        conf: 0.001,
+        multi_label: true,
+        ..NmsConfig::default()
+    };
+    let gts: Vec<GroundTruth> = (0..4)
+        .map(|k| GroundTruth {
+            bbox: [10.0 + 25.0 * k as f32, 20.0, 30.0 + 25.0 * k as f32, 50.0],
+            class: k,
+        })
+        .collect();
+    let mut group = c.benchmark_group("nms_and_map");
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(n as u64));
+    group.bench_function("val_batch/16x1344_anchors_10_classes", |b| {
+        b.iter(|| {
+            let detections = non_max_suppression(&pred, &config);
+            let mut evaluator = MapEvaluator::new(nc as usize);
+            for dets in &detections {
+                evaluator.add_image(&gts, dets);
+            }
+            evaluator.finish().map
+        });
+    });
     group.finish();
 }
 
@@ -149,6 +229,8 @@ fn checkpoint_s3(c: &mut Criterion) {
 criterion_group!(
     benches,
     training_step,
+    detection_step,
+    nms_and_map,
     input_pipeline,
     callback_ingestion,
     checkpoint_s3

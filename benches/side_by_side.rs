@@ -1,7 +1,7 @@
 //! The side-by-side benchmark harness: each VTP component against its peer,
 //! interleaved round by round in one run, with the same thread count (2).
 //!
-//! Run with: scripts/bench.sh [step|pipeline|epoch|callbacks|s3]...
+//! Run with: scripts/bench.sh [step|pipeline|epoch|detect_step|detect_epoch|callbacks|s3]...
 //! (it installs the Python peers and starts Postgres and Garage), which calls
 //! `cargo bench -p vtp-server --features torch --bench side_by_side -- PAIRS`.
 //! Prints a markdown table of medians and ratios and writes it to
@@ -15,10 +15,16 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tch::Tensor;
 use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, NewJob};
-use vtp_trainer::engine::ModelKind;
+use vtp_trainer::engine::detect::loss::{DetectionLoss, LossGains};
+use vtp_trainer::engine::detect::model::{DetectionModel, YoloVariant};
+use vtp_trainer::engine::optim::Optimizer;
+use vtp_trainer::engine::{ModelKind, OptimizerKind, TchTrainer};
 
 mod common;
-use common::{THREADS, jpeg_folder, load_batches, model_and_sgd, step_fixture, uncached_loader};
+use common::{
+    THREADS, detect_step_fixture, digits_yolo, jpeg_folder, load_batches, load_detect_batches,
+    model_and_sgd, step_fixture, uncached_loader,
+};
 
 /// One pair's samples, one per round.
 struct Row {
@@ -236,6 +242,177 @@ fn bench_pipeline(dir: &Path, with_step: bool) -> Vec<Row> {
         );
     }
     vec![row]
+}
+
+// ---------------------------------------------------------------- detection
+
+/// Median milliseconds per detection step (forward, v8 loss, backward, SGD)
+/// and the first three losses (box + cls + dfl).
+fn detect_step_ours(
+    variant: YoloVariant,
+    nc: i64,
+    weights: &Path,
+    batches: &Path,
+    steps: usize,
+    warmup: usize,
+) -> (f64, Vec<f64>) {
+    tch::set_num_threads(THREADS as i32);
+    let mut vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    let model = DetectionModel::new(&vs.root(), variant, nc);
+    vs.load(weights).unwrap();
+    let params: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    let mut opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 0.0, params);
+    let loss_fn = DetectionLoss::new(nc, 16, [8.0, 16.0, 32.0], LossGains::default());
+    let batches = load_detect_batches(batches);
+    let (mut times, mut losses) = (Vec::new(), Vec::new());
+    for step in 0..warmup + steps {
+        let (x, t) = &batches[step % batches.len()];
+        let start = Instant::now();
+        let raw = model.forward_t(x, true);
+        let (loss, parts) = loss_fn.compute(&raw, t);
+        opt.backward_step(&loss).unwrap();
+        if step < 3 {
+            losses.push(parts.box_loss + parts.cls_loss + parts.dfl_loss);
+        }
+        if step >= warmup {
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    (median(&times), losses)
+}
+
+fn bench_detect_step(dir: &Path) -> Vec<Row> {
+    let (variant, size, batch, steps) = (YoloVariant::V11n, 128, 16, 10);
+    let (weights, batches, nc) = detect_step_fixture(dir, variant, size, batch, 4);
+    let mut row = Row {
+        name: format!(
+            "detection training step, {variant} {size}x{size} batch {batch}, v8 loss + SGD"
+        ),
+        unit: "ms/step",
+        higher_is_better: false,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "Ultralytics (PyTorch eager)",
+    };
+    for _ in 0..rounds() {
+        let (ours, our_losses) = detect_step_ours(variant, nc, &weights, &batches, steps, 3);
+        row.ours.push(ours);
+        let args = [
+            "--model",
+            variant.name(),
+            "--classes",
+            &nc.to_string(),
+            "--weights",
+            weights.to_str().unwrap(),
+            "--batches",
+            batches.to_str().unwrap(),
+            "--steps",
+            &steps.to_string(),
+        ]
+        .map(str::to_owned);
+        let peer = run_peer("detect_step.py", &args, &[]);
+        row.peer.push(peer["median_ms"].as_f64().unwrap());
+        eprintln!(
+            "{variant}: first losses, ours {our_losses:.5?}, Ultralytics {}",
+            peer["losses"]
+        );
+    }
+    vec![row]
+}
+
+/// Trains `variant` on the digits dataset with VTP's trainer: images per
+/// second over the epochs' own time (train + validation), and the best mAPs.
+fn detect_train_ours(root: &Path, config: &Value, train_images: usize) -> (f64, f64, f64) {
+    struct Sink(Vec<std::collections::BTreeMap<String, f64>>);
+    impl vtp_core::ProgressSink for Sink {
+        fn epoch_finished(&mut self, report: &vtp_core::EpochReport) {
+            self.0.push(report.metrics.clone());
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let spec = vtp_core::TrainSpec {
+        job_id: vtp_core::JobId::new(),
+        config: config.clone(),
+        dataset_dir: root.to_path_buf(),
+        output_dir: out.path().to_path_buf(),
+    };
+    let mut sink = Sink(Vec::new());
+    vtp_core::Trainer::train(&mut TchTrainer::new(), &spec, &mut sink, &|| false).unwrap();
+    let seconds: f64 = sink.0.iter().map(|m| m["epoch_seconds"]).sum();
+    let best = |k: &str| sink.0.iter().map(|m| m[k]).fold(0.0, f64::max);
+    (
+        (train_images * sink.0.len()) as f64 / seconds,
+        best("map"),
+        best("map50"),
+    )
+}
+
+fn bench_detect_epoch(dir: &Path) -> Vec<Row> {
+    let (train, val, epochs, size, batch) = (512usize, 128usize, 10u32, 96u32, 16usize);
+    let root = digits_yolo(dir, train, val);
+    let variant = YoloVariant::V11n;
+    let config = json!({
+        "model": variant.name(), "epochs": epochs, "image_size": size, "batch_size": batch,
+        "nbs": batch, "fliplr": 0.0, "close_mosaic": 3, "workers": THREADS, "threads": THREADS,
+        "seed": 0
+    });
+    let mut speed = Row {
+        name: format!(
+            "detection epochs, {variant} on {train} digit canvases {size}x{size}, batch {batch}, each side's own pipeline (mosaic), train + val"
+        ),
+        unit: "images/s",
+        higher_is_better: true,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "Ultralytics `YOLO.train`, 2 workers",
+    };
+    let mut map = Row {
+        name: format!(
+            "detection mAP50-95 after {epochs} epochs (best epoch; same data and settings)"
+        ),
+        unit: "mAP50-95",
+        higher_is_better: true,
+        ours: vec![],
+        peer: vec![],
+        peer_name: "Ultralytics `YOLO.train`",
+    };
+    for _ in 0..rounds() {
+        let (ips, our_map, our_map50) = detect_train_ours(&root, &config, train);
+        speed.ours.push(ips);
+        map.ours.push(our_map);
+        let args = [
+            "--model".to_owned(),
+            variant.name().to_owned(),
+            "--data".to_owned(),
+            root.join("data.yaml").display().to_string(),
+            "--train-images".to_owned(),
+            train.to_string(),
+            "--epochs".to_owned(),
+            epochs.to_string(),
+            "--imgsz".to_owned(),
+            size.to_string(),
+            "--batch".to_owned(),
+            batch.to_string(),
+            "--close-mosaic".to_owned(),
+            "3".to_owned(),
+            "--nbs".to_owned(),
+            batch.to_string(),
+            "--fliplr".to_owned(),
+            "0".to_owned(),
+        ];
+        let peer = run_peer("detect_train.py", &args, &[]);
+        speed.peer.push(peer["images_per_second"].as_f64().unwrap());
+        map.peer.push(peer["map"].as_f64().unwrap());
+        eprintln!(
+            "{variant}: mAP50-95 / mAP50 ours {our_map:.4} / {our_map50:.4}, Ultralytics {} / {}",
+            peer["map"], peer["map50"]
+        );
+    }
+    vec![speed, map]
 }
 
 // ---------------------------------------------------------------- callback ingestion
@@ -541,7 +718,15 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let all = ["step", "pipeline", "epoch", "callbacks", "s3"];
+    let all = [
+        "step",
+        "pipeline",
+        "epoch",
+        "detect_step",
+        "detect_epoch",
+        "callbacks",
+        "s3",
+    ];
     let pairs: Vec<&str> = if pairs.is_empty() {
         all.to_vec()
     } else {
@@ -564,6 +749,8 @@ fn main() {
             "step" => bench_step(work.path()),
             "pipeline" => bench_pipeline(work.path(), false),
             "epoch" => bench_pipeline(work.path(), true),
+            "detect_step" => bench_detect_step(work.path()),
+            "detect_epoch" => bench_detect_epoch(work.path()),
             "callbacks" => bench_callbacks(&rt),
             "s3" => bench_s3(&rt, work.path()),
             other => panic!("unknown pair {other:?}; known: {all:?}"),

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The side-by-side benchmarks: VTP against PyTorch eager, DataLoader,
-# FastAPI + SQLAlchemy and boto3, interleaved in one run, 2 threads a side.
+# FastAPI + SQLAlchemy, boto3 and the Ultralytics package, interleaved in one run, 2 threads a side.
 # Installs the Python peers, starts Postgres and Garage, and prints the
 # table that BENCHMARKS.md records.
 #
-#   scripts/bench.sh [step|pipeline|epoch|callbacks|s3]...   (all by default)
+#   scripts/bench.sh [step|pipeline|epoch|detect_step|detect_epoch|callbacks|s3]...   (all by default)
 #   VTP_BENCH_ROUNDS=5 scripts/bench.sh step
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -106,3 +106,91 @@ pub fn model_and_sgd(
     let opt = Optimizer::new(OptimizerKind::Sgd, 0.01, 0.9, 5e-4, params);
     (vs, model, opt)
 }
+
+/// The YOLO benchmark dataset: scikit-learn's digits pasted onto 96x96
+/// canvases by `examples/detect/make_digits_yolo.py` (made once), the same
+/// files for both sides. Returns its root (holding `data.yaml`).
+pub fn digits_yolo(dir: &Path, train: usize, val: usize) -> PathBuf {
+    let root = dir.join(format!("digits-yolo-{train}-{val}"));
+    if root.join("data.yaml").is_file() {
+        return root;
+    }
+    let python = std::env::var("VIRTUAL_ENV")
+        .map_or_else(|_| "python3".to_owned(), |v| format!("{v}/bin/python"));
+    let script =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/detect/make_digits_yolo.py");
+    let status = std::process::Command::new(python)
+        .arg(script)
+        .arg(&root)
+        .args([
+            "--train",
+            &train.to_string(),
+            "--val",
+            &val.to_string(),
+            "--size",
+            "96",
+        ])
+        .status()
+        .expect("run make_digits_yolo.py");
+    assert!(status.success(), "make_digits_yolo.py failed");
+    root
+}
+
+/// Seeded initial YOLO weights and `count` letterboxed batches (images and
+/// `(batch index, class, cx, cy, w, h)` targets) of the digits dataset at
+/// `size` px, for a detection training-step benchmark.
+pub fn detect_step_fixture(
+    dir: &Path,
+    variant: vtp_trainer::engine::detect::model::YoloVariant,
+    size: u32,
+    batch: usize,
+    count: usize,
+) -> (PathBuf, PathBuf, i64) {
+    use vtp_trainer::data::detect_loader::{DetectLoader, DetectLoaderConfig};
+    use vtp_trainer::data::yolo::YoloDataset;
+    let root = digits_yolo(dir, 256, 64);
+    let data = YoloDataset::open(&root).unwrap();
+    let nc = data.names.len() as i64;
+    tch::manual_seed(0);
+    let vs = VarStore::new(Device::Cpu);
+    let _model = vtp_trainer::engine::detect::model::DetectionModel::new(&vs.root(), variant, nc);
+    let weights = dir.join(format!("init_{variant}.safetensors"));
+    vs.save(&weights).unwrap();
+    let loader = DetectLoader::new(
+        data.train,
+        DetectLoaderConfig {
+            image_size: size,
+            batch_size: batch,
+            workers: THREADS,
+            ..DetectLoaderConfig::default()
+        },
+    );
+    let s = i64::from(size);
+    let mut named = Vec::new();
+    for (i, b) in loader.epoch(0, 1, false, false).take(count).enumerate() {
+        let n = b.shapes.len() as i64;
+        named.push((
+            format!("x{i}"),
+            Tensor::from_slice(&b.images).view([n, 3, s, s]),
+        ));
+        let flat: Vec<f32> = b.targets.iter().flatten().copied().collect();
+        named.push((format!("t{i}"), Tensor::from_slice(&flat).view([-1, 6])));
+    }
+    let batches = dir.join(format!("detect_batches_{variant}_{size}.safetensors"));
+    Tensor::write_safetensors(&named, &batches).unwrap();
+    (weights, batches, nc)
+}
+
+/// A detection fixture's batches: `(images, targets)`.
+pub fn load_detect_batches(path: &Path) -> Vec<(Tensor, Tensor)> {
+    let named = Tensor::read_safetensors(path).unwrap();
+    let get = |key: &str| {
+        named
+            .iter()
+            .find(|(n, _)| n == key)
+            .map(|(_, t)| t.shallow_clone())
+    };
+    (0..)
+        .map_while(|i| Some((get(&format!("x{i}"))?, get(&format!("t{i}"))?)))
+        .collect()
+}

@@ -5,19 +5,31 @@
 # ImageFolder, uploads them, trains a small CNN with a progress bar, and
 # prints the validation accuracy and where the checkpoint is.
 #
-#   scripts/demo.sh [--model small_cnn] [--epochs 10]
+# With --task detect it trains the seed's own job instead: `yolo11n` with
+# framework `ultralytics`, on a YOLO dataset made of the same digits pasted
+# onto canvases with tight boxes; it ends with mAP50-95 and draws the
+# predictions on validation images into .vtp/demo/detect-predictions.png.
+#
+#   scripts/demo.sh [--task classify|detect] [--model NAME] [--epochs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL="small_cnn"
-EPOCHS=10
+TASK="classify"
+MODEL=""
+EPOCHS=""
 while [ $# -gt 0 ]; do
     case "$1" in
+        --task) TASK="$2"; shift 2 ;;
         --model) MODEL="$2"; shift 2 ;;
         --epochs) EPOCHS="$2"; shift 2 ;;
-        *) echo "usage: $0 [--model NAME] [--epochs N]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--task classify|detect] [--model NAME] [--epochs N]" >&2; exit 2 ;;
     esac
 done
+case "$TASK" in
+    classify) MODEL="${MODEL:-small_cnn}"; EPOCHS="${EPOCHS:-10}" ;;
+    detect) MODEL="${MODEL:-yolo11n}"; EPOCHS="${EPOCHS:-30}" ;;
+    *) echo "--task is classify or detect, not $TASK" >&2; exit 2 ;;
+esac
 
 export VTP_CACHE="${VTP_CACHE:-$HOME/.cache/vtp}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$VTP_CACHE/target}"
@@ -39,9 +51,16 @@ step "building vtp-backend, vtp-trainer-service and vtp"
 cargo build --locked --features torch -p vtp-server --bins
 bin="$CARGO_TARGET_DIR/debug"
 
-step "exporting the UCI handwritten digits (scikit-learn's copy)"
 mkdir -p .vtp/demo
-python examples/digits/export_digits.py .vtp/demo
+if [ "$TASK" = classify ]; then
+    step "exporting the UCI handwritten digits (scikit-learn's copy)"
+    python examples/digits/export_digits.py .vtp/demo
+    archive=.vtp/demo/digits.zip
+else
+    step "making a YOLO dataset: the UCI digits pasted onto canvases, with tight boxes"
+    python examples/detect/make_digits_yolo.py .vtp/demo/digits-yolo --train 800 --val 200 --size 96
+    archive=.vtp/demo/digits-yolo.zip
+fi
 
 step "starting the backend on embedded defaults (./.vtp)"
 "$bin/vtp-backend" >.vtp/demo/backend.out 2>.vtp/demo/backend.log &
@@ -57,12 +76,28 @@ export VTP_URL="$url"
 echo "backend at $url (logs in .vtp/demo/backend.log)"
 
 step "uploading the dataset"
-dataset="$("$bin/vtp" upload .vtp/demo/digits.zip --user demo --name digits)"
+dataset="$("$bin/vtp" upload "$archive" --user demo --name "digits-$TASK")"
 echo "$dataset"
 
-step "training $MODEL for $EPOCHS epochs"
-"$bin/vtp" train --dataset "$dataset" --model "$MODEL" --epochs "$EPOCHS" \
-    --config '{"image_size": 16, "batch_size": 32, "lr": 0.05, "hflip": false}'
+if [ "$TASK" = classify ]; then
+    step "training $MODEL for $EPOCHS epochs"
+    "$bin/vtp" train --dataset "$dataset" --model "$MODEL" --epochs "$EPOCHS" \
+        --config '{"image_size": 16, "batch_size": 32, "lr": 0.05, "hflip": false}'
+else
+    step "training $MODEL (framework ultralytics, the seed's job) for $EPOCHS epochs"
+    # Digits must not be mirrored; 96 px canvases; gradients stepped every
+    # batch (nbs = batch) so a small dataset gets enough optimizer steps.
+    out="$("$bin/vtp" train --dataset "$dataset" --model "$MODEL" --framework ultralytics \
+        --epochs "$EPOCHS" \
+        --config '{"image_size": 96, "batch_size": 16, "nbs": 16, "fliplr": 0.0, "close_mosaic": 5}' \
+        | tee /dev/stderr)"
+    job="$(printf '%s\n' "$out" | sed -n 's/^job \([0-9a-f-]*\)$/\1/p' | head -1)"
+    step "downloading the checkpoint and drawing predictions on validation images"
+    "$bin/vtp" download "$job" -o .vtp/demo/model
+    mapfile -t images < <(find .vtp/demo/digits-yolo/images/val -name '*.png' | sort | head -8)
+    "$bin/vtp" predict .vtp/demo/model/best.safetensors "${images[@]}" \
+        --draw .vtp/demo/detect-predictions.png | tail -1
+fi
 
 echo
 echo "wall time: $(( $(date +%s) - started ))s"

@@ -31,6 +31,11 @@ fi
 step "libtorch (torch wheel from PyPI, in $VTP_CACHE/venv)"
 eval "$(scripts/libtorch.sh)"
 
+step "Python test requirements (maturin, pytest, and the Ultralytics and pycocotools peers)"
+python -m pip install -q --disable-pip-version-check -r crates/vtp-py/requirements-test.txt
+# Ultralytics must never reach for the network (weights, fonts, telemetry).
+export YOLO_OFFLINE=1
+
 step "starting services (Postgres, Garage)"
 services_env="$(scripts/services.sh start)"
 eval "$services_env"
@@ -63,7 +68,6 @@ if command -v kubectl >/dev/null 2>&1; then
 fi
 
 step "Python bindings: maturin develop, pytest (real backend and in process), mypy --strict, stubtest"
-python -m pip install -q --disable-pip-version-check -r crates/vtp-py/requirements-test.txt
 # The backend and trainer binaries the pytest suite runs, as cargo test built them.
 cargo build --workspace --all-features --bins --locked
 (cd crates/vtp-py && maturin develop --locked)

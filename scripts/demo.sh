@@ -58,7 +58,7 @@ if [ "$TASK" = classify ]; then
     archive=.vtp/demo/digits.zip
 else
     step "making a YOLO dataset: the UCI digits pasted onto canvases, with tight boxes"
-    python examples/detect/make_digits_yolo.py .vtp/demo/digits-yolo --train 800 --val 200 --size 96
+    python examples/detect/make_digits_yolo.py .vtp/demo --train 800 --val 200 --size 96
     archive=.vtp/demo/digits-yolo.zip
 fi
 

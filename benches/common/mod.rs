@@ -111,7 +111,8 @@ pub fn model_and_sgd(
 /// canvases by `examples/detect/make_digits_yolo.py` (made once), the same
 /// files for both sides. Returns its root (holding `data.yaml`).
 pub fn digits_yolo(dir: &Path, train: usize, val: usize) -> PathBuf {
-    let root = dir.join(format!("digits-yolo-{train}-{val}"));
+    let out = dir.join(format!("digits-yolo-{train}-{val}"));
+    let root = out.join("digits-yolo");
     if root.join("data.yaml").is_file() {
         return root;
     }
@@ -121,7 +122,7 @@ pub fn digits_yolo(dir: &Path, train: usize, val: usize) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/detect/make_digits_yolo.py");
     let status = std::process::Command::new(python)
         .arg(script)
-        .arg(&root)
+        .arg(&out)
         .args([
             "--train",
             &train.to_string(),

@@ -83,7 +83,7 @@ print(job, job.data["finished_at"])
 yolo = data / "digits-yolo"
 if not (yolo / "data.yaml").is_file():
     subprocess.run(
-        [sys.executable, "examples/detect/make_digits_yolo.py", str(yolo), "--train", "256", "--val", "64", "--size", "64"],
+        [sys.executable, "examples/detect/make_digits_yolo.py", str(data), "--train", "256", "--val", "64", "--size", "64"],
         check=True,
     )
 detector = platform.train(

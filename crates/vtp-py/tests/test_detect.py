@@ -32,7 +32,7 @@ DETECT = {
 @pytest.fixture(scope="module")
 def digits_yolo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A YOLO dataset of UCI digits on canvases, made by the example script."""
-    out = tmp_path_factory.mktemp("yolo") / "digits-yolo"
+    out = tmp_path_factory.mktemp("yolo")
     subprocess.run(
         [
             sys.executable,
@@ -44,8 +44,9 @@ def digits_yolo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ],
         check=True,
     )
-    assert (out / "data.yaml").is_file()
-    return out
+    assert (out / "digits-yolo" / "data.yaml").is_file()
+    assert (out / "digits-yolo.zip").is_file()
+    return out / "digits-yolo"
 
 
 @pytest.fixture(scope="module")

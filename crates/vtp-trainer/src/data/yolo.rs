@@ -482,8 +482,16 @@ impl YoloDataset {
             )));
         }
         let yaml_dir = yaml_path.parent().unwrap_or(&root).to_path_buf();
+        // `path` often names the folder on the machine the dataset was made
+        // on (Ultralytics' own YAMLs say `path: ../datasets/coco8`). Inside
+        // the dataset it is followed; anything else is not, and the YAML's
+        // own folder is the base, as for a YAML without `path`.
         let base = match &data.path {
-            Some(p) if !p.trim().is_empty() => inside(&root, &yaml_dir, p.trim(), "path")?,
+            Some(p) if !p.trim().is_empty() => inside(&root, &yaml_dir, p.trim(), "path")
+                .unwrap_or_else(|e| {
+                    tracing::warn!(path = %p.trim(), reason = %e, "data.yaml path not followed; using its own folder");
+                    yaml_dir.clone()
+                }),
             _ => yaml_dir,
         };
         let train_dirs = data.train.ok_or_else(|| {
@@ -746,9 +754,26 @@ mod tests {
         let root = outer.path().join("ds");
         layout_a(&root, "");
         write(&outer.path().join("elsewhere/images/train/z.jpg"), "");
-        for yaml in [
-            "path: /etc\ntrain: .\nval: .\nnames: [a, b, c]\n",
+        // A `path` leading out of the dataset is not followed: the YAML's
+        // own folder is the base, so nothing outside is ever read.
+        write(
+            &root.join("data.yaml"),
+            "path: /etc\ntrain: images/train\nval: images/val\nnames: [a, b, c]\n",
+        );
+        let ds = YoloDataset::open(&root).unwrap();
+        assert!(!ds.train.is_empty());
+        assert!(
+            ds.train
+                .iter()
+                .chain(&ds.val)
+                .all(|s| s.image.starts_with(&ds.root))
+        );
+        write(
+            &root.join("data.yaml"),
             "path: ..\ntrain: elsewhere/images/train\nval: elsewhere/images/train\nnames: [a, b, c]\n",
+        );
+        assert!(err(&root).contains("does not exist"), "{}", err(&root));
+        for yaml in [
             "train: ../elsewhere/images/train\nval: images/val\nnames: [a, b, c]\n",
             "train: /etc\nval: images/val\nnames: [a, b, c]\n",
         ] {

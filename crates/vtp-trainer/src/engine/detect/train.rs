@@ -449,7 +449,7 @@ pub(crate) fn run(
         // LambdaLR does; warm-up overrides it inside its window.
         for group in groups {
             run.optimizer
-                .set_group_lr(group, lr0 * lr_factor(epoch, epochs, run.config.lrf));
+                .set_group_lr(group, lr0 * lr_factor(e0, epochs, run.config.lrf));
         }
         let mosaic = run.config.mosaic > 0.0 && e0 + run.config.close_mosaic < epochs;
         let started = Instant::now();

@@ -236,3 +236,77 @@ fn yolo_weights_move_both_ways_between_vtp_and_ultralytics() {
         );
     }
 }
+
+/// An Ultralytics `state_dict`, converted, starts a VTP training run as
+/// `config.init_weights`: with a vanishing learning rate the saved model
+/// still holds those very weights after an epoch, so they were loaded and
+/// trained from, not ignored.
+#[test]
+fn an_ultralytics_state_dict_starts_a_vtp_run_as_init_weights() {
+    use vtp_core::{EpochReport, JobId, ProgressSink, TrainSpec, Trainer};
+    struct Count(usize);
+    impl ProgressSink for Count {
+        fn epoch_finished(&mut self, _: &EpochReport) {
+            self.0 += 1;
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let python = std::env::var("VTP_PYTHON").unwrap_or_else(|_| "python3".into());
+    let weights = dir.path().join("yolo11n-ultralytics.safetensors");
+    let export = format!(
+        "import os, sys\nos.environ['YOLO_OFFLINE'] = '1'\n\
+         from ultralytics.nn.tasks import DetectionModel\n\
+         from safetensors.torch import save_file\n\
+         m = DetectionModel('yolo11n.yaml', nc={NC}, verbose=False)\n\
+         save_file({{k: v.contiguous() for k, v in m.state_dict().items()}}, sys.argv[1])\n"
+    );
+    let ran = Command::new(&python)
+        .args(["-c", &export])
+        .arg(&weights)
+        .output();
+    match ran {
+        Ok(out) if out.status.success() => {}
+        Ok(out) if !required() => {
+            eprintln!("SKIPPED: {}", String::from_utf8_lossy(&out.stderr).trim());
+            return;
+        }
+        Err(e) if !required() => {
+            eprintln!("SKIPPED: {python} not runnable ({e})");
+            return;
+        }
+        other => panic!(
+            "exporting an Ultralytics state_dict failed and VTP_REQUIRE_SERVICES=1: {other:?}"
+        ),
+    }
+    let data = vtp_trainer::testing::yolo_shapes_dataset(&dir.path().join("scenes"), 8, 4, 64, 1);
+    let out = dir.path().join("out");
+    let spec = TrainSpec {
+        job_id: JobId::new(),
+        config: serde_json::json!({
+            "model": "yolo11n", "epochs": 1, "image_size": 64, "batch_size": 4, "nbs": 4,
+            "optimizer": "sgd", "lr": 1e-12, "warmup_epochs": 0.0, "threads": 2, "workers": 1,
+            "init_weights": weights.display().to_string()
+        }),
+        dataset_dir: data,
+        output_dir: out.clone(),
+    };
+    let mut count = Count(0);
+    vtp_trainer::TchTrainer::new()
+        .train(&spec, &mut count, &|| false)
+        .unwrap();
+    assert_eq!(count.0, 1);
+    let theirs = Tensor::read_safetensors(&weights).unwrap();
+    let saved = Tensor::read_safetensors(out.join("last.safetensors")).unwrap();
+    let mut compared = 0;
+    for (name, t) in &theirs {
+        if name.ends_with("conv.weight") {
+            let (_, ours) = saved.iter().find(|(n, _)| n == name).unwrap();
+            assert!(
+                worst(ours, t) < 1e-5,
+                "{name} moved away from the initial weights"
+            );
+            compared += 1;
+        }
+    }
+    assert!(compared > 50, "{compared} convolutions compared");
+}

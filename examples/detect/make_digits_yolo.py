@@ -96,7 +96,7 @@ def main() -> None:
             )
             (root / "labels" / split / f"{name}.txt").write_text(rows)
     names = "".join(f"  {i}: '{i}'\n" for i in range(10))
-    (root / "data.yaml").write_text(f"path: .\ntrain: images/train\nval: images/val\nnc: 10\nnames:\n{names}")
+    (root / "data.yaml").write_text(f"train: images/train\nval: images/val\nnc: 10\nnames:\n{names}")
 
     archive = args.out / "digits-yolo.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:

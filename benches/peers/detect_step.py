@@ -55,7 +55,7 @@ def main() -> None:
         loss, items = model.loss(batch, preds)
         loss.sum().backward()
         opt.step()
-        value = float(items.sum())
+        value = float(sum(v.sum() for v in items.values()))
         elapsed = time.perf_counter() - start
         if step < 3:
             losses.append(value)

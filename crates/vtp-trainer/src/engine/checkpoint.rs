@@ -58,7 +58,7 @@ pub struct CheckpointMeta {
     pub history: Vec<BTreeMap<String, f64>>,
     /// Best validation accuracy so far (classification).
     pub best_val_accuracy: f64,
-    /// Detection: the best fitness so far (0.1 mAP50 + 0.9 mAP50-95).
+    /// Detection: the best fitness so far (mAP50-95, as Ultralytics 8.4 weighs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_fitness: Option<f64>,
     /// Detection: updates of the weights' moving average, for resume.

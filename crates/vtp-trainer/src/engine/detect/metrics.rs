@@ -372,9 +372,11 @@ pub struct DetectionMetrics {
 }
 
 impl DetectionMetrics {
-    /// Ultralytics' fitness: 0.1 mAP50 + 0.9 mAP50-95.
+    /// The fitness that picks the best epoch, as Ultralytics 8.4 weighs
+    /// `[P, R, mAP50, mAP50-95]`: `[0, 0, 0, 1]`, so mAP50-95 alone (its
+    /// releases before 8.4 weighed 0.1 mAP50 + 0.9 mAP50-95).
     pub fn fitness(&self) -> f64 {
-        0.1 * self.map50 + 0.9 * self.map
+        self.map
     }
 }
 

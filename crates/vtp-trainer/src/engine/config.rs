@@ -94,7 +94,7 @@ pub struct TrainConfig {
     pub hsv_s: f64,
     /// Detection: value jitter (fraction).
     pub hsv_v: f64,
-    /// Detection: warm-up length in epochs (at least 100 steps when set).
+    /// Detection: warm-up length in epochs (at most all but the last epoch).
     pub warmup_epochs: f64,
     /// Detection: momentum at the start of warm-up.
     pub warmup_momentum: f64,
@@ -348,6 +348,12 @@ impl TrainConfig {
                     format!("{value} must be in [0, {max}]"),
                 ));
             }
+        }
+        if self.batch_size < 2 {
+            return Err(Error::invalid(
+                "config.batch_size",
+                "a detector trains on batches of at least 2 images (BatchNorm)",
+            ));
         }
         if !(1..=4096).contains(&self.nbs) {
             return Err(Error::invalid(

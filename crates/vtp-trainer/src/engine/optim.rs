@@ -132,12 +132,10 @@ impl Optimizer {
         self.lr[group as usize]
     }
 
-    /// Sets SGD's momentum, or AdamW's beta1 (warm-up ramps it).
+    /// Sets SGD's momentum (warm-up ramps it). AdamW's beta1 is set once,
+    /// by [`Optimizer::grouped`]: Ultralytics' warm-up leaves it alone.
     pub fn set_momentum(&mut self, momentum: f64) {
         self.momentum = momentum;
-        if self.grouped {
-            self.betas.0 = momentum;
-        }
     }
 
     /// Back-propagates `loss` and adds the gradients to those held since the

@@ -337,18 +337,25 @@ pub(crate) fn run(
         model: ema.1,
         updates: 0,
     };
-    if let Some(path) = &config.init_weights {
+    let init_weights = spec
+        .init_weights
+        .clone()
+        .or_else(|| config.init_weights.as_ref().map(std::path::PathBuf::from));
+    if let Some(path) = &init_weights {
         let named = Tensor::read_safetensors(path).map_err(|e| {
             Error::invalid(
                 "config.init_weights",
-                format!("cannot read {path} as safetensors: {e}"),
+                format!("cannot read {} as safetensors: {e}", path.display()),
             )
         })?;
         let loaded = load_matching(&vs, &named)?;
         if loaded == 0 {
             return Err(Error::invalid(
                 "config.init_weights",
-                format!("no tensor of {path} fits {variant}: is it a {variant} state_dict?"),
+                format!(
+                    "no tensor of {} fits {variant}: is it a {variant} state_dict?",
+                    path.display()
+                ),
             ));
         }
         tracing::info!(job_id = %spec.job_id, loaded, of = vs.variables().len(), "initial weights loaded");
@@ -360,7 +367,9 @@ pub(crate) fn run(
     }
 
     let nb = train.batches();
-    let accumulate = ((config.nbs as f64 / config.batch_size as f64).round() as usize).max(1);
+    // Python's round (and numpy's) break ties to even; so must we.
+    let accumulate =
+        ((config.nbs as f64 / config.batch_size as f64).round_ties_even() as usize).max(1);
     let weight_decay =
         config.weight_decay * config.batch_size as f64 * accumulate as f64 / config.nbs as f64;
     let accumulate = accumulate.min(nb * config.epochs as usize).max(1);
@@ -423,7 +432,13 @@ pub(crate) fn run(
                     .map(|n| (n.to_owned(), t.shallow_clone()))
             })
             .collect();
-        load_matching(&run.vs, &raw)?;
+        let expected = run.vs.variables().len();
+        if load_matching(&run.vs, &raw)? != expected {
+            return Err(Error::invalid(
+                "checkpoint",
+                "the last checkpoint's training state lacks the raw weights; cannot resume",
+            ));
+        }
         run.optimizer.load_state(&state)?;
         run.ema.updates = checkpoint.meta.ema_updates.unwrap_or_default();
         run.history = checkpoint.meta.history.clone();
@@ -441,7 +456,8 @@ pub(crate) fn run(
     let nw = (warmup_epochs * nb as f64).round() as usize;
     let groups = [ParamGroup::Bias, ParamGroup::Weights, ParamGroup::Norm];
     // Gradients accumulate across batches (and, as in Ultralytics, across
-    // an epoch's end) until `step_accumulate` batches have passed.
+    // an epoch's end) until `step_accumulate` batches have passed. A resumed
+    // run starts a fresh accumulation, as Ultralytics' resume does.
     let mut last_opt_step: i64 = -1;
     for epoch in start..=epochs {
         let e0 = epoch - 1;
@@ -466,7 +482,8 @@ pub(crate) fn run(
                 });
             }
             let n = batch.shapes.len();
-            // BatchNorm cannot train on one image; a lone leftover is dropped.
+            // BatchNorm cannot train on one image whose last feature map is
+            // 1x1; a lone leftover is dropped (batch_size is at least 2).
             if n < 2 {
                 continue;
             }
@@ -474,7 +491,7 @@ pub(crate) fn run(
             if nw > 0 && ni <= nw {
                 let x = ni as f64;
                 step_accumulate = interp(x, nw as f64, 1.0, accumulate as f64)
-                    .round()
+                    .round_ties_even()
                     .max(1.0) as usize;
                 for group in groups {
                     let start = if group == ParamGroup::Bias {
@@ -501,7 +518,7 @@ pub(crate) fn run(
                 return Err(Error::invalid(
                     "config.lr",
                     format!(
-                        "training diverged (loss {total}) at epoch {epoch}, step {i}; try a lower learning rate"
+                        "training diverged (loss {total}) at epoch {epoch}, step {i}; try a lower learning rate or other initial weights"
                     ),
                 ));
             }

@@ -182,7 +182,17 @@ impl NewJob {
             let name = model
                 .as_str()
                 .ok_or_else(|| Error::invalid("config.model", "must be a string"))?;
-            crate::models::find_model("config.model", name)?;
+            let given = crate::models::find_model("config.model", name)?;
+            let job = crate::models::find_model("model_name", &self.model_name)?;
+            if given.name != job.name {
+                return Err(Error::invalid(
+                    "config.model",
+                    format!(
+                        "{} differs from the job's model_name {}; leave it out or make them equal",
+                        given.name, job.name
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -341,6 +351,18 @@ mod tests {
         let job = new.into_job().unwrap();
         assert_eq!(job.status, JobStatus::Pending);
         assert_eq!(job.attempt, 0);
+    }
+
+    #[test]
+    fn config_model_may_repeat_the_model_name_but_not_contradict_it() {
+        let mut new = new_job();
+        new.config = serde_json::json!({"model": "ResNet-18"});
+        new.validate().unwrap();
+        new.config = serde_json::json!({"model": "small_cnn"});
+        match new.validate() {
+            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "config.model"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

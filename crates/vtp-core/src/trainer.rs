@@ -19,6 +19,12 @@ pub struct TrainSpec {
     pub dataset_dir: PathBuf,
     /// Where checkpoints go.
     pub output_dir: PathBuf,
+    /// `config.init_weights`, fetched to a local file by whoever fetched
+    /// the dataset; the config keeps the URI the user gave (and the
+    /// checkpoint records it), the trainer reads this file. `None`: the
+    /// trainer reads `config.init_weights` as a local path, if set.
+    #[serde(default)]
+    pub init_weights: Option<PathBuf>,
 }
 
 /// The result of one epoch.

@@ -259,6 +259,21 @@ async fn bad_json_is_400_and_wrong_shape_is_422_naming_the_field() {
     .await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
     assert_eq!(answer["error"]["field"], "config.model", "{answer}");
+    // config.model may repeat the job's model, not contradict it.
+    bad_config_model["config"] = json!({"model": "resnet18"});
+    let (status, answer) = send(
+        &h.app,
+        json_request("POST", "/training/jobs", &bad_config_model),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model_name"),
+        "{answer}"
+    );
 
     let mut wrong_type = seed_job("s3://b/d");
     wrong_type["config"] = json!([1, 2]);

@@ -66,7 +66,7 @@ async fn status(
 }
 
 async fn models() -> Result<impl IntoResponse, ApiError> {
-    let models = vtp_trainer::engine::model::catalog()?;
+    let models = vtp_trainer::engine::model::catalog()?.to_vec();
     Ok(Json(json!({
         "models": models,
         "parameters": {

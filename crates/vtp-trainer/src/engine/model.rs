@@ -37,30 +37,40 @@ pub struct ModelInfo {
     pub parameters: i64,
 }
 
-/// Every model of [`vtp_core::MODELS`] with its task and size.
+/// Every model of [`vtp_core::MODELS`] with its task and size, computed
+/// once (building every network to count its parameters is not free).
 ///
 /// # Errors
 /// [`Error::InvalidInput`] if the catalog names a model this engine cannot
 /// build (a test keeps that from happening).
-pub fn catalog() -> Result<Vec<ModelInfo>> {
-    vtp_core::MODELS
-        .iter()
-        .map(|spec| match spec.task {
-            vtp_core::Task::Classify => Ok(spec.name.parse::<ModelKind>()?.info()),
-            vtp_core::Task::Detect => {
-                let variant: super::detect::model::YoloVariant = spec.name.parse()?;
-                let vs = nn::VarStore::new(tch::Device::Cpu);
-                let _model = super::detect::model::DetectionModel::new(&vs.root(), variant, 80);
-                Ok(ModelInfo {
-                    name: spec.name,
-                    task: spec.task,
-                    description: spec.description,
-                    min_image_size: 32,
-                    parameters: trainable_parameters(&vs),
+pub fn catalog() -> Result<&'static [ModelInfo]> {
+    static CATALOG: std::sync::OnceLock<std::result::Result<Vec<ModelInfo>, String>> =
+        std::sync::OnceLock::new();
+    CATALOG
+        .get_or_init(|| {
+            vtp_core::MODELS
+                .iter()
+                .map(|spec| match spec.task {
+                    vtp_core::Task::Classify => Ok(spec.name.parse::<ModelKind>()?.info()),
+                    vtp_core::Task::Detect => {
+                        let variant: super::detect::model::YoloVariant = spec.name.parse()?;
+                        let vs = nn::VarStore::new(tch::Device::Cpu);
+                        let _model =
+                            super::detect::model::DetectionModel::new(&vs.root(), variant, 80);
+                        Ok(ModelInfo {
+                            name: spec.name,
+                            task: spec.task,
+                            description: spec.description,
+                            min_image_size: 32,
+                            parameters: trainable_parameters(&vs),
+                        })
+                    }
                 })
-            }
+                .collect::<Result<Vec<_>>>()
+                .map_err(|e| e.to_string())
         })
-        .collect()
+        .as_deref()
+        .map_err(|e| Error::internal(format!("the model catalog: {e}")))
 }
 
 fn trainable_parameters(vs: &nn::VarStore) -> i64 {
@@ -140,20 +150,18 @@ impl fmt::Display for ModelKind {
 impl FromStr for ModelKind {
     type Err = Error;
 
+    /// Any spelling the catalog ([`vtp_core::find_model`]) accepts.
     fn from_str(s: &str) -> Result<Self> {
-        let normalised = s.to_ascii_lowercase().replace('-', "_");
-        let alias = match normalised.as_str() {
-            "small_cnn" | "cnn" | "smallcnn" => Some(ModelKind::SmallCnn),
-            "resnet18" | "resnet_18" => Some(ModelKind::ResNet18),
-            "resnet34" | "resnet_34" => Some(ModelKind::ResNet34),
-            "mobilenet_v2" | "mobilenetv2" => Some(ModelKind::MobileNetV2),
-            _ => None,
-        };
-        alias.ok_or_else(|| {
+        let name = vtp_core::find_model("config.model", s)?.name;
+        let kind = ModelKind::ALL.into_iter().find(|k| k.name() == name);
+        kind.ok_or_else(|| {
             let known: Vec<_> = ModelKind::ALL.iter().map(|k| k.name()).collect();
             Error::invalid(
                 "config.model",
-                format!("unknown model {s:?}; known: {}", known.join(", ")),
+                format!(
+                    "{s:?} is not a classifier; classifiers: {}",
+                    known.join(", ")
+                ),
             )
         })
     }

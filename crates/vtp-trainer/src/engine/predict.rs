@@ -101,6 +101,13 @@ impl Predictor {
             }
             Task::Detect => {
                 let variant: YoloVariant = checkpoint.meta.model.parse()?;
+                let size = checkpoint.meta.image_size;
+                if size == 0 || !size.is_multiple_of(32) {
+                    return Err(Error::invalid(
+                        "checkpoint",
+                        format!("a detector's image_size must be a multiple of 32, not {size}"),
+                    ));
+                }
                 Network::Detector(DetectionModel::new(&vs.root(), variant, classes))
             }
         };
@@ -151,6 +158,14 @@ impl Predictor {
     /// [`Error::InvalidInput`] for a classifier or a bad input size.
     pub fn detector_outputs(&self, input: &[f32], height: i64, width: i64) -> Result<Vec<Tensor>> {
         let model = self.detector()?;
+        if height <= 0 || width <= 0 || height % 32 != 0 || width % 32 != 0 {
+            return Err(Error::invalid(
+                "input",
+                format!(
+                    "{height}x{width}: sides must be positive multiples of 32, the detector's stride"
+                ),
+            ));
+        }
         let n = input.len() as i64 / (3 * height * width);
         let xs = Tensor::from_slice(input)
             .f_view([n, 3, height, width])

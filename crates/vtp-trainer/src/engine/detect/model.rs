@@ -95,22 +95,22 @@ impl fmt::Display for YoloVariant {
 impl FromStr for YoloVariant {
     type Err = Error;
 
+    /// Any spelling the catalog ([`vtp_core::find_model`]) accepts, such
+    /// as `yolov11n` (Ultralytics dropped the "v" for YOLO11; people still
+    /// write it).
     fn from_str(s: &str) -> Result<Self, Error> {
-        let normalised = s.trim().to_ascii_lowercase();
-        // Ultralytics dropped the "v" for YOLO11; people still write it.
-        let normalised = match normalised.as_str() {
-            "yolov11n" => "yolo11n",
-            "yolov11s" => "yolo11s",
-            other => other,
-        };
+        let name = vtp_core::find_model("config.model", s.trim())?.name;
         YoloVariant::ALL
             .into_iter()
-            .find(|v| v.name() == normalised)
+            .find(|v| v.name() == name)
             .ok_or_else(|| {
                 let known: Vec<_> = YoloVariant::ALL.iter().map(|v| v.name()).collect();
                 Error::invalid(
                     "config.model",
-                    format!("unknown YOLO model {s:?}; known: {}", known.join(", ")),
+                    format!(
+                        "{s:?} is not a YOLO detector; detectors: {}",
+                        known.join(", ")
+                    ),
                 )
             })
     }

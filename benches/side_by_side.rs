@@ -339,6 +339,7 @@ fn detect_train_ours(root: &Path, config: &Value, train_images: usize) -> (f64, 
         config: config.clone(),
         dataset_dir: root.to_path_buf(),
         output_dir: out.path().to_path_buf(),
+        init_weights: None,
     };
     let mut sink = Sink(Vec::new());
     vtp_core::Trainer::train(&mut TchTrainer::new(), &spec, &mut sink, &|| false).unwrap();
@@ -368,7 +369,7 @@ fn bench_detect_epoch(dir: &Path) -> Vec<Row> {
         higher_is_better: true,
         ours: vec![],
         peer: vec![],
-        peer_name: "Ultralytics `YOLO.train`, 2 workers",
+        peer_name: "Ultralytics `YOLO.train` (on a CPU it loads data in the main process: workers=0)",
     };
     let mut map = Row {
         name: format!(

@@ -20,6 +20,24 @@ async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
     (status.as_u16(), body)
 }
 
+/// Polls the job until it ends; returns it.
+async fn finished(backend: &ServiceProcess, id: &str) -> Value {
+    let http = reqwest::Client::new();
+    let mut job = Value::Null;
+    for _ in 0..3000 {
+        let (_, current) = call(http.get(backend.at(&format!("/training/jobs/{id}")))).await;
+        job = current;
+        if matches!(
+            job["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    job
+}
+
 async fn download(http: &reqwest::Client, url: String, to: &std::path::Path) {
     let response = http.get(url).send().await.unwrap();
     assert_eq!(response.status(), 200, "{}", to.display());
@@ -81,18 +99,7 @@ async fn the_seeds_yolo_job_trains_reports_map_and_its_checkpoint_finds_boxes() 
         call(http.post(backend.at(&format!("/training/jobs/{id}/start")))).await;
     assert_eq!(status, 202, "{started}");
 
-    let mut job = Value::Null;
-    for _ in 0..3000 {
-        let (_, current) = call(http.get(backend.at(&format!("/training/jobs/{id}")))).await;
-        job = current;
-        if matches!(
-            job["status"].as_str(),
-            Some("completed" | "failed" | "cancelled")
-        ) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let job = finished(&backend, &id).await;
     assert_eq!(job["status"], "completed", "{job}");
     assert!(
         job["message"].as_str().unwrap().contains("mAP50-95"),
@@ -139,6 +146,31 @@ async fn the_seeds_yolo_job_trains_reports_map_and_its_checkpoint_finds_boxes() 
         &model.path().join("best.json"),
     )
     .await;
+    // The CLI does the same: `vtp download` fetches weights and sidecar,
+    // `vtp predict` prints boxes and draws them.
+    let cli = tempfile::tempdir().unwrap();
+    let vtp = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vtp"))
+            .args(args)
+            .env("VTP_URL", backend.at(""))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "vtp {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let dir = cli.path().display().to_string();
+    vtp(&["download", &id, "-o", &dir]);
+    assert!(cli.path().join("best.json").is_file());
+    let weights = cli.path().join("best.safetensors");
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        std::fs::read(model.path().join("best.safetensors")).unwrap()
+    );
+
     let predictor = Predictor::load(&model.path().join("best.safetensors")).unwrap();
     assert_eq!(predictor.task(), vtp_core::Task::Detect);
     let image = std::fs::read_dir(root.join("images").join("val"))
@@ -153,6 +185,23 @@ async fn the_seeds_yolo_job_trains_reports_map_and_its_checkpoint_finds_boxes() 
         ..DetectOptions::default()
     };
     let found = predictor.detect_paths(&[&image], &options).unwrap();
+    let drawn = cli.path().join("boxes.png");
+    let printed = vtp(&[
+        "predict",
+        weights.to_str().unwrap(),
+        image.to_str().unwrap(),
+        "--conf",
+        "0.001",
+        "--draw",
+        drawn.to_str().unwrap(),
+    ]);
+    // One line per box (path, class, score, x1, y1, x2, y2), then where the picture went.
+    let rows: Vec<&str> = printed
+        .lines()
+        .filter(|l| l.split('\t').count() == 7)
+        .collect();
+    assert_eq!(rows.len(), found[0].len(), "{printed}");
+    assert!(image::open(&drawn).unwrap().width() > 0);
     assert_eq!(found.len(), 1);
     assert!(!found[0].is_empty(), "no box at all");
     for b in &found[0] {
@@ -167,4 +216,28 @@ async fn the_seeds_yolo_job_trains_reports_map_and_its_checkpoint_finds_boxes() 
         assert!(b.bbox[0] <= b.bbox[2] && b.bbox[1] <= b.bbox[3], "{b:?}");
         assert!(predictor.classes().contains(&b.class));
     }
+
+    // Fine-tuning: a second job starts from the first one's checkpoint, by
+    // its blob URI; the trainer fetches it, and the new checkpoint records
+    // the URI it was given (not where the trainer kept its copy).
+    let weights_uri = job["checkpoint_s3_uri"].as_str().unwrap().to_owned();
+    let mut tuned = body.clone();
+    tuned["config"]["epochs"] = json!(1);
+    tuned["config"]["init_weights"] = json!(weights_uri);
+    let (status, second) = call(http.post(backend.at("/training/jobs")).json(&tuned)).await;
+    assert_eq!(status, 201, "{second}");
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    let (status, started) =
+        call(http.post(backend.at(&format!("/training/jobs/{second_id}/start")))).await;
+    assert_eq!(status, 202, "{started}");
+    let second = finished(&backend, &second_id).await;
+    assert_eq!(second["status"], "completed", "{second}");
+    let (_, sidecar) =
+        call(http.get(backend.at(&format!("/training/jobs/{second_id}/checkpoint/best.json"))))
+            .await;
+    assert_eq!(
+        sidecar["config"]["init_weights"],
+        json!(weights_uri),
+        "{sidecar}"
+    );
 }

@@ -33,6 +33,7 @@ fn spec(dataset: &Path, output: &Path, config: serde_json::Value) -> TrainSpec {
         config,
         dataset_dir: dataset.to_path_buf(),
         output_dir: output.to_path_buf(),
+        init_weights: None,
     }
 }
 

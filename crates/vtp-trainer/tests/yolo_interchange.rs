@@ -289,6 +289,7 @@ fn an_ultralytics_state_dict_starts_a_vtp_run_as_init_weights() {
         }),
         dataset_dir: data,
         output_dir: out.clone(),
+        init_weights: None,
     };
     let mut count = Count(0);
     vtp_trainer::TchTrainer::new()

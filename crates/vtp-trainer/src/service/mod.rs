@@ -301,27 +301,31 @@ impl TrainerService {
                 TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training")
             );
         }
-        let mut train_config = request.config.clone();
-        if let Some(key) = init_weights {
-            // The engine reads a local file: fetch the blob and point at it.
-            let local = dir.join("init_weights.safetensors");
-            self.blobs
-                .download_to(key, &local)
-                .await
-                .map_err(|e| match e {
-                    Error::NotFound { .. } => Error::invalid(
-                        "config.init_weights",
-                        format!("no weights at {}", self.blobs.uri(key)),
-                    ),
-                    other => other,
-                })?;
-            train_config["init_weights"] = local.display().to_string().into();
-        }
+        let init_weights = match init_weights {
+            // The engine reads a local file: fetch the blob for it; the
+            // config (and so the checkpoint) keeps the URI.
+            Some(key) => {
+                let local = dir.join("init_weights.safetensors");
+                self.blobs
+                    .download_to(key, &local)
+                    .await
+                    .map_err(|e| match e {
+                        Error::NotFound { .. } => Error::invalid(
+                            "config.init_weights",
+                            format!("no weights at {}", self.blobs.uri(key)),
+                        ),
+                        other => other,
+                    })?;
+                Some(local)
+            }
+            None => None,
+        };
         let output = dir.join("output");
         let spec = TrainSpec {
             job_id,
-            config: train_config,
+            config: request.config.clone(),
             dataset_dir,
+            init_weights,
             output_dir: output.clone(),
         };
         let mut sink = OutboxSink {

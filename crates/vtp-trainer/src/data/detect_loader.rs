@@ -10,11 +10,10 @@
 //! the number of workers: each batch draws its augmentation from its own
 //! seeded generator.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 
 use image::ImageDecoder;
 use image::imageops::FilterType;
@@ -22,6 +21,7 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 use vtp_core::{Error, Result};
 
+use super::prefetch::Batches;
 use super::yolo::YoloSample;
 
 /// The padding grey Ultralytics uses (mosaic canvas, letterbox, warp border).
@@ -379,51 +379,21 @@ impl DetectLoader {
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(batch_seed));
         }
         let order = Arc::new(order);
-        let batches = self.batches();
-        let workers = self.shared.config.workers.max(1);
-        let (tx, rx) = crossbeam_channel::bounded(workers * 2);
-        let next = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
         let mode = Mode {
             train,
             mosaic: mosaic && train,
         };
-        let handles = (0..workers)
-            .map(|_| {
-                let (shared, order, next, stop, tx) = (
-                    self.shared.clone(),
-                    order.clone(),
-                    next.clone(),
-                    stop.clone(),
-                    tx.clone(),
-                );
-                std::thread::Builder::new()
-                    .name("vtp-detect-loader".into())
-                    .spawn(move || {
-                        let mut scratch = Scratch::default();
-                        while !stop.load(Ordering::Relaxed) {
-                            let b = next.fetch_add(1, Ordering::Relaxed);
-                            if b >= batches {
-                                break;
-                            }
-                            let batch =
-                                make_batch(&shared, &order, b, mode, batch_seed, &mut scratch);
-                            if tx.send((b, batch)).is_err() {
-                                break;
-                            }
-                        }
-                    })
-                    .expect("spawn a loader thread")
-            })
-            .collect();
-        DetectEpoch {
-            rx: Some(rx),
-            pending: BTreeMap::new(),
-            next: 0,
-            batches,
-            stop,
-            handles,
-        }
+        Batches::spawn(
+            "vtp-detect-loader",
+            self.batches(),
+            self.shared.config.workers,
+            DetectBatch::is_empty,
+            || {
+                let (shared, order) = (self.shared.clone(), order.clone());
+                let mut scratch = Scratch::default();
+                move |b| make_batch(&shared, &order, b, mode, batch_seed, &mut scratch)
+            },
+        )
     }
 }
 
@@ -926,44 +896,7 @@ fn jitter([r, g, b]: [f32; 3], [dh, ds, dv]: [f32; 3]) -> [f32; 3] {
 }
 
 /// The batches of one pass, in order.
-#[derive(Debug)]
-pub struct DetectEpoch {
-    rx: Option<crossbeam_channel::Receiver<(usize, DetectBatch)>>,
-    pending: BTreeMap<usize, DetectBatch>,
-    next: usize,
-    batches: usize,
-    stop: Arc<AtomicBool>,
-    handles: Vec<JoinHandle<()>>,
-}
-
-impl Iterator for DetectEpoch {
-    type Item = DetectBatch;
-
-    fn next(&mut self) -> Option<DetectBatch> {
-        while self.next < self.batches {
-            if let Some(batch) = self.pending.remove(&self.next) {
-                self.next += 1;
-                if batch.is_empty() {
-                    continue; // every image of it was corrupt
-                }
-                return Some(batch);
-            }
-            let (b, batch) = self.rx.as_ref()?.recv().ok()?;
-            self.pending.insert(b, batch);
-        }
-        None
-    }
-}
-
-impl Drop for DetectEpoch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.rx = None;
-        for handle in self.handles.drain(..) {
-            let _ = handle.join();
-        }
-    }
-}
+pub type DetectEpoch = Batches<DetectBatch>;
 
 #[cfg(test)]
 mod tests {

@@ -7,11 +7,9 @@
 //! the number of workers: each batch draws its augmentation from its own
 //! seeded generator.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::thread::JoinHandle;
 
 use image::imageops::FilterType;
 use rand::seq::SliceRandom;
@@ -19,6 +17,7 @@ use rand::{RngExt, SeedableRng};
 use vtp_core::{Error, Result};
 
 use super::Sample;
+use super::prefetch::Batches;
 
 /// ImageNet channel means, the normalisation every model here expects.
 pub const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -297,45 +296,16 @@ impl Loader {
             order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(batch_seed));
         }
         let order = Arc::new(order);
-        let batches = self.batches();
-        let workers = self.shared.config.workers.max(1);
-        let (tx, rx) = crossbeam_channel::bounded(workers * 2);
-        let next = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let handles = (0..workers)
-            .map(|_| {
-                let (shared, order, next, stop, tx) = (
-                    self.shared.clone(),
-                    order.clone(),
-                    next.clone(),
-                    stop.clone(),
-                    tx.clone(),
-                );
-                std::thread::Builder::new()
-                    .name("vtp-loader".into())
-                    .spawn(move || {
-                        while !stop.load(Ordering::Relaxed) {
-                            let b = next.fetch_add(1, Ordering::Relaxed);
-                            if b >= batches {
-                                break;
-                            }
-                            let batch = make_batch(&shared, &order, b, train, batch_seed);
-                            if tx.send((b, batch)).is_err() {
-                                break;
-                            }
-                        }
-                    })
-                    .expect("spawn a loader thread")
-            })
-            .collect();
-        Epoch {
-            rx: Some(rx),
-            pending: BTreeMap::new(),
-            next: 0,
-            batches,
-            stop,
-            handles,
-        }
+        Batches::spawn(
+            "vtp-loader",
+            self.batches(),
+            self.shared.config.workers,
+            Batch::is_empty,
+            || {
+                let (shared, order) = (self.shared.clone(), order.clone());
+                move |b| make_batch(&shared, &order, b, train, batch_seed)
+            },
+        )
     }
 }
 
@@ -386,44 +356,7 @@ fn make_batch(shared: &Shared, order: &[usize], b: usize, train: bool, seed: u64
 }
 
 /// The batches of one pass, in order.
-#[derive(Debug)]
-pub struct Epoch {
-    rx: Option<crossbeam_channel::Receiver<(usize, Batch)>>,
-    pending: BTreeMap<usize, Batch>,
-    next: usize,
-    batches: usize,
-    stop: Arc<AtomicBool>,
-    handles: Vec<JoinHandle<()>>,
-}
-
-impl Iterator for Epoch {
-    type Item = Batch;
-
-    fn next(&mut self) -> Option<Batch> {
-        while self.next < self.batches {
-            if let Some(batch) = self.pending.remove(&self.next) {
-                self.next += 1;
-                if batch.is_empty() {
-                    continue; // every image of it was corrupt
-                }
-                return Some(batch);
-            }
-            let (b, batch) = self.rx.as_ref()?.recv().ok()?;
-            self.pending.insert(b, batch);
-        }
-        None
-    }
-}
-
-impl Drop for Epoch {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        self.rx = None;
-        for handle in self.handles.drain(..) {
-            let _ = handle.join();
-        }
-    }
-}
+pub type Epoch = Batches<Batch>;
 
 #[cfg(test)]
 mod tests {

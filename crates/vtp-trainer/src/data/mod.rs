@@ -6,6 +6,7 @@ pub mod archive;
 pub mod detect_loader;
 pub mod image_folder;
 pub mod loader;
+pub mod prefetch;
 pub mod yolo;
 
 pub use archive::{extract_archive, is_archive, pack_dir};

@@ -36,6 +36,42 @@ pub(crate) fn seeded_init<T>(seed: u64, init: impl FnOnce() -> T) -> T {
     init()
 }
 
+/// The end of an epoch, shared by the trainers: the `last` checkpoint just
+/// saved becomes `best` too when the epoch improved on the best score, then
+/// the epoch is reported.
+pub(crate) fn close_epoch(
+    output: &Path,
+    last: &CheckpointMeta,
+    improved: bool,
+    progress: &mut dyn ProgressSink,
+    report: &EpochReport,
+) -> Result<()> {
+    if improved {
+        checkpoint::copy_as(output, last, "best")?;
+    }
+    progress.epoch_finished(report);
+    Ok(())
+}
+
+/// What a finished run leaves: `best` if an epoch made one, else `last`,
+/// with the final epoch's metrics.
+pub(crate) fn summary(
+    output: &Path,
+    epochs: u32,
+    history: &[BTreeMap<String, f64>],
+) -> TrainSummary {
+    let best = output.join("best.safetensors");
+    TrainSummary {
+        epochs,
+        checkpoint: if best.is_file() {
+            best
+        } else {
+            output.join("last.safetensors")
+        },
+        metrics: history.last().cloned().unwrap_or_default(),
+    }
+}
+
 /// Progress inside an epoch, for progress bars.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepProgress {
@@ -377,23 +413,17 @@ fn run(
             run.best = val_accuracy;
         }
         let last = run.save("last", epoch)?;
-        if improved {
-            checkpoint::copy_as(run.output, &last, "best")?;
-        }
-        progress.epoch_finished(&EpochReport {
-            epoch,
-            epochs,
-            metrics,
-        });
+        close_epoch(
+            run.output,
+            &last,
+            improved,
+            progress,
+            &EpochReport {
+                epoch,
+                epochs,
+                metrics,
+            },
+        )?;
     }
-    let best = spec.output_dir.join("best.safetensors");
-    Ok(TrainSummary {
-        epochs,
-        checkpoint: if best.is_file() {
-            best
-        } else {
-            spec.output_dir.join("last.safetensors")
-        },
-        metrics: run.history.last().cloned().unwrap_or_default(),
-    })
+    Ok(summary(&spec.output_dir, epochs, &run.history))
 }

@@ -21,7 +21,7 @@ use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::engine::config::{OptimizerKind, TrainConfig};
 use crate::engine::optim::{Optimizer, ParamGroup};
 use crate::engine::torch_err;
-use crate::engine::trainer::{StepProgress, seeded_init};
+use crate::engine::trainer::{StepProgress, close_epoch, seeded_init, summary};
 
 /// Ultralytics clips the gradient norm at 10 before every optimizer step.
 const MAX_GRAD_NORM: f64 = 10.0;
@@ -580,25 +580,19 @@ pub(crate) fn run(
             run.best_fitness = fitness;
         }
         let last = run.save("last", epoch)?;
-        if improved {
-            checkpoint::copy_as(run.output, &last, "best")?;
-        }
-        progress.epoch_finished(&EpochReport {
-            epoch,
-            epochs,
-            metrics: report,
-        });
+        close_epoch(
+            run.output,
+            &last,
+            improved,
+            progress,
+            &EpochReport {
+                epoch,
+                epochs,
+                metrics: report,
+            },
+        )?;
     }
-    let best = spec.output_dir.join("best.safetensors");
-    Ok(TrainSummary {
-        epochs,
-        checkpoint: if best.is_file() {
-            best
-        } else {
-            spec.output_dir.join("last.safetensors")
-        },
-        metrics: run.history.last().cloned().unwrap_or_default(),
-    })
+    Ok(summary(&spec.output_dir, epochs, &run.history))
 }
 
 #[cfg(test)]

@@ -89,7 +89,7 @@ if not (yolo / "data.yaml").is_file():
 detector = platform.train(
     dataset=yolo,
     model="yolo11n",
-    epochs=int(sys.argv[2]) if len(sys.argv) > 2 else 5,
+    epochs=int(sys.argv[2]) if len(sys.argv) > 2 else 12,
     image_size=64,
     batch_size=16,
     nbs=16,

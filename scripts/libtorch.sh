@@ -22,8 +22,15 @@ if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
     log "installing torch==$TORCH_VERSION into $VENV (a large download, once)"
     "$VENV/bin/pip" install -q --disable-pip-version-check "torch==$TORCH_VERSION" numpy safetensors >&2
 fi
+# torch-sys asks the Python on PATH where torch is, and reruns its build
+# script only when a variable it watches changes; LIBTORCH_USE_PYTORCH is one
+# and needs only to be set. Its value is therefore the torch directory the
+# build links: a different torch (another venv, a recreated cache, or pip's
+# temporary build environment of an earlier `pip install`) is a rebuild,
+# never a link against a torch that has vanished.
+TORCH_DIR="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 cat <<ENV
 export VIRTUAL_ENV="$VENV"
 export PATH="$VENV/bin:\$PATH"
-export LIBTORCH_USE_PYTORCH=1
+export LIBTORCH_USE_PYTORCH="$TORCH_DIR"
 ENV

@@ -41,6 +41,9 @@ services_env="$(scripts/services.sh start)"
 eval "$services_env"
 trap 'scripts/services.sh stop' EXIT
 
+step "a moved torch is a rebuild, never a stale link (scripts/check-libtorch-relink.sh)"
+scripts/check-libtorch-relink.sh
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 

@@ -203,25 +203,8 @@ fn fit(image: &image::DynamicImage, size: u32) -> Decoded {
 pub fn letterbox_image(image: &image::DynamicImage, size: u32) -> (Vec<f32>, ImageShape) {
     let decoded = fit(image, size);
     let side = size as usize;
-    let pad = ((side - decoded.width) / 2, (side - decoded.height) / 2);
-    let warp = Warp {
-        scale: 1.0,
-        translate: (
-            pad.0 as f32 + decoded.width as f32 / 2.0,
-            pad.1 as f32 + decoded.height as f32 / 2.0,
-        ),
-        flip: false,
-        hsv: None,
-    };
     let mut out = vec![0.0; 3 * side * side];
-    warp.apply(
-        &decoded.rgb,
-        decoded.width,
-        decoded.height,
-        side,
-        &mut Scratch::default(),
-        &mut out,
-    );
+    centre(&decoded, side, &mut Scratch::default(), &mut out);
     let shape = ImageShape::letterbox(
         decoded.original,
         (decoded.height as u32, decoded.width as u32),
@@ -540,18 +523,11 @@ fn push_boxes(
     }));
 }
 
-/// Validation input: the image centred in the square, grey around it.
-fn letterbox(
-    shared: &Shared,
-    i: usize,
-    image: &Decoded,
-    scratch: &mut Scratch,
-    out: &mut [f32],
-    targets: &mut Vec<[f32; 6]>,
-) {
-    let size = shared.config.image_size as usize;
+/// Writes `image` centred in the `size` square, grey around it; returns
+/// the padding `(x, y)` before it. A scale of 1 and a whole-pixel shift:
+/// the warp copies pixels exactly.
+fn centre(image: &Decoded, size: usize, scratch: &mut Scratch, out: &mut [f32]) -> (usize, usize) {
     let pad = ((size - image.width) / 2, (size - image.height) / 2);
-    // A scale of 1 and a whole-pixel shift: the warp copies pixels exactly.
     let warp = Warp {
         scale: 1.0,
         translate: (
@@ -562,6 +538,20 @@ fn letterbox(
         hsv: None,
     };
     warp.apply(&image.rgb, image.width, image.height, size, scratch, out);
+    pad
+}
+
+/// Validation input: the image centred in the square, grey around it.
+fn letterbox(
+    shared: &Shared,
+    i: usize,
+    image: &Decoded,
+    scratch: &mut Scratch,
+    out: &mut [f32],
+    targets: &mut Vec<[f32; 6]>,
+) {
+    let size = shared.config.image_size as usize;
+    let pad = centre(image, size, scratch, out);
     scratch.boxes.clear();
     push_boxes(
         &shared.samples[i],

@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{Request, header};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tower::ServiceExt;
-use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, NewJob};
+use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStoreExt, NewJob};
 use vtp_trainer::engine::ModelKind;
 
 mod common;
@@ -149,11 +149,12 @@ fn callback_ingestion(c: &mut Criterion) {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (app, job_id) = rt.block_on(async {
-        let store: Arc<dyn JobStore> = Arc::new(
+        let stores = vtp_storage::Stores::new(
             vtp_storage::SqliteJobStore::open(&dir.path().join("bench.db"))
                 .await
                 .unwrap(),
         );
+        let store = stores.jobs.clone();
         let job = store
             .create_job(NewJob {
                 user_id: "bench".into(),
@@ -168,29 +169,39 @@ fn callback_ingestion(c: &mut Criterion) {
             .transition(job.id, JobStatus::Pending, JobStatus::Queued)
             .await
             .unwrap();
+        let secret = vtp_core::CallbackSecret::generate();
+        stores
+            .credentials
+            .set_job_secret(job.id, &secret)
+            .await
+            .unwrap();
         let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
         let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
         (
             vtp_server::app(vtp_server::AppState::new(
-                store,
+                stores,
                 blobs,
                 launcher,
                 "http://127.0.0.1:8000",
             )),
-            job.id,
+            (job.id, secret),
         )
     });
+    let (job_id, secret) = job_id;
     let mut seq = 0i64;
     let mut group = c.benchmark_group("callback_ingestion");
     group.throughput(Throughput::Elements(1));
     group.bench_function("post_callback_into_sqlite", |b| {
         b.iter(|| {
             seq += 1;
-            let body = serde_json::json!({"status": "running", "seq": seq, "metrics": {"epoch": seq, "loss": 0.5}});
-            let request = Request::post(format!("/training/jobs/{job_id}/callback"))
-                .header(header::CONTENT_TYPE, "application/json")
-                .body(Body::from(body.to_string()))
-                .unwrap();
+            let body = serde_json::json!({"status": "running", "seq": seq, "metrics": {"epoch": seq, "loss": 0.5}})
+                .to_string();
+            let mut request = Request::post(format!("/training/jobs/{job_id}/callback"))
+                .header(header::CONTENT_TYPE, "application/json");
+            for (name, value) in secret.headers(&format!("{job_id}-{seq}"), body.as_bytes()).unwrap() {
+                request = request.header(name, value);
+            }
+            let request = request.body(Body::from(body)).unwrap();
             let response = rt.block_on(app.clone().oneshot(request)).unwrap();
             assert!(response.status().is_success());
         });

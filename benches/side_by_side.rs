@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tch::Tensor;
-use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, NewJob};
+use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStoreExt, NewJob};
 use vtp_trainer::engine::detect::loss::{DetectionLoss, LossGains};
 use vtp_trainer::engine::detect::model::{DetectionModel, YoloVariant};
 use vtp_trainer::engine::optim::Optimizer;
@@ -426,7 +426,14 @@ struct Load {
 
 /// Posts `per_job` callbacks to each job from `concurrency` clients; the
 /// first of each job warms up and is not timed.
-async fn drive(base: &str, jobs: &[String], per_job: usize, concurrency: usize) -> Load {
+/// Every report is signed with its job's secret (`secrets`; the peer ignores
+/// the headers, so only our side verifies an HMAC per report).
+async fn drive(
+    base: &str,
+    jobs: &[(String, vtp_core::CallbackSecret)],
+    per_job: usize,
+    concurrency: usize,
+) -> Load {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .build()
@@ -451,11 +458,11 @@ async fn drive(base: &str, jobs: &[String], per_job: usize, concurrency: usize) 
 async fn post_reports(
     client: &reqwest::Client,
     base: &str,
-    jobs: &[String],
+    jobs: &[(String, vtp_core::CallbackSecret)],
     seqs: std::ops::RangeInclusive<usize>,
     concurrency: usize,
 ) -> Vec<f64> {
-    let work: Vec<(String, usize)> = seqs
+    let work: Vec<((String, vtp_core::CallbackSecret), usize)> = seqs
         .flat_map(|seq| jobs.iter().map(move |j| (j.clone(), seq)))
         .collect();
     let work = Arc::new(std::sync::Mutex::new(work.into_iter()));
@@ -465,11 +472,25 @@ async fn post_reports(
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             loop {
-                let Some((job, seq)) = work.lock().unwrap().next() else { break };
-                let body = json!({"status": "running", "seq": seq, "progress": 0.5, "message": "epoch",
-                                  "metrics": {"epoch": seq, "loss": 0.5, "accuracy": 0.9}});
+                let Some((job, seq)) = work.lock().unwrap().next() else {
+                    break;
+                };
+                let ((job, secret), seq) = (job, seq);
+                let body =
+                    json!({"status": "running", "seq": seq, "progress": 0.5, "message": "epoch",
+                                  "metrics": {"epoch": seq, "loss": 0.5, "accuracy": 0.9}})
+                    .to_string();
                 let t = Instant::now();
-                let response = client.post(format!("{base}/training/jobs/{job}/callback")).json(&body).send().await.unwrap();
+                let mut request = client
+                    .post(format!("{base}/training/jobs/{job}/callback"))
+                    .header("content-type", "application/json");
+                for (name, value) in secret
+                    .headers(&format!("{job}-{seq}"), body.as_bytes())
+                    .unwrap()
+                {
+                    request = request.header(name, value);
+                }
+                let response = request.body(body).send().await.unwrap();
                 assert!(response.status().is_success(), "{}", response.status());
                 let _ = response.bytes().await;
                 latencies.push(t.elapsed().as_secs_f64() * 1e3);
@@ -498,11 +519,12 @@ async fn callbacks_ours(jobs_n: usize, per_job: usize) -> Load {
     let db = vtp_storage::testing::TestDatabase::create()
         .await
         .expect("Postgres");
-    let store: Arc<dyn JobStore> = Arc::new(
+    let stores = vtp_storage::Stores::new(
         vtp_storage::PostgresJobStore::connect(db.url())
             .await
             .unwrap(),
     );
+    let store = stores.jobs.clone();
     let mut ids = Vec::new();
     for _ in 0..jobs_n {
         let job = store.create_job(new_job()).await.unwrap();
@@ -510,13 +532,19 @@ async fn callbacks_ours(jobs_n: usize, per_job: usize) -> Load {
             .transition(job.id, JobStatus::Pending, JobStatus::Queued)
             .await
             .unwrap();
-        ids.push(job.id.to_string());
+        let secret = vtp_core::CallbackSecret::generate();
+        stores
+            .credentials
+            .set_job_secret(job.id, &secret)
+            .await
+            .unwrap();
+        ids.push((job.id.to_string(), secret));
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
     let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
-    let state = vtp_server::AppState::new(store, blobs, launcher, base.clone());
+    let state = vtp_server::AppState::new(stores, blobs, launcher, base.clone());
     let server = tokio::spawn(axum::serve(listener, vtp_server::app(state)).into_future());
     let load = drive(&base, &ids, per_job, 32).await;
     server.abort();
@@ -581,7 +609,10 @@ async fn callbacks_peer(jobs_n: usize, per_job: usize) -> Load {
                 }
             }
         };
-        ids.push(job["id"].as_str().unwrap().to_owned());
+        ids.push((
+            job["id"].as_str().unwrap().to_owned(),
+            vtp_core::CallbackSecret::generate(),
+        ));
     }
     let load = drive(&base, &ids, per_job, 32).await;
     let _ = server.kill().await;

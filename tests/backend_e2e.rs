@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::json;
-use support::{BackendProcess, json_of};
+use support::{BackendProcess, json_of, signed};
 use vtp_core::conformance::blob_store::pattern;
 use vtp_core::{BlobKey, BlobStoreExt, JobId, JobStore};
 use vtp_storage::PostgresJobStore;
@@ -105,6 +105,10 @@ async fn seed_flow_against_postgres_and_garage() {
     assert_eq!(launched.len(), 1);
     assert_eq!(launched[0].dataset_s3_uri, dataset_uri);
     let callback = launched[0].callback_url.clone();
+    let secret = launched[0]
+        .callback_secret
+        .clone()
+        .expect("the start request carries the job's callback secret");
     assert_eq!(
         callback,
         backend.at(&format!("/training/jobs/{id}/callback"))
@@ -134,13 +138,24 @@ async fn seed_flow_against_postgres_and_garage() {
         epoch(4, 3),
     ];
     for report in reports {
-        let (status, answer) =
-            json_of(http.post(&callback).json(&report).send().await.unwrap()).await;
+        let (status, answer) = json_of(
+            signed(&http, &callback, &secret, &report)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
         assert_eq!(status, 200, "{report} -> {answer}");
     }
     // A report after the end is refused.
     let late = json!({"job_id": id, "status": "running", "seq": 6});
-    let (status, _) = json_of(http.post(&callback).json(&late).send().await.unwrap()).await;
+    let (status, _) = json_of(
+        signed(&http, &callback, &secret, &late)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, 409);
 
     let (_, job) = json_of(

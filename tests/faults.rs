@@ -53,11 +53,12 @@ async fn postgres_outage_is_503_and_a_retry_after_it_succeeds() {
     let proxy = FaultProxy::start(target).await;
     url.set_port(Some(proxy.addr().port())).unwrap();
     url.set_host(Some("127.0.0.1")).unwrap();
-    let jobs: Arc<dyn JobStore> = Arc::new(PostgresJobStore::connect(url.as_str()).await.unwrap());
+    let stores = vtp_storage::Stores::new(PostgresJobStore::connect(url.as_str()).await.unwrap());
+    let jobs: Arc<dyn JobStore> = stores.jobs.clone();
     let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
     let launcher = Arc::new(HttpLauncher::new("http://127.0.0.1:9").unwrap());
     let base = serve(AppState::new(
-        jobs.clone(),
+        stores,
         blobs,
         launcher,
         "http://127.0.0.1:8000",
@@ -154,10 +155,9 @@ async fn s3_failing_during_an_upload_leaves_nothing() {
         .build()
         .unwrap();
     let direct = s3.builder().with_url(root).build().unwrap();
-    let jobs: Arc<dyn JobStore> = Arc::new(vtp_storage::InMemoryJobStore::new());
     let launcher = Arc::new(HttpLauncher::new("http://127.0.0.1:9").unwrap());
     let base = serve(AppState::new(
-        jobs,
+        vtp_storage::Stores::memory(),
         blobs,
         launcher,
         "http://127.0.0.1:8000",

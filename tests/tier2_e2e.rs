@@ -142,9 +142,21 @@ fn run_pods(env: &Env) {
             command.arg(arg.as_str().unwrap());
         }
         for var in container["env"].as_array().unwrap() {
+            let name = var["name"].as_str().unwrap();
+            if let Some(value) = var["value"].as_str() {
+                command.env(name, value);
+                continue;
+            }
+            // A secretKeyRef: the job's own callback Secret, never a literal.
+            let from = &var["valueFrom"]["secretKeyRef"];
+            let secret = kube
+                .secret(from["name"].as_str().unwrap())
+                .expect("the job's Secret exists before its pod runs");
             command.env(
-                var["name"].as_str().unwrap(),
-                var["value"].as_str().unwrap(),
+                name,
+                secret["stringData"][from["key"].as_str().unwrap()]
+                    .as_str()
+                    .unwrap(),
             );
         }
         command

@@ -1,6 +1,7 @@
 //! A fake Kubernetes API server on loopback, speaking the REST protocol for
 //! the calls the Kubernetes launcher makes: create, get, list (with a label
-//! selector) and delete `batch/v1` Jobs, and list pods. The real kube client
+//! selector) and delete `batch/v1` Jobs, create, read, replace and delete
+//! Secrets, and list pods. The real kube client
 //! talks to it. Tests set Job conditions and pod statuses to play the
 //! cluster; with [`FakeKube::run_pods_with`], each created Job's container
 //! runs as a local process (a tiny kubelet).
@@ -34,6 +35,7 @@ type Kubelet = Arc<dyn Fn(&Value) + Send + Sync>;
 struct Cluster {
     jobs: BTreeMap<String, Value>,
     pods: BTreeMap<String, Value>,
+    secrets: BTreeMap<String, Value>,
     seen: Vec<Seen>,
     kubelet: Option<Kubelet>,
 }
@@ -161,6 +163,78 @@ async fn delete_job(
     }
 }
 
+async fn create_secret(
+    State(cluster): State<Shared>,
+    Path(namespace): Path<String>,
+    Json(mut secret): Json<Value>,
+) -> Response {
+    let name = secret["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "POST",
+        name: name.clone(),
+        body: secret.clone(),
+    });
+    if c.secrets.contains_key(&name) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("secrets \"{name}\" already exists"),
+        );
+    }
+    secret["metadata"]["namespace"] = json!(namespace);
+    secret["metadata"]["resourceVersion"] = json!("1");
+    c.secrets.insert(name, secret.clone());
+    (StatusCode::CREATED, Json(secret)).into_response()
+}
+
+async fn get_secret(
+    State(cluster): State<Shared>,
+    Path((_, name)): Path<(String, String)>,
+) -> Response {
+    match cluster.lock().unwrap().secrets.get(&name) {
+        Some(secret) => Json(secret.clone()).into_response(),
+        None => status(404, "NotFound", format!("secrets \"{name}\" not found")),
+    }
+}
+
+async fn replace_secret(
+    State(cluster): State<Shared>,
+    Path((_, name)): Path<(String, String)>,
+    Json(secret): Json<Value>,
+) -> Response {
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "PUT",
+        name: name.clone(),
+        body: secret.clone(),
+    });
+    if !c.secrets.contains_key(&name) {
+        return status(404, "NotFound", format!("secrets \"{name}\" not found"));
+    }
+    c.secrets.insert(name, secret.clone());
+    Json(secret).into_response()
+}
+
+async fn delete_secret(
+    State(cluster): State<Shared>,
+    Path((_, name)): Path<(String, String)>,
+) -> Response {
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "DELETE",
+        name: name.clone(),
+        body: Value::Null,
+    });
+    match c.secrets.remove(&name) {
+        Some(secret) => Json(secret).into_response(),
+        None => status(404, "NotFound", format!("secrets \"{name}\" not found")),
+    }
+}
+
 async fn list_pods(
     State(cluster): State<Shared>,
     Query(query): Query<BTreeMap<String, String>>,
@@ -189,6 +263,14 @@ impl FakeKube {
                 get(get_job).delete(delete_job),
             )
             .route("/api/v1/namespaces/{namespace}/pods", get(list_pods))
+            .route(
+                "/api/v1/namespaces/{namespace}/secrets",
+                axum::routing::post(create_secret),
+            )
+            .route(
+                "/api/v1/namespaces/{namespace}/secrets/{name}",
+                get(get_secret).put(replace_secret).delete(delete_secret),
+            )
             .with_state(cluster.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -231,6 +313,11 @@ impl FakeKube {
     /// The Job named `name`.
     pub fn job(&self, name: &str) -> Option<Value> {
         self.cluster.lock().unwrap().jobs.get(name).cloned()
+    }
+
+    /// The Secret named `name`.
+    pub fn secret(&self, name: &str) -> Option<Value> {
+        self.cluster.lock().unwrap().secrets.get(name).cloned()
     }
 
     /// Names of the Jobs.

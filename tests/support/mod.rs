@@ -289,3 +289,22 @@ pub async fn upload_shapes(
     assert_eq!(status, 201, "{body}");
     body["s3_uri"].as_str().unwrap().to_owned()
 }
+
+/// A trainer report posted as a trainer posts it: signed with the job's
+/// callback secret (Standard Webhooks headers).
+pub fn signed(
+    http: &reqwest::Client,
+    url: &str,
+    secret: &vtp_core::CallbackSecret,
+    body: &serde_json::Value,
+) -> reqwest::RequestBuilder {
+    let bytes = body.to_string();
+    let id = format!("test-{}", uuid::Uuid::new_v4());
+    let mut request = http
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    for (name, value) in secret.headers(&id, bytes.as_bytes()).unwrap() {
+        request = request.header(name, value);
+    }
+    request.body(bytes)
+}

@@ -50,6 +50,29 @@ pub enum Error {
         message: String,
     },
 
+    /// The request carries no valid credentials (a token, a signature).
+    #[error("unauthenticated: {message}")]
+    Unauthenticated {
+        /// What was missing or wrong, without echoing any secret.
+        message: String,
+    },
+
+    /// The caller is known but may not do this.
+    #[error("forbidden: {message}")]
+    Forbidden {
+        /// What was refused.
+        message: String,
+    },
+
+    /// The caller sent too much too fast; try again after `retry_after`.
+    #[error("rate limited: {message}")]
+    RateLimited {
+        /// Which limit was hit.
+        message: String,
+        /// When trying again may succeed.
+        retry_after: Duration,
+    },
+
     /// A payload is larger than the configured limit.
     #[error("payload of {size} bytes exceeds the limit of {limit} bytes")]
     TooLarge {
@@ -109,11 +132,13 @@ impl Error {
     /// Deliberately exhaustive: a new variant must decide.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Unavailable { .. } | Error::Timeout { .. } => true,
+            Error::Unavailable { .. } | Error::Timeout { .. } | Error::RateLimited { .. } => true,
             Error::NotFound { .. }
             | Error::AlreadyExists { .. }
             | Error::Conflict { .. }
             | Error::InvalidInput { .. }
+            | Error::Unauthenticated { .. }
+            | Error::Forbidden { .. }
             | Error::TooLarge { .. }
             | Error::Backend { .. }
             | Error::Cancelled { .. }
@@ -140,6 +165,20 @@ impl Error {
     /// Shorthand for [`Error::Conflict`].
     pub fn conflict(message: impl Into<String>) -> Self {
         Error::Conflict {
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Unauthenticated`].
+    pub fn unauthenticated(message: impl Into<String>) -> Self {
+        Error::Unauthenticated {
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::Forbidden`].
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Error::Forbidden {
             message: message.into(),
         }
     }

@@ -145,7 +145,9 @@ impl Job {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewJob {
-    /// Who owns the job.
+    /// Who owns the job; with authentication on, filled in from the token
+    /// when left out.
+    #[serde(default)]
     pub user_id: String,
     /// Model architecture.
     pub model_name: String,

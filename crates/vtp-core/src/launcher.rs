@@ -5,6 +5,7 @@ use std::fmt;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use crate::callback_signature::CallbackSecret;
 use crate::error::Result;
 use crate::job::{Job, JobId};
 
@@ -20,6 +21,11 @@ pub struct StartTraining {
     pub dataset_s3_uri: String,
     /// Where the trainer posts its reports.
     pub callback_url: String,
+    /// The secret the trainer signs its reports with
+    /// ([`crate::callback_signature`]). Launchers that put the request where
+    /// others can read it (a pod spec) move it into a Secret first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_secret: Option<CallbackSecret>,
 }
 
 impl StartTraining {
@@ -36,7 +42,15 @@ impl StartTraining {
             config,
             dataset_s3_uri: job.dataset_s3_uri.clone(),
             callback_url,
+            callback_secret: None,
         }
+    }
+
+    /// Sets the secret the trainer signs its reports with.
+    #[must_use]
+    pub fn with_secret(mut self, secret: CallbackSecret) -> Self {
+        self.callback_secret = Some(secret);
+        self
     }
 }
 

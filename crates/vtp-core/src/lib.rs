@@ -36,7 +36,9 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod blob;
+pub mod callback_signature;
 pub mod error;
 pub mod job;
 pub mod job_store;
@@ -50,7 +52,9 @@ pub mod update;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 
+pub use auth::{CredentialStore, CredentialStoreExt, NewToken, Principal, TokenRecord, hash_token};
 pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
+pub use callback_signature::CallbackSecret;
 pub use error::{BoxError, Error, Result, error_chain};
 pub use job::{Job, JobFilter, JobId, JobPage, NewJob, validate_name};
 pub use job_store::{Expected, JobStore, JobStoreExt};

@@ -146,14 +146,15 @@ impl Client {
     }
 
     /// `POST /training/jobs`: creates a job (status `pending`).
-    #[pyo3(signature = (dataset_uri, model_name, config=None, user_id="default", framework="tch"))]
+    /// A `user_id` of `None` is left out: the backend takes the token's user.
+    #[pyo3(signature = (dataset_uri, model_name, config=None, user_id=None, framework="tch"))]
     fn create_job(
         &self,
         py: Python<'_>,
         dataset_uri: &str,
         model_name: &str,
         config: Option<&Bound<'_, PyAny>>,
-        user_id: &str,
+        user_id: Option<&str>,
         framework: &str,
     ) -> PyResult<Py<PyAny>> {
         let config: Value = match config {
@@ -162,13 +163,15 @@ impl Client {
             })?,
             _ => json!({}),
         };
-        let body = json!({
-            "user_id": user_id,
+        let mut body = json!({
             "model_name": model_name,
             "framework": framework,
             "dataset_s3_uri": dataset_uri,
             "config": config,
         });
+        if let Some(user_id) = user_id {
+            body["user_id"] = user_id.into();
+        }
         self.call(
             py,
             self.request(Method::POST, "/training/jobs")?.json(&body),
@@ -233,16 +236,15 @@ impl Client {
     /// `POST /datasets/upload`: uploads an archive (zip, tar, tar.gz) or a
     /// folder (packed into a zip first, in a temporary file), streaming it.
     /// Returns the answer, whose `s3_uri` is the dataset URI for jobs.
-    #[pyo3(signature = (path, dataset_name=None, user_id="default"))]
+    #[pyo3(signature = (path, dataset_name=None, user_id=None))]
     fn upload_dataset(
         &self,
         py: Python<'_>,
         path: PathBuf,
         dataset_name: Option<String>,
-        user_id: &str,
+        user_id: Option<String>,
     ) -> PyResult<Py<PyAny>> {
         let request = self.request(Method::POST, "/datasets/upload")?;
-        let user_id = user_id.to_owned();
         let value = block_on(py, async move {
             let (archive, _scratch) = archive_of(&path).await?;
             let name = dataset_name.unwrap_or_else(|| dataset_name_of(&path));
@@ -263,10 +265,11 @@ impl Client {
                 .file_name(file_name)
                 .mime_str("application/octet-stream")
                 .map_err(|e| crate::errors::VtpError::new_err(e.to_string()))?;
-            let form = reqwest::multipart::Form::new()
-                .text("user_id", user_id)
-                .text("dataset_name", name)
-                .part("file", part);
+            let mut form = reqwest::multipart::Form::new();
+            if let Some(user_id) = user_id {
+                form = form.text("user_id", user_id);
+            }
+            let form = form.text("dataset_name", name).part("file", part);
             Client::send_json(request.multipart(form)).await
         })?;
         to_python(py, &value)

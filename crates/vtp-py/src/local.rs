@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use vtp_server::AppState;
 use vtp_storage::BlobStoreBuilder;
 use vtp_trainer::HttpLauncher;
-use vtp_trainer::service::TrainerService;
+use vtp_trainer::service::{ServiceOptions, TrainerService};
 
 use crate::errors::{VtpError, from_core};
 use crate::runtime::block_on;
@@ -56,14 +56,12 @@ fn io_err(path: &Path, e: std::io::Error) -> PyErr {
 
 async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
     let database = format!("sqlite://{}", root.join("vtp.db").display());
-    let jobs = vtp_storage::connect_job_store(&database)
+    let stores = vtp_storage::connect_stores(&database)
         .await
         .map_err(from_core)?;
     let blobs = BlobStoreBuilder::new()
         .with_url(format!("file://{}", root.join("blobs").display()))
         .build()
-        .map_err(from_core)?;
-    let trainer = TrainerService::new(blobs.clone(), &root.join("trainer"), concurrency)
         .map_err(from_core)?;
 
     let loopback = |what: &'static str| async move {
@@ -86,13 +84,31 @@ async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
             .map_err(|e| io_err(&root, e))?
     );
 
-    let launcher = Arc::new(HttpLauncher::new(&trainer_url).map_err(from_core)?);
-    let state = AppState::new(jobs, blobs, launcher, &base_url);
+    // The in-process trainer reports only to this backend, and answers only
+    // this backend's token.
+    let trainer = TrainerService::with_options(
+        blobs.clone(),
+        &root.join("trainer"),
+        ServiceOptions {
+            concurrency,
+            backend_url: base_url.clone(),
+            ..ServiceOptions::default()
+        },
+    )
+    .map_err(from_core)?;
+    let trainer_token = vtp_core::auth::random_token();
+    let launcher = Arc::new(
+        HttpLauncher::new(&trainer_url)
+            .map_err(from_core)?
+            .with_token(&trainer_token),
+    );
+    let state = AppState::new(stores, blobs, launcher, &base_url);
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(vtp_server::trainer_service::serve_trainer(
         trainer_listener,
         trainer.clone(),
+        Some(trainer_token),
         stop.clone().cancelled_owned(),
     )));
     // Jobs a previous session left running have no trainer now: end them.

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use vtp_core::{Error, JobStore, Result, TrainerLauncher};
 
+use crate::auth::AuthMode;
+
 /// Which launcher starts trainers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LauncherKind {
@@ -70,6 +72,50 @@ pub struct BackendConfig {
     /// whose Job failed, vanished or cannot start.
     #[arg(long, env = "VTP_K8S_RECONCILE_SECS", default_value_t = 10)]
     pub reconcile_secs: u64,
+
+    /// `tokens`: every request needs `Authorization: Bearer <token>`; `off`:
+    /// one local user, refused on a non-loopback address. Defaults to off on
+    /// loopback and tokens anywhere else.
+    #[arg(long, env = "VTP_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+
+    /// Token to send to the trainer service (`http` launcher); the trainer
+    /// service is started with the same `VTP_TRAINER_TOKEN`.
+    #[arg(long, env = "VTP_TRAINER_TOKEN", hide_env_values = true)]
+    pub trainer_token: Option<String>,
+
+    /// Administration instead of serving.
+    #[command(subcommand)]
+    pub command: Option<BackendCommand>,
+}
+
+/// `vtp-backend` subcommands.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum BackendCommand {
+    /// API tokens in the job store's database.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+/// `vtp-backend token ...`
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum TokenCommand {
+    /// Makes a token and prints it once; only its hash is stored.
+    Create {
+        /// The user the token acts for (owner of what it creates).
+        #[arg(long)]
+        user: String,
+        /// The token may see and act on every user's objects.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// Revokes a token by its id (`tok_...`, from `create` or `list`).
+    Revoke {
+        /// The token's id.
+        id: String,
+    },
+    /// Lists tokens (ids, users, state; never the tokens).
+    List,
 }
 
 impl BackendConfig {
@@ -85,6 +131,12 @@ impl BackendConfig {
                 format!("http://{addr}")
             }
         }
+    }
+
+    /// The authentication mode in force: as configured, else by address.
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth
+            .unwrap_or_else(|| AuthMode::default_for(self.listen))
     }
 
     /// How long a job may go without a report.
@@ -107,7 +159,13 @@ impl BackendConfig {
         blob_uri: &str,
     ) -> Result<Arc<dyn TrainerLauncher>> {
         match self.launcher {
-            LauncherKind::Http => Ok(Arc::new(vtp_trainer::HttpLauncher::new(&self.trainer_url)?)),
+            LauncherKind::Http => {
+                let mut launcher = vtp_trainer::HttpLauncher::new(&self.trainer_url)?;
+                if let Some(token) = &self.trainer_token {
+                    launcher = launcher.with_token(token);
+                }
+                Ok(Arc::new(launcher))
+            }
             LauncherKind::Subprocess => {
                 let program = self
                     .trainer_bin
@@ -121,6 +179,8 @@ impl BackendConfig {
                 Ok(Arc::new(
                     vtp_trainer::SubprocessLauncher::new(program, jobs)
                         .with_env("VTP_BLOB_URL", blob_url)
+                        // Reports may go only to this backend.
+                        .with_env("VTP_BACKEND_URL", self.public_url())
                         .with_env(
                             "VTP_WORK_DIR",
                             std::env::var("VTP_WORK_DIR")
@@ -165,6 +225,16 @@ impl BackendConfig {
         if self.max_upload_bytes == 0 {
             return Err(Error::invalid("max_upload_bytes", "must be positive"));
         }
+        if self.auth_mode() == AuthMode::Off && !self.listen.ip().is_loopback() {
+            return Err(Error::invalid(
+                "auth",
+                format!(
+                    "refusing to serve without authentication on {}; set VTP_AUTH=tokens \
+                     (and make tokens with `vtp-backend token create`) or listen on 127.0.0.1",
+                    self.listen
+                ),
+            ));
+        }
         Ok(())
     }
 }
@@ -182,7 +252,41 @@ mod tests {
         assert!(config.database_url.starts_with("sqlite://"));
         assert!(config.blob_url.starts_with("file://"));
         assert_eq!(config.public_url(), "http://127.0.0.1:8000");
+        assert_eq!(config.auth_mode(), AuthMode::Off);
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn auth_is_on_beyond_loopback_and_cannot_be_turned_off_there() {
+        let config =
+            BackendConfig::try_parse_from(["vtp-backend", "--listen", "0.0.0.0:8000"]).unwrap();
+        assert_eq!(config.auth_mode(), AuthMode::Tokens);
+        config.validate().unwrap();
+        let config = BackendConfig::try_parse_from([
+            "vtp-backend",
+            "--listen",
+            "0.0.0.0:8000",
+            "--auth",
+            "off",
+        ])
+        .unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("refusing to serve"), "{err}");
+        let config = BackendConfig::try_parse_from(["vtp-backend", "--auth", "tokens"]).unwrap();
+        assert_eq!(config.auth_mode(), AuthMode::Tokens);
+        let config = BackendConfig::try_parse_from([
+            "vtp-backend",
+            "token",
+            "create",
+            "--user",
+            "alice",
+            "--admin",
+        ])
+        .unwrap();
+        assert!(matches!(
+            config.command,
+            Some(BackendCommand::Token(TokenCommand::Create { ref user, admin: true })) if user == "alice"
+        ));
     }
 
     #[test]

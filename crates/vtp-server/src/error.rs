@@ -17,6 +17,7 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     field: Option<String>,
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -27,6 +28,7 @@ impl ApiError {
             code,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
 
@@ -53,6 +55,9 @@ impl From<Error> for ApiError {
             Error::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
             Error::InvalidInput { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
             Error::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Error::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated"),
+            Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Error::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             Error::Backend { .. } => (StatusCode::BAD_GATEWAY, "backend_error"),
@@ -67,11 +72,17 @@ impl From<Error> for ApiError {
             Error::InvalidInput { field, .. } => Some(field.clone()),
             _ => None,
         };
+        let retry_after = match &err {
+            Error::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            Error::Unavailable { .. } => Some(1),
+            _ => None,
+        };
         ApiError {
             status,
             code,
             message: error_chain(&err),
             field,
+            retry_after,
         }
     }
 }
@@ -84,10 +95,19 @@ impl IntoResponse for ApiError {
         }
         let mut response =
             (self.status, Json(serde_json::json!({ "error": error }))).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        } else if self.status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
     }

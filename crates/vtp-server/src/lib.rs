@@ -21,6 +21,10 @@
 //! | GET | `/metrics` | Prometheus metrics |
 //! | GET | `/training/jobs/{id}/checkpoint/{file}` | a file beside it (`best.json`, `last.safetensors`) |
 //! | POST | `/datasets/upload` | multipart `file`, `user_id`, `dataset_name` |
+//!
+//! With [`AuthMode::Tokens`] every route but `/health`, `/metrics` and the
+//! callback needs `Authorization: Bearer <token>` and acts for the token's
+//! user (see [`auth`]); callbacks are signed per job.
 #![warn(missing_docs)]
 
 use std::future::Future;
@@ -31,8 +35,10 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
-use vtp_core::{BlobStore, JobStore, TrainerLauncher};
+use vtp_core::{BlobStore, CredentialStore, JobStore, TrainerLauncher};
+use vtp_storage::Stores;
 
+pub mod auth;
 pub mod config;
 pub mod error;
 mod known_jobs;
@@ -42,6 +48,7 @@ pub mod sweeper;
 #[cfg(feature = "torch")]
 pub mod trainer_service;
 
+pub use auth::{AuthMode, Caller};
 pub use config::{BackendConfig, LauncherKind};
 pub use error::{ApiError, ApiJson};
 pub use known_jobs::KnownJobs;
@@ -51,6 +58,10 @@ pub use known_jobs::KnownJobs;
 pub struct AppState {
     /// Where jobs and metrics live.
     pub jobs: Arc<dyn JobStore>,
+    /// API token hashes and per-job callback secrets (the jobs' database).
+    pub credentials: Arc<dyn CredentialStore>,
+    /// Whether requests need a token.
+    pub auth: AuthMode,
     /// Where datasets and checkpoints live.
     pub blobs: Arc<dyn BlobStore>,
     /// How trainers are started and stopped.
@@ -61,24 +72,37 @@ pub struct AppState {
     pub max_upload_bytes: u64,
     /// The last stored version of jobs that trainers report on.
     pub known_jobs: Arc<KnownJobs>,
+    /// Callback secrets of recently started jobs.
+    pub secrets: Arc<auth::SecretCache>,
 }
 
 impl AppState {
-    /// State with the default upload limit.
+    /// State with the default upload limit and authentication off (set it
+    /// with [`AppState::with_auth`]).
     pub fn new(
-        jobs: Arc<dyn JobStore>,
+        stores: Stores,
         blobs: Arc<dyn BlobStore>,
         launcher: Arc<dyn TrainerLauncher>,
         public_url: impl Into<String>,
     ) -> Self {
         AppState {
-            jobs,
+            jobs: stores.jobs,
+            credentials: stores.credentials,
+            auth: AuthMode::Off,
             blobs,
             launcher,
             public_url: public_url.into().trim_end_matches('/').to_owned(),
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
             known_jobs: Arc::new(KnownJobs::new()),
+            secrets: Arc::new(auth::SecretCache::default()),
         }
+    }
+
+    /// Sets whether requests need a token.
+    #[must_use]
+    pub fn with_auth(mut self, auth: AuthMode) -> Self {
+        self.auth = auth;
+        self
     }
 
     /// Sets the upload limit.

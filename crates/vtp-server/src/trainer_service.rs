@@ -8,6 +8,10 @@
 //! | GET | `/training/{job_id}` | `{"state": "queued" \| "running" \| "cancelling"}`; 404 |
 //! | GET | `/models` | the architectures and their parameters |
 //! | GET | `/health` | liveness, jobs held, reports pending |
+//!
+//! With a token (`VTP_TRAINER_TOKEN`, shared with the backend) every route
+//! but `/health` needs `Authorization: Bearer <token>`; a full queue answers
+//! 429 with `Retry-After`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -114,30 +118,62 @@ async fn health(State(service): State<Service>) -> impl IntoResponse {
     }))
 }
 
-/// The trainer service router.
-pub fn trainer_app(service: Service) -> Router {
-    Router::new()
-        .route("/health", get(health))
+/// Refuses requests without the shared token.
+async fn require_token(
+    token: Arc<str>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let given = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    if vtp_core::auth::tokens_match(given.trim(), &token) {
+        next.run(request).await
+    } else {
+        ApiError::from(Error::unauthenticated(
+            "send the trainer token (VTP_TRAINER_TOKEN) as Authorization: Bearer",
+        ))
+        .into_response()
+    }
+}
+
+/// The trainer service router; with `token`, every route but `/health`
+/// needs it.
+pub fn trainer_app(service: Service, token: Option<String>) -> Router {
+    let mut guarded = Router::new()
         .route("/models", get(models))
         .route("/training/start", post(start))
         .route("/training/{job_id}", get(status))
-        .route("/training/{job_id}/cancel", post(cancel))
+        .route("/training/{job_id}/cancel", post(cancel));
+    if let Some(token) = token {
+        let token: Arc<str> = token.into();
+        guarded = guarded.route_layer(axum::middleware::from_fn(move |request, next| {
+            require_token(token.clone(), request, next)
+        }));
+    }
+    guarded
+        .route("/health", get(health))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(service)
 }
 
-/// Serves the trainer service and delivers its reports until `shutdown`.
+/// Serves the trainer service and delivers its reports until `shutdown`;
+/// with `token`, requests must carry it.
 ///
 /// # Errors
 /// I/O errors of the listener.
 pub async fn serve_trainer(
     listener: tokio::net::TcpListener,
     service: Service,
+    token: Option<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let outbox = service.outbox().clone();
     let delivery = tokio::spawn(async move { outbox.run().await });
-    let result = axum::serve(listener, trainer_app(service))
+    let result = axum::serve(listener, trainer_app(service, token))
         .with_graceful_shutdown(shutdown)
         .await;
     delivery.abort();

@@ -13,17 +13,18 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 use vtp_core::{
-    BackoffConfig, BlobKey, BlobStore, BlobStoreExt, JobStatus, JobStore, JobStoreExt, RetryConfig,
-    TrainingUpdate,
+    BackoffConfig, BlobKey, BlobStore, BlobStoreExt, CredentialStore, JobStatus, JobStore,
+    JobStoreExt, RetryConfig, TrainingUpdate,
 };
 use vtp_server::{AppState, app};
-use vtp_storage::{InMemoryJobStore, ObjectStoreBlobStore};
+use vtp_storage::{ObjectStoreBlobStore, Stores};
 use vtp_trainer::HttpLauncher;
 use vtp_trainer::testing::TrainerDouble;
 
 struct Harness {
     app: Router,
     jobs: Arc<dyn JobStore>,
+    credentials: Arc<dyn CredentialStore>,
     blobs: Arc<dyn BlobStore>,
     trainer: TrainerDouble,
 }
@@ -42,7 +43,8 @@ fn fast_retry() -> RetryConfig {
 
 /// The state and a harness over it: in-memory stores, the trainer double.
 async fn state_and_harness(limit: u64) -> (AppState, Harness) {
-    let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
+    let stores = Stores::memory();
+    let (jobs, credentials) = (stores.jobs.clone(), stores.credentials.clone());
     let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
     let trainer = TrainerDouble::start().await;
     let launcher = Arc::new(
@@ -50,16 +52,12 @@ async fn state_and_harness(limit: u64) -> (AppState, Harness) {
             .unwrap()
             .with_retry(fast_retry()),
     );
-    let state = AppState::new(
-        jobs.clone(),
-        blobs.clone(),
-        launcher,
-        "http://backend.test:8000/",
-    )
-    .with_max_upload_bytes(limit);
+    let state = AppState::new(stores, blobs.clone(), launcher, "http://backend.test:8000/")
+        .with_max_upload_bytes(limit);
     let harness = Harness {
         app: app(state.clone()),
         jobs,
+        credentials,
         blobs,
         trainer,
     };
@@ -143,12 +141,23 @@ async fn started_job(h: &Harness) -> String {
     id
 }
 
+/// A trainer report signed with the job's secret, as a trainer sends it.
 async fn report(h: &Harness, id: &str, body: Value) -> (StatusCode, Value) {
-    send(
-        &h.app,
-        json_request("POST", &format!("/training/jobs/{id}/callback"), &body),
-    )
-    .await
+    let secret = h
+        .credentials
+        .job_secret(id.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("a started job has a callback secret");
+    let bytes = body.to_string();
+    let mut request = json_request("POST", &format!("/training/jobs/{id}/callback"), &body);
+    for (name, value) in secret
+        .headers(&format!("{id}-test"), bytes.as_bytes())
+        .unwrap()
+    {
+        request.headers_mut().insert(name, value.parse().unwrap());
+    }
+    send(&h.app, request).await
 }
 
 #[tokio::test]
@@ -338,8 +347,17 @@ async fn unknown_job_is_404_and_bad_id_is_422() {
         assert_eq!(status, StatusCode::NOT_FOUND, "{method} {path}: {body}");
         assert_eq!(body["error"]["code"], "not_found");
     }
-    let (status, _) = report(&h, &id.to_string(), json!({"status": "running"})).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A report for a job that was never started has no secret to verify.
+    let (status, _) = send(
+        &h.app,
+        json_request(
+            "POST",
+            &format!("/training/jobs/{id}/callback"),
+            &json!({"status": "running"}),
+        ),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = send(&h.app, empty("GET", "/training/jobs/not-a-uuid")).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 }

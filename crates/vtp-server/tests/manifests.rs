@@ -205,7 +205,8 @@ fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
 }
 
 /// What every overlay must hold: the backend wired to its config and
-/// secrets, the launcher's RBAC limited to Jobs and pods.
+/// secrets, tokens required, the launcher's RBAC limited to Jobs, pods and
+/// the per-job callback Secrets.
 fn check_platform(objects: &[Value]) -> (Value, serde_json::Map<String, Value>) {
     let backend = find(objects, "Deployment", "vtp-backend").clone();
     let pod = &backend["spec"]["template"]["spec"];
@@ -230,6 +231,10 @@ fn check_platform(objects: &[Value]) -> (Value, serde_json::Map<String, Value>) 
         .clone();
     assert_eq!(config["VTP_LAUNCHER"], "kubernetes");
     assert_eq!(config["VTP_K8S_S3_SECRET"], "vtp-s3");
+    assert_eq!(
+        config["VTP_AUTH"], "tokens",
+        "every deployment authenticates"
+    );
     find(
         objects,
         "ServiceAccount",
@@ -249,7 +254,7 @@ fn check_platform(objects: &[Value]) -> (Value, serde_json::Map<String, Value>) 
                 .map(|v| v.as_str().unwrap())
         })
         .collect();
-    assert_eq!(resources, BTreeSet::from(["jobs", "pods"]));
+    assert_eq!(resources, BTreeSet::from(["jobs", "pods", "secrets"]));
     let binding = find(objects, "RoleBinding", "vtp-launcher");
     assert_eq!(binding["subjects"][0]["name"], "vtp-backend");
     find(objects, "Service", "vtp-backend");

@@ -6,11 +6,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use vtp_core::{BlobKey, BlobStore, BlobStoreExt, JobStore};
+use vtp_core::{BlobKey, BlobStore, BlobStoreExt};
 use vtp_server::AppState;
-use vtp_storage::{InMemoryJobStore, ObjectStoreBlobStore};
+use vtp_storage::{ObjectStoreBlobStore, Stores};
 use vtp_trainer::HttpLauncher;
-use vtp_trainer::service::TrainerService;
+use vtp_trainer::service::{ServiceOptions, TrainerService};
+
+/// The token the backend and the trainer service share here.
+const TRAINER_TOKEN: &str = "vtp_test-trainer-token";
+
+/// A client that sends the trainer token (the backend ignores it: auth is off).
+fn client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {TRAINER_TOKEN}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
 use vtp_trainer::testing::{shapes_dataset, zip_dir};
 
 struct Stack {
@@ -24,22 +40,35 @@ struct Stack {
 async fn stack() -> Stack {
     let work = tempfile::tempdir().unwrap();
     let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
-    let service = TrainerService::new(blobs.clone(), &work.path().join("trainer"), 1).unwrap();
+    let backend_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = format!("http://{}", backend_listener.local_addr().unwrap());
+    let service = TrainerService::with_options(
+        blobs.clone(),
+        &work.path().join("trainer"),
+        ServiceOptions {
+            backend_url: backend.clone(),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let trainer = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(vtp_server::trainer_service::serve_trainer(
         listener,
         service,
+        Some(TRAINER_TOKEN.into()),
         std::future::pending(),
     ));
 
-    let jobs: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend = format!("http://{}", listener.local_addr().unwrap());
+    let listener = backend_listener;
     let state = AppState::new(
-        jobs,
+        Stores::memory(),
         blobs.clone(),
-        Arc::new(HttpLauncher::new(&trainer).unwrap()),
+        Arc::new(
+            HttpLauncher::new(&trainer)
+                .unwrap()
+                .with_token(TRAINER_TOKEN),
+        ),
         backend.clone(),
     );
     tokio::spawn(vtp_server::serve(
@@ -52,7 +81,7 @@ async fn stack() -> Stack {
         backend,
         trainer,
         blobs,
-        http: reqwest::Client::new(),
+        http: client(),
         _work: work,
     }
 }
@@ -193,7 +222,7 @@ async fn a_job_trains_reports_every_epoch_and_uploads_checkpoints() {
 async fn bad_configs_are_refused_before_any_work() {
     let s = stack().await;
     let start = json!({"job_id": vtp_core::JobId::new(), "config": {"model": "resnet9000"},
-                       "dataset_s3_uri": "s3://vtp-memory/x.zip", "callback_url": "http://127.0.0.1:9/cb"});
+                       "dataset_s3_uri": "s3://vtp-memory/x.zip", "callback_url": format!("{}/cb", s.backend)});
     let (status, body) = s
         .call(
             s.http

@@ -34,4 +34,4 @@ pub use job_store::memory::InMemoryJobStore;
 pub use job_store::postgres::PostgresJobStore;
 #[cfg(feature = "sqlite")]
 pub use job_store::sqlite::SqliteJobStore;
-pub use job_store::{DEFAULT_DATABASE_URL, connect as connect_job_store};
+pub use job_store::{DEFAULT_DATABASE_URL, Stores, connect as connect_job_store, connect_stores};

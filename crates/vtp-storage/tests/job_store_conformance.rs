@@ -150,3 +150,49 @@ async fn postgres_progress_reports_are_heap_only_updates() {
         "{hot} of {updates} updates were heap-only"
     );
 }
+
+/// The CredentialStore conformance suite on the same three databases.
+mod credentials {
+    use std::sync::Arc;
+
+    use vtp_core::{CredentialStore, JobStore};
+    use vtp_storage::testing::TestDatabase;
+    use vtp_storage::{InMemoryJobStore, PostgresJobStore, SqliteJobStore};
+
+    type Both = (Arc<dyn JobStore>, Arc<dyn CredentialStore>);
+
+    fn both<S: JobStore + CredentialStore>(store: S) -> Both {
+        let store = Arc::new(store);
+        (store.clone(), store)
+    }
+
+    mod memory {
+        use super::*;
+        async fn stores() -> Option<(Both, ())> {
+            Some((both(InMemoryJobStore::new()), ()))
+        }
+        vtp_core::credential_store_conformance!(stores);
+    }
+
+    mod sqlite {
+        use super::*;
+        async fn stores() -> Option<(Both, tempfile::TempDir)> {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SqliteJobStore::open(&dir.path().join("vtp.db"))
+                .await
+                .unwrap();
+            Some((both(store), dir))
+        }
+        vtp_core::credential_store_conformance!(stores);
+    }
+
+    mod postgres {
+        use super::*;
+        async fn stores() -> Option<(Both, TestDatabase)> {
+            let db = TestDatabase::create().await?;
+            let store = PostgresJobStore::connect(db.url()).await.unwrap();
+            Some((both(store), db))
+        }
+        vtp_core::credential_store_conformance!(stores);
+    }
+}

@@ -17,6 +17,7 @@
 //! instead.
 
 pub mod blob_store;
+pub mod credential_store;
 pub mod job_store;
 
 /// Generates one `#[tokio::test]` per [`job_store`] case, each on a fresh
@@ -77,6 +78,30 @@ macro_rules! blob_store_conformance {
             async fn $case() {
                 let Some((store, _guard)) = $factory().await else { return };
                 $crate::conformance::blob_store::$case(store).await;
+            }
+        )*
+    };
+}
+
+/// Generates one `#[tokio::test]` per [`credential_store`] case. `$factory`
+/// returns `Option<((Arc<dyn JobStore>, Arc<dyn CredentialStore>), guard)>`,
+/// both stores over one fresh database.
+#[macro_export]
+macro_rules! credential_store_conformance {
+    ($factory:path) => {
+        $crate::credential_store_conformance!(@cases $factory;
+            tokens_authenticate_until_revoked,
+            unknown_tokens_are_refused,
+            duplicate_tokens_are_refused,
+            job_secrets_are_per_job_and_replaced,
+        );
+    };
+    (@cases $factory:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some((stores, _guard)) = $factory().await else { return };
+                $crate::conformance::credential_store::$case(stores).await;
             }
         )*
     };

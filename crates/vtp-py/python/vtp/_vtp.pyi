@@ -38,7 +38,7 @@ class Client:
         dataset_uri: str,
         model_name: str,
         config: dict[str, Any] | None = None,
-        user_id: str = "default",
+        user_id: str | None = None,
         framework: str = "tch",
     ) -> dict[str, Any]: ...
     def list_jobs(
@@ -53,7 +53,7 @@ class Client:
     def cancel_job(self, job_id: str) -> dict[str, Any]: ...
     def metrics(self, job_id: str) -> list[dict[str, Any]]: ...
     def upload_dataset(
-        self, path: str | PathLike[str], dataset_name: str | None = None, user_id: str = "default"
+        self, path: str | PathLike[str], dataset_name: str | None = None, user_id: str | None = None
     ) -> dict[str, Any]: ...
     def download_checkpoint(self, job_id: str, dest: str | PathLike[str]) -> str: ...
 

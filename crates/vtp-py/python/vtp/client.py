@@ -262,7 +262,7 @@ class TrainResult:
 class Client:
     """A client of the VTP backend API.
 
-    >>> client = vtp.Client("http://127.0.0.1:8000")
+    >>> client = vtp.Client("http://127.0.0.1:8000")  # token: token= or VTP_TOKEN
     >>> dataset = client.upload_dataset("digits/")
     >>> job = client.create_job(dataset, model="resnet18", epochs=5).start()
     >>> job.wait(progress=True).metrics()
@@ -275,8 +275,11 @@ class Client:
         timeout: float = 30.0,
         user_id: str | None = None,
     ) -> None:
+        token = token or os.environ.get("VTP_TOKEN") or None
         self._native = _vtp.Client(base_url, token=token, timeout=timeout)
-        self.user_id = user_id or _default_user()
+        # With a token the backend knows the user; without one (a backend
+        # with authentication off) jobs need an owner name.
+        self.user_id: str | None = user_id or (None if token else _default_user())
 
     @property
     def base_url(self) -> str:

@@ -4,13 +4,18 @@
 
 use anyhow::Context;
 use clap::Parser;
-use vtp_server::{AppState, BackendConfig};
+use vtp_core::{CredentialStoreExt, error_chain};
+use vtp_server::config::{BackendCommand, TokenCommand};
+use vtp_server::{AppState, AuthMode, BackendConfig};
 use vtp_storage::BlobStoreBuilder;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     vtp_server::init_tracing();
     let mut config = BackendConfig::parse();
+    if let Some(BackendCommand::Token(command)) = &config.command {
+        return token_command(&config, command).await;
+    }
     config.validate()?;
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -20,9 +25,10 @@ async fn main() -> anyhow::Result<()> {
     // With `--listen 127.0.0.1:0` callback URLs must carry the real port.
     config.listen = bound;
 
-    let jobs = vtp_storage::connect_job_store(&config.database_url)
+    let stores = vtp_storage::connect_stores(&config.database_url)
         .await
-        .with_context(|| format!("opening the job store at {}", config.database_url))?;
+        .with_context(|| format!("opening the job store at {}", redact(&config.database_url)))?;
+    let jobs = stores.jobs.clone();
     let blobs = BlobStoreBuilder::from_env()
         .with_url(config.blob_url.clone())
         .build()
@@ -30,8 +36,17 @@ async fn main() -> anyhow::Result<()> {
     let launcher = config
         .build_launcher(jobs.clone(), blobs.base_uri())
         .await?;
-    let state = AppState::new(jobs, blobs, launcher, config.public_url())
-        .with_max_upload_bytes(config.max_upload_bytes);
+    let auth = config.auth_mode();
+    let state = AppState::new(stores, blobs, launcher, config.public_url())
+        .with_max_upload_bytes(config.max_upload_bytes)
+        .with_auth(auth);
+    if auth == AuthMode::Off {
+        tracing::warn!(
+            listen = %bound,
+            "authentication is off (VTP_AUTH=off): one local user, loopback only; \
+             set VTP_AUTH=tokens to share this backend"
+        );
+    }
 
     match vtp_server::recover(&state).await {
         Ok((adopted, ended)) if adopted + ended > 0 => {
@@ -49,6 +64,7 @@ async fn main() -> anyhow::Result<()> {
         database = %redact(&config.database_url),
         blobs = %state.blobs.base_uri(),
         launcher = state.launcher.name(),
+        auth = ?auth,
         "vtp-backend ready"
     );
     vtp_server::serve(
@@ -59,6 +75,57 @@ async fn main() -> anyhow::Result<()> {
     )
     .await?;
     tracing::info!("vtp-backend stopped");
+    Ok(())
+}
+
+/// `vtp-backend token create|revoke|list`, against the configured database.
+async fn token_command(config: &BackendConfig, command: &TokenCommand) -> anyhow::Result<()> {
+    let stores = vtp_storage::connect_stores(&config.database_url)
+        .await
+        .with_context(|| format!("opening the job store at {}", redact(&config.database_url)))?;
+    let credentials = stores.credentials;
+    match command {
+        TokenCommand::Create { user, admin } => {
+            let token = credentials
+                .create_token(user, *admin)
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            eprintln!(
+                "token {} for user {user}{}; shown once, only its hash is stored:",
+                token.record.id,
+                if *admin { " (admin)" } else { "" }
+            );
+            println!("{}", token.token);
+        }
+        TokenCommand::Revoke { id } => {
+            let token = credentials
+                .revoke_token(id)
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            println!("revoked {} of user {}", token.id, token.user_id);
+        }
+        TokenCommand::List => {
+            let tokens = credentials
+                .list_tokens()
+                .await
+                .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
+            println!(
+                "{:<22} {:<24} {:<6} {:<26} revoked",
+                "id", "user", "admin", "created"
+            );
+            for t in tokens {
+                println!(
+                    "{:<22} {:<24} {:<6} {:<26} {}",
+                    t.id,
+                    t.user_id,
+                    t.admin,
+                    t.created_at.to_rfc3339(),
+                    t.revoked_at
+                        .map_or_else(|| "-".to_owned(), |r| r.to_rfc3339())
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use vtp_core::{JobStatus, StartTraining};
 use vtp_storage::BlobStoreBuilder;
 use vtp_trainer::launch::kubernetes::{EXIT_NON_RETRYABLE, START_TRAINING_ENV};
-use vtp_trainer::service::TrainerService;
+use vtp_trainer::service::{ServiceOptions, TrainerService};
 
 /// `vtp-trainer-service`'s settings.
 #[derive(Debug, Parser)]
@@ -40,6 +40,21 @@ struct Args {
     /// Jobs trained at once; the rest wait.
     #[arg(long, env = "VTP_TRAINER_CONCURRENCY", default_value_t = 1)]
     concurrency: usize,
+    /// Jobs that may wait for a training slot; one more is refused with 429.
+    #[arg(long, env = "VTP_TRAINER_MAX_WAITING", default_value_t = 64)]
+    max_waiting: usize,
+    /// The backend's base URL: reports go only to its origin, and a start
+    /// request with a callback URL elsewhere is refused.
+    #[arg(long, env = "VTP_BACKEND_URL", default_value = "http://127.0.0.1:8000")]
+    backend_url: String,
+    /// Token the backend must send (`Authorization: Bearer`); required when
+    /// listening beyond loopback.
+    #[arg(long, env = "VTP_TRAINER_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The job's callback secret, for `run-job` (from the job's Kubernetes
+    /// Secret; never in the request JSON of a pod spec).
+    #[arg(long, env = "VTP_CALLBACK_SECRET", hide_env_values = true)]
+    callback_secret: Option<String>,
     /// Exit when the parent process exits (the subprocess launcher sets it).
     #[arg(long)]
     exit_with_parent: bool,
@@ -68,16 +83,40 @@ async fn main() -> anyhow::Result<()> {
         .with_url(args.blob_url.clone())
         .build()
         .with_context(|| format!("opening the blob store at {}", args.blob_url))?;
+    let options = ServiceOptions {
+        concurrency: args.concurrency,
+        max_waiting: args.max_waiting,
+        backend_url: args.backend_url.clone(),
+    };
     if let Some(Command::RunJob {
         request,
         drain_secs,
     }) = &args.command
     {
-        let service = TrainerService::new(blobs, &args.work_dir, 1)?;
-        let code = run_job(service, request, Duration::from_secs(*drain_secs)).await;
+        let service = TrainerService::with_options(
+            blobs,
+            &args.work_dir,
+            ServiceOptions {
+                concurrency: 1,
+                ..options
+            },
+        )?;
+        let code = run_job(
+            service,
+            request,
+            args.callback_secret.as_deref(),
+            Duration::from_secs(*drain_secs),
+        )
+        .await;
         std::process::exit(code);
     }
-    let service = TrainerService::new(blobs, &args.work_dir, args.concurrency)?;
+    if args.token.is_none() && !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without VTP_TRAINER_TOKEN: anyone reaching it could start jobs",
+            args.listen
+        );
+    }
+    let service = TrainerService::with_options(blobs, &args.work_dir, options)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -88,7 +127,7 @@ async fn main() -> anyhow::Result<()> {
     );
     tracing::info!(listen = %bound, blobs = %service.blobs().base_uri(), "vtp-trainer-service ready");
     let exit_with_parent = args.exit_with_parent;
-    vtp_server::trainer_service::serve_trainer(listener, service, async move {
+    vtp_server::trainer_service::serve_trainer(listener, service, args.token.clone(), async move {
         if exit_with_parent {
             vtp_server::parent_exited().await;
         } else {
@@ -101,14 +140,28 @@ async fn main() -> anyhow::Result<()> {
 
 /// The one-shot trainer: trains `request`, waits for its reports to be
 /// delivered, and returns the process exit code.
-async fn run_job(service: Arc<TrainerService>, request: &str, drain: Duration) -> i32 {
-    let request: StartTraining = match serde_json::from_str(request) {
+async fn run_job(
+    service: Arc<TrainerService>,
+    request: &str,
+    callback_secret: Option<&str>,
+    drain: Duration,
+) -> i32 {
+    let mut request: StartTraining = match serde_json::from_str(request) {
         Ok(request) => request,
         Err(e) => {
             tracing::error!(error = %e, "{START_TRAINING_ENV} is not a start request");
             return EXIT_NON_RETRYABLE;
         }
     };
+    if let Some(secret) = callback_secret {
+        match vtp_core::CallbackSecret::parse(secret) {
+            Ok(secret) => request.callback_secret = Some(secret),
+            Err(e) => {
+                tracing::error!(error = %e, "VTP_CALLBACK_SECRET is malformed");
+                return EXIT_NON_RETRYABLE;
+            }
+        }
+    }
     let job_id = request.job_id;
     // A retried pod starts with an empty outbox: number its reports above
     // any an earlier attempt sent, so the backend does not take them for replays.

@@ -31,6 +31,10 @@ struct Cli {
         global = true
     )]
     url: String,
+    /// API token, sent as `Authorization: Bearer` (a backend with
+    /// `VTP_AUTH=tokens` needs one; make it with `vtp-backend token create`).
+    #[arg(long, env = "VTP_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,9 +45,9 @@ enum Command {
     Upload {
         /// The archive.
         file: PathBuf,
-        /// Owner.
-        #[arg(long, default_value = "demo")]
-        user: String,
+        /// Owner; with a token, the token's user (the default).
+        #[arg(long)]
+        user: Option<String>,
         /// Dataset name.
         #[arg(long)]
         name: String,
@@ -62,9 +66,9 @@ enum Command {
         /// More hyperparameters, as a JSON object.
         #[arg(long, default_value = "{}")]
         config: String,
-        /// Owner.
-        #[arg(long, default_value = "demo")]
-        user: String,
+        /// Owner; with a token, the token's user (the default).
+        #[arg(long)]
+        user: Option<String>,
         /// The job's framework: `tch`, or `ultralytics` for the YOLO family
         /// (the seed's job).
         #[arg(long, default_value = "tch")]
@@ -225,8 +229,23 @@ async fn summarise(http: &reqwest::Client, url: &str, job: &Value) -> anyhow::Re
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let http = reqwest::Client::new();
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = &cli.token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .context("the token is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     let url = cli.url.trim_end_matches('/');
+    // Without a token the backend has no user to take: name one.
+    let owner = |user: Option<String>| match (user, &cli.token) {
+        (Some(user), _) => Some(user),
+        (None, None) => Some("demo".to_owned()),
+        (None, Some(_)) => None,
+    };
     match cli.command {
         Command::Upload { file, user, name } => {
             let data = tokio::fs::read(&file)
@@ -237,13 +256,14 @@ async fn main() -> anyhow::Result<()> {
                 .and_then(|n| n.to_str())
                 .unwrap_or("dataset.zip")
                 .to_owned();
-            let form = reqwest::multipart::Form::new()
-                .part(
-                    "file",
-                    reqwest::multipart::Part::bytes(data).file_name(file_name),
-                )
-                .text("user_id", user)
-                .text("dataset_name", name);
+            let mut form = reqwest::multipart::Form::new().part(
+                "file",
+                reqwest::multipart::Part::bytes(data).file_name(file_name),
+            );
+            if let Some(user) = owner(user) {
+                form = form.text("user_id", user);
+            }
+            let form = form.text("dataset_name", name);
             let body = check(
                 http.post(format!("{url}/datasets/upload"))
                     .multipart(form)
@@ -264,7 +284,10 @@ async fn main() -> anyhow::Result<()> {
             let mut config: Value =
                 serde_json::from_str(&config).context("--config is not JSON")?;
             config["epochs"] = epochs.into();
-            let body = json!({"user_id": user, "model_name": model, "framework": framework, "dataset_s3_uri": dataset, "config": config});
+            let mut body = json!({"model_name": model, "framework": framework, "dataset_s3_uri": dataset, "config": config});
+            if let Some(user) = owner(user) {
+                body["user_id"] = user.into();
+            }
             let job = check(
                 http.post(format!("{url}/training/jobs"))
                     .json(&body)

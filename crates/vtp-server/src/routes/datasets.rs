@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use vtp_core::{BlobKey, BlobStoreExt, Error, ObjectMeta, validate_name};
 
 use crate::AppState;
+use crate::auth::{AuthMode, Caller};
 use crate::error::{ApiError, ApiQuery, error_chain};
 
 /// Names may also come as query parameters.
@@ -54,6 +55,7 @@ fn bad_multipart(e: &MultipartError) -> ApiError {
 /// `POST /datasets/upload`
 pub async fn upload(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(query): ApiQuery<UploadQuery>,
     request: Request,
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
@@ -111,9 +113,15 @@ pub async fn upload(
                 "a multipart field named `file` is required",
             )));
         };
+        // With tokens the owner is the caller: a user_id left out is theirs,
+        // someone else's is refused (an admin may upload for anyone).
+        if state.auth == AuthMode::Tokens && user_id.is_none() {
+            user_id = Some(caller.principal().user_id.clone());
+        }
         let user_id = user_id
             .take()
             .ok_or_else(|| Error::invalid("user_id", "is required"))?;
+        caller.check_acts_for("user_id", &user_id)?;
         let dataset_name = dataset_name
             .take()
             .ok_or_else(|| Error::invalid("dataset_name", "is required"))?;

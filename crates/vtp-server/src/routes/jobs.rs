@@ -3,26 +3,48 @@
 use axum::Json;
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vtp_core::{
-    BlobKey, BlobStoreExt, CancelOutcome, Error, Job, JobFilter, JobId, JobPage, JobStatus,
-    JobStoreExt, NewJob, StartTraining, TrainingUpdate,
+    BlobKey, BlobStoreExt, CallbackSecret, CancelOutcome, Error, Job, JobFilter, JobId, JobPage,
+    JobStatus, JobStoreExt, NewJob, StartTraining, TrainingUpdate,
 };
 
 use crate::AppState;
-use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain};
+use crate::auth::{AuthMode, Caller, check_owned_blob, job_secret, owned_job};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json};
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// `POST /training/jobs`
+/// `POST /training/jobs`: the owner is the caller; with tokens, a
+/// `user_id` left out is filled in from the token, someone else's is 403,
+/// and the dataset (and any `config.init_weights`) must be the owner's.
 pub async fn create(
     State(state): State<AppState>,
-    ApiJson(new): ApiJson<NewJob>,
+    caller: Caller,
+    ApiJson(mut new): ApiJson<NewJob>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
+    if state.auth == AuthMode::Tokens {
+        if new.user_id.is_empty() {
+            new.user_id.clone_from(&caller.principal().user_id);
+        }
+        caller.check_acts_for("user_id", &new.user_id)?;
+        new.validate()?;
+        check_owned_blob(
+            &state,
+            "dataset_s3_uri",
+            &new.dataset_s3_uri,
+            &new.user_id,
+            true,
+        )
+        .await?;
+        if let Some(init) = new.config.get("init_weights").and_then(|v| v.as_str()) {
+            check_owned_blob(&state, "config.init_weights", init, &new.user_id, false).await?;
+        }
+    }
     let job = state.jobs.create_job(new).await?;
     metrics::counter!("vtp_jobs_created_total").increment(1);
     tracing::info!(job_id = %job.id, user_id = %job.user_id, model = %job.model_name, "job created");
@@ -39,13 +61,23 @@ pub struct ListQuery {
     offset: Option<u32>,
 }
 
-/// `GET /training/jobs`
+/// `GET /training/jobs`: your own jobs; an admin sees everyone's.
 pub async fn list(
     State(state): State<AppState>,
+    caller: Caller,
     ApiQuery(query): ApiQuery<ListQuery>,
 ) -> ApiResult<Json<JobPage>> {
+    let principal = caller.principal();
+    let user_id = match query.user_id {
+        Some(user) => {
+            caller.check_acts_for("user_id", &user)?;
+            Some(user)
+        }
+        None if principal.admin => None,
+        None => Some(principal.user_id.clone()),
+    };
     let filter = JobFilter {
-        user_id: query.user_id,
+        user_id,
         status: query.status,
         limit: query.limit.unwrap_or(JobFilter::DEFAULT_LIMIT),
         offset: query.offset.unwrap_or(0),
@@ -62,9 +94,10 @@ pub async fn list(
 /// `GET /training/jobs/{id}`
 pub async fn get(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Json<Job>> {
-    Ok(Json(state.jobs.get(id).await?))
+    Ok(Json(owned_job(state.jobs.as_ref(), &caller, id).await?))
 }
 
 /// Answer of `POST /training/jobs/{id}/start`.
@@ -75,13 +108,14 @@ pub struct Started {
 }
 
 /// `POST /training/jobs/{id}/start`: checks that the dataset exists, moves
-/// the job to `queued` and hands it to the launcher. A launch failure fails
-/// the job with the reason.
+/// the job to `queued`, makes the job's callback secret and hands both to
+/// the launcher. A launch failure fails the job with the reason.
 pub async fn start(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<(StatusCode, Json<Started>)> {
-    let job = state.jobs.get(id).await?;
+    let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
     if job.status != JobStatus::Pending {
         return Err(Error::conflict(format!(
             "job {id} is {}; only a pending job can be started",
@@ -89,12 +123,26 @@ pub async fn start(
         ))
         .into());
     }
+    if state.auth == AuthMode::Tokens {
+        check_owned_blob(
+            &state,
+            "dataset_s3_uri",
+            &job.dataset_s3_uri,
+            &job.user_id,
+            true,
+        )
+        .await?;
+    }
     check_dataset(&state, &job).await?;
+    // The secret is stored before the launch, so the first report verifies.
+    let secret = CallbackSecret::generate();
+    state.credentials.set_job_secret(id, &secret).await?;
+    state.secrets.remember(id, secret.clone());
     let job = state
         .jobs
         .transition(id, JobStatus::Pending, JobStatus::Queued)
         .await?;
-    let request = StartTraining::for_job(&job, state.callback_url(id));
+    let request = StartTraining::for_job(&job, state.callback_url(id)).with_secret(secret);
     if let Err(err) = state.launcher.launch(&request).await {
         let reason = format!("launch failed: {}", error_chain(&err));
         tracing::warn!(job_id = %id, %reason);
@@ -134,14 +182,55 @@ async fn check_dataset(state: &AppState, job: &Job) -> ApiResult<()> {
     Ok(())
 }
 
-/// `POST /training/jobs/{id}/callback`: a trainer report. Replays and
-/// out-of-order reports (by `seq`) change nothing; reports for a finished
-/// job are refused with 409.
+/// The largest `seq` a report may carry: a day past now in microseconds.
+/// Trainers count from 1, or (a retried one-shot trainer) from the current
+/// time in microseconds; a `seq` beyond this could only make every later
+/// real report look stale.
+fn max_seq() -> i64 {
+    (chrono::Utc::now().timestamp_millis() + 86_400_000).saturating_mul(1000)
+}
+
+/// `POST /training/jobs/{id}/callback`: a trainer report, signed with the
+/// job's secret (401 otherwise). Replays and out-of-order reports (by
+/// `seq`) change nothing; reports for a finished job are refused with 409;
+/// a checkpoint outside the job's own `jobs/{id}/` is refused with 422.
 pub async fn callback(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<JobId>,
-    ApiJson(update): ApiJson<TrainingUpdate>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
+    let now = chrono::Utc::now().timestamp();
+    let secret = job_secret(&state, id).await?;
+    if let Err(e) = secret.verify(&headers, &body, now) {
+        // The cached secret may be an earlier launch's: check the stored one.
+        let stored = state.credentials.job_secret(id).await?;
+        match stored {
+            Some(stored) if stored != secret && stored.verify(&headers, &body, now).is_ok() => {
+                state.secrets.remember(id, stored);
+            }
+            _ => {
+                metrics::counter!("vtp_callbacks_refused_total", "reason" => "signature")
+                    .increment(1);
+                tracing::warn!(job_id = %id, error = %e, "refused an unsigned or badly signed report");
+                return Err(e.into());
+            }
+        }
+    }
+    if let Some(content_type) = headers.get(header::CONTENT_TYPE)
+        && !content_type
+            .to_str()
+            .unwrap_or_default()
+            .starts_with("application/json")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "expected Content-Type: application/json",
+        ));
+    }
+    let update: TrainingUpdate = parse_json(&body)?;
+    check_report(&state, id, &update)?;
     let known = state.known_jobs.get(id);
     let outcome = match state.jobs.apply_update_from(id, &update, known).await {
         Ok(outcome) => outcome,
@@ -170,14 +259,47 @@ pub async fn callback(
     })))
 }
 
+/// What a signed report may still not do: point its checkpoint outside
+/// the job's own prefix, or claim a `seq` no trainer can reach.
+fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResult<()> {
+    if let Some(uri) = &update.checkpoint_s3_uri {
+        let prefix = format!("jobs/{id}/");
+        let inside = state
+            .blobs
+            .key_for(uri)
+            .is_ok_and(|key| key.as_str().starts_with(&prefix));
+        if !inside {
+            return Err(Error::invalid(
+                "checkpoint_s3_uri",
+                format!("{uri} is not under this job's {prefix} in the backend's blob store"),
+            )
+            .into());
+        }
+    }
+    if let Some(seq) = update.seq
+        && seq > max_seq()
+    {
+        return Err(Error::invalid(
+            "seq",
+            format!(
+                "{seq} is beyond any trainer's count (at most {})",
+                max_seq()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 /// `DELETE /training/jobs/{id}`: cancels. A job that never reached a trainer
 /// is cancelled at once; a launched one goes to `cancelling` until the
 /// trainer reports `cancelled` (or says it is not running it).
 pub async fn cancel(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Json<Job>> {
-    let job = state.jobs.get(id).await?;
+    let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
     match job.status {
         JobStatus::Pending => {
             let job = state
@@ -227,8 +349,10 @@ async fn signal_trainer(state: &AppState, id: JobId) -> ApiResult<Json<Job>> {
 /// `{"epoch": 1, "loss": ..., "accuracy": ..., "recorded_at": ...}`.
 pub async fn metrics(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    owned_job(state.jobs.as_ref(), &caller, id).await?;
     let rows = state.jobs.metrics(id).await?;
     let rows = rows
         .into_iter()
@@ -248,9 +372,10 @@ pub async fn metrics(
 /// `GET /training/jobs/{id}/checkpoint`: streams the job's checkpoint.
 pub async fn checkpoint(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Response> {
-    let key = checkpoint_key(&state, id).await?;
+    let key = checkpoint_key(&state, &caller, id).await?;
     stream_blob(&state, &key).await
 }
 
@@ -269,6 +394,7 @@ const CHECKPOINT_FILES: [&str; 6] = [
 /// and config that `Checkpoint::open` needs) or `last.safetensors`.
 pub async fn checkpoint_file(
     State(state): State<AppState>,
+    caller: Caller,
     ApiPath((id, file)): ApiPath<(JobId, String)>,
 ) -> ApiResult<Response> {
     if !CHECKPOINT_FILES.contains(&file.as_str()) {
@@ -278,19 +404,25 @@ pub async fn checkpoint_file(
         )
         .into());
     }
-    let weights = checkpoint_key(&state, id).await?;
+    let weights = checkpoint_key(&state, &caller, id).await?;
     let dir = weights.as_str().rsplit_once('/').map_or("", |(dir, _)| dir);
     let key = BlobKey::parse(&format!("{dir}/{file}"))?;
     stream_blob(&state, &key).await
 }
 
 /// The key of the job's final checkpoint; 404 until there is one.
-async fn checkpoint_key(state: &AppState, id: JobId) -> ApiResult<BlobKey> {
-    let job = state.jobs.get(id).await?;
+async fn checkpoint_key(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<BlobKey> {
+    let job = owned_job(state.jobs.as_ref(), caller, id).await?;
     let uri = job
         .checkpoint_s3_uri
         .ok_or_else(|| Error::not_found("checkpoint of job", id))?;
-    Ok(state.blobs.key_for(&uri)?)
+    let key = state.blobs.key_for(&uri)?;
+    // Reports are refused when they point elsewhere; a row written before
+    // that check existed is not served either.
+    if !key.as_str().starts_with(&format!("jobs/{id}/")) {
+        return Err(Error::not_found("checkpoint of job", id).into());
+    }
+    Ok(key)
 }
 
 /// Streams a blob as a download.

@@ -4,15 +4,21 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use vtp_core::{Error, Expected, Job, JobFilter, JobId, JobPage, JobStore, Result, TrainingMetric};
+use vtp_core::{
+    CallbackSecret, CredentialStore, Error, Expected, Job, JobFilter, JobId, JobPage, JobStore,
+    Result, TokenRecord, TrainingMetric,
+};
 
 #[derive(Debug, Default)]
 struct State {
     jobs: HashMap<JobId, Job>,
     metrics: BTreeMap<(JobId, u32), TrainingMetric>,
+    tokens: Vec<TokenRecord>,
+    secrets: HashMap<JobId, CallbackSecret>,
 }
 
-/// A [`JobStore`] in process memory; nothing survives the process.
+/// A [`JobStore`] (and [`CredentialStore`]) in process memory; nothing
+/// survives the process.
 #[derive(Debug, Default)]
 pub struct InMemoryJobStore {
     state: Mutex<State>,
@@ -139,5 +145,63 @@ impl JobStore for InMemoryJobStore {
 
     async fn ping(&self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[async_trait]
+impl CredentialStore for InMemoryJobStore {
+    async fn insert_token(&self, record: &TokenRecord) -> Result<()> {
+        let mut state = self.lock();
+        if state
+            .tokens
+            .iter()
+            .any(|t| t.id == record.id || t.hash == record.hash)
+        {
+            return Err(Error::AlreadyExists {
+                kind: "token",
+                id: record.id.clone(),
+            });
+        }
+        state.tokens.push(record.clone());
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        Ok(self
+            .lock()
+            .tokens
+            .iter()
+            .find(|t| t.hash == hash && t.revoked_at.is_none())
+            .cloned())
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<TokenRecord> {
+        let mut state = self.lock();
+        let token = state
+            .tokens
+            .iter_mut()
+            .find(|t| t.id == id)
+            .ok_or_else(|| Error::not_found("token", id))?;
+        token.revoked_at.get_or_insert_with(vtp_core::job::now);
+        Ok(token.clone())
+    }
+
+    async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let mut tokens = self.lock().tokens.clone();
+        tokens.sort_by(|a, b| (b.created_at, &b.id).cmp(&(a.created_at, &a.id)));
+        Ok(tokens)
+    }
+
+    async fn set_job_secret(&self, job_id: JobId, secret: &CallbackSecret) -> Result<()> {
+        let mut state = self.lock();
+        if !state.jobs.contains_key(&job_id) {
+            return Err(Error::not_found("job", job_id));
+        }
+        state.secrets.insert(job_id, secret.clone());
+        Ok(())
+    }
+
+    async fn job_secret(&self, job_id: JobId) -> Result<Option<CallbackSecret>> {
+        Ok(self.lock().secrets.get(&job_id).cloned())
     }
 }

@@ -2,8 +2,10 @@
 
 use std::sync::Arc;
 
-use vtp_core::{Error, JobStore, Result};
+use vtp_core::{CredentialStore, Error, JobStore, Result};
 
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) mod credentials;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -22,13 +24,50 @@ pub const DEFAULT_DATABASE_URL: &str = "sqlite://./.vtp/vtp.db";
 /// [`Error::InvalidInput`] for an unknown scheme or a backend not compiled in,
 /// [`Error::Unavailable`] when the database cannot be reached.
 pub async fn connect(url: &str) -> Result<Arc<dyn JobStore>> {
+    Ok(connect_stores(url).await?.jobs)
+}
+
+/// The job store and the credential store of one database (they share its
+/// connection pool).
+#[derive(Debug, Clone)]
+pub struct Stores {
+    /// Jobs and metrics.
+    pub jobs: Arc<dyn JobStore>,
+    /// API token hashes and per-job callback secrets.
+    pub credentials: Arc<dyn CredentialStore>,
+}
+
+impl Stores {
+    /// Both roles of one store.
+    pub fn new<S: JobStore + CredentialStore>(store: S) -> Self {
+        let store = Arc::new(store);
+        Stores {
+            jobs: store.clone(),
+            credentials: store,
+        }
+    }
+
+    /// Fresh in-memory stores.
+    pub fn memory() -> Self {
+        Self::new(memory::InMemoryJobStore::new())
+    }
+}
+
+/// Opens (and migrates) the database `url` names, as in [`connect`], with
+/// its credential store.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_stores(url: &str) -> Result<Stores> {
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
-        "memory" => Ok(Arc::new(memory::InMemoryJobStore::new())),
+        "memory" => Ok(Stores::new(memory::InMemoryJobStore::new())),
         #[cfg(feature = "sqlite")]
-        "sqlite" => Ok(Arc::new(sqlite::SqliteJobStore::connect(url).await?)),
+        "sqlite" => Ok(Stores::new(sqlite::SqliteJobStore::connect(url).await?)),
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Arc::new(postgres::PostgresJobStore::connect(url).await?)),
+        "postgres" | "postgresql" => {
+            Ok(Stores::new(postgres::PostgresJobStore::connect(url).await?))
+        }
         _ => Err(Error::invalid(
             "database_url",
             format!("unsupported database URL {url:?}: use sqlite://, postgres:// or memory://"),

@@ -6,6 +6,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use vtp_core::{Error, Result};
 
+use super::credentials::impl_sql_credential_store;
 use super::sql::{impl_sql_job_store, map_sqlx};
 
 /// A [`vtp_core::JobStore`] in Postgres.
@@ -63,4 +64,5 @@ impl PostgresJobStore {
     }
 }
 
+impl_sql_credential_store!(PostgresJobStore);
 impl_sql_job_store!(PostgresJobStore, single_statement = true);

@@ -9,6 +9,7 @@ use sqlx::sqlite::{
 };
 use vtp_core::{Error, Result};
 
+use super::credentials::impl_sql_credential_store;
 use super::sql::{impl_sql_job_store, map_sqlx};
 
 /// A [`vtp_core::JobStore`] in a SQLite database file (WAL mode).
@@ -66,4 +67,5 @@ impl SqliteJobStore {
     }
 }
 
+impl_sql_credential_store!(SqliteJobStore);
 impl_sql_job_store!(SqliteJobStore, single_statement = false);

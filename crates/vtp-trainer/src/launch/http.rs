@@ -44,16 +44,26 @@ impl HttpLauncher {
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }
-        let client = reqwest::Client::builder()
-            .timeout(Self::REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(HttpLauncher {
             base,
-            client,
+            client: client(None)?,
             retry: Self::default_retry(),
         })
+    }
+
+    /// Sends `Authorization: Bearer <token>` on every request (the trainer
+    /// service's `VTP_TRAINER_TOKEN`).
+    ///
+    /// # Panics
+    /// Never for a token of visible ASCII; other bytes are refused by the
+    /// HTTP client builder and leave the launcher without a token.
+    #[must_use]
+    pub fn with_token(mut self, token: &str) -> Self {
+        match client(Some(token)) {
+            Ok(client) => self.client = client,
+            Err(e) => tracing::error!(error = %e, "the trainer token is not a valid header value"),
+        }
+        self
     }
 
     /// A few quick retries: the caller (an API request) is waiting.
@@ -108,6 +118,25 @@ impl HttpLauncher {
             })
             .await
     }
+}
+
+/// The HTTP client: short timeouts, no redirects (a trainer that redirects
+/// is misconfigured, and following one would carry the token elsewhere).
+fn client(token: Option<&str>) -> Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::invalid("trainer_token", "must be visible ASCII"))?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    reqwest::Client::builder()
+        .timeout(HttpLauncher::REQUEST_TIMEOUT)
+        .connect_timeout(Duration::from_secs(3))
+        .redirect(reqwest::redirect::Policy::none())
+        .default_headers(headers)
+        .build()
+        .map_err(|e| Error::internal(format!("HTTP client: {e}")))
 }
 
 fn transport_error(err: reqwest::Error) -> Error {

@@ -24,8 +24,8 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, Pod, PodSpec, PodTemplateSpec, ResourceRequirements,
-    SecretEnvSource,
+    Container, EnvFromSource, EnvVar, EnvVarSource, Pod, PodSpec, PodTemplateSpec,
+    ResourceRequirements, Secret, SecretEnvSource, SecretKeySelector,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -42,6 +42,9 @@ pub const EXIT_NON_RETRYABLE: i32 = 3;
 
 /// The variable holding the `StartTraining` JSON for the one-shot trainer.
 pub const START_TRAINING_ENV: &str = "VTP_START_TRAINING";
+
+/// The variable (and the key of the job's Secret) holding its callback secret.
+pub const CALLBACK_SECRET_ENV: &str = "VTP_CALLBACK_SECRET";
 
 /// Label carrying the job id on Jobs and pods.
 pub const JOB_ID_LABEL: &str = "vtp.dev/job-id";
@@ -190,6 +193,7 @@ pub struct Reconciled {
 pub struct KubernetesLauncher {
     jobs_api: Api<K8sJob>,
     pods_api: Api<Pod>,
+    secrets_api: Api<Secret>,
     config: KubernetesConfig,
     store: Arc<dyn JobStore>,
 }
@@ -213,6 +217,11 @@ pub fn install_crypto_provider() {
 /// The Job name of a job.
 pub fn job_name(job_id: JobId) -> String {
     format!("vtp-{job_id}")
+}
+
+/// The name of the Secret holding a job's callback secret.
+pub fn secret_name(job_id: JobId) -> String {
+    format!("vtp-{job_id}-callback")
 }
 
 /// A kube error in the platform's categories.
@@ -250,7 +259,8 @@ impl KubernetesLauncher {
     pub fn new(client: kube::Client, config: KubernetesConfig, store: Arc<dyn JobStore>) -> Self {
         KubernetesLauncher {
             jobs_api: Api::namespaced(client.clone(), &config.namespace),
-            pods_api: Api::namespaced(client, &config.namespace),
+            pods_api: Api::namespaced(client.clone(), &config.namespace),
+            secrets_api: Api::namespaced(client, &config.namespace),
             config,
             store,
         }
@@ -305,8 +315,12 @@ impl KubernetesLauncher {
         if let Some(gpu) = resources.gpu.filter(|g| *g > 0) {
             quantities.insert("nvidia.com/gpu".to_owned(), Quantity(gpu.to_string()));
         }
+        // The callback secret never appears in the pod spec: the request
+        // goes without it, and the secret comes from the job's own Secret.
+        let mut public = request.clone();
+        let secret = public.callback_secret.take();
         let request_json =
-            serde_json::to_string(request).map_err(|e| Error::internal(e.to_string()))?;
+            serde_json::to_string(&public).map_err(|e| Error::internal(e.to_string()))?;
         let mut env: Vec<EnvVar> = c
             .env
             .iter()
@@ -321,6 +335,29 @@ impl KubernetesLauncher {
             value: Some(request_json),
             ..EnvVar::default()
         });
+        // The one-shot trainer reports only to this origin; the request in
+        // the pod spec is the backend's own, so its callback URL is the one.
+        if let Ok(callback) = url::Url::parse(&request.callback_url) {
+            env.push(EnvVar {
+                name: "VTP_BACKEND_URL".to_owned(),
+                value: Some(callback.origin().ascii_serialization()),
+                ..EnvVar::default()
+            });
+        }
+        if secret.is_some() {
+            env.push(EnvVar {
+                name: CALLBACK_SECRET_ENV.to_owned(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret_name(request.job_id),
+                        key: CALLBACK_SECRET_ENV.to_owned(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
         let container = Container {
             name: CONTAINER.to_owned(),
             image: Some(c.image.clone()),
@@ -425,6 +462,9 @@ impl KubernetesLauncher {
                 Some(reason) => {
                     tracing::warn!(job_id = %job.id, %reason, "reconcile: ending job");
                     self.store.finalize_lost(job.id, &reason).await?;
+                    if let Err(e) = self.delete_secret(job.id).await {
+                        tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not delete the callback Secret");
+                    }
                     report.ended.push((job.id, reason));
                 }
                 None => report.running += 1,
@@ -570,12 +610,104 @@ impl KubernetesLauncher {
         Ok(stuck)
     }
 
+    /// Stores the job's callback secret in its own Secret (replacing one an
+    /// earlier launch made), labelled like the Job.
+    async fn put_secret(&self, request: &StartTraining) -> Result<()> {
+        let Some(secret) = &request.callback_secret else {
+            return Ok(());
+        };
+        let name = secret_name(request.job_id);
+        let object = Secret {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(self.config.namespace.clone()),
+                labels: Some(BTreeMap::from([
+                    ("app.kubernetes.io/managed-by".to_owned(), "vtp".to_owned()),
+                    (JOB_ID_LABEL.to_owned(), request.job_id.to_string()),
+                ])),
+                ..ObjectMeta::default()
+            },
+            string_data: Some(BTreeMap::from([(
+                CALLBACK_SECRET_ENV.to_owned(),
+                secret.expose().to_owned(),
+            )])),
+            type_: Some("Opaque".to_owned()),
+            ..Secret::default()
+        };
+        match self
+            .secrets_api
+            .create(&PostParams::default(), &object)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                let existing = self.secrets_api.get(&name).await.map_err(from_kube)?;
+                let mut object = object;
+                object.metadata.resource_version = existing.metadata.resource_version;
+                self.secrets_api
+                    .replace(&name, &PostParams::default(), &object)
+                    .await
+                    .map_err(from_kube)?;
+                Ok(())
+            }
+            Err(e) => Err(from_kube(e)),
+        }
+    }
+
+    /// Makes the Job the owner of its callback Secret, so Kubernetes deletes
+    /// the Secret with the Job (its TTL, a cancel, the reconciler).
+    async fn own_secret(&self, job_id: JobId, job: &K8sJob) -> Result<()> {
+        let Some(uid) = job.metadata.uid.clone() else {
+            return Ok(());
+        };
+        let name = secret_name(job_id);
+        let mut secret = match self.secrets_api.get(&name).await {
+            Ok(secret) => secret,
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(()),
+            Err(e) => return Err(from_kube(e)),
+        };
+        secret.metadata.owner_references = Some(vec![
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                api_version: "batch/v1".to_owned(),
+                kind: "Job".to_owned(),
+                name: job_name(job_id),
+                uid,
+                ..Default::default()
+            },
+        ]);
+        self.secrets_api
+            .replace(&name, &PostParams::default(), &secret)
+            .await
+            .map_err(from_kube)?;
+        Ok(())
+    }
+
+    /// Deletes the job's callback Secret; a missing one is fine.
+    async fn delete_secret(&self, job_id: JobId) -> Result<()> {
+        match self
+            .secrets_api
+            .delete(&secret_name(job_id), &DeleteParams::default())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(from_kube(e)),
+        }
+    }
+
     async fn delete(&self, name: &str, grace: Duration) -> Result<bool> {
         let params = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Foreground),
             grace_period_seconds: Some(grace.as_secs() as u32),
             ..DeleteParams::default()
         };
+        if let Some(id) = name
+            .strip_prefix("vtp-")
+            .and_then(|id| id.parse::<JobId>().ok())
+            && let Err(e) = self.delete_secret(id).await
+        {
+            tracing::warn!(job_id = %id, error = %error_chain(&e), "could not delete the callback Secret");
+        }
         match self.jobs_api.delete(name, &params).await {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
@@ -614,8 +746,12 @@ impl TrainerLauncher for KubernetesLauncher {
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {
         let job = self.job_manifest(request)?;
+        self.put_secret(request).await?;
         match self.jobs_api.create(&PostParams::default(), &job).await {
-            Ok(_) => {
+            Ok(created) => {
+                if let Err(e) = self.own_secret(request.job_id, &created).await {
+                    tracing::warn!(job_id = %request.job_id, error = %error_chain(&e), "could not make the Job own its callback Secret");
+                }
                 tracing::info!(job_id = %request.job_id, name = %job_name(request.job_id), "created Kubernetes Job");
                 Ok(())
             }

@@ -38,6 +38,8 @@ struct Child {
 pub struct SubprocessLauncher {
     program: PathBuf,
     envs: Vec<(String, String)>,
+    /// The shared token of this backend and its child (`VTP_TRAINER_TOKEN`).
+    token: String,
     jobs: Arc<dyn JobStore>,
     child: tokio::sync::Mutex<Option<Child>>,
 }
@@ -52,10 +54,32 @@ impl SubprocessLauncher {
         SubprocessLauncher {
             program: program.into(),
             envs: Vec::new(),
+            token: vtp_core::auth::random_token(),
             jobs,
             child: tokio::sync::Mutex::new(None),
         }
     }
+
+    /// Variables the child inherits from the backend's environment, by
+    /// prefix; everything else (the database URL with its password, the
+    /// backend's own settings) stays out of the trainer.
+    pub const INHERITED_ENV: [&'static str; 15] = [
+        "PATH",
+        "HOME",
+        "TMPDIR",
+        "LANG",
+        "LC_",
+        "TZ",
+        "LD_LIBRARY_PATH",
+        "VTP_S3_",
+        "VTP_LOG",
+        "VTP_TRAINER_",
+        "AWS_",
+        "OMP_",
+        "MKL_",
+        "CUDA_",
+        "RUST_",
+    ];
 
     /// Sets an environment variable for the child (blob store settings, work dir).
     #[must_use]
@@ -99,9 +123,18 @@ impl SubprocessLauncher {
             ));
         }
         let mut command = tokio::process::Command::new(&self.program);
+        let inherited = std::env::vars().filter(|(name, _)| {
+            Self::INHERITED_ENV
+                .iter()
+                .any(|prefix| name == prefix || (prefix.ends_with('_') && name.starts_with(prefix)))
+        });
         command
             .args(["--listen", "127.0.0.1:0", "--exit-with-parent"])
+            .env_clear()
+            .envs(inherited)
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            // In the environment, not on the command line (which `ps` shows).
+            .env("VTP_TRAINER_TOKEN", &self.token)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -161,7 +194,7 @@ impl SubprocessLauncher {
             }
         });
         Ok(Child {
-            http: HttpLauncher::new(&url)?,
+            http: HttpLauncher::new(&url)?.with_token(&self.token),
             jobs,
             alive,
         })

@@ -75,6 +75,28 @@ struct Slot {
     running: Arc<AtomicBool>,
 }
 
+/// How a [`TrainerService`] runs.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    /// Jobs trained at once.
+    pub concurrency: usize,
+    /// Jobs that may wait for a slot; one more is refused (429).
+    pub max_waiting: usize,
+    /// The backend this service reports to: a start request whose
+    /// `callback_url` has another origin (scheme, host, port) is refused.
+    pub backend_url: String,
+}
+
+impl Default for ServiceOptions {
+    fn default() -> Self {
+        ServiceOptions {
+            concurrency: 1,
+            max_waiting: 64,
+            backend_url: "http://127.0.0.1:8000".into(),
+        }
+    }
+}
+
 /// Trains jobs handed to it over the seed's `POST /training/start` contract.
 #[derive(Debug)]
 pub struct TrainerService {
@@ -83,6 +105,8 @@ pub struct TrainerService {
     work_dir: PathBuf,
     slots: Mutex<HashMap<JobId, Slot>>,
     permits: Arc<Semaphore>,
+    backend: url::Url,
+    max_waiting: usize,
 }
 
 impl TrainerService {
@@ -96,14 +120,69 @@ impl TrainerService {
         work_dir: &Path,
         concurrency: usize,
     ) -> Result<Arc<Self>> {
+        Self::with_options(
+            blobs,
+            work_dir,
+            ServiceOptions {
+                concurrency,
+                ..ServiceOptions::default()
+            },
+        )
+    }
+
+    /// A service with every option set.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a backend URL that is not http(s); when
+    /// the outbox under `work_dir` cannot be opened.
+    pub fn with_options(
+        blobs: Arc<dyn BlobStore>,
+        work_dir: &Path,
+        options: ServiceOptions,
+    ) -> Result<Arc<Self>> {
+        let backend = url::Url::parse(&options.backend_url)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "backend_url",
+                    format!("{:?} is not an http(s) URL", options.backend_url),
+                )
+            })?;
         let outbox = Arc::new(Outbox::open(&work_dir.join("outbox"))?);
         Ok(Arc::new(TrainerService {
             blobs,
             outbox,
             work_dir: work_dir.to_path_buf(),
             slots: Mutex::new(HashMap::new()),
-            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            permits: Arc::new(Semaphore::new(options.concurrency.max(1))),
+            backend,
+            max_waiting: options.max_waiting,
         }))
+    }
+
+    /// Refuses a callback URL off the backend's origin: reports carry
+    /// training results and are signed, and must not become a way to make
+    /// this service send requests anywhere (SSRF).
+    fn check_callback_url(&self, callback_url: &str) -> Result<()> {
+        let refused = |why: &str| {
+            Error::invalid(
+                "callback_url",
+                format!(
+                    "{callback_url:?} {why}; this trainer reports only to {}",
+                    self.backend.origin().ascii_serialization()
+                ),
+            )
+        };
+        let url =
+            url::Url::parse(callback_url).map_err(|e| refused(&format!("is not a URL ({e})")))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(refused("carries credentials"));
+        }
+        if url.origin() != self.backend.origin() {
+            return Err(refused("is not on the backend's origin"));
+        }
+        Ok(())
     }
 
     /// The outbox (run [`Outbox::run`] beside the service).
@@ -138,6 +217,8 @@ impl TrainerService {
     /// # Errors
     /// [`Error::InvalidInput`] for a bad config or dataset URI (reported).
     pub async fn run_once(self: &Arc<Self>, request: StartTraining) -> Result<Finished> {
+        // A refused callback URL gets no report: sending one is what is refused.
+        self.check_callback_url(&request.callback_url)?;
         let admitted = match self.admit(&request) {
             Ok(Some(admitted)) => admitted,
             Ok(None) => {
@@ -159,6 +240,7 @@ impl TrainerService {
 
     /// Validates `request` and claims its slot; `None` when it is here already.
     fn admit(&self, request: &StartTraining) -> Result<Option<Admitted>> {
+        self.check_callback_url(&request.callback_url)?;
         let config = TrainConfig::from_json(&request.config)?;
         let dataset = self
             .blobs
@@ -181,6 +263,19 @@ impl TrainerService {
         let mut slots = self.slots.lock().expect("slots lock");
         if slots.contains_key(&request.job_id) {
             return Ok(None);
+        }
+        let waiting = slots
+            .values()
+            .filter(|slot| !slot.running.load(Ordering::SeqCst))
+            .count();
+        if waiting >= self.max_waiting {
+            return Err(Error::RateLimited {
+                message: format!(
+                    "{waiting} jobs already wait for this trainer (at most {})",
+                    self.max_waiting
+                ),
+                retry_after: std::time::Duration::from_secs(30),
+            });
         }
         slots.insert(request.job_id, slot);
         Ok(Some(Admitted {
@@ -271,10 +366,12 @@ impl TrainerService {
     }
 
     fn report(&self, request: &StartTraining, update: TrainingUpdate) {
-        if let Err(e) = self
-            .outbox
-            .enqueue(request.job_id, &request.callback_url, update)
-        {
+        if let Err(e) = self.outbox.enqueue(
+            request.job_id,
+            &request.callback_url,
+            request.callback_secret.as_ref(),
+            update,
+        ) {
             tracing::error!(job_id = %request.job_id, error = %e, "cannot queue a report");
         }
     }

@@ -15,13 +15,17 @@ use std::time::{Duration, Instant};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
-use vtp_core::{BackoffConfig, Error, JobId, Result, TrainingUpdate};
+use vtp_core::{BackoffConfig, CallbackSecret, Error, JobId, Result, TrainingUpdate};
 
 /// One pending report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OutboxEntry {
     /// Where it goes.
     pub callback_url: String,
+    /// The job's secret, which signs the report at each delivery attempt
+    /// (the entry file is readable by the trainer's user only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_secret: Option<CallbackSecret>,
     /// What it says (with `seq` set).
     pub update: TrainingUpdate,
 }
@@ -57,9 +61,12 @@ impl Outbox {
     /// I/O errors.
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        // Reports never follow redirects: the callback URL was checked against
+        // the backend's origin, and a redirect could point anywhere.
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| Error::internal(format!("HTTP client: {e}")))?;
         Ok(Outbox {
@@ -111,6 +118,7 @@ impl Outbox {
         &self,
         job_id: JobId,
         callback_url: &str,
+        callback_secret: Option<&CallbackSecret>,
         mut update: TrainingUpdate,
     ) -> Result<i64> {
         let dir = self.job_dir(job_id);
@@ -121,12 +129,13 @@ impl Outbox {
         update.job_id = Some(job_id);
         let entry = OutboxEntry {
             callback_url: callback_url.to_owned(),
+            callback_secret: callback_secret.cloned(),
             update,
         };
         let json = serde_json::to_vec(&entry).map_err(|e| Error::internal(e.to_string()))?;
         let path = dir.join(format!("{seq:010}.json"));
         let tmp = dir.join(format!(".{seq:010}.tmp"));
-        std::fs::write(&tmp, json).map_err(|e| io(&tmp, e))?;
+        write_private(&tmp, &json).map_err(|e| io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
         std::fs::write(dir.join("seq"), seq.to_string()).map_err(|e| io(&dir, e))?;
         seqs.insert(job_id, seq);
@@ -300,13 +309,41 @@ impl Outbox {
                 return Delivery::Done;
             }
         };
-        match self
+        let body = match serde_json::to_vec(&entry.update) {
+            Ok(body) => body,
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "dropping an unencodable report");
+                return Delivery::Done;
+            }
+        };
+        let mut request = self
             .client
             .post(&entry.callback_url)
-            .json(&entry.update)
-            .send()
-            .await
-        {
+            .header(reqwest::header::CONTENT_TYPE, "application/json");
+        if let Some(secret) = &entry.callback_secret {
+            // The id is the same on every retry of this report.
+            let msg_id = format!(
+                "{}-{}",
+                entry
+                    .update
+                    .job_id
+                    .map(|j| j.to_string())
+                    .unwrap_or_default(),
+                entry.update.seq.unwrap_or_default()
+            );
+            match secret.headers(&msg_id, &body) {
+                Ok(headers) => {
+                    for (name, value) in headers {
+                        request = request.header(name, value);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "dropping a report with a malformed secret");
+                    return Delivery::Done;
+                }
+            }
+        }
+        match request.body(body).send().await {
             Ok(response) if response.status().is_success() => Delivery::Done,
             Ok(response)
                 if response.status().is_server_error() || response.status().as_u16() == 429 =>
@@ -323,6 +360,17 @@ impl Outbox {
             Err(e) => Delivery::Retry(format!("{}: {e}", entry.callback_url)),
         }
     }
+}
+
+/// Writes `bytes` to a new file readable by this user only (it may hold a
+/// job's callback secret).
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
 }
 
 enum Delivery {

@@ -1,0 +1,217 @@
+//! Who is calling: the [`Caller`] extractor, per-job callback secrets, and
+//! the ownership checks every route that takes an id goes through.
+//!
+//! - With [`AuthMode::Tokens`] a request needs `Authorization: Bearer vtp_…`
+//!   (a token made with `vtp-backend token create`); it acts for the token's
+//!   user, and sees another user's objects only with an admin token.
+//! - With [`AuthMode::Off`] (loopback only, the embedded tier-1 default)
+//!   every request acts for [`Principal::local`], which may use any
+//!   `user_id`, as the seed's API did.
+//!
+//! Trainer reports never use tokens: each is signed with its job's secret
+//! (see [`vtp_core::callback_signature`]), checked in the callback handler.
+
+use std::sync::Mutex;
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use hashlink::LruCache;
+use vtp_core::{
+    BlobStoreExt, CallbackSecret, CredentialStoreExt, Error, Job, JobId, JobStore, Principal,
+};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+/// Whether requests must carry an API token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// No tokens; one local user. Allowed only on a loopback address.
+    Off,
+    /// Every request but `/health`, `/metrics` and signed trainer reports
+    /// needs a bearer token.
+    Tokens,
+}
+
+impl AuthMode {
+    /// The mode for `listen` when none is configured: off on loopback,
+    /// tokens anywhere else.
+    pub fn default_for(listen: std::net::SocketAddr) -> Self {
+        if listen.ip().is_loopback() {
+            AuthMode::Off
+        } else {
+            AuthMode::Tokens
+        }
+    }
+}
+
+/// The principal a request acts for.
+#[derive(Debug, Clone)]
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        if state.auth == AuthMode::Off {
+            return Ok(Caller(Principal::local()));
+        }
+        let header = parts
+            .headers
+            .get(AUTHORIZATION)
+            .ok_or_else(|| Error::unauthenticated("send Authorization: Bearer <token>"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or_else(|| {
+                Error::unauthenticated("the Authorization header is not Bearer <token>")
+            })?;
+        let principal = state.credentials.authenticate(token).await?;
+        Ok(Caller(principal))
+    }
+}
+
+impl Caller {
+    /// The principal.
+    pub fn principal(&self) -> &Principal {
+        &self.0
+    }
+
+    /// Whether this caller may act for `user_id` (as an owner in a body or form).
+    ///
+    /// # Errors
+    /// [`Error::Forbidden`] when it may not.
+    pub fn check_acts_for(&self, field: &str, user_id: &str) -> vtp_core::Result<()> {
+        if self.0.may_access(user_id) {
+            Ok(())
+        } else {
+            Err(Error::forbidden(format!(
+                "{field} {user_id:?} is not yours; leave it out or send your own ({:?})",
+                self.0.user_id
+            )))
+        }
+    }
+}
+
+/// Job `id`, if the caller may see it; someone else's job is answered
+/// exactly like a missing one (404), so ids cannot be probed.
+///
+/// # Errors
+/// [`Error::NotFound`]; store errors.
+pub async fn owned_job(jobs: &dyn JobStore, caller: &Caller, id: JobId) -> Result<Job, ApiError> {
+    let job = jobs.get(id).await?;
+    if caller.0.may_access(&job.user_id) {
+        Ok(job)
+    } else {
+        Err(Error::not_found("job", id).into())
+    }
+}
+
+/// Checks that `uri` names an object of `owner` in this backend's blob
+/// store: under `users/{owner}/`, or under `jobs/{id}/` of a job `owner`
+/// owns (a checkpoint to start from).
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `field`.
+pub async fn check_owned_blob(
+    state: &AppState,
+    field: &str,
+    uri: &str,
+    owner: &str,
+    datasets_only: bool,
+) -> Result<(), ApiError> {
+    let key = state
+        .blobs
+        .key_for(uri)
+        .map_err(|e| Error::invalid(field, vtp_core::error_chain(&e)))?;
+    let key = key.as_str();
+    let user_prefix = if datasets_only {
+        format!("users/{owner}/datasets/")
+    } else {
+        format!("users/{owner}/")
+    };
+    if key.starts_with(&user_prefix) {
+        return Ok(());
+    }
+    if !datasets_only
+        && let Some(rest) = key.strip_prefix("jobs/")
+        && let Some(id) = rest
+            .split('/')
+            .next()
+            .and_then(|id| id.parse::<JobId>().ok())
+        && let Ok(job) = state.jobs.get(id).await
+        && job.user_id == owner
+    {
+        return Ok(());
+    }
+    let what = if datasets_only {
+        format!(
+            "must be one of {owner}'s datasets (a key under {user_prefix}, as uploads are stored)"
+        )
+    } else {
+        format!(
+            "must be {owner}'s own object (under {user_prefix} or a checkpoint of {owner}'s job)"
+        )
+    };
+    Err(Error::invalid(field, format!("{uri} {what}")).into())
+}
+
+/// The callback secrets of recently started jobs, so a report is checked
+/// without a database read; misses fall back to the store.
+pub struct SecretCache {
+    secrets: Mutex<LruCache<JobId, CallbackSecret>>,
+}
+
+impl std::fmt::Debug for SecretCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretCache").finish_non_exhaustive()
+    }
+}
+
+impl Default for SecretCache {
+    fn default() -> Self {
+        SecretCache {
+            secrets: Mutex::new(LruCache::new(4096)),
+        }
+    }
+}
+
+impl SecretCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<JobId, CallbackSecret>> {
+        self.secrets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remembers the secret of `id`.
+    pub fn remember(&self, id: JobId, secret: CallbackSecret) {
+        self.lock().insert(id, secret);
+    }
+
+    /// The secret of `id` if cached.
+    pub fn get(&self, id: JobId) -> Option<CallbackSecret> {
+        self.lock().get(&id).cloned()
+    }
+}
+
+/// The current callback secret of job `id`: cached, else from the store.
+///
+/// # Errors
+/// [`Error::Unauthenticated`] when the job has none (never started, or
+/// unknown); store errors.
+pub async fn job_secret(state: &AppState, id: JobId) -> Result<CallbackSecret, ApiError> {
+    if let Some(secret) = state.secrets.get(id) {
+        return Ok(secret);
+    }
+    let secret = state
+        .credentials
+        .job_secret(id)
+        .await?
+        .ok_or_else(|| Error::unauthenticated(format!("job {id} has no callback secret")))?;
+    state.secrets.remember(id, secret.clone());
+    Ok(secret)
+}

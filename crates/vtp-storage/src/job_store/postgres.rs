@@ -25,13 +25,23 @@ impl PostgresJobStore {
     /// How long a call waits for a connection before reporting the database unavailable.
     pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+    /// The longest any one statement may run (`statement_timeout`).
+    pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
+
     /// Idle time after which a pooled connection is pinged before use.
     pub const PING_IDLE_AFTER: Duration = Duration::from_millis(250);
 
-    /// Connects to `url` (`postgres://user@host/db`) and migrates.
+    /// Connects to `url` (`postgres://user@host/db`, with `sslmode=require`
+    /// or `verify-full&sslrootcert=ca.pem` for TLS) and migrates.
     pub async fn connect(url: &str) -> Result<Self> {
+        // No statement may hold a connection (and its locks) for more than
+        // STATEMENT_TIMEOUT: a slow query fails instead of stalling the pool.
         let options = PgConnectOptions::from_str(url)
-            .map_err(|e| Error::invalid("database_url", e.to_string()))?;
+            .map_err(|e| Error::invalid("database_url", e.to_string()))?
+            .options([(
+                "statement_timeout",
+                format!("{}ms", Self::STATEMENT_TIMEOUT.as_millis()),
+            )]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Self::ACQUIRE_TIMEOUT)

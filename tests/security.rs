@@ -57,6 +57,10 @@ fn token(env: &[(&'static str, String)], user: &str, admin: bool) -> String {
 
 impl Env {
     async fn new() -> Option<Self> {
+        Self::with(&[]).await
+    }
+
+    async fn with(extra: &[(&'static str, &str)]) -> Option<Self> {
         let db = TestDatabase::create().await?;
         let s3 = TestS3::from_env()?;
         let blob_url = s3.fresh_url();
@@ -66,6 +70,7 @@ impl Env {
         env.push(("VTP_LAUNCHER", "http".to_owned()));
         env.push(("VTP_TRAINER_URL", trainer.url()));
         env.push(("VTP_AUTH", "tokens".to_owned()));
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
         let backend = BackendProcess::start(&env).await;
         let blobs = s3.builder().with_url(blob_url).build().unwrap();
         Some(Env {
@@ -458,6 +463,81 @@ async fn reports_must_be_signed_by_their_own_job() {
         (200, &json!("completed")),
         "{answer}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bursts_are_limited_per_user_and_others_go_on() {
+    let Some(env) = Env::with(&[
+        ("VTP_RATE_CREATES_PER_MINUTE", "3"),
+        ("VTP_MAX_ACTIVE_JOBS_PER_USER", "1"),
+    ])
+    .await
+    else {
+        return;
+    };
+    let alice = Env::client(Some(&token(&env.env, "alice", false)));
+    let bob = Env::client(Some(&token(&env.env, "bob", false)));
+    let mut datasets = Vec::new();
+    for client in [&alice, &bob] {
+        let (status, uploaded) = env
+            .upload(client, &[("dataset_name", "d")], b"PK data")
+            .await;
+        assert_eq!(status, 201, "{uploaded}");
+        datasets.push(uploaded["s3_uri"].as_str().unwrap().to_owned());
+    }
+    let create = |client: &reqwest::Client, dataset: &str| {
+        client.post(env.backend.at("/training/jobs")).json(
+            &json!({"model_name": "small_cnn", "framework": "tch", "dataset_s3_uri": dataset}),
+        )
+    };
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, job) = env.call(create(&alice, &datasets[0])).await;
+        assert_eq!(status, 201, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_owned());
+    }
+    let response = create(&alice, &datasets[0]).send().await.unwrap();
+    assert_eq!(response.status(), 429);
+    let retry: u64 = response.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // Bob is not held back by Alice's burst.
+    let (status, bobs) = env.call(create(&bob, &datasets[1])).await;
+    assert_eq!(status, 201, "{bobs}");
+
+    // One active job each: Alice's second start waits, Bob's goes.
+    let start = |client: &reqwest::Client, id: &str| {
+        client.post(env.backend.at(&format!("/training/jobs/{id}/start")))
+    };
+    let (status, _) = env.call(start(&alice, &ids[0])).await;
+    assert_eq!(status, 202);
+    let (status, answer) = env.call(start(&alice, &ids[1])).await;
+    assert_eq!(status, 429, "{answer}");
+    let (_, job) = env
+        .call(alice.get(env.backend.at(&format!("/training/jobs/{}", ids[1]))))
+        .await;
+    assert_eq!(
+        job["status"], "pending",
+        "a refused start leaves the job as it was"
+    );
+    let (status, _) = env.call(start(&bob, bobs["id"].as_str().unwrap())).await;
+    assert_eq!(status, 202);
+
+    // Values that would exhaust a trainer are refused at create.
+    for config in [
+        json!({"epochs": 1_000_000}),
+        json!({"batch_size": 4096, "image_size": 4096}),
+    ] {
+        let (status, answer) = env
+            .call(bob.post(env.backend.at("/training/jobs")).json(
+                &json!({"model_name": "small_cnn", "framework": "tch", "dataset_s3_uri": datasets[1], "config": config}),
+            ))
+            .await;
+        assert_eq!(status, 422, "{config}: {answer}");
+    }
 }
 
 #[test]

@@ -84,6 +84,22 @@ pub struct BackendConfig {
     #[arg(long, env = "VTP_TRAINER_TOKEN", hide_env_values = true)]
     pub trainer_token: Option<String>,
 
+    /// Job creations per user per minute (with tokens); more get 429.
+    #[arg(long, env = "VTP_RATE_CREATES_PER_MINUTE", default_value_t = 60)]
+    pub creates_per_minute: u32,
+
+    /// Dataset uploads per user per minute (with tokens); more get 429.
+    #[arg(long, env = "VTP_RATE_UPLOADS_PER_MINUTE", default_value_t = 30)]
+    pub uploads_per_minute: u32,
+
+    /// A user's jobs that may be active at once (with tokens); another start gets 429.
+    #[arg(long, env = "VTP_MAX_ACTIVE_JOBS_PER_USER", default_value_t = 8)]
+    pub max_active_jobs: u32,
+
+    /// Largest job `config`, in bytes of JSON.
+    #[arg(long, env = "VTP_MAX_CONFIG_BYTES", default_value_t = 64 * 1024)]
+    pub max_config_bytes: usize,
+
     /// Administration instead of serving.
     #[command(subcommand)]
     pub command: Option<BackendCommand>,
@@ -130,6 +146,16 @@ impl BackendConfig {
                 }
                 format!("http://{addr}")
             }
+        }
+    }
+
+    /// The per-user limits.
+    pub fn limits(&self) -> crate::limits::LimitSettings {
+        crate::limits::LimitSettings {
+            creates_per_minute: self.creates_per_minute,
+            uploads_per_minute: self.uploads_per_minute,
+            max_active_jobs: self.max_active_jobs,
+            max_config_bytes: self.max_config_bytes,
         }
     }
 

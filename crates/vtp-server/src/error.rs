@@ -234,6 +234,63 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
     }
 }
 
+/// Answers every 5xx with a generic message and the request id instead of
+/// the cause (a database host, a bucket, a stack of errors): the cause is
+/// logged with that id, and the client quotes the id.
+pub async fn hide_server_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+        .to_owned();
+    let response = next.run(request).await;
+    if !response.status().is_server_error() {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let bytes = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let original: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    if !original["error"].is_object() && !bytes.is_empty() && original.is_object() {
+        // A designed answer (`/health` degraded), not an error: kept.
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    }
+    let code = original["error"]["code"]
+        .as_str()
+        .unwrap_or("internal")
+        .to_owned();
+    tracing::warn!(
+        %request_id,
+        status = parts.status.as_u16(),
+        cause = %original["error"]["message"].as_str().unwrap_or_else(|| std::str::from_utf8(&bytes).unwrap_or("")),
+        "answered a server error"
+    );
+    let message = match parts.status {
+        StatusCode::SERVICE_UNAVAILABLE => {
+            "a service the platform depends on is unavailable; try again"
+        }
+        StatusCode::BAD_GATEWAY => "a service the platform depends on refused the request",
+        StatusCode::GATEWAY_TIMEOUT => "a service the platform depends on timed out",
+        _ => "internal error",
+    };
+    let body = serde_json::json!({"error": {
+        "code": code,
+        "message": format!("{message} (request id {request_id}; the cause is in the server log)"),
+        "request_id": request_id,
+    }});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Response::from_parts(parts, axum::body::Body::from(body.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

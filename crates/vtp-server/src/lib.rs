@@ -42,6 +42,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 mod known_jobs;
+pub mod limits;
 pub mod metrics;
 mod routes;
 pub mod sweeper;
@@ -74,6 +75,8 @@ pub struct AppState {
     pub known_jobs: Arc<KnownJobs>,
     /// Callback secrets of recently started jobs.
     pub secrets: Arc<auth::SecretCache>,
+    /// Per-user rates and caps.
+    pub limits: Arc<limits::Limits>,
 }
 
 impl AppState {
@@ -95,7 +98,15 @@ impl AppState {
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
             known_jobs: Arc::new(KnownJobs::new()),
             secrets: Arc::new(auth::SecretCache::default()),
+            limits: Arc::new(limits::Limits::new(limits::LimitSettings::default())),
         }
+    }
+
+    /// Sets the per-user limits.
+    #[must_use]
+    pub fn with_limits(mut self, settings: limits::LimitSettings) -> Self {
+        self.limits = Arc::new(limits::Limits::new(settings));
+        self
     }
 
     /// Sets whether requests need a token.
@@ -118,11 +129,20 @@ impl AppState {
     }
 }
 
+/// How long a non-streaming request may take before it is answered 503.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The backend router.
+///
+/// Every answer carries `x-request-id` (the client's, or a fresh UUID);
+/// the request's log lines carry it too. Non-streaming routes time out after
+/// [`REQUEST_TIMEOUT`]; uploads and checkpoint downloads stream for as long
+/// as they need.
 pub fn app(state: AppState) -> Router {
+    use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     // Install the recorder before the first request records anything.
     metrics::handle();
-    Router::new()
+    let bounded = Router::new()
         .route("/health", get(routes::health))
         .route(
             "/training/jobs",
@@ -135,6 +155,11 @@ pub fn app(state: AppState) -> Router {
         .route("/training/jobs/{id}/start", post(routes::jobs::start))
         .route("/training/jobs/{id}/callback", post(routes::jobs::callback))
         .route("/training/jobs/{id}/metrics", get(routes::jobs::metrics))
+        .route_layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ));
+    let streaming = Router::new()
         .route(
             "/training/jobs/{id}/checkpoint",
             get(routes::jobs::checkpoint),
@@ -147,10 +172,24 @@ pub fn app(state: AppState) -> Router {
             "/datasets/upload",
             // The upload handler enforces its own limit while streaming.
             post(routes::datasets::upload).layer(DefaultBodyLimit::disable()),
-        )
+        );
+    bounded
+        .merge(streaming)
         .route_layer(axum::middleware::from_fn(metrics::track))
         .route("/metrics", get(metrics::render))
-        .layer(TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(error::hide_server_errors))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+                let id = request
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!("request", method = %request.method(), uri = %request.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 

@@ -59,6 +59,9 @@ pub async fn upload(
     ApiQuery(query): ApiQuery<UploadQuery>,
     request: Request,
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
+    if state.auth == AuthMode::Tokens {
+        state.limits.check_upload(&caller.principal().user_id)?;
+    }
     let limit = state.max_upload_bytes;
     // Refuse from the header alone, before reading a byte of the body.
     let declared = request

@@ -27,7 +27,9 @@ pub async fn create(
     caller: Caller,
     ApiJson(mut new): ApiJson<NewJob>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
+    state.limits.check_config(&new.config)?;
     if state.auth == AuthMode::Tokens {
+        state.limits.check_create(&caller.principal().user_id)?;
         if new.user_id.is_empty() {
             new.user_id.clone_from(&caller.principal().user_id);
         }
@@ -132,6 +134,10 @@ pub async fn start(
             true,
         )
         .await?;
+        state
+            .limits
+            .check_active(state.jobs.as_ref(), &job.user_id)
+            .await?;
     }
     check_dataset(&state, &job).await?;
     // The secret is stored before the launch, so the first report verifies.

@@ -250,12 +250,17 @@ async fn a_trainer_that_dies_fails_its_job_with_the_exit_status() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_outage_mid_run_loses_and_duplicates_no_epoch() {
     let Some(env) = Env::new().await else { return };
-    // Tier 2 shape: a trainer service of its own, reached over HTTP.
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // Tier 2 shape: a trainer service of its own, reached over HTTP, that
+    // reports only to this backend and answers only its token.
     let mut trainer_env = env.s3.env_for(&env.blob_url);
     trainer_env.push((
         "VTP_WORK_DIR",
         env.work.path().join("trainer").display().to_string(),
     ));
+    trainer_env.push(("VTP_BACKEND_URL", format!("http://{listen}")));
+    trainer_env.push(("VTP_TRAINER_TOKEN", "vtp_tier2-shared-token".to_owned()));
     let trainer = ServiceProcess::spawn(
         TRAINER_BIN,
         &["--listen", "127.0.0.1:0"],
@@ -263,10 +268,9 @@ async fn a_backend_outage_mid_run_loses_and_duplicates_no_epoch() {
         "vtp-trainer-service listening on ",
     )
     .await;
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
     let mut backend_env = env.backend_env("http");
     backend_env.push(("VTP_TRAINER_URL", trainer.url.clone()));
+    backend_env.push(("VTP_TRAINER_TOKEN", "vtp_tier2-shared-token".to_owned()));
     let start = |env: Vec<(&'static str, String)>, listen: String| async move {
         ServiceProcess::spawn(
             env!("CARGO_BIN_EXE_vtp-backend"),

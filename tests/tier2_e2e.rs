@@ -213,9 +213,13 @@ async fn a_job_runs_as_a_kubernetes_job_on_the_same_backend_binary() {
         .kube
         .seen()
         .iter()
-        .filter(|s| s.method == "POST")
+        .filter(|s| s.method == "POST" && s.name == format!("vtp-{id}"))
         .count();
     assert_eq!(posts, 1, "no second Job");
+    assert!(
+        !created.to_string().contains("whsec_"),
+        "the callback secret is not in the Job"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

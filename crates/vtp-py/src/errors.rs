@@ -45,6 +45,13 @@ create_exception!(
 );
 create_exception!(
     vtp,
+    AuthError,
+    VtpError,
+    "The backend wants a valid token (401), or the token may not do this (403)."
+);
+
+create_exception!(
+    vtp,
     JobFailed,
     VtpError,
     "A waited-for job ended `failed`; the message is the job's error."
@@ -84,10 +91,11 @@ pub(crate) fn from_status(status: u16, body: &[u8]) -> PyErr {
             }
         });
     match status {
+        401 | 403 => AuthError::new_err(message),
         404 => NotFound::new_err(message),
         409 => Conflict::new_err(message),
         400 | 413 | 415 | 422 => InvalidInput::new_err(message),
-        502..=504 => Unavailable::new_err(message),
+        429 | 502..=504 => Unavailable::new_err(message),
         _ => VtpError::new_err(message),
     }
 }

@@ -40,6 +40,7 @@ fn _vtp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Conflict", py.get_type::<errors::Conflict>())?;
     m.add("InvalidInput", py.get_type::<errors::InvalidInput>())?;
     m.add("Unavailable", py.get_type::<errors::Unavailable>())?;
+    m.add("AuthError", py.get_type::<errors::AuthError>())?;
     m.add("JobFailed", py.get_type::<errors::JobFailed>())?;
     Ok(())
 }

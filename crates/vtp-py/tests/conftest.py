@@ -12,7 +12,7 @@ import random
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy
@@ -130,8 +130,8 @@ def s3_env() -> dict[str, str]:
 def backend(
     postgres_url: str, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
-    """The real `vtp-backend` (subprocess trainer) on Postgres and Garage;
-    yields its base URL."""
+    """The real `vtp-backend` (subprocess trainer) on Postgres and Garage,
+    with tokens required (``VTP_AUTH=tokens``); yields its base URL."""
     work = tmp_path_factory.mktemp("backend")
     env = {
         **os.environ,
@@ -142,6 +142,7 @@ def backend(
         "VTP_TRAINER_BIN": str(binary("vtp-trainer-service")),
         "VTP_WORK_DIR": str(work / "trainer"),
         "VTP_LOG": "info",
+        "VTP_AUTH": "tokens",
     }
     log = (work / "backend.log").open("w")
     process = subprocess.Popen(
@@ -166,3 +167,21 @@ def backend(
     except subprocess.TimeoutExpired:
         process.kill()
     log.close()
+
+
+@pytest.fixture(scope="session")
+def make_token(postgres_url: str) -> Callable[[str], str]:
+    """Makes an API token for a user with ``vtp-backend token create``."""
+
+    def make(user: str) -> str:
+        env = {**os.environ, "VTP_DATABASE_URL": postgres_url}
+        made = subprocess.run(
+            [str(binary("vtp-backend")), "token", "create", "--user", user],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return made.stdout.strip()
+
+    return make

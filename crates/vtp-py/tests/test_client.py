@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,19 @@ from vtp_models import SmallCnn, load_vtp_weights  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def client(backend: str) -> vtp.Client:
-    return vtp.Client(backend, token="notebook-token", user_id=f"py-{uuid.uuid4().hex[:8]}")
+def client(backend: str, make_token: Callable[[str], str]) -> vtp.Client:
+    return vtp.Client(backend, token=make_token(f"py-{uuid.uuid4().hex[:8]}"))
+
+
+def test_tokens_are_required_and_come_from_the_environment(
+    backend: str, make_token: Callable[[str], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(vtp.AuthError, match="Bearer"):
+        vtp.Client(backend).jobs()
+    with pytest.raises(vtp.AuthError):
+        vtp.Client(backend, token="vtp_" + "0" * 64).jobs()
+    monkeypatch.setenv("VTP_TOKEN", make_token("py-env"))
+    assert vtp.Client(backend).jobs() == []
 
 
 @pytest.fixture(scope="module")

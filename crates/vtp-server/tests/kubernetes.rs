@@ -77,6 +77,7 @@ async fn job_in(env: &Env, status: JobStatus, config: Value) -> StartTraining {
         &job,
         format!("http://backend/training/jobs/{}/callback", job.id),
     )
+    .with_secret(vtp_core::CallbackSecret::generate())
 }
 
 #[tokio::test]
@@ -133,16 +134,45 @@ async fn launch_creates_one_labelled_job_with_the_request_resources_and_policies
             .and_then(|e| e.value.clone())
     };
     let sent: StartTraining = serde_json::from_str(&value_of(START_TRAINING_ENV).unwrap()).unwrap();
-    assert_eq!(sent, request, "the pod gets the job's start request");
+    let mut public = request.clone();
+    let secret = public.callback_secret.take().unwrap();
+    assert_eq!(
+        sent, public,
+        "the pod gets the job's start request, without its secret"
+    );
+    // The callback secret is in the job's own Secret, owned by the Job, and
+    // nowhere in the pod spec.
+    assert!(
+        !job.to_string().contains(secret.expose()),
+        "the secret leaked into the Job"
+    );
+    let reference = env_vars
+        .iter()
+        .find(|e| e.name == "VTP_CALLBACK_SECRET")
+        .and_then(|e| e.value_from.clone())
+        .and_then(|v| v.secret_key_ref)
+        .expect("VTP_CALLBACK_SECRET comes from a Secret");
+    let stored = env.kube.secret(&reference.name).expect("the Secret exists");
+    assert_eq!(stored["stringData"][&reference.key], secret.expose());
+    assert_eq!(stored["metadata"]["ownerReferences"][0]["kind"], "Job");
+    assert_eq!(
+        stored["metadata"]["ownerReferences"][0]["uid"],
+        job["metadata"]["uid"]
+    );
+    assert_eq!(
+        value_of("VTP_BACKEND_URL").as_deref(),
+        Some("http://backend")
+    );
     assert_eq!(
         value_of("VTP_BLOB_URL").as_deref(),
         Some("s3://datasets/vtp")
     );
-    // Credentials come from the Secret, never inline.
+    // Credentials come from Secrets, never inline.
     assert!(
         env_vars
             .iter()
-            .all(|e| !e.name.contains("SECRET") && !e.name.contains("ACCESS_KEY"))
+            .filter(|e| e.name.contains("SECRET") || e.name.contains("ACCESS_KEY"))
+            .all(|e| e.value.is_none() && e.value_from.is_some())
     );
     let from = container.env_from.clone().unwrap();
     assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "vtp-s3");
@@ -204,9 +234,14 @@ async fn cancel_deletes_the_job_in_the_foreground_after_the_grace_period() {
         .kube
         .seen()
         .into_iter()
-        .find(|s| s.method == "DELETE")
+        .find(|s| s.method == "DELETE" && s.name == job_name(request.job_id))
         .unwrap();
-    assert_eq!(delete.name, job_name(request.job_id));
+    assert!(
+        env.kube
+            .secret(&format!("{}-callback", job_name(request.job_id)))
+            .is_none(),
+        "the job's callback Secret goes with it"
+    );
     assert_eq!(delete.body["propagationPolicy"], "Foreground");
     assert_eq!(delete.body["gracePeriodSeconds"], 30);
     assert!(env.kube.job(&job_name(request.job_id)).is_none());

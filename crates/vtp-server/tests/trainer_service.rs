@@ -410,3 +410,121 @@ async fn bad_datasets_fail_the_job_with_the_reason_and_the_service_keeps_serving
         "the service still trains"
     );
 }
+
+/// Counts the connections made to it: nothing may reach it.
+struct Canary {
+    url: String,
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Canary {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((_socket, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        Canary { url, hits }
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trainer_answers_only_its_backend_and_reports_only_to_it() {
+    let s = stack().await;
+    let canary = Canary::start().await;
+    let start = |callback_url: &str| {
+        json!({"job_id": vtp_core::JobId::new(), "config": {"model": "small_cnn", "epochs": 1},
+               "dataset_s3_uri": "s3://vtp-memory/x.zip", "callback_url": callback_url})
+    };
+    // Without the shared token: refused before anything is read.
+    let (status, _) = s
+        .call(
+            reqwest::Client::new()
+                .post(format!("{}/training/start", s.trainer))
+                .json(&start(&format!("{}/cb", s.backend))),
+        )
+        .await;
+    assert_eq!(status, 401);
+    let backend = url::Url::parse(&s.backend).unwrap();
+    let port = backend.port().unwrap();
+    let elsewhere = [
+        "http://169.254.169.254/latest/meta-data/".to_owned(),
+        "http://127.0.0.1:5432/".to_owned(),
+        format!("http://[::1]:{port}/cb"),
+        format!("http://0x7f000001:{}/cb", port ^ 1),
+        "file:///etc/passwd".to_owned(),
+        "http://[example.com]/cb".to_owned(),
+        format!("{}/training/jobs/x/callback", canary.url),
+        format!("http://user:pw@127.0.0.1:{port}/cb"),
+        format!("https://127.0.0.1:{port}/cb"),
+    ];
+    for url in &elsewhere {
+        let (status, body) = s
+            .call(
+                s.http
+                    .post(format!("{}/training/start", s.trainer))
+                    .json(&start(url)),
+            )
+            .await;
+        assert_eq!(status, 422, "{url}: {body}");
+        assert_eq!(body["error"]["field"], "callback_url", "{url}: {body}");
+    }
+    let (_, health) = s.call(s.http.get(format!("{}/health", s.trainer))).await;
+    assert_eq!(health["jobs"], json!([]), "nothing was started");
+
+    // On the backend's origin but redirected elsewhere: the report is not
+    // followed there. The "backend" here answers every report with a 307.
+    let redirects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = redirects.clone();
+    let target = format!("{}/stolen", canary.url);
+    let redirector = axum::Router::new().fallback(move || {
+        seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let target = target.clone();
+        async move { axum::response::Redirect::temporary(&target) }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, redirector).await });
+    let work = tempfile::tempdir().unwrap();
+    let service = TrainerService::with_options(
+        s.blobs.clone(),
+        work.path(),
+        ServiceOptions {
+            backend_url: origin.clone(),
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let outbox = service.outbox().clone();
+    tokio::spawn(async move { outbox.run().await });
+    let job_id = vtp_core::JobId::new();
+    let request: vtp_core::StartTraining = serde_json::from_value(json!({
+        "job_id": job_id, "config": {"model": "small_cnn", "epochs": 1},
+        "dataset_s3_uri": "s3://vtp-memory/missing.zip",
+        "callback_url": format!("{origin}/training/jobs/{job_id}/callback"),
+    }))
+    .unwrap();
+    service.start(request).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while redirects.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failure was never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(service.outbox().drained(Duration::from_secs(10)).await);
+    assert_eq!(
+        canary.hits(),
+        0,
+        "no request reached anything off the backend's origin"
+    );
+}

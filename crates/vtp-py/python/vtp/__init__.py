@@ -13,7 +13,7 @@ The same Rust engine as the VTP services, two ways:
 
 ``vtp.load_checkpoint(path)`` opens a trained model for prediction. Errors
 are ``vtp.VtpError`` subclasses: ``NotFound``, ``Conflict``,
-``InvalidInput``, ``Unavailable`` and ``JobFailed``.
+``InvalidInput``, ``Unavailable``, ``AuthError`` and ``JobFailed``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ except ImportError as error:  # pragma: no cover - depends on the install
     from . import _vtp
 
 from ._vtp import (
+    AuthError,
     Conflict,
     InvalidInput,
     JobFailed,
@@ -44,6 +45,7 @@ from .client import Client, Event, Job, LocalClient, TrainResult, local
 __version__: str = _vtp.__version__
 
 __all__ = [
+    "AuthError",
     "Checkpoint",
     "Client",
     "Conflict",

@@ -39,6 +39,10 @@ COPY --from=build /opt/keep /opt/torch/lib/python3.11/site-packages
 COPY --from=build /vtp-trainer-service /usr/local/bin/vtp-trainer-service
 USER 10001:10001
 WORKDIR /home/vtp
-ENV VTP_WORK_DIR=/home/vtp/work VTP_TRAINER_LISTEN=0.0.0.0:8001
+# Loopback unless configured: as a service reached over the network, set
+# VTP_TRAINER_LISTEN=0.0.0.0:8001 and VTP_TRAINER_TOKEN (from a Secret); the
+# service refuses to listen beyond loopback without a token. Kubernetes Jobs
+# run `run-job`, which listens nowhere.
+ENV VTP_WORK_DIR=/home/vtp/work
 EXPOSE 8001
 ENTRYPOINT ["/usr/local/bin/vtp-trainer-service"]

@@ -548,6 +548,23 @@ async fn callbacks_are_idempotent_and_ordered_by_seq() {
         [1, 2, 3]
     );
     assert_eq!(metrics[1]["loss"], 0.5);
+    // Paged on request.
+    let (_, page) = send(
+        &h.app,
+        empty(
+            "GET",
+            &format!("/training/jobs/{id}/metrics?limit=1&offset=1"),
+        ),
+    )
+    .await;
+    assert_eq!(page.as_array().unwrap().len(), 1);
+    assert_eq!(page[0]["epoch"], 2);
+    let (status, _) = send(
+        &h.app,
+        empty("GET", &format!("/training/jobs/{id}/metrics?limit=100000")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
 
     // Terminal: a replay of the final report is a harmless duplicate, a new report is 409.
     let (status, body) = report(&h, &id, done).await;

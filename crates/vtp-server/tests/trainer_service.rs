@@ -528,3 +528,37 @@ async fn the_trainer_answers_only_its_backend_and_reports_only_to_it() {
         "no request reached anything off the backend's origin"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let work = tempfile::tempdir().unwrap();
+    let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
+    let service = TrainerService::with_options(
+        blobs,
+        work.path(),
+        ServiceOptions {
+            max_waiting: 0,
+            ..ServiceOptions::default()
+        },
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(vtp_server::trainer_service::serve_trainer(
+        listener,
+        service,
+        Some(TRAINER_TOKEN.into()),
+        std::future::pending(),
+    ));
+    let start = json!({"job_id": vtp_core::JobId::new(), "config": {"model": "small_cnn"},
+                       "dataset_s3_uri": "s3://vtp-memory/x.zip",
+                       "callback_url": "http://127.0.0.1:8000/training/jobs/x/callback"});
+    let response = client()
+        .post(format!("{url}/training/start"))
+        .json(&start)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 429);
+    assert_eq!(response.headers()["retry-after"], "30");
+}

@@ -15,7 +15,9 @@ fn request(job_id: JobId) -> StartTraining {
         config: serde_json::json!({"model": "resnet18", "epochs": 3, "lr": 0.01}),
         dataset_s3_uri: "s3://vtp/users/alice/datasets/digits/digits.zip".into(),
         callback_url: "http://127.0.0.1:8000/training/jobs/x/callback".into(),
-        callback_secret: Some(vtp_core::CallbackSecret::generate()),
+        callback_secret: Some(
+            vtp_core::CallbackSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap(),
+        ),
     }
 }
 

@@ -351,17 +351,39 @@ async fn signal_trainer(state: &AppState, id: JobId) -> ApiResult<Json<Job>> {
     Ok(Json(state.jobs.get(id).await?))
 }
 
+/// Query of `GET /training/jobs/{id}/metrics`: a page of epochs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsQuery {
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// Epochs per metrics page by default, and at most.
+const METRICS_PAGE: usize = 1000;
+const METRICS_PAGE_MAX: usize = 10_000;
+
 /// `GET /training/jobs/{id}/metrics`: one object per epoch,
-/// `{"epoch": 1, "loss": ..., "accuracy": ..., "recorded_at": ...}`.
+/// `{"epoch": 1, "loss": ..., "accuracy": ..., "recorded_at": ...}`, the
+/// first 1,000 epochs unless `?limit=` (at most 10,000) and `&offset=` say
+/// otherwise. (Create caps `epochs` at 10,000, so one job's rows stay few
+/// enough to read whole and page here.)
 pub async fn metrics(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<JobId>,
+    ApiQuery(page): ApiQuery<MetricsQuery>,
 ) -> ApiResult<Json<Vec<serde_json::Value>>> {
+    let limit = page.limit.unwrap_or(METRICS_PAGE);
+    if limit > METRICS_PAGE_MAX {
+        return Err(Error::invalid("limit", format!("must be at most {METRICS_PAGE_MAX}")).into());
+    }
     owned_job(state.jobs.as_ref(), &caller, id).await?;
     let rows = state.jobs.metrics(id).await?;
     let rows = rows
         .into_iter()
+        .skip(page.offset.unwrap_or(0))
+        .take(limit)
         .map(|metric| {
             let mut row = serde_json::Map::new();
             row.insert("epoch".into(), metric.epoch.into());

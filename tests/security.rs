@@ -540,6 +540,57 @@ async fn bursts_are_limited_per_user_and_others_go_on() {
     }
 }
 
+/// Runs the `vtp` CLI against the backend; (success, stdout, stderr).
+fn cli(env: &Env, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vtp"));
+    command
+        .env_remove("VTP_TOKEN")
+        .env("VTP_URL", &env.backend.url)
+        .args(args);
+    if let Some(token) = token {
+        command.env("VTP_TOKEN", token);
+    }
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_its_token_and_fails_clearly_without_one() {
+    let Some(env) = Env::new().await else { return };
+    let alice = token(&env.env, "alice", false);
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("data.zip");
+    std::fs::write(&archive, b"PK cli upload").unwrap();
+    let file = archive.display().to_string();
+
+    let (ok, _, err) = cli(&env, None, &["upload", &file, "--name", "d"]);
+    assert!(!ok, "an upload without a token fails");
+    assert!(err.contains("401"), "{err}");
+    let (ok, uri, err) = cli(&env, Some(&alice), &["upload", &file, "--name", "d"]);
+    assert!(ok, "{err}");
+    assert!(
+        uri.contains("/users/alice/datasets/d/"),
+        "the token's user owns it: {uri}"
+    );
+    // --token wins over the environment.
+    let (ok, _, err) = cli(
+        &env,
+        Some("vtp_wrong"),
+        &["--token", &alice, "upload", &file, "--name", "e"],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(
+        &env,
+        Some(&alice),
+        &["upload", &file, "--name", "f", "--user", "bob"],
+    );
+    assert!(!ok && err.contains("403"), "{err}");
+}
+
 #[test]
 fn auth_cannot_be_off_beyond_loopback() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vtp-backend"))

@@ -91,9 +91,15 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
     use sqlx::Error as E;
     match &err {
         E::RowNotFound => Error::not_found("row", "?"),
-        E::PoolTimedOut | E::PoolClosed | E::Io(_) | E::Tls(_) | E::WorkerCrashed => {
-            Error::unavailable("database", err)
-        }
+        // A connection cut mid-exchange can surface as a protocol error (an
+        // unexpected end of the stream, a TLS negotiation that got no answer)
+        // rather than as I/O: it is the same outage.
+        E::PoolTimedOut
+        | E::PoolClosed
+        | E::Io(_)
+        | E::Tls(_)
+        | E::Protocol(_)
+        | E::WorkerCrashed => Error::unavailable("database", err),
         E::Database(db) => match db.code().as_deref() {
             // unique_violation (Postgres), SQLITE_CONSTRAINT_PRIMARYKEY / _UNIQUE.
             Some("23505" | "1555" | "2067") => Error::AlreadyExists {

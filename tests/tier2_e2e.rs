@@ -65,6 +65,7 @@ impl Env {
             ("VTP_K8S_S3_SECRET", SECRET.to_owned()),
             ("VTP_K8S_RECONCILE_SECS", "1".to_owned()),
             ("VTP_K8S_SETTLE_SECS", "0".to_owned()),
+            ("VTP_K8S_MAX_MEMORY", "2Gi".to_owned()),
         ]);
         env
     }
@@ -190,6 +191,23 @@ async fn a_job_runs_as_a_kubernetes_job_on_the_same_backend_binary() {
     assert_eq!(health["launcher"], "kubernetes", "{health}");
 
     let dataset = env.upload_shapes(&backend).await;
+    // Beyond the operator's maxima (VTP_K8S_MAX_MEMORY=2Gi, one GPU by
+    // default) or not a quantity: refused at create, naming the field.
+    for (resources, field) in [
+        (json!({"memory": "3Gi"}), "config.resources.memory"),
+        (json!({"memory": "2.5G"}), "config.resources.memory"),
+        (json!({"gpu": 2}), "config.resources.gpu"),
+        (json!({"cpu": "9"}), "config.resources.cpu"),
+        (json!({"cpu": "lots"}), "config.resources.cpu"),
+    ] {
+        let body = json!({"user_id": "tier2", "model_name": "small_cnn", "framework": "tch",
+            "dataset_s3_uri": dataset, "config": {"resources": resources}});
+        let (status, refused) = env
+            .json(env.http.post(backend.at("/training/jobs")).json(&body))
+            .await;
+        assert_eq!(status, 422, "{resources}: {refused}");
+        assert_eq!(refused["error"]["field"], field, "{resources}: {refused}");
+    }
     let id = env.create_and_start(&backend, &dataset).await;
     let job = env.wait_terminal(&backend, &id).await;
     assert_eq!(job["status"], "completed", "{job}");

@@ -112,6 +112,18 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
     /// A short name for logs and `/health`: `http`, `subprocess`, `kubernetes`.
     fn name(&self) -> &'static str;
 
+    /// Refuses a job's `config` that this launcher could never run (for
+    /// Kubernetes: `resources` beyond the operator's maxima), so the job is
+    /// refused when it is created rather than when it starts. The default
+    /// accepts everything.
+    ///
+    /// # Errors
+    /// [`crate::Error::InvalidInput`] naming the offending field.
+    fn check_config(&self, config: &serde_json::Value) -> Result<()> {
+        let _ = config;
+        Ok(())
+    }
+
     /// Hands `request` to a trainer.
     async fn launch(&self, request: &StartTraining) -> Result<()>;
 

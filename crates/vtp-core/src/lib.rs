@@ -46,6 +46,7 @@ pub mod launcher;
 pub mod models;
 pub mod retry;
 pub mod status;
+pub mod tls;
 pub mod trainer;
 pub mod update;
 

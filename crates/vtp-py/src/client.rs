@@ -106,10 +106,17 @@ impl Client {
 impl Client {
     /// Connects nothing yet: `base_url` like `http://127.0.0.1:8000`;
     /// `token` is sent as `Authorization: Bearer`; `timeout` (seconds)
-    /// bounds each request, not uploads and downloads.
+    /// bounds each request, not uploads and downloads; `ca_cert` is a PEM
+    /// bundle of CAs to trust besides the system's (an https backend whose
+    /// certificate a private CA signed).
     #[new]
-    #[pyo3(signature = (base_url, token=None, timeout=30.0))]
-    fn new(base_url: &str, token: Option<String>, timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (base_url, token=None, timeout=30.0, ca_cert=None))]
+    fn new(
+        base_url: &str,
+        token: Option<String>,
+        timeout: f64,
+        ca_cert: Option<PathBuf>,
+    ) -> PyResult<Self> {
         let mut base = Url::parse(base_url)
             .map_err(|e| InvalidInput::new_err(format!("base_url {base_url:?}: {e}")))?;
         if !matches!(base.scheme(), "http" | "https") {
@@ -126,7 +133,12 @@ impl Client {
                 "timeout must be a positive number of seconds",
             ));
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &ca_cert {
+            let pem = vtp_core::tls::read_ca_bundle("ca_cert", path).map_err(from_core)?;
+            builder = vtp_trainer::tls::trust_pem(builder, "ca_cert", &pem).map_err(from_core)?;
+        }
+        let http = builder
             .connect_timeout(Duration::from_secs_f64(timeout.min(10.0)))
             .read_timeout(Duration::from_secs_f64(timeout))
             .build()

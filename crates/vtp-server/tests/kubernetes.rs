@@ -211,6 +211,76 @@ async fn launch_creates_one_labelled_job_with_the_request_resources_and_policies
 }
 
 #[tokio::test]
+async fn resources_beyond_the_operators_maxima_are_refused_before_any_job_is_made() {
+    let env = env().await;
+    let max = &env.launcher.config().max_resources;
+    assert_eq!(
+        (max.cpu.as_str(), max.memory.as_str(), max.gpu),
+        ("8", "32Gi", 1)
+    );
+    // Quantities compare across suffixes: 32Gi is 34.4G.
+    for fits in [
+        json!({"cpu": "8", "memory": "32Gi", "gpu": 1}),
+        json!({"cpu": "7500m", "memory": "34G"}),
+        json!({"memory": "32768Mi", "gpu": 0}),
+        json!({}),
+    ] {
+        let config = json!({ "resources": fits });
+        if let Err(e) = env.launcher.check_config(&config) {
+            panic!("{fits}: {e}");
+        }
+    }
+    env.launcher.check_config(&json!({"epochs": 1})).unwrap();
+    for (asked, field) in [
+        (json!({"cpu": "8001m"}), "config.resources.cpu"),
+        (json!({"cpu": "9"}), "config.resources.cpu"),
+        (json!({"memory": "33Gi"}), "config.resources.memory"),
+        (json!({"memory": "35G"}), "config.resources.memory"),
+        (json!({"memory": "1Ei"}), "config.resources.memory"),
+        (json!({"gpu": 2}), "config.resources.gpu"),
+        // Not quantities at all, or nothing: refused here, not by the API server.
+        (json!({"cpu": "lots"}), "config.resources.cpu"),
+        (json!({"cpu": "-1"}), "config.resources.cpu"),
+        (json!({"cpu": "0"}), "config.resources.cpu"),
+        (json!({"memory": ""}), "config.resources.memory"),
+        (
+            json!({"memory": "4Gi; rm -rf /"}),
+            "config.resources.memory",
+        ),
+        (json!({"memory": "NaN"}), "config.resources.memory"),
+        (
+            json!({"memory": format!("1{}", "0".repeat(40))}),
+            "config.resources.memory",
+        ),
+        (json!({"disk": "1Ti"}), "config.resources"),
+    ] {
+        let config = json!({ "resources": asked });
+        match env.launcher.check_config(&config) {
+            Err(Error::InvalidInput { field: got, .. }) => assert_eq!(got, field, "{asked}"),
+            other => panic!("{asked}: {other:?}"),
+        }
+        // A job created before the maxima were lowered is refused at launch
+        // too, and no Job or Secret is made for it.
+        let request = job_in(&env, JobStatus::Queued, config).await;
+        assert!(
+            matches!(
+                env.launcher.launch(&request).await,
+                Err(Error::InvalidInput { .. })
+            ),
+            "{asked}"
+        );
+        assert!(env.kube.job(&job_name(request.job_id)).is_none());
+        assert!(
+            env.kube
+                .secret(&vtp_trainer::launch::kubernetes::secret_name(
+                    request.job_id
+                ))
+                .is_none()
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_job_of_the_same_name_that_is_not_ours_is_a_conflict() {
     let env = env().await;
     let request = job_in(&env, JobStatus::Queued, json!({})).await;

@@ -262,6 +262,9 @@ pub struct S3Settings {
     pub allow_http: bool,
     /// Use `bucket.host` URLs instead of `host/bucket` (path style, the default).
     pub virtual_hosted_style: bool,
+    /// A PEM bundle of CAs to trust for an `https://` endpoint besides the
+    /// system's roots (`VTP_CA_CERT`): a store whose certificate a private CA signed.
+    pub ca_cert: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -276,6 +279,7 @@ impl std::fmt::Debug for S3Settings {
             )
             .field("allow_http", &self.allow_http)
             .field("virtual_hosted_style", &self.virtual_hosted_style)
+            .field("ca_cert", &self.ca_cert)
             .finish()
     }
 }
@@ -319,7 +323,7 @@ impl BlobStoreBuilder {
 
     /// Reads `VTP_BLOB_URL`, `VTP_S3_ENDPOINT`, `VTP_S3_REGION`,
     /// `VTP_S3_ACCESS_KEY_ID`, `VTP_S3_SECRET_ACCESS_KEY`, `VTP_S3_ALLOW_HTTP`
-    /// and `VTP_S3_VIRTUAL_HOSTED_STYLE` over the defaults.
+    /// `VTP_S3_VIRTUAL_HOSTED_STYLE` and `VTP_CA_CERT` over the defaults.
     pub fn from_env() -> Self {
         let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         let flag =
@@ -335,6 +339,7 @@ impl BlobStoreBuilder {
             secret_access_key: var("VTP_S3_SECRET_ACCESS_KEY"),
             allow_http: flag("VTP_S3_ALLOW_HTTP"),
             virtual_hosted_style: flag("VTP_S3_VIRTUAL_HOSTED_STYLE"),
+            ca_cert: var(vtp_core::tls::CA_CERT_ENV).map(Into::into),
         };
         builder
     }
@@ -373,6 +378,13 @@ impl BlobStoreBuilder {
     ) -> Self {
         self.s3.access_key_id = Some(access_key_id.into());
         self.s3.secret_access_key = Some(secret.into());
+        self
+    }
+
+    /// Trusts the CAs of a PEM bundle for an `https://` S3 endpoint, besides
+    /// the system's roots.
+    pub fn with_ca_cert(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.s3.ca_cert = Some(path.into());
         self
     }
 
@@ -416,7 +428,23 @@ impl BlobStoreBuilder {
         else {
             return Err(Error::invalid("blob_url", "expected s3://bucket[/prefix]"));
         };
-        let mut builder = AmazonS3Builder::from_env()
+        let mut builder = AmazonS3Builder::from_env();
+        if let Some(path) = &self.s3.ca_cert {
+            let pem = vtp_core::tls::read_ca_bundle(vtp_core::tls::CA_CERT_ENV, path)?;
+            let certs = object_store::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| Error::invalid(vtp_core::tls::CA_CERT_ENV, e.to_string()))?;
+            // object_store has no way to add to the options `from_env` read,
+            // only to replace them: set before the settings below, which go
+            // into the same options. (VTP's S3 settings are the VTP_S3_*
+            // variables; no AWS_* client option is documented.)
+            let options = certs
+                .into_iter()
+                .fold(object_store::ClientOptions::new(), |o, cert| {
+                    o.with_root_certificate(cert)
+                });
+            builder = builder.with_client_options(options);
+        }
+        let mut builder = builder
             .with_bucket_name(&bucket)
             .with_region(self.s3.region.as_deref().unwrap_or("us-east-1"))
             .with_allow_http(self.s3.allow_http)

@@ -153,6 +153,7 @@ impl TestS3 {
                 access_key_id: Some(key_id),
                 secret_access_key: Some(secret),
                 virtual_hosted_style: false,
+                ca_cert: None,
             },
         })
     }

@@ -31,7 +31,13 @@ _Image = str | PathLike[str] | tuple[bytes, int, int]
 
 @final
 class Client:
-    def __new__(cls, base_url: str, token: str | None = None, timeout: float = 30.0) -> Client: ...
+    def __new__(
+        cls,
+        base_url: str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        ca_cert: str | None = None,
+    ) -> Client: ...
     @property
     def base_url(self) -> str: ...
     def health(self) -> dict[str, Any]: ...

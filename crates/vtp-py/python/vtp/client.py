@@ -263,6 +263,7 @@ class Client:
     """A client of the VTP backend API.
 
     >>> client = vtp.Client("http://127.0.0.1:8000")  # token: token= or VTP_TOKEN
+    >>> # https with a private CA: ca_cert="ca.pem" or VTP_CA_CERT
     >>> dataset = client.upload_dataset("digits/")
     >>> job = client.create_job(dataset, model="resnet18", epochs=5).start()
     >>> job.wait(progress=True).metrics()
@@ -274,9 +275,18 @@ class Client:
         token: str | None = None,
         timeout: float = 30.0,
         user_id: str | None = None,
+        ca_cert: PathLike | None = None,
     ) -> None:
         token = token or os.environ.get("VTP_TOKEN") or None
-        self._native = _vtp.Client(base_url, token=token, timeout=timeout)
+        # An https backend whose certificate a private CA signed: that CA's
+        # PEM file, trusted besides the system's roots.
+        ca = ca_cert if ca_cert is not None else os.environ.get("VTP_CA_CERT") or None
+        self._native = _vtp.Client(
+            base_url,
+            token=token,
+            timeout=timeout,
+            ca_cert=os.fspath(ca) if ca is not None else None,
+        )
         # With a token the backend knows the user; without one (a backend
         # with authentication off) jobs need an owner name.
         self.user_id: str | None = user_id or (None if token else _default_user())

@@ -35,6 +35,10 @@ struct Cli {
     /// `VTP_AUTH=tokens` needs one; make it with `vtp-backend token create`).
     #[arg(long, env = "VTP_TOKEN", global = true, hide_env_values = true)]
     token: Option<String>,
+    /// A PEM bundle of CAs to trust besides the system's, for an https
+    /// backend whose certificate a private CA signed.
+    #[arg(long, env = "VTP_CA_CERT", global = true)]
+    ca_cert: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -236,9 +240,12 @@ async fn main() -> anyhow::Result<()> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let http = reqwest::Client::builder()
-        .default_headers(headers)
-        .build()?;
+    let mut builder = reqwest::Client::builder().default_headers(headers);
+    if let Some(path) = &cli.ca_cert {
+        let pem = vtp_core::tls::read_ca_bundle("--ca-cert", path)?;
+        builder = vtp_trainer::tls::trust_pem(builder, "--ca-cert", &pem)?;
+    }
+    let http = builder.build()?;
     let url = cli.url.trim_end_matches('/');
     // Without a token the backend has no user to take: name one.
     let owner = |user: Option<String>| match (user, &cli.token) {

@@ -28,6 +28,7 @@ pub async fn create(
     ApiJson(mut new): ApiJson<NewJob>,
 ) -> ApiResult<(StatusCode, Json<Job>)> {
     state.limits.check_config(&new.config)?;
+    state.launcher.check_config(&new.config)?;
     if state.auth == AuthMode::Tokens {
         state.limits.check_create(&caller.principal().user_id)?;
         if new.user_id.is_empty() {

@@ -130,7 +130,7 @@ fn client(token: Option<&str>) -> Result<reqwest::Client> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    reqwest::Client::builder()
+    crate::tls::client_builder()?
         .timeout(HttpLauncher::REQUEST_TIMEOUT)
         .connect_timeout(Duration::from_secs(3))
         .redirect(reqwest::redirect::Policy::none())

@@ -94,6 +94,10 @@ pub struct KubernetesConfig {
     pub grace_period: Duration,
     /// Requests and limits when a job's config names none.
     pub default_resources: Resources,
+    /// The most one job may ask for (`VTP_K8S_MAX_CPU`, `VTP_K8S_MAX_MEMORY`,
+    /// `VTP_K8S_MAX_GPU`; defaults 8 CPUs, 32Gi, 1 GPU): a job asking for
+    /// more is refused when it is created.
+    pub max_resources: MaxResources,
     /// How long a job may wait for its Job to appear, or to report after
     /// its Job ended, before the reconciler ends it (`VTP_K8S_SETTLE_SECS`, 60 s).
     pub settle_time: Duration,
@@ -118,7 +122,96 @@ impl Default for KubernetesConfig {
                 gpu: None,
             },
             settle_time: Duration::from_secs(60),
+            max_resources: MaxResources::default(),
         }
+    }
+}
+
+/// Operator-set ceilings on what one job's `config.resources` may ask for,
+/// as Kubernetes quantities (parsed by `kube_quantity`, which knows the
+/// decimal and binary suffixes: `"500m"`, `"4Gi"`, `"2G"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MaxResources {
+    /// Largest CPU request (`VTP_K8S_MAX_CPU`, default `"8"`).
+    pub cpu: String,
+    /// Largest memory request (`VTP_K8S_MAX_MEMORY`, default `"32Gi"`).
+    pub memory: String,
+    /// Most GPUs (`VTP_K8S_MAX_GPU`, default 1).
+    pub gpu: u32,
+}
+
+impl Default for MaxResources {
+    fn default() -> Self {
+        MaxResources {
+            cpu: "8".into(),
+            memory: "32Gi".into(),
+            gpu: 1,
+        }
+    }
+}
+
+/// A positive, finite quantity as a number of base units (cores, bytes).
+fn quantity_amount(field: &str, text: &str) -> Result<f64> {
+    let invalid = |why: &str| Error::invalid(field, format!("{text:?} {why}"));
+    // The parser reads the number as an f64: bound the text so a thousand
+    // digits are refused here rather than rounded.
+    if text.is_empty() || text.len() > 32 {
+        return Err(invalid("is not a Kubernetes quantity"));
+    }
+    let parsed = kube_quantity::ParsedQuantity::try_from(text)
+        .map_err(|e| invalid(&format!("is not a Kubernetes quantity ({e})")))?;
+    match parsed.to_bytes_f64() {
+        Some(amount) if amount.is_finite() && amount > 0.0 => Ok(amount),
+        _ => Err(invalid("must be a positive quantity")),
+    }
+}
+
+impl MaxResources {
+    /// Checks the maxima themselves (at start-up, so a typo in
+    /// `VTP_K8S_MAX_MEMORY` stops the backend rather than every job).
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the variable.
+    pub fn validate(&self) -> Result<()> {
+        quantity_amount("VTP_K8S_MAX_CPU", &self.cpu)?;
+        quantity_amount("VTP_K8S_MAX_MEMORY", &self.memory)?;
+        Ok(())
+    }
+
+    /// Refuses `resources` that are malformed or ask for more than the
+    /// maxima allow.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `config.resources.cpu`, `.memory` or `.gpu`.
+    pub fn check(&self, resources: &Resources) -> Result<()> {
+        let within = |field: &str, asked: &str, max: &str| -> Result<()> {
+            let amount = quantity_amount(field, asked)?;
+            if amount > quantity_amount(field, max)? {
+                return Err(Error::invalid(
+                    field,
+                    format!("{asked:?} is more than this cluster allows one job ({max})"),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(cpu) = &resources.cpu {
+            within("config.resources.cpu", cpu, &self.cpu)?;
+        }
+        if let Some(memory) = &resources.memory {
+            within("config.resources.memory", memory, &self.memory)?;
+        }
+        if let Some(gpu) = resources.gpu
+            && gpu > self.gpu
+        {
+            return Err(Error::invalid(
+                "config.resources.gpu",
+                format!(
+                    "{gpu} is more than this cluster allows one job ({})",
+                    self.gpu
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -153,6 +246,8 @@ impl KubernetesConfig {
             "VTP_S3_REGION",
             "VTP_S3_ALLOW_HTTP",
             "VTP_S3_VIRTUAL_HOSTED_STYLE",
+            // The path of a CA bundle the trainer image mounts, if any.
+            "VTP_CA_CERT",
         ]
         .iter()
         .filter_map(|name| var(name).map(|v| ((*name).to_owned(), v)))
@@ -175,6 +270,20 @@ impl KubernetesConfig {
             grace_period: secs("VTP_K8S_GRACE_SECS", defaults.grace_period)?,
             default_resources: defaults.default_resources,
             settle_time: secs("VTP_K8S_SETTLE_SECS", defaults.settle_time)?,
+            max_resources: {
+                let max = MaxResources {
+                    cpu: var("VTP_K8S_MAX_CPU").unwrap_or(defaults.max_resources.cpu),
+                    memory: var("VTP_K8S_MAX_MEMORY").unwrap_or(defaults.max_resources.memory),
+                    gpu: match var("VTP_K8S_MAX_GPU") {
+                        None => defaults.max_resources.gpu,
+                        Some(v) => v.parse().map_err(|e| {
+                            Error::invalid("VTP_K8S_MAX_GPU", format!("{v:?}: {e}"))
+                        })?,
+                    },
+                };
+                max.validate()?;
+                max
+            },
         })
     }
 }
@@ -291,7 +400,8 @@ impl KubernetesLauncher {
     /// The Job that runs `request`.
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] for a malformed `config.resources`.
+    /// [`Error::InvalidInput`] for a malformed `config.resources` or one
+    /// beyond [`KubernetesConfig::max_resources`].
     pub fn job_manifest(&self, request: &StartTraining) -> Result<K8sJob> {
         let c = &self.config;
         let name = job_name(request.job_id);
@@ -305,6 +415,9 @@ impl KubernetesLauncher {
         ]);
         let resources =
             Resources::from_config(&request.config)?.unwrap_or_else(|| c.default_resources.clone());
+        // Checked again here, not only at create: the maxima may have been
+        // lowered since the job was created.
+        c.max_resources.check(&resources)?;
         let mut quantities = BTreeMap::new();
         if let Some(cpu) = &resources.cpu {
             quantities.insert("cpu".to_owned(), Quantity(cpu.clone()));
@@ -742,6 +855,13 @@ impl KubernetesLauncher {
 impl TrainerLauncher for KubernetesLauncher {
     fn name(&self) -> &'static str {
         "kubernetes"
+    }
+
+    fn check_config(&self, config: &serde_json::Value) -> Result<()> {
+        match Resources::from_config(config)? {
+            Some(resources) => self.config.max_resources.check(&resources),
+            None => Ok(()),
+        }
     }
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {

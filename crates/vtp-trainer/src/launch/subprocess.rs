@@ -63,7 +63,7 @@ impl SubprocessLauncher {
     /// Variables the child inherits from the backend's environment, by
     /// prefix; everything else (the database URL with its password, the
     /// backend's own settings) stays out of the trainer.
-    pub const INHERITED_ENV: [&'static str; 15] = [
+    pub const INHERITED_ENV: [&'static str; 18] = [
         "PATH",
         "HOME",
         "TMPDIR",
@@ -79,6 +79,11 @@ impl SubprocessLauncher {
         "MKL_",
         "CUDA_",
         "RUST_",
+        // A private CA to trust (S3, the backend) and the standard places
+        // of a system CA bundle.
+        "VTP_CA_CERT",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
     ];
 
     /// Sets an environment variable for the child (blob store settings, work dir).

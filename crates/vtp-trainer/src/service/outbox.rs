@@ -63,7 +63,7 @@ impl Outbox {
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         // Reports never follow redirects: the callback URL was checked against
         // the backend's origin, and a redirect could point anywhere.
-        let client = reqwest::Client::builder()
+        let client = crate::tls::client_builder()?
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
             .redirect(reqwest::redirect::Policy::none())

@@ -78,7 +78,7 @@ cargo build --workspace --all-features --bins --locked
 (cd crates/vtp-py && python -m mypy --strict python/vtp ../../examples/notebook/notebook.py)
 (cd crates/vtp-py && python -m mypy.stubtest vtp._vtp)
 
-step "benches compile"
-cargo bench --locked -p vtp-server --features torch --no-run
+step "benches compile (in the dev profile, beside the tests' build; BENCHMARKS.md runs them in release)"
+cargo build --locked -p vtp-server --features torch --benches
 
 step "all tests passed"

@@ -422,6 +422,16 @@ async fn reports_must_be_signed_by_their_own_job() {
             422,
         ),
         (
+            "a resume point in another job's sets",
+            signed(
+                &http,
+                &url,
+                &secret_a,
+                &json!({"status": "running", "seq": 9, "last_checkpoint_s3_uri": env.blobs.uri(&BlobKey::parse(&format!("jobs/{b}/epochs/000001/last.safetensors")).unwrap())}),
+            ),
+            422,
+        ),
+        (
             "a seq near i64::MAX",
             signed(
                 &http,

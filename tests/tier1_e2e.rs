@@ -1,7 +1,9 @@
 //! Tier 1 end to end, on the real binaries, Postgres and Garage: a dataset
 //! archive is uploaded, a job trains in the subprocess trainer, reports every
-//! epoch and leaves a checkpoint that downloads and predicts; a dead trainer
-//! fails its job; a backend outage mid-run loses no epoch and duplicates none.
+//! epoch and leaves a checkpoint that downloads and predicts; a killed
+//! trainer (or a backend killed with its child) is relaunched and resumes
+//! from its stored checkpoint set, and fails the job on its last attempt; a
+//! backend outage mid-run loses no epoch and duplicates none.
 
 mod support;
 
@@ -9,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{ServiceProcess, children_of, free_port};
+use vtp_core::BlobStoreExt;
 use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::engine::Predictor;
 use vtp_trainer::testing::shapes_dataset;
@@ -215,29 +218,171 @@ async fn a_job_trains_in_the_subprocess_trainer_and_its_checkpoint_predicts() {
     );
 }
 
+impl Env {
+    /// The job's metrics: epoch to `recorded_at`.
+    async fn epochs(&self, backend: &ServiceProcess, id: &str) -> Vec<(u64, String)> {
+        let (_, metrics) = self
+            .call(
+                self.http
+                    .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
+            )
+            .await;
+        metrics
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|m| {
+                        (
+                            m["epoch"].as_u64().unwrap(),
+                            m["recorded_at"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the job has stored a checkpoint set and at least
+    /// `epochs` epochs; returns them.
+    async fn wait_for_epochs(
+        &self,
+        backend: &ServiceProcess,
+        id: &str,
+        epochs: usize,
+    ) -> Vec<(u64, String)> {
+        for _ in 0..1800 {
+            let (_, job) = self
+                .call(self.http.get(backend.at(&format!("/training/jobs/{id}"))))
+                .await;
+            let done = self.epochs(backend, id).await;
+            if job["last_checkpoint_s3_uri"].is_string() && done.len() >= epochs {
+                return done;
+            }
+            assert!(!terminal(&job), "the job ended too early: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} stored no checkpoint set");
+    }
+
+    fn kill_trainer(backend: &ServiceProcess) {
+        let trainers = children_of(backend.pid());
+        assert_eq!(trainers.len(), 1, "one trainer child: {trainers:?}");
+        std::process::Command::new("kill")
+            .args(["-9", &trainers[0].to_string()])
+            .status()
+            .unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_trainer_that_dies_fails_its_job_with_the_exit_status() {
+async fn a_killed_trainer_is_relaunched_and_resumes_from_its_stored_checkpoint() {
     let Some(env) = Env::new().await else { return };
     let backend = ServiceProcess::start(&env.backend_env("subprocess")).await;
     let dataset = env.upload_shapes(&backend, 20).await;
-    let id = env.create_and_start(&backend, &dataset, config(2000)).await;
-    env.wait(&backend, &id, |j| {
-        j["progress"].as_f64().unwrap_or(0.0) > 0.0
-    })
-    .await;
-    let trainers = children_of(backend.pid());
-    assert_eq!(trainers.len(), 1, "one trainer child: {trainers:?}");
-    std::process::Command::new("kill")
-        .args(["-9", &trainers[0].to_string()])
-        .status()
+    let epochs = 24;
+    let id = env
+        .create_and_start(&backend, &dataset, config(epochs))
+        .await;
+    let before = env.wait_for_epochs(&backend, &id, 2).await;
+    Env::kill_trainer(&backend);
+
+    // Progress never goes backwards while the next attempt restores.
+    let mut progress = 0.0;
+    let job = loop {
+        let (_, job) = env
+            .call(env.http.get(backend.at(&format!("/training/jobs/{id}"))))
+            .await;
+        let now = job["progress"].as_f64().unwrap();
+        assert!(now >= progress, "progress went from {progress} to {now}");
+        progress = now;
+        if terminal(&job) {
+            break job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    let ended = &job["attempts"][0];
+    assert_eq!(ended["attempt"], 1, "{job}");
+    let reason = ended["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("trainer process exited") && reason.contains('9'),
+        "{reason}"
+    );
+
+    // Every epoch exactly once; those finished before the kill were not
+    // trained again (a restart from scratch would have re-reported them).
+    let after = env.epochs(&backend, &id).await;
+    assert_eq!(
+        after.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+        (1..=u64::from(epochs)).collect::<Vec<_>>()
+    );
+    for (epoch, recorded_at) in &before {
+        let again = &after[usize::try_from(*epoch).unwrap() - 1];
+        assert_eq!(&again.1, recorded_at, "epoch {epoch} was trained twice");
+    }
+
+    // The backend prunes the sets older than the one it recorded; that one
+    // stays (a failed job would offer it), so one set remains.
+    let store = env
+        .s3
+        .builder()
+        .with_url(env.blob_url.clone())
+        .build()
         .unwrap();
+    let recorded = job["last_checkpoint_s3_uri"].as_str().unwrap();
+    let mut sets = std::collections::BTreeSet::new();
+    for _ in 0..100 {
+        sets = store
+            .list(Some(
+                &vtp_core::BlobKey::parse(&format!("jobs/{id}/epochs")).unwrap(),
+            ))
+            .await
+            .unwrap()
+            .iter()
+            .map(|o| store.uri(&o.key).rsplit_once('/').unwrap().0.to_owned())
+            .collect();
+        if sets.len() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        sets.into_iter().collect::<Vec<_>>(),
+        [recorded.rsplit_once('/').unwrap().0],
+        "only the recorded set remains"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_that_dies_on_its_last_attempt_fails_the_job_with_the_exit_status() {
+    let Some(env) = Env::new().await else { return };
+    let backend = ServiceProcess::start(&env.backend_env("subprocess")).await;
+    let dataset = env.upload_shapes(&backend, 20).await;
+    let mut one_attempt = config(2000);
+    one_attempt["max_attempts"] = 1.into();
+    let id = env.create_and_start(&backend, &dataset, one_attempt).await;
+    env.wait_for_epochs(&backend, &id, 1).await;
+    Env::kill_trainer(&backend);
     let (job, _) = env.wait(&backend, &id, terminal).await;
     assert_eq!(job["status"], "failed", "{job}");
     let error = job["error"].as_str().unwrap();
     assert!(
-        error.contains("trainer process exited") && error.contains("9"),
+        error.contains("trainer process exited")
+            && error.contains('9')
+            && error.contains("attempt 1 of 1"),
         "{error}"
     );
+    // The failed job still offers the last checkpoint set it stored.
+    let response = env
+        .http
+        .get(backend.at(&format!("/training/jobs/{id}/checkpoint")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let weights = response.bytes().await.unwrap();
+    assert!(weights.len() > 1000, "{} bytes", weights.len());
 
     // The next job gets a fresh trainer.
     let id = env.create_and_start(&backend, &dataset, config(1)).await;
@@ -245,6 +390,62 @@ async fn a_trainer_that_dies_fails_its_job_with_the_exit_status() {
         env.wait(&backend, &id, terminal).await.0["status"],
         "completed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_with_its_child_trainer_relaunches_the_job_after_restart() {
+    let Some(env) = Env::new().await else { return };
+    // The restarted backend listens where the first one did, as a
+    // restarted service does: reports queued for it are delivered.
+    let listen = format!("127.0.0.1:{}", free_port());
+    let start = |listen: String| {
+        let env = env.backend_env("subprocess");
+        async move {
+            ServiceProcess::spawn(
+                env!("CARGO_BIN_EXE_vtp-backend"),
+                &["--listen", &listen],
+                &env,
+                "vtp-backend listening on ",
+            )
+            .await
+        }
+    };
+    let backend = start(listen.clone()).await;
+    let dataset = env.upload_shapes(&backend, 20).await;
+    let epochs = 16;
+    let id = env
+        .create_and_start(&backend, &dataset, config(epochs))
+        .await;
+    let before = env.wait_for_epochs(&backend, &id, 2).await;
+    let trainers = children_of(backend.pid());
+    backend.kill().await;
+    // The child trainer follows its parent (--exit-with-parent).
+    for _ in 0..100 {
+        if trainers
+            .iter()
+            .all(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backend = start(listen).await;
+    let (job, _) = env.wait(&backend, &id, terminal).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    assert!(
+        job["attempts"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("backend restarted"),
+        "{job}"
+    );
+    let after = env.epochs(&backend, &id).await;
+    assert_eq!(after.len(), usize::try_from(epochs).unwrap(), "{after:?}");
+    for (epoch, recorded_at) in &before {
+        let again = &after[usize::try_from(*epoch).unwrap() - 1];
+        assert_eq!(&again.1, recorded_at, "epoch {epoch} was trained twice");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -81,8 +81,17 @@ pub struct Job {
     pub error: Option<String>,
     /// Where the final checkpoint was stored.
     pub checkpoint_s3_uri: Option<String>,
-    /// How many times the job has been handed to a launcher.
+    /// The weights of the newest complete checkpoint set stored during
+    /// training (`jobs/{id}/epochs/{n}/last.safetensors`): what a relaunched
+    /// attempt resumes from, and what a job that failed still offers.
+    #[serde(default)]
+    pub last_checkpoint_s3_uri: Option<String>,
+    /// How many times the job has been handed to a launcher: the current
+    /// attempt, counting from 1 once started.
     pub attempt: i32,
+    /// How each earlier attempt ended, oldest first.
+    #[serde(default)]
+    pub attempts: Vec<AttemptEnded>,
     /// Highest [`crate::TrainingUpdate::seq`] applied so far (0: none).
     pub last_seq: i64,
     /// Bumped on every stored change; the optimistic-lock token.
@@ -97,7 +106,82 @@ pub struct Job {
     pub finished_at: Option<DateTime<Utc>>,
 }
 
+/// How one attempt at a job ended: its runner was lost (a killed trainer,
+/// an evicted pod, a backend that restarted without it) and the job was
+/// relaunched or failed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttemptEnded {
+    /// The attempt's number (1 is the first).
+    pub attempt: i32,
+    /// When it was found ended.
+    pub ended_at: DateTime<Utc>,
+    /// Why.
+    pub reason: String,
+}
+
 impl Job {
+    /// The default of `config.max_attempts`: how many times a job is
+    /// launched in all before a lost runner fails it.
+    pub const DEFAULT_MAX_ATTEMPTS: i32 = 3;
+    /// The largest `config.max_attempts` accepted.
+    pub const MAX_ATTEMPTS_LIMIT: i32 = 20;
+    /// How many earlier attempts are kept in [`Job::attempts`].
+    pub const ATTEMPT_HISTORY: usize = 20;
+
+    /// `config.max_attempts`, or [`Job::DEFAULT_MAX_ATTEMPTS`].
+    pub fn max_attempts(&self) -> i32 {
+        max_attempts_of(&self.config).unwrap_or(Self::DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// Ends the current attempt because its runner was lost: the job goes
+    /// back to `queued` for another attempt (the caller relaunches it) while
+    /// attempts are left, else fails with `reason`; a job being cancelled
+    /// becomes `cancelled`. Returns `false` (and changes nothing) for a job
+    /// with no attempt under way (`pending` or final).
+    pub fn end_attempt(&mut self, reason: &str) -> Result<bool> {
+        match self.status {
+            JobStatus::Pending
+            | JobStatus::Completed
+            | JobStatus::Failed
+            | JobStatus::Cancelled => return Ok(false),
+            JobStatus::Cancelling => {
+                self.end_with_reason(JobStatus::Cancelled, reason)?;
+                return Ok(true);
+            }
+            JobStatus::Queued | JobStatus::Running => {}
+        }
+        self.attempts.push(AttemptEnded {
+            attempt: self.attempt,
+            ended_at: now(),
+            reason: reason.to_owned(),
+        });
+        if self.attempts.len() > Self::ATTEMPT_HISTORY {
+            self.attempts.remove(0);
+        }
+        let max = self.max_attempts();
+        if self.attempt < max {
+            // `queued` again (from `running`, a transition of its own; from
+            // `queued`, the same state with the next attempt's number).
+            self.set_status(JobStatus::Queued);
+            self.message = Some(format!(
+                "attempt {} ended: {reason}; relaunching (attempt {} of {max}){}",
+                self.attempt - 1,
+                self.attempt,
+                if self.last_checkpoint_s3_uri.is_some() {
+                    ", resuming from the last checkpoint"
+                } else {
+                    ""
+                }
+            ));
+        } else {
+            self.end_with_reason(
+                JobStatus::Failed,
+                &format!("{reason} (attempt {} of {max}; none left)", self.attempt),
+            )?;
+        }
+        Ok(true)
+    }
+
     /// Moves the job to `to` if the transition table allows it, stamping
     /// `started_at` / `finished_at` and counting launch attempts.
     pub fn transition(&mut self, to: JobStatus) -> Result<()> {
@@ -160,6 +244,15 @@ pub struct NewJob {
     pub config: serde_json::Value,
 }
 
+/// `config.max_attempts` when it is a whole number in `1..=MAX_ATTEMPTS_LIMIT`.
+fn max_attempts_of(config: &serde_json::Value) -> Option<i32> {
+    config
+        .get("max_attempts")?
+        .as_i64()
+        .filter(|n| (1..=i64::from(Job::MAX_ATTEMPTS_LIMIT)).contains(n))
+        .and_then(|n| i32::try_from(n).ok())
+}
+
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
@@ -180,6 +273,15 @@ impl NewJob {
         let Some(config) = self.config.as_object() else {
             return Err(Error::invalid("config", "must be a JSON object"));
         };
+        if config.contains_key("max_attempts") && max_attempts_of(&self.config).is_none() {
+            return Err(Error::invalid(
+                "config.max_attempts",
+                format!(
+                    "must be a whole number from 1 to {}",
+                    Job::MAX_ATTEMPTS_LIMIT
+                ),
+            ));
+        }
         if let Some(model) = config.get("model") {
             let name = model
                 .as_str()
@@ -215,7 +317,9 @@ impl NewJob {
             message: None,
             error: None,
             checkpoint_s3_uri: None,
+            last_checkpoint_s3_uri: None,
             attempt: 0,
+            attempts: Vec::new(),
             last_seq: 0,
             revision: 0,
             created_at: now,
@@ -353,6 +457,82 @@ mod tests {
         let job = new.into_job().unwrap();
         assert_eq!(job.status, JobStatus::Pending);
         assert_eq!(job.attempt, 0);
+    }
+
+    #[test]
+    fn a_lost_attempt_requeues_until_the_attempts_run_out() {
+        let mut new = new_job();
+        new.config = serde_json::json!({"epochs": 3, "max_attempts": 2});
+        let mut job = new.into_job().unwrap();
+        assert!(
+            !job.end_attempt("nothing runs yet").unwrap(),
+            "pending: no attempt"
+        );
+        job.transition(JobStatus::Queued).unwrap();
+        job.transition(JobStatus::Running).unwrap();
+        job.last_checkpoint_s3_uri = Some("s3://b/jobs/x/epochs/1/last.safetensors".into());
+        assert!(
+            job.end_attempt("the trainer process exited (signal: 9)")
+                .unwrap()
+        );
+        assert_eq!((job.status, job.attempt), (JobStatus::Queued, 2));
+        let message = job.message.clone().unwrap();
+        assert!(
+            message.contains("attempt 1 ended: the trainer process exited"),
+            "{message}"
+        );
+        assert!(
+            message.contains("resuming from the last checkpoint"),
+            "{message}"
+        );
+        assert_eq!(job.attempts.len(), 1);
+        assert_eq!(job.attempts[0].attempt, 1);
+        // Lost again before it ran: the second and last attempt fails it.
+        assert!(job.end_attempt("evicted").unwrap());
+        assert_eq!(job.status, JobStatus::Failed);
+        assert!(
+            job.error
+                .as_deref()
+                .unwrap()
+                .contains("evicted (attempt 2 of 2; none left)")
+        );
+        assert_eq!(
+            job.attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert!(
+            job.last_checkpoint_s3_uri.is_some(),
+            "a failed job keeps its last checkpoint"
+        );
+        assert!(!job.end_attempt("late").unwrap(), "final stays final");
+
+        // A job being cancelled is cancelled, not relaunched.
+        let mut job = new_job().into_job().unwrap();
+        job.transition(JobStatus::Queued).unwrap();
+        job.transition(JobStatus::Cancelling).unwrap();
+        assert!(job.end_attempt("the trainer process exited").unwrap());
+        assert_eq!(job.status, JobStatus::Cancelled);
+    }
+
+    #[test]
+    fn max_attempts_must_be_a_small_whole_number() {
+        for bad in [
+            serde_json::json!(0),
+            serde_json::json!(21),
+            serde_json::json!(2.5),
+            serde_json::json!("3"),
+        ] {
+            let mut new = new_job();
+            new.config = serde_json::json!({ "max_attempts": bad });
+            match new.validate() {
+                Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "config.max_attempts"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        let mut new = new_job();
+        new.config = serde_json::json!({"max_attempts": 1});
+        assert_eq!(new.into_job().unwrap().max_attempts(), 1);
+        assert_eq!(new_job().into_job().unwrap().max_attempts(), 3);
     }
 
     #[test]

@@ -36,8 +36,9 @@ impl Expected {
 /// # Contract
 /// - `create` stores a new job; ids are unique.
 /// - `compare_and_set` is atomic: it writes the mutable fields of `next`
-///   (status, progress, message, error, checkpoint_s3_uri, attempt, last_seq,
-///   updated_at, started_at, finished_at), bumps `revision` by one and upserts
+///   (status, progress, message, error, checkpoint_s3_uri,
+///   last_checkpoint_s3_uri, attempt, attempts, last_seq, updated_at,
+///   started_at, finished_at), bumps `revision` by one and upserts
 ///   `metric` (one row per job and epoch, the newest wins) only if the stored
 ///   job matches `expected`; otherwise it changes nothing.
 /// - `list` returns jobs newest first, with the total count of matches.
@@ -146,6 +147,21 @@ pub trait JobStoreExt: JobStore {
             active.extend(self.list(&filter).await?.jobs);
         }
         Ok(active)
+    }
+
+    /// Ends the current attempt of a job whose runner was lost (see
+    /// [`Job::end_attempt`]): back to `queued` for a relaunch while attempts
+    /// are left, else `failed`; `cancelling` becomes `cancelled`. A job with
+    /// no attempt under way is left alone. Returns the job as stored.
+    ///
+    /// # Errors
+    /// Store errors; lost races are retried.
+    async fn end_attempt(&self, id: JobId, reason: &str) -> Result<Job> {
+        rewrite(self, id, |job| {
+            let mut next = job.clone();
+            Ok(next.end_attempt(reason)?.then_some(next))
+        })
+        .await
     }
 
     /// Ends a job whose trainer is gone: `cancelling` becomes `cancelled`,

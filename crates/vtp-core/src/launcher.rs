@@ -26,6 +26,19 @@ pub struct StartTraining {
     /// others can read it (a pod spec) move it into a Secret first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_secret: Option<CallbackSecret>,
+    /// Which attempt this is (1 for the first launch); the trainer puts it
+    /// on every report, so reports of an attempt given up on change nothing.
+    #[serde(default = "first_attempt")]
+    pub attempt: i32,
+    /// The checkpoint set to resume from (the job's
+    /// `last_checkpoint_s3_uri`): a relaunched attempt continues at the
+    /// epoch after it instead of starting over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_from: Option<String>,
+}
+
+fn first_attempt() -> i32 {
+    1
 }
 
 impl StartTraining {
@@ -43,6 +56,8 @@ impl StartTraining {
             dataset_s3_uri: job.dataset_s3_uri.clone(),
             callback_url,
             callback_secret: None,
+            attempt: job.attempt.max(1),
+            resume_from: job.last_checkpoint_s3_uri.clone(),
         }
     }
 

@@ -15,10 +15,14 @@ use crate::error::{Error, Result};
 ///    │                 │  └────────────────────────▶ completed | failed
 ///    │                 └──cancel──▶ cancelling ◀──cancel─┘
 ///    └──cancel──▶ cancelled ◀───────────┘   (also ──▶ completed | failed)
+///
+/// running ──runner lost, attempts left──▶ queued (the next attempt)
 /// ```
 ///
 /// [`JobStatus::TRANSITIONS`] is the single table of legal moves; terminal
-/// states (`completed`, `failed`, `cancelled`) have none.
+/// states (`completed`, `failed`, `cancelled`) have none. A runner lost while
+/// `queued` leaves the job `queued` with the next attempt's number
+/// ([`crate::Job::end_attempt`]); trainers never report `queued`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
@@ -56,7 +60,7 @@ impl JobStatus {
         [
             (Pending, &[Queued, Failed, Cancelled]),
             (Queued, &[Running, Completed, Failed, Cancelling, Cancelled]),
-            (Running, &[Completed, Failed, Cancelling]),
+            (Running, &[Completed, Failed, Cancelling, Queued]),
             (Cancelling, &[Cancelled, Completed, Failed]),
             (Completed, &[]),
             (Failed, &[]),

@@ -40,6 +40,14 @@ pub struct TrainingUpdate {
     /// Per-job event number, starting at 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<i64>,
+    /// The attempt reporting (from the start request). A report of an
+    /// attempt the job has moved past changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<i32>,
+    /// The newest complete checkpoint set stored during training (its
+    /// `last` weights), to resume from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_checkpoint_s3_uri: Option<String>,
 }
 
 impl TrainingUpdate {
@@ -54,6 +62,8 @@ impl TrainingUpdate {
             checkpoint_s3_uri: None,
             error: None,
             seq: None,
+            attempt: None,
+            last_checkpoint_s3_uri: None,
         }
     }
 
@@ -86,6 +96,18 @@ impl TrainingUpdate {
     /// Sets `checkpoint_s3_uri`.
     pub fn with_checkpoint(mut self, uri: impl Into<String>) -> Self {
         self.checkpoint_s3_uri = Some(uri.into());
+        self
+    }
+
+    /// Sets `attempt`.
+    pub fn with_attempt(mut self, attempt: i32) -> Self {
+        self.attempt = Some(attempt);
+        self
+    }
+
+    /// Sets `last_checkpoint_s3_uri`.
+    pub fn with_last_checkpoint(mut self, uri: impl Into<String>) -> Self {
+        self.last_checkpoint_s3_uri = Some(uri.into());
         self
     }
 
@@ -124,13 +146,20 @@ impl TrainingUpdate {
                 ));
             }
         }
-        if let Some(uri) = &self.checkpoint_s3_uri {
-            uri.parse::<crate::BlobUri>().map_err(|_| {
-                Error::invalid(
-                    "checkpoint_s3_uri",
-                    format!("{uri:?} must start with s3:// or file://"),
-                )
-            })?;
+        for (field, uri) in [
+            ("checkpoint_s3_uri", &self.checkpoint_s3_uri),
+            ("last_checkpoint_s3_uri", &self.last_checkpoint_s3_uri),
+        ] {
+            if let Some(uri) = uri {
+                uri.parse::<crate::BlobUri>().map_err(|_| {
+                    Error::invalid(field, format!("{uri:?} must start with s3:// or file://"))
+                })?;
+            }
+        }
+        if let Some(attempt) = self.attempt
+            && attempt < 1
+        {
+            return Err(Error::invalid("attempt", "must be 1 or more"));
         }
         Ok(())
     }
@@ -200,7 +229,12 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
             }
         })
     };
-    if update.seq.is_some_and(|seq| seq <= job.last_seq) {
+    // A replay, or a report of an attempt the job has moved past (a trainer
+    // that was given up on and relaunched elsewhere): nothing changes, but an
+    // epoch it finished is kept if no attempt has recorded it.
+    if update.seq.is_some_and(|seq| seq <= job.last_seq)
+        || update.attempt.is_some_and(|attempt| attempt < job.attempt)
+    {
         return Ok(UpdatePlan::Stale {
             metric: metric(now()),
         });
@@ -211,8 +245,10 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
         next.set_status(status);
     }
     next.updated_at = now();
+    // Progress never goes backwards: a relaunched attempt starts by
+    // reporting 0 while it restores the checkpoint it resumes from.
     if let Some(progress) = update.progress {
-        next.progress = progress;
+        next.progress = progress.max(job.progress);
     }
     if update.message.is_some() {
         next.message.clone_from(&update.message);
@@ -225,6 +261,10 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     }
     if update.checkpoint_s3_uri.is_some() {
         next.checkpoint_s3_uri.clone_from(&update.checkpoint_s3_uri);
+    }
+    if update.last_checkpoint_s3_uri.is_some() {
+        next.last_checkpoint_s3_uri
+            .clone_from(&update.last_checkpoint_s3_uri);
     }
     if let Some(seq) = update.seq {
         next.last_seq = seq;
@@ -339,6 +379,38 @@ mod tests {
     }
 
     #[test]
+    fn a_superseded_attempt_changes_nothing_and_progress_never_goes_back() {
+        let mut job = running_job();
+        job.progress = 0.6;
+        job.end_attempt("lost").unwrap();
+        assert_eq!(job.attempt, 2);
+        // The first attempt, still reporting (say, a finish): stale, though
+        // the epoch it carries is kept if no attempt recorded it.
+        let late = TrainingUpdate::new(JobStatus::Failed)
+            .with_seq(99)
+            .with_attempt(1)
+            .with_error("boom");
+        assert_eq!(
+            plan_update(&job, &late).unwrap(),
+            UpdatePlan::Stale { metric: None }
+        );
+        // The second attempt starts at 0 while it restores: progress stays.
+        let resumed = TrainingUpdate::new(JobStatus::Running)
+            .with_seq(100)
+            .with_attempt(2)
+            .with_progress(0.0)
+            .with_last_checkpoint("s3://b/jobs/x/epochs/3/last.safetensors");
+        let UpdatePlan::Apply { job: next, .. } = plan_update(&job, &resumed).unwrap() else {
+            panic!("the current attempt applies")
+        };
+        assert_eq!((next.status, next.progress), (JobStatus::Running, 0.6));
+        assert_eq!(
+            next.last_checkpoint_s3_uri.as_deref(),
+            Some("s3://b/jobs/x/epochs/3/last.safetensors")
+        );
+    }
+
+    #[test]
     fn malformed_updates_name_the_field() {
         let job = running_job();
         let cases = [
@@ -364,6 +436,14 @@ mod tests {
             (
                 TrainingUpdate::new(JobStatus::Completed).with_checkpoint("/tmp/x"),
                 "checkpoint_s3_uri",
+            ),
+            (
+                TrainingUpdate::new(JobStatus::Running).with_last_checkpoint("/tmp/x"),
+                "last_checkpoint_s3_uri",
+            ),
+            (
+                TrainingUpdate::new(JobStatus::Running).with_attempt(0),
+                "attempt",
             ),
         ];
         for (update, field) in cases {

@@ -44,6 +44,7 @@ pub mod error;
 mod known_jobs;
 pub mod limits;
 pub mod metrics;
+pub mod relaunch;
 mod routes;
 pub mod sweeper;
 #[cfg(feature = "torch")]
@@ -247,10 +248,13 @@ pub async fn parent_exited() {
     }
 }
 
-/// Re-adopts or ends the jobs left active by an earlier run of the backend:
-/// a job its launcher still runs is kept; one it does not is failed (or,
-/// when it was being cancelled, cancelled) with the reason. Jobs whose
-/// trainer cannot be asked are left to the sweeper.
+/// Re-adopts or relaunches the jobs left active by an earlier run of the
+/// backend: a job its launcher still runs is kept; one it does not has lost
+/// its runner, so its attempt ends ([`vtp_core::JobStoreExt::end_attempt`]):
+/// it goes back to `queued` for the relauncher while attempts are left
+/// (resuming from its last checkpoint set), else fails with the reason; a
+/// job being cancelled is cancelled. Jobs whose trainer cannot be asked are
+/// left to the sweeper.
 ///
 /// # Errors
 /// Store errors while listing.
@@ -269,8 +273,8 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
                     "the backend restarted and its {} trainer no longer runs the job",
                     state.launcher.name()
                 );
-                state.jobs.finalize_lost(job.id, &reason).await?;
-                tracing::warn!(job_id = %job.id, %status, %reason, "ended a lost job");
+                let job = state.jobs.end_attempt(job.id, &reason).await?;
+                tracing::warn!(job_id = %job.id, from = %status, to = %job.status, %reason, "a job lost its runner");
                 ended += 1;
             }
             Err(e) => {
@@ -296,9 +300,11 @@ pub async fn serve(
         state.jobs.clone(),
         sweeper::SweepPolicy::new(stale_after),
     ));
+    let relauncher = tokio::spawn(relaunch::run(state.clone(), relaunch::Policy::default()));
     let result = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
     sweeper.abort();
+    relauncher.abort();
     result
 }

@@ -1000,7 +1000,7 @@ async fn an_upload_without_length_is_cut_at_the_limit() {
 }
 
 #[tokio::test]
-async fn recovery_readopts_held_jobs_and_ends_lost_ones() {
+async fn recovery_readopts_held_jobs_and_requeues_lost_ones() {
     let (state, h) = state_and_harness(64 * 1024 * 1024).await;
     let jobs = h.jobs.clone();
     let held = started_job(&h).await;
@@ -1024,11 +1024,90 @@ async fn recovery_readopts_held_jobs_and_ends_lost_ones() {
         jobs.get(held_id).await.unwrap().status,
         vtp_core::JobStatus::Running
     );
+    // The lost one goes back to `queued` for its second attempt, with the
+    // reason the first ended.
     let lost = jobs.get(lost.parse().unwrap()).await.unwrap();
-    assert_eq!(lost.status, vtp_core::JobStatus::Failed);
-    assert!(lost.error.unwrap().contains("backend restarted"));
+    assert_eq!(
+        (lost.status, lost.attempt),
+        (vtp_core::JobStatus::Queued, 2)
+    );
+    assert!(lost.attempts[0].reason.contains("backend restarted"));
     assert_eq!(
         jobs.get(cancelling.parse().unwrap()).await.unwrap().status,
         vtp_core::JobStatus::Cancelled
     );
+}
+
+#[tokio::test]
+async fn the_relauncher_hands_a_requeued_job_to_its_launcher_once_with_its_resume_point() {
+    use vtp_server::relaunch::{Policy, relaunch_once};
+    let (state, h) = state_and_harness(64 * 1024 * 1024).await;
+    let id = started_job(&h).await;
+    let job_id: vtp_core::JobId = id.parse().unwrap();
+    // The trainer stored a checkpoint set after epoch 2 and reported it.
+    let set = h
+        .blobs
+        .uri(&BlobKey::parse(&format!("jobs/{id}/epochs/000002/last.safetensors")).unwrap());
+    let (status, body) = report(
+        &h,
+        &id,
+        json!({"status": "running", "seq": 1, "attempt": 1, "last_checkpoint_s3_uri": set}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // A queued job the launcher still runs is left alone.
+    let policy = Policy {
+        interval: Duration::from_millis(10),
+        settle: Duration::ZERO,
+        backoff: Duration::from_secs(60),
+    };
+    let mut recent = std::collections::HashMap::new();
+    assert_eq!(
+        relaunch_once(&state, &policy, &mut recent).await.unwrap(),
+        0
+    );
+
+    // Its runner is lost: the attempt ends and the relauncher starts the
+    // next one, from the recorded set, with the job's own secret.
+    h.trainer.forget_all();
+    let requeued = h.jobs.end_attempt(job_id, "killed").await.unwrap();
+    assert_eq!((requeued.status, requeued.attempt), (JobStatus::Queued, 2));
+    assert_eq!(
+        relaunch_once(&state, &policy, &mut recent).await.unwrap(),
+        1
+    );
+    let sent = h.trainer.started().last().unwrap().clone();
+    assert_eq!(
+        (sent.job_id, sent.attempt, sent.resume_from.as_deref()),
+        (job_id, 2, Some(set.as_str()))
+    );
+    assert_eq!(
+        sent.callback_secret,
+        h.credentials.job_secret(job_id).await.unwrap()
+    );
+    // Launched once: the trainer holds it now, and it is not sent again.
+    assert_eq!(
+        relaunch_once(&state, &policy, &mut recent).await.unwrap(),
+        0
+    );
+    h.trainer.forget_all();
+    assert_eq!(
+        relaunch_once(&state, &policy, &mut recent).await.unwrap(),
+        0,
+        "not again within the backoff"
+    );
+    assert_eq!(h.trainer.started().len(), 2, "the start and one relaunch");
+    // The first attempt reporting late changes nothing.
+    let (status, body) = report(
+        &h,
+        &id,
+        json!({"status": "failed", "seq": 5, "attempt": 1, "error": "late"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body["applied"]),
+        (StatusCode::OK, &json!(false)),
+        "{body}"
+    );
+    assert_eq!(h.jobs.get(job_id).await.unwrap().status, JobStatus::Queued);
 }

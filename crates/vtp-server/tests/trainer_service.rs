@@ -562,3 +562,86 @@ async fn a_full_queue_answers_429_with_retry_after() {
     assert_eq!(response.status(), 429);
     assert_eq!(response.headers()["retry-after"], "30");
 }
+
+#[tokio::test]
+async fn a_stored_checkpoint_set_restores_only_when_every_file_matches_its_manifest() {
+    use vtp_trainer::service::checkpoints::{restore_set, store_set};
+    let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
+    let job = vtp_core::JobId::new();
+    let work = tempfile::tempdir().unwrap();
+    let output = work.path().join("output");
+    std::fs::create_dir_all(&output).unwrap();
+    for (name, bytes) in [
+        ("last.safetensors", &b"weights of epoch 3"[..]),
+        ("last.optim.safetensors", b"optimizer state"),
+        ("last.json", b"{\"epoch\": 3}"),
+        ("best.safetensors", b"best weights"),
+    ] {
+        std::fs::write(output.join(name), bytes).unwrap();
+    }
+    let uri = store_set(blobs.as_ref(), job, 3, &output).await.unwrap();
+    assert!(
+        uri.ends_with(&format!("jobs/{job}/epochs/000003/last.safetensors")),
+        "{uri}"
+    );
+
+    let restored = work.path().join("restored");
+    std::fs::create_dir_all(&restored).unwrap();
+    std::fs::write(restored.join("last.json"), "left by a killed attempt").unwrap();
+    assert_eq!(
+        restore_set(blobs.as_ref(), job, &uri, &restored)
+            .await
+            .unwrap(),
+        3
+    );
+    for name in [
+        "last.safetensors",
+        "last.optim.safetensors",
+        "last.json",
+        "best.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(restored.join(name)).unwrap(),
+            std::fs::read(output.join(name)).unwrap(),
+            "{name}"
+        );
+    }
+
+    // Another job's set, or something that is no set: refused.
+    let other = vtp_core::JobId::new();
+    for wrong in [
+        uri.clone(),
+        uri.replace("last.safetensors", "best.safetensors"),
+    ] {
+        let who = if wrong == uri { other } else { job };
+        match restore_set(blobs.as_ref(), who, &wrong, &restored).await {
+            Err(vtp_core::Error::InvalidInput { field, .. }) => assert_eq!(field, "resume_from"),
+            got => panic!("{wrong}: {got:?}"),
+        }
+    }
+    // A file changed after the manifest was written: refused, nothing left.
+    let key = |name: &str| BlobKey::parse(&format!("jobs/{job}/epochs/000003/{name}")).unwrap();
+    blobs
+        .put_bytes(
+            &key("last.optim.safetensors"),
+            bytes::Bytes::from_static(b"optimizer statf"),
+        )
+        .await
+        .unwrap();
+    match restore_set(blobs.as_ref(), job, &uri, &restored).await {
+        Err(vtp_core::Error::InvalidInput { message, .. }) => {
+            assert!(message.contains("last.optim.safetensors"), "{message}");
+        }
+        got => panic!("{got:?}"),
+    }
+    assert!(
+        !restored.exists(),
+        "a set that fails its check is not left to resume from"
+    );
+    // A set without its manifest was never complete.
+    blobs.delete(&key("manifest.json")).await.unwrap();
+    assert!(matches!(
+        restore_set(blobs.as_ref(), job, &uri, &restored).await,
+        Err(vtp_core::Error::NotFound { .. })
+    ));
+}

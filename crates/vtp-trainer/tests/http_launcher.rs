@@ -18,6 +18,8 @@ fn request(job_id: JobId) -> StartTraining {
         callback_secret: Some(
             vtp_core::CallbackSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap(),
         ),
+        attempt: 1,
+        resume_from: None,
     }
 }
 

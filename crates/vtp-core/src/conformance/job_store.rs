@@ -409,6 +409,69 @@ pub async fn metrics_of_unknown_job_is_not_found(store: Store) {
     assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
 }
 
+pub async fn lost_attempts_are_recorded_and_relaunched_then_fail(store: Store) {
+    let mut new = new_job("runner");
+    new.config = serde_json::json!({"epochs": 5, "max_attempts": 2});
+    let job = store.create_job(new).await.unwrap();
+    store
+        .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+        .await
+        .unwrap();
+    let set = "s3://datasets/jobs/x/epochs/000002/last.safetensors";
+    let report = TrainingUpdate::new(JobStatus::Running)
+        .with_seq(1)
+        .with_attempt(1)
+        .with_progress(0.4)
+        .with_last_checkpoint(set)
+        .with_metric("epoch", 2.0)
+        .with_metric("loss", 0.5);
+    store.apply_update(job.id, &report).await.unwrap();
+
+    let requeued = store.end_attempt(job.id, "killed").await.unwrap();
+    assert_eq!((requeued.status, requeued.attempt), (JobStatus::Queued, 2));
+    let stored = store.get(job.id).await.unwrap();
+    assert_eq!(stored, requeued, "the store keeps what it returned");
+    assert_eq!(stored.last_checkpoint_s3_uri.as_deref(), Some(set));
+    assert_eq!(stored.attempts.len(), 1);
+    assert_eq!(
+        (
+            stored.attempts[0].attempt,
+            stored.attempts[0].reason.as_str()
+        ),
+        (1, "killed")
+    );
+    // The lost attempt reporting late changes nothing; the new one applies
+    // without moving progress back.
+    let late = TrainingUpdate::new(JobStatus::Failed)
+        .with_seq(2)
+        .with_attempt(1)
+        .with_error("late");
+    assert!(!store.apply_update(job.id, &late).await.unwrap().applied());
+    let resumed = TrainingUpdate::new(JobStatus::Running)
+        .with_seq(3)
+        .with_attempt(2)
+        .with_progress(0.0);
+    let job_now = store
+        .apply_update(job.id, &resumed)
+        .await
+        .unwrap()
+        .into_job();
+    assert_eq!(
+        (job_now.status, job_now.progress),
+        (JobStatus::Running, 0.4)
+    );
+
+    let failed = store.end_attempt(job.id, "killed again").await.unwrap();
+    assert_eq!(failed.status, JobStatus::Failed);
+    let stored = store.get(job.id).await.unwrap();
+    assert_eq!(stored.attempts.len(), 2);
+    assert!(stored.error.unwrap().contains("none left"));
+    assert_eq!(stored.last_checkpoint_s3_uri.as_deref(), Some(set));
+    // A final job is left alone.
+    let again = store.end_attempt(job.id, "late").await.unwrap();
+    assert_eq!(again.revision, failed.revision);
+}
+
 pub async fn ping_succeeds(store: Store) {
     store.ping().await.unwrap();
 }

@@ -41,6 +41,7 @@ macro_rules! job_store_conformance {
             concurrent_updates_apply_once_each,
             updates_from_a_known_version_are_checked,
             metrics_of_unknown_job_is_not_found,
+            lost_attempts_are_recorded_and_relaunched_then_fail,
             ping_succeeds,
         );
     };

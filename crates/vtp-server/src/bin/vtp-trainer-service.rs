@@ -135,6 +135,15 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
+    if exit_with_parent {
+        // The backend that started this child is gone: stop now rather than
+        // train on with no one to report to. Its jobs resume from their last
+        // stored checkpoint sets when the backend relaunches them; reports
+        // still queued here are delivered by the next child, which opens
+        // the same outbox.
+        tracing::warn!("exiting with the parent; jobs under way resume when relaunched");
+        std::process::exit(0);
+    }
     Ok(())
 }
 

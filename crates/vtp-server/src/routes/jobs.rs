@@ -248,6 +248,12 @@ pub async fn callback(
     };
     let applied = outcome.applied();
     let status = outcome.job().status;
+    if applied
+        && let Some(uri) = &update.last_checkpoint_s3_uri
+        && outcome.job().last_checkpoint_s3_uri.as_deref() == Some(uri.as_str())
+    {
+        prune_checkpoint_sets(&state, id, uri);
+    }
     state.known_jobs.remember(outcome.into_job());
     metrics::counter!("vtp_reports_total", "applied" => if applied { "true" } else { "false" })
         .increment(1);
@@ -266,10 +272,53 @@ pub async fn callback(
     })))
 }
 
+/// Deletes, in the background, the job's checkpoint sets older than the one
+/// just recorded (`jobs/{id}/epochs/{n}/`): only the backend knows which set
+/// it records, so only it prunes. Newer sets (stored by an attempt whose
+/// reports were lost) are left: the next attempt stores over them.
+fn prune_checkpoint_sets(state: &AppState, id: JobId, recorded: &str) {
+    fn epoch_of(prefix: &str, key: &str) -> Option<u32> {
+        key.strip_prefix(prefix)?.split('/').next()?.parse().ok()
+    }
+    let prefix = format!("jobs/{id}/epochs/");
+    let Some(keep) = state
+        .blobs
+        .key_for(recorded)
+        .ok()
+        .and_then(|key| epoch_of(&prefix, key.as_str()))
+    else {
+        return;
+    };
+    let blobs = state.blobs.clone();
+    tokio::spawn(async move {
+        let Ok(dir) = BlobKey::parse(&prefix) else {
+            return;
+        };
+        let objects = match blobs.list(Some(&dir)).await {
+            Ok(objects) => objects,
+            Err(e) => {
+                tracing::debug!(job_id = %id, error = %error_chain(&e), "could not list old checkpoint sets");
+                return;
+            }
+        };
+        for object in objects {
+            if epoch_of(&prefix, object.key.as_str()).is_some_and(|epoch| epoch < keep)
+                && let Err(e) = blobs.delete(&object.key).await
+            {
+                tracing::debug!(job_id = %id, key = %object.key, error = %error_chain(&e), "could not delete an old checkpoint set");
+            }
+        }
+    });
+}
+
 /// What a signed report may still not do: point its checkpoint outside
 /// the job's own prefix, or claim a `seq` no trainer can reach.
 fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResult<()> {
-    if let Some(uri) = &update.checkpoint_s3_uri {
+    for (field, uri) in [
+        ("checkpoint_s3_uri", &update.checkpoint_s3_uri),
+        ("last_checkpoint_s3_uri", &update.last_checkpoint_s3_uri),
+    ] {
+        let Some(uri) = uri else { continue };
         let prefix = format!("jobs/{id}/");
         let inside = state
             .blobs
@@ -277,7 +326,7 @@ fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResu
             .is_ok_and(|key| key.as_str().starts_with(&prefix));
         if !inside {
             return Err(Error::invalid(
-                "checkpoint_s3_uri",
+                field,
                 format!("{uri} is not under this job's {prefix} in the backend's blob store"),
             )
             .into());
@@ -439,11 +488,19 @@ pub async fn checkpoint_file(
     stream_blob(&state, &key).await
 }
 
-/// The key of the job's final checkpoint; 404 until there is one.
+/// The key of the job's final checkpoint, or, for a job that ended without
+/// one (failed, cancelled), of the last checkpoint set it stored; 404 until
+/// there is one.
 async fn checkpoint_key(state: &AppState, caller: &Caller, id: JobId) -> ApiResult<BlobKey> {
     let job = owned_job(state.jobs.as_ref(), caller, id).await?;
+    let last = job
+        .status
+        .is_terminal()
+        .then_some(job.last_checkpoint_s3_uri)
+        .flatten();
     let uri = job
         .checkpoint_s3_uri
+        .or(last)
         .ok_or_else(|| Error::not_found("checkpoint of job", id))?;
     let key = state.blobs.key_for(&uri)?;
     // Reports are refused when they point elsewhere; a row written before

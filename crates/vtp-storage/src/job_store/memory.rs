@@ -103,7 +103,11 @@ impl JobStore for InMemoryJobStore {
         stored.message.clone_from(&next.message);
         stored.error.clone_from(&next.error);
         stored.checkpoint_s3_uri.clone_from(&next.checkpoint_s3_uri);
+        stored
+            .last_checkpoint_s3_uri
+            .clone_from(&next.last_checkpoint_s3_uri);
         stored.attempt = next.attempt;
+        stored.attempts.clone_from(&next.attempts);
         stored.last_seq = next.last_seq;
         stored.updated_at = next.updated_at;
         stored.started_at = next.started_at;

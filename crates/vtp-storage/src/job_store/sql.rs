@@ -22,6 +22,8 @@ pub(crate) struct JobRow {
     message: Option<String>,
     error: Option<String>,
     checkpoint_s3_uri: Option<String>,
+    last_checkpoint_s3_uri: Option<String>,
+    attempts: Json<Vec<vtp_core::AttemptEnded>>,
     attempt: i32,
     last_seq: i64,
     revision: i64,
@@ -52,6 +54,8 @@ impl TryFrom<JobRow> for Job {
             message: row.message,
             error: row.error,
             checkpoint_s3_uri: row.checkpoint_s3_uri,
+            last_checkpoint_s3_uri: row.last_checkpoint_s3_uri,
+            attempts: row.attempts.0,
             attempt: row.attempt,
             last_seq: row.last_seq,
             revision: row.revision,
@@ -122,21 +126,21 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
 }
 
 /// The compare-and-set `UPDATE ... RETURNING` of a job, as a literal (so
-/// `concat!` can wrap it in a CTE). Parameters `$1..$13`: see [`bind_update`].
+/// `concat!` can wrap it in a CTE). Parameters `$1..$15`: see [`bind_update`].
 macro_rules! update_job_sql {
     () => {
         "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
          attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
-         revision = revision + 1 \
+         last_checkpoint_s3_uri = $14, attempts = $15, revision = revision + 1 \
          WHERE id = $1 AND status = $2 AND revision = $13 \
          RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-         message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+         message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, \
          started_at, finished_at"
     };
 }
 pub(crate) use update_job_sql;
 
-/// Binds `$1..$13` of [`update_job_sql`]: the next job's fields and the expectation.
+/// Binds `$1..$15` of [`update_job_sql`]: the next job's fields and the expectation.
 macro_rules! bind_update {
     ($query:expr, $next:expr, $expected:expr) => {
         $query
@@ -153,6 +157,8 @@ macro_rules! bind_update {
             .bind($next.started_at)
             .bind($next.finished_at)
             .bind($expected.revision)
+            .bind(&$next.last_checkpoint_s3_uri)
+            .bind(sqlx::types::Json(&$next.attempts))
     };
 }
 pub(crate) use bind_update;
@@ -178,8 +184,8 @@ macro_rules! impl_sql_job_store {
             async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
                 sqlx::query(
                     "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
                 )
                 .bind(job.id.0)
                 .bind(&job.user_id)
@@ -192,6 +198,8 @@ macro_rules! impl_sql_job_store {
                 .bind(&job.message)
                 .bind(&job.error)
                 .bind(&job.checkpoint_s3_uri)
+                .bind(&job.last_checkpoint_s3_uri)
+                .bind(sqlx::types::Json(&job.attempts))
                 .bind(job.attempt)
                 .bind(job.last_seq)
                 .bind(job.revision)
@@ -214,7 +222,7 @@ macro_rules! impl_sql_job_store {
             async fn get(&self, id: vtp_core::JobId) -> vtp_core::Result<vtp_core::Job> {
                 let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
                     "SELECT id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, \
                      started_at, finished_at FROM jobs WHERE id = $1",
                 )
                 .bind(id.0)
@@ -229,7 +237,7 @@ macro_rules! impl_sql_job_store {
                 let status = filter.status.map(vtp_core::JobStatus::as_str);
                 let rows: Vec<$crate::job_store::sql::JobRow> = sqlx::query_as(
                     "SELECT id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, attempt, last_seq, revision, created_at, updated_at, \
+                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, \
                      started_at, finished_at FROM jobs \
                      WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3) \
                      ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5",
@@ -273,7 +281,7 @@ macro_rules! impl_sql_job_store {
                             "WITH upd AS (",
                             $crate::job_store::sql::update_job_sql!(),
                             "), ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
-                             SELECT id, $14, $15, $16 FROM upd WHERE $14 IS NOT NULL \
+                             SELECT id, $16, $17, $18 FROM upd WHERE $16 IS NOT NULL \
                              ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
                              recorded_at = excluded.recorded_at) \
                              SELECT * FROM upd",

@@ -73,6 +73,10 @@ pub struct TrainConfig {
     /// What the trainer asks of its machine (CPU, memory, GPUs); read by the
     /// Kubernetes launcher for the pod's requests and limits, not by training.
     pub resources: Option<vtp_core::Resources>,
+    /// How many times the platform launches the job in all before a lost
+    /// runner fails it ([`vtp_core::Job::max_attempts`]); read by the
+    /// backend, not by training.
+    pub max_attempts: Option<i32>,
     /// Weights to start from: a safetensors file with the model's parameter
     /// names (for YOLO, an Ultralytics `state_dict` converted by
     /// `scripts/ultralytics_to_safetensors.py`). The trainer service takes a
@@ -140,6 +144,7 @@ impl Default for TrainConfig {
             hflip: true,
             resume: true,
             resources: None,
+            max_attempts: None,
             init_weights: None,
             mosaic: 1.0,
             close_mosaic: 10,

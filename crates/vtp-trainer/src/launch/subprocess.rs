@@ -4,7 +4,9 @@
 //! other tiers.
 //!
 //! The child is started on the first launch (and again if it died). When it
-//! exits, every job it was running is failed with its exit status. The child
+//! exits, the attempt of every job it was running ends with its exit status
+//! ([`vtp_core::JobStoreExt::end_attempt`]): relaunched while attempts are
+//! left, failed otherwise. The child
 //! runs with `--exit-with-parent`, so it does not outlive the backend.
 
 use std::collections::HashSet;
@@ -191,10 +193,13 @@ impl SubprocessLauncher {
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
             let lost: Vec<JobId> = held.lock().expect("jobs lock").drain().collect();
             tracing::warn!(?pid, %status, jobs = lost.len(), "trainer process exited");
+            // Each job's attempt ends: the backend's relauncher starts the
+            // next one (resuming from its last checkpoint set) while
+            // attempts are left; otherwise the job fails with this reason.
             for job_id in lost {
                 let reason = format!("the trainer process exited ({status})");
-                if let Err(e) = store.finalize_lost(job_id, &reason).await {
-                    tracing::error!(%job_id, error = %e, "could not fail a job of the dead trainer");
+                if let Err(e) = store.end_attempt(job_id, &reason).await {
+                    tracing::error!(%job_id, error = %e, "could not end the attempt of the dead trainer");
                 }
             }
         });

@@ -1,9 +1,12 @@
 //! The trainer service's engine room: [`TrainerService`] accepts jobs,
 //! downloads their datasets from the blob store, trains them one at a time
-//! with [`crate::TchTrainer`] on a blocking thread, uploads checkpoints under
-//! `jobs/{job_id}/`, and reports every step of the way through the
-//! persisted [`Outbox`]. The HTTP shell lives in `vtp-server`.
+//! with [`crate::TchTrainer`] on a blocking thread, stores a checkpoint set
+//! after every epoch ([`checkpoints`]; a relaunched attempt resumes from
+//! it), uploads the final checkpoints under `jobs/{job_id}/`, and reports
+//! every step of the way through the persisted [`Outbox`]. The HTTP shell
+//! lives in `vtp-server`.
 
+pub mod checkpoints;
 pub mod outbox;
 
 use std::collections::{BTreeMap, HashMap};
@@ -290,6 +293,16 @@ impl TrainerService {
     /// Waits for a training slot, trains, reports the outcome and frees the slot.
     async fn execute(self: Arc<Self>, request: StartTraining, admitted: Admitted) -> Finished {
         let job_id = request.job_id;
+        // Number this attempt's reports above any an earlier attempt sent
+        // (from another process, machine or work directory), so the backend
+        // never takes them for replays: the microseconds of now, which the
+        // backend accepts up to a day ahead.
+        let floor = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        if let Err(e) = self.outbox.raise_seq_floor(job_id, floor) {
+            tracing::warn!(%job_id, error = %error_chain(&e), "cannot raise the report counter");
+        }
         let permit = self.permits.clone().acquire_owned().await;
         admitted.running.store(true, Ordering::SeqCst);
         let outcome = self
@@ -366,6 +379,9 @@ impl TrainerService {
     }
 
     fn report(&self, request: &StartTraining, update: TrainingUpdate) {
+        // Every report names its attempt: once the job has moved on to a
+        // later one, this attempt's reports change nothing.
+        let update = update.with_attempt(request.attempt);
         if let Err(e) = self.outbox.enqueue(
             request.job_id,
             &request.callback_url,
@@ -418,6 +434,39 @@ impl TrainerService {
             None => None,
         };
         let output = dir.join("output");
+        // Never resume from what an earlier attempt left on this disk (a
+        // file cut short by a kill); only from a verified stored set.
+        let _ = tokio::fs::remove_dir_all(&output).await;
+        if let Some(uri) = &request.resume_from {
+            match checkpoints::restore_set(self.blobs.as_ref(), job_id, uri, &output).await {
+                Ok(epoch) => {
+                    tracing::info!(%job_id, epoch, attempt = request.attempt, "resuming from the stored checkpoint set");
+                    self.report(
+                        request,
+                        TrainingUpdate::new(JobStatus::Running).with_message(format!(
+                            "attempt {}: resuming after epoch {epoch} from the stored checkpoint",
+                            request.attempt
+                        )),
+                    );
+                }
+                // A set that is gone or does not match its manifest is no
+                // reason to give up the job: train from the start. An outage
+                // is (the attempt fails and is retried).
+                Err(e @ (Error::InvalidInput { .. } | Error::NotFound { .. })) => {
+                    let message = format!(
+                        "attempt {}: cannot resume ({}); training from the start",
+                        request.attempt,
+                        error_chain(&e)
+                    );
+                    tracing::warn!(%job_id, %message);
+                    self.report(
+                        request,
+                        TrainingUpdate::new(JobStatus::Running).with_message(message),
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let spec = TrainSpec {
             job_id,
             config: request.config.clone(),
@@ -559,21 +608,23 @@ struct OutboxSink {
 }
 
 impl OutboxSink {
-    fn upload_last(&self) {
+    /// Stores the epoch's checkpoint set; its URI, or `None` when it could
+    /// not be stored (not fatal: the job keeps resuming from the set stored
+    /// before, and the final upload tries again).
+    fn store_set(&self, epoch: u32) -> Option<String> {
         let job_id = self.request.job_id;
-        let result = self.runtime.block_on(async {
-            for name in ["last.safetensors", "last.optim.safetensors", "last.json"] {
-                let path = self.output.join(name);
-                if path.is_file() {
-                    let key = BlobKey::from_segments(&["jobs", &job_id.to_string(), name])?;
-                    self.service.blobs.put_file(&key, &path).await?;
-                }
+        let result = self.runtime.block_on(checkpoints::store_set(
+            self.service.blobs.as_ref(),
+            job_id,
+            epoch,
+            &self.output,
+        ));
+        match result {
+            Ok(uri) => Some(uri),
+            Err(e) => {
+                tracing::warn!(%job_id, epoch, error = %error_chain(&e), "could not store the checkpoint set");
+                None
             }
-            Ok::<_, Error>(())
-        });
-        if let Err(e) = result {
-            // Not fatal: the final upload tries again.
-            tracing::warn!(%job_id, error = %error_chain(&e), "could not upload the last checkpoint");
         }
     }
 }
@@ -595,9 +646,11 @@ impl ProgressSink for OutboxSink {
             }
         }
         // After the final epoch the service uploads every checkpoint file at
-        // once; uploading `last` here too would send it twice.
-        if report.epoch < report.epochs {
-            self.upload_last();
+        // once; storing a set here too would send them twice.
+        if report.epoch < report.epochs
+            && let Some(uri) = self.store_set(report.epoch)
+        {
+            update = update.with_last_checkpoint(uri);
         }
         self.service.report(&self.request, update);
     }

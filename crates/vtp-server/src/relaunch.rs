@@ -1,0 +1,126 @@
+//! The relauncher: a job back in `queued` with nothing running it is handed
+//! to its launcher again. That is a job whose runner was lost with attempts
+//! left ([`vtp_core::JobStoreExt::end_attempt`]: a killed trainer, a backend
+//! that restarted without its child), or one whose backend stopped between
+//! moving it to `queued` and launching it.
+//!
+//! Launching is idempotent per job (a trainer that still holds the job
+//! adopts it; a Kubernetes Job of that name is adopted), so a launch that is
+//! merely slow costs a redundant call, never a second trainer. A launch the
+//! launcher refuses as invalid fails the job; one it cannot make now is
+//! tried again, until the sweeper fails the job as stale.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use vtp_core::{Error, JobFilter, JobId, JobStatus, JobStoreExt, Result, StartTraining};
+
+use crate::AppState;
+use crate::error::error_chain;
+
+/// When and how often the relauncher acts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Time between passes.
+    pub interval: Duration,
+    /// How long a job must have been `queued` untouched before it is
+    /// relaunched (the start request's own launch gets this long).
+    pub settle: Duration,
+    /// The least time between two relaunches of one job.
+    pub backoff: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            interval: Duration::from_secs(1),
+            settle: Duration::from_secs(2),
+            backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// One pass: relaunches every settled `queued` job its launcher does not
+/// run, unless it was relaunched less than `policy.backoff` ago (per
+/// `recent`). Returns how many it launched.
+///
+/// # Errors
+/// Store errors while listing.
+pub async fn relaunch_once(
+    state: &AppState,
+    policy: &Policy,
+    recent: &mut HashMap<JobId, Instant>,
+) -> Result<usize> {
+    let cutoff = Utc::now() - chrono::Duration::from_std(policy.settle).unwrap_or_default();
+    let page = state
+        .jobs
+        .list(
+            &JobFilter::new()
+                .with_status(JobStatus::Queued)
+                .with_updated_before(cutoff)
+                .with_page(JobFilter::MAX_LIMIT, 0),
+        )
+        .await?;
+    recent.retain(|_, at| at.elapsed() < policy.backoff);
+    let mut launched = 0;
+    for job in page.jobs {
+        if recent.contains_key(&job.id) {
+            continue;
+        }
+        match state.launcher.is_running(job.id).await {
+            Ok(true) => continue,
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(job_id = %job.id, error = %error_chain(&e), "relaunch: cannot ask the launcher; later");
+                continue;
+            }
+        }
+        let secret = match crate::auth::job_secret(state, job.id).await {
+            Ok(secret) => secret,
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = ?e, "relaunch: no callback secret; later");
+                continue;
+            }
+        };
+        recent.insert(job.id, Instant::now());
+        let request = StartTraining::for_job(&job, state.callback_url(job.id)).with_secret(secret);
+        match state.launcher.launch(&request).await {
+            Ok(()) => {
+                tracing::info!(job_id = %job.id, attempt = job.attempt, resume_from = ?job.last_checkpoint_s3_uri, "relaunched");
+                metrics::counter!("vtp_relaunches_total").increment(1);
+                launched += 1;
+            }
+            Err(e @ Error::InvalidInput { .. }) => {
+                let reason = format!("relaunch refused: {}", error_chain(&e));
+                tracing::warn!(job_id = %job.id, %reason);
+                let failed = state
+                    .jobs
+                    .transition_with(job.id, JobStatus::Queued, JobStatus::Failed, |job| {
+                        job.error = Some(reason.clone());
+                    })
+                    .await;
+                if let Err(e) = failed {
+                    tracing::debug!(job_id = %job.id, error = %error_chain(&e), "the job moved on meanwhile");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %job.id, error = %error_chain(&e), "relaunch failed; will retry");
+            }
+        }
+    }
+    Ok(launched)
+}
+
+/// Runs [`relaunch_once`] every `policy.interval` until the task is dropped.
+pub async fn run(state: AppState, policy: Policy) {
+    let mut tick = tokio::time::interval(policy.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut recent = HashMap::new();
+    loop {
+        tick.tick().await;
+        if let Err(e) = relaunch_once(&state, &policy, &mut recent).await {
+            tracing::warn!(error = %error_chain(&e), "relaunch pass failed; will retry");
+        }
+    }
+}

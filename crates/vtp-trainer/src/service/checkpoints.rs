@@ -1,0 +1,206 @@
+//! Checkpoint sets in the blob store, what a relaunched attempt resumes from.
+//!
+//! After every epoch the trainer stores what resuming needs (the output
+//! directory's `last.*`, and `best.*` once there is one) under
+//! `jobs/{id}/epochs/{epoch}/`, checks that each file arrived whole (its
+//! size, by a HEAD), and writes `manifest.json` (every file's size and
+//! SHA-256) last: a set is complete, and is reported to the backend as the
+//! job's `last_checkpoint_s3_uri`, only once its manifest is stored. The
+//! trainer never deletes a set: only the backend knows which one it has
+//! recorded, and it prunes the older ones when it records a newer one.
+//!
+//! A relaunched attempt [`restore_set`]s the set its job records into an
+//! empty output directory and checks every file against the manifest before
+//! the engine resumes from it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use vtp_core::{BlobKey, BlobStore, BlobStoreExt, Error, JobId, Result};
+
+use crate::engine::checkpoint::sha256_file;
+
+/// The manifest's name inside a set.
+pub const MANIFEST: &str = "manifest.json";
+/// The weights a set is named by (its `last_checkpoint_s3_uri`).
+pub const LAST_WEIGHTS: &str = "last.safetensors";
+
+/// What a set holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The epoch the set was saved after.
+    pub epoch: u32,
+    /// File name to size and digest.
+    pub files: BTreeMap<String, FileEntry>,
+}
+
+/// One file of a set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// Bytes.
+    pub size: u64,
+    /// Hex SHA-256.
+    pub sha256: String,
+}
+
+/// `jobs/{job}/epochs/{epoch}` (zero-padded, so the sets list in order).
+fn set_prefix(job_id: JobId, epoch: u32) -> Result<BlobKey> {
+    BlobKey::from_segments(&[
+        "jobs",
+        &job_id.to_string(),
+        "epochs",
+        &format!("{epoch:06}"),
+    ])
+}
+
+/// The checkpoint files in `output`: every regular file not starting with
+/// a dot (`last.*`, `best.*`).
+fn set_files(output: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let io = |e: std::io::Error| Error::internal(format!("{}: {e}", output.display()));
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(output).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && entry.file_type().map_err(io)?.is_file() {
+            files.push((name, entry.path()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Stores the checkpoint files of `output` as the set of `epoch`, each
+/// checked after upload, the manifest last. Returns the URI of the set's
+/// `last.safetensors`.
+///
+/// # Errors
+/// Blob store errors; [`Error::Backend`] when an upload's stored size
+/// differs from the file's.
+pub async fn store_set(
+    blobs: &dyn BlobStore,
+    job_id: JobId,
+    epoch: u32,
+    output: &Path,
+) -> Result<String> {
+    let prefix = set_prefix(job_id, epoch)?;
+    let files = {
+        let output = output.to_path_buf();
+        tokio::task::spawn_blocking(move || -> Result<Vec<(String, PathBuf, FileEntry)>> {
+            set_files(&output)?
+                .into_iter()
+                .map(|(name, path)| {
+                    let size = std::fs::metadata(&path)
+                        .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?
+                        .len();
+                    let sha256 = sha256_file(&path)?;
+                    Ok((name, path, FileEntry { size, sha256 }))
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("hashing thread: {e}")))??
+    };
+    if !files.iter().any(|(name, ..)| name == LAST_WEIGHTS) {
+        return Err(Error::internal(format!(
+            "{} holds no {LAST_WEIGHTS}",
+            output.display()
+        )));
+    }
+    let mut manifest = Manifest {
+        epoch,
+        files: BTreeMap::new(),
+    };
+    for (name, path, entry) in files {
+        let key = prefix.join(&name)?;
+        blobs.put_file(&key, &path).await?;
+        let stored = blobs.head(&key).await?;
+        if stored.size != entry.size {
+            return Err(Error::backend(
+                "blob store",
+                format!(
+                    "{} holds {} bytes after uploading {} of {}",
+                    blobs.uri(&key),
+                    stored.size,
+                    entry.size,
+                    path.display()
+                ),
+            ));
+        }
+        manifest.files.insert(name, entry);
+    }
+    let body = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
+    blobs
+        .put_bytes(&prefix.join(MANIFEST)?, body.into())
+        .await?;
+    Ok(blobs.uri(&prefix.join(LAST_WEIGHTS)?))
+}
+
+/// Downloads the set whose `last.safetensors` is at `last_uri` into
+/// `output` (emptied first) and checks every file's size and SHA-256
+/// against the manifest. Returns the set's epoch.
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming `resume_from` when the URI is not a set of
+/// this job or a file does not match; blob store errors otherwise.
+pub async fn restore_set(
+    blobs: &dyn BlobStore,
+    job_id: JobId,
+    last_uri: &str,
+    output: &Path,
+) -> Result<u32> {
+    let invalid = |message: String| Error::invalid("resume_from", message);
+    let key = blobs
+        .key_for(last_uri)
+        .map_err(|e| invalid(e.to_string()))?;
+    let dir = key
+        .as_str()
+        .strip_suffix(&format!("/{LAST_WEIGHTS}"))
+        .ok_or_else(|| invalid(format!("{last_uri} is not a set's {LAST_WEIGHTS}")))?;
+    let dir = BlobKey::parse(dir)?;
+    if !dir.as_str().starts_with(&format!("jobs/{job_id}/epochs/")) {
+        return Err(invalid(format!(
+            "{last_uri} is not a checkpoint set of job {job_id}"
+        )));
+    }
+    let manifest: Manifest = serde_json::from_slice(&blobs.get_bytes(&dir.join(MANIFEST)?).await?)
+        .map_err(|e| invalid(format!("{MANIFEST} of {last_uri}: {e}")))?;
+    if !manifest.files.contains_key(LAST_WEIGHTS) {
+        return Err(invalid(format!(
+            "{MANIFEST} of {last_uri} lists no {LAST_WEIGHTS}"
+        )));
+    }
+    let _ = tokio::fs::remove_dir_all(output).await;
+    tokio::fs::create_dir_all(output)
+        .await
+        .map_err(|e| Error::internal(format!("{}: {e}", output.display())))?;
+    for (name, expected) in &manifest.files {
+        // Names come from the store: only plain file names are written.
+        if name.contains('/') || name.contains('\\') || name.starts_with('.') {
+            return Err(invalid(format!(
+                "{MANIFEST} names {name:?}, not a file name"
+            )));
+        }
+        let target = output.join(name);
+        blobs.download_to(&dir.join(name)?, &target).await?;
+        let path = target.clone();
+        let sha256 = tokio::task::spawn_blocking(move || sha256_file(&path))
+            .await
+            .map_err(|e| Error::internal(format!("hashing thread: {e}")))??;
+        let size = tokio::fs::metadata(&target)
+            .await
+            .map_err(|e| Error::internal(format!("{}: {e}", target.display())))?
+            .len();
+        if size != expected.size || sha256 != expected.sha256 {
+            let _ = tokio::fs::remove_dir_all(output).await;
+            return Err(invalid(format!(
+                "{name} of the stored checkpoint set does not match its manifest \
+                 ({size} bytes, sha256 {sha256}; expected {} bytes, sha256 {})",
+                expected.size, expected.sha256
+            )));
+        }
+    }
+    Ok(manifest.epoch)
+}

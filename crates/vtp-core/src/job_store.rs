@@ -192,7 +192,8 @@ pub trait JobStoreExt: JobStore {
     ///
     /// # Errors
     /// [`Error::NotFound`], [`Error::InvalidInput`] for a malformed update,
-    /// [`Error::Conflict`] when the job is terminal or the report is illegal.
+    /// [`Error::Conflict`] when the job is terminal or the report is illegal;
+    /// [`Error::Unavailable`] (retryable) when every try lost its race.
     async fn apply_update(&self, id: JobId, update: &TrainingUpdate) -> Result<UpdateOutcome> {
         self.apply_update_from(id, update, None).await
     }
@@ -247,9 +248,7 @@ pub trait JobStoreExt: JobStore {
                 }
             }
         }
-        Err(Error::conflict(format!(
-            "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
-        )))
+        Err(kept_changing(id))
     }
 }
 
@@ -277,7 +276,97 @@ where
             Err(e) => return Err(e),
         }
     }
-    Err(Error::conflict(format!(
-        "job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"
-    )))
+    Err(kept_changing(id))
+}
+
+/// Losing every race is contention, not a verdict on the request: a
+/// retryable outage (503), never a final 409 that would make a trainer drop
+/// its report.
+fn kept_changing(id: JobId) -> Error {
+    Error::unavailable(
+        "job store",
+        format!("job {id} kept changing; gave up after {UPDATE_ATTEMPTS} attempts"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store where another writer wins every race: reads answer `job`,
+    /// every compare-and-set is a conflict. Written by hand: mockall cannot
+    /// mock `compare_and_set`'s `Option<&TrainingMetric>` through
+    /// async_trait's lifetimes (E0623 inside its expansion).
+    #[derive(Debug)]
+    struct AlwaysLosing {
+        job: Job,
+        attempts: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl JobStore for AlwaysLosing {
+        async fn create(&self, _job: &Job) -> Result<()> {
+            unreachable!("not used")
+        }
+        async fn get(&self, _id: JobId) -> Result<Job> {
+            Ok(self.job.clone())
+        }
+        async fn list(&self, _filter: &JobFilter) -> Result<JobPage> {
+            unreachable!("not used")
+        }
+        async fn compare_and_set(
+            &self,
+            _expected: Expected,
+            _next: &Job,
+            _metric: Option<&TrainingMetric>,
+        ) -> Result<Job> {
+            self.attempts
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(Error::conflict("another writer won"))
+        }
+        async fn insert_metric_if_absent(&self, _metric: &TrainingMetric) -> Result<bool> {
+            Ok(false)
+        }
+        async fn metrics(&self, _id: JobId) -> Result<Vec<TrainingMetric>> {
+            Ok(Vec::new())
+        }
+        async fn ping(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn always_losing(job: &Job) -> AlwaysLosing {
+        AlwaysLosing {
+            job: job.clone(),
+            attempts: 0.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn losing_every_race_is_a_retryable_outage_not_a_final_conflict() {
+        let mut job = NewJob {
+            user_id: "u".into(),
+            model_name: "small_cnn".into(),
+            framework: "tch".into(),
+            dataset_s3_uri: "s3://b/d".into(),
+            config: serde_json::json!({}),
+        }
+        .into_job()
+        .unwrap();
+        job.transition(JobStatus::Queued).unwrap();
+        let report = TrainingUpdate::new(JobStatus::Running).with_seq(1);
+        let store = always_losing(&job);
+        let err = store.apply_update(job.id, &report).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Unavailable { .. }) && err.is_retryable(),
+            "{err:?}"
+        );
+        assert_eq!(
+            store.attempts.load(std::sync::atomic::Ordering::SeqCst),
+            UPDATE_ATTEMPTS
+        );
+        let store = always_losing(&job);
+        let err = store.end_attempt(job.id, "lost").await.unwrap_err();
+        assert!(err.is_retryable(), "{err:?}");
+    }
 }

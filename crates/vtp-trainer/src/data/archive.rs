@@ -1,7 +1,13 @@
 //! Unpacking dataset archives (zip, tar, tar.gz) without trusting them:
 //! entries that would land outside the target directory (`..`, absolute
 //! paths), links and special files are refused, and nothing is written
-//! outside the target.
+//! outside the target. Bombs are refused too: more than
+//! [`ArchiveLimits::max_entries`] entries, more bytes unpacked than
+//! [`ArchiveLimits::max_ratio`] times the archive's size (counting what is
+//! actually written, whatever the headers claim), an entry whose data does
+//! not match its header's size, names with NUL bytes, duplicate names and
+//! zip entries whose data overlap (the non-recursive zip bomb). Archives
+//! inside the archive are written as files, never unpacked.
 
 use std::fs::{self, File};
 use std::io::{self, BufReader};
@@ -11,6 +17,74 @@ use vtp_core::{Error, Result};
 
 /// Largest total of unpacked bytes (guards against zip bombs).
 pub const MAX_UNPACKED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
+/// What an archive may unpack to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveLimits {
+    /// Most entries (files and directories). A larger dataset is uploaded
+    /// as a folder of files instead.
+    pub max_entries: u64,
+    /// Most bytes unpacked in all.
+    pub max_bytes: u64,
+    /// Most bytes unpacked per byte of archive (images barely compress; a
+    /// bomb's ratio is in the thousands).
+    pub max_ratio: u64,
+    /// Bytes always allowed whatever the ratio (a small archive of text labels).
+    pub ratio_floor: u64,
+}
+
+impl Default for ArchiveLimits {
+    fn default() -> Self {
+        ArchiveLimits {
+            max_entries: 500_000,
+            max_bytes: MAX_UNPACKED_BYTES,
+            max_ratio: 100,
+            ratio_floor: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl ArchiveLimits {
+    /// The bytes an archive of `archive_len` bytes may unpack to.
+    fn byte_budget(&self, archive_len: u64) -> u64 {
+        archive_len
+            .saturating_mul(self.max_ratio)
+            .saturating_add(self.ratio_floor)
+            .min(self.max_bytes)
+    }
+}
+
+/// Running totals of one extraction against its limits.
+struct Budget<'a> {
+    archive: &'a Path,
+    limits: ArchiveLimits,
+    bytes_left: u64,
+    entries: u64,
+    names: std::collections::HashSet<PathBuf>,
+}
+
+impl Budget<'_> {
+    /// Counts one entry named `name` (its path below the root).
+    fn entry(&mut self, name: &Path) -> Result<()> {
+        self.entries += 1;
+        if self.entries > self.limits.max_entries {
+            return Err(invalid(
+                self.archive,
+                format!(
+                    "holds more than {} entries; upload a larger dataset as a folder",
+                    self.limits.max_entries
+                ),
+            ));
+        }
+        if !self.names.insert(name.to_path_buf()) {
+            return Err(invalid(
+                self.archive,
+                format!("entry {:?} appears twice", name.display()),
+            ));
+        }
+        Ok(())
+    }
+}
 
 /// Whether `path` looks like an archive this module unpacks.
 pub fn is_archive(path: &Path) -> bool {
@@ -81,18 +155,35 @@ fn safe_join(archive: &Path, root: &Path, entry: &Path) -> Result<PathBuf> {
 /// hostile entry (nothing is written outside `dest`); I/O errors as
 /// [`Error::Internal`].
 pub fn extract_archive(archive: &Path, dest: &Path) -> Result<PathBuf> {
+    extract_archive_with(archive, dest, ArchiveLimits::default())
+}
+
+/// [`extract_archive`] under `limits`.
+///
+/// # Errors
+/// As [`extract_archive`].
+pub fn extract_archive_with(archive: &Path, dest: &Path, limits: ArchiveLimits) -> Result<PathBuf> {
     let kind = archive_kind(archive)
         .ok_or_else(|| invalid(archive, "not a .zip, .tar, .tar.gz or .tgz file"))?;
     fs::create_dir_all(dest)
         .map_err(|e| Error::internal(format!("creating {}: {e}", dest.display())))?;
     let file = File::open(archive).map_err(|e| invalid(archive, e))?;
+    let archive_len = file.metadata().map_err(|e| invalid(archive, e))?.len();
+    let mut budget = Budget {
+        archive,
+        limits,
+        bytes_left: limits.byte_budget(archive_len),
+        entries: 0,
+        names: std::collections::HashSet::new(),
+    };
     match kind {
-        Kind::Zip => extract_zip(archive, file, dest)?,
-        Kind::Tar => extract_tar(archive, BufReader::new(file), dest)?,
+        Kind::Zip => extract_zip(archive, file, dest, &mut budget)?,
+        Kind::Tar => extract_tar(archive, BufReader::new(file), dest, &mut budget)?,
         Kind::TarGz => extract_tar(
             archive,
             flate2::read::GzDecoder::new(BufReader::new(file)),
             dest,
+            &mut budget,
         )?,
     }
     single_top_dir(dest)
@@ -102,14 +193,41 @@ fn io_error(path: &Path, e: io::Error) -> Error {
     Error::internal(format!("writing {}: {e}", path.display()))
 }
 
-fn extract_zip(archive: &Path, file: File, dest: &Path) -> Result<()> {
+fn extract_zip(archive: &Path, file: File, dest: &Path, budget: &mut Budget<'_>) -> Result<()> {
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| invalid(archive, e))?;
-    let mut total = 0u64;
+    if zip.len() as u64 > budget.limits.max_entries {
+        return Err(invalid(
+            archive,
+            format!(
+                "holds {} entries, more than {}; upload a larger dataset as a folder",
+                zip.len(),
+                budget.limits.max_entries
+            ),
+        ));
+    }
+    if zip.has_duplicate_names() {
+        return Err(invalid(archive, "two entries have the same name"));
+    }
+    // Entries sharing compressed data are how a small zip unpacks to
+    // terabytes without nesting; no honest tool writes them.
+    if zip
+        .has_overlapping_entries()
+        .map_err(|e| invalid(archive, e))?
+    {
+        return Err(invalid(archive, "entries overlap (a zip bomb)"));
+    }
     for i in 0..zip.len() {
         let mut entry = zip.by_index(i).map_err(|e| invalid(archive, e))?;
         let raw_name = entry.name().map_err(|e| invalid(archive, e))?.into_owned();
+        if raw_name.contains('\0') {
+            return Err(invalid(
+                archive,
+                format!("entry {raw_name:?} has a NUL byte in its name"),
+            ));
+        }
         let name = PathBuf::from(&raw_name);
         let target = safe_join(archive, dest, &name)?;
+        budget.entry(&name)?;
         if entry.is_symlink() {
             return Err(invalid(
                 archive,
@@ -121,49 +239,94 @@ fn extract_zip(archive: &Path, file: File, dest: &Path) -> Result<()> {
             continue;
         }
         let size = entry.size();
-        write_entry(archive, &target, &mut entry, size, &mut total)?;
+        write_entry(archive, &target, &mut entry, size, budget)?;
     }
     Ok(())
 }
 
-/// Writes one file entry of `size` bytes, keeping the running `total` under
-/// [`MAX_UNPACKED_BYTES`]; `take` bounds what a lying size header can write.
+/// Writes one file entry whose header says `size` bytes, counting what is
+/// actually written against the budget: an entry whose data is longer or
+/// shorter than its header says is refused.
 fn write_entry(
     archive: &Path,
     target: &Path,
     entry: &mut impl io::Read,
     size: u64,
-    total: &mut u64,
+    budget: &mut Budget<'_>,
 ) -> Result<()> {
-    *total = total.saturating_add(size);
-    if *total > MAX_UNPACKED_BYTES {
-        return Err(invalid(
+    let too_big = |budget: &Budget<'_>| {
+        invalid(
             archive,
-            format!("unpacks to more than {MAX_UNPACKED_BYTES} bytes"),
-        ));
+            format!(
+                "unpacks to more than {}x its own size (and {} bytes at most): a zip bomb?",
+                budget.limits.max_ratio, budget.limits.max_bytes
+            ),
+        )
+    };
+    if size > budget.bytes_left {
+        return Err(too_big(budget));
     }
     if let Some(parent) = target.parent() {
         fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
     }
     let mut out = File::create(target).map_err(|e| io_error(target, e))?;
-    io::copy(&mut io::Read::take(entry, size), &mut out).map_err(|e| invalid(archive, e))?;
+    // One byte past the header's size tells a lying header from an honest one.
+    let written = io::copy(&mut io::Read::take(&mut *entry, size + 1), &mut out)
+        .map_err(|e| invalid(archive, e))?;
+    if written != size {
+        let _ = fs::remove_file(target);
+        return Err(invalid(
+            archive,
+            format!(
+                "entry {:?} holds {} bytes, not the {size} its header says",
+                target.file_name().unwrap_or_default(),
+                if written > size {
+                    "more".to_owned()
+                } else {
+                    written.to_string()
+                }
+            ),
+        ));
+    }
+    budget.bytes_left -= written;
     Ok(())
 }
 
-fn extract_tar(archive: &Path, reader: impl io::Read, dest: &Path) -> Result<()> {
+fn extract_tar(
+    archive: &Path,
+    reader: impl io::Read,
+    dest: &Path,
+    budget: &mut Budget<'_>,
+) -> Result<()> {
     let mut tar = tar::Archive::new(reader);
-    let mut total = 0u64;
     for entry in tar.entries().map_err(|e| invalid(archive, e))? {
         let mut entry = entry.map_err(|e| invalid(archive, e))?;
+        let raw = entry.path_bytes().into_owned();
+        if raw.contains(&0) {
+            return Err(invalid(
+                archive,
+                format!(
+                    "entry {:?} has a NUL byte in its name",
+                    String::from_utf8_lossy(&raw)
+                ),
+            ));
+        }
         let name = entry.path().map_err(|e| invalid(archive, e))?.into_owned();
         let target = safe_join(archive, dest, &name)?;
-        match entry.header().entry_type() {
+        let kind = entry.header().entry_type();
+        if !matches!(
+            kind,
+            tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName
+        ) {
+            budget.entry(&name)?;
+        }
+        match kind {
             tar::EntryType::Directory => {
                 fs::create_dir_all(&target).map_err(|e| io_error(&target, e))?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let size = entry.size();
-                write_entry(archive, &target, &mut entry, size, &mut total)?;
+                write_entry(archive, &target, &mut entry, size, budget)?;
             }
             // pax/GNU metadata records carry no file.
             tar::EntryType::XGlobalHeader
@@ -412,5 +575,205 @@ mod tests {
             extract_archive(&rar, &dir.path().join("o")),
             Err(Error::InvalidInput { .. })
         ));
+    }
+
+    /// A zip written by hand, as no honest writer would: `locals` are
+    /// (name, data) deflated one after the other; `central` lists the
+    /// directory's entries as (name, the local entry it points at, a
+    /// declared size overriding the real one).
+    fn raw_zip(locals: &[(&[u8], &[u8])], central: &[(&[u8], usize, Option<u32>)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut placed = Vec::new();
+        for (name, data) in locals {
+            let mut deflate =
+                flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+            deflate.write_all(data).unwrap();
+            let compressed = deflate.finish().unwrap();
+            let mut crc = flate2::Crc::new();
+            crc.update(data);
+            let len = |n: usize| u32::try_from(n).unwrap();
+            placed.push((
+                len(out.len()),
+                crc.sum(),
+                len(compressed.len()),
+                len(data.len()),
+            ));
+            out.extend(0x0403_4b50u32.to_le_bytes());
+            for field in [20u16, 0, 8, 0, 0x21] {
+                out.extend(field.to_le_bytes());
+            }
+            for field in [crc.sum(), len(compressed.len()), len(data.len())] {
+                out.extend(field.to_le_bytes());
+            }
+            out.extend(u16::try_from(name.len()).unwrap().to_le_bytes());
+            out.extend(0u16.to_le_bytes());
+            out.extend(*name);
+            out.extend(compressed);
+        }
+        let start = out.len();
+        for (name, index, declared) in central {
+            let (offset, crc, compressed, size) = placed[*index];
+            out.extend(0x0201_4b50u32.to_le_bytes());
+            for field in [20u16, 20, 0, 8, 0, 0x21] {
+                out.extend(field.to_le_bytes());
+            }
+            for field in [crc, compressed, declared.unwrap_or(size)] {
+                out.extend(field.to_le_bytes());
+            }
+            out.extend(u16::try_from(name.len()).unwrap().to_le_bytes());
+            for field in [0u16, 0, 0, 0] {
+                out.extend(field.to_le_bytes());
+            }
+            out.extend(0u32.to_le_bytes());
+            out.extend(offset.to_le_bytes());
+            out.extend(*name);
+        }
+        let size = u32::try_from(out.len() - start).unwrap();
+        let count = u16::try_from(central.len()).unwrap();
+        out.extend(0x0605_4b50u32.to_le_bytes());
+        for field in [0u16, 0, count, count] {
+            out.extend(field.to_le_bytes());
+        }
+        out.extend(size.to_le_bytes());
+        out.extend(u32::try_from(start).unwrap().to_le_bytes());
+        out.extend(0u16.to_le_bytes());
+        out
+    }
+
+    /// Extracts `bytes` saved as `name`; the error's message, or the root.
+    fn unpack(
+        name: &str,
+        bytes: &[u8],
+        limits: ArchiveLimits,
+    ) -> (tempfile::TempDir, Result<PathBuf>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        fs::write(&path, bytes).unwrap();
+        let out = dir.path().join("out");
+        let result = extract_archive_with(&path, &out, limits);
+        (dir, result)
+    }
+
+    fn refused(result: Result<PathBuf>, why: &str) {
+        match result {
+            Err(Error::InvalidInput { message, .. }) => {
+                assert!(message.contains(why), "{message:?} does not say {why:?}");
+            }
+            other => panic!("expected a refusal ({why}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hand_built_zip_is_a_valid_zip() {
+        let bytes = raw_zip(&[(b"a.txt", b"hello")], &[(b"a.txt", 0, None)]);
+        let (dir, result) = unpack("ok.zip", &bytes, ArchiveLimits::default());
+        assert_eq!(fs::read(result.unwrap().join("a.txt")).unwrap(), b"hello");
+        drop(dir);
+    }
+
+    #[test]
+    fn a_non_recursive_overlapping_entry_bomb_is_refused_before_any_write() {
+        // One megabyte of zeros deflates to about a kilobyte; a hundred
+        // directory entries all pointing at it would unpack to 100 MB.
+        let zeros = vec![0u8; 1 << 20];
+        let names: Vec<Vec<u8>> = (0..100).map(|i| format!("{i}.png").into_bytes()).collect();
+        let central: Vec<(&[u8], usize, Option<u32>)> =
+            names.iter().map(|n| (n.as_slice(), 0, None)).collect();
+        let bytes = raw_zip(&[(b"0.png", &zeros)], &central);
+        assert!(bytes.len() < 20_000, "{} bytes", bytes.len());
+        let (dir, result) = unpack("bomb.zip", &bytes, ArchiveLimits::default());
+        refused(result, "overlap");
+        assert!(
+            !dir.path().join("out/0.png").exists(),
+            "nothing was written"
+        );
+    }
+
+    #[test]
+    fn a_high_ratio_entry_is_refused_by_the_bytes_actually_written() {
+        let zeros = vec![0u8; 4 << 20];
+        let bytes = raw_zip(&[(b"big.bin", &zeros)], &[(b"big.bin", 0, None)]);
+        let strict = ArchiveLimits {
+            ratio_floor: 0,
+            ..ArchiveLimits::default()
+        };
+        let (_dir, result) = unpack("ratio.zip", &bytes, strict);
+        refused(result, "100x its own size");
+        // A header that understates the size: the data gives it away.
+        let bytes = raw_zip(&[(b"big.bin", &zeros)], &[(b"big.bin", 0, Some(10))]);
+        let (_dir, result) = unpack("liar.zip", &bytes, ArchiveLimits::default());
+        assert!(
+            matches!(result, Err(Error::InvalidInput { .. })),
+            "{result:?}"
+        );
+        // Within the budget it unpacks.
+        let (_dir, result) = unpack(
+            "fine.zip",
+            &raw_zip(&[(b"big.bin", &zeros)], &[(b"big.bin", 0, None)]),
+            ArchiveLimits::default(),
+        );
+        assert_eq!(
+            fs::metadata(result.unwrap().join("big.bin")).unwrap().len(),
+            4 << 20
+        );
+    }
+
+    #[test]
+    fn a_nested_archive_is_a_file_not_unpacked() {
+        let inner = raw_zip(&[(b"a.bin", &vec![0u8; 1 << 20])], &[(b"a.bin", 0, None)]);
+        let (_src, inner_path) = zip_with(&[("inner.zip", &inner), ("x.png", b"png")]);
+        let out = tempfile::tempdir().unwrap();
+        let root = extract_archive(&inner_path, out.path()).unwrap();
+        assert_eq!(fs::read(root.join("inner.zip")).unwrap(), inner);
+        assert!(!root.join("a.bin").exists() && !root.join("inner").exists());
+    }
+
+    #[test]
+    fn too_many_entries_duplicates_and_nul_names_are_refused() {
+        assert_eq!(ArchiveLimits::default().max_entries, 500_000);
+        let few = ArchiveLimits {
+            max_entries: 1_000,
+            ..ArchiveLimits::default()
+        };
+        let names: Vec<String> = (0..1_001).map(|i| format!("d/{i}.png")).collect();
+        let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+        let (dir, path) = zip_with(&entries);
+        refused(
+            extract_archive_with(&path, &dir.path().join("o"), few),
+            "more than 1000",
+        );
+        let (dir, path) = tar_with(|builder| {
+            for name in &names {
+                let mut header = raw_header(name.as_bytes(), tar::EntryType::Regular, 1);
+                header.set_cksum();
+                builder.append(&header, &b"x"[..]).unwrap();
+            }
+        });
+        refused(
+            extract_archive_with(&path, &dir.path().join("o"), few),
+            "more than 1000",
+        );
+
+        let bytes = raw_zip(
+            &[(b"a.png", b"one"), (b"a.png", b"two")],
+            &[(b"a.png", 0, None), (b"a.png", 1, None)],
+        );
+        let (_dir, result) = unpack("dup.zip", &bytes, ArchiveLimits::default());
+        refused(result, "same name");
+        let (dir, path) = tar_with(|builder| {
+            for data in [&b"one"[..], b"two"] {
+                let mut header = raw_header(b"a.png", tar::EntryType::Regular, 3);
+                header.set_cksum();
+                builder.append(&header, data).unwrap();
+            }
+        });
+        refused(
+            extract_archive(&path, &dir.path().join("o")),
+            "appears twice",
+        );
+
+        let bytes = raw_zip(&[(b"a\0b.png", b"x")], &[(b"a\0b.png", 0, None)]);
+        let (_dir, result) = unpack("nul.zip", &bytes, ArchiveLimits::default());
+        refused(result, "NUL");
     }
 }

@@ -127,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
     );
     tracing::info!(listen = %bound, blobs = %service.blobs().base_uri(), "vtp-trainer-service ready");
     let exit_with_parent = args.exit_with_parent;
+    let held = service.clone();
     vtp_server::trainer_service::serve_trainer(listener, service, args.token.clone(), async move {
         if exit_with_parent {
             vtp_server::parent_exited().await;
@@ -136,12 +137,22 @@ async fn main() -> anyhow::Result<()> {
     })
     .await?;
     if exit_with_parent {
-        // The backend that started this child is gone: stop now rather than
+        // The backend that started this child is gone: stop rather than
         // train on with no one to report to. Its jobs resume from their last
         // stored checkpoint sets when the backend relaunches them; reports
-        // still queued here are delivered by the next child, which opens
-        // the same outbox.
+        // still queued here are delivered by the next child, which opens the
+        // same outbox (this attempt's are stale by then). Training threads
+        // are stopped first: libtorch must not be torn down under them.
         tracing::warn!("exiting with the parent; jobs under way resume when relaunched");
+        for job_id in held.jobs() {
+            held.cancel(job_id);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), async {
+            while !held.jobs().is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
         std::process::exit(0);
     }
     Ok(())

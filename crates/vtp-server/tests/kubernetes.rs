@@ -426,3 +426,45 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
     let again = env.launcher.reconcile().await.unwrap();
     assert_eq!((again.running, again.ended.len()), (1, 0));
 }
+
+#[tokio::test]
+async fn the_reconciler_deletes_the_running_job_of_a_job_that_is_over() {
+    let env = env().await;
+    // The sweeper failed this job while its pod still trains.
+    let over = job_in(&env, JobStatus::Running, json!({})).await;
+    env.launcher.launch(&over).await.unwrap();
+    env.store
+        .finalize_lost(over.job_id, "no report for an hour")
+        .await
+        .unwrap();
+    // This one completed; its finished Job stays for inspection (TTL).
+    let done = job_in(&env, JobStatus::Running, json!({})).await;
+    env.launcher.launch(&done).await.unwrap();
+    env.store
+        .apply_update(
+            done.job_id,
+            &vtp_core::TrainingUpdate::new(JobStatus::Completed).with_seq(1),
+        )
+        .await
+        .unwrap();
+    env.kube
+        .set_condition(&job_name(done.job_id), "Complete", "Completed", "");
+    // A running one is left alone.
+    let running = job_in(&env, JobStatus::Running, json!({})).await;
+    env.launcher.launch(&running).await.unwrap();
+
+    let pass = env.launcher.reconcile().await.unwrap();
+    assert_eq!(pass.deleted, vec![over.job_id], "{pass:?}");
+    assert!(env.kube.job(&job_name(over.job_id)).is_none());
+    assert!(
+        env.kube
+            .secret(&vtp_trainer::launch::kubernetes::secret_name(over.job_id))
+            .is_none(),
+        "its callback Secret goes too"
+    );
+    assert!(env.kube.job(&job_name(done.job_id)).is_some());
+    assert!(env.kube.job(&job_name(running.job_id)).is_some());
+    assert_eq!(pass.running, 1);
+    let again = env.launcher.reconcile().await.unwrap();
+    assert!(again.deleted.is_empty(), "{again:?}");
+}

@@ -295,6 +295,25 @@ pub struct Reconciled {
     pub running: usize,
     /// Jobs ended by this pass, with the reason.
     pub ended: Vec<(JobId, String)>,
+    /// Jobs whose still-running Kubernetes Job this pass deleted because the
+    /// job itself is over.
+    pub deleted: Vec<JobId>,
+}
+
+/// Whether a Kubernetes Job has finished (complete or failed).
+fn job_finished(k8s: &K8sJob) -> bool {
+    k8s.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|conditions| {
+            conditions.iter().any(|c| {
+                c.status == "True"
+                    && matches!(
+                        c.type_.as_str(),
+                        "Complete" | "Failed" | "FailureTarget" | "SuccessCriteriaMet"
+                    )
+            })
+        })
 }
 
 /// Runs trainers as Kubernetes Jobs.
@@ -563,6 +582,30 @@ impl KubernetesLauncher {
             (now - since).to_std().unwrap_or_default() >= self.config.settle_time
         };
         let mut report = Reconciled::default();
+        // A Job still running for a job that is over (failed by the sweeper,
+        // cancelled, or gone from the store) is an orphan burning a node:
+        // delete it. Finished Jobs are left to their TTL, for inspection.
+        let active_ids: std::collections::HashSet<String> =
+            active.iter().map(|job| job.id.to_string()).collect();
+        for (id, k8s) in &by_id {
+            if active_ids.contains(id) || job_finished(k8s) {
+                continue;
+            }
+            let Ok(job_id) = id.parse::<JobId>() else {
+                continue;
+            };
+            let over = match self.store.get(job_id).await {
+                Ok(job) => job.status.is_terminal().then(|| job.status.to_string()),
+                Err(Error::NotFound { .. }) => Some("unknown".to_owned()),
+                Err(e) => return Err(e),
+            };
+            if let Some(status) = over {
+                let name = job_name(job_id);
+                tracing::warn!(%job_id, %status, job = %name, "reconcile: deleting the Job of a job that is over");
+                self.delete(&name, self.config.grace_period).await?;
+                report.deleted.push(job_id);
+            }
+        }
         for job in active {
             let verdict = match by_id.get(&job.id.to_string()) {
                 None if settled(job.updated_at) => {

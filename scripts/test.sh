@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 export VTP_CACHE="${VTP_CACHE:-$HOME/.cache/vtp}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$VTP_CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# A build from a fresh clone gains nothing from incremental state, which
+# would only grow the cache by gigabytes.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 mkdir -p "$VTP_CACHE"
 
 step() { printf '\n==> %s\n' "$*"; }

@@ -266,6 +266,11 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
         next.last_checkpoint_s3_uri
             .clone_from(&update.last_checkpoint_s3_uri);
     }
+    // A completed job has its final checkpoint; the backend deletes the sets
+    // it trained through, so nothing may point at them.
+    if status == JobStatus::Completed && next.checkpoint_s3_uri.is_some() {
+        next.last_checkpoint_s3_uri = None;
+    }
     if let Some(seq) = update.seq {
         next.last_seq = seq;
     }

@@ -273,9 +273,17 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
                     "the backend restarted and its {} trainer no longer runs the job",
                     state.launcher.name()
                 );
-                let job = state.jobs.end_attempt(job.id, &reason).await?;
-                tracing::warn!(job_id = %job.id, from = %status, to = %job.status, %reason, "a job lost its runner");
-                ended += 1;
+                // One job the store cannot update now is left to the
+                // sweeper; the others are still recovered.
+                match state.jobs.end_attempt(job.id, &reason).await {
+                    Ok(job) => {
+                        tracing::warn!(job_id = %job.id, from = %status, to = %job.status, %reason, "a job lost its runner");
+                        ended += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "could not end the lost attempt; the sweeper will decide");
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide")

@@ -83,6 +83,16 @@ pub async fn relaunch_once(
                 continue;
             }
         };
+        // Launch from the job as it is now, not as listed: a cancel, the
+        // sweeper or the start handler may have moved it meanwhile.
+        let job = match state.jobs.get(job.id).await {
+            Ok(now) if now.status == JobStatus::Queued && now.revision == job.revision => now,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(job_id = %job.id, error = %error_chain(&e), "relaunch: cannot re-read the job; later");
+                continue;
+            }
+        };
         recent.insert(job.id, Instant::now());
         let request = StartTraining::for_job(&job, state.callback_url(job.id)).with_secret(secret);
         match state.launcher.launch(&request).await {
@@ -90,6 +100,16 @@ pub async fn relaunch_once(
                 tracing::info!(job_id = %job.id, attempt = job.attempt, resume_from = ?job.last_checkpoint_s3_uri, "relaunched");
                 metrics::counter!("vtp_relaunches_total").increment(1);
                 launched += 1;
+                // Ended while it was being launched: stop what was started.
+                if state
+                    .jobs
+                    .get(job.id)
+                    .await
+                    .is_ok_and(|now| now.status.is_terminal())
+                    && let Err(e) = state.launcher.cancel(job.id).await
+                {
+                    tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not stop the runner of a job that ended during its relaunch");
+                }
             }
             Err(e @ Error::InvalidInput { .. }) => {
                 let reason = format!("relaunch refused: {}", error_chain(&e));

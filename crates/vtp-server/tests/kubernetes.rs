@@ -231,6 +231,18 @@ async fn resources_beyond_the_operators_maxima_are_refused_before_any_job_is_mad
         }
     }
     env.launcher.check_config(&json!({"epochs": 1})).unwrap();
+    // A field left out gets its default, never "unlimited".
+    for partial in [json!({"gpu": 1}), json!({})] {
+        let got = env
+            .launcher
+            .resources_of(&json!({ "resources": partial }))
+            .unwrap();
+        assert_eq!(
+            (got.cpu.as_deref(), got.memory.as_deref()),
+            (Some("1"), Some("2Gi")),
+            "{partial}"
+        );
+    }
     for (asked, field) in [
         (json!({"cpu": "8001m"}), "config.resources.cpu"),
         (json!({"cpu": "9"}), "config.resources.cpu"),

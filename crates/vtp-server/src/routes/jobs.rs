@@ -248,11 +248,16 @@ pub async fn callback(
     };
     let applied = outcome.applied();
     let status = outcome.job().status;
-    if applied
-        && let Some(uri) = &update.last_checkpoint_s3_uri
-        && outcome.job().last_checkpoint_s3_uri.as_deref() == Some(uri.as_str())
-    {
-        prune_checkpoint_sets(&state, id, uri);
+    if applied {
+        let job = outcome.job();
+        if let Some(uri) = &update.last_checkpoint_s3_uri
+            && job.last_checkpoint_s3_uri.as_deref() == Some(uri.as_str())
+            && let Some(epoch) = set_epoch(&state, id, uri)
+        {
+            prune_checkpoint_sets(&state, id, epoch);
+        } else if job.status == JobStatus::Completed && job.last_checkpoint_s3_uri.is_none() {
+            prune_checkpoint_sets(&state, id, u32::MAX);
+        }
     }
     state.known_jobs.remember(outcome.into_job());
     metrics::counter!("vtp_reports_total", "applied" => if applied { "true" } else { "false" })
@@ -272,25 +277,26 @@ pub async fn callback(
     })))
 }
 
-/// Deletes, in the background, the job's checkpoint sets older than the one
-/// just recorded (`jobs/{id}/epochs/{n}/`): only the backend knows which set
-/// it records, so only it prunes. Newer sets (stored by an attempt whose
-/// reports were lost) are left: the next attempt stores over them.
-fn prune_checkpoint_sets(state: &AppState, id: JobId, recorded: &str) {
-    fn epoch_of(prefix: &str, key: &str) -> Option<u32> {
-        key.strip_prefix(prefix)?.split('/').next()?.parse().ok()
-    }
-    let prefix = format!("jobs/{id}/epochs/");
-    let Some(keep) = state
-        .blobs
-        .key_for(recorded)
+/// The epoch of a checkpoint set's URI (`jobs/{id}/epochs/{n}/...`).
+fn set_epoch(state: &AppState, id: JobId, uri: &str) -> Option<u32> {
+    let key = state.blobs.key_for(uri).ok()?;
+    key.as_str()
+        .strip_prefix(&format!("jobs/{id}/epochs/"))?
+        .split('/')
+        .next()?
+        .parse()
         .ok()
-        .and_then(|key| epoch_of(&prefix, key.as_str()))
-    else {
-        return;
-    };
+}
+
+/// Deletes, in the background, the job's checkpoint sets of epochs below
+/// `below` (`jobs/{id}/epochs/{n}/`): older than the set just recorded, or
+/// all of them once the job completed with its final checkpoint. Only the
+/// backend knows which set it records, so only it prunes; newer sets (of an
+/// attempt whose reports were lost) are stored over by the next attempt.
+fn prune_checkpoint_sets(state: &AppState, id: JobId, below: u32) {
     let blobs = state.blobs.clone();
     tokio::spawn(async move {
+        let prefix = format!("jobs/{id}/epochs/");
         let Ok(dir) = BlobKey::parse(&prefix) else {
             return;
         };
@@ -302,7 +308,13 @@ fn prune_checkpoint_sets(state: &AppState, id: JobId, recorded: &str) {
             }
         };
         for object in objects {
-            if epoch_of(&prefix, object.key.as_str()).is_some_and(|epoch| epoch < keep)
+            let epoch = object
+                .key
+                .as_str()
+                .strip_prefix(&prefix)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|n| n.parse::<u32>().ok());
+            if epoch.is_some_and(|epoch| epoch < below)
                 && let Err(e) = blobs.delete(&object.key).await
             {
                 tracing::debug!(job_id = %id, key = %object.key, error = %error_chain(&e), "could not delete an old checkpoint set");

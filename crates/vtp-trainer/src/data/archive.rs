@@ -57,6 +57,7 @@ impl ArchiveLimits {
 /// Running totals of one extraction against its limits.
 struct Budget<'a> {
     archive: &'a Path,
+    root: &'a Path,
     limits: ArchiveLimits,
     bytes_left: u64,
     entries: u64,
@@ -64,8 +65,10 @@ struct Budget<'a> {
 }
 
 impl Budget<'_> {
-    /// Counts one entry named `name` (its path below the root).
-    fn entry(&mut self, name: &Path) -> Result<()> {
+    /// Counts one entry that unpacks to `target` (so `a.png` and `./a.png`
+    /// are the same name).
+    fn entry(&mut self, target: &Path) -> Result<()> {
+        let name = target;
         self.entries += 1;
         if self.entries > self.limits.max_entries {
             return Err(invalid(
@@ -79,7 +82,10 @@ impl Budget<'_> {
         if !self.names.insert(name.to_path_buf()) {
             return Err(invalid(
                 self.archive,
-                format!("entry {:?} appears twice", name.display()),
+                format!(
+                    "entry {:?} appears twice",
+                    name.strip_prefix(self.root).unwrap_or(name).display()
+                ),
             ));
         }
         Ok(())
@@ -171,6 +177,7 @@ pub fn extract_archive_with(archive: &Path, dest: &Path, limits: ArchiveLimits) 
     let archive_len = file.metadata().map_err(|e| invalid(archive, e))?.len();
     let mut budget = Budget {
         archive,
+        root: dest,
         limits,
         bytes_left: limits.byte_budget(archive_len),
         entries: 0,
@@ -227,7 +234,7 @@ fn extract_zip(archive: &Path, file: File, dest: &Path, budget: &mut Budget<'_>)
         }
         let name = PathBuf::from(&raw_name);
         let target = safe_join(archive, dest, &name)?;
-        budget.entry(&name)?;
+        budget.entry(&target)?;
         if entry.is_symlink() {
             return Err(invalid(
                 archive,
@@ -292,15 +299,71 @@ fn write_entry(
     Ok(())
 }
 
+/// Most bytes of a tar stream between two entries' data: headers, padding
+/// and the pax and GNU long-name records that tar reads whole into memory
+/// before it hands out the entry they describe.
+const MAX_TAR_GAP: u64 = 1 << 20;
+
+/// What a [`Metered`] tar stream has read.
+struct Meter {
+    read: std::cell::Cell<u64>,
+    limit: u64,
+    gap: std::cell::Cell<u64>,
+    in_entry: std::cell::Cell<bool>,
+}
+
+/// The (decompressed) tar stream read through a [`Meter`]: all its bytes
+/// count against the budget, and those outside entries' data against
+/// [`MAX_TAR_GAP`], so a giant header record fails before it fills memory.
+struct Metered<R> {
+    inner: R,
+    meter: std::rc::Rc<Meter>,
+}
+
+impl<R: io::Read> io::Read for Metered<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let meter = &self.meter;
+        meter.read.set(meter.read.get() + n as u64);
+        if !meter.in_entry.get() {
+            meter.gap.set(meter.gap.get() + n as u64);
+        }
+        if meter.read.get() > meter.limit {
+            return Err(io::Error::other(
+                "unpacks to more than its budget (a tar bomb?)",
+            ));
+        }
+        if meter.gap.get() > MAX_TAR_GAP {
+            return Err(io::Error::other(format!(
+                "holds a header record of more than {MAX_TAR_GAP} bytes"
+            )));
+        }
+        Ok(n)
+    }
+}
+
 fn extract_tar(
     archive: &Path,
     reader: impl io::Read,
     dest: &Path,
     budget: &mut Budget<'_>,
 ) -> Result<()> {
-    let mut tar = tar::Archive::new(reader);
+    let meter = std::rc::Rc::new(Meter {
+        read: 0.into(),
+        // The entries' data, and a header and its padding for each entry.
+        limit: budget
+            .bytes_left
+            .saturating_add(budget.limits.max_entries.saturating_mul(1024)),
+        gap: 0.into(),
+        in_entry: false.into(),
+    });
+    let mut tar = tar::Archive::new(Metered {
+        inner: reader,
+        meter: meter.clone(),
+    });
     for entry in tar.entries().map_err(|e| invalid(archive, e))? {
         let mut entry = entry.map_err(|e| invalid(archive, e))?;
+        meter.gap.set(0);
         let raw = entry.path_bytes().into_owned();
         if raw.contains(&0) {
             return Err(invalid(
@@ -318,7 +381,7 @@ fn extract_tar(
             kind,
             tar::EntryType::XGlobalHeader | tar::EntryType::XHeader | tar::EntryType::GNULongName
         ) {
-            budget.entry(&name)?;
+            budget.entry(&target)?;
         }
         match kind {
             tar::EntryType::Directory => {
@@ -326,7 +389,10 @@ fn extract_tar(
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let size = entry.size();
-                write_entry(archive, &target, &mut entry, size, budget)?;
+                meter.in_entry.set(true);
+                let written = write_entry(archive, &target, &mut entry, size, budget);
+                meter.in_entry.set(false);
+                written?;
             }
             // pax/GNU metadata records carry no file.
             tar::EntryType::XGlobalHeader
@@ -770,6 +836,19 @@ mod tests {
         refused(
             extract_archive(&path, &dir.path().join("o")),
             "appears twice",
+        );
+
+        // A GNU long-name record tar would read whole into memory.
+        let (dir, path) = tar_with(|builder| {
+            let huge = vec![b'a'; 2 << 20];
+            let header = raw_header(b"././@LongLink", tar::EntryType::GNULongName, 2 << 20);
+            builder.append(&header, huge.as_slice()).unwrap();
+            let header = raw_header(b"x.png", tar::EntryType::Regular, 1);
+            builder.append(&header, &b"x"[..]).unwrap();
+        });
+        refused(
+            extract_archive(&path, &dir.path().join("o")),
+            "header record",
         );
 
         let bytes = raw_zip(&[(b"a\0b.png", b"x")], &[(b"a\0b.png", 0, None)]);

@@ -268,7 +268,7 @@ impl KubernetesConfig {
             active_deadline: secs("VTP_K8S_ACTIVE_DEADLINE_SECS", defaults.active_deadline)?,
             ttl_after_finished: secs("VTP_K8S_TTL_SECS", defaults.ttl_after_finished)?,
             grace_period: secs("VTP_K8S_GRACE_SECS", defaults.grace_period)?,
-            default_resources: defaults.default_resources,
+            default_resources: defaults.default_resources.clone(),
             settle_time: secs("VTP_K8S_SETTLE_SECS", defaults.settle_time)?,
             max_resources: {
                 let max = MaxResources {
@@ -282,6 +282,12 @@ impl KubernetesConfig {
                     },
                 };
                 max.validate()?;
+                max.check(&defaults.default_resources).map_err(|e| {
+                    Error::invalid(
+                        "VTP_K8S_MAX_CPU / VTP_K8S_MAX_MEMORY / VTP_K8S_MAX_GPU",
+                        format!("below the default resources of a job: {e}"),
+                    )
+                })?;
                 max
             },
         })
@@ -296,7 +302,7 @@ pub struct Reconciled {
     /// Jobs ended by this pass, with the reason.
     pub ended: Vec<(JobId, String)>,
     /// Jobs whose still-running Kubernetes Job this pass deleted because the
-    /// job itself is over.
+    /// job itself is over (Jobs of ids this store does not know are left).
     pub deleted: Vec<JobId>,
 }
 
@@ -416,6 +422,27 @@ impl KubernetesLauncher {
         &self.config
     }
 
+    /// What a job with `config` gets: each of `config.resources`' fields,
+    /// or the default for those it leaves out (so leaving one out never
+    /// means "unlimited"), checked against the maxima. Checked at launch
+    /// too, not only at create: the maxima may have been lowered since.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field.
+    pub fn resources_of(&self, config: &serde_json::Value) -> Result<Resources> {
+        let defaults = &self.config.default_resources;
+        let resources = match Resources::from_config(config)? {
+            None => defaults.clone(),
+            Some(asked) => Resources {
+                cpu: asked.cpu.or_else(|| defaults.cpu.clone()),
+                memory: asked.memory.or_else(|| defaults.memory.clone()),
+                gpu: asked.gpu.or(defaults.gpu),
+            },
+        };
+        self.config.max_resources.check(&resources)?;
+        Ok(resources)
+    }
+
     /// The Job that runs `request`.
     ///
     /// # Errors
@@ -432,11 +459,7 @@ impl KubernetesLauncher {
             ("app.kubernetes.io/managed-by".to_owned(), "vtp".to_owned()),
             (JOB_ID_LABEL.to_owned(), request.job_id.to_string()),
         ]);
-        let resources =
-            Resources::from_config(&request.config)?.unwrap_or_else(|| c.default_resources.clone());
-        // Checked again here, not only at create: the maxima may have been
-        // lowered since the job was created.
-        c.max_resources.check(&resources)?;
+        let resources = self.resources_of(&request.config)?;
         let mut quantities = BTreeMap::new();
         if let Some(cpu) = &resources.cpu {
             quantities.insert("cpu".to_owned(), Quantity(cpu.clone()));
@@ -594,16 +617,22 @@ impl KubernetesLauncher {
             let Ok(job_id) = id.parse::<JobId>() else {
                 continue;
             };
+            // A Job whose job this store does not know may be another
+            // installation's in a shared namespace: not ours to delete.
             let over = match self.store.get(job_id).await {
-                Ok(job) => job.status.is_terminal().then(|| job.status.to_string()),
-                Err(Error::NotFound { .. }) => Some("unknown".to_owned()),
+                Ok(job) => job.status.is_terminal().then_some(job.status),
+                Err(Error::NotFound { .. }) => None,
                 Err(e) => return Err(e),
             };
             if let Some(status) = over {
                 let name = job_name(job_id);
                 tracing::warn!(%job_id, %status, job = %name, "reconcile: deleting the Job of a job that is over");
-                self.delete(&name, self.config.grace_period).await?;
-                report.deleted.push(job_id);
+                match self.delete(&name, self.config.grace_period).await {
+                    Ok(_) => report.deleted.push(job_id),
+                    Err(e) => {
+                        tracing::warn!(%job_id, error = %error_chain(&e), "could not delete the Job; next pass");
+                    }
+                }
             }
         }
         for job in active {
@@ -901,10 +930,7 @@ impl TrainerLauncher for KubernetesLauncher {
     }
 
     fn check_config(&self, config: &serde_json::Value) -> Result<()> {
-        match Resources::from_config(config)? {
-            Some(resources) => self.config.max_resources.check(&resources),
-            None => Ok(()),
-        }
+        self.resources_of(config).map(|_| ())
     }
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {

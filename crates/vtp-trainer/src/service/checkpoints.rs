@@ -151,6 +151,20 @@ pub async fn restore_set(
     last_uri: &str,
     output: &Path,
 ) -> Result<u32> {
+    let restored = restore_into(blobs, job_id, last_uri, output).await;
+    if restored.is_err() {
+        // Half a set is worse than none: the engine would resume from it.
+        let _ = tokio::fs::remove_dir_all(output).await;
+    }
+    restored
+}
+
+async fn restore_into(
+    blobs: &dyn BlobStore,
+    job_id: JobId,
+    last_uri: &str,
+    output: &Path,
+) -> Result<u32> {
     let invalid = |message: String| Error::invalid("resume_from", message);
     let key = blobs
         .key_for(last_uri)
@@ -194,7 +208,6 @@ pub async fn restore_set(
             .map_err(|e| Error::internal(format!("{}: {e}", target.display())))?
             .len();
         if size != expected.size || sha256 != expected.sha256 {
-            let _ = tokio::fs::remove_dir_all(output).await;
             return Err(invalid(format!(
                 "{name} of the stored checkpoint set does not match its manifest \
                  ({size} bytes, sha256 {sha256}; expected {} bytes, sha256 {})",

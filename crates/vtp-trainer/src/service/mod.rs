@@ -329,7 +329,12 @@ impl TrainerService {
         let status = update.status;
         self.report(&request, update);
         self.slots.lock().expect("slots lock").remove(&job_id);
-        let _ = tokio::fs::remove_dir_all(self.job_dir(job_id)).await;
+        let dir = self.job_dir(job_id, request.attempt);
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        if let Some(parent) = dir.parent() {
+            // Gone once no other attempt works there.
+            let _ = tokio::fs::remove_dir(parent).await;
+        }
         Finished { status, retryable }
     }
 
@@ -374,8 +379,14 @@ impl TrainerService {
             .collect()
     }
 
-    fn job_dir(&self, job_id: JobId) -> PathBuf {
-        self.work_dir.join("jobs").join(job_id.to_string())
+    /// Where an attempt at a job works: per attempt, so an attempt still
+    /// winding down in a process that is exiting never touches the files of
+    /// the next attempt started beside it.
+    fn job_dir(&self, job_id: JobId, attempt: i32) -> PathBuf {
+        self.work_dir
+            .join("jobs")
+            .join(job_id.to_string())
+            .join(format!("attempt-{attempt}"))
     }
 
     fn report(&self, request: &StartTraining, update: TrainingUpdate) {
@@ -407,7 +418,7 @@ impl TrainerService {
                 .with_progress(0.0)
                 .with_message("downloading the dataset"),
         );
-        let dir = self.job_dir(job_id);
+        let dir = self.job_dir(job_id, request.attempt);
         let dataset_dir = self.fetch_dataset(dataset, &dir).await?;
         if cancel.load(Ordering::SeqCst) {
             return Ok(

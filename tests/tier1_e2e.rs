@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use support::{ServiceProcess, children_of, free_port};
-use vtp_core::BlobStoreExt;
 use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::engine::Predictor;
 use vtp_trainer::testing::shapes_dataset;

@@ -25,22 +25,9 @@ struct Env {
 
 /// Runs `vtp-backend token ...` against the test database; its stdout.
 fn token_command(env: &[(&'static str, String)], args: &[&str]) -> (bool, String, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vtp-backend"));
-    command.arg("token").args(args);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("VTP_") && !name.starts_with("VTP_TEST_") {
-            command.env_remove(name);
-        }
-    }
-    let out = command
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut all = vec!["token"];
+    all.extend_from_slice(args);
+    support::run_binary(env!("CARGO_BIN_EXE_vtp-backend"), env, &all)
 }
 
 fn token(env: &[(&'static str, String)], user: &str, admin: bool) -> String {

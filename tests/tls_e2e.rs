@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use support::ServiceProcess;
+use support::{ServiceProcess, run_binary as run};
 use tls::{Pki, TlsProxy};
 use vtp_core::{BlobKey, BlobStoreExt};
 use vtp_storage::testing::{TestDatabase, TestS3};
@@ -28,27 +28,6 @@ fn socket_of(url: &str) -> SocketAddr {
     format!("{host}:{}", url.port_or_known_default().unwrap())
         .parse()
         .unwrap()
-}
-
-/// Runs a binary of this workspace with `env` and no other `VTP_*`
-/// settings; (success, stdout, stderr).
-fn run(program: &str, env: &[(&str, String)], args: &[&str]) -> (bool, String, String) {
-    let mut command = std::process::Command::new(program);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("VTP_") && !name.starts_with("VTP_TEST_") {
-            command.env_remove(name);
-        }
-    }
-    let out = command
-        .args(args)
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn shapes_zip(dir: &Path) -> String {
@@ -163,25 +142,21 @@ async fn a_job_trains_with_every_connection_over_https() {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();
-    let job: serde_json::Value = http
-        .get(format!("{}/training/jobs/{id}", api.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let get = |path: String| {
+        let request = http.get(format!("{}{path}", api.url())).bearer_auth(&token);
+        async move {
+            request
+                .send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let job = get(format!("/training/jobs/{id}")).await;
     assert_eq!(job["status"], "completed", "{job}");
-    let metrics: serde_json::Value = http
-        .get(format!("{}/training/jobs/{id}/metrics", api.url()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let metrics = get(format!("/training/jobs/{id}/metrics")).await;
     assert_eq!(metrics.as_array().unwrap().len(), 2, "{metrics}");
     let model = dir.path().join("model");
     let (ok, _, err) = vtp(&["download", &id, "-o", &model.display().to_string()]);

@@ -143,6 +143,34 @@ pub struct ServiceProcess {
 /// The real `vtp-backend` binary.
 pub type BackendProcess = ServiceProcess;
 
+/// The `VTP_*` settings of this test process (the `VTP_TEST_*` ones
+/// aside), which a binary under test must not inherit: it gets only what
+/// the test gives it.
+pub fn ambient_vtp_vars() -> impl Iterator<Item = String> {
+    std::env::vars()
+        .map(|(name, _)| name)
+        .filter(|name| name.starts_with("VTP_") && !name.starts_with("VTP_TEST_"))
+}
+
+/// Runs `program` with `args` and `env` (and no ambient `VTP_*` setting)
+/// to the end; (success, trimmed stdout, stderr).
+pub fn run_binary(program: &str, env: &[(&str, String)], args: &[&str]) -> (bool, String, String) {
+    let mut command = std::process::Command::new(program);
+    for name in ambient_vtp_vars() {
+        command.env_remove(name);
+    }
+    let out = command
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 impl ServiceProcess {
     /// Starts `vtp-backend --listen 127.0.0.1:0` with `envs` (and no other
     /// `VTP_*` settings); waits until it listens.
@@ -166,10 +194,8 @@ impl ServiceProcess {
     ) -> Self {
         let mut command = tokio::process::Command::new(program);
         command.args(args);
-        for (name, _) in std::env::vars() {
-            if name.starts_with("VTP_") && !name.starts_with("VTP_TEST_") {
-                command.env_remove(name);
-            }
+        for name in ambient_vtp_vars() {
+            command.env_remove(name);
         }
         command
             .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))

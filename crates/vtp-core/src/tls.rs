@@ -30,17 +30,6 @@ pub fn read_ca_bundle(field: &str, path: &Path) -> Result<Vec<u8>> {
     Ok(pem)
 }
 
-/// The bundle [`CA_CERT_ENV`] names, if it is set and not empty.
-///
-/// # Errors
-/// As [`read_ca_bundle`], naming `VTP_CA_CERT`.
-pub fn ca_bundle_from_env() -> Result<Option<Vec<u8>>> {
-    match std::env::var_os(CA_CERT_ENV).filter(|v| !v.is_empty()) {
-        None => Ok(None),
-        Some(path) => read_ca_bundle(CA_CERT_ENV, Path::new(&path)).map(Some),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -135,8 +135,8 @@ impl Client {
         }
         let mut builder = reqwest::Client::builder();
         if let Some(path) = &ca_cert {
-            let pem = vtp_core::tls::read_ca_bundle("ca_cert", path).map_err(from_core)?;
-            builder = vtp_trainer::tls::trust_pem(builder, "ca_cert", &pem).map_err(from_core)?;
+            builder =
+                vtp_trainer::tls::trust_ca_file(builder, "ca_cert", path).map_err(from_core)?;
         }
         let http = builder
             .connect_timeout(Duration::from_secs_f64(timeout.min(10.0)))

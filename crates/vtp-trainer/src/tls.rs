@@ -3,19 +3,23 @@
 //! roots: the trainer's reports, the HTTP launcher, the CLI and the Python
 //! client all build theirs here.
 
+use std::path::Path;
+
 use vtp_core::{Error, Result};
 
-/// `builder`, trusting the certificates of the PEM bundle `pem` as well as
-/// the system's roots.
+/// `builder`, trusting the certificates of the PEM bundle at `path` as well
+/// as the system's roots.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] naming `field` when the bundle does not parse.
-pub fn trust_pem(
+/// [`Error::InvalidInput`] naming `field` when the file cannot be read or
+/// holds no PEM certificate bundle.
+pub fn trust_ca_file(
     builder: reqwest::ClientBuilder,
     field: &str,
-    pem: &[u8],
+    path: &Path,
 ) -> Result<reqwest::ClientBuilder> {
-    let certs = reqwest::Certificate::from_pem_bundle(pem)
+    let pem = vtp_core::tls::read_ca_bundle(field, path)?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
         .map_err(|e| Error::invalid(field, format!("not a PEM certificate bundle: {e}")))?;
     Ok(builder.tls_certs_merge(certs))
 }
@@ -27,8 +31,8 @@ pub fn trust_pem(
 /// certificate bundle.
 pub fn client_builder() -> Result<reqwest::ClientBuilder> {
     let builder = reqwest::Client::builder();
-    match vtp_core::tls::ca_bundle_from_env()? {
-        Some(pem) => trust_pem(builder, vtp_core::tls::CA_CERT_ENV, &pem),
+    match std::env::var_os(vtp_core::tls::CA_CERT_ENV).filter(|v| !v.is_empty()) {
+        Some(path) => trust_ca_file(builder, vtp_core::tls::CA_CERT_ENV, Path::new(&path)),
         None => Ok(builder),
     }
 }

@@ -242,8 +242,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut builder = reqwest::Client::builder().default_headers(headers);
     if let Some(path) = &cli.ca_cert {
-        let pem = vtp_core::tls::read_ca_bundle("--ca-cert", path)?;
-        builder = vtp_trainer::tls::trust_pem(builder, "--ca-cert", &pem)?;
+        builder = vtp_trainer::tls::trust_ca_file(builder, "--ca-cert", path)?;
     }
     let http = builder.build()?;
     let url = cli.url.trim_end_matches('/');

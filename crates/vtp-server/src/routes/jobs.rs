@@ -277,15 +277,20 @@ pub async fn callback(
     })))
 }
 
-/// The epoch of a checkpoint set's URI (`jobs/{id}/epochs/{n}/...`).
-fn set_epoch(state: &AppState, id: JobId, uri: &str) -> Option<u32> {
-    let key = state.blobs.key_for(uri).ok()?;
+/// The epoch of a key inside one of the job's checkpoint sets
+/// (`jobs/{id}/epochs/{n}/...`).
+fn set_epoch_of_key(id: JobId, key: &BlobKey) -> Option<u32> {
     key.as_str()
         .strip_prefix(&format!("jobs/{id}/epochs/"))?
         .split('/')
         .next()?
         .parse()
         .ok()
+}
+
+/// The epoch of a checkpoint set's URI.
+fn set_epoch(state: &AppState, id: JobId, uri: &str) -> Option<u32> {
+    set_epoch_of_key(id, &state.blobs.key_for(uri).ok()?)
 }
 
 /// Deletes, in the background, the job's checkpoint sets of epochs below
@@ -296,8 +301,7 @@ fn set_epoch(state: &AppState, id: JobId, uri: &str) -> Option<u32> {
 fn prune_checkpoint_sets(state: &AppState, id: JobId, below: u32) {
     let blobs = state.blobs.clone();
     tokio::spawn(async move {
-        let prefix = format!("jobs/{id}/epochs/");
-        let Ok(dir) = BlobKey::parse(&prefix) else {
+        let Ok(dir) = BlobKey::parse(&format!("jobs/{id}/epochs")) else {
             return;
         };
         let objects = match blobs.list(Some(&dir)).await {
@@ -308,13 +312,7 @@ fn prune_checkpoint_sets(state: &AppState, id: JobId, below: u32) {
             }
         };
         for object in objects {
-            let epoch = object
-                .key
-                .as_str()
-                .strip_prefix(&prefix)
-                .and_then(|rest| rest.split('/').next())
-                .and_then(|n| n.parse::<u32>().ok());
-            if epoch.is_some_and(|epoch| epoch < below)
+            if set_epoch_of_key(id, &object.key).is_some_and(|epoch| epoch < below)
                 && let Err(e) = blobs.delete(&object.key).await
             {
                 tracing::debug!(job_id = %id, key = %object.key, error = %error_chain(&e), "could not delete an old checkpoint set");

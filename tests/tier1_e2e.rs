@@ -3,7 +3,9 @@
 //! epoch and leaves a checkpoint that downloads and predicts; a killed
 //! trainer (or a backend killed with its child) is relaunched and resumes
 //! from its stored checkpoint set, and fails the job on its last attempt; a
-//! backend outage mid-run loses no epoch and duplicates none.
+//! frozen trainer loses its lease, is killed and resumed; a SIGTERM is an
+//! interruption the job resumes from; an S3 outage mid-run delays the job
+//! and a backend outage mid-run loses no epoch and duplicates none.
 
 mod support;
 
@@ -264,13 +266,173 @@ impl Env {
     }
 
     fn kill_trainer(backend: &ServiceProcess) {
+        Self::signal_trainer(backend, "KILL");
+    }
+
+    /// Sends `signal` to the backend's one trainer child; returns its pid.
+    fn signal_trainer(backend: &ServiceProcess, signal: &str) -> u32 {
         let trainers = children_of(backend.pid());
         assert_eq!(trainers.len(), 1, "one trainer child: {trainers:?}");
-        std::process::Command::new("kill")
-            .args(["-9", &trainers[0].to_string()])
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &trainers[0].to_string()])
             .status()
             .unwrap();
+        assert!(status.success());
+        trainers[0]
     }
+
+    /// Waits for the job to end and checks what every resumed run must
+    /// show: completed on its second attempt, the first ended for `why`,
+    /// every epoch recorded once, and those recorded before the loss not
+    /// trained again.
+    async fn completes_on_the_second_attempt(
+        &self,
+        backend: &ServiceProcess,
+        id: &str,
+        epochs: u32,
+        before: &[(u64, String)],
+        why: &str,
+    ) -> Value {
+        let (job, _) = self.wait(backend, id, terminal).await;
+        assert_eq!(job["status"], "completed", "{job}");
+        assert_eq!(job["attempt"], 2, "{job}");
+        let reason = job["attempts"][0]["reason"].as_str().unwrap();
+        assert!(reason.contains(why), "{reason}");
+        let after = self.epochs(backend, id).await;
+        assert_eq!(
+            after.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+            (1..=u64::from(epochs)).collect::<Vec<_>>()
+        );
+        for (epoch, recorded_at) in before {
+            let again = &after[usize::try_from(*epoch).unwrap() - 1];
+            assert_eq!(&again.1, recorded_at, "epoch {epoch} was trained twice");
+        }
+        job
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_trainer_loses_its_lease_is_killed_and_the_job_resumes() {
+    let Some(env) = Env::new().await else { return };
+    // Heartbeats every two seconds: a lease of eight.
+    let mut vars = env.backend_env("subprocess");
+    vars.push(("VTP_HEARTBEAT_SECS", "2".to_owned()));
+    let backend = ServiceProcess::start(&vars).await;
+    let dataset = env.upload_shapes(&backend, 20).await;
+    let epochs = 24;
+    let id = env
+        .create_and_start(&backend, &dataset, config(epochs))
+        .await;
+    let before = env.wait_for_epochs(&backend, &id, 2).await;
+    // Alive but silent: the process is stopped, its socket still open.
+    let frozen = Env::signal_trainer(&backend, "STOP");
+    let job = env
+        .completes_on_the_second_attempt(&backend, &id, epochs, &before, "lease expired")
+        .await;
+    // The frozen trainer was killed, not left to wake up beside its successor.
+    assert!(
+        !std::path::Path::new(&format!("/proc/{frozen}")).exists(),
+        "the frozen trainer {frozen} still exists"
+    );
+    assert_eq!(job["attempts"].as_array().unwrap().len(), 1, "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_during_checkpoint_uploads_delays_the_job_and_loses_nothing() {
+    use vtp_core::BlobStoreExt;
+    let Some(env) = Env::new().await else { return };
+    // The backend and its trainer reach Garage through a proxy that can
+    // take it away.
+    let endpoint = url::Url::parse(env.s3.settings.endpoint.as_deref().unwrap()).unwrap();
+    let target = std::net::ToSocketAddrs::to_socket_addrs(&format!(
+        "{}:{}",
+        endpoint.host_str().unwrap(),
+        endpoint.port_or_known_default().unwrap()
+    ))
+    .unwrap()
+    .next()
+    .unwrap();
+    let proxy = support::FaultProxy::start(target).await;
+    let mut vars = env.backend_env("subprocess");
+    for (name, value) in &mut vars {
+        if *name == "VTP_S3_ENDPOINT" {
+            *value = format!("http://{}", proxy.addr());
+        }
+    }
+    let backend = ServiceProcess::start(&vars).await;
+    let dataset = env.upload_shapes(&backend, 20).await;
+    let epochs = 24;
+    let id = env
+        .create_and_start(&backend, &dataset, config(epochs))
+        .await;
+    env.wait_for_epochs(&backend, &id, 2).await;
+    // S3 goes away until the trainer has finished training and failed to
+    // upload the model: the sets of the epochs trained meanwhile cannot be
+    // stored, and the final upload waits for S3 to come back.
+    proxy.set_down(true);
+    let (job, _) = env
+        .wait(&backend, &id, |job| {
+            terminal(job)
+                || job["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("uploading the trained model failed"))
+        })
+        .await;
+    assert!(!terminal(&job), "the job waited for S3: {job}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set_down(false);
+
+    let (job, _) = env.wait(&backend, &id, terminal).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    let after = env.epochs(&backend, &id).await;
+    assert_eq!(
+        after.iter().map(|(e, _)| *e).collect::<Vec<_>>(),
+        (1..=u64::from(epochs)).collect::<Vec<_>>(),
+        "every epoch once"
+    );
+    // The model the job points at is whole in the store (read directly,
+    // not through the proxy): its size is the file's, and it loads.
+    let store = env
+        .s3
+        .builder()
+        .with_url(env.blob_url.clone())
+        .build()
+        .unwrap();
+    let uri = job["checkpoint_s3_uri"].as_str().unwrap();
+    let dir = env.work.path().join("downloaded");
+    // The weights and the metadata beside them.
+    for (from, to) in [
+        (".safetensors", "best.safetensors"),
+        (".safetensors", "best.json"),
+    ] {
+        let key = store
+            .key_for(&uri.replace(from, &to[to.find('.').unwrap()..]))
+            .unwrap();
+        let local = dir.join(to);
+        store.download_to(&key, &local).await.unwrap();
+        assert_eq!(
+            std::fs::metadata(&local).unwrap().len(),
+            store.head(&key).await.unwrap().size
+        );
+    }
+    Predictor::load(&dir.join("best.safetensors")).expect("the stored model loads");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trainer_stopped_by_sigterm_reports_the_interruption_and_the_job_resumes() {
+    let Some(env) = Env::new().await else { return };
+    let backend = ServiceProcess::start(&env.backend_env("subprocess")).await;
+    let dataset = env.upload_shapes(&backend, 20).await;
+    let epochs = 24;
+    let id = env
+        .create_and_start(&backend, &dataset, config(epochs))
+        .await;
+    let before = env.wait_for_epochs(&backend, &id, 2).await;
+    // What a drain or an eviction sends: the trainer stops at its next step
+    // and says why, rather than leaving the backend to find it gone.
+    Env::signal_trainer(&backend, "TERM");
+    env.completes_on_the_second_attempt(&backend, &id, epochs, &before, "stopped by its host")
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

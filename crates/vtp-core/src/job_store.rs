@@ -149,15 +149,20 @@ pub trait JobStoreExt: JobStore {
         Ok(active)
     }
 
-    /// Ends the current attempt of a job whose runner was lost (see
+    /// Ends attempt `attempt` of a job whose runner was lost (see
     /// [`Job::end_attempt`]): back to `queued` for a relaunch while attempts
     /// are left, else `failed`; `cancelling` becomes `cancelled`. A job with
-    /// no attempt under way is left alone. Returns the job as stored.
+    /// no attempt under way, or already past `attempt` (two watchers saw the
+    /// same loss: a killed child and an expired lease), is left alone, so a
+    /// loss is counted once. Returns the job as stored.
     ///
     /// # Errors
     /// Store errors; lost races are retried.
-    async fn end_attempt(&self, id: JobId, reason: &str) -> Result<Job> {
+    async fn end_attempt(&self, id: JobId, attempt: i32, reason: &str) -> Result<Job> {
         rewrite(self, id, |job| {
+            if job.attempt != attempt {
+                return Ok(None);
+            }
             let mut next = job.clone();
             Ok(next.end_attempt(reason)?.then_some(next))
         })
@@ -366,7 +371,10 @@ mod tests {
             UPDATE_ATTEMPTS
         );
         let store = always_losing(&job);
-        let err = store.end_attempt(job.id, "lost").await.unwrap_err();
+        let err = store
+            .end_attempt(job.id, job.attempt, "lost")
+            .await
+            .unwrap_err();
         assert!(err.is_retryable(), "{err:?}");
     }
 }

@@ -35,7 +35,26 @@ pub struct StartTraining {
     /// epoch after it instead of starting over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume_from: Option<String>,
+    /// The longest the trainer may go without a report, in seconds: it
+    /// reports at least this often while it works (with step progress
+    /// inside an epoch), and the backend gives up on an attempt silent for
+    /// a few such periods ([`HEARTBEAT_ENV`]). `None`: the trainer's own
+    /// setting, else [`DEFAULT_HEARTBEAT_SECS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_secs: Option<u64>,
 }
+
+/// The environment variable setting the heartbeat period, in seconds, of
+/// the backend (which passes it on in every start request) and of a
+/// trainer started without one.
+pub const HEARTBEAT_ENV: &str = "VTP_HEARTBEAT_SECS";
+
+/// The heartbeat period when none is set.
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
+
+/// How many heartbeat periods an attempt may stay silent before the backend
+/// takes its runner for lost: its lease.
+pub const LEASE_HEARTBEATS: u32 = 4;
 
 fn first_attempt() -> i32 {
     1
@@ -58,7 +77,15 @@ impl StartTraining {
             callback_secret: None,
             attempt: job.attempt.max(1),
             resume_from: job.last_checkpoint_s3_uri.clone(),
+            heartbeat_secs: None,
         }
+    }
+
+    /// Sets the heartbeat period the trainer must keep.
+    #[must_use]
+    pub fn with_heartbeat(mut self, period: std::time::Duration) -> Self {
+        self.heartbeat_secs = Some(period.as_secs().max(1));
+        self
     }
 
     /// Sets the secret the trainer signs its reports with.
@@ -148,4 +175,15 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
     /// Whether a trainer still holds `job_id` (used to re-adopt jobs after a
     /// backend restart).
     async fn is_running(&self, job_id: JobId) -> Result<bool>;
+
+    /// Stops the runner of `job_id` now, whatever it is doing: its lease
+    /// expired, so it is hung or cut off and will not act on a polite
+    /// cancel. The job's attempt has already been ended; whatever the
+    /// runner still reports is stale. The default asks it to cancel.
+    ///
+    /// # Errors
+    /// As [`TrainerLauncher::cancel`].
+    async fn stop(&self, job_id: JobId) -> Result<()> {
+        self.cancel(job_id).await.map(|_| ())
+    }
 }

@@ -48,6 +48,13 @@ pub struct TrainingUpdate {
     /// `last` weights), to resume from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_checkpoint_s3_uri: Option<String>,
+    /// With `failed`: the attempt was interrupted by something that may not
+    /// happen again (the trainer was told to stop by its machine, an outage
+    /// outlasted its retries), not by the job itself. The backend ends the
+    /// attempt and relaunches the job from its last checkpoint set while
+    /// attempts are left; a job being cancelled becomes `cancelled`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retryable: bool,
 }
 
 impl TrainingUpdate {
@@ -64,6 +71,7 @@ impl TrainingUpdate {
             seq: None,
             attempt: None,
             last_checkpoint_s3_uri: None,
+            retryable: false,
         }
     }
 
@@ -117,6 +125,13 @@ impl TrainingUpdate {
         self
     }
 
+    /// Marks a `failed` report as worth another attempt (see the field
+    /// `retryable`).
+    pub fn as_retryable(mut self) -> Self {
+        self.retryable = true;
+        self
+    }
+
     /// Checks the fields that do not depend on the job.
     pub fn validate(&self, job_id: JobId) -> Result<()> {
         if let Some(claimed) = self.job_id
@@ -160,6 +175,12 @@ impl TrainingUpdate {
             && attempt < 1
         {
             return Err(Error::invalid("attempt", "must be 1 or more"));
+        }
+        if self.retryable && self.status != JobStatus::Failed {
+            return Err(Error::invalid(
+                "retryable",
+                format!("only a failed report can be retryable, not {}", self.status),
+            ));
         }
         Ok(())
     }
@@ -239,7 +260,18 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
             metric: metric(now()),
         });
     }
-    let status = job.status.after_report(update.status)?;
+    // An interrupted attempt (the field `retryable`) of a job
+    // under way ends that attempt, below, rather than the job; a cancel the
+    // user asked for still ends `cancelled`.
+    let interrupted =
+        update.retryable && matches!(job.status, JobStatus::Queued | JobStatus::Running);
+    let status = if interrupted {
+        job.status
+    } else if update.retryable && job.status == JobStatus::Cancelling {
+        JobStatus::Cancelled
+    } else {
+        job.status.after_report(update.status)?
+    };
     let mut next = job.clone();
     if status != job.status {
         next.set_status(status);
@@ -253,7 +285,9 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     if update.message.is_some() {
         next.message.clone_from(&update.message);
     }
-    if update.error.is_some() {
+    // An interrupted attempt's reason goes to its `attempts` entry; a
+    // cancelled job has no error.
+    if update.error.is_some() && !update.retryable {
         next.error.clone_from(&update.error);
     }
     if status == JobStatus::Failed && next.error.is_none() {
@@ -273,6 +307,13 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     }
     if let Some(seq) = update.seq {
         next.last_seq = seq;
+    }
+    if interrupted {
+        let reason = update
+            .error
+            .as_deref()
+            .unwrap_or("the trainer was interrupted");
+        next.end_attempt(reason)?;
     }
     let metric = metric(next.updated_at);
     Ok(UpdatePlan::Apply {
@@ -413,6 +454,56 @@ mod tests {
             next.last_checkpoint_s3_uri.as_deref(),
             Some("s3://b/jobs/x/epochs/3/last.safetensors")
         );
+    }
+
+    #[test]
+    fn an_interrupted_attempt_is_relaunched_and_a_cancel_still_cancels() {
+        // Running, attempts left: the attempt ends with the trainer's reason
+        // and the job waits for its relaunch, keeping its checkpoint set.
+        let job = running_job();
+        let set = "s3://b/jobs/x/epochs/000002/last.safetensors";
+        let interrupted = TrainingUpdate::new(JobStatus::Failed)
+            .with_seq(1)
+            .with_attempt(1)
+            .with_error("stopped by SIGTERM at epoch 3")
+            .with_last_checkpoint(set)
+            .as_retryable();
+        let UpdatePlan::Apply { job: next, .. } = plan_update(&job, &interrupted).unwrap() else {
+            panic!("the current attempt applies")
+        };
+        assert_eq!((next.status, next.attempt), (JobStatus::Queued, 2));
+        assert_eq!(next.error, None, "the job itself has not failed");
+        assert_eq!(next.attempts[0].reason, "stopped by SIGTERM at epoch 3");
+        assert_eq!(next.last_checkpoint_s3_uri.as_deref(), Some(set));
+        assert_eq!(next.last_seq, 1);
+
+        // No attempts left: failed, with the reason and the checkpoint.
+        let mut last = running_job();
+        last.config = serde_json::json!({"max_attempts": 1});
+        let UpdatePlan::Apply { job: next, .. } = plan_update(&last, &interrupted).unwrap() else {
+            panic!("applies")
+        };
+        assert_eq!(next.status, JobStatus::Failed);
+        assert!(next.error.unwrap().contains("SIGTERM"));
+        assert_eq!(next.last_checkpoint_s3_uri.as_deref(), Some(set));
+
+        // The user asked for the stop: cancelled.
+        let mut cancelling = running_job();
+        cancelling.transition(JobStatus::Cancelling).unwrap();
+        let UpdatePlan::Apply { job: next, .. } = plan_update(&cancelling, &interrupted).unwrap()
+        else {
+            panic!("applies")
+        };
+        assert_eq!(next.status, JobStatus::Cancelled);
+        assert_eq!(next.error, None, "a cancelled job has no error");
+
+        // Only a failure can be retryable.
+        let odd = TrainingUpdate {
+            retryable: true,
+            ..TrainingUpdate::new(JobStatus::Running)
+        };
+        let err = plan_update(&job, &odd).unwrap_err();
+        assert!(err.to_string().contains("retryable"), "{err}");
     }
 
     #[test]

@@ -63,10 +63,18 @@ pub struct BackendConfig {
     #[arg(long, env = "VTP_MAX_UPLOAD_BYTES", default_value_t = 10 * 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
 
-    /// A job with no report for this many seconds is failed (`running`,
-    /// `queued`) or finalised (`cancelling`) by the sweeper.
+    /// A job queued this many seconds without its trainer starting fails;
+    /// one cancelling that long without the trainer confirming is marked
+    /// cancelled (within two minutes at most). Running jobs have leases
+    /// instead (`VTP_HEARTBEAT_SECS`).
     #[arg(long, env = "VTP_STALE_AFTER_SECS", default_value_t = 3600)]
     pub stale_after_secs: u64,
+
+    /// Trainers report at least this often, in seconds (with step progress
+    /// inside an epoch); a running job silent for four periods has lost its
+    /// runner, which is stopped, and the job is relaunched or failed.
+    #[arg(long, env = vtp_core::launcher::HEARTBEAT_ENV, default_value_t = vtp_core::launcher::DEFAULT_HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
 
     /// Seconds between passes of the Kubernetes reconciler, which ends jobs
     /// whose Job failed, vanished or cannot start.
@@ -168,6 +176,11 @@ impl BackendConfig {
     /// How long a job may go without a report.
     pub fn stale_after(&self) -> Duration {
         Duration::from_secs(self.stale_after_secs)
+    }
+
+    /// How often trainers report at least.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_secs(self.heartbeat_secs)
     }
 
     /// Builds the configured launcher. The subprocess trainer shares the

@@ -78,6 +78,10 @@ pub struct AppState {
     pub secrets: Arc<auth::SecretCache>,
     /// Per-user rates and caps.
     pub limits: Arc<limits::Limits>,
+    /// How often trainers report at least (`VTP_HEARTBEAT_SECS`, passed on
+    /// in every start request); a running job silent for
+    /// [`vtp_core::launcher::LEASE_HEARTBEATS`] periods has lost its runner.
+    pub heartbeat: Duration,
 }
 
 impl AppState {
@@ -100,7 +104,15 @@ impl AppState {
             known_jobs: Arc::new(KnownJobs::new()),
             secrets: Arc::new(auth::SecretCache::default()),
             limits: Arc::new(limits::Limits::new(limits::LimitSettings::default())),
+            heartbeat: Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS),
         }
+    }
+
+    /// Sets the heartbeat period trainers keep.
+    #[must_use]
+    pub fn with_heartbeat(mut self, period: Duration) -> Self {
+        self.heartbeat = period.max(Duration::from_secs(1));
+        self
     }
 
     /// Sets the per-user limits.
@@ -127,6 +139,18 @@ impl AppState {
     /// The callback URL of a job.
     pub fn callback_url(&self, job_id: vtp_core::JobId) -> String {
         format!("{}/training/jobs/{job_id}/callback", self.public_url)
+    }
+
+    /// The start request of the job's current attempt: its callback URL and
+    /// secret, the checkpoint set to resume from, the heartbeat to keep.
+    pub fn start_request(
+        &self,
+        job: &vtp_core::Job,
+        secret: vtp_core::CallbackSecret,
+    ) -> vtp_core::StartTraining {
+        vtp_core::StartTraining::for_job(job, self.callback_url(job.id))
+            .with_secret(secret)
+            .with_heartbeat(self.heartbeat)
     }
 }
 
@@ -249,8 +273,9 @@ pub async fn parent_exited() {
 }
 
 /// Re-adopts or relaunches the jobs left active by an earlier run of the
-/// backend: a job its launcher still runs is kept; one it does not has lost
-/// its runner, so its attempt ends ([`vtp_core::JobStoreExt::end_attempt`]):
+/// backend: a job its launcher still runs is kept; a queued one it does not
+/// is left to the relauncher; a running one it does not has lost its
+/// runner, so its attempt ends ([`vtp_core::JobStoreExt::end_attempt`]):
 /// it goes back to `queued` for the relauncher while attempts are left
 /// (resuming from its last checkpoint set), else fails with the reason; a
 /// job being cancelled is cancelled. Jobs whose trainer cannot be asked are
@@ -268,6 +293,12 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
                 tracing::info!(job_id = %job.id, %status, "re-adopted a job after restart");
                 adopted += 1;
             }
+            // Queued and held by no runner: the relauncher launches it (a
+            // launch lost with the backend is made again, under the same
+            // attempt); no runner was ever confirmed, so none was lost.
+            Ok(false) if status == vtp_core::JobStatus::Queued => {
+                tracing::info!(job_id = %job.id, "a queued job no trainer holds; the relauncher launches it");
+            }
             Ok(false) => {
                 let reason = format!(
                     "the backend restarted and its {} trainer no longer runs the job",
@@ -275,7 +306,7 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
                 );
                 // One job the store cannot update now is left to the
                 // sweeper; the others are still recovered.
-                match state.jobs.end_attempt(job.id, &reason).await {
+                match state.jobs.end_attempt(job.id, job.attempt, &reason).await {
                     Ok(job) => {
                         tracing::warn!(job_id = %job.id, from = %status, to = %job.status, %reason, "a job lost its runner");
                         ended += 1;
@@ -294,7 +325,8 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
 }
 
 /// Serves the backend on `listener` until `shutdown` resolves, with the
-/// stale-job sweeper running beside it.
+/// stale-job sweeper (jobs queued longer than `stale_after`, leases of
+/// `state.heartbeat`) and the relauncher running beside it.
 ///
 /// # Errors
 /// I/O errors of the listener.
@@ -306,7 +338,8 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let sweeper = tokio::spawn(sweeper::run(
         state.jobs.clone(),
-        sweeper::SweepPolicy::new(stale_after),
+        state.launcher.clone(),
+        sweeper::SweepPolicy::new(stale_after, state.heartbeat),
     ));
     let relauncher = tokio::spawn(relaunch::run(state.clone(), relaunch::Policy::default()));
     let result = axum::serve(listener, app(state))

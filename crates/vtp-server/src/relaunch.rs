@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use vtp_core::{Error, JobFilter, JobId, JobStatus, JobStoreExt, Result, StartTraining};
+use vtp_core::{Error, JobFilter, JobId, JobStatus, JobStoreExt, Result};
 
 use crate::AppState;
 use crate::error::error_chain;
@@ -27,7 +27,9 @@ pub struct Policy {
     /// How long a job must have been `queued` untouched before it is
     /// relaunched (the start request's own launch gets this long).
     pub settle: Duration,
-    /// The least time between two relaunches of one job.
+    /// The least time between two relaunches of one job; doubled for each
+    /// attempt the job has lost (up to 16 times), so an outage that
+    /// outlasts one attempt does not use up the rest within a minute.
     pub backoff: Duration,
 }
 
@@ -62,10 +64,12 @@ pub async fn relaunch_once(
                 .with_page(JobFilter::MAX_LIMIT, 0),
         )
         .await?;
-    recent.retain(|_, at| at.elapsed() < policy.backoff);
+    let backoff_for = |lost: usize| policy.backoff.saturating_mul(1 << lost.min(4));
+    recent.retain(|_, at| at.elapsed() < backoff_for(4));
     let mut launched = 0;
     for job in page.jobs {
-        if recent.contains_key(&job.id) {
+        let wait = backoff_for(job.attempts.len().saturating_sub(1));
+        if recent.get(&job.id).is_some_and(|at| at.elapsed() < wait) {
             continue;
         }
         match state.launcher.is_running(job.id).await {
@@ -94,7 +98,7 @@ pub async fn relaunch_once(
             }
         };
         recent.insert(job.id, Instant::now());
-        let request = StartTraining::for_job(&job, state.callback_url(job.id)).with_secret(secret);
+        let request = state.start_request(&job, secret);
         match state.launcher.launch(&request).await {
             Ok(()) => {
                 tracing::info!(job_id = %job.id, attempt = job.attempt, resume_from = ?job.last_checkpoint_s3_uri, "relaunched");

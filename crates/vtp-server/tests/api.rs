@@ -1014,6 +1014,9 @@ async fn recovery_readopts_held_jobs_and_requeues_lost_ones() {
     )
     .await;
 
+    // Started, but no trainer has reported on it yet.
+    let waiting = started_job(&h).await;
+
     // The trainer restarted too and kept only the first job.
     h.trainer.forget_all();
     let held_id: vtp_core::JobId = held.parse().unwrap();
@@ -1035,6 +1038,13 @@ async fn recovery_readopts_held_jobs_and_requeues_lost_ones() {
     assert_eq!(
         jobs.get(cancelling.parse().unwrap()).await.unwrap().status,
         vtp_core::JobStatus::Cancelled
+    );
+    // The queued one lost no runner: it stays, for the relauncher, on the
+    // same attempt.
+    let waiting = jobs.get(waiting.parse().unwrap()).await.unwrap();
+    assert_eq!(
+        (waiting.status, waiting.attempt),
+        (vtp_core::JobStatus::Queued, 1)
     );
 }
 
@@ -1070,7 +1080,7 @@ async fn the_relauncher_hands_a_requeued_job_to_its_launcher_once_with_its_resum
     // Its runner is lost: the attempt ends and the relauncher starts the
     // next one, from the recorded set, with the job's own secret.
     h.trainer.forget_all();
-    let requeued = h.jobs.end_attempt(job_id, "killed").await.unwrap();
+    let requeued = h.jobs.end_attempt(job_id, 1, "killed").await.unwrap();
     assert_eq!((requeued.status, requeued.attempt), (JobStatus::Queued, 2));
     assert_eq!(
         relaunch_once(&state, &policy, &mut recent).await.unwrap(),

@@ -427,8 +427,15 @@ pub async fn lost_attempts_are_recorded_and_relaunched_then_fail(store: Store) {
         .with_metric("loss", 0.5);
     store.apply_update(job.id, &report).await.unwrap();
 
-    let requeued = store.end_attempt(job.id, "killed").await.unwrap();
+    let requeued = store.end_attempt(job.id, 1, "killed").await.unwrap();
     assert_eq!((requeued.status, requeued.attempt), (JobStatus::Queued, 2));
+    // A second watcher of the same loss (the lease and the child's exit)
+    // does not count it twice.
+    let twice = store
+        .end_attempt(job.id, 1, "killed, seen again")
+        .await
+        .unwrap();
+    assert_eq!(twice.revision, requeued.revision, "an attempt ends once");
     let stored = store.get(job.id).await.unwrap();
     assert_eq!(stored, requeued, "the store keeps what it returned");
     assert_eq!(stored.last_checkpoint_s3_uri.as_deref(), Some(set));
@@ -461,14 +468,14 @@ pub async fn lost_attempts_are_recorded_and_relaunched_then_fail(store: Store) {
         (JobStatus::Running, 0.4)
     );
 
-    let failed = store.end_attempt(job.id, "killed again").await.unwrap();
+    let failed = store.end_attempt(job.id, 2, "killed again").await.unwrap();
     assert_eq!(failed.status, JobStatus::Failed);
     let stored = store.get(job.id).await.unwrap();
     assert_eq!(stored.attempts.len(), 2);
     assert!(stored.error.unwrap().contains("none left"));
     assert_eq!(stored.last_checkpoint_s3_uri.as_deref(), Some(set));
     // A final job is left alone.
-    let again = store.end_attempt(job.id, "late").await.unwrap();
+    let again = store.end_attempt(job.id, 2, "late").await.unwrap();
     assert_eq!(again.revision, failed.revision);
 }
 

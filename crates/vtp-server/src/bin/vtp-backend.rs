@@ -40,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let state = AppState::new(stores, blobs, launcher, config.public_url())
         .with_max_upload_bytes(config.max_upload_bytes)
         .with_limits(config.limits())
+        .with_heartbeat(config.heartbeat())
         .with_auth(auth);
     if auth == AuthMode::Off {
         tracing::warn!(

@@ -6,7 +6,18 @@
 //! it trains the request in `VTP_START_TRAINING`, delivers every report,
 //! and exits 0 (completed or cancelled), 3 (the job can never succeed as
 //! given: the Job's pod failure policy stops retrying) or 1 (worth a retry).
-//! SIGTERM cancels the job, which saves `last` and reports `cancelled`.
+//!
+//! SIGTERM (a drain, an eviction, a deadline, the backend deleting the Job
+//! of a cancelled job) stops training at the next step. The service form
+//! reports a retryable failure naming the interruption for each job, and the
+//! backend relaunches it from the checkpoint set stored after its last whole
+//! epoch (or, when its owner was cancelling it, marks it cancelled). The
+//! one-shot form only reports the interruption: the Job replaces a pod
+//! evicted or drained (its failure policy ignores disruptions), the new pod
+//! resumes from the newest stored set, and a job cancelled or past its
+//! deadline is settled by the backend's reconciler. While it works, a job
+//! reports at least every `VTP_HEARTBEAT_SECS` (the start request's period
+//! wins), so the backend's lease on it stays fresh.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -58,6 +69,15 @@ struct Args {
     /// Exit when the parent process exits (the subprocess launcher sets it).
     #[arg(long)]
     exit_with_parent: bool,
+    /// Report at least this often while a job works, in seconds, when its
+    /// start request names no period.
+    #[arg(long, env = vtp_core::launcher::HEARTBEAT_ENV, default_value_t = vtp_core::launcher::DEFAULT_HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat_secs: u64,
+    /// How long the upload of a trained model retries an outage before the
+    /// attempt fails (and is relaunched from its last checkpoint set), in
+    /// seconds.
+    #[arg(long, env = "VTP_UPLOAD_RETRY_SECS", default_value_t = 1800)]
+    upload_retry_secs: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -87,6 +107,9 @@ async fn main() -> anyhow::Result<()> {
         concurrency: args.concurrency,
         max_waiting: args.max_waiting,
         backend_url: args.backend_url.clone(),
+        heartbeat: Duration::from_secs(args.heartbeat_secs),
+        replaced_on_interrupt: false,
+        upload_budget: Duration::from_secs(args.upload_retry_secs),
     };
     if let Some(Command::RunJob {
         request,
@@ -98,6 +121,8 @@ async fn main() -> anyhow::Result<()> {
             &args.work_dir,
             ServiceOptions {
                 concurrency: 1,
+                // The Job re-creates a pod evicted or drained.
+                replaced_on_interrupt: true,
                 ..options
             },
         )?;
@@ -136,26 +161,39 @@ async fn main() -> anyhow::Result<()> {
         }
     })
     .await?;
-    if exit_with_parent {
-        // The backend that started this child is gone: stop rather than
-        // train on with no one to report to. Its jobs resume from their last
-        // stored checkpoint sets when the backend relaunches them; reports
-        // still queued here are delivered by the next child, which opens the
-        // same outbox (this attempt's are stale by then). Training threads
-        // are stopped first: libtorch must not be torn down under them.
-        tracing::warn!("exiting with the parent; jobs under way resume when relaunched");
-        for job_id in held.jobs() {
-            held.cancel(job_id);
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), async {
-            while !held.jobs().is_empty() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        std::process::exit(0);
+    // Going away (the backend that started this child is gone, or SIGTERM):
+    // stop rather than train on. Jobs under way report a retryable failure
+    // and resume from their last stored checkpoint sets when the backend
+    // relaunches them; reports not delivered now stay in the outbox for
+    // the next process that opens it (stale by then, and harmless).
+    // Training threads are stopped first: libtorch must not be torn down
+    // under them.
+    let interrupted = held.interrupt_all();
+    if interrupted > 0 {
+        tracing::warn!(
+            jobs = interrupted,
+            "stopping; jobs under way resume when relaunched"
+        );
     }
-    Ok(())
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        while !held.jobs().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let outbox = held.outbox().clone();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async move {
+        let delivery = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { outbox.run().await }
+        });
+        while !outbox.pending().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        delivery.abort();
+    })
+    .await;
+    std::process::exit(0);
 }
 
 /// The one-shot trainer: trains `request`, waits for its reports to be
@@ -196,8 +234,8 @@ async fn run_job(
         let service = service.clone();
         tokio::spawn(async move {
             vtp_server::shutdown_signal().await;
-            tracing::info!(%job_id, "termination requested; cancelling the job");
-            service.cancel(job_id);
+            tracing::info!(%job_id, "termination requested; stopping the job at its next step");
+            service.interrupt_all();
         })
     };
     let code = match service.run_once(request).await {

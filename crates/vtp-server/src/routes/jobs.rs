@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use vtp_core::{
     BlobKey, BlobStoreExt, CallbackSecret, CancelOutcome, Error, Job, JobFilter, JobId, JobPage,
-    JobStatus, JobStoreExt, NewJob, StartTraining, TrainingUpdate,
+    JobStatus, JobStoreExt, NewJob, TrainingUpdate,
 };
 
 use crate::AppState;
@@ -149,7 +149,7 @@ pub async fn start(
         .jobs
         .transition(id, JobStatus::Pending, JobStatus::Queued)
         .await?;
-    let request = StartTraining::for_job(&job, state.callback_url(id)).with_secret(secret);
+    let request = state.start_request(&job, secret);
     if let Err(err) = state.launcher.launch(&request).await {
         let reason = format!("launch failed: {}", error_chain(&err));
         tracing::warn!(job_id = %id, %reason);

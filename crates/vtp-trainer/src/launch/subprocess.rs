@@ -6,10 +6,11 @@
 //! The child is started on the first launch (and again if it died). When it
 //! exits, the attempt of every job it was running ends with its exit status
 //! ([`vtp_core::JobStoreExt::end_attempt`]): relaunched while attempts are
-//! left, failed otherwise. The child
-//! runs with `--exit-with-parent`, so it does not outlive the backend.
+//! left, failed otherwise. A child whose job's lease expired (frozen, hung)
+//! is killed by [`TrainerLauncher::stop`]. The child runs with
+//! `--exit-with-parent`, so it does not outlive the backend.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -26,13 +27,17 @@ use super::http::HttpLauncher;
 /// The line the trainer service prints on stdout once it listens.
 pub const LISTENING_PREFIX: &str = "vtp-trainer-service listening on ";
 
+/// Jobs handed to a child, with the attempt each was launched as.
+type Held = Arc<Mutex<HashMap<JobId, i32>>>;
+
 #[derive(Debug)]
 struct Child {
     http: HttpLauncher,
-    /// Jobs handed to this child.
-    jobs: Arc<Mutex<HashSet<JobId>>>,
+    jobs: Held,
     /// Cleared by the monitor when the child exits.
     alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Tells the monitor to kill the child.
+    kill: Arc<tokio::sync::Notify>,
 }
 
 /// Runs the trainer service as a child process of the backend.
@@ -65,7 +70,7 @@ impl SubprocessLauncher {
     /// Variables the child inherits from the backend's environment, by
     /// prefix; everything else (the database URL with its password, the
     /// backend's own settings) stays out of the trainer.
-    pub const INHERITED_ENV: [&'static str; 18] = [
+    pub const INHERITED_ENV: [&'static str; 20] = [
         "PATH",
         "HOME",
         "TMPDIR",
@@ -76,6 +81,8 @@ impl SubprocessLauncher {
         "VTP_S3_",
         "VTP_LOG",
         "VTP_TRAINER_",
+        "VTP_HEARTBEAT_SECS",
+        "VTP_UPLOAD_RETRY_SECS",
         "AWS_",
         "OMP_",
         "MKL_",
@@ -106,7 +113,7 @@ impl SubprocessLauncher {
     }
 
     /// The child's HTTP launcher, starting the child when none is alive.
-    async fn ensure_child(&self) -> Result<(HttpLauncher, Arc<Mutex<HashSet<JobId>>>)> {
+    async fn ensure_child(&self) -> Result<(HttpLauncher, Held)> {
         let mut guard = self.child.lock().await;
         if let Some(child) = guard.as_ref()
             && child.alive.load(std::sync::atomic::Ordering::SeqCst)
@@ -182,23 +189,33 @@ impl SubprocessLauncher {
         };
         let pid = process.id();
         tracing::info!(?pid, %url, "trainer process started");
-        let jobs = Arc::new(Mutex::new(HashSet::new()));
+        let jobs: Held = Arc::new(Mutex::new(HashMap::new()));
         let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let kill = Arc::new(tokio::sync::Notify::new());
         // Keep reading stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        let (store, held, flag) = (self.jobs.clone(), jobs.clone(), alive.clone());
+        let (store, held, flag, killer) =
+            (self.jobs.clone(), jobs.clone(), alive.clone(), kill.clone());
         tokio::spawn(async move {
-            let status = process.wait().await;
+            let status = tokio::select! {
+                status = process.wait() => status,
+                () = killer.notified() => {
+                    tracing::warn!(?pid, "killing the trainer process");
+                    let _ = process.start_kill();
+                    process.wait().await
+                }
+            };
             flag.store(false, std::sync::atomic::Ordering::SeqCst);
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
-            let lost: Vec<JobId> = held.lock().expect("jobs lock").drain().collect();
+            let lost: Vec<(JobId, i32)> = held.lock().expect("jobs lock").drain().collect();
             tracing::warn!(?pid, %status, jobs = lost.len(), "trainer process exited");
-            // Each job's attempt ends: the backend's relauncher starts the
-            // next one (resuming from its last checkpoint set) while
+            // Each job's attempt ends (once: an attempt the sweeper already
+            // ended is not counted again): the backend's relauncher starts
+            // the next one (resuming from its last checkpoint set) while
             // attempts are left; otherwise the job fails with this reason.
-            for job_id in lost {
+            for (job_id, attempt) in lost {
                 let reason = format!("the trainer process exited ({status})");
-                if let Err(e) = store.end_attempt(job_id, &reason).await {
+                if let Err(e) = store.end_attempt(job_id, attempt, &reason).await {
                     tracing::error!(%job_id, error = %e, "could not end the attempt of the dead trainer");
                 }
             }
@@ -207,10 +224,11 @@ impl SubprocessLauncher {
             http: HttpLauncher::new(&url)?.with_token(&self.token),
             jobs,
             alive,
+            kill,
         })
     }
 
-    async fn current(&self) -> Option<(HttpLauncher, Arc<Mutex<HashSet<JobId>>>)> {
+    async fn current(&self) -> Option<(HttpLauncher, Held)> {
         let guard = self.child.lock().await;
         let child = guard.as_ref()?;
         child
@@ -228,10 +246,17 @@ impl TrainerLauncher for SubprocessLauncher {
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {
         let (http, jobs) = self.ensure_child().await?;
-        jobs.lock().expect("jobs lock").insert(request.job_id);
+        let before = jobs
+            .lock()
+            .expect("jobs lock")
+            .insert(request.job_id, request.attempt);
         let result = http.launch(request).await;
         if result.is_err() {
-            jobs.lock().expect("jobs lock").remove(&request.job_id);
+            let mut jobs = jobs.lock().expect("jobs lock");
+            match before {
+                Some(attempt) => jobs.insert(request.job_id, attempt),
+                None => jobs.remove(&request.job_id),
+            };
         }
         result
     }
@@ -248,5 +273,20 @@ impl TrainerLauncher for SubprocessLauncher {
             Some((http, _)) => http.is_running(job_id).await,
             None => Ok(false),
         }
+    }
+
+    /// Kills the child holding `job_id`: a lease expires only when the
+    /// whole process stopped reporting (its heartbeats run beside the
+    /// training threads), so it is frozen or hung and would not act on a
+    /// request. Its other jobs' attempts end too, and are relaunched.
+    async fn stop(&self, job_id: JobId) -> Result<()> {
+        let guard = self.child.lock().await;
+        if let Some(child) = guard.as_ref()
+            && child.alive.load(std::sync::atomic::Ordering::SeqCst)
+            && child.jobs.lock().expect("jobs lock").contains_key(&job_id)
+        {
+            child.kill.notify_one();
+        }
+        Ok(())
     }
 }

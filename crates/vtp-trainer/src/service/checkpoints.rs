@@ -138,6 +138,30 @@ pub async fn store_set(
     Ok(blobs.uri(&prefix.join(LAST_WEIGHTS)?))
 }
 
+/// The `last.safetensors` URI of the newest complete set of `job_id` (the
+/// highest epoch whose manifest is stored), if any: a trainer that replaces
+/// an interrupted one of the same attempt (a Kubernetes pod re-created after
+/// an eviction) resumes from it, though its start request names an older one.
+///
+/// # Errors
+/// Blob store errors.
+pub async fn newest_set(blobs: &dyn BlobStore, job_id: JobId) -> Result<Option<String>> {
+    let prefix = BlobKey::from_segments(&["jobs", &job_id.to_string(), "epochs"])?;
+    let newest = blobs
+        .list(Some(&prefix))
+        .await?
+        .into_iter()
+        .filter_map(|object| {
+            let set = object.key.as_str().strip_suffix(&format!("/{MANIFEST}"))?;
+            let epoch: u32 = set.rsplit('/').next()?.parse().ok()?;
+            Some((epoch, set.to_owned()))
+        })
+        .max_by_key(|(epoch, _)| *epoch);
+    newest
+        .map(|(_, set)| Ok(blobs.uri(&BlobKey::parse(&format!("{set}/{LAST_WEIGHTS}"))?)))
+        .transpose()
+}
+
 /// Downloads the set whose `last.safetensors` is at `last_uri` into
 /// `output` (emptied first) and checks every file's size and SHA-256
 /// against the manifest. Returns the set's epoch.

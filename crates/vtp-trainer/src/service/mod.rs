@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -25,6 +26,7 @@ pub use outbox::Outbox;
 
 use crate::TchTrainer;
 use crate::data::{extract_archive, is_archive};
+use crate::engine::StepProgress;
 use crate::engine::TrainConfig;
 
 /// What `start` did.
@@ -68,15 +70,30 @@ struct Admitted {
     dataset: BlobKey,
     /// `config.init_weights`, a blob in the store.
     init_weights: Option<BlobKey>,
+    slot: Slot,
+}
+
+/// A job held here: one attempt at it.
+#[derive(Debug, Clone)]
+struct Slot {
+    attempt: i32,
+    /// Stop at the next step.
     cancel: Arc<AtomicBool>,
+    /// With `cancel`: the stop was not asked for by the job's owner (the
+    /// machine is going away, a later attempt replaced this one), so the
+    /// attempt reports a retryable failure, not `cancelled`.
+    interrupted: Arc<AtomicBool>,
     running: Arc<AtomicBool>,
 }
 
-#[derive(Debug)]
-struct Slot {
-    cancel: Arc<AtomicBool>,
-    running: Arc<AtomicBool>,
+impl Slot {
+    fn is(&self, other: &Slot) -> bool {
+        Arc::ptr_eq(&self.cancel, &other.cancel)
+    }
 }
+
+/// Where the training thread is, for heartbeats.
+type StepCell = Arc<Mutex<Option<StepProgress>>>;
 
 /// How a [`TrainerService`] runs.
 #[derive(Debug, Clone)]
@@ -88,6 +105,18 @@ pub struct ServiceOptions {
     /// The backend this service reports to: a start request whose
     /// `callback_url` has another origin (scheme, host, port) is refused.
     pub backend_url: String,
+    /// How often a job under way reports at least, when its start request
+    /// names no period (`VTP_HEARTBEAT_SECS`).
+    pub heartbeat: Duration,
+    /// How long the final upload of a trained model retries an outage
+    /// before the attempt fails (as retryable).
+    pub upload_budget: Duration,
+    /// Whoever runs this process replaces it after an interruption (a
+    /// Kubernetes Job re-creates a pod evicted or drained, its pod failure
+    /// policy ignoring the disruption): an interrupted job then reports no
+    /// failure, only that it was interrupted, and its replacement resumes
+    /// it. Otherwise the backend relaunches it after a retryable failure.
+    pub replaced_on_interrupt: bool,
 }
 
 impl Default for ServiceOptions {
@@ -96,6 +125,9 @@ impl Default for ServiceOptions {
             concurrency: 1,
             max_waiting: 64,
             backend_url: "http://127.0.0.1:8000".into(),
+            heartbeat: Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS),
+            replaced_on_interrupt: false,
+            upload_budget: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -110,6 +142,9 @@ pub struct TrainerService {
     permits: Arc<Semaphore>,
     backend: url::Url,
     max_waiting: usize,
+    heartbeat: Duration,
+    replaced_on_interrupt: bool,
+    upload_budget: Duration,
 }
 
 impl TrainerService {
@@ -161,6 +196,9 @@ impl TrainerService {
             permits: Arc::new(Semaphore::new(options.concurrency.max(1))),
             backend,
             max_waiting: options.max_waiting,
+            heartbeat: options.heartbeat.max(Duration::from_secs(1)),
+            replaced_on_interrupt: options.replaced_on_interrupt,
+            upload_budget: options.upload_budget,
         }))
     }
 
@@ -259,12 +297,17 @@ impl TrainerService {
             })
             .transpose()?;
         let slot = Slot {
+            attempt: request.attempt,
             cancel: Arc::new(AtomicBool::new(false)),
+            interrupted: Arc::new(AtomicBool::new(false)),
             running: Arc::new(AtomicBool::new(false)),
         };
-        let (cancel, running) = (slot.cancel.clone(), slot.running.clone());
         let mut slots = self.slots.lock().expect("slots lock");
-        if slots.contains_key(&request.job_id) {
+        // The same attempt again (a retried launch): adopted.
+        if slots
+            .get(&request.job_id)
+            .is_some_and(|held| held.attempt >= request.attempt)
+        {
             return Ok(None);
         }
         let waiting = slots
@@ -280,13 +323,19 @@ impl TrainerService {
                 retry_after: std::time::Duration::from_secs(30),
             });
         }
-        slots.insert(request.job_id, slot);
+        // A later attempt: the backend gave up on the one held here (its
+        // lease expired). It is told to stop, and its reports are stale
+        // already; it winds down in its own directory.
+        if let Some(held) = slots.insert(request.job_id, slot.clone()) {
+            tracing::warn!(job_id = %request.job_id, old = held.attempt, new = request.attempt, "a later attempt replaces the one held here");
+            held.interrupted.store(true, Ordering::SeqCst);
+            held.cancel.store(true, Ordering::SeqCst);
+        }
         Ok(Some(Admitted {
             config,
             dataset,
             init_weights,
-            cancel,
-            running,
+            slot,
         }))
     }
 
@@ -304,31 +353,80 @@ impl TrainerService {
             tracing::warn!(%job_id, error = %error_chain(&e), "cannot raise the report counter");
         }
         let permit = self.permits.clone().acquire_owned().await;
-        admitted.running.store(true, Ordering::SeqCst);
-        let outcome = self
-            .run_job(
+        let slot = admitted.slot;
+        slot.running.store(true, Ordering::SeqCst);
+        // Heartbeats from here to the final report: the backend's lease on
+        // this attempt stays fresh through downloads, long epochs and uploads.
+        let steps: StepCell = Arc::new(Mutex::new(None));
+        let beating = Arc::new(Mutex::new(true));
+        let period = request
+            .heartbeat_secs
+            .map_or(self.heartbeat, |secs| Duration::from_secs(secs.max(1)));
+        // Aborted when dropped, however `execute` ends.
+        let heartbeat = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
+            self.clone()
+                .heartbeat(request.clone(), period, steps.clone(), beating.clone()),
+        ));
+        let outcome = if slot.cancel.load(Ordering::SeqCst) {
+            // Replaced or cancelled while waiting for a slot.
+            Err(Error::Cancelled {
+                reason: "cancelled before training".into(),
+            })
+        } else {
+            self.run_job(
                 &request,
                 &admitted.config,
                 &admitted.dataset,
                 admitted.init_weights.as_ref(),
-                admitted.cancel,
+                &slot,
+                steps,
             )
-            .await;
+            .await
+        };
         drop(permit);
+        let interrupted = slot.interrupted.load(Ordering::SeqCst);
         let (update, retryable) = match outcome {
+            // Stopped by the machine, not the owner: worth another attempt,
+            // from the checkpoint set stored after the last whole epoch.
+            Ok(update) if interrupted && update.status == JobStatus::Cancelled => {
+                (self.interrupted_update(update.message.as_deref()), true)
+            }
+            Err(Error::Cancelled { reason }) if interrupted => {
+                (self.interrupted_update(Some(&reason)), true)
+            }
+            Err(Error::Cancelled { reason }) => (
+                TrainingUpdate::new(JobStatus::Cancelled).with_message(reason),
+                false,
+            ),
             Ok(update) => (update, false),
             Err(e) => {
                 let message = error_chain(&e);
-                tracing::warn!(%job_id, error = %message, "job failed");
+                let retryable = e.is_retryable();
+                tracing::warn!(%job_id, error = %message, retryable, "job failed");
+                let update = TrainingUpdate::new(JobStatus::Failed).with_error(message);
+                // An outage that outlasted its retries: another attempt
+                // (after the backend's backoff) may find it over.
                 (
-                    TrainingUpdate::new(JobStatus::Failed).with_error(message),
-                    e.is_retryable(),
+                    if retryable {
+                        update.as_retryable()
+                    } else {
+                        update
+                    },
+                    retryable,
                 )
             }
         };
         let status = update.status;
+        // No heartbeat may follow the final report.
+        *beating.lock().expect("heartbeat lock") = false;
+        drop(heartbeat);
         self.report(&request, update);
-        self.slots.lock().expect("slots lock").remove(&job_id);
+        {
+            let mut slots = self.slots.lock().expect("slots lock");
+            if slots.get(&job_id).is_some_and(|held| held.is(&slot)) {
+                slots.remove(&job_id);
+            }
+        }
         let dir = self.job_dir(job_id, request.attempt);
         let _ = tokio::fs::remove_dir_all(&dir).await;
         if let Some(parent) = dir.parent() {
@@ -338,7 +436,8 @@ impl TrainerService {
         Finished { status, retryable }
     }
 
-    /// Asks a job to stop at its next step; false when the service does not run it.
+    /// Asks a job to stop at its next step (its owner cancelled it); false
+    /// when the service does not run it.
     pub fn cancel(&self, job_id: JobId) -> bool {
         match self.slots.lock().expect("slots lock").get(&job_id) {
             Some(slot) => {
@@ -346,6 +445,61 @@ impl TrainerService {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Stops every job here at its next step because this trainer is going
+    /// away (SIGTERM from an eviction, a drain, a deadline; the backend
+    /// gone): each reports a retryable failure, so the backend relaunches
+    /// it from its last stored checkpoint set; one its owner was cancelling
+    /// ends `cancelled` there. Returns how many jobs were told.
+    pub fn interrupt_all(&self) -> usize {
+        let slots = self.slots.lock().expect("slots lock");
+        for slot in slots.values() {
+            slot.interrupted.store(true, Ordering::SeqCst);
+            slot.cancel.store(true, Ordering::SeqCst);
+        }
+        slots.len()
+    }
+
+    /// The report of an attempt stopped by its machine rather than its owner.
+    fn interrupted_update(&self, detail: Option<&str>) -> TrainingUpdate {
+        let detail = detail.unwrap_or("before training");
+        if self.replaced_on_interrupt {
+            // Not final: the replacement reports on under the same attempt.
+            return TrainingUpdate::new(JobStatus::Running).with_message(format!(
+                "the trainer was interrupted by its host ({detail}); its replacement resumes from the last stored checkpoint set"
+            ));
+        }
+        TrainingUpdate::new(JobStatus::Failed)
+            .with_error(format!(
+                "the trainer was stopped by its host ({detail}); the job resumes from its last stored checkpoint set"
+            ))
+            .as_retryable()
+    }
+
+    /// Reports `running` every `period` until `beating` turns false: with
+    /// step progress and the running loss while an epoch trains, so
+    /// progress moves inside long epochs; without, while the job downloads
+    /// or uploads (the report then only renews the lease).
+    async fn heartbeat(
+        self: Arc<Self>,
+        request: StartTraining,
+        period: Duration,
+        steps: StepCell,
+        beating: Arc<Mutex<bool>>,
+    ) {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let update = heartbeat_update(*steps.lock().expect("step lock"));
+            // Checked and sent under the lock the final report takes first.
+            let open = beating.lock().expect("heartbeat lock");
+            if !*open {
+                return;
+            }
+            self.report(&request, update);
         }
     }
 
@@ -409,8 +563,10 @@ impl TrainerService {
         config: &TrainConfig,
         dataset: &BlobKey,
         init_weights: Option<&BlobKey>,
-        cancel: Arc<AtomicBool>,
+        slot: &Slot,
+        steps: StepCell,
     ) -> Result<TrainingUpdate> {
+        let cancel = &slot.cancel;
         let job_id = request.job_id;
         self.report(
             request,
@@ -448,7 +604,27 @@ impl TrainerService {
         // Never resume from what an earlier attempt left on this disk (a
         // file cut short by a kill); only from a verified stored set.
         let _ = tokio::fs::remove_dir_all(&output).await;
-        if let Some(uri) = &request.resume_from {
+        // The newest stored set, else the one the request names: a pod that
+        // replaces an evicted one of the same attempt resumes from the set
+        // its predecessor stored last, not the one its launch named.
+        let newest = match checkpoints::newest_set(self.blobs.as_ref(), job_id).await {
+            Ok(newest) => newest,
+            Err(e) if request.resume_from.is_some() => {
+                tracing::warn!(%job_id, error = %error_chain(&e), "cannot list the stored checkpoint sets; resuming from the requested one");
+                None
+            }
+            // Listing fails, and a set may exist: an outage; the attempt
+            // fails as retryable and is tried again.
+            Err(e) if request.attempt > 1 => return Err(e),
+            Err(_) => None,
+        };
+        let mut candidates: Vec<&String> = newest.iter().collect();
+        if let Some(requested) = &request.resume_from
+            && newest.as_ref() != Some(requested)
+        {
+            candidates.push(requested);
+        }
+        for uri in candidates {
             match checkpoints::restore_set(self.blobs.as_ref(), job_id, uri, &output).await {
                 Ok(epoch) => {
                     tracing::info!(%job_id, epoch, attempt = request.attempt, "resuming from the stored checkpoint set");
@@ -459,13 +635,14 @@ impl TrainerService {
                             request.attempt
                         )),
                     );
+                    break;
                 }
                 // A set that is gone or does not match its manifest is no
-                // reason to give up the job: train from the start. An outage
-                // is (the attempt fails and is retried).
+                // reason to give up the job: try the next, else train from
+                // the start. An outage is (the attempt fails and is retried).
                 Err(e @ (Error::InvalidInput { .. } | Error::NotFound { .. })) => {
                     let message = format!(
-                        "attempt {}: cannot resume ({}); training from the start",
+                        "attempt {}: cannot resume from {uri} ({})",
                         request.attempt,
                         error_chain(&e)
                     );
@@ -502,13 +679,15 @@ impl TrainerService {
         );
         let flag = cancel.clone();
         let result = tokio::task::spawn_blocking(move || {
-            TchTrainer::new().train(&spec, &mut sink, &|| flag.load(Ordering::SeqCst))
+            TchTrainer::new()
+                .on_step(move |p| *steps.lock().expect("step lock") = Some(p))
+                .train(&spec, &mut sink, &|| flag.load(Ordering::SeqCst))
         })
         .await
         .map_err(|e| Error::internal(format!("training thread: {e}")))?;
         match result {
             Ok(summary) => {
-                let uploaded = self.upload_checkpoints(job_id, &output).await?;
+                let uploaded = self.upload_final(request, &output).await?;
                 let best = summary
                     .checkpoint
                     .file_name()
@@ -523,6 +702,9 @@ impl TrainerService {
                     .with_message(format!("done: {}", headline(&summary.metrics)))
                     .with_checkpoint(uri))
             }
+            // Interrupted: the sets stored after each epoch are what the next
+            // attempt resumes from; the little time left goes to reporting.
+            Err(e @ Error::Cancelled { .. }) if slot.interrupted.load(Ordering::SeqCst) => Err(e),
             Err(Error::Cancelled { reason }) => {
                 let uploaded = self
                     .upload_checkpoints(job_id, &output)
@@ -572,7 +754,42 @@ impl TrainerService {
         }
     }
 
-    /// Uploads every checkpoint file under `jobs/{job_id}/`; returns file name -> URI.
+    /// Uploads the trained model, retrying an outage for up to
+    /// [`ServiceOptions::upload_budget`] (the files stay on this disk, and
+    /// heartbeats keep the job's lease, until every upload is confirmed):
+    /// hours of training are not given up for a short S3 outage.
+    async fn upload_final(
+        &self,
+        request: &StartTraining,
+        output: &Path,
+    ) -> Result<BTreeMap<String, String>> {
+        let job_id = request.job_id;
+        let started = std::time::Instant::now();
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match self.upload_checkpoints(job_id, output).await {
+                Ok(uploaded) => return Ok(uploaded),
+                Err(e) if e.is_retryable() && started.elapsed() + wait < self.upload_budget => {
+                    let message = format!(
+                        "uploading the trained model failed ({}); retrying in {}s",
+                        error_chain(&e),
+                        wait.as_secs()
+                    );
+                    tracing::warn!(%job_id, %message);
+                    self.report(
+                        request,
+                        TrainingUpdate::new(JobStatus::Running).with_message(message),
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(60));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Uploads every checkpoint file under `jobs/{job_id}/`, each checked
+    /// by its stored size; returns file name -> URI.
     async fn upload_checkpoints(
         &self,
         job_id: JobId,
@@ -588,11 +805,41 @@ impl TrainerService {
                 continue;
             }
             let key = BlobKey::from_segments(&["jobs", &job_id.to_string(), &name])?;
-            self.blobs.put_file(&key, &entry.path()).await?;
+            let size = entry
+                .metadata()
+                .await
+                .map_err(|e| Error::internal(format!("{}: {e}", entry.path().display())))?
+                .len();
+            let stored = self.blobs.put_file(&key, &entry.path()).await?;
+            if stored.size != size {
+                return Err(Error::unavailable(
+                    "blob store",
+                    format!(
+                        "{} was stored with {} of its {size} bytes",
+                        self.blobs.uri(&key),
+                        stored.size
+                    ),
+                ));
+            }
             uploaded.insert(name, self.blobs.uri(&key));
         }
         Ok(uploaded)
     }
+}
+
+/// A heartbeat: `running`, with the fraction of the run done (whole epochs
+/// and the steps of this one) and where it is, when the engine has begun
+/// stepping; without, it only renews the lease.
+fn heartbeat_update(step: Option<StepProgress>) -> TrainingUpdate {
+    let update = TrainingUpdate::new(JobStatus::Running);
+    let Some(p) = step else { return update };
+    let done = f64::from(p.epoch.saturating_sub(1)) + p.step as f64 / p.steps.max(1) as f64;
+    update
+        .with_progress((done / f64::from(p.epochs.max(1))).clamp(0.0, 1.0))
+        .with_message(format!(
+            "epoch {}/{}: step {}/{}, loss {:.4}",
+            p.epoch, p.epochs, p.step, p.steps, p.loss
+        ))
 }
 
 /// The one validation number a person looks for: mAP50-95 for a detector,
@@ -664,5 +911,41 @@ impl ProgressSink for OutboxSink {
             update = update.with_last_checkpoint(uri);
         }
         self.service.report(&self.request, update);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_carry_step_progress_inside_an_epoch() {
+        let idle = heartbeat_update(None);
+        assert_eq!(
+            (idle.status, idle.progress, idle.message),
+            (JobStatus::Running, None, None)
+        );
+        // Half way through the third of four epochs: 2.5 / 4.
+        let beat = heartbeat_update(Some(StepProgress {
+            epoch: 3,
+            epochs: 4,
+            step: 50,
+            steps: 100,
+            loss: 0.25,
+        }));
+        assert_eq!(beat.progress, Some(0.625));
+        assert_eq!(
+            beat.message.as_deref(),
+            Some("epoch 3/4: step 50/100, loss 0.2500")
+        );
+        // Never past the end, whatever the engine says.
+        let odd = heartbeat_update(Some(StepProgress {
+            epoch: 9,
+            epochs: 4,
+            step: 1,
+            steps: 0,
+            loss: 0.0,
+        }));
+        assert_eq!(odd.progress, Some(1.0));
     }
 }

@@ -3,7 +3,8 @@
 //! fake API server whose "kubelet" runs each Job's container as a local
 //! `vtp-trainer-service run-job` process with the Job's environment and its
 //! Secret; Postgres and Garage are real. Then the backend goes down while
-//! Jobs fail and vanish, and the reconciler settles them after the restart.
+//! Jobs fail and vanish, and after the restart the reconciler ends the
+//! failed attempt and the relauncher gives both jobs a new Job.
 
 #[path = "support/fake_kube.rs"]
 mod fake_kube;
@@ -106,6 +107,41 @@ impl Env {
             .await;
         assert_eq!(status, 202, "{body}");
         id
+    }
+
+    /// Polls the job until `done`.
+    async fn wait_for(
+        &self,
+        backend: &ServiceProcess,
+        id: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        for _ in 0..1200 {
+            let (_, job) = self
+                .json(self.http.get(backend.at(&format!("/training/jobs/{id}"))))
+                .await;
+            if done(&job) {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} did not get there");
+    }
+
+    /// Polls the fake cluster until the Job `name` exists and `done` holds.
+    async fn wait_for_k8s_job(&self, name: &str, done: impl Fn(&Value) -> bool) -> Value {
+        for _ in 0..1200 {
+            if let Some(k8s) = self.kube.job(name)
+                && done(&k8s)
+            {
+                return k8s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!(
+            "the Kubernetes Job {name} did not get there: {:?}",
+            self.kube.job(name)
+        );
     }
 
     async fn wait_terminal(&self, backend: &ServiceProcess, id: &str) -> Value {
@@ -241,7 +277,7 @@ async fn a_job_runs_as_a_kubernetes_job_on_the_same_backend_binary() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_backend_restart_the_reconciler_ends_jobs_that_failed_or_vanished_meanwhile() {
+async fn after_a_backend_restart_jobs_whose_kubernetes_job_failed_or_vanished_are_relaunched() {
     let Some(env) = Env::new().await else { return };
     // No kubelet: the Jobs are created and nothing runs them.
     let backend = ServiceProcess::start(&env.backend_env()).await;
@@ -264,12 +300,37 @@ async fn after_a_backend_restart_the_reconciler_ends_jobs_that_failed_or_vanishe
     env.kube.vanish(&format!("vtp-{vanished}"));
 
     let backend = ServiceProcess::start(&env.backend_env()).await;
-    let job = env.wait_terminal(&backend, &evicted).await;
-    assert_eq!(job["status"], "failed");
-    assert!(job["error"].as_str().unwrap().contains("Evicted"), "{job}");
-    let job = env.wait_terminal(&backend, &vanished).await;
-    assert_eq!(job["status"], "failed");
-    assert!(job["error"].as_str().unwrap().contains("vanished"), "{job}");
+    // The evicted job's pods crashed out of retries: its attempt ends and
+    // the next one gets a Job of its own, in place of the failed one.
+    let job = env
+        .wait_for(&backend, &evicted, |job| job["attempt"] == 2)
+        .await;
+    assert_eq!(job["status"], "queued", "{job}");
+    assert!(
+        job["attempts"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("Evicted"),
+        "{job}"
+    );
+    env.wait_for_k8s_job(&format!("vtp-{evicted}"), |k8s| {
+        k8s["metadata"]["labels"]["vtp.dev/attempt"] == "2" && k8s["status"]["conditions"].is_null()
+    })
+    .await;
+    // The job whose Job vanished before it started is launched again.
+    env.wait_for_k8s_job(&format!("vtp-{vanished}"), |_| true)
+        .await;
+    let (_, job) = env
+        .json(
+            env.http
+                .get(backend.at(&format!("/training/jobs/{vanished}"))),
+        )
+        .await;
+    assert_eq!(
+        (job["status"].as_str(), job["attempt"].as_i64()),
+        (Some("queued"), Some(1)),
+        "{job}"
+    );
     let (_, job) = env
         .json(
             env.http

@@ -107,7 +107,17 @@ async fn launch_creates_one_labelled_job_with_the_request_resources_and_policies
     assert_eq!(spec.backoff_limit, Some(1));
     assert_eq!(spec.active_deadline_seconds, Some(24 * 3600));
     assert_eq!(spec.ttl_seconds_after_finished, Some(3600));
-    let rule = &spec.pod_failure_policy.unwrap().rules[0];
+    assert_eq!(job["metadata"]["labels"]["vtp.dev/attempt"], "1");
+    let rules = spec.pod_failure_policy.unwrap().rules;
+    // An eviction or a drain does not use up a retry: the pod is replaced.
+    let ignore = &rules[0];
+    assert_eq!(ignore.action, "Ignore");
+    let conditions = ignore.on_pod_conditions.as_ref().unwrap();
+    assert_eq!(
+        (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+        ("DisruptionTarget", "True")
+    );
+    let rule = &rules[1];
     assert_eq!(rule.action, "FailJob");
     let codes = rule.on_exit_codes.as_ref().unwrap();
     assert_eq!(
@@ -353,8 +363,9 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
         "DeadlineExceeded",
         "Job was active longer than specified deadline",
     );
-    // Evicted, then out of retries.
-    let (evicted, name) = launch(json!({}), JobStatus::Running).await;
+    // Evicted, then out of retries: worth another attempt.
+    let (evicted, evicted_name) = launch(json!({}), JobStatus::Running).await;
+    let name = evicted_name.clone();
     env.kube.set_condition(
         &name,
         "Failed",
@@ -416,16 +427,31 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
     };
     for (id, expected) in [
         (deadline, "DeadlineExceeded"),
-        (evicted, "Evicted: The node was low on resource: memory."),
         (refused, "exited with code 3"),
         (unpullable, "ImagePullBackOff"),
-        (vanished, "vanished"),
         (silent, "final report never arrived"),
     ] {
         let job = ended(id).await;
         assert_eq!(job.status, JobStatus::Failed, "{expected}: {job:?}");
         let error = job.error.unwrap();
         assert!(error.contains(expected), "{expected:?} in {error:?}");
+    }
+    // Pods that crashed out of retries, a Job gone: the attempt ends, and
+    // the job waits for its relaunch (resuming from its last set).
+    for (id, expected) in [
+        (evicted, "Evicted: The node was low on resource: memory."),
+        (vanished, "vanished"),
+    ] {
+        let job = ended(id).await;
+        assert_eq!(
+            (job.status, job.attempt),
+            (JobStatus::Queued, 2),
+            "{expected}: {job:?}"
+        );
+        assert!(
+            job.attempts[0].reason.contains(expected),
+            "{expected:?} in {job:?}"
+        );
     }
     let job = ended(cancelling).await;
     assert_eq!(job.status, JobStatus::Cancelled);
@@ -434,9 +460,26 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
     // The unpullable Job was deleted; nothing else was.
     assert!(env.kube.job(&pull_name).is_none());
 
-    // A second pass finds nothing more to do.
+    // A second pass finds nothing more to do: the failed Job of the
+    // evicted job's first attempt is not judged again.
     let again = env.launcher.reconcile().await.unwrap();
     assert_eq!((again.running, again.ended.len()), (1, 0));
+
+    // The relaunch replaces that finished Job with the second attempt's.
+    let job = env.store.get(evicted).await.unwrap();
+    let relaunch = StartTraining::for_job(&job, "http://127.0.0.1:8000/cb".into())
+        .with_secret(vtp_core::CallbackSecret::generate());
+    env.launcher.launch(&relaunch).await.unwrap();
+    let second = env
+        .kube
+        .job(&evicted_name)
+        .expect("the second attempt's Job");
+    assert_eq!(second["metadata"]["labels"]["vtp.dev/attempt"], "2");
+    assert!(
+        second["status"]["conditions"].is_null(),
+        "a fresh Job: {second}"
+    );
+    assert!(env.launcher.is_running(evicted).await.unwrap());
 }
 
 #[tokio::test]

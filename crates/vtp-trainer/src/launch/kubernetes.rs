@@ -21,7 +21,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use k8s_openapi::api::batch::v1::{
     Job as K8sJob, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
-    PodFailurePolicyRule,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
     Container, EnvFromSource, EnvVar, EnvVarSource, Pod, PodSpec, PodTemplateSpec,
@@ -31,8 +31,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
 use vtp_core::{
-    CancelOutcome, Error, JobId, JobStore, JobStoreExt, Resources, Result, StartTraining,
-    TrainerLauncher, error_chain,
+    CancelOutcome, Error, JobId, JobStatus, JobStore, JobStoreExt, Resources, Result,
+    StartTraining, TrainerLauncher, error_chain,
 };
 
 /// Exit code of the one-shot trainer for a job that can never succeed as
@@ -48,6 +48,28 @@ pub const CALLBACK_SECRET_ENV: &str = "VTP_CALLBACK_SECRET";
 
 /// Label carrying the job id on Jobs and pods.
 pub const JOB_ID_LABEL: &str = "vtp.dev/job-id";
+
+/// Label carrying the attempt a Job runs (absent: the first).
+pub const ATTEMPT_LABEL: &str = "vtp.dev/attempt";
+
+/// Whether `job` carries the label of `job_id`: ours to adopt or replace.
+fn labelled_for(job: &K8sJob, job_id: JobId) -> bool {
+    job.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(JOB_ID_LABEL))
+        .is_some_and(|id| *id == job_id.to_string())
+}
+
+/// The attempt a Job runs, from its [`ATTEMPT_LABEL`].
+fn attempt_of(job: &K8sJob) -> i32 {
+    job.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(ATTEMPT_LABEL))
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(1)
+}
 
 /// Label selecting every Job this launcher manages.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=vtp";
@@ -458,6 +480,7 @@ impl KubernetesLauncher {
             ),
             ("app.kubernetes.io/managed-by".to_owned(), "vtp".to_owned()),
             (JOB_ID_LABEL.to_owned(), request.job_id.to_string()),
+            (ATTEMPT_LABEL.to_owned(), request.attempt.to_string()),
         ]);
         let resources = self.resources_of(&request.config)?;
         let mut quantities = BTreeMap::new();
@@ -548,15 +571,28 @@ impl KubernetesLauncher {
                 active_deadline_seconds: Some(c.active_deadline.as_secs() as i64),
                 ttl_seconds_after_finished: Some(c.ttl_after_finished.as_secs() as i32),
                 pod_failure_policy: Some(PodFailurePolicy {
-                    rules: vec![PodFailurePolicyRule {
-                        action: "FailJob".to_owned(),
-                        on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
-                            container_name: Some(CONTAINER.to_owned()),
-                            operator: "In".to_owned(),
-                            values: vec![EXIT_NON_RETRYABLE],
-                        }),
-                        on_pod_conditions: None,
-                    }],
+                    rules: vec![
+                        // An evicted, preempted or drained pod is replaced
+                        // without using up a retry; the replacement resumes
+                        // from the newest stored checkpoint set.
+                        PodFailurePolicyRule {
+                            action: "Ignore".to_owned(),
+                            on_exit_codes: None,
+                            on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                                type_: "DisruptionTarget".to_owned(),
+                                status: "True".to_owned(),
+                            }]),
+                        },
+                        PodFailurePolicyRule {
+                            action: "FailJob".to_owned(),
+                            on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                                container_name: Some(CONTAINER.to_owned()),
+                                operator: "In".to_owned(),
+                                values: vec![EXIT_NON_RETRYABLE],
+                            }),
+                            on_pod_conditions: None,
+                        },
+                    ],
                 }),
                 template: PodTemplateSpec {
                     metadata: Some(ObjectMeta {
@@ -637,18 +673,48 @@ impl KubernetesLauncher {
         }
         for job in active {
             let verdict = match by_id.get(&job.id.to_string()) {
-                None if settled(job.updated_at) => {
-                    Some(format!("its Kubernetes Job {} vanished", job_name(job.id)))
+                // The Job of an attempt the job has moved past: the
+                // relauncher replaces it with the current attempt's. One
+                // still running (its trainer went silent, and the sweeper's
+                // delete failed) is deleted now.
+                Some(k8s) if attempt_of(k8s) < job.attempt => {
+                    if !job_finished(k8s) {
+                        let name = job_name(job.id);
+                        tracing::warn!(job_id = %job.id, job = %name, "reconcile: deleting the running Job of an attempt given up on");
+                        if let Err(e) = self
+                            .jobs_api
+                            .delete(&name, &DeleteParams::background())
+                            .await
+                        {
+                            tracing::warn!(job_id = %job.id, error = %from_kube(e), "could not delete the Job; next pass");
+                        }
+                    }
+                    continue;
                 }
+                // Queued without a Job: waiting for its (re)launch, which
+                // the relauncher makes (or the sweeper gives up on).
+                None if job.status == JobStatus::Queued => continue,
+                // Deleted by someone, or gone with its TTL before the job
+                // heard of its end: worth another attempt.
+                None if settled(job.updated_at) => Some((
+                    format!("its Kubernetes Job {} vanished", job_name(job.id)),
+                    true,
+                )),
                 None => None,
                 Some(k8s) => self.verdict(k8s, job.updated_at, &settled).await?,
             };
             match verdict {
-                Some(reason) => {
-                    tracing::warn!(job_id = %job.id, %reason, "reconcile: ending job");
-                    self.store.finalize_lost(job.id, &reason).await?;
-                    if let Err(e) = self.delete_secret(job.id).await {
-                        tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not delete the callback Secret");
+                Some((reason, retry)) => {
+                    tracing::warn!(job_id = %job.id, %reason, retry, "reconcile: ending the attempt");
+                    if retry && job.status != JobStatus::Cancelling {
+                        // Relaunched (resuming from its last checkpoint set)
+                        // while attempts are left, else failed.
+                        self.store.end_attempt(job.id, job.attempt, &reason).await?;
+                    } else {
+                        self.store.finalize_lost(job.id, &reason).await?;
+                        if let Err(e) = self.delete_secret(job.id).await {
+                            tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not delete the callback Secret");
+                        }
                     }
                     report.ended.push((job.id, reason));
                 }
@@ -658,13 +724,15 @@ impl KubernetesLauncher {
         Ok(report)
     }
 
-    /// Why the job behind `k8s` is over, or `None` while it runs.
+    /// Why the job behind `k8s` is over, and whether another attempt may
+    /// succeed (its pods crashed, not a deadline or a refusal); `None` while
+    /// it runs.
     async fn verdict(
         &self,
         k8s: &K8sJob,
         updated_at: chrono::DateTime<chrono::Utc>,
         settled: &impl Fn(chrono::DateTime<chrono::Utc>) -> bool,
-    ) -> Result<Option<String>> {
+    ) -> Result<Option<(String, bool)>> {
         let name = k8s.metadata.name.clone().unwrap_or_default();
         let conditions = k8s
             .status
@@ -692,7 +760,11 @@ impl KubernetesLauncher {
             if !pods.is_empty() {
                 reason.push_str(&format!("; {}", pods.join("; ")));
             }
-            return Ok(Some(reason));
+            // Out of pod retries (a crash, an OOM kill): the next attempt
+            // resumes from the last set. A deadline or a trainer that
+            // refused the job (exit 3) is final.
+            let retry = failed.reason.as_deref() == Some("BackoffLimitExceeded");
+            return Ok(Some((reason, retry)));
         }
         if let Some(done) = holds(["Complete", "SuccessCriteriaMet"]) {
             let since = done
@@ -706,8 +778,11 @@ impl KubernetesLauncher {
                 })
                 .unwrap_or(updated_at);
             return Ok(settled(since).then(|| {
-                format!(
-                    "Kubernetes Job {name} completed, but its trainer's final report never arrived"
+                (
+                    format!(
+                        "Kubernetes Job {name} completed, but its trainer's final report never arrived"
+                    ),
+                    false,
                 )
             }));
         }
@@ -715,9 +790,12 @@ impl KubernetesLauncher {
         let stuck = self.stuck_pods(&name).await?;
         if !stuck.is_empty() {
             self.delete(&name, Duration::ZERO).await?;
-            return Ok(Some(format!(
-                "the trainer pod of {name} cannot start: {}",
-                stuck.join("; ")
+            return Ok(Some((
+                format!(
+                    "the trainer pod of {name} cannot start: {}",
+                    stuck.join("; ")
+                ),
+                false,
             )));
         }
         Ok(None)
@@ -880,6 +958,53 @@ impl KubernetesLauncher {
         }
     }
 
+    /// Removes the Job of an earlier attempt of `job_id` (finished, or
+    /// still running because its trainer went silent), so the relaunch can
+    /// create its own under the same name; waits (briefly) until it is gone.
+    /// `false` when the Job runs this attempt (adopt it) or is not ours. Its
+    /// callback Secret stays: the relaunch has just replaced it, without the
+    /// old Job as its owner.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the old Job is still being removed (the
+    /// relauncher tries again); Kubernetes API errors.
+    async fn remove_older(&self, job_id: JobId, attempt: i32) -> Result<bool> {
+        let name = job_name(job_id);
+        let Some(existing) = self.jobs_api.get_opt(&name).await.map_err(from_kube)? else {
+            return Ok(true);
+        };
+        if !labelled_for(&existing, job_id) || attempt_of(&existing) >= attempt {
+            return Ok(false);
+        }
+        tracing::info!(%job_id, job = %name, old = attempt_of(&existing), new = attempt, "removing the Job of an earlier attempt");
+        let params = DeleteParams {
+            propagation_policy: Some(PropagationPolicy::Background),
+            grace_period_seconds: Some(self.config.grace_period.as_secs() as u32),
+            ..DeleteParams::default()
+        };
+        match self.jobs_api.delete(&name, &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 404 => return Ok(true),
+            Err(e) => return Err(from_kube(e)),
+        }
+        for _ in 0..20 {
+            if self
+                .jobs_api
+                .get_opt(&name)
+                .await
+                .map_err(from_kube)?
+                .is_none()
+            {
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(Error::unavailable(
+            "kubernetes",
+            format!("the Job {name} of an earlier attempt is still being removed"),
+        ))
+    }
+
     async fn delete(&self, name: &str, grace: Duration) -> Result<bool> {
         let params = DeleteParams {
             propagation_policy: Some(PropagationPolicy::Foreground),
@@ -936,7 +1061,13 @@ impl TrainerLauncher for KubernetesLauncher {
     async fn launch(&self, request: &StartTraining) -> Result<()> {
         let job = self.job_manifest(request)?;
         self.put_secret(request).await?;
-        match self.jobs_api.create(&PostParams::default(), &job).await {
+        let mut created = self.jobs_api.create(&PostParams::default(), &job).await;
+        if matches!(&created, Err(kube::Error::Api(status)) if status.code == 409)
+            && self.remove_older(request.job_id, request.attempt).await?
+        {
+            created = self.jobs_api.create(&PostParams::default(), &job).await;
+        }
+        match created {
             Ok(created) => {
                 if let Err(e) = self.own_secret(request.job_id, &created).await {
                     tracing::warn!(job_id = %request.job_id, error = %error_chain(&e), "could not make the Job own its callback Secret");
@@ -945,20 +1076,15 @@ impl TrainerLauncher for KubernetesLauncher {
                 Ok(())
             }
             Err(kube::Error::Api(status)) if status.code == 409 => {
-                // Created by an earlier attempt (a retried start, a restarted
-                // backend): adopt it, provided it is ours.
+                // Created by this attempt before (a retried start, a
+                // restarted backend) and still running: adopt it, provided
+                // it is ours.
                 let existing = self
                     .jobs_api
                     .get(&job_name(request.job_id))
                     .await
                     .map_err(from_kube)?;
-                let ours = existing
-                    .metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(JOB_ID_LABEL))
-                    .is_some_and(|id| *id == request.job_id.to_string());
-                if !ours {
+                if !labelled_for(&existing, request.job_id) {
                     return Err(Error::conflict(format!(
                         "a Kubernetes Job named {} exists but is not labelled with job {}",
                         job_name(request.job_id),
@@ -992,12 +1118,6 @@ impl TrainerLauncher for KubernetesLauncher {
         else {
             return Ok(false);
         };
-        let finished = job
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| (c.type_ == "Complete" || c.type_ == "Failed") && c.status == "True");
-        Ok(!finished)
+        Ok(!job_finished(&job))
     }
 }

@@ -218,12 +218,20 @@ impl Outbox {
         }
     }
 
-    fn delay(&self, failures: u32) -> Duration {
+    /// The wait before the next try after `failures` failed ones: the
+    /// backoff with jitter between half and the whole delay, but never less
+    /// than the backend's `Retry-After` (itself spread over up to half as
+    /// much again, so trainers told the same time do not all come back in
+    /// the same instant).
+    fn delay(&self, failures: u32, retry_after: Option<Duration>) -> Duration {
         let exp = self.backoff.init_backoff.as_secs_f64()
             * f64::from(self.backoff.base).powi(failures.min(30) as i32);
         let capped = exp.min(self.backoff.max_backoff.as_secs_f64());
-        // Full jitter between half and the whole delay.
-        Duration::from_secs_f64(capped * rand::rng().random_range(0.5..=1.0))
+        let backoff = capped * rand::rng().random_range(0.5..=1.0);
+        let asked = retry_after.map_or(0.0, |d| {
+            d.as_secs_f64() * rand::rng().random_range(1.0..=1.5)
+        });
+        Duration::from_secs_f64(backoff.max(asked))
     }
 
     /// Delivers pending reports forever; run it as a task.
@@ -270,7 +278,7 @@ impl Outbox {
                         .expect("outbox lock")
                         .remove(&job_id);
                 }
-                Delivery::Retry(reason) => {
+                Delivery::Retry(reason, retry_after) => {
                     let mut states = self.retry_state.lock().expect("outbox lock");
                     let state = states.entry(job_id).or_insert(JobState {
                         failures: 0,
@@ -287,7 +295,8 @@ impl Outbox {
                         states.remove(&job_id);
                         continue;
                     }
-                    state.next_attempt = Instant::now() + self.delay(state.failures - 1);
+                    state.next_attempt =
+                        Instant::now() + self.delay(state.failures - 1, retry_after);
                     tracing::warn!(%job_id, failures = state.failures, %reason, "report not delivered; will retry");
                     next_wake =
                         Some(next_wake.map_or(state.next_attempt, |w| w.min(state.next_attempt)));
@@ -348,7 +357,18 @@ impl Outbox {
             Ok(response)
                 if response.status().is_server_error() || response.status().as_u16() == 429 =>
             {
-                Delivery::Retry(format!("backend answered {}", response.status()))
+                let retry_after = response
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    // Capped: a proxy asking for minutes must not keep a
+                    // trainer silent past its lease.
+                    .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
+                Delivery::Retry(
+                    format!("backend answered {}", response.status()),
+                    retry_after,
+                )
             }
             Ok(response) => {
                 // 404 (job unknown), 409 (already finished), 422 (refused): resending cannot help.
@@ -357,7 +377,7 @@ impl Outbox {
                 tracing::warn!(seq = ?entry.update.seq, %status, %body, "backend refused a report; dropped");
                 Delivery::Done
             }
-            Err(e) => Delivery::Retry(format!("{}: {e}", entry.callback_url)),
+            Err(e) => Delivery::Retry(format!("{}: {e}", entry.callback_url), None),
         }
     }
 }
@@ -373,7 +393,48 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     options.open(path)?.write_all(bytes)
 }
 
+/// The longest `Retry-After` honoured, in seconds.
+const MAX_RETRY_AFTER_SECS: u64 = 30;
+
 enum Delivery {
     Done,
-    Retry(String),
+    /// Not taken now: why, and the backend's `Retry-After`, if it sent one.
+    Retry(String, Option<Duration>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_with_jitter_and_honour_retry_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(dir.path()).unwrap();
+        let first: Vec<Duration> = (0..200).map(|_| outbox.delay(0, None)).collect();
+        assert!(
+            first
+                .iter()
+                .all(|d| (Duration::from_millis(100)..=Duration::from_millis(200)).contains(d)),
+            "{first:?}"
+        );
+        // Spread: two hundred trainers failing at once do not all come back
+        // in the same millisecond.
+        let mut millis: Vec<u128> = first.iter().map(Duration::as_millis).collect();
+        millis.dedup();
+        millis.sort_unstable();
+        millis.dedup();
+        assert!(millis.len() > 20, "{millis:?}");
+        // Capped, however long the outage.
+        assert!(outbox.delay(40, None) <= Duration::from_secs(5));
+        // Never sooner than the backend asked, and spread beyond it.
+        let told: Vec<Duration> = (0..200)
+            .map(|_| outbox.delay(0, Some(Duration::from_secs(3))))
+            .collect();
+        assert!(
+            told.iter()
+                .all(|d| (Duration::from_secs(3)..=Duration::from_millis(4500)).contains(d)),
+            "{told:?}"
+        );
+        assert!(told.iter().any(|d| *d > Duration::from_millis(3300)));
+    }
 }

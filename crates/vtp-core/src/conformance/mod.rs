@@ -19,6 +19,7 @@
 pub mod blob_store;
 pub mod credential_store;
 pub mod job_store;
+pub mod state_machine;
 
 /// Generates one `#[tokio::test]` per [`job_store`] case, each on a fresh
 /// store from the async factory `$factory`.
@@ -44,6 +45,11 @@ macro_rules! job_store_conformance {
             lost_attempts_are_recorded_and_relaunched_then_fail,
             ping_succeeds,
         );
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn random_histories_keep_the_invariants() {
+            let Some((store, _guard)) = $factory().await else { return };
+            $crate::conformance::state_machine::random_histories_keep_the_invariants(store).await;
+        }
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
         $(

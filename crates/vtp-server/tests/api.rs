@@ -1121,3 +1121,70 @@ async fn the_relauncher_hands_a_requeued_job_to_its_launcher_once_with_its_resum
     );
     assert_eq!(h.jobs.get(job_id).await.unwrap().status, JobStatus::Queued);
 }
+
+/// A launcher during whose launch the job's owner cancels it: the cancel
+/// found no runner yet and ended the job; the runner starts anyway.
+#[derive(Debug)]
+struct CancelledDuringLaunch {
+    jobs: Arc<dyn JobStore>,
+    started: std::sync::Mutex<Vec<vtp_core::JobId>>,
+    stopped: std::sync::Mutex<Vec<vtp_core::JobId>>,
+}
+
+#[async_trait::async_trait]
+impl vtp_core::TrainerLauncher for CancelledDuringLaunch {
+    fn name(&self) -> &'static str {
+        "cancelled-during-launch"
+    }
+    async fn launch(&self, request: &vtp_core::StartTraining) -> vtp_core::Result<()> {
+        let id = request.job_id;
+        self.jobs
+            .transition(id, JobStatus::Queued, JobStatus::Cancelling)
+            .await?;
+        self.jobs
+            .transition(id, JobStatus::Cancelling, JobStatus::Cancelled)
+            .await?;
+        self.started.lock().unwrap().push(id);
+        Ok(())
+    }
+    async fn cancel(&self, job_id: vtp_core::JobId) -> vtp_core::Result<vtp_core::CancelOutcome> {
+        self.stopped.lock().unwrap().push(job_id);
+        Ok(vtp_core::CancelOutcome::Signalled)
+    }
+    async fn is_running(&self, job_id: vtp_core::JobId) -> vtp_core::Result<bool> {
+        Ok(self.started.lock().unwrap().contains(&job_id)
+            && !self.stopped.lock().unwrap().contains(&job_id))
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_racing_the_launch_stops_the_runner_the_launch_started() {
+    let (_, h) = state_and_harness(64 * 1024 * 1024).await;
+    let launcher = Arc::new(CancelledDuringLaunch {
+        jobs: h.jobs.clone(),
+        started: Default::default(),
+        stopped: Default::default(),
+    });
+    let state = AppState::new(
+        Stores {
+            jobs: h.jobs.clone(),
+            credentials: h.credentials.clone(),
+        },
+        h.blobs.clone(),
+        launcher.clone(),
+        "http://127.0.0.1:8000",
+    );
+    let app = app(state);
+    let job = startable_job(&h).await;
+    let id = job["id"].as_str().unwrap();
+    let (status, body) = send(&app, empty("POST", &format!("/training/jobs/{id}/start"))).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["job"]["status"], "cancelled", "{body}");
+    let id: vtp_core::JobId = id.parse().unwrap();
+    assert_eq!(*launcher.started.lock().unwrap(), vec![id]);
+    assert_eq!(
+        *launcher.stopped.lock().unwrap(),
+        vec![id],
+        "the runner started for a cancelled job is stopped"
+    );
+}

@@ -145,19 +145,13 @@ impl Env {
     }
 
     async fn wait_terminal(&self, backend: &ServiceProcess, id: &str) -> Value {
-        for _ in 0..1200 {
-            let (_, job) = self
-                .json(self.http.get(backend.at(&format!("/training/jobs/{id}"))))
-                .await;
-            if matches!(
+        self.wait_for(backend, id, |job| {
+            matches!(
                 job["status"].as_str(),
                 Some("completed" | "failed" | "cancelled")
-            ) {
-                return job;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        panic!("job {id} did not finish");
+            )
+        })
+        .await
     }
 }
 

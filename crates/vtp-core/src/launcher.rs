@@ -176,14 +176,17 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
     /// backend restart).
     async fn is_running(&self, job_id: JobId) -> Result<bool>;
 
-    /// Stops the runner of `job_id` now, whatever it is doing: its lease
-    /// expired, so it is hung or cut off and will not act on a polite
-    /// cancel. The job's attempt has already been ended; whatever the
-    /// runner still reports is stale. The default asks it to cancel.
+    /// Stops the runner of attempt `attempt` (or an earlier one) of
+    /// `job_id` now, whatever it is doing: its lease expired, so it is hung
+    /// or cut off and may not act on a polite cancel. The attempt has
+    /// already been ended, and whatever its runner still reports is stale;
+    /// a runner of a later attempt is left alone. The default asks the
+    /// trainer to cancel.
     ///
     /// # Errors
     /// As [`TrainerLauncher::cancel`].
-    async fn stop(&self, job_id: JobId) -> Result<()> {
+    async fn stop(&self, job_id: JobId, attempt: i32) -> Result<()> {
+        let _ = attempt;
         self.cancel(job_id).await.map(|_| ())
     }
 }

@@ -141,6 +141,21 @@ impl AppState {
         format!("{}/training/jobs/{job_id}/callback", self.public_url)
     }
 
+    /// After a launch of `job_id`: when the job was cancelled (or ended)
+    /// while the launch was under way, the cancel found no runner to stop,
+    /// so the one the launch started is stopped now.
+    pub async fn stop_if_ended_during_launch(&self, job_id: vtp_core::JobId) {
+        let Ok(job) = self.jobs.get(job_id).await else {
+            return;
+        };
+        if job.status.is_terminal() || job.status == vtp_core::JobStatus::Cancelling {
+            tracing::info!(%job_id, status = %job.status, "the job ended or was cancelled during its launch; stopping the runner");
+            if let Err(e) = self.launcher.cancel(job_id).await {
+                tracing::warn!(%job_id, error = %error::error_chain(&e), "could not stop the runner the launch started");
+            }
+        }
+    }
+
     /// The start request of the job's current attempt: its callback URL and
     /// secret, the checkpoint set to resume from, the heartbeat to keep.
     pub fn start_request(

@@ -104,16 +104,7 @@ pub async fn relaunch_once(
                 tracing::info!(job_id = %job.id, attempt = job.attempt, resume_from = ?job.last_checkpoint_s3_uri, "relaunched");
                 metrics::counter!("vtp_relaunches_total").increment(1);
                 launched += 1;
-                // Ended while it was being launched: stop what was started.
-                if state
-                    .jobs
-                    .get(job.id)
-                    .await
-                    .is_ok_and(|now| now.status.is_terminal())
-                    && let Err(e) = state.launcher.cancel(job.id).await
-                {
-                    tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not stop the runner of a job that ended during its relaunch");
-                }
+                state.stop_if_ended_during_launch(job.id).await;
             }
             Err(e @ Error::InvalidInput { .. }) => {
                 let reason = format!("relaunch refused: {}", error_chain(&e));

@@ -22,6 +22,9 @@ use vtp_core::{Error, Expected, JobFilter, JobStatus, JobStore, Result, TrainerL
 
 use crate::error::error_chain;
 
+/// The longest the sweeper waits for a launcher to stop one runner.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// How long each active state may go without a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepPolicy {
@@ -130,8 +133,15 @@ pub async fn sweep_once(
                     .increment(1);
                 // Whatever still runs for it is stopped: a hung trainer must
                 // not wake up and train beside the next attempt.
-                if let Err(e) = launcher.stop(job.id).await {
-                    tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not stop the runner of an expired lease");
+                // Bounded: one unreachable runner must not stall the sweep.
+                match tokio::time::timeout(STOP_TIMEOUT, launcher.stop(job.id, job.attempt)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not stop the runner of an expired lease");
+                    }
+                    Err(_) => {
+                        tracing::warn!(job_id = %job.id, "stopping the runner of an expired lease timed out");
+                    }
                 }
             }
         }
@@ -180,7 +190,7 @@ pub(crate) mod tests {
             async fn launch(&self, request: &vtp_core::StartTraining) -> Result<()>;
             async fn cancel(&self, job_id: vtp_core::JobId) -> Result<vtp_core::CancelOutcome>;
             async fn is_running(&self, job_id: vtp_core::JobId) -> Result<bool>;
-            async fn stop(&self, job_id: vtp_core::JobId) -> Result<()>;
+            async fn stop(&self, job_id: vtp_core::JobId, attempt: i32) -> Result<()>;
         }
     }
 
@@ -256,9 +266,9 @@ pub(crate) mod tests {
         let mut launcher = MockLauncher::new();
         launcher
             .expect_stop()
-            .withf(move |id| *id == cancelling.id)
+            .withf(move |id, _| *id == cancelling.id)
             .times(1)
-            .returning(|_| Ok(()));
+            .returning(|_, _| Ok(()));
         let later = now + chrono::Duration::seconds(61);
         assert_eq!(
             sweep_once(&store, &launcher, &policy, later, LONG_AGO)
@@ -300,7 +310,7 @@ pub(crate) mod tests {
             0
         );
         let mut launcher = MockLauncher::new();
-        launcher.expect_stop().times(1).returning(|_| Ok(()));
+        launcher.expect_stop().times(1).returning(|_, _| Ok(()));
         let later = restarted + chrono::Duration::seconds(121);
         assert_eq!(
             sweep_once(&store, &launcher, &policy, later, restarted)
@@ -334,9 +344,9 @@ pub(crate) mod tests {
         let mut launcher = MockLauncher::new();
         launcher
             .expect_stop()
-            .withf(move |id| *id == job.id)
+            .withf(move |id, attempt| *id == job.id && *attempt == 1)
             .times(1)
-            .returning(|_| Err(vtp_core::Error::unavailable("trainer", "unreachable")));
+            .returning(|_, _| Err(vtp_core::Error::unavailable("trainer", "unreachable")));
         let late = now + chrono::Duration::seconds(121);
         assert_eq!(
             sweep_once(&store, &launcher, &policy, late, LONG_AGO)
@@ -358,7 +368,7 @@ pub(crate) mod tests {
         )
         .await;
         let mut launcher = MockLauncher::new();
-        launcher.expect_stop().times(1).returning(|_| Ok(()));
+        launcher.expect_stop().times(1).returning(|_, _| Ok(()));
         let later = Utc::now() + chrono::Duration::seconds(121);
         // (The first job, queued again, is not yet past `stale_after`.)
         assert_eq!(

@@ -4,7 +4,7 @@
 //! | method | path | |
 //! |---|---|---|
 //! | POST | `/training/start` | 202 accepted; 409 already here; 422 bad config |
-//! | POST | `/training/{job_id}/cancel` | 202 stopping; 404 not here |
+//! | POST | `/training/{job_id}/cancel` | 202 stopping; 404 not here; `?attempt=N`: only attempt N or an earlier one, as an interruption |
 //! | GET | `/training/{job_id}` | `{"state": "queued" \| "running" \| "cancelling"}`; 404 |
 //! | GET | `/models` | the architectures and their parameters |
 //! | GET | `/health` | liveness, jobs held, reports pending |
@@ -45,11 +45,23 @@ async fn start(
     }
 }
 
+/// `?attempt=N` on a cancel: the backend gave up on that attempt (its lease
+/// expired), so only it or an earlier one is stopped, as an interruption.
+#[derive(Debug, serde::Deserialize)]
+struct CancelQuery {
+    attempt: Option<i32>,
+}
+
 async fn cancel(
     State(service): State<Service>,
     ApiPath(job_id): ApiPath<JobId>,
+    axum::extract::Query(query): axum::extract::Query<CancelQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
-    if service.cancel(job_id) {
+    let stopped = match query.attempt {
+        Some(attempt) => service.interrupt(job_id, attempt),
+        None => service.cancel(job_id),
+    };
+    if stopped {
         Ok((
             StatusCode::ACCEPTED,
             Json(json!({"status": "cancelling", "job_id": job_id})),

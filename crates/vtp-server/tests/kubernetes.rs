@@ -345,6 +345,24 @@ async fn cancel_deletes_the_job_in_the_foreground_after_the_grace_period() {
 }
 
 #[tokio::test]
+async fn stopping_an_attempt_leaves_the_job_of_a_later_one() {
+    let env = env().await;
+    let mut request = job_in(&env, JobStatus::Running, json!({})).await;
+    request.attempt = 2;
+    env.launcher.launch(&request).await.unwrap();
+    let name = job_name(request.job_id);
+    // A late stop of the first attempt: the second's Job stays.
+    env.launcher.stop(request.job_id, 1).await.unwrap();
+    assert!(env.kube.job(&name).is_some());
+    assert!(env.launcher.is_running(request.job_id).await.unwrap());
+    // The second attempt's lease expired: its Job goes.
+    env.launcher.stop(request.job_id, 2).await.unwrap();
+    assert!(env.kube.job(&name).is_none());
+    // Nothing left to stop is no error.
+    env.launcher.stop(request.job_id, 2).await.unwrap();
+}
+
+#[tokio::test]
 async fn the_reconciler_ends_every_lost_job_with_its_reason() {
     let env = env().await;
     let launch = |config: Value, status: JobStatus| {
@@ -455,7 +473,7 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
     }
     let job = ended(cancelling).await;
     assert_eq!(job.status, JobStatus::Cancelled);
-    assert!(job.message.unwrap().contains("vanished"));
+    assert!(job.message.unwrap().contains("was deleted"));
     assert_eq!(ended(healthy).await.status, JobStatus::Running);
     // The unpullable Job was deleted; nothing else was.
     assert!(env.kube.job(&pull_name).is_none());

@@ -316,6 +316,36 @@ async fn cancel_stops_the_job_and_keeps_its_last_checkpoint() {
     assert_eq!(health["jobs"], json!([]), "the slot is free again");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_given_up_on_is_stopped_as_an_interruption_and_the_job_resumes() {
+    let s = stack().await;
+    let dataset = s.shapes(30).await;
+    let (id, status, _) = s.create_and_start(&dataset, small(40)).await;
+    assert_eq!(status, 202);
+    s.wait(&id, |j| j["last_checkpoint_s3_uri"].is_string())
+        .await;
+    let stop = |attempt: i32| {
+        s.http
+            .post(format!(
+                "{}/training/{id}/cancel?attempt={attempt}",
+                s.trainer
+            ))
+            .bearer_auth(TRAINER_TOKEN)
+    };
+    // The backend gave up on attempt 0 (there is none): nothing here is it.
+    let (status, _) = s.call(stop(0)).await;
+    assert_eq!(status, 404, "a later attempt is left alone");
+    // Attempt 1 is stopped as an interruption: it reports a retryable
+    // failure, the backend relaunches the job, and it resumes.
+    let (status, body) = s.call(stop(1)).await;
+    assert_eq!(status, 202, "{body}");
+    let job = s.finished(&id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+    let reason = job["attempts"][0]["reason"].as_str().unwrap();
+    assert!(reason.contains("stopped by its host"), "{reason}");
+}
+
 async fn upload_zip(s: &Stack, name: &str, entries: &[(&str, &[u8])]) -> String {
     use std::io::Write;
     let mut buf = std::io::Cursor::new(Vec::new());

@@ -138,29 +138,30 @@ async fn run_history(store: &dyn JobStore, max_attempts: &[i32], ops: &[Op]) -> 
     }
     for (step, op) in ops.iter().enumerate() {
         let before: Vec<Job> = expected.iter().map(|e| e.job.clone()).collect();
-        let untouched = apply(store, &mut expected, op).await;
+        let outcome = apply(store, &mut expected, op).await;
         for (e, before) in expected.iter_mut().zip(&before) {
             let now = store.get(before.id).await.map_err(|e| e.to_string())?;
             check(before, &now).map_err(|why| {
                 format!("after step {step} ({op:?}): {why}\nbefore: {before:?}\nnow: {now:?}")
             })?;
-            if untouched == Some(before.id) && now != *before {
-                return Err(format!(
-                    "after step {step} ({op:?}): a replay, a superseded attempt's report or a loss seen twice changed the job\nbefore: {before:?}\nnow: {now:?}"
-                ));
+            match outcome {
+                Some(Outcome::Untouched(id)) if id == before.id && now != *before => {
+                    return Err(format!(
+                        "after step {step} ({op:?}): a replay, a superseded attempt's report or a loss seen twice changed the job\nbefore: {before:?}\nnow: {now:?}"
+                    ));
+                }
+                Some(Outcome::Becomes(id, status, attempt))
+                    if id == before.id && (now.status, now.attempt) != (status, attempt) =>
+                {
+                    return Err(format!(
+                        "after step {step} ({op:?}): expected {status} on attempt {attempt}\nbefore: {before:?}\nnow: {now:?}"
+                    ));
+                }
+                _ => {}
             }
-            let recorded: BTreeSet<u32> = store
-                .metrics(now.id)
-                .await
-                .map_err(|e| e.to_string())?
-                .iter()
-                .map(|m| m.epoch)
-                .collect();
-            let rows = store
-                .metrics(now.id)
-                .await
-                .map_err(|e| e.to_string())?
-                .len();
+            let metrics = store.metrics(now.id).await.map_err(|e| e.to_string())?;
+            let recorded: BTreeSet<u32> = metrics.iter().map(|m| m.epoch).collect();
+            let rows = metrics.len();
             if recorded != e.epochs || rows != recorded.len() {
                 return Err(format!(
                     "after step {step} ({op:?}): epochs recorded {recorded:?} ({rows} rows), accepted {:?}",
@@ -173,11 +174,20 @@ async fn run_history(store: &dyn JobStore, max_attempts: &[i32], ops: &[Op]) -> 
     Ok(())
 }
 
+/// What a step must do to one job, beyond the invariants.
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// Leave it exactly as it was: it was sent a replay, a report of an
+    /// attempt it has moved past, or told again of the loss of an attempt
+    /// already ended.
+    Untouched(JobId),
+    /// Move it to this status and attempt.
+    Becomes(JobId, JobStatus, i32),
+}
+
 /// Does `op` through the store's public operations, noting the epochs of
-/// the reports it accepts. Returns the job that `op` must leave exactly as
-/// it was, if any: one sent a replay, a report of an attempt it has moved
-/// past, or told again of the loss of an attempt already ended.
-async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Option<JobId> {
+/// the reports it accepts; returns what it must have done to one job.
+async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Option<Outcome> {
     let at = |job: usize| job % JOBS;
     match op {
         Op::Start { job } => {
@@ -216,7 +226,7 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
             {
                 e.epochs.insert(*epoch);
             }
-            stale.then_some(e.job.id)
+            stale.then_some(Outcome::Untouched(e.job.id))
         }
         Op::Heartbeat { job, progress } => {
             let e = &expected[at(*job)];
@@ -242,7 +252,22 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
             {
                 e.epochs.insert(*epoch);
             }
-            None
+            // An interruption relaunches a job under way while attempts are
+            // left, fails it on its last, and cancels one being cancelled.
+            let job = &e.job;
+            match job.status {
+                JobStatus::Queued | JobStatus::Running if job.attempt < job.max_attempts() => {
+                    Some(Outcome::Becomes(job.id, JobStatus::Queued, job.attempt + 1))
+                }
+                JobStatus::Queued | JobStatus::Running => {
+                    Some(Outcome::Becomes(job.id, JobStatus::Failed, job.attempt))
+                }
+                JobStatus::Cancelling => {
+                    Some(Outcome::Becomes(job.id, JobStatus::Cancelled, job.attempt))
+                }
+                status if status.is_terminal() => Some(Outcome::Untouched(job.id)),
+                _ => None,
+            }
         }
         Op::Cancel { job } => {
             let job = &expected[at(*job)].job;
@@ -259,11 +284,12 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
             let _ = store
                 .end_attempt(job.id, job.attempt - attempts_back, "lost")
                 .await;
-            (*attempts_back > 0).then_some(job.id)
+            (*attempts_back > 0).then_some(Outcome::Untouched(job.id))
         }
+        // As `recover` does: a queued job lost no runner.
         Op::Restart => {
             for e in expected.iter() {
-                if e.job.status.is_active() {
+                if matches!(e.job.status, JobStatus::Running | JobStatus::Cancelling) {
                     let _ = store
                         .end_attempt(e.job.id, e.job.attempt, "the backend restarted")
                         .await;

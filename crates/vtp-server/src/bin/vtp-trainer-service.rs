@@ -182,17 +182,12 @@ async fn main() -> anyhow::Result<()> {
     })
     .await;
     let outbox = held.outbox().clone();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async move {
-        let delivery = tokio::spawn({
-            let outbox = outbox.clone();
-            async move { outbox.run().await }
-        });
-        while !outbox.pending().is_empty() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        delivery.abort();
-    })
-    .await;
+    let delivery = tokio::spawn({
+        let outbox = outbox.clone();
+        async move { outbox.run().await }
+    });
+    outbox.drained(Duration::from_secs(5)).await;
+    delivery.abort();
     std::process::exit(0);
 }
 

@@ -166,15 +166,8 @@ pub async fn start(
         return Err(err.into());
     }
     tracing::info!(job_id = %id, launcher = state.launcher.name(), "job launched");
+    state.stop_if_ended_during_launch(id).await;
     let job = state.jobs.get(id).await?;
-    // A cancel that landed while the launch was under way found nothing to
-    // stop (and may have ended the job): stop what the launch started.
-    if job.status.is_terminal() || job.status == JobStatus::Cancelling {
-        tracing::info!(job_id = %id, status = %job.status, "cancelled during its launch; stopping the runner");
-        if let Err(e) = state.launcher.cancel(id).await {
-            tracing::warn!(job_id = %id, error = %error_chain(&e), "could not stop the runner of a job cancelled during its launch");
-        }
-    }
     Ok((
         StatusCode::ACCEPTED,
         Json(Started {

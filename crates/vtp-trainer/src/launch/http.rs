@@ -5,7 +5,9 @@
 //! - `POST {trainer}/training/start` with a [`StartTraining`] body; any 2xx
 //!   accepts the job, `409` means the trainer already runs it (adopted).
 //! - `POST {trainer}/training/{job_id}/cancel`; 2xx means the trainer will
-//!   stop and report `cancelled`, `404` means it does not run the job.
+//!   stop and report `cancelled`, `404` means it does not run the job. With
+//!   `?attempt=N` ([`TrainerLauncher::stop`]) it stops only attempt `N` or
+//!   an earlier one, as an interruption.
 //! - `GET {trainer}/training/{job_id}`: 2xx while the trainer holds the job, `404` otherwise.
 //! - Error bodies are `{"error": {"code", "message"}}` (or FastAPI's
 //!   `{"detail": ...}`); their message is carried into the error.
@@ -217,6 +219,21 @@ impl TrainerLauncher for HttpLauncher {
                     "job status answered {status}: {}",
                     error_message(response).await
                 ),
+            )),
+        }
+    }
+
+    /// `POST /training/{job_id}/cancel?attempt=N`: the trainer drops the job
+    /// only if it runs that attempt or an earlier one.
+    async fn stop(&self, job_id: JobId, attempt: i32) -> Result<()> {
+        let response = self
+            .post::<()>(&format!("training/{job_id}/cancel?attempt={attempt}"), None)
+            .await?;
+        match response.status() {
+            s if s.is_success() || s == StatusCode::NOT_FOUND => Ok(()),
+            status => Err(Error::backend(
+                "trainer",
+                format!("stop answered {status}: {}", error_message(response).await),
             )),
         }
     }

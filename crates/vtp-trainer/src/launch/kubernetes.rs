@@ -694,6 +694,12 @@ impl KubernetesLauncher {
                 // Queued without a Job: waiting for its (re)launch, which
                 // the relauncher makes (or the sweeper gives up on).
                 None if job.status == JobStatus::Queued => continue,
+                // Being cancelled, and its Job is gone (the cancel deleted
+                // it): nothing more will report; cancelled now.
+                None if job.status == JobStatus::Cancelling => Some((
+                    format!("its Kubernetes Job {} was deleted", job_name(job.id)),
+                    false,
+                )),
                 // Deleted by someone, or gone with its TTL before the job
                 // heard of its end: worth another attempt.
                 None if settled(job.updated_at) => Some((
@@ -1095,6 +1101,22 @@ impl TrainerLauncher for KubernetesLauncher {
                 Ok(())
             }
             Err(e) => Err(from_kube(e)),
+        }
+    }
+
+    /// Deletes the Job of `job_id` if it runs attempt `attempt` or an
+    /// earlier one (a relaunch may have replaced it already).
+    async fn stop(&self, job_id: JobId, attempt: i32) -> Result<()> {
+        let name = job_name(job_id);
+        match self.jobs_api.get_opt(&name).await.map_err(from_kube)? {
+            Some(existing)
+                if labelled_for(&existing, job_id) && attempt_of(&existing) <= attempt =>
+            {
+                self.delete(&name, self.config.grace_period)
+                    .await
+                    .map(|_| ())
+            }
+            _ => Ok(()),
         }
     }
 

@@ -275,18 +275,32 @@ impl TrainerLauncher for SubprocessLauncher {
         }
     }
 
-    /// Kills the child holding `job_id`: a lease expires only when the
-    /// whole process stopped reporting (its heartbeats run beside the
-    /// training threads), so it is frozen or hung and would not act on a
-    /// request. Its other jobs' attempts end too, and are relaunched.
-    async fn stop(&self, job_id: JobId) -> Result<()> {
-        let guard = self.child.lock().await;
-        if let Some(child) = guard.as_ref()
-            && child.alive.load(std::sync::atomic::Ordering::SeqCst)
-            && child.jobs.lock().expect("jobs lock").contains_key(&job_id)
-        {
-            child.kill.notify_one();
-        }
-        Ok(())
+    /// Kills the child holding attempt `attempt` of `job_id`: a lease
+    /// expires only when the whole process stopped reporting (its
+    /// heartbeats run beside the training threads), so it is frozen or hung
+    /// and would not act on a request. Its other jobs' attempts end too, and
+    /// are relaunched. A child that already holds a later attempt of the job
+    /// (relaunched into it) is only asked to drop the old one.
+    async fn stop(&self, job_id: JobId, attempt: i32) -> Result<()> {
+        let (http, held) = {
+            let guard = self.child.lock().await;
+            let Some(child) = guard.as_ref() else {
+                return Ok(());
+            };
+            if !child.alive.load(std::sync::atomic::Ordering::SeqCst) {
+                return Ok(());
+            }
+            let held = child.jobs.lock().expect("jobs lock").get(&job_id).copied();
+            match held {
+                Some(held) if held <= attempt => {
+                    child.kill.notify_one();
+                    return Ok(());
+                }
+                None => return Ok(()),
+                Some(held) => (child.http.clone(), held),
+            }
+        };
+        tracing::debug!(%job_id, attempt, held, "the child runs a later attempt; asking it to drop the old one");
+        http.stop(job_id, attempt).await
     }
 }

@@ -448,6 +448,20 @@ impl TrainerService {
         }
     }
 
+    /// Stops attempt `attempt` (or an earlier one) of `job_id` at its next
+    /// step, as an interruption: the backend has given up on it. A later
+    /// attempt is left alone. False when no such attempt is here.
+    pub fn interrupt(&self, job_id: JobId, attempt: i32) -> bool {
+        match self.slots.lock().expect("slots lock").get(&job_id) {
+            Some(slot) if slot.attempt <= attempt => {
+                slot.interrupted.store(true, Ordering::SeqCst);
+                slot.cancel.store(true, Ordering::SeqCst);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Stops every job here at its next step because this trainer is going
     /// away (SIGTERM from an eviction, a drain, a deadline; the backend
     /// gone): each reports a retryable failure, so the backend relaunches

@@ -609,7 +609,11 @@ async fn a_stored_checkpoint_set_restores_only_when_every_file_matches_its_manif
     ] {
         std::fs::write(output.join(name), bytes).unwrap();
     }
-    let uri = store_set(blobs.as_ref(), job, 3, &output).await.unwrap();
+    let metrics =
+        std::collections::BTreeMap::from([("epoch".to_owned(), 3.0), ("loss".to_owned(), 0.5)]);
+    let uri = store_set(blobs.as_ref(), job, 3, &metrics, &output)
+        .await
+        .unwrap();
     assert!(
         uri.ends_with(&format!("jobs/{job}/epochs/000003/last.safetensors")),
         "{uri}"
@@ -618,11 +622,13 @@ async fn a_stored_checkpoint_set_restores_only_when_every_file_matches_its_manif
     let restored = work.path().join("restored");
     std::fs::create_dir_all(&restored).unwrap();
     std::fs::write(restored.join("last.json"), "left by a killed attempt").unwrap();
+    let manifest = restore_set(blobs.as_ref(), job, &uri, &restored)
+        .await
+        .unwrap();
+    assert_eq!(manifest.epoch, 3);
     assert_eq!(
-        restore_set(blobs.as_ref(), job, &uri, &restored)
-            .await
-            .unwrap(),
-        3
+        manifest.metrics, metrics,
+        "the epoch's metrics travel with its set"
     );
     for name in [
         "last.safetensors",

@@ -313,6 +313,15 @@ pub async fn metrics_are_ordered_and_upserted(store: Store) {
             .with_metric("accuracy", 1.0 - loss);
         store.apply_update(job.id, &update).await.unwrap();
     }
+    // The same values again (a resumed attempt re-reporting its set's
+    // epoch) keep the row as it was recorded.
+    let kept = store.metrics(job.id).await.unwrap();
+    let again = TrainingUpdate::new(JobStatus::Running)
+        .with_metric("epoch", 1.0)
+        .with_metric("loss", 0.9)
+        .with_metric("accuracy", 1.0 - 0.9);
+    store.apply_update(job.id, &again).await.unwrap();
+    assert_eq!(store.metrics(job.id).await.unwrap(), kept);
     let rerun = TrainingUpdate::new(JobStatus::Running)
         .with_metric("epoch", 2.0)
         .with_metric("loss", 0.55);

@@ -114,7 +114,14 @@ impl JobStore for InMemoryJobStore {
         stored.finished_at = next.finished_at;
         stored.revision = current.revision + 1;
         state.jobs.insert(stored.id, stored.clone());
-        if let Some(metric) = metric {
+        // A newer report of an epoch replaces it; the same values again (a
+        // resumed attempt re-reporting its set's epoch) change nothing.
+        if let Some(metric) = metric
+            && state
+                .metrics
+                .get(&(metric.job_id, metric.epoch))
+                .is_none_or(|kept| kept.values != metric.values)
+        {
             state
                 .metrics
                 .insert((metric.job_id, metric.epoch), metric.clone());

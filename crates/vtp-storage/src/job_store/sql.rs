@@ -283,7 +283,8 @@ macro_rules! impl_sql_job_store {
                             "), ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
                              SELECT id, $16, $17, $18 FROM upd WHERE $16 IS NOT NULL \
                              ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
-                             recorded_at = excluded.recorded_at) \
+                             recorded_at = excluded.recorded_at \
+                             WHERE training_metrics.metric_values <> excluded.metric_values) \
                              SELECT * FROM upd",
                         )),
                         next,
@@ -317,7 +318,8 @@ macro_rules! impl_sql_job_store {
                     sqlx::query(
                         "INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) VALUES ($1, $2, $3, $4) \
                          ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
-                         recorded_at = excluded.recorded_at",
+                         recorded_at = excluded.recorded_at \
+                         WHERE training_metrics.metric_values <> excluded.metric_values",
                     )
                     .bind(metric.job_id.0)
                     .bind(i64::from(metric.epoch))

@@ -27,13 +27,18 @@ pub const MANIFEST: &str = "manifest.json";
 pub const LAST_WEIGHTS: &str = "last.safetensors";
 
 /// What a set holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     /// The epoch the set was saved after.
     pub epoch: u32,
     /// File name to size and digest.
     pub files: BTreeMap<String, FileEntry>,
+    /// That epoch's metrics, reported again by the attempt that resumes
+    /// from the set: its first report may never have reached the backend
+    /// (a pod evicted with its outbox).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metrics: BTreeMap<String, f64>,
 }
 
 /// One file of a set.
@@ -72,7 +77,8 @@ fn set_files(output: &Path) -> Result<Vec<(String, PathBuf)>> {
     Ok(files)
 }
 
-/// Stores the checkpoint files of `output` as the set of `epoch`, each
+/// Stores the checkpoint files of `output` as the set of `epoch` (with its
+/// `metrics`), each
 /// checked after upload, the manifest last. Returns the URI of the set's
 /// `last.safetensors`.
 ///
@@ -83,6 +89,7 @@ pub async fn store_set(
     blobs: &dyn BlobStore,
     job_id: JobId,
     epoch: u32,
+    metrics: &BTreeMap<String, f64>,
     output: &Path,
 ) -> Result<String> {
     let prefix = set_prefix(job_id, epoch)?;
@@ -112,6 +119,7 @@ pub async fn store_set(
     let mut manifest = Manifest {
         epoch,
         files: BTreeMap::new(),
+        metrics: metrics.clone(),
     };
     for (name, path, entry) in files {
         let key = prefix.join(&name)?;
@@ -164,7 +172,7 @@ pub async fn newest_set(blobs: &dyn BlobStore, job_id: JobId) -> Result<Option<S
 
 /// Downloads the set whose `last.safetensors` is at `last_uri` into
 /// `output` (emptied first) and checks every file's size and SHA-256
-/// against the manifest. Returns the set's epoch.
+/// against the manifest. Returns the manifest.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] naming `resume_from` when the URI is not a set of
@@ -174,7 +182,7 @@ pub async fn restore_set(
     job_id: JobId,
     last_uri: &str,
     output: &Path,
-) -> Result<u32> {
+) -> Result<Manifest> {
     let restored = restore_into(blobs, job_id, last_uri, output).await;
     if restored.is_err() {
         // Half a set is worse than none: the engine would resume from it.
@@ -188,7 +196,7 @@ async fn restore_into(
     job_id: JobId,
     last_uri: &str,
     output: &Path,
-) -> Result<u32> {
+) -> Result<Manifest> {
     let invalid = |message: String| Error::invalid("resume_from", message);
     let key = blobs
         .key_for(last_uri)
@@ -239,5 +247,5 @@ async fn restore_into(
             )));
         }
     }
-    Ok(manifest.epoch)
+    Ok(manifest)
 }

@@ -640,15 +640,24 @@ impl TrainerService {
         }
         for uri in candidates {
             match checkpoints::restore_set(self.blobs.as_ref(), job_id, uri, &output).await {
-                Ok(epoch) => {
+                Ok(manifest) => {
+                    let epoch = manifest.epoch;
                     tracing::info!(%job_id, epoch, attempt = request.attempt, "resuming from the stored checkpoint set");
-                    self.report(
-                        request,
-                        TrainingUpdate::new(JobStatus::Running).with_message(format!(
+                    let mut update = TrainingUpdate::new(JobStatus::Running)
+                        .with_message(format!(
                             "attempt {}: resuming after epoch {epoch} from the stored checkpoint",
                             request.attempt
-                        )),
-                    );
+                        ))
+                        .with_last_checkpoint(uri.clone());
+                    // The set's epoch again, in case its first report was
+                    // lost with the trainer that sent it (stored once).
+                    if !manifest.metrics.is_empty() {
+                        for (name, value) in &manifest.metrics {
+                            update = update.with_metric(name.clone(), *value);
+                        }
+                        update = update.with_metric("epoch", f64::from(epoch));
+                    }
+                    self.report(request, update);
                     break;
                 }
                 // A set that is gone or does not match its manifest is no
@@ -883,12 +892,13 @@ impl OutboxSink {
     /// Stores the epoch's checkpoint set; its URI, or `None` when it could
     /// not be stored (not fatal: the job keeps resuming from the set stored
     /// before, and the final upload tries again).
-    fn store_set(&self, epoch: u32) -> Option<String> {
+    fn store_set(&self, epoch: u32, metrics: &BTreeMap<String, f64>) -> Option<String> {
         let job_id = self.request.job_id;
         let result = self.runtime.block_on(checkpoints::store_set(
             self.service.blobs.as_ref(),
             job_id,
             epoch,
+            metrics,
             &self.output,
         ));
         match result {
@@ -912,15 +922,19 @@ impl ProgressSink for OutboxSink {
                 report.epochs,
                 headline(&report.metrics)
             ));
-        for (name, value) in &report.metrics {
-            if value.is_finite() {
-                update = update.with_metric(name.clone(), *value);
-            }
+        let metrics: BTreeMap<String, f64> = report
+            .metrics
+            .iter()
+            .filter(|(_, value)| value.is_finite())
+            .map(|(name, value)| (name.clone(), *value))
+            .collect();
+        for (name, value) in &metrics {
+            update = update.with_metric(name.clone(), *value);
         }
         // After the final epoch the service uploads every checkpoint file at
         // once; storing a set here too would send them twice.
         if report.epoch < report.epochs
-            && let Some(uri) = self.store_set(report.epoch)
+            && let Some(uri) = self.store_set(report.epoch, &metrics)
         {
             update = update.with_last_checkpoint(uri);
         }

@@ -324,8 +324,9 @@ pub fn label_path(root: &Path, image: &Path) -> PathBuf {
     out.with_extension("txt")
 }
 
-/// Parses one label file's text. `shown` names the file in messages.
-fn parse_labels(text: &str, classes: usize, shown: &str) -> Result<Vec<YoloBox>> {
+/// Parses one label file's text (`class cx cy w h` per line, normalised)
+/// for a dataset of `classes` classes. `shown` names the file in messages.
+pub fn parse_labels(text: &str, classes: usize, shown: &str) -> Result<Vec<YoloBox>> {
     let mut boxes: Vec<YoloBox> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let at = || format!("{shown} line {}", n + 1);

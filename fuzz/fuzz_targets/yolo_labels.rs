@@ -1,6 +1,8 @@
 //! libFuzzer target: [`harness::yolo_labels`].
 #![no_main]
 
+// Each target drives one of the harness's checks.
+#[allow(dead_code)]
 #[path = "../harness.rs"]
 mod harness;
 

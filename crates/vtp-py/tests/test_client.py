@@ -4,6 +4,7 @@ whole life cycle, the event stream, checkpoints, and errors for bad input."""
 from __future__ import annotations
 
 import _thread
+import signal
 import socket
 import sys
 import threading
@@ -181,18 +182,38 @@ def test_ctrl_c_interrupts_a_blocking_call() -> None:
     held: list[socket.socket] = []
     threading.Thread(target=lambda: held.append(server.accept()[0]), daemon=True).start()
     ticks: list[float] = []
+    done = threading.Event()
+
+    # Ctrl-C raises once; interrupts that arrive after it (the other thread
+    # keeps pressing until the call has ended) are ignored.
+    def on_interrupt(signum: int, frame: object) -> None:
+        if not done.is_set():
+            done.set()
+            raise KeyboardInterrupt
 
     def other_thread() -> None:  # runs while the main thread waits in Rust
         for _ in range(5):
             ticks.append(time.monotonic())
             time.sleep(0.05)
-        _thread.interrupt_main()
+        # Pressed again until it lands: one press, taken before the call
+        # began to wait on a loaded machine, must not fail the test.
+        for _ in range(100):
+            if done.is_set():
+                return
+            _thread.interrupt_main()
+            time.sleep(0.1)
 
-    threading.Thread(target=other_thread, daemon=True).start()
-    started = time.monotonic()
-    with pytest.raises(KeyboardInterrupt):
-        vtp.Client(f"http://127.0.0.1:{port}", timeout=60).health()
-    assert time.monotonic() - started < 5
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        threading.Thread(target=other_thread, daemon=True).start()
+        started = time.monotonic()
+        with pytest.raises(KeyboardInterrupt):
+            vtp.Client(f"http://127.0.0.1:{port}", timeout=60).health()
+        assert time.monotonic() - started < 15
+    finally:
+        done.set()
+        time.sleep(0.2)
+        signal.signal(signal.SIGINT, previous)
     assert len(ticks) == 5, "other Python threads ran: the GIL was released"
     server.close()
     for connection in held:

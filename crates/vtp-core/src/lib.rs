@@ -57,7 +57,10 @@ pub use auth::{CredentialStore, CredentialStoreExt, NewToken, Principal, TokenRe
 pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
 pub use callback_signature::CallbackSecret;
 pub use error::{BoxError, Error, Result, error_chain};
-pub use job::{AttemptEnded, Job, JobFilter, JobId, JobPage, NewJob, validate_name};
+pub use job::{
+    AttemptEnded, Job, JobFilter, JobId, JobPage, NewJob, checkpoint_set_epoch,
+    checkpoint_set_prefix, checkpoint_sets_prefix, validate_name,
+};
 pub use job_store::{Expected, JobStore, JobStoreExt};
 pub use launcher::{CancelOutcome, Resources, StartTraining, TrainerLauncher};
 pub use models::{Framework, MODELS, ModelSpec, Task, check_model, find_model};

@@ -278,20 +278,9 @@ pub async fn callback(
     })))
 }
 
-/// The epoch of a key inside one of the job's checkpoint sets
-/// (`jobs/{id}/epochs/{n}/...`).
-fn set_epoch_of_key(id: JobId, key: &BlobKey) -> Option<u32> {
-    key.as_str()
-        .strip_prefix(&format!("jobs/{id}/epochs/"))?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
-}
-
 /// The epoch of a checkpoint set's URI.
 fn set_epoch(state: &AppState, id: JobId, uri: &str) -> Option<u32> {
-    set_epoch_of_key(id, &state.blobs.key_for(uri).ok()?)
+    vtp_core::checkpoint_set_epoch(id, &state.blobs.key_for(uri).ok()?)
 }
 
 /// Deletes, in the background, the job's checkpoint sets of epochs below
@@ -302,7 +291,7 @@ fn set_epoch(state: &AppState, id: JobId, uri: &str) -> Option<u32> {
 fn prune_checkpoint_sets(state: &AppState, id: JobId, below: u32) {
     let blobs = state.blobs.clone();
     tokio::spawn(async move {
-        let Ok(dir) = BlobKey::parse(&format!("jobs/{id}/epochs")) else {
+        let Ok(dir) = vtp_core::checkpoint_sets_prefix(id) else {
             return;
         };
         let objects = match blobs.list(Some(&dir)).await {
@@ -313,7 +302,7 @@ fn prune_checkpoint_sets(state: &AppState, id: JobId, below: u32) {
             }
         };
         for object in objects {
-            if set_epoch_of_key(id, &object.key).is_some_and(|epoch| epoch < below)
+            if vtp_core::checkpoint_set_epoch(id, &object.key).is_some_and(|epoch| epoch < below)
                 && let Err(e) = blobs.delete(&object.key).await
             {
                 tracing::debug!(job_id = %id, key = %object.key, error = %error_chain(&e), "could not delete an old checkpoint set");

@@ -51,14 +51,31 @@ pub struct FileEntry {
     pub sha256: String,
 }
 
-/// `jobs/{job}/epochs/{epoch}` (zero-padded, so the sets list in order).
-fn set_prefix(job_id: JobId, epoch: u32) -> Result<BlobKey> {
-    BlobKey::from_segments(&[
-        "jobs",
-        &job_id.to_string(),
-        "epochs",
-        &format!("{epoch:06}"),
-    ])
+/// Uploads `path` to `key` and checks the size the store reports for it
+/// (`put_file` answers with the stored object's metadata) against `size`:
+/// an upload is done only once the store holds all of it.
+///
+/// # Errors
+/// Blob store errors; [`Error::Unavailable`] (retryable) for a short write.
+pub(crate) async fn put_file_checked(
+    blobs: &dyn BlobStore,
+    key: &BlobKey,
+    path: &Path,
+    size: u64,
+) -> Result<()> {
+    let stored = blobs.put_file(key, path).await?;
+    if stored.size != size {
+        return Err(Error::unavailable(
+            "blob store",
+            format!(
+                "{} holds {} bytes after uploading {size} of {}",
+                blobs.uri(key),
+                stored.size,
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The checkpoint files in `output`: every regular file not starting with
@@ -83,7 +100,7 @@ fn set_files(output: &Path) -> Result<Vec<(String, PathBuf)>> {
 /// `last.safetensors`.
 ///
 /// # Errors
-/// Blob store errors; [`Error::Backend`] when an upload's stored size
+/// Blob store errors; [`Error::Unavailable`] when an upload's stored size
 /// differs from the file's.
 pub async fn store_set(
     blobs: &dyn BlobStore,
@@ -92,7 +109,7 @@ pub async fn store_set(
     metrics: &BTreeMap<String, f64>,
     output: &Path,
 ) -> Result<String> {
-    let prefix = set_prefix(job_id, epoch)?;
+    let prefix = vtp_core::checkpoint_set_prefix(job_id, epoch)?;
     let files = {
         let output = output.to_path_buf();
         tokio::task::spawn_blocking(move || -> Result<Vec<(String, PathBuf, FileEntry)>> {
@@ -122,21 +139,7 @@ pub async fn store_set(
         metrics: metrics.clone(),
     };
     for (name, path, entry) in files {
-        let key = prefix.join(&name)?;
-        blobs.put_file(&key, &path).await?;
-        let stored = blobs.head(&key).await?;
-        if stored.size != entry.size {
-            return Err(Error::backend(
-                "blob store",
-                format!(
-                    "{} holds {} bytes after uploading {} of {}",
-                    blobs.uri(&key),
-                    stored.size,
-                    entry.size,
-                    path.display()
-                ),
-            ));
-        }
+        put_file_checked(blobs, &prefix.join(&name)?, &path, entry.size).await?;
         manifest.files.insert(name, entry);
     }
     let body = serde_json::to_vec_pretty(&manifest).map_err(|e| Error::internal(e.to_string()))?;
@@ -154,19 +157,17 @@ pub async fn store_set(
 /// # Errors
 /// Blob store errors.
 pub async fn newest_set(blobs: &dyn BlobStore, job_id: JobId) -> Result<Option<String>> {
-    let prefix = BlobKey::from_segments(&["jobs", &job_id.to_string(), "epochs"])?;
     let newest = blobs
-        .list(Some(&prefix))
+        .list(Some(&vtp_core::checkpoint_sets_prefix(job_id)?))
         .await?
         .into_iter()
-        .filter_map(|object| {
-            let set = object.key.as_str().strip_suffix(&format!("/{MANIFEST}"))?;
-            let epoch: u32 = set.rsplit('/').next()?.parse().ok()?;
-            Some((epoch, set.to_owned()))
-        })
-        .max_by_key(|(epoch, _)| *epoch);
+        .filter(|object| object.key.as_str().ends_with(&format!("/{MANIFEST}")))
+        .filter_map(|object| vtp_core::checkpoint_set_epoch(job_id, &object.key))
+        .max();
     newest
-        .map(|(_, set)| Ok(blobs.uri(&BlobKey::parse(&format!("{set}/{LAST_WEIGHTS}"))?)))
+        .map(|epoch| {
+            Ok(blobs.uri(&vtp_core::checkpoint_set_prefix(job_id, epoch)?.join(LAST_WEIGHTS)?))
+        })
         .transpose()
 }
 
@@ -206,7 +207,7 @@ async fn restore_into(
         .strip_suffix(&format!("/{LAST_WEIGHTS}"))
         .ok_or_else(|| invalid(format!("{last_uri} is not a set's {LAST_WEIGHTS}")))?;
     let dir = BlobKey::parse(dir)?;
-    if !dir.as_str().starts_with(&format!("jobs/{job_id}/epochs/")) {
+    if vtp_core::checkpoint_set_epoch(job_id, &dir).is_none() {
         return Err(invalid(format!(
             "{last_uri} is not a checkpoint set of job {job_id}"
         )));

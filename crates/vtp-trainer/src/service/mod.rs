@@ -90,6 +90,12 @@ impl Slot {
     fn is(&self, other: &Slot) -> bool {
         Arc::ptr_eq(&self.cancel, &other.cancel)
     }
+
+    /// Stops the attempt at its next step, as an interruption.
+    fn interrupt(&self) {
+        self.interrupted.store(true, Ordering::SeqCst);
+        self.cancel.store(true, Ordering::SeqCst);
+    }
 }
 
 /// Where the training thread is, for heartbeats.
@@ -328,8 +334,7 @@ impl TrainerService {
         // already; it winds down in its own directory.
         if let Some(held) = slots.insert(request.job_id, slot.clone()) {
             tracing::warn!(job_id = %request.job_id, old = held.attempt, new = request.attempt, "a later attempt replaces the one held here");
-            held.interrupted.store(true, Ordering::SeqCst);
-            held.cancel.store(true, Ordering::SeqCst);
+            held.interrupt();
         }
         Ok(Some(Admitted {
             config,
@@ -454,8 +459,7 @@ impl TrainerService {
     pub fn interrupt(&self, job_id: JobId, attempt: i32) -> bool {
         match self.slots.lock().expect("slots lock").get(&job_id) {
             Some(slot) if slot.attempt <= attempt => {
-                slot.interrupted.store(true, Ordering::SeqCst);
-                slot.cancel.store(true, Ordering::SeqCst);
+                slot.interrupt();
                 true
             }
             _ => false,
@@ -470,8 +474,7 @@ impl TrainerService {
     pub fn interrupt_all(&self) -> usize {
         let slots = self.slots.lock().expect("slots lock");
         for slot in slots.values() {
-            slot.interrupted.store(true, Ordering::SeqCst);
-            slot.cancel.store(true, Ordering::SeqCst);
+            slot.interrupt();
         }
         slots.len()
     }
@@ -833,17 +836,7 @@ impl TrainerService {
                 .await
                 .map_err(|e| Error::internal(format!("{}: {e}", entry.path().display())))?
                 .len();
-            let stored = self.blobs.put_file(&key, &entry.path()).await?;
-            if stored.size != size {
-                return Err(Error::unavailable(
-                    "blob store",
-                    format!(
-                        "{} was stored with {} of its {size} bytes",
-                        self.blobs.uri(&key),
-                        stored.size
-                    ),
-                ));
-            }
+            checkpoints::put_file_checked(self.blobs.as_ref(), &key, &entry.path(), size).await?;
             uploaded.insert(name, self.blobs.uri(&key));
         }
         Ok(uploaded)

@@ -265,21 +265,20 @@ impl Env {
         panic!("job {id} stored no checkpoint set");
     }
 
-    /// A backend started with `vars`, and a 24-epoch job on it that has
-    /// stored a checkpoint set and recorded two epochs: the backend, the
-    /// job's id, its epochs, and the epochs recorded so far.
+    /// Starts an `epochs`-epoch job on `backend` and waits until it has
+    /// stored a checkpoint set and recorded two epochs: the job's id and
+    /// the epochs recorded so far.
     async fn job_under_way(
         &self,
-        vars: &[(&'static str, String)],
-    ) -> (ServiceProcess, String, u32, Vec<(u64, String)>) {
-        let backend = ServiceProcess::start(vars).await;
-        let dataset = self.upload_shapes(&backend, 20).await;
-        let epochs = 24;
+        backend: &ServiceProcess,
+        epochs: u32,
+    ) -> (String, Vec<(u64, String)>) {
+        let dataset = self.upload_shapes(backend, 20).await;
         let id = self
-            .create_and_start(&backend, &dataset, config(epochs))
+            .create_and_start(backend, &dataset, config(epochs))
             .await;
-        let before = self.wait_for_epochs(&backend, &id, 2).await;
-        (backend, id, epochs, before)
+        let before = self.wait_for_epochs(backend, &id, 2).await;
+        (id, before)
     }
 
     fn kill_trainer(backend: &ServiceProcess) {
@@ -334,7 +333,9 @@ async fn a_frozen_trainer_loses_its_lease_is_killed_and_the_job_resumes() {
     // Heartbeats every two seconds: a lease of eight.
     let mut vars = env.backend_env("subprocess");
     vars.push(("VTP_HEARTBEAT_SECS", "2".to_owned()));
-    let (backend, id, epochs, before) = env.job_under_way(&vars).await;
+    let backend = ServiceProcess::start(&vars).await;
+    let epochs = 24;
+    let (id, before) = env.job_under_way(&backend, epochs).await;
     // Alive but silent: the process is stopped, its socket still open.
     let frozen = Env::signal_trainer(&backend, "STOP");
     let job = env
@@ -370,7 +371,9 @@ async fn an_s3_outage_during_checkpoint_uploads_delays_the_job_and_loses_nothing
             *value = format!("http://{}", proxy.addr());
         }
     }
-    let (backend, id, epochs, _) = env.job_under_way(&vars).await;
+    let backend = ServiceProcess::start(&vars).await;
+    let epochs = 24;
+    let (id, _) = env.job_under_way(&backend, epochs).await;
     // S3 goes away until the trainer has finished training and failed to
     // upload the model: the sets of the epochs trained meanwhile cannot be
     // stored, and the final upload waits for S3 to come back.
@@ -426,7 +429,9 @@ async fn an_s3_outage_during_checkpoint_uploads_delays_the_job_and_loses_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trainer_stopped_by_sigterm_reports_the_interruption_and_the_job_resumes() {
     let Some(env) = Env::new().await else { return };
-    let (backend, id, epochs, before) = env.job_under_way(&env.backend_env("subprocess")).await;
+    let backend = ServiceProcess::start(&env.backend_env("subprocess")).await;
+    let epochs = 24;
+    let (id, before) = env.job_under_way(&backend, epochs).await;
     // What a drain or an eviction sends: the trainer stops at its next step
     // and says why, rather than leaving the backend to find it gone.
     Env::signal_trainer(&backend, "TERM");
@@ -437,7 +442,9 @@ async fn a_trainer_stopped_by_sigterm_reports_the_interruption_and_the_job_resum
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_trainer_is_relaunched_and_resumes_from_its_stored_checkpoint() {
     let Some(env) = Env::new().await else { return };
-    let (backend, id, epochs, before) = env.job_under_way(&env.backend_env("subprocess")).await;
+    let backend = ServiceProcess::start(&env.backend_env("subprocess")).await;
+    let epochs = 24;
+    let (id, before) = env.job_under_way(&backend, epochs).await;
     Env::kill_trainer(&backend);
 
     // Progress never goes backwards while the next attempt restores.
@@ -554,12 +561,8 @@ async fn a_backend_killed_with_its_child_trainer_relaunches_the_job_after_restar
         }
     };
     let backend = start(listen.clone()).await;
-    let dataset = env.upload_shapes(&backend, 20).await;
     let epochs = 16;
-    let id = env
-        .create_and_start(&backend, &dataset, config(epochs))
-        .await;
-    let before = env.wait_for_epochs(&backend, &id, 2).await;
+    let (id, before) = env.job_under_way(&backend, epochs).await;
     let trainers = children_of(backend.pid());
     backend.kill().await;
     // The child trainer follows its parent (--exit-with-parent).

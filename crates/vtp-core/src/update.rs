@@ -357,6 +357,30 @@ mod tests {
     use super::*;
     use crate::job::NewJob;
 
+    #[test]
+    fn metrics_parse_back_to_the_very_values_written() {
+        // A value serde_json's default parser reads one ulp off (it failed a
+        // detector's `best_fitness` check); `float_roundtrip` reads it exactly.
+        let values = [
+            0.410_748_626_532_551_95,
+            0.1 + 0.2,
+            f64::MIN_POSITIVE,
+            1e300,
+        ];
+        let mut update = TrainingUpdate::new(JobStatus::Running);
+        for (i, value) in values.iter().enumerate() {
+            update = update.with_metric(format!("m{i}"), *value);
+        }
+        let json = serde_json::to_string(&update).unwrap();
+        let back: TrainingUpdate = serde_json::from_str(&json).unwrap();
+        for (i, value) in values.iter().enumerate() {
+            assert_eq!(
+                back.metrics.as_ref().unwrap()[&format!("m{i}")].to_bits(),
+                value.to_bits()
+            );
+        }
+    }
+
     fn running_job() -> Job {
         let mut job = NewJob {
             user_id: "u".into(),

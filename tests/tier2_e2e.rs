@@ -10,7 +10,8 @@
 mod fake_kube;
 mod support;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fake_kube::FakeKube;
@@ -155,60 +156,160 @@ impl Env {
     }
 }
 
-/// The kubelet: runs the Job's container as `vtp-trainer-service` with the
-/// container's args and env plus the Secret, then records the Job's outcome.
-fn run_pods(env: &Env) {
-    let kube = env.kube.clone();
-    let secret = env.secret();
-    let work = env.work.path().to_path_buf();
-    env.kube.run_pods_with(move |job: &Value| {
-        let name = job["metadata"]["name"].as_str().unwrap().to_owned();
-        let container = &job["spec"]["template"]["spec"]["containers"][0];
-        assert_eq!(container["envFrom"][0]["secretRef"]["name"], SECRET);
-        let mut command = std::process::Command::new(TRAINER_BIN);
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default());
-        for arg in container["args"].as_array().unwrap() {
-            command.arg(arg.as_str().unwrap());
+/// The kubelet and the Job controller of the fake cluster: runs each Job's
+/// container as `vtp-trainer-service` with the container's args and env
+/// plus the Secret, each pod in a work directory of its own (an
+/// `emptyDir`), and records the Job's outcome; an evicted pod is replaced.
+struct Kubelet {
+    kube: FakeKube,
+    secret: BTreeMap<String, String>,
+    work: std::path::PathBuf,
+    pods: Pods,
+}
+
+/// The pods the kubelet runs, by Job name.
+#[derive(Clone, Default)]
+struct Pods(Arc<Mutex<HashMap<String, PodState>>>);
+
+#[derive(Default)]
+struct PodState {
+    /// The process of the Job's current pod.
+    pid: u32,
+    /// How many pods the Job has had.
+    started: usize,
+    /// Set while the current pod is being evicted.
+    evicting: bool,
+}
+
+impl Pods {
+    /// Evicts the Job's running pod as a node drain does: SIGTERM to its
+    /// process; when it has exited, the pod fails with a `DisruptionTarget`
+    /// condition and the Job controller starts a replacement.
+    fn evict(&self, name: &str) {
+        let pid = {
+            let mut pods = self.0.lock().unwrap();
+            let pod = pods.get_mut(name).expect("the Job has a pod");
+            pod.evicting = true;
+            pod.pid
+        };
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "the pod's process was running");
+    }
+
+    /// How many pods the Job `name` has had.
+    fn started(&self, name: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .get(name)
+            .map_or(0, |pod| pod.started)
+    }
+}
+
+fn run_pods(env: &Env) -> Pods {
+    let pods = Pods::default();
+    let kubelet = Arc::new(Kubelet {
+        kube: env.kube.clone(),
+        secret: env.secret(),
+        work: env.work.path().to_path_buf(),
+        pods: pods.clone(),
+    });
+    env.kube
+        .run_pods_with(move |job: &Value| start_pod(&kubelet, job.clone()));
+    pods
+}
+
+fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
+    let name = job["metadata"]["name"].as_str().unwrap().to_owned();
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["envFrom"][0]["secretRef"]["name"], SECRET);
+    let mut command = std::process::Command::new(TRAINER_BIN);
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    for arg in container["args"].as_array().unwrap() {
+        command.arg(arg.as_str().unwrap());
+    }
+    for var in container["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        if let Some(value) = var["value"].as_str() {
+            command.env(name, value);
+            continue;
         }
-        for var in container["env"].as_array().unwrap() {
-            let name = var["name"].as_str().unwrap();
-            if let Some(value) = var["value"].as_str() {
-                command.env(name, value);
-                continue;
-            }
-            // A secretKeyRef: the job's own callback Secret, never a literal.
-            let from = &var["valueFrom"]["secretKeyRef"];
-            let secret = kube
-                .secret(from["name"].as_str().unwrap())
-                .expect("the job's Secret exists before its pod runs");
-            command.env(
-                name,
-                secret["stringData"][from["key"].as_str().unwrap()]
-                    .as_str()
-                    .unwrap(),
+        // A secretKeyRef: the job's own callback Secret, never a literal.
+        let from = &var["valueFrom"]["secretKeyRef"];
+        let secret = kubelet
+            .kube
+            .secret(from["name"].as_str().unwrap())
+            .expect("the job's Secret exists before its pod runs");
+        command.env(
+            name,
+            secret["stringData"][from["key"].as_str().unwrap()]
+                .as_str()
+                .unwrap(),
+        );
+    }
+    let pod = kubelet.pods.started(&name) + 1;
+    command
+        .envs(&kubelet.secret)
+        .env(
+            "VTP_WORK_DIR",
+            kubelet.work.join(format!("{name}-pod{pod}")),
+        )
+        .env("VTP_LOG", "info");
+    let mut child = command.spawn().expect("the trainer binary runs");
+    {
+        let mut pods = kubelet.pods.0.lock().unwrap();
+        let state = pods.entry(name.clone()).or_default();
+        state.pid = child.id();
+        state.started = pod;
+    }
+    let kubelet = kubelet.clone();
+    std::thread::spawn(move || {
+        let status = child.wait().unwrap();
+        let evicted = std::mem::take(
+            &mut kubelet
+                .pods
+                .0
+                .lock()
+                .unwrap()
+                .get_mut(&name)
+                .unwrap()
+                .evicting,
+        );
+        if evicted {
+            // What the Job controller does with a disrupted pod under the
+            // Job's podFailurePolicy: `Ignore` starts a replacement and
+            // counts no failure against the backoff limit.
+            let rules = job["spec"]["podFailurePolicy"]["rules"].to_string();
+            assert!(
+                rules.contains("DisruptionTarget") && rules.contains("Ignore"),
+                "the Job ignores disruptions: {rules}"
+            );
+            kubelet.kube.add_pod(
+                &name,
+                &format!("{name}-pod{pod}"),
+                json!({"phase": "Failed", "reason": "Evicted", "conditions": [
+                    {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]}),
+            );
+            start_pod(&kubelet, job);
+            return;
+        }
+        if status.success() {
+            kubelet
+                .kube
+                .set_condition(&name, "Complete", "Completed", "");
+        } else {
+            kubelet.kube.set_condition(
+                &name,
+                "Failed",
+                "BackoffLimitExceeded",
+                &format!("pod exited: {status}"),
             );
         }
-        command
-            .envs(&secret)
-            .env("VTP_WORK_DIR", work.join(&name))
-            .env("VTP_LOG", "info");
-        let mut child = command.spawn().expect("the trainer binary runs");
-        let kube = kube.clone();
-        std::thread::spawn(move || {
-            let status = child.wait().unwrap();
-            if status.success() {
-                kube.set_condition(&name, "Complete", "Completed", "");
-            } else {
-                kube.set_condition(
-                    &name,
-                    "Failed",
-                    "BackoffLimitExceeded",
-                    &format!("pod exited: {status}"),
-                );
-            }
-        });
     });
 }
 
@@ -348,4 +449,196 @@ async fn after_a_backend_restart_jobs_whose_kubernetes_job_failed_or_vanished_ar
     let job = env.wait_terminal(&backend, &waiting).await;
     assert_eq!(job["status"], "cancelled", "{job}");
     assert!(env.kube.job(&format!("vtp-{waiting}")).is_none());
+}
+
+/// The body of a job of `epochs` epochs on `dataset`.
+fn job_body(dataset: &str, epochs: u32) -> Value {
+    let config = json!({"epochs": epochs, "image_size": 16, "batch_size": 16, "threads": 1, "workers": 1,
+        "hflip": false, "resources": {"cpu": "1", "memory": "1Gi"}});
+    json!({"user_id": "tier2", "model_name": "small_cnn", "framework": "tch", "dataset_s3_uri": dataset, "config": config})
+}
+
+impl Env {
+    /// The job's recorded epochs with when each was recorded.
+    async fn epochs(&self, backend: &ServiceProcess, id: &str) -> Vec<(u64, String)> {
+        let (_, metrics) = self
+            .json(
+                self.http
+                    .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
+            )
+            .await;
+        metrics
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|m| {
+                        (
+                            m["epoch"].as_u64().unwrap(),
+                            m["recorded_at"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// How many times the backend created the Kubernetes Job `name`.
+    fn job_posts(&self, name: &str) -> usize {
+        self.kube
+            .seen()
+            .iter()
+            .filter(|s| s.method == "POST" && s.name == name)
+            .count()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_evicted_mid_run_is_replaced_and_the_job_resumes_within_its_attempt() {
+    let Some(env) = Env::new().await else { return };
+    let pods = run_pods(&env);
+    let backend = ServiceProcess::start(&env.backend_env()).await;
+    let dataset = support::upload_shapes(&env.http, &backend, "tier2", 20, 5).await;
+    let epochs = 16;
+    let (status, job) = env
+        .json(
+            env.http
+                .post(backend.at("/training/jobs"))
+                .json(&job_body(&dataset, epochs)),
+        )
+        .await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let (status, body) = env
+        .json(
+            env.http
+                .post(backend.at(&format!("/training/jobs/{id}/start"))),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let name = format!("vtp-{id}");
+    // Mid-run, with a checkpoint set stored: the node is drained.
+    env.wait_for(&backend, &id, |job| {
+        job["last_checkpoint_s3_uri"].is_string() && job["progress"].as_f64() < Some(0.5)
+    })
+    .await;
+    let before = env.epochs(&backend, &id).await;
+    assert!(!before.is_empty());
+    pods.evict(&name);
+
+    let job = env.wait_terminal(&backend, &id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    // The replacement pod ran the same attempt: no retry was used.
+    assert_eq!(pods.started(&name), 2, "one replacement pod");
+    assert_eq!(job["attempt"], 1, "{job}");
+    assert_eq!(job["attempts"], json!([]), "{job}");
+    assert_eq!(env.job_posts(&name), 1, "one Kubernetes Job");
+    // Every epoch once; those recorded before the eviction not trained again.
+    let after = env.epochs(&backend, &id).await;
+    let numbers: Vec<u64> = after.iter().map(|(epoch, _)| *epoch).collect();
+    assert_eq!(numbers, (1..=u64::from(epochs)).collect::<Vec<_>>());
+    for (epoch, recorded_at) in &before {
+        let again = &after[usize::try_from(*epoch).unwrap() - 1];
+        assert_eq!(&again.1, recorded_at, "epoch {epoch} was trained twice");
+    }
+}
+
+/// The backend is SIGKILLed while a start request is held at the fail
+/// point `point` (set to `return`: the request hangs there); the client
+/// then retries both requests under their `Idempotency-Key`s against the
+/// restarted backend. The job must run once: one Kubernetes Job, one
+/// attempt, every epoch once.
+#[cfg(feature = "failpoints")]
+async fn backend_killed_at(point: &str) {
+    let Some(env) = Env::new().await else { return };
+    run_pods(&env);
+    // The restarted backend listens where the first did: the pod's reports
+    // reach it.
+    let listen = format!("127.0.0.1:{}", support::free_port());
+    let start_backend = |failpoints: Option<String>| {
+        let mut vars = env.backend_env();
+        vars.extend(failpoints.map(|points| ("FAILPOINTS", points)));
+        let listen = listen.clone();
+        async move {
+            ServiceProcess::spawn(
+                env!("CARGO_BIN_EXE_vtp-backend"),
+                &["--listen", &listen],
+                &vars,
+                "vtp-backend listening on ",
+            )
+            .await
+        }
+    };
+    let backend = start_backend(Some(format!("{point}=return"))).await;
+    let dataset = env.upload_shapes(&backend).await;
+    let body = job_body(&dataset, 3);
+    let create = |backend: &ServiceProcess, body: &Value| {
+        env.http
+            .post(backend.at("/training/jobs"))
+            .header("Idempotency-Key", "create-once")
+            .json(body)
+    };
+    let (status, job) = env.json(create(&backend, &body)).await;
+    assert_eq!(status, 201, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let name = format!("vtp-{id}");
+    let start = |backend: &ServiceProcess| {
+        env.http
+            .post(backend.at(&format!("/training/jobs/{id}/start")))
+            .header("Idempotency-Key", "start-once")
+    };
+    let held = tokio::spawn(start(&backend).send());
+    if point == "start-after-queue" {
+        env.wait_for(&backend, &id, |job| job["status"] == "queued")
+            .await;
+        assert!(env.kube.job(&name).is_none(), "not launched yet");
+    } else {
+        env.wait_for_k8s_job(&name, |_| true).await;
+    }
+    backend.kill().await;
+    assert!(held.await.unwrap().is_err(), "the start got no answer");
+
+    let backend = start_backend(None).await;
+    // The retried create answers with the job it made; the retried start
+    // with the job it started, launching nothing.
+    let again = create(&backend, &body).send().await.unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let (_, again) = support::json_of(again).await;
+    assert_eq!(again["id"], id.as_str(), "{again}");
+    let again = start(&backend).send().await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    // Another request under a used key is refused, naming the header.
+    let (status, refused) = env.json(create(&backend, &job_body(&dataset, 4))).await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["field"], "Idempotency-Key", "{refused}");
+
+    let job = env.wait_terminal(&backend, &id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["attempt"], 1, "{job}");
+    assert_eq!(job["attempts"], json!([]), "{job}");
+    assert_eq!(env.job_posts(&name), 1, "the job was launched once");
+    let epochs: Vec<u64> = env
+        .epochs(&backend, &id)
+        .await
+        .iter()
+        .map(|(epoch, _)| *epoch)
+        .collect();
+    assert_eq!(epochs, [1, 2, 3]);
+    let (_, page) = env
+        .json(env.http.get(backend.at("/training/jobs?user_id=tier2")))
+        .await;
+    assert_eq!(page["total"], 1, "one job: {page}");
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_between_queueing_and_launching_runs_the_job_once_after_restart() {
+    backend_killed_at("start-after-queue").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_between_launching_and_answering_runs_the_job_once_after_restart() {
+    backend_killed_at("start-after-launch").await;
 }

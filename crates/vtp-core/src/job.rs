@@ -104,6 +104,61 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a terminal state.
     pub finished_at: Option<DateTime<Utc>>,
+    /// The `Idempotency-Key`s the job was created and started under (not
+    /// part of the API's JSON).
+    #[serde(skip)]
+    pub idempotency: IdempotencyKeys,
+}
+
+/// The `Idempotency-Key`s of the requests that created and started a job,
+/// stored with the job itself (the create key in the same insert, the start
+/// key in the same compare-and-set that queues it), so a client retrying
+/// either request after a lost answer, even across a backend crash, gets the
+/// first answer again and never a second job or a second launch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdempotencyKeys {
+    /// The create request's key (unique per owner) and its request digest.
+    pub create: Option<KeyedRequest>,
+    /// The start request's key.
+    pub start: Option<String>,
+}
+
+/// An `Idempotency-Key` with the digest of the request it was first sent
+/// with: the same key with another request is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyedRequest {
+    /// The client's key.
+    pub key: String,
+    /// Hex SHA-256 of the request as the server understood it.
+    pub digest: String,
+}
+
+/// The longest `Idempotency-Key` accepted.
+pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
+
+/// Checks an `Idempotency-Key`: 1 to [`IDEMPOTENCY_KEY_MAX_LEN`] visible
+/// ASCII characters (a UUID is the usual choice).
+///
+/// # Errors
+/// [`Error::InvalidInput`] naming the header.
+pub fn validate_idempotency_key(key: &str) -> Result<()> {
+    const FIELD: &str = "Idempotency-Key";
+    if key.is_empty() {
+        return Err(Error::invalid(FIELD, "must not be empty"));
+    }
+    if key.len() > IDEMPOTENCY_KEY_MAX_LEN {
+        return Err(Error::invalid(
+            FIELD,
+            format!("must be at most {IDEMPOTENCY_KEY_MAX_LEN} characters"),
+        ));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Error::invalid(
+            FIELD,
+            "must be visible ASCII characters (no spaces or control characters)",
+        ));
+    }
+    Ok(())
 }
 
 /// How one attempt at a job ended: its runner was lost (a killed trainer,
@@ -357,7 +412,17 @@ impl NewJob {
             updated_at: now,
             started_at: None,
             finished_at: None,
+            idempotency: IdempotencyKeys::default(),
         })
+    }
+
+    /// The hex SHA-256 of the request as given (after defaults such as the
+    /// owner filled in from a token), to tell a retried create from a
+    /// different one sent under the same `Idempotency-Key`.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        let body = serde_json::to_vec(self).unwrap_or_default();
+        crate::auth::hex(&sha2::Sha256::digest(&body))
     }
 }
 

@@ -38,7 +38,7 @@ impl Expected {
 /// - `compare_and_set` is atomic: it writes the mutable fields of `next`
 ///   (status, progress, message, error, checkpoint_s3_uri,
 ///   last_checkpoint_s3_uri, attempt, attempts, last_seq, updated_at,
-///   started_at, finished_at), bumps `revision` by one and upserts
+///   started_at, finished_at, the start's `Idempotency-Key`), bumps `revision` by one and upserts
 ///   `metric` (one row per job and epoch, the newest wins) only if the stored
 ///   job matches `expected`; otherwise it changes nothing.
 /// - `list` returns jobs newest first, with the total count of matches.
@@ -46,7 +46,8 @@ impl Expected {
 ///
 /// # Errors
 /// - [`Error::NotFound`] for an unknown job id.
-/// - [`Error::AlreadyExists`] when `create` meets an existing id.
+/// - [`Error::AlreadyExists`] when `create` meets an existing id, or an
+///   existing job of the same owner created under the same `Idempotency-Key`.
 /// - [`Error::Conflict`] when `compare_and_set` finds the job changed (a lost race).
 /// - [`Error::Unavailable`] when the database cannot be reached (retryable).
 #[async_trait]
@@ -56,6 +57,9 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
 
     /// Reads one job.
     async fn get(&self, id: JobId) -> Result<Job>;
+
+    /// The job `user_id` created under the `Idempotency-Key` `key`, if any.
+    async fn find_created_with_key(&self, user_id: &str, key: &str) -> Result<Option<Job>>;
 
     /// Lists jobs matching `filter`, newest first.
     async fn list(&self, filter: &JobFilter) -> Result<JobPage>;
@@ -315,6 +319,9 @@ mod tests {
         }
         async fn get(&self, _id: JobId) -> Result<Job> {
             Ok(self.job.clone())
+        }
+        async fn find_created_with_key(&self, _user_id: &str, _key: &str) -> Result<Option<Job>> {
+            unreachable!("not used")
         }
         async fn list(&self, _filter: &JobFilter) -> Result<JobPage> {
             unreachable!("not used")

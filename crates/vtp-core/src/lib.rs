@@ -58,8 +58,9 @@ pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta
 pub use callback_signature::CallbackSecret;
 pub use error::{BoxError, Error, Result, error_chain};
 pub use job::{
-    AttemptEnded, Job, JobFilter, JobId, JobPage, NewJob, checkpoint_set_epoch,
-    checkpoint_set_prefix, checkpoint_sets_prefix, validate_name,
+    AttemptEnded, IDEMPOTENCY_KEY_MAX_LEN, IdempotencyKeys, Job, JobFilter, JobId, JobPage,
+    KeyedRequest, NewJob, checkpoint_set_epoch, checkpoint_set_prefix, checkpoint_sets_prefix,
+    validate_idempotency_key, validate_name,
 };
 pub use job_store::{Expected, JobStore, JobStoreExt};
 pub use launcher::{CancelOutcome, Resources, StartTraining, TrainerLauncher};

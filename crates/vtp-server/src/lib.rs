@@ -287,6 +287,30 @@ pub async fn parent_exited() {
     }
 }
 
+/// A crash point: with the `failpoints` feature and the fail point `name`
+/// set to `return` (`FAILPOINTS=name=return`), the request holds here for
+/// good, without blocking its thread (a blocked runtime thread can stall
+/// the whole server), until the crash tests SIGKILL the process; otherwise
+/// it does nothing.
+pub(crate) async fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        fn set(name: &str) -> bool {
+            fail::fail_point!(name, |_| true);
+            false
+        }
+        if set(name) {
+            tracing::warn!(
+                point = name,
+                "fail point: holding this request until the process dies"
+            );
+            std::future::pending::<()>().await;
+        }
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}
+
 /// Re-adopts or relaunches the jobs left active by an earlier run of the
 /// backend: a job its launcher still runs is kept; a queued one it does not
 /// is left to the relauncher; a running one it does not has lost its

@@ -80,10 +80,10 @@ pub async fn relaunch_once(
                 continue;
             }
         }
-        let secret = match crate::auth::job_secret(state, job.id).await {
+        let secret = match launch_secret(state, job.id).await {
             Ok(secret) => secret,
             Err(e) => {
-                tracing::warn!(job_id = %job.id, error = ?e, "relaunch: no callback secret; later");
+                tracing::warn!(job_id = %job.id, error = %error_chain(&e), "relaunch: cannot read or store the callback secret; later");
                 continue;
             }
         };
@@ -125,6 +125,26 @@ pub async fn relaunch_once(
         }
     }
     Ok(launched)
+}
+
+/// The job's callback secret; a queued job that has none (its start
+/// stopped between queueing it and storing the secret, by a crash or a
+/// database outage) gets one now, before any trainer was given another.
+async fn launch_secret(state: &AppState, id: JobId) -> Result<vtp_core::CallbackSecret> {
+    if let Some(secret) = state.secrets.get(id) {
+        return Ok(secret);
+    }
+    let secret = match state.credentials.job_secret(id).await? {
+        Some(secret) => secret,
+        None => {
+            tracing::info!(job_id = %id, "relaunch: the job has no callback secret yet; making one");
+            let secret = vtp_core::CallbackSecret::generate();
+            state.credentials.set_job_secret(id, &secret).await?;
+            secret
+        }
+    };
+    state.secrets.remember(id, secret.clone());
+    Ok(secret)
 }
 
 /// Runs [`relaunch_once`] every `policy.interval` until the task is dropped.

@@ -394,6 +394,13 @@ pub(crate) mod tests {
         async fn get(&self, id: vtp_core::JobId) -> Result<vtp_core::Job> {
             self.0.get(id).await
         }
+        async fn find_created_with_key(
+            &self,
+            user_id: &str,
+            key: &str,
+        ) -> Result<Option<vtp_core::Job>> {
+            self.0.find_created_with_key(user_id, key).await
+        }
         async fn list(&self, filter: &JobFilter) -> Result<vtp_core::JobPage> {
             let page = self.0.list(filter).await?;
             for job in &page.jobs {

@@ -1188,3 +1188,127 @@ async fn a_cancel_racing_the_launch_stops_the_runner_the_launch_started() {
         "the runner started for a cancelled job is stopped"
     );
 }
+
+/// `request` with an `Idempotency-Key`.
+fn keyed(mut request: Request<Body>, key: &str) -> Request<Body> {
+    request
+        .headers_mut()
+        .insert("idempotency-key", key.parse().unwrap());
+    request
+}
+
+/// Status, `Idempotent-Replayed` header and body.
+async fn send_keyed(app: &Router, request: Request<Body>) -> (StatusCode, bool, Value) {
+    let response = app.clone().oneshot(request).await.unwrap();
+    let replayed = response
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, replayed, serde_json::from_slice(&bytes).unwrap())
+}
+
+#[tokio::test]
+async fn idempotency_keys_make_create_and_start_safe_to_retry() {
+    let h = harness().await;
+    let key = BlobKey::parse("users/test/datasets/digits/digits.zip").unwrap();
+    h.blobs
+        .put_bytes(&key, Bytes::from_static(b"PK fake archive"))
+        .await
+        .unwrap();
+    let body = seed_job(&h.blobs.uri(&key));
+    let post = |body: &Value, key: &str| keyed(json_request("POST", "/training/jobs", body), key);
+
+    // The first create makes the job; the same request again (even many at
+    // once) answers with that job, marked as replayed.
+    let (status, replayed, first) = send_keyed(&h.app, post(&body, "create-1")).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{first}");
+    let retries =
+        futures::future::join_all((0..8).map(|_| send_keyed(&h.app, post(&body, "create-1"))))
+            .await;
+    for (status, replayed, again) in retries {
+        assert_eq!((status, replayed), (StatusCode::CREATED, true), "{again}");
+        assert_eq!(again["id"], first["id"]);
+    }
+    // Concurrent first attempts under a fresh key: one job between them.
+    let racing =
+        futures::future::join_all((0..8).map(|_| send_keyed(&h.app, post(&body, "create-2"))))
+            .await;
+    let ids: std::collections::HashSet<String> = racing
+        .iter()
+        .map(|(status, _, job)| {
+            assert_eq!(*status, StatusCode::CREATED, "{job}");
+            job["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{racing:?}");
+    assert_eq!(
+        racing.iter().filter(|(_, replayed, _)| !replayed).count(),
+        1
+    );
+    let page = h
+        .jobs
+        .list(&vtp_core::JobFilter::new().with_page(100, 0))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 2, "two keys, two jobs");
+
+    // The same key with another body: 422 naming the header, nothing made.
+    let mut other = body.clone();
+    other["config"] = json!({"epochs": 9});
+    let (status, _, refused) = send_keyed(&h.app, post(&other, "create-1")).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{refused}");
+    assert_eq!(refused["error"]["field"], "Idempotency-Key");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(first["id"].as_str().unwrap()),
+        "{refused}"
+    );
+    // Another owner's key space is their own.
+    let mut theirs = body.clone();
+    theirs["user_id"] = json!("someone-else");
+    let (status, replayed, job) = send_keyed(&h.app, post(&theirs, "create-1")).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{job}");
+    assert_ne!(job["id"], first["id"]);
+    // Bad keys are refused before anything happens.
+    for bad in ["", "has space", &"k".repeat(256)] {
+        let mut request = json_request("POST", "/training/jobs", &body);
+        request
+            .headers_mut()
+            .insert("idempotency-key", bad.parse().unwrap());
+        let (status, _, refused) = send_keyed(&h.app, request).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad:?}: {refused}"
+        );
+        assert_eq!(refused["error"]["field"], "Idempotency-Key");
+    }
+
+    // Start: retried under its key, the same answer and no second launch.
+    let id = first["id"].as_str().unwrap();
+    let start = |key: &str| keyed(empty("POST", &format!("/training/jobs/{id}/start")), key);
+    let (status, replayed, started) = send_keyed(&h.app, start("start-1")).await;
+    assert_eq!(
+        (status, replayed),
+        (StatusCode::ACCEPTED, false),
+        "{started}"
+    );
+    for (status, replayed, again) in
+        futures::future::join_all((0..4).map(|_| send_keyed(&h.app, start("start-1")))).await
+    {
+        assert_eq!((status, replayed), (StatusCode::ACCEPTED, true), "{again}");
+        assert_eq!(again["job"]["id"], id);
+        assert_eq!(again["status"], "started");
+    }
+    assert_eq!(h.trainer.started().len(), 1, "launched once");
+    // Under another key, or none, it is the usual conflict.
+    let (status, _, _) = send_keyed(&h.app, start("start-2")).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    let (status, _) = send(&h.app, empty("POST", &format!("/training/jobs/{id}/start"))).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(h.trainer.started().len(), 1);
+}

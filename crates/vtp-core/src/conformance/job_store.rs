@@ -63,6 +63,55 @@ pub async fn create_twice_is_already_exists(store: Store) {
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
 }
 
+pub async fn idempotency_keys_are_stored_and_unique_per_owner(store: Store) {
+    let keyed = |user: &str, key: &str| {
+        let new = new_job(user);
+        let digest = new.digest();
+        let mut job = new.into_job().unwrap();
+        job.idempotency.create = Some(crate::KeyedRequest {
+            key: key.into(),
+            digest,
+        });
+        job
+    };
+    let first = keyed("alice", "key-1");
+    store.create(&first).await.unwrap();
+    assert_eq!(store.get(first.id).await.unwrap(), first);
+    let found = store.find_created_with_key("alice", "key-1").await.unwrap();
+    assert_eq!(found.as_ref(), Some(&first), "found by owner and key");
+    assert_eq!(
+        store.find_created_with_key("bob", "key-1").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.find_created_with_key("alice", "key-2").await.unwrap(),
+        None
+    );
+    // The same owner and key again (a concurrent retry): refused, nothing stored.
+    let again = keyed("alice", "key-1");
+    let err = store.create(&again).await.unwrap_err();
+    assert!(matches!(err, Error::AlreadyExists { .. }), "{err:?}");
+    assert!(matches!(
+        store.get(again.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    // Another owner's key space is their own; unkeyed jobs never collide.
+    store.create(&keyed("bob", "key-1")).await.unwrap();
+    store.create_job(new_job("alice")).await.unwrap();
+    store.create_job(new_job("alice")).await.unwrap();
+    // The start key is written with the transition that queues the job.
+    let started = store
+        .transition_with(first.id, JobStatus::Pending, JobStatus::Queued, |job| {
+            job.idempotency.start = Some("start-1".into());
+        })
+        .await
+        .unwrap();
+    assert_eq!(started.idempotency.start.as_deref(), Some("start-1"));
+    let read = store.get(first.id).await.unwrap();
+    assert_eq!(read.idempotency, started.idempotency);
+    assert_eq!(read.idempotency.create, first.idempotency.create);
+}
+
 pub async fn list_filters_pages_and_orders(store: Store) {
     let mut alice = Vec::new();
     for _ in 0..4 {

@@ -30,6 +30,7 @@ macro_rules! job_store_conformance {
             create_then_get,
             get_unknown_is_not_found,
             create_twice_is_already_exists,
+            idempotency_keys_are_stored_and_unique_per_owner,
             list_filters_pages_and_orders,
             transition_is_compare_and_set,
             concurrent_transitions_have_one_winner,

@@ -12,6 +12,10 @@ use vtp_storage::BlobStoreBuilder;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     vtp_server::init_tracing();
+    // Fail points of the crash tests, from `FAILPOINTS` (built only with
+    // the `failpoints` feature; see tests/crash_points.rs).
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let mut config = BackendConfig::parse();
     if let Some(BackendCommand::Token(command)) = &config.command {
         return token_command(&config, command).await;

@@ -19,22 +19,83 @@ use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json
 
 type ApiResult<T> = Result<T, ApiError>;
 
+/// The request header that makes a create or a start safe to retry.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The answer header that marks a replayed answer (as Stripe's API does).
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// The request's `Idempotency-Key`, checked.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| {
+        Error::invalid(
+            "Idempotency-Key",
+            "must be visible ASCII characters (no spaces or control characters)",
+        )
+    })?;
+    vtp_core::validate_idempotency_key(key)?;
+    Ok(Some(key.to_owned()))
+}
+
+/// Headers of an answer given again for a retried request.
+fn replayed() -> [(&'static str, HeaderValue); 1] {
+    [(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"))]
+}
+
+/// The answer to a create retried under `existing`'s `Idempotency-Key`:
+/// the job as it is now if the request is the same, 422 if it is not.
+fn replay_create(existing: Job, digest: &str) -> ApiResult<Response> {
+    let same = existing
+        .idempotency
+        .create
+        .as_ref()
+        .is_some_and(|keyed| keyed.digest == digest);
+    if !same {
+        return Err(Error::invalid(
+            "Idempotency-Key",
+            format!(
+                "was first sent with a different request (it created job {}); use a new key for a new job",
+                existing.id
+            ),
+        )
+        .into());
+    }
+    tracing::info!(job_id = %existing.id, "create retried under its Idempotency-Key; answered again");
+    Ok((StatusCode::CREATED, replayed(), Json(existing)).into_response())
+}
+
 /// `POST /training/jobs`: the owner is the caller; with tokens, a
 /// `user_id` left out is filled in from the token, someone else's is 403,
 /// and the dataset (and any `config.init_weights`) must be the owner's.
+/// With an `Idempotency-Key`, the same request again (by the same owner)
+/// answers with the job it created, and another request under that key is
+/// 422.
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     ApiJson(mut new): ApiJson<NewJob>,
-) -> ApiResult<(StatusCode, Json<Job>)> {
+) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
     state.limits.check_config(&new.config)?;
     state.launcher.check_config(&new.config)?;
     if state.auth == AuthMode::Tokens {
-        state.limits.check_create(&caller.principal().user_id)?;
         if new.user_id.is_empty() {
             new.user_id.clone_from(&caller.principal().user_id);
         }
         caller.check_acts_for("user_id", &new.user_id)?;
+    }
+    let digest = new.digest();
+    // A retry is answered before the limits: it creates nothing.
+    if let Some(key) = &key
+        && let Some(existing) = state.jobs.find_created_with_key(&new.user_id, key).await?
+    {
+        return replay_create(existing, &digest);
+    }
+    if state.auth == AuthMode::Tokens {
+        state.limits.check_create(&caller.principal().user_id)?;
         new.validate()?;
         check_owned_blob(
             &state,
@@ -48,10 +109,23 @@ pub async fn create(
             check_owned_blob(&state, "config.init_weights", init, &new.user_id, false).await?;
         }
     }
-    let job = state.jobs.create_job(new).await?;
+    let mut job = new.into_job()?;
+    job.idempotency.create = key
+        .clone()
+        .map(|key| vtp_core::KeyedRequest { key, digest });
+    if let Err(e) = state.jobs.create(&job).await {
+        // A concurrent retry under the same key stored its job first.
+        if let (Error::AlreadyExists { .. }, Some(key)) = (&e, &key)
+            && let Some(existing) = state.jobs.find_created_with_key(&job.user_id, key).await?
+            && let Some(keyed) = &job.idempotency.create
+        {
+            return replay_create(existing, &keyed.digest);
+        }
+        return Err(e.into());
+    }
     metrics::counter!("vtp_jobs_created_total").increment(1);
     tracing::info!(job_id = %job.id, user_id = %job.user_id, model = %job.model_name, "job created");
-    Ok((StatusCode::CREATED, Json(job)))
+    Ok((StatusCode::CREATED, Json(job)).into_response())
 }
 
 /// Query of `GET /training/jobs`.
@@ -110,15 +184,42 @@ pub struct Started {
     job: Job,
 }
 
+/// The answer to a start retried under the `Idempotency-Key` it was
+/// started with: the job as it is now, launched once.
+fn replay_start(job: Job) -> Response {
+    tracing::info!(job_id = %job.id, "start retried under its Idempotency-Key; answered again");
+    (
+        StatusCode::ACCEPTED,
+        replayed(),
+        Json(Started {
+            status: "started",
+            job,
+        }),
+    )
+        .into_response()
+}
+
+/// Whether `job` was started under the `Idempotency-Key` `key`.
+fn started_with(job: &Job, key: Option<&String>) -> bool {
+    key.is_some() && job.idempotency.start.as_ref() == key
+}
+
 /// `POST /training/jobs/{id}/start`: checks that the dataset exists, moves
 /// the job to `queued`, makes the job's callback secret and hands both to
-/// the launcher. A launch failure fails the job with the reason.
+/// the launcher. A launch failure fails the job with the reason. With an
+/// `Idempotency-Key`, a start retried under the key the job was started
+/// with answers 202 again with the job as it is now, and launches nothing.
 pub async fn start(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<JobId>,
-) -> ApiResult<(StatusCode, Json<Started>)> {
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let key = idempotency_key(&headers)?;
     let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
+    if started_with(&job, key.as_ref()) {
+        return Ok(replay_start(job));
+    }
     if job.status != JobStatus::Pending {
         return Err(Error::conflict(format!(
             "job {id} is {}; only a pending job can be started",
@@ -141,14 +242,33 @@ pub async fn start(
             .await?;
     }
     check_dataset(&state, &job).await?;
-    // The secret is stored before the launch, so the first report verifies.
+    let queued = state
+        .jobs
+        .transition_with(id, JobStatus::Pending, JobStatus::Queued, |job| {
+            job.idempotency.start.clone_from(&key);
+        })
+        .await;
+    let job = match queued {
+        Ok(job) => job,
+        Err(e @ Error::Conflict { .. }) => {
+            // A concurrent retry under the same key queued it first.
+            let now = state.jobs.get(id).await?;
+            if started_with(&now, key.as_ref()) {
+                return Ok(replay_start(now));
+            }
+            return Err(e.into());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    // The secret is made by the start that queued the job (a concurrent
+    // start must not replace it) and stored before the launch, so the first
+    // report verifies. If it cannot be stored, the job stays queued and the
+    // relauncher makes one and launches it.
     let secret = CallbackSecret::generate();
     state.credentials.set_job_secret(id, &secret).await?;
     state.secrets.remember(id, secret.clone());
-    let job = state
-        .jobs
-        .transition(id, JobStatus::Pending, JobStatus::Queued)
-        .await?;
+    // The crash tests kill the backend here: queued, not yet launched.
+    crate::crash_point("start-after-queue").await;
     let request = state.start_request(&job, secret);
     if let Err(err) = state.launcher.launch(&request).await {
         let reason = format!("launch failed: {}", error_chain(&err));
@@ -166,6 +286,8 @@ pub async fn start(
         return Err(err.into());
     }
     tracing::info!(job_id = %id, launcher = state.launcher.name(), "job launched");
+    // The crash tests kill the backend here: launched, not yet answered.
+    crate::crash_point("start-after-launch").await;
     state.stop_if_ended_during_launch(id).await;
     let job = state.jobs.get(id).await?;
     Ok((
@@ -174,7 +296,8 @@ pub async fn start(
             status: "started",
             job,
         }),
-    ))
+    )
+        .into_response())
 }
 
 /// The dataset must be in this backend's blob store and hold at least one object.

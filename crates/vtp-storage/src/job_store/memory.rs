@@ -49,6 +49,17 @@ impl JobStore for InMemoryJobStore {
                 id: job.id.to_string(),
             });
         }
+        if let Some(keyed) = &job.idempotency.create
+            && state
+                .jobs
+                .values()
+                .any(|other| other.user_id == job.user_id && same_create_key(other, &keyed.key))
+        {
+            return Err(Error::AlreadyExists {
+                kind: "idempotency key",
+                id: keyed.key.clone(),
+            });
+        }
         state.jobs.insert(job.id, job.clone());
         Ok(())
     }
@@ -59,6 +70,15 @@ impl JobStore for InMemoryJobStore {
             .get(&id)
             .cloned()
             .ok_or_else(|| Error::not_found("job", id))
+    }
+
+    async fn find_created_with_key(&self, user_id: &str, key: &str) -> Result<Option<Job>> {
+        Ok(self
+            .lock()
+            .jobs
+            .values()
+            .find(|job| job.user_id == user_id && same_create_key(job, key))
+            .cloned())
     }
 
     async fn list(&self, filter: &JobFilter) -> Result<JobPage> {
@@ -108,6 +128,7 @@ impl JobStore for InMemoryJobStore {
             .clone_from(&next.last_checkpoint_s3_uri);
         stored.attempt = next.attempt;
         stored.attempts.clone_from(&next.attempts);
+        stored.idempotency.start.clone_from(&next.idempotency.start);
         stored.last_seq = next.last_seq;
         stored.updated_at = next.updated_at;
         stored.started_at = next.started_at;
@@ -215,4 +236,12 @@ impl CredentialStore for InMemoryJobStore {
     async fn job_secret(&self, job_id: JobId) -> Result<Option<CallbackSecret>> {
         Ok(self.lock().secrets.get(&job_id).cloned())
     }
+}
+
+/// Whether `job` was created under the `Idempotency-Key` `key`.
+fn same_create_key(job: &Job, key: &str) -> bool {
+    job.idempotency
+        .create
+        .as_ref()
+        .is_some_and(|keyed| keyed.key == key)
 }

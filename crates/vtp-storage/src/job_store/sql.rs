@@ -31,6 +31,9 @@ pub(crate) struct JobRow {
     updated_at: DateTime<Utc>,
     started_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    create_key: Option<String>,
+    create_digest: Option<String>,
+    start_key: Option<String>,
 }
 
 impl TryFrom<JobRow> for Job {
@@ -63,6 +66,13 @@ impl TryFrom<JobRow> for Job {
             updated_at: row.updated_at,
             started_at: row.started_at,
             finished_at: row.finished_at,
+            idempotency: vtp_core::IdempotencyKeys {
+                create: row.create_key.map(|key| vtp_core::KeyedRequest {
+                    key,
+                    digest: row.create_digest.unwrap_or_default(),
+                }),
+                start: row.start_key,
+            },
         })
     }
 }
@@ -125,22 +135,32 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
     }
 }
 
+/// The columns of a [`JobRow`], in one place for every `SELECT` and `RETURNING`.
+macro_rules! job_columns {
+    () => {
+        "id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+         message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, \
+         revision, created_at, updated_at, started_at, finished_at, create_key, create_digest, start_key"
+    };
+}
+pub(crate) use job_columns;
+
 /// The compare-and-set `UPDATE ... RETURNING` of a job, as a literal (so
-/// `concat!` can wrap it in a CTE). Parameters `$1..$15`: see [`bind_update`].
+/// `concat!` can wrap it in a CTE). Parameters `$1..$16`: see [`bind_update`].
 macro_rules! update_job_sql {
     () => {
-        "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
-         attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
-         last_checkpoint_s3_uri = $14, attempts = $15, revision = revision + 1 \
-         WHERE id = $1 AND status = $2 AND revision = $13 \
-         RETURNING id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-         message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, \
-         started_at, finished_at"
+        concat!(
+            "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
+             attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
+             last_checkpoint_s3_uri = $14, attempts = $15, start_key = $16, revision = revision + 1 \
+             WHERE id = $1 AND status = $2 AND revision = $13 RETURNING ",
+            $crate::job_store::sql::job_columns!()
+        )
     };
 }
 pub(crate) use update_job_sql;
 
-/// Binds `$1..$15` of [`update_job_sql`]: the next job's fields and the expectation.
+/// Binds `$1..$16` of [`update_job_sql`]: the next job's fields and the expectation.
 macro_rules! bind_update {
     ($query:expr, $next:expr, $expected:expr) => {
         $query
@@ -159,6 +179,7 @@ macro_rules! bind_update {
             .bind($expected.revision)
             .bind(&$next.last_checkpoint_s3_uri)
             .bind(sqlx::types::Json(&$next.attempts))
+            .bind(&$next.idempotency.start)
     };
 }
 pub(crate) use bind_update;
@@ -184,8 +205,9 @@ macro_rules! impl_sql_job_store {
             async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
                 sqlx::query(
                     "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20)",
+                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at, \
+                     create_key, create_digest, start_key) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
                 )
                 .bind(job.id.0)
                 .bind(&job.user_id)
@@ -207,9 +229,19 @@ macro_rules! impl_sql_job_store {
                 .bind(job.updated_at)
                 .bind(job.started_at)
                 .bind(job.finished_at)
+                .bind(job.idempotency.create.as_ref().map(|keyed| &keyed.key))
+                .bind(job.idempotency.create.as_ref().map(|keyed| &keyed.digest))
+                .bind(&job.idempotency.start)
                 .execute(&self.pool)
                 .await
                 .map_err(|e| match $crate::job_store::sql::map_sqlx(e) {
+                    // The owner's Idempotency-Key (its unique index), or the id.
+                    vtp_core::Error::AlreadyExists { id, .. } if id.contains("create_key") => {
+                        vtp_core::Error::AlreadyExists {
+                            kind: "idempotency key",
+                            id: job.idempotency.create.as_ref().map(|keyed| keyed.key.clone()).unwrap_or_default(),
+                        }
+                    }
                     vtp_core::Error::AlreadyExists { .. } => vtp_core::Error::AlreadyExists {
                         kind: "job",
                         id: job.id.to_string(),
@@ -221,9 +253,7 @@ macro_rules! impl_sql_job_store {
 
             async fn get(&self, id: vtp_core::JobId) -> vtp_core::Result<vtp_core::Job> {
                 let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(
-                    "SELECT id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, \
-                     started_at, finished_at FROM jobs WHERE id = $1",
+                    concat!("SELECT ", $crate::job_store::sql::job_columns!(), " FROM jobs WHERE id = $1"),
                 )
                 .bind(id.0)
                 .fetch_optional(&self.pool)
@@ -232,15 +262,35 @@ macro_rules! impl_sql_job_store {
                 row.ok_or_else(|| vtp_core::Error::not_found("job", id))?.try_into()
             }
 
+            async fn find_created_with_key(
+                &self,
+                user_id: &str,
+                key: &str,
+            ) -> vtp_core::Result<Option<vtp_core::Job>> {
+                let row: Option<$crate::job_store::sql::JobRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    $crate::job_store::sql::job_columns!(),
+                    " FROM jobs WHERE user_id = $1 AND create_key = $2"
+                ))
+                .bind(user_id)
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                row.map(TryInto::try_into).transpose()
+            }
+
             async fn list(&self, filter: &vtp_core::JobFilter) -> vtp_core::Result<vtp_core::JobPage> {
                 let limit = filter.effective_limit();
                 let status = filter.status.map(vtp_core::JobStatus::as_str);
                 let rows: Vec<$crate::job_store::sql::JobRow> = sqlx::query_as(
-                    "SELECT id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, \
-                     started_at, finished_at FROM jobs \
-                     WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3) \
-                     ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5",
+                    concat!(
+                        "SELECT ",
+                        $crate::job_store::sql::job_columns!(),
+                        " FROM jobs \
+                         WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3) \
+                         ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5"
+                    ),
                 )
                 .bind(&filter.user_id)
                 .bind(status)
@@ -281,7 +331,7 @@ macro_rules! impl_sql_job_store {
                             "WITH upd AS (",
                             $crate::job_store::sql::update_job_sql!(),
                             "), ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
-                             SELECT id, $16, $17, $18 FROM upd WHERE $16 IS NOT NULL \
+                             SELECT id, $17, $18, $19 FROM upd WHERE $17 IS NOT NULL \
                              ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
                              recorded_at = excluded.recorded_at \
                              WHERE training_metrics.metric_values <> excluded.metric_values) \

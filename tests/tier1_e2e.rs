@@ -222,25 +222,7 @@ async fn a_job_trains_in_the_subprocess_trainer_and_its_checkpoint_predicts() {
 impl Env {
     /// The job's metrics: epoch to `recorded_at`.
     async fn epochs(&self, backend: &ServiceProcess, id: &str) -> Vec<(u64, String)> {
-        let (_, metrics) = self
-            .call(
-                self.http
-                    .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
-            )
-            .await;
-        metrics
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .map(|m| {
-                        (
-                            m["epoch"].as_u64().unwrap(),
-                            m["recorded_at"].as_str().unwrap().to_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        support::recorded_epochs(&self.http, backend, id).await
     }
 
     /// Waits until the job has stored a checkpoint set and at least

@@ -461,25 +461,7 @@ fn job_body(dataset: &str, epochs: u32) -> Value {
 impl Env {
     /// The job's recorded epochs with when each was recorded.
     async fn epochs(&self, backend: &ServiceProcess, id: &str) -> Vec<(u64, String)> {
-        let (_, metrics) = self
-            .json(
-                self.http
-                    .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
-            )
-            .await;
-        metrics
-            .as_array()
-            .map(|rows| {
-                rows.iter()
-                    .map(|m| {
-                        (
-                            m["epoch"].as_u64().unwrap(),
-                            m["recorded_at"].as_str().unwrap().to_owned(),
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default()
+        support::recorded_epochs(&self.http, backend, id).await
     }
 
     /// How many times the backend created the Kubernetes Job `name`.

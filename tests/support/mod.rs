@@ -316,6 +316,34 @@ pub async fn upload_shapes(
     body["s3_uri"].as_str().unwrap().to_owned()
 }
 
+/// The job's recorded epochs, each with when it was recorded (to tell an
+/// epoch trained again from one recorded once).
+pub async fn recorded_epochs(
+    http: &reqwest::Client,
+    backend: &ServiceProcess,
+    id: &str,
+) -> Vec<(u64, String)> {
+    let response = http
+        .get(backend.at(&format!("/training/jobs/{id}/metrics")))
+        .send()
+        .await
+        .unwrap();
+    let (_, metrics) = json_of(response).await;
+    metrics
+        .as_array()
+        .map(|rows| {
+            rows.iter()
+                .map(|m| {
+                    (
+                        m["epoch"].as_u64().unwrap(),
+                        m["recorded_at"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// A trainer report posted as a trainer posts it: signed with the job's
 /// callback secret (Standard Webhooks headers).
 pub fn signed(

@@ -150,8 +150,10 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 /// - `insert_token` stores a record; `token_by_hash` finds it by its hash
 ///   until it is revoked, then returns `None`.
 /// - `revoke_token` stamps `revoked_at` once; revoking again keeps the first stamp.
-/// - `set_job_secret` replaces the job's secret (each launch makes a new
-///   one); `job_secret` returns the current one, `None` before the first.
+/// - `set_job_secret` replaces the job's secret; `job_secret_or_insert`
+///   stores one only if the job has none, atomically, and returns the one
+///   stored (so concurrent starters agree on it); `job_secret` returns the
+///   current one, `None` before the first.
 ///
 /// # Errors
 /// - [`Error::NotFound`] when revoking an unknown token id, or setting the
@@ -177,6 +179,14 @@ pub trait CredentialStore: Send + Sync + fmt::Debug + 'static {
 
     /// The job's current callback secret.
     async fn job_secret(&self, job_id: JobId) -> Result<Option<CallbackSecret>>;
+
+    /// Stores `secret` as job `job_id`'s callback secret unless it has one;
+    /// returns the secret stored, `secret` or the one that was there.
+    async fn job_secret_or_insert(
+        &self,
+        job_id: JobId,
+        secret: &CallbackSecret,
+    ) -> Result<CallbackSecret>;
 }
 
 /// Token lookups, for every [`CredentialStore`].

@@ -134,15 +134,12 @@ async fn launch_secret(state: &AppState, id: JobId) -> Result<vtp_core::Callback
     if let Some(secret) = state.secrets.get(id) {
         return Ok(secret);
     }
-    let secret = match state.credentials.job_secret(id).await? {
-        Some(secret) => secret,
-        None => {
-            tracing::info!(job_id = %id, "relaunch: the job has no callback secret yet; making one");
-            let secret = vtp_core::CallbackSecret::generate();
-            state.credentials.set_job_secret(id, &secret).await?;
-            secret
-        }
-    };
+    // Stored only if still absent: a start that stalled after queueing the
+    // job and stores one meanwhile gets this one, and launches with it.
+    let secret = state
+        .credentials
+        .job_secret_or_insert(id, &vtp_core::CallbackSecret::generate())
+        .await?;
     state.secrets.remember(id, secret.clone());
     Ok(secret)
 }

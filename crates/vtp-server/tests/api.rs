@@ -1231,7 +1231,8 @@ async fn idempotency_keys_make_create_and_start_safe_to_retry() {
         assert_eq!((status, replayed), (StatusCode::CREATED, true), "{again}");
         assert_eq!(again["id"], first["id"]);
     }
-    // Concurrent first attempts under a fresh key: one job between them.
+    // First attempts sent together under a fresh key: one job between them
+    // (the insert race itself is the next test's).
     let racing =
         futures::future::join_all((0..8).map(|_| send_keyed(&h.app, post(&body, "create-2"))))
             .await;
@@ -1311,4 +1312,133 @@ async fn idempotency_keys_make_create_and_start_safe_to_retry() {
     let (status, _) = send(&h.app, empty("POST", &format!("/training/jobs/{id}/start"))).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(h.trainer.started().len(), 1);
+}
+
+#[tokio::test]
+async fn a_queued_job_without_a_callback_secret_gets_one_from_the_relauncher() {
+    use vtp_server::relaunch::{Policy, relaunch_once};
+    let (state, h) = state_and_harness(64 * 1024 * 1024).await;
+    // A start that stopped after queueing the job, before storing its secret.
+    let job = startable_job(&h).await;
+    let job_id: vtp_core::JobId = job["id"].as_str().unwrap().parse().unwrap();
+    h.jobs
+        .transition(job_id, JobStatus::Pending, JobStatus::Queued)
+        .await
+        .unwrap();
+    assert_eq!(h.credentials.job_secret(job_id).await.unwrap(), None);
+    let policy = Policy {
+        interval: Duration::from_millis(10),
+        settle: Duration::ZERO,
+        backoff: Duration::from_secs(60),
+    };
+    let mut recent = std::collections::HashMap::new();
+    assert_eq!(
+        relaunch_once(&state, &policy, &mut recent).await.unwrap(),
+        1
+    );
+    let stored = h.credentials.job_secret(job_id).await.unwrap();
+    assert!(stored.is_some(), "the relauncher stored a secret");
+    let sent = h.trainer.started().last().unwrap().clone();
+    assert_eq!((sent.job_id, sent.attempt), (job_id, 1));
+    assert_eq!(sent.callback_secret, stored, "and launched with it");
+    // The trainer's first report verifies with it.
+    let (status, body) = report(
+        &h,
+        &job_id.to_string(),
+        json!({"status": "running", "seq": 1}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// A job store whose second lookup by `Idempotency-Key` misses: what a
+/// retry sees when the first request stores its job between the retry's
+/// lookup and its insert.
+#[derive(Debug)]
+struct SecondKeyLookupMisses {
+    inner: Arc<vtp_storage::InMemoryJobStore>,
+    lookups: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl JobStore for SecondKeyLookupMisses {
+    async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
+        self.inner.create(job).await
+    }
+    async fn get(&self, id: vtp_core::JobId) -> vtp_core::Result<vtp_core::Job> {
+        self.inner.get(id).await
+    }
+    async fn find_created_with_key(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> vtp_core::Result<Option<vtp_core::Job>> {
+        if self.lookups.fetch_add(1, Ordering::SeqCst) == 1 {
+            return Ok(None);
+        }
+        self.inner.find_created_with_key(user_id, key).await
+    }
+    async fn list(&self, filter: &vtp_core::JobFilter) -> vtp_core::Result<vtp_core::JobPage> {
+        self.inner.list(filter).await
+    }
+    async fn compare_and_set(
+        &self,
+        expected: vtp_core::Expected,
+        next: &vtp_core::Job,
+        metric: Option<&vtp_core::TrainingMetric>,
+    ) -> vtp_core::Result<vtp_core::Job> {
+        self.inner.compare_and_set(expected, next, metric).await
+    }
+    async fn insert_metric_if_absent(
+        &self,
+        metric: &vtp_core::TrainingMetric,
+    ) -> vtp_core::Result<bool> {
+        self.inner.insert_metric_if_absent(metric).await
+    }
+    async fn metrics(
+        &self,
+        id: vtp_core::JobId,
+    ) -> vtp_core::Result<Vec<vtp_core::TrainingMetric>> {
+        self.inner.metrics(id).await
+    }
+    async fn ping(&self) -> vtp_core::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test]
+async fn a_create_retry_that_loses_the_insert_race_answers_with_the_winners_job() {
+    let inner = Arc::new(vtp_storage::InMemoryJobStore::new());
+    let jobs = Arc::new(SecondKeyLookupMisses {
+        inner: inner.clone(),
+        lookups: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let stores = Stores {
+        jobs: jobs.clone(),
+        credentials: inner.clone(),
+    };
+    let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
+    let trainer = TrainerDouble::start().await;
+    let launcher = Arc::new(HttpLauncher::new(&trainer.url()).unwrap());
+    let app = app(AppState::new(
+        stores,
+        blobs,
+        launcher,
+        "http://backend.test:8000/",
+    ));
+    let body = seed_job("s3://vtp-memory/users/test/datasets/d/");
+    let post = || keyed(json_request("POST", "/training/jobs", &body), "race-1");
+    let (status, replayed, first) = send_keyed(&app, post()).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false), "{first}");
+    // The retry's lookup misses, its insert meets the unique key, and it
+    // answers with the first job.
+    let (status, replayed, again) = send_keyed(&app, post()).await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, true), "{again}");
+    assert_eq!(again["id"], first["id"]);
+    assert_eq!(jobs.lookups.load(Ordering::SeqCst), 3);
+    let page = inner
+        .list(&vtp_core::JobFilter::new().with_page(100, 0))
+        .await
+        .unwrap();
+    assert_eq!(page.total, 1);
 }

@@ -8,13 +8,38 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use vtp_trainer::data::archive::extract_archive;
+use vtp_trainer::data::archive::{ArchiveLimits, extract_archive, extract_archive_with};
 
 const ENTRIES: u32 = 1_000_000;
 
+/// How the end of a hand-built archive is dressed.
+#[derive(Clone, Copy)]
+struct Ending<'a> {
+    /// The classic record's entry count (`0xFFFF`: "see Zip64").
+    classic_count: u16,
+    /// The classic record's directory offset (`0xFFFF_FFFF`: "see Zip64").
+    classic_offset: u32,
+    /// Bytes before the archive (a self-extractor's stub).
+    prefix: &'a [u8],
+    /// Bytes after the classic record.
+    suffix: &'a [u8],
+}
+
+const HONEST: Ending<'static> = Ending {
+    classic_count: u16::MAX,
+    classic_offset: u32::MAX,
+    prefix: b"",
+    suffix: b"",
+};
+
 /// Writes a stored (uncompressed) Zip64 archive of `entries` one-byte files.
 fn million_entry_zip(path: &Path, entries: u32) {
+    zip64_archive(path, entries, HONEST);
+}
+
+fn zip64_archive(path: &Path, entries: u32, ending: Ending<'_>) {
     let mut out = BufWriter::new(File::create(path).unwrap());
+    out.write_all(ending.prefix).unwrap();
     let mut offset: u64 = 0;
     let mut offsets = Vec::with_capacity(entries as usize);
     let crc = {
@@ -87,13 +112,14 @@ fn million_entry_zip(path: &Path, entries: u32) {
     out.write_all(&zip64_record_at.to_le_bytes()).unwrap();
     out.write_all(&1u32.to_le_bytes()).unwrap();
     out.write_all(&0x0605_4b50u32.to_le_bytes()).unwrap();
-    for field in [0u16, 0, u16::MAX, u16::MAX] {
+    for field in [0u16, 0, ending.classic_count, ending.classic_count] {
         out.write_all(&field.to_le_bytes()).unwrap();
     }
-    for field in [u32::MAX, u32::MAX] {
+    for field in [u32::MAX, ending.classic_offset] {
         out.write_all(&field.to_le_bytes()).unwrap();
     }
     out.write_all(&0u16.to_le_bytes()).unwrap();
+    out.write_all(ending.suffix).unwrap();
     out.flush().unwrap();
 }
 
@@ -144,4 +170,48 @@ fn a_million_tiny_entries_are_refused_in_bounded_memory() {
             .is_none(),
         "nothing was written"
     );
+}
+
+#[test]
+fn a_declared_count_is_found_however_the_archive_ends() {
+    // Above what a classic record can say (65,535), so only a Zip64 count
+    // can be over it.
+    let limits = ArchiveLimits {
+        max_entries: 70_000,
+        ..ArchiveLimits::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |name: &str, ending: Ending<'_>, expected: &str| {
+        let path = dir.path().join(name);
+        zip64_archive(&path, 80_000, ending);
+        let out = dir.path().join(format!("{name}.out"));
+        let err = extract_archive_with(&path, &out, limits).unwrap_err();
+        assert!(err.to_string().contains(expected), "{name}: {err}");
+        assert!(
+            std::fs::read_dir(&out).unwrap().next().is_none(),
+            "{name}: nothing written"
+        );
+    };
+    refused("honest.zip", HONEST, "declares 80000 entries");
+    // The classic count says 1; the zip crate reads the Zip64 record
+    // because another field is at its maximum.
+    let lying = Ending {
+        classic_count: 1,
+        ..HONEST
+    };
+    refused("lying-count.zip", lying, "declares 80000 entries");
+    // Junk after the record, as far as the zip crate would still look.
+    let junk = vec![0u8; 65_550];
+    let trailing = Ending {
+        suffix: &junk,
+        ..HONEST
+    };
+    refused("trailing-junk.zip", trailing, "declares 80000 entries");
+    // Data in front: the locator points at no Zip64 record, which the
+    // crate would search for; refused rather than guessed at.
+    let stub = Ending {
+        prefix: b"#!stub\n",
+        ..HONEST
+    };
+    refused("prefixed.zip", stub, "points at no Zip64 record");
 }

@@ -103,4 +103,33 @@ pub async fn job_secrets_are_per_job_and_replaced((jobs, creds): Stores) {
         matches!(err, Error::NotFound { kind: "job", .. }),
         "{err:?}"
     );
+
+    // Insert-if-absent: the first secret stays; concurrent callers all get it.
+    let c = jobs.create_job(new("carol")).await.unwrap();
+    let tries: Vec<CallbackSecret> = (0..8).map(|_| CallbackSecret::generate()).collect();
+    let stored = futures::future::join_all(
+        tries
+            .iter()
+            .map(|secret| creds.job_secret_or_insert(c.id, secret)),
+    )
+    .await;
+    let winner = stored[0].as_ref().unwrap().clone();
+    assert!(tries.contains(&winner));
+    for got in stored {
+        assert_eq!(got.unwrap(), winner);
+    }
+    assert_eq!(creds.job_secret(c.id).await.unwrap(), Some(winner.clone()));
+    let again = creds
+        .job_secret_or_insert(c.id, &CallbackSecret::generate())
+        .await
+        .unwrap();
+    assert_eq!(again, winner);
+    let err = creds
+        .job_secret_or_insert(JobId::new(), &CallbackSecret::generate())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound { kind: "job", .. }),
+        "{err:?}"
+    );
 }

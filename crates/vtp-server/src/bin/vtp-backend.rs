@@ -13,7 +13,7 @@ use vtp_storage::BlobStoreBuilder;
 async fn main() -> anyhow::Result<()> {
     vtp_server::init_tracing();
     // Fail points of the crash tests, from `FAILPOINTS` (built only with
-    // the `failpoints` feature; see tests/crash_points.rs).
+    // the `failpoints` feature; see tests/tier2_e2e.rs).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
     let mut config = BackendConfig::parse();

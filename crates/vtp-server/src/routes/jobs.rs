@@ -260,12 +260,15 @@ pub async fn start(
         }
         Err(e) => return Err(e.into()),
     };
-    // The secret is made by the start that queued the job (a concurrent
-    // start must not replace it) and stored before the launch, so the first
-    // report verifies. If it cannot be stored, the job stays queued and the
-    // relauncher makes one and launches it.
-    let secret = CallbackSecret::generate();
-    state.credentials.set_job_secret(id, &secret).await?;
+    // The secret is stored before the launch, so the first report
+    // verifies, and only if the job has none: whoever stores it first (this
+    // start, or the relauncher if this start stalled) gives it to every
+    // launch. If it cannot be stored, the job stays queued and the
+    // relauncher stores one and launches it.
+    let secret = state
+        .credentials
+        .job_secret_or_insert(id, &CallbackSecret::generate())
+        .await?;
     state.secrets.remember(id, secret.clone());
     // The crash tests kill the backend here: queued, not yet launched.
     crate::crash_point("start-after-queue").await;

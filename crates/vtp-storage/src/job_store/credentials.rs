@@ -136,6 +136,29 @@ macro_rules! impl_sql_credential_store {
                         .map_err($crate::job_store::sql::map_sqlx)?;
                 secret.map(vtp_core::CallbackSecret::parse).transpose()
             }
+
+            async fn job_secret_or_insert(
+                &self,
+                job_id: vtp_core::JobId,
+                secret: &vtp_core::CallbackSecret,
+            ) -> vtp_core::Result<vtp_core::CallbackSecret> {
+                sqlx::query(
+                    "INSERT INTO job_secrets (job_id, secret, updated_at) \
+                     SELECT id, $2, $3 FROM jobs WHERE id = $1 \
+                     ON CONFLICT (job_id) DO NOTHING",
+                )
+                .bind(job_id.0)
+                .bind(secret.expose())
+                .bind(vtp_core::job::now())
+                .execute(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                // The row is never deleted while its job exists: what is
+                // there now is the winner.
+                vtp_core::CredentialStore::job_secret(self, job_id)
+                    .await?
+                    .ok_or_else(|| vtp_core::Error::not_found("job", job_id))
+            }
         }
     };
 }

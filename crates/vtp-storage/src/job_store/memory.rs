@@ -236,6 +236,22 @@ impl CredentialStore for InMemoryJobStore {
     async fn job_secret(&self, job_id: JobId) -> Result<Option<CallbackSecret>> {
         Ok(self.lock().secrets.get(&job_id).cloned())
     }
+
+    async fn job_secret_or_insert(
+        &self,
+        job_id: JobId,
+        secret: &CallbackSecret,
+    ) -> Result<CallbackSecret> {
+        let mut state = self.lock();
+        if !state.jobs.contains_key(&job_id) {
+            return Err(Error::not_found("job", job_id));
+        }
+        Ok(state
+            .secrets
+            .entry(job_id)
+            .or_insert_with(|| secret.clone())
+            .clone())
+    }
 }
 
 /// Whether `job` was created under the `Idempotency-Key` `key`.

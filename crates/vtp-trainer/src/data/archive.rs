@@ -262,14 +262,18 @@ fn extract_zip(archive: &Path, mut file: File, dest: &Path, budget: &mut Budget<
 }
 
 /// The largest entry count any end-of-central-directory record in the
-/// zip's tail declares (a Zip64 record's count where the classic record
-/// says `0xFFFF`), read before the zip crate parses the central directory.
+/// zip's tail declares (and its Zip64 record's, where the classic record
+/// has any field at its maximum, as the zip crate then reads only that
+/// one), read before the zip crate parses the central directory.
 /// That crate keeps every entry of the directory in memory (a few hundred
 /// bytes each) and offers no way to read only the count, so a million tiny
 /// entries would cost hundreds of megabytes before they could be refused;
 /// hence these few lines of the format (APPNOTE 4.3.14 to 4.3.16). The
 /// largest count of every candidate record bounds whichever the crate
-/// picks. No record found: 0, and the zip crate reports the archive.
+/// picks, over a tail at least as long as the one it searches. A Zip64
+/// locator that points at no Zip64 record is refused (the crate would
+/// search for one elsewhere). No record found: 0, and the zip crate reports
+/// the archive.
 fn declared_zip_entries(file: &mut File) -> io::Result<u64> {
     use std::io::{Read, Seek, SeekFrom};
     const EOCD: [u8; 4] = 0x0605_4b50u32.to_le_bytes();
@@ -290,8 +294,10 @@ fn declared_zip_entries(file: &mut File) -> io::Result<u64> {
         u64::from_le_bytes(word)
     };
     let len = file.metadata()?.len();
-    // The 22-byte record, then a comment of at most 64 KiB.
-    let tail_len = len.min(22 + 65_535);
+    // The 22-byte record, a comment of at most 64 KiB, and whatever junk
+    // the zip crate tolerates after it (its search starts 65,572 bytes
+    // before the end; a margin on top).
+    let tail_len = len.min(65_536 + 36 + 1024);
     let tail_start = len - tail_len;
     let mut tail = vec![0; usize::try_from(tail_len).unwrap_or_default()];
     read_at(file, tail_start, &mut tail)?;
@@ -299,7 +305,10 @@ fn declared_zip_entries(file: &mut File) -> io::Result<u64> {
     for at in (0..tail.len().saturating_sub(21)).filter(|&at| tail[at..at + 4] == EOCD) {
         let count = u16::from_le_bytes([tail[at + 10], tail[at + 11]]);
         most = most.max(u64::from(count));
-        if count != u16::MAX {
+        let size = u32::from_le_bytes([tail[at + 12], tail[at + 13], tail[at + 14], tail[at + 15]]);
+        let offset =
+            u32::from_le_bytes([tail[at + 16], tail[at + 17], tail[at + 18], tail[at + 19]]);
+        if count != u16::MAX && size != u32::MAX && offset != u32::MAX {
             continue;
         }
         // Zip64: the 20-byte locator just before the record points at the
@@ -312,9 +321,13 @@ fn declared_zip_entries(file: &mut File) -> io::Result<u64> {
             continue;
         }
         let mut record = [0; 56];
-        if read_at(file, u64_at(&locator, 8), &mut record)? && record[..4] == ZIP64_EOCD {
-            most = most.max(u64_at(&record, 32));
+        if !read_at(file, u64_at(&locator, 8), &mut record)? || record[..4] != ZIP64_EOCD {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "its Zip64 locator points at no Zip64 record",
+            ));
         }
+        most = most.max(u64_at(&record, 32));
     }
     file.seek(SeekFrom::Start(0))?;
     Ok(most)

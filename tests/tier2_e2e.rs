@@ -92,11 +92,14 @@ impl Env {
     }
 
     async fn create_and_start(&self, backend: &ServiceProcess, dataset: &str) -> String {
-        let config = json!({"epochs": 2, "image_size": 16, "batch_size": 16, "threads": 1, "workers": 1, "hflip": false,
-            "resources": {"cpu": "1", "memory": "1Gi"}});
-        let body = json!({"user_id": "tier2", "model_name": "small_cnn", "framework": "tch", "dataset_s3_uri": dataset, "config": config});
+        self.create_and_start_with(backend, &job_body(dataset, 2))
+            .await
+    }
+
+    /// Creates and starts the job `body` describes; returns its id.
+    async fn create_and_start_with(&self, backend: &ServiceProcess, body: &Value) -> String {
         let (status, job) = self
-            .json(self.http.post(backend.at("/training/jobs")).json(&body))
+            .json(self.http.post(backend.at("/training/jobs")).json(body))
             .await;
         assert_eq!(status, 201, "{job}");
         let id = job["id"].as_str().unwrap().to_owned();
@@ -481,22 +484,9 @@ async fn a_pod_evicted_mid_run_is_replaced_and_the_job_resumes_within_its_attemp
     let backend = ServiceProcess::start(&env.backend_env()).await;
     let dataset = support::upload_shapes(&env.http, &backend, "tier2", 20, 5).await;
     let epochs = 16;
-    let (status, job) = env
-        .json(
-            env.http
-                .post(backend.at("/training/jobs"))
-                .json(&job_body(&dataset, epochs)),
-        )
+    let id = env
+        .create_and_start_with(&backend, &job_body(&dataset, epochs))
         .await;
-    assert_eq!(status, 201, "{job}");
-    let id = job["id"].as_str().unwrap().to_owned();
-    let (status, body) = env
-        .json(
-            env.http
-                .post(backend.at(&format!("/training/jobs/{id}/start"))),
-        )
-        .await;
-    assert_eq!(status, 202, "{body}");
     let name = format!("vtp-{id}");
     // Mid-run, with a checkpoint set stored: the node is drained.
     env.wait_for(&backend, &id, |job| {

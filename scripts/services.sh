@@ -5,6 +5,7 @@
 #
 #   eval "$(scripts/services.sh start)"   # start and export VTP_TEST_*
 #   scripts/services.sh stop              # stop the Garage it started
+#   scripts/services.sh install           # only install Garage (a cargo build)
 set -euo pipefail
 
 VTP_CACHE="${VTP_CACHE:-$HOME/.cache/vtp}"
@@ -66,8 +67,12 @@ install_garage() {
         return
     fi
     log "installing garage $GARAGE_VERSION with cargo (takes a while, once)"
-    cargo install garage --version "$GARAGE_VERSION" --locked \
+    # Its own target directory: a build sharing the workspace's would hold
+    # cargo's lock on it and stall the workspace build running beside it.
+    local build_dir="$VTP_CACHE/garage-build"
+    CARGO_TARGET_DIR="$build_dir" cargo install garage --version "$GARAGE_VERSION" --locked \
         --no-default-features --features bundled-libs,lmdb >&2
+    rm -rf "$build_dir"
 }
 
 garage_cli() { garage -c "$GARAGE_DIR/garage.toml" "$@"; }
@@ -149,5 +154,7 @@ export VTP_TEST_S3_SECRET_ACCESS_KEY=$S3_SECRET
 ENV
         ;;
     stop) stop_garage ;;
-    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+    # Only the build, so that scripts/test.sh can run it beside its own.
+    install) install_garage ;;
+    *) echo "usage: $0 start|stop|install" >&2; exit 2 ;;
 esac

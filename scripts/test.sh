@@ -31,6 +31,14 @@ if ! command -v cc >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1 ||
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl postgresql
 fi
 
+# Garage's build (about 15 minutes on 2 cores, once) is the longest install;
+# it runs while the torch wheel downloads instead of after it.
+garage_log="$VTP_CACHE/garage-install.log"
+scripts/services.sh install >"$garage_log" 2>&1 &
+garage_install=$!
+# Until the services start: an early failure does not leave the build running.
+trap 'pkill -P "$garage_install" 2>/dev/null; kill "$garage_install" 2>/dev/null || true' EXIT
+
 step "libtorch (torch wheel from PyPI, in $VTP_CACHE/venv)"
 eval "$(scripts/libtorch.sh)"
 
@@ -38,11 +46,6 @@ step "Python test requirements (maturin, pytest, and the Ultralytics and pycocot
 python -m pip install -q --disable-pip-version-check -r crates/vtp-py/requirements-test.txt
 # Ultralytics must never reach for the network (weights, fonts, telemetry).
 export YOLO_OFFLINE=1
-
-step "starting services (Postgres, Garage)"
-services_env="$(scripts/services.sh start)"
-eval "$services_env"
-trap 'scripts/services.sh stop' EXIT
 
 step "a moved torch is a rebuild, never a stale link (scripts/check-libtorch-relink.sh)"
 scripts/check-libtorch-relink.sh
@@ -61,6 +64,18 @@ cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked --quiet
+
+# Started only now: fmt, clippy and doc need no services, and meanwhile
+# Garage may still be building.
+step "starting services (Postgres, Garage)"
+if ! wait "$garage_install"; then
+    cat "$garage_log" >&2
+    echo "installing Garage failed (log above)" >&2
+    exit 1
+fi
+services_env="$(scripts/services.sh start)"
+eval "$services_env"
+trap 'scripts/services.sh stop' EXIT
 
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked

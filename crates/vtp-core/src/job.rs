@@ -12,8 +12,21 @@ use crate::error::{Error, Result};
 use crate::status::JobStatus;
 
 /// A job's identifier: a UUID (version 7, so ids sort by creation time).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
+#[schema(value_type = String, format = Uuid, example = "01a21c14-5d3a-7c42-9d1e-2f6b7a8c9d0e")]
 pub struct JobId(pub Uuid);
 
 impl JobId {
@@ -57,7 +70,7 @@ pub fn now() -> DateTime<Utc> {
 }
 
 /// A training job as the platform records it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
     /// Identifier.
     pub id: JobId,
@@ -104,6 +117,11 @@ pub struct Job {
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a terminal state.
     pub finished_at: Option<DateTime<Utc>>,
+    /// Where its trainer reports (the seed's `callback_url`,
+    /// `{public URL}/training/jobs/{id}/callback`): filled in by the backend
+    /// in its answers, not stored (it follows the backend's public URL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<String>,
     /// The `Idempotency-Key`s the job was created and started under (not
     /// part of the API's JSON).
     #[serde(skip)]
@@ -164,7 +182,7 @@ pub fn validate_idempotency_key(key: &str) -> Result<()> {
 /// How one attempt at a job ended: its runner was lost (a killed trainer,
 /// an evicted pod, a backend that restarted without it) and the job was
 /// relaunched or failed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptEnded {
     /// The attempt's number (1 is the first).
     pub attempt: i32,
@@ -281,7 +299,7 @@ impl Job {
 }
 
 /// What a user sends to create a job.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewJob {
     /// Who owns the job; with authentication on, filled in from the token
@@ -294,8 +312,11 @@ pub struct NewJob {
     pub framework: String,
     /// Dataset location, checked for form here and for existence at start.
     pub dataset_s3_uri: String,
-    /// Hyperparameters; an object, `{}` when left out.
+    /// Hyperparameters; an object, `{}` when left out. Checked at create
+    /// as the trainer reads them ([`crate::TrainConfig`]): an unknown key or
+    /// a value out of range is refused, naming it (`config.epochs`).
     #[serde(default = "empty_object")]
+    #[schema(value_type = crate::TrainConfig)]
     pub config: serde_json::Value,
 }
 
@@ -384,6 +405,15 @@ impl NewJob {
                 ));
             }
         }
+        // Every hyperparameter, as the trainer will read it: a typo or an
+        // out-of-range value is refused now, not when the job starts.
+        let mut with_model = self.config.clone();
+        if let Some(object) = with_model.as_object_mut() {
+            object
+                .entry("model")
+                .or_insert_with(|| self.model_name.clone().into());
+        }
+        crate::train_config::TrainConfig::from_json(&with_model)?;
         Ok(())
     }
 
@@ -412,6 +442,7 @@ impl NewJob {
             updated_at: now,
             started_at: None,
             finished_at: None,
+            callback_url: None,
             idempotency: IdempotencyKeys::default(),
         })
     }
@@ -518,7 +549,7 @@ impl JobFilter {
 }
 
 /// One page of jobs, newest first.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobPage {
     /// The jobs on this page.
     pub jobs: Vec<Job>,
@@ -657,6 +688,45 @@ mod tests {
             Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "config.model"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_bad_config_is_refused_at_create_naming_the_field() {
+        let cases = [
+            (serde_json::json!({"epocs": 3}), "config.epocs"),
+            (serde_json::json!({"lr": -1.0}), "config.lr"),
+            (
+                serde_json::json!({"batch_size": "big"}),
+                "config.batch_size",
+            ),
+            (serde_json::json!({"image_size": 4}), "config.image_size"),
+            (
+                serde_json::json!({"resources": {"gpus": 1}}),
+                "config.resources.gpus",
+            ),
+        ];
+        for (config, field) in cases {
+            let mut new = new_job();
+            new.config = config.clone();
+            match new.validate() {
+                Err(Error::InvalidInput { field: got, .. }) => assert_eq!(got, field, "{config}"),
+                other => panic!("{config}: {other:?}"),
+            }
+        }
+        // The detector's rules come from its model_name, not a `config.model`.
+        let mut detector = new_job();
+        detector.model_name = "yolo11n".into();
+        detector.framework = "ultralytics".into();
+        detector.config = serde_json::json!({"image_size": 100});
+        match detector.validate() {
+            Err(Error::InvalidInput { field, message }) => {
+                assert_eq!(field, "config.image_size");
+                assert!(message.contains("multiple of 32"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        detector.config = serde_json::json!({"image_size": 96, "mosaic": 0.5});
+        detector.validate().unwrap();
     }
 
     #[test]

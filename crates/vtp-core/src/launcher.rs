@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::job::{Job, JobId};
 
 /// The body of the trainer's `POST /training/start`, as in the seed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StartTraining {
     /// The job to train.
@@ -48,6 +48,22 @@ pub struct StartTraining {
 /// the backend (which passes it on in every start request) and of a
 /// trainer started without one.
 pub const HEARTBEAT_ENV: &str = "VTP_HEARTBEAT_SECS";
+
+/// Exit code of the one-shot trainer for a job that can never succeed as
+/// given (bad dataset, bad config): the Kubernetes Job's `podFailurePolicy`
+/// fails the Job at once instead of retrying.
+pub const EXIT_NON_RETRYABLE: i32 = 3;
+
+/// The variable holding the [`StartTraining`] JSON for the one-shot trainer.
+pub const START_TRAINING_ENV: &str = "VTP_START_TRAINING";
+
+/// The variable (and the key of the job's Kubernetes Secret) holding its
+/// callback secret, so the secret is never in a pod spec or command line.
+pub const CALLBACK_SECRET_ENV: &str = "VTP_CALLBACK_SECRET";
+
+/// The line the trainer service prints on stdout once it listens, followed
+/// by its base URL (read by the subprocess launcher).
+pub const LISTENING_PREFIX: &str = "vtp-trainer-service listening on ";
 
 /// The heartbeat period when none is set.
 pub const DEFAULT_HEARTBEAT_SECS: u64 = 30;
@@ -100,7 +116,7 @@ impl StartTraining {
 /// of a job: `{"cpu": "2", "memory": "4Gi", "gpu": 1}`. Launchers that
 /// schedule (Kubernetes) turn it into requests and limits; the others
 /// ignore it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
     /// CPU as a Kubernetes quantity: `"2"`, `"500m"`.

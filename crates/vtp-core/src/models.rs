@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 /// What a model learns to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     /// One class per image (ImageFolder datasets, accuracy).
@@ -93,6 +93,13 @@ pub struct ModelSpec {
     pub aliases: &'static [&'static str],
     /// One line about it.
     pub description: &'static str,
+    /// Smallest `config.image_size` that survives the network's downsampling.
+    pub min_image_size: u32,
+    /// Largest `config.image_size` accepted.
+    pub max_image_size: u32,
+    /// `config.image_size` must be a multiple of this (a detector's largest
+    /// stride; 1 for the classifiers, whose global pooling takes any size).
+    pub image_size_multiple: u32,
 }
 
 const TCH: &[Framework] = &[Framework::Tch];
@@ -106,6 +113,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: TCH,
         aliases: &["cnn", "smallcnn"],
         description: "3 conv-bn-relu blocks (32-64-128), global pooling, linear head",
+        min_image_size: 8,
+        max_image_size: 1024,
+        image_size_multiple: 1,
     },
     ModelSpec {
         name: "resnet18",
@@ -113,6 +123,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: TCH,
         aliases: &["resnet_18"],
         description: "ResNet-18 (torchvision layout)",
+        min_image_size: 32,
+        max_image_size: 1024,
+        image_size_multiple: 1,
     },
     ModelSpec {
         name: "resnet34",
@@ -120,6 +133,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: TCH,
         aliases: &["resnet_34"],
         description: "ResNet-34 (torchvision layout)",
+        min_image_size: 32,
+        max_image_size: 1024,
+        image_size_multiple: 1,
     },
     ModelSpec {
         name: "mobilenet_v2",
@@ -127,6 +143,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: TCH,
         aliases: &["mobilenetv2"],
         description: "MobileNetV2 (torchvision layout)",
+        min_image_size: 32,
+        max_image_size: 1024,
+        image_size_multiple: 1,
     },
     ModelSpec {
         name: "yolov8n",
@@ -134,6 +153,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: BOTH,
         aliases: &[],
         description: "YOLOv8 nano detector (Ultralytics layout and weights)",
+        min_image_size: 32,
+        max_image_size: 1280,
+        image_size_multiple: 32,
     },
     ModelSpec {
         name: "yolov8s",
@@ -141,6 +163,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: BOTH,
         aliases: &[],
         description: "YOLOv8 small detector (Ultralytics layout and weights)",
+        min_image_size: 32,
+        max_image_size: 1280,
+        image_size_multiple: 32,
     },
     ModelSpec {
         name: "yolo11n",
@@ -148,6 +173,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: BOTH,
         aliases: &["yolov11n"],
         description: "YOLO11 nano detector (Ultralytics layout and weights)",
+        min_image_size: 32,
+        max_image_size: 1280,
+        image_size_multiple: 32,
     },
     ModelSpec {
         name: "yolo11s",
@@ -155,6 +183,9 @@ pub const MODELS: &[ModelSpec] = &[
         frameworks: BOTH,
         aliases: &["yolov11s"],
         description: "YOLO11 small detector (Ultralytics layout and weights)",
+        min_image_size: 32,
+        max_image_size: 1280,
+        image_size_multiple: 32,
     },
 ];
 

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use fake_kube::FakeKube;
 use serde_json::{Value, json};
+use vtp_core::launcher::{EXIT_NON_RETRYABLE, START_TRAINING_ENV};
 use vtp_core::{
     CancelOutcome, Error, JobStatus, JobStore, JobStoreExt, NewJob, StartTraining, TrainerLauncher,
 };
 use vtp_storage::InMemoryJobStore;
-use vtp_trainer::launch::kubernetes::{EXIT_NON_RETRYABLE, START_TRAINING_ENV, job_name};
+use vtp_trainer::launch::kubernetes::job_name;
 use vtp_trainer::{KubernetesConfig, KubernetesLauncher};
 
 const NS: &str = "vtp-test";

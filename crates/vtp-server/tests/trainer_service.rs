@@ -235,13 +235,36 @@ async fn bad_configs_are_refused_before_any_work() {
     let (_, health) = s.call(s.http.get(format!("{}/health", s.trainer))).await;
     assert_eq!(health["jobs"], json!([]), "nothing was started");
 
-    // Through the backend: the job fails at once with the trainer's reason.
+    // Through the backend, a bad hyperparameter is refused at create: the
+    // backend reads `config` as the trainer's own TrainConfig.
     let dataset = s.shapes(4).await;
-    let (id, status, body) = s.create_and_start(&dataset, json!({"epochs": 0})).await;
+    let body = json!({"user_id": "t", "model_name": "small_cnn", "framework": "tch",
+                      "dataset_s3_uri": dataset, "config": {"epochs": 0}});
+    let (status, answer) = s
+        .call(
+            s.http
+                .post(format!("{}/training/jobs", s.backend))
+                .json(&body),
+        )
+        .await;
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["field"], "config.epochs", "{answer}");
+
+    // What only the trainer can check (its own blob store) fails the job
+    // at once with the trainer's reason.
+    let (id, status, body) = s
+        .create_and_start(
+            &dataset,
+            json!({"init_weights": "s3://elsewhere/w.safetensors"}),
+        )
+        .await;
     assert_eq!(status, 422, "{body}");
     let job = s.job(&id).await;
     assert_eq!(job["status"], "failed");
-    assert!(job["error"].as_str().unwrap().contains("epochs"), "{job}");
+    assert!(
+        job["error"].as_str().unwrap().contains("init_weights"),
+        "{job}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,8 +305,11 @@ async fn models_are_listed() {
         "{}",
         body["models"][6]
     );
-    assert!(body["parameters"]["lr"].is_string());
-    assert!(body["detection_parameters"]["close_mosaic"].is_string());
+    // The config defaults of each task, as the typed catalog answers them.
+    let catalog: vtp_core::api::ModelCatalog = serde_json::from_value(body.clone()).unwrap();
+    assert_eq!(catalog.classify_defaults.lr, 0.05);
+    assert_eq!(catalog.detect_defaults.model, "yolo11n");
+    assert_eq!(catalog.detect_defaults.close_mosaic, 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

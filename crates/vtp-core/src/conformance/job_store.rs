@@ -17,7 +17,7 @@ fn new_job(user: &str) -> NewJob {
         model_name: "resnet18".into(),
         framework: "tch".into(),
         dataset_s3_uri: "s3://datasets/test/my-dataset/".into(),
-        config: serde_json::json!({"epochs": 3, "lr": 0.01, "nested": {"a": [1, 2]}}),
+        config: serde_json::json!({"epochs": 3, "lr": 0.01, "resources": {"cpu": "2", "memory": "4Gi"}}),
     }
 }
 
@@ -46,7 +46,7 @@ pub async fn create_then_get(store: Store) {
     let read = store.get(job.id).await.unwrap();
     assert_eq!(read, job, "a stored job reads back unchanged");
     assert_eq!(read.status, JobStatus::Pending);
-    assert_eq!(read.config["nested"]["a"][1], 2);
+    assert_eq!(read.config["resources"]["memory"], "4Gi");
 }
 
 pub async fn get_unknown_is_not_found(store: Store) {
@@ -117,6 +117,12 @@ pub async fn list_filters_pages_and_orders(store: Store) {
     for _ in 0..4 {
         alice.push(store.create_job(new_job("alice")).await.unwrap());
     }
+    // A name no owner can have (a NUL) lists nobody's jobs; it is no error.
+    let nobody = store
+        .list(&JobFilter::new().with_user("alice\0"))
+        .await
+        .unwrap();
+    assert!(nobody.jobs.is_empty() && nobody.total == 0, "{nobody:?}");
     let bob = store.create_job(new_job("bob")).await.unwrap();
     store
         .transition(alice[1].id, JobStatus::Pending, JobStatus::Queued)

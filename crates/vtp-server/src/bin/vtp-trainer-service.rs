@@ -26,9 +26,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use vtp_core::launcher::{
+    CALLBACK_SECRET_ENV, EXIT_NON_RETRYABLE, LISTENING_PREFIX, START_TRAINING_ENV,
+};
 use vtp_core::{JobStatus, StartTraining};
 use vtp_storage::BlobStoreBuilder;
-use vtp_trainer::launch::kubernetes::{EXIT_NON_RETRYABLE, START_TRAINING_ENV};
 use vtp_trainer::service::{ServiceOptions, TrainerService};
 
 /// `vtp-trainer-service`'s settings.
@@ -64,7 +66,7 @@ struct Args {
     token: Option<String>,
     /// The job's callback secret, for `run-job` (from the job's Kubernetes
     /// Secret; never in the request JSON of a pod spec).
-    #[arg(long, env = "VTP_CALLBACK_SECRET", hide_env_values = true)]
+    #[arg(long, env = CALLBACK_SECRET_ENV, hide_env_values = true)]
     callback_secret: Option<String>,
     /// Exit when the parent process exits (the subprocess launcher sets it).
     #[arg(long)]
@@ -146,10 +148,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let bound = listener.local_addr()?;
-    println!(
-        "{}http://{bound}",
-        vtp_trainer::launch::subprocess::LISTENING_PREFIX
-    );
+    println!("{}http://{bound}", LISTENING_PREFIX);
     tracing::info!(listen = %bound, blobs = %service.blobs().base_uri(), "vtp-trainer-service ready");
     let exit_with_parent = args.exit_with_parent;
     let held = service.clone();
@@ -210,7 +209,7 @@ async fn run_job(
         match vtp_core::CallbackSecret::parse(secret) {
             Ok(secret) => request.callback_secret = Some(secret),
             Err(e) => {
-                tracing::error!(error = %e, "VTP_CALLBACK_SECRET is malformed");
+                tracing::error!(error = %e, "{CALLBACK_SECRET_ENV} is malformed");
                 return EXIT_NON_RETRYABLE;
             }
         }

@@ -19,9 +19,9 @@ use vtp_core::{Error, Result};
 
 use vtp_core::Task;
 
-use super::config::TrainConfig;
 use super::optim::Optimizer;
 use super::torch_err;
+use vtp_core::TrainConfig;
 
 /// The sidecar format tag.
 pub const FORMAT: &str = "vtp-checkpoint/1";

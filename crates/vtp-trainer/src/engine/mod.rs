@@ -3,7 +3,6 @@
 //! [`Predictor`] classifies images with one.
 
 pub mod checkpoint;
-pub mod config;
 pub mod detect;
 pub mod model;
 pub mod optim;
@@ -11,10 +10,10 @@ pub mod predict;
 pub mod trainer;
 
 pub use checkpoint::{Checkpoint, CheckpointMeta};
-pub use config::{DeviceChoice, OptimizerKind, TrainConfig};
 pub use model::{ModelInfo, ModelKind};
 pub use predict::{BoxPrediction, DetectOptions, Prediction, Predictor};
 pub use trainer::{StepProgress, TchTrainer};
+pub use vtp_core::{DeviceChoice, OptimizerKind, TrainConfig};
 
 use vtp_core::Error;
 

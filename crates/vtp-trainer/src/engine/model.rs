@@ -4,7 +4,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
 use tch::nn::{self, ModuleT};
 use vtp_core::{Error, Result};
 
@@ -21,21 +20,8 @@ pub enum ModelKind {
     MobileNetV2,
 }
 
-/// What `GET /models` lists.
-#[derive(Debug, Clone, Serialize)]
-pub struct ModelInfo {
-    /// Name used in `config.model`.
-    pub name: &'static str,
-    /// What it does.
-    pub task: vtp_core::Task,
-    /// One line about it.
-    pub description: &'static str,
-    /// Smallest `image_size`.
-    pub min_image_size: u32,
-    /// Trainable parameters with 10 classes (classifiers) or 80
-    /// (detectors; Ultralytics' summary calls them "gradients").
-    pub parameters: i64,
-}
+/// What `GET /models` lists (the wire type of the trainer service).
+pub use vtp_core::api::ModelInfo;
 
 /// Every model of [`vtp_core::MODELS`] with its task and size, computed
 /// once (building every network to count its parameters is not free).
@@ -58,10 +44,10 @@ pub fn catalog() -> Result<&'static [ModelInfo]> {
                         let _model =
                             super::detect::model::DetectionModel::new(&vs.root(), variant, 80);
                         Ok(ModelInfo {
-                            name: spec.name,
+                            name: spec.name.to_owned(),
                             task: spec.task,
-                            description: spec.description,
-                            min_image_size: 32,
+                            description: spec.description.to_owned(),
+                            min_image_size: spec.min_image_size,
                             parameters: trainable_parameters(&vs),
                         })
                     }
@@ -99,21 +85,18 @@ impl ModelKind {
         }
     }
 
-    /// Smallest input side that survives the network's downsampling.
-    pub fn min_image_size(self) -> u32 {
-        match self {
-            ModelKind::SmallCnn => 8,
-            ModelKind::ResNet18 | ModelKind::ResNet34 | ModelKind::MobileNetV2 => 32,
-        }
+    /// Its entry in the catalog of `vtp-core`, which holds what the backend
+    /// checks without libtorch (image sizes, description).
+    pub fn spec(self) -> &'static vtp_core::ModelSpec {
+        vtp_core::MODELS
+            .iter()
+            .find(|m| m.name == self.name())
+            .expect("every ModelKind is in vtp_core::MODELS (tested)")
     }
 
-    fn description(self) -> &'static str {
-        match self {
-            ModelKind::SmallCnn => "3 conv-bn-relu blocks (32-64-128), global pooling, linear head",
-            ModelKind::ResNet18 => "ResNet-18 (torchvision layout)",
-            ModelKind::ResNet34 => "ResNet-34 (torchvision layout)",
-            ModelKind::MobileNetV2 => "MobileNetV2 (torchvision layout)",
-        }
+    /// Smallest input side that survives the network's downsampling.
+    pub fn min_image_size(self) -> u32 {
+        self.spec().min_image_size
     }
 
     /// Builds the network under `p` for `classes` outputs.
@@ -132,9 +115,9 @@ impl ModelKind {
         let _model = self.build(&vs.root(), 10);
         let parameters = trainable_parameters(&vs);
         ModelInfo {
-            name: self.name(),
+            name: self.name().to_owned(),
             task: vtp_core::Task::Classify,
-            description: self.description(),
+            description: self.spec().description.to_owned(),
             min_image_size: self.min_image_size(),
             parameters,
         }
@@ -212,4 +195,21 @@ fn small_cnn(p: &nn::Path, classes: i64) -> nn::FuncT<'static> {
             .flat_view()
             .apply(&fc)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_architecture_is_a_classifier_of_the_core_catalog() {
+        for kind in ModelKind::ALL {
+            let spec = vtp_core::MODELS
+                .iter()
+                .find(|m| m.name == kind.name())
+                .unwrap_or_else(|| panic!("{kind} is missing from vtp_core::MODELS"));
+            assert_eq!(spec.task, vtp_core::Task::Classify, "{kind}");
+            assert_eq!(spec.image_size_multiple, 1, "{kind}");
+        }
+    }
 }

@@ -6,8 +6,8 @@
 use tch::{Kind, Tensor};
 use vtp_core::Result;
 
-use super::config::OptimizerKind;
 use super::torch_err;
+use vtp_core::OptimizerKind;
 
 fn t(r: std::result::Result<Tensor, tch::TchError>) -> Result<Tensor> {
     r.map_err(torch_err)

@@ -10,11 +10,12 @@ use tch::{Device, Kind, Tensor};
 use vtp_core::{EpochReport, Error, ProgressSink, Result, TrainSpec, TrainSummary, Trainer};
 
 use super::checkpoint::{self, Checkpoint, CheckpointMeta};
-use super::config::TrainConfig;
+use super::model::ModelKind;
 use super::optim::Optimizer;
 use super::{select_device, torch_err};
 use crate::data::loader::{MEAN, STD};
 use crate::data::{ImageFolder, Loader, LoaderConfig};
+use vtp_core::TrainConfig;
 
 /// Serialises seeding and weight initialisation across threads.
 static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -165,7 +166,8 @@ impl Run<'_> {
             ema_updates: None,
             model: self
                 .config
-                .model_kind()
+                .model
+                .parse::<ModelKind>()
                 .map(|k| k.name().to_owned())
                 .unwrap_or_default(),
             class_names: self.classes.clone(),
@@ -249,7 +251,7 @@ fn run(
     if config.task()? == vtp_core::Task::Detect {
         return super::detect::train::run(&mut trainer.on_step, spec, config, progress, cancelled);
     }
-    let kind = config.model_kind()?;
+    let kind = config.model.parse::<ModelKind>()?;
     let device = select_device(&config.device)?;
     tch::set_num_threads(i32::try_from(config.effective_threads()).unwrap_or(1));
 
@@ -303,7 +305,7 @@ fn run(
         .collect();
     // `auto` is SGD for classification.
     let optimizer_kind = match config.optimizer {
-        super::config::OptimizerKind::Auto => super::config::OptimizerKind::Sgd,
+        vtp_core::OptimizerKind::Auto => vtp_core::OptimizerKind::Sgd,
         kind => kind,
     };
     let optimizer = Optimizer::new(

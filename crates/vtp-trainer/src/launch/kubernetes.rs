@@ -35,16 +35,7 @@ use vtp_core::{
     StartTraining, TrainerLauncher, error_chain,
 };
 
-/// Exit code of the one-shot trainer for a job that can never succeed as
-/// given (bad dataset, bad config): the Job's `podFailurePolicy` fails the
-/// Job at once instead of retrying.
-pub const EXIT_NON_RETRYABLE: i32 = 3;
-
-/// The variable holding the `StartTraining` JSON for the one-shot trainer.
-pub const START_TRAINING_ENV: &str = "VTP_START_TRAINING";
-
-/// The variable (and the key of the job's Secret) holding its callback secret.
-pub const CALLBACK_SECRET_ENV: &str = "VTP_CALLBACK_SECRET";
+pub use vtp_core::launcher::{CALLBACK_SECRET_ENV, EXIT_NON_RETRYABLE, START_TRAINING_ENV};
 
 /// Label carrying the job id on Jobs and pods.
 pub const JOB_ID_LABEL: &str = "vtp.dev/job-id";
@@ -363,11 +354,11 @@ impl std::fmt::Debug for KubernetesLauncher {
     }
 }
 
-/// Makes ring rustls's process-wide crypto provider, unless one is set:
-/// with several TLS stacks in one binary, rustls cannot pick by itself and
-/// the kube client would panic. Call before building a `kube::Client`.
+/// Makes aws-lc-rs (the one crypto provider of every VTP TLS client)
+/// rustls's process-wide provider, unless one is set, so the kube client
+/// never has to guess. Call before building a `kube::Client`.
 pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// The Job name of a job.

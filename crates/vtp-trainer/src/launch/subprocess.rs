@@ -24,8 +24,7 @@ use vtp_core::{
 
 use super::http::HttpLauncher;
 
-/// The line the trainer service prints on stdout once it listens.
-pub const LISTENING_PREFIX: &str = "vtp-trainer-service listening on ";
+pub use vtp_core::launcher::LISTENING_PREFIX;
 
 /// Jobs handed to a child, with the attempt each was launched as.
 type Held = Arc<Mutex<HashMap<JobId, i32>>>;

@@ -18,10 +18,10 @@ use super::nms::{NmsConfig, non_max_suppression};
 use crate::data::detect_loader::{DetectBatch, DetectLoader, DetectLoaderConfig};
 use crate::data::yolo::YoloDataset;
 use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta};
-use crate::engine::config::{OptimizerKind, TrainConfig};
 use crate::engine::optim::{Optimizer, ParamGroup};
 use crate::engine::torch_err;
 use crate::engine::trainer::{StepProgress, close_epoch, seeded_init, summary};
+use vtp_core::{OptimizerKind, TrainConfig};
 
 /// Ultralytics clips the gradient norm at 10 before every optimizer step.
 const MAX_GRAD_NORM: f64 = 10.0;
@@ -284,7 +284,7 @@ pub(crate) fn run(
     progress: &mut dyn ProgressSink,
     cancelled: &(dyn Fn() -> bool + Sync),
 ) -> Result<TrainSummary> {
-    let variant = config.yolo_variant()?;
+    let variant = config.model.parse::<YoloVariant>()?;
     let device = crate::engine::select_device(&config.device)?;
     tch::set_num_threads(i32::try_from(config.effective_threads()).unwrap_or(1));
 

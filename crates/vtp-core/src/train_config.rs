@@ -1,13 +1,17 @@
 //! Training hyperparameters: the `config` object of a job.
+//!
+//! [`TrainConfig`] lives here, beside the model catalog and below every
+//! crate, so the backend checks a job's `config` when the job is created
+//! (a 422 naming the field) without building libtorch, and the trainer
+//! reads the very same type.
 
 use serde::{Deserialize, Serialize};
-use vtp_core::{Error, Result};
 
-use super::model::ModelKind;
-use vtp_core::Task;
+use crate::error::{Error, Result};
+use crate::models::{Task, find_model};
 
 /// Which optimizer updates the weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// Chosen from the run's length, as Ultralytics does (detection): SGD
@@ -21,7 +25,7 @@ pub enum OptimizerKind {
 }
 
 /// Where to train.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
     /// CUDA when present, else the CPU.
@@ -34,7 +38,7 @@ pub enum DeviceChoice {
 
 /// The hyperparameters of one training run. Unknown keys are refused, so a
 /// typo is an error rather than a silently ignored setting.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Architecture: `small_cnn`, `resnet18`, `resnet34`, `mobilenet_v2`.
@@ -72,9 +76,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// What the trainer asks of its machine (CPU, memory, GPUs); read by the
     /// Kubernetes launcher for the pod's requests and limits, not by training.
-    pub resources: Option<vtp_core::Resources>,
+    pub resources: Option<crate::Resources>,
     /// How many times the platform launches the job in all before a lost
-    /// runner fails it ([`vtp_core::Job::max_attempts`]); read by the
+    /// runner fails it ([`crate::Job::max_attempts`]); read by the
     /// backend, not by training.
     pub max_attempts: Option<i32>,
     /// Weights to start from: a safetensors file with the model's parameter
@@ -195,7 +199,7 @@ impl TrainConfig {
     /// [`Error::InvalidInput`].
     pub fn from_json(value: &serde_json::Value) -> Result<Self> {
         let task = match value.get("model").and_then(serde_json::Value::as_str) {
-            Some(model) => vtp_core::find_model("config.model", model)?.task,
+            Some(model) => find_model("config.model", model)?.task,
             None => Task::Classify,
         };
         let mut merged = serde_json::to_value(TrainConfig::defaults_for(task))
@@ -229,28 +233,12 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// The architecture of a classifier.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for an unknown model or a detector.
-    pub fn model_kind(&self) -> Result<ModelKind> {
-        self.model.parse()
-    }
-
     /// What the model does.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for an unknown model.
     pub fn task(&self) -> Result<Task> {
-        Ok(vtp_core::find_model("config.model", &self.model)?.task)
-    }
-
-    /// The architecture of a detector.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] for an unknown model or a classifier.
-    pub fn yolo_variant(&self) -> Result<super::detect::model::YoloVariant> {
-        self.model.parse()
+        Ok(find_model("config.model", &self.model)?.task)
     }
 
     /// Checks ranges.
@@ -260,26 +248,24 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         let bad =
             |field: &str, message: String| Err(Error::invalid(format!("config.{field}"), message));
-        let (min, max, name) = match self.task()? {
-            Task::Classify => {
-                let kind = self.model_kind()?;
-                (kind.min_image_size(), 1024, kind.name())
-            }
-            Task::Detect => {
-                let variant = self.yolo_variant()?;
-                if !self.image_size.is_multiple_of(32) {
-                    return bad(
-                        "image_size",
-                        format!(
-                            "{} is not a multiple of 32, the stride of {variant}",
-                            self.image_size
-                        ),
-                    );
-                }
-                self.validate_detection()?;
-                (32, 1280, variant.name())
-            }
-        };
+        let spec = find_model("config.model", &self.model)?;
+        if spec.task == Task::Detect {
+            self.validate_detection()?;
+        }
+        let (min, max, multiple) = (
+            spec.min_image_size,
+            spec.max_image_size,
+            spec.image_size_multiple,
+        );
+        if !self.image_size.is_multiple_of(multiple) {
+            return bad(
+                "image_size",
+                format!(
+                    "{} is not a multiple of {multiple}, the stride of {}",
+                    self.image_size, spec.name
+                ),
+            );
+        }
         if !(1..=10_000).contains(&self.epochs) {
             return bad("epochs", format!("{} is outside 1..=10000", self.epochs));
         }
@@ -304,7 +290,10 @@ impl TrainConfig {
         if !(min..=max).contains(&self.image_size) {
             return bad(
                 "image_size",
-                format!("{} is outside {min}..={max} for {name}", self.image_size),
+                format!(
+                    "{} is outside {min}..={max} for {}",
+                    self.image_size, spec.name
+                ),
             );
         }
         if !(self.val_split > 0.0 && self.val_split < 1.0) {
@@ -399,7 +388,7 @@ mod tests {
         .unwrap();
         assert_eq!(config.lr, 0.1);
         assert_eq!(config.epochs, 5);
-        assert_eq!(config.model_kind().unwrap(), ModelKind::ResNet18);
+        assert_eq!(config.model, "resnet18");
     }
 
     #[test]
@@ -416,6 +405,15 @@ mod tests {
                 "config.image_size",
             ),
             (json!({"val_split": 1.0}), "config.val_split"),
+            (
+                json!({"model": "yolo11n", "image_size": 100}),
+                "config.image_size",
+            ),
+            (
+                json!({"model": "yolo11n", "batch_size": 1}),
+                "config.batch_size",
+            ),
+            (json!({"model": "yolo11n", "mosaic": 2.0}), "config.mosaic"),
         ];
         for (value, field) in cases {
             match TrainConfig::from_json(&value) {

@@ -47,8 +47,9 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 
 /// A job's callback signing secret, `whsec_<base64 of 32 random bytes>`.
 /// `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(transparent)]
+#[schema(value_type = String, format = Password)]
 pub struct CallbackSecret(String);
 
 impl fmt::Debug for CallbackSecret {

@@ -36,6 +36,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod auth;
 pub mod blob;
 pub mod callback_signature;
@@ -47,6 +48,7 @@ pub mod models;
 pub mod retry;
 pub mod status;
 pub mod tls;
+pub mod train_config;
 pub mod trainer;
 pub mod update;
 
@@ -67,5 +69,6 @@ pub use launcher::{CancelOutcome, Resources, StartTraining, TrainerLauncher};
 pub use models::{Framework, MODELS, ModelSpec, Task, check_model, find_model};
 pub use retry::{BackoffConfig, RetryConfig};
 pub use status::JobStatus;
+pub use train_config::{DeviceChoice, OptimizerKind, TrainConfig};
 pub use trainer::{EpochReport, ProgressSink, TrainSpec, TrainSummary, Trainer};
 pub use update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan};

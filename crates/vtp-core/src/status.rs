@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 /// states (`completed`, `failed`, `cancelled`) have none. A runner lost while
 /// `queued` leaves the job `queued` with the next attempt's number
 /// ([`crate::Job::end_attempt`]); trainers never report `queued`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
     /// Created, not started.

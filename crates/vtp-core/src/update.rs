@@ -14,7 +14,7 @@ use crate::status::JobStatus;
 /// The seed's shape, plus `seq`: a per-job sequence number, increasing by
 /// event, that makes replays harmless. An update whose `seq` is not above the
 /// job's last applied one changes nothing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingUpdate {
     /// The job reported on; must match the URL when given.

@@ -49,22 +49,8 @@ pub use vtp_core::error_chain;
 
 impl From<Error> for ApiError {
     fn from(err: Error) -> Self {
-        let (status, code) = match &err {
-            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
-            Error::AlreadyExists { .. } => (StatusCode::CONFLICT, "already_exists"),
-            Error::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
-            Error::InvalidInput { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_input"),
-            Error::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
-            Error::Unauthenticated { .. } => (StatusCode::UNAUTHORIZED, "unauthenticated"),
-            Error::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
-            Error::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
-            Error::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            Error::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-            Error::Backend { .. } => (StatusCode::BAD_GATEWAY, "backend_error"),
-            Error::Cancelled { .. } => (StatusCode::CONFLICT, "cancelled"),
-            Error::Internal { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
+        let (status, code) = vtp_core::api::error_status(&err);
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::warn!(error = %error_chain(&err), "request failed");
         }
@@ -89,12 +75,14 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut error = serde_json::json!({"code": self.code, "message": self.message});
-        if let Some(field) = self.field {
-            error["field"] = field.into();
-        }
-        let mut response =
-            (self.status, Json(serde_json::json!({ "error": error }))).into_response();
+        let body = vtp_core::api::ErrorBody {
+            error: vtp_core::api::ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+                field: self.field,
+            },
+        };
+        let mut response = (self.status, Json(body)).into_response();
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

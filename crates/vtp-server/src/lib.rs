@@ -5,22 +5,10 @@
 //! [`TrainerLauncher`]); the `vtp-backend` binary is a thin shell that reads
 //! [`BackendConfig`] and calls [`serve`].
 //!
-//! Routes (the seed's REST shapes):
-//!
-//! | method | path | |
-//! |---|---|---|
-//! | GET | `/health` | store reachability and launcher |
-//! | POST | `/training/jobs` | create a job (201) |
-//! | GET | `/training/jobs` | list, `?user_id=&status=&limit=&offset=` |
-//! | GET | `/training/jobs/{id}` | one job |
-//! | POST | `/training/jobs/{id}/start` | check the dataset, launch the trainer |
-//! | POST | `/training/jobs/{id}/callback` | trainer reports, idempotent by `seq` |
-//! | DELETE | `/training/jobs/{id}` | cancel |
-//! | GET | `/training/jobs/{id}/metrics` | per-epoch metrics |
-//! | GET | `/training/jobs/{id}/checkpoint` | stream the checkpoint |
-//! | GET | `/metrics` | Prometheus metrics |
-//! | GET | `/training/jobs/{id}/checkpoint/{file}` | a file beside it (`best.json`, `last.safetensors`) |
-//! | POST | `/datasets/upload` | multipart `file`, `user_id`, `dataset_name` |
+//! Routes: the seed's REST shapes, described by the OpenAPI 3.1 document
+//! the router itself generates ([`openapi::document`]); a running backend
+//! serves it at `/openapi.json` and renders it at `/docs`, and a copy is
+//! committed at `docs/openapi.json`.
 //!
 //! With [`AuthMode::Tokens`] every route but `/health`, `/metrics` and the
 //! callback needs `Authorization: Bearer <token>` and acts for the token's
@@ -33,8 +21,9 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, post};
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
 use vtp_core::{BlobStore, CredentialStore, JobStore, TrainerLauncher};
 use vtp_storage::Stores;
 
@@ -44,6 +33,7 @@ pub mod error;
 mod known_jobs;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod relaunch;
 mod routes;
 pub mod sweeper;
@@ -141,6 +131,12 @@ impl AppState {
         format!("{}/training/jobs/{job_id}/callback", self.public_url)
     }
 
+    /// A job as the API answers with it: with its `callback_url`.
+    pub fn present(&self, mut job: vtp_core::Job) -> vtp_core::Job {
+        job.callback_url = Some(self.callback_url(job.id));
+        job
+    }
+
     /// After a launch of `job_id`: when the job was cancelled (or ended)
     /// while the launch was under way, the cancel found no runner to stop,
     /// so the one the launch started is stopped now.
@@ -172,51 +168,47 @@ impl AppState {
 /// How long a non-streaming request may take before it is answered 503.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Every route with its OpenAPI operation, so that nothing is served
+/// undocumented: [`app`] serves the router, [`openapi::document`] the
+/// document.
+pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
+    use utoipa::OpenApi as _;
+    let bounded = OpenApiRouter::with_openapi(openapi::BackendApi::openapi())
+        .routes(routes!(routes::health))
+        .routes(routes!(routes::jobs::create, routes::jobs::list))
+        .routes(routes!(routes::jobs::get, routes::jobs::cancel))
+        .routes(routes!(routes::jobs::start))
+        .routes(routes!(routes::jobs::callback))
+        .routes(routes!(routes::jobs::metrics))
+        .route_layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            REQUEST_TIMEOUT,
+        ));
+    let streaming = OpenApiRouter::new()
+        .routes(routes!(routes::jobs::checkpoint))
+        .routes(routes!(routes::jobs::checkpoint_file))
+        // The upload handler enforces its own limit while streaming.
+        .routes(routes!(routes::datasets::upload).layer(DefaultBodyLimit::disable()));
+    bounded
+        .merge(streaming)
+        .route_layer(axum::middleware::from_fn(metrics::track))
+        .routes(routes!(metrics::render))
+}
+
 /// The backend router.
 ///
 /// Every answer carries `x-request-id` (the client's, or a fresh UUID);
 /// the request's log lines carry it too. Non-streaming routes time out after
 /// [`REQUEST_TIMEOUT`]; uploads and checkpoint downloads stream for as long
-/// as they need.
+/// as they need. `/openapi.json` is the API's OpenAPI document and `/docs`
+/// renders it (Swagger UI, built into the binary).
 pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     // Install the recorder before the first request records anything.
     metrics::handle();
-    let bounded = Router::new()
-        .route("/health", get(routes::health))
-        .route(
-            "/training/jobs",
-            post(routes::jobs::create).get(routes::jobs::list),
-        )
-        .route(
-            "/training/jobs/{id}",
-            get(routes::jobs::get).delete(routes::jobs::cancel),
-        )
-        .route("/training/jobs/{id}/start", post(routes::jobs::start))
-        .route("/training/jobs/{id}/callback", post(routes::jobs::callback))
-        .route("/training/jobs/{id}/metrics", get(routes::jobs::metrics))
-        .route_layer(tower_http::timeout::TimeoutLayer::with_status_code(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            REQUEST_TIMEOUT,
-        ));
-    let streaming = Router::new()
-        .route(
-            "/training/jobs/{id}/checkpoint",
-            get(routes::jobs::checkpoint),
-        )
-        .route(
-            "/training/jobs/{id}/checkpoint/{file}",
-            get(routes::jobs::checkpoint_file),
-        )
-        .route(
-            "/datasets/upload",
-            // The upload handler enforces its own limit while streaming.
-            post(routes::datasets::upload).layer(DefaultBodyLimit::disable()),
-        );
-    bounded
-        .merge(streaming)
-        .route_layer(axum::middleware::from_fn(metrics::track))
-        .route("/metrics", get(metrics::render))
+    let (router, document) = routes_with_docs().split_for_parts();
+    router
+        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", document))
         .layer(axum::middleware::from_fn(error::hide_server_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(

@@ -1,13 +1,9 @@
 //! The trainer service's HTTP shell (the seed's tier-1 trainer contract)
-//! over [`vtp_trainer::service::TrainerService`]:
-//!
-//! | method | path | |
-//! |---|---|---|
-//! | POST | `/training/start` | 202 accepted; 409 already here; 422 bad config |
-//! | POST | `/training/{job_id}/cancel` | 202 stopping; 404 not here; `?attempt=N`: only attempt N or an earlier one, as an interruption |
-//! | GET | `/training/{job_id}` | `{"state": "queued" \| "running" \| "cancelling"}`; 404 |
-//! | GET | `/models` | the architectures and their parameters |
-//! | GET | `/health` | liveness, jobs held, reports pending |
+//! over [`vtp_trainer::service::TrainerService`]: `POST /training/start`,
+//! `POST /training/{job_id}/cancel`, `GET /training/{job_id}`, `GET /models`
+//! and `GET /health`, described by its own OpenAPI document
+//! ([`trainer_document`], committed at `docs/trainer-openapi.json` and
+//! served at `/openapi.json`).
 //!
 //! With a token (`VTP_TRAINER_TOKEN`, shared with the backend) every route
 //! but `/health` needs `Authorization: Bearer <token>`; a full queue answers
@@ -19,16 +15,49 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
 use axum::{Json, response::IntoResponse};
-use serde_json::json;
-use vtp_core::{Error, JobId, StartTraining};
+use utoipa::OpenApi as _;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use vtp_core::api::{ErrorBody, ModelCatalog, TrainerAccepted, TrainerHealth, TrainerJob};
+use vtp_core::{Error, JobId, StartTraining, Task, TrainConfig};
 use vtp_trainer::service::{StartOutcome, TrainerService};
 
-use crate::error::{ApiError, ApiJson, ApiPath};
+use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
+use crate::openapi::BearerAuth;
 
 type Service = Arc<TrainerService>;
 
+/// The trainer service document's fixed part.
+#[derive(Debug, utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "VTP trainer service",
+        description = "Trains the jobs a VTP backend hands it (the seed's trainer contract) and \
+                       reports their progress, metrics and checkpoints back to the job's \
+                       `callback_url`, signed with the job's callback secret. With \
+                       `VTP_TRAINER_TOKEN` every route but `/health` needs \
+                       `Authorization: Bearer <token>`.",
+        license(name = "Apache-2.0"),
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&BearerAuth),
+)]
+struct TrainerApi;
+
+/// `POST /training/start`: takes a job; trains it when a slot is free.
+#[utoipa::path(
+    post,
+    path = "/training/start",
+    tag = "training",
+    request_body = StartTraining,
+    responses(
+        (status = 202, description = "Accepted; reports follow on `callback_url`", body = TrainerAccepted),
+        (status = 409, description = "The job is already here", body = ErrorBody),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn start(
     State(service): State<Service>,
     ApiJson(request): ApiJson<StartTraining>,
@@ -37,7 +66,10 @@ async fn start(
     match service.start(request)? {
         StartOutcome::Accepted => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"status": "accepted", "job_id": job_id})),
+            Json(TrainerAccepted {
+                status: "accepted".to_owned(),
+                job_id,
+            }),
         )),
         StartOutcome::AlreadyRunning => Err(ApiError::from(Error::conflict(format!(
             "job {job_id} is already here"
@@ -47,15 +79,30 @@ async fn start(
 
 /// `?attempt=N` on a cancel: the backend gave up on that attempt (its lease
 /// expired), so only it or an earlier one is stopped, as an interruption.
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct CancelQuery {
+    /// Stop only this attempt (or an earlier one), as an interruption.
     attempt: Option<i32>,
 }
 
+/// `POST /training/{job_id}/cancel`: stops the job; it reports `cancelled`.
+#[utoipa::path(
+    post,
+    path = "/training/{job_id}/cancel",
+    tag = "training",
+    params(("job_id" = JobId, Path, description = "The job"), CancelQuery),
+    responses(
+        (status = 202, description = "Stopping", body = TrainerAccepted),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn cancel(
     State(service): State<Service>,
     ApiPath(job_id): ApiPath<JobId>,
-    axum::extract::Query(query): axum::extract::Query<CancelQuery>,
+    ApiQuery(query): ApiQuery<CancelQuery>,
 ) -> Result<impl IntoResponse, ApiError> {
     let stopped = match query.attempt {
         Some(attempt) => service.interrupt(job_id, attempt),
@@ -64,13 +111,28 @@ async fn cancel(
     if stopped {
         Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"status": "cancelling", "job_id": job_id})),
+            Json(TrainerAccepted {
+                status: "cancelling".to_owned(),
+                job_id,
+            }),
         ))
     } else {
         Err(Error::not_found("job", job_id).into())
     }
 }
 
+/// `GET /training/{job_id}`: what the trainer does with the job.
+#[utoipa::path(
+    get,
+    path = "/training/{job_id}",
+    tag = "training",
+    params(("job_id" = JobId, Path, description = "The job")),
+    responses(
+        (status = 200, description = "The trainer holds the job", body = TrainerJob),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 async fn status(
     State(service): State<Service>,
     ApiPath(job_id): ApiPath<JobId>,
@@ -78,56 +140,43 @@ async fn status(
     let state = service
         .state(job_id)
         .ok_or_else(|| Error::not_found("job", job_id))?;
-    Ok(Json(json!({"job_id": job_id, "state": state})))
+    Ok(Json(TrainerJob { job_id, state }))
 }
 
-async fn models() -> Result<impl IntoResponse, ApiError> {
-    let models = vtp_trainer::engine::model::catalog()?.to_vec();
-    Ok(Json(json!({
-        "models": models,
-        "parameters": {
-            "epochs": "passes over the training set (5)",
-            "batch_size": "images per step (32)",
-            "lr": "learning rate, cosine-annealed (0.05)",
-            "optimizer": "sgd (momentum) or adamw (sgd)",
-            "momentum": "SGD momentum (0.9)",
-            "weight_decay": "(5e-4)",
-            "image_size": "input side in pixels (32)",
-            "seed": "(42)",
-            "device": "auto, cpu or cuda (auto)",
-            "threads": "libtorch threads, 0 = one per core (0)",
-            "workers": "input pipeline threads (2)",
-            "val_split": "held-out fraction when there is no val/ split (0.2)",
-            "random_crop": "(true)",
-            "hflip": "(true)",
-            "resume": "continue from the last checkpoint (true)",
-            "init_weights": "blob URI of safetensors weights to start from (none)",
-        },
-        "detection_parameters": {
-            "epochs": "(5)", "batch_size": "(16)", "image_size": "a multiple of 32 (640)",
-            "lr": "initial learning rate; ignored with optimizer auto (0.01)",
-            "optimizer": "auto, sgd (Nesterov) or adamw (auto)",
-            "momentum": "(0.937)", "weight_decay": "(5e-4)", "lrf": "final lr fraction (0.01)",
-            "warmup_epochs": "(3)", "warmup_momentum": "(0.8)", "warmup_bias_lr": "(0.1)",
-            "nbs": "nominal batch size for gradient accumulation (64)",
-            "mosaic": "(1.0)", "close_mosaic": "epochs at the end without mosaic (10)",
-            "translate": "(0.1)", "scale": "(0.5)", "fliplr": "(0.5)",
-            "hsv_h": "(0.015)", "hsv_s": "(0.7)", "hsv_v": "(0.4)",
-            "box": "(7.5)", "cls": "(0.5)", "dfl": "(1.5)",
-            "conf": "validation NMS confidence (0.001)", "iou": "NMS IoU (0.7)", "max_det": "(300)",
-            "init_weights": "blob URI of a converted Ultralytics state_dict (none)",
-        }
-    })))
-}
-
-async fn health(State(service): State<Service>) -> impl IntoResponse {
-    Json(json!({
-        "status": "ok",
-        "jobs": service.jobs(),
-        "pending_reports": service.outbox().pending().len(),
-        "cuda": tch::Cuda::is_available(),
-        "version": env!("CARGO_PKG_VERSION"),
+/// `GET /models`: the models and the `config` defaults of each task.
+#[utoipa::path(
+    get,
+    path = "/models",
+    tag = "training",
+    responses(
+        (status = 200, description = "Every model, with its size", body = ModelCatalog),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
+async fn models() -> Result<Json<ModelCatalog>, ApiError> {
+    Ok(Json(ModelCatalog {
+        models: vtp_trainer::engine::model::catalog()?.to_vec(),
+        classify_defaults: TrainConfig::defaults_for(Task::Classify),
+        detect_defaults: TrainConfig::defaults_for(Task::Detect),
     }))
+}
+
+/// `GET /health`: liveness, jobs held, reports pending.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "The service answers", body = TrainerHealth)),
+)]
+async fn health(State(service): State<Service>) -> Json<TrainerHealth> {
+    Json(TrainerHealth {
+        status: "ok".to_owned(),
+        jobs: service.jobs(),
+        pending_reports: service.outbox().pending().len(),
+        cuda: tch::Cuda::is_available(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    })
 }
 
 /// Refuses requests without the shared token.
@@ -152,22 +201,40 @@ async fn require_token(
     }
 }
 
+/// Every route of the trainer service with its OpenAPI operation; those
+/// in the first router need the token when there is one.
+fn trainer_routes() -> (OpenApiRouter<Service>, OpenApiRouter<Service>) {
+    let guarded = OpenApiRouter::with_openapi(TrainerApi::openapi())
+        .routes(routes!(models))
+        .routes(routes!(start))
+        .routes(routes!(status))
+        .routes(routes!(cancel));
+    let open = OpenApiRouter::new().routes(routes!(health));
+    (guarded, open)
+}
+
+/// The trainer service's OpenAPI document, as [`trainer_app`] serves it.
+pub fn trainer_document() -> utoipa::openapi::OpenApi {
+    let (guarded, open) = trainer_routes();
+    guarded.merge(open).split_for_parts().1
+}
+
 /// The trainer service router; with `token`, every route but `/health`
-/// needs it.
+/// (and `/openapi.json`) needs it.
 pub fn trainer_app(service: Service, token: Option<String>) -> Router {
-    let mut guarded = Router::new()
-        .route("/models", get(models))
-        .route("/training/start", post(start))
-        .route("/training/{job_id}", get(status))
-        .route("/training/{job_id}/cancel", post(cancel));
+    let (mut guarded, open) = trainer_routes();
     if let Some(token) = token {
         let token: Arc<str> = token.into();
         guarded = guarded.route_layer(axum::middleware::from_fn(move |request, next| {
             require_token(token.clone(), request, next)
         }));
     }
-    guarded
-        .route("/health", get(health))
+    let (router, document) = guarded.merge(open).split_for_parts();
+    router
+        .route(
+            "/openapi.json",
+            axum::routing::get(move || std::future::ready(Json(document.clone()))),
+        )
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(service)
 }

@@ -161,6 +161,77 @@ async fn report(h: &Harness, id: &str, body: Value) -> (StatusCode, Value) {
 }
 
 #[tokio::test]
+async fn a_job_carries_the_seeds_callback_url_and_its_create_answers_its_location() {
+    let h = harness().await;
+    let response = h
+        .app
+        .clone()
+        .oneshot(json_request(
+            "POST",
+            "/training/jobs",
+            &seed_job("s3://b/d"),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let job: Value =
+        serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    let id = job["id"].as_str().unwrap();
+    assert_eq!(location, format!("/training/jobs/{id}"));
+    let callback = format!("http://backend.test:8000/training/jobs/{id}/callback");
+    assert_eq!(job["callback_url"], callback.as_str(), "{job}");
+    // The same on every answer that carries the job.
+    let (_, read) = send(&h.app, empty("GET", &location)).await;
+    assert_eq!(read["callback_url"], callback.as_str(), "{read}");
+    let (_, page) = send(&h.app, empty("GET", "/training/jobs")).await;
+    assert_eq!(page["jobs"][0]["callback_url"], callback.as_str(), "{page}");
+    // Typed, as the client reads it.
+    let typed: vtp_core::Job = serde_json::from_value(read).unwrap();
+    assert_eq!(typed.callback_url.as_deref(), Some(callback.as_str()));
+}
+
+/// Found by schemathesis: the document said `offset` was an int32 (at most
+/// 2^31 - 1) while the backend took any u32. The document now gives the
+/// ranges the backend keeps, and both agree at the edges. (The store side of
+/// the NUL below is a conformance case: `list_filters_pages_and_orders`.)
+#[tokio::test]
+async fn paging_parameters_are_accepted_and_refused_as_documented() {
+    let h = harness().await;
+    for (query, expected) in [
+        ("offset=2147483648", StatusCode::OK),
+        ("offset=4294967295", StatusCode::OK),
+        ("offset=4294967296", StatusCode::UNPROCESSABLE_ENTITY),
+        ("offset=-1", StatusCode::UNPROCESSABLE_ENTITY),
+        ("limit=500", StatusCode::OK),
+        ("limit=501", StatusCode::UNPROCESSABLE_ENTITY),
+        // Also found by schemathesis: a NUL in `user_id` reached Postgres,
+        // which cannot compare it (a 502); it is a bad name.
+        ("user_id=%C3%A8+%00%066", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let (status, body) = send(&h.app, empty("GET", &format!("/training/jobs?{query}"))).await;
+        assert_eq!(status, expected, "{query}: {body}");
+    }
+    let id = startable_job(&h).await["id"].as_str().unwrap().to_owned();
+    for (query, expected) in [
+        ("offset=4294967295", StatusCode::OK),
+        ("offset=4294967296", StatusCode::UNPROCESSABLE_ENTITY),
+        ("limit=10000", StatusCode::OK),
+        ("limit=10001", StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let (status, body) = send(
+            &h.app,
+            empty("GET", &format!("/training/jobs/{id}/metrics?{query}")),
+        )
+        .await;
+        assert_eq!(status, expected, "{query}: {body}");
+    }
+    let document = serde_json::to_value(vtp_server::openapi::document()).unwrap();
+    let offset = &document["paths"]["/training/jobs"]["get"]["parameters"][3]["schema"];
+    assert_eq!(offset["maximum"], 4_294_967_295_i64, "{offset}");
+}
+
+#[tokio::test]
 async fn metrics_count_requests_by_route_and_status_and_jobs_created() {
     let h = harness().await;
     let id = started_job(&h).await;
@@ -283,6 +354,24 @@ async fn bad_json_is_400_and_wrong_shape_is_422_naming_the_field() {
             .contains("model_name"),
         "{answer}"
     );
+
+    // Every hyperparameter is checked at create, by the trainer's own
+    // TrainConfig, without libtorch in this build: nothing is stored.
+    for (config, field) in [
+        (json!({"epocs": 3}), "config.epocs"),
+        (json!({"image_size": 100}), "config.image_size"),
+        (json!({"close_mosaic": -1}), "config.close_mosaic"),
+    ] {
+        let mut body = seed_job("s3://b/d");
+        body["config"] = config.clone();
+        let (status, answer) = send(&h.app, json_request("POST", "/training/jobs", &body)).await;
+        assert_eq!(
+            status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{config}: {answer}"
+        );
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
 
     let mut wrong_type = seed_job("s3://b/d");
     wrong_type["config"] = json!([1, 2]);
@@ -912,6 +1001,16 @@ async fn bad_uploads_are_422_and_store_nothing() {
         (
             multipart(&[("file", Some("a.zip"), b"abc"), ("owner", None, b"u")]),
             "owner",
+        ),
+        // Found by schemathesis: a name given twice was taken last-one-wins.
+        (
+            multipart(&[
+                ("user_id", None, b"u"),
+                ("user_id", None, b"v"),
+                ("file", Some("a.zip"), b"abc"),
+                ("dataset_name", None, b"d"),
+            ]),
+            "user_id",
         ),
     ];
     for (body, field) in cases {

@@ -11,7 +11,8 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::{StatusCode, header};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+use vtp_core::api::Uploaded;
 use vtp_core::{BlobKey, BlobStoreExt, Error, ObjectMeta, validate_name};
 
 use crate::AppState;
@@ -19,26 +20,28 @@ use crate::auth::{AuthMode, Caller};
 use crate::error::{ApiError, ApiQuery, error_chain};
 
 /// Names may also come as query parameters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
+    /// The owner, if not a form field (with tokens, the token's user when left out).
     user_id: Option<String>,
+    /// The dataset's name, if not a form field.
     dataset_name: Option<String>,
 }
 
-/// Answer of a successful upload.
-#[derive(Debug, Serialize)]
-pub struct Uploaded {
-    /// Where the file landed: `s3://bucket/users/...` or `file:///...`.
-    pub s3_uri: String,
-    /// Bytes stored.
-    pub size: u64,
-    /// The stored file name.
-    pub filename: String,
-    /// Owner.
-    pub user_id: String,
-    /// Dataset name.
-    pub dataset_name: String,
+/// The multipart form of an upload, as the seed's curl sends it.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the form for the OpenAPI document only.
+pub struct UploadForm {
+    /// The dataset archive (zip or tar.gz; an ImageFolder or a YOLO
+    /// dataset) or any single file.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// The owner (letters, digits, `-`, `_`, `.`).
+    user_id: Option<String>,
+    /// The dataset's name (letters, digits, `-`, `_`, `.`).
+    dataset_name: Option<String>,
 }
 
 /// Longest accepted text field.
@@ -53,6 +56,18 @@ fn bad_multipart(e: &MultipartError) -> ApiError {
 }
 
 /// `POST /datasets/upload`
+#[utoipa::path(
+    post,
+    path = "/datasets/upload",
+    tag = "datasets",
+    params(UploadQuery),
+    request_body(content = UploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Stored under `users/{user_id}/datasets/{dataset_name}/`", body = Uploaded),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn upload(
     State(state): State<AppState>,
     caller: Caller,
@@ -81,13 +96,22 @@ pub async fn upload(
     let mut user_id = query.user_id;
     let mut dataset_name = query.dataset_name;
     let mut staged: Option<(BlobKey, String, ObjectMeta)> = None;
+    let mut form_names = std::collections::HashSet::new();
     let result = async {
         while let Some(mut field) = multipart
             .next_field()
             .await
             .map_err(|e| bad_multipart(&e))?
         {
-            match field.name().unwrap_or_default() {
+            let name = field.name().unwrap_or_default().to_owned();
+            // A name given twice is ambiguous (found by schemathesis, which
+            // sends a list as repeated fields): refused, not last-one-wins.
+            if matches!(name.as_str(), "user_id" | "dataset_name")
+                && !form_names.insert(name.clone())
+            {
+                return Err(Error::invalid(name, "given more than once").into());
+            }
+            match name.as_str() {
                 "user_id" => user_id = Some(text(&mut field, "user_id").await?),
                 "dataset_name" => dataset_name = Some(text(&mut field, "dataset_name").await?),
                 "file" => {
@@ -101,7 +125,7 @@ pub async fn upload(
                 }
                 other => {
                     return Err(Error::invalid(
-                        other,
+                        other.to_owned(),
                         format!(
                             "unknown form field {other:?}; expected file, user_id and dataset_name"
                         ),

@@ -6,8 +6,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde::Deserialize;
+use vtp_core::api::{CallbackAck, EpochMetrics, Started};
 use vtp_core::{
     BlobKey, BlobStoreExt, CallbackSecret, CancelOutcome, Error, Job, JobFilter, JobId, JobPage,
     JobStatus, JobStoreExt, NewJob, TrainingUpdate,
@@ -16,6 +16,7 @@ use vtp_core::{
 use crate::AppState;
 use crate::auth::{AuthMode, Caller, check_owned_blob, job_secret, owned_job};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json};
+use crate::openapi::{Binary, CommonErrors};
 
 type ApiResult<T> = Result<T, ApiError>;
 
@@ -46,7 +47,7 @@ fn replayed() -> [(&'static str, HeaderValue); 1] {
 
 /// The answer to a create retried under `existing`'s `Idempotency-Key`:
 /// the job as it is now if the request is the same, 422 if it is not.
-fn replay_create(existing: Job, digest: &str) -> ApiResult<Response> {
+fn replay_create(state: &AppState, existing: Job, digest: &str) -> ApiResult<Response> {
     let same = existing
         .idempotency
         .create
@@ -63,7 +64,18 @@ fn replay_create(existing: Job, digest: &str) -> ApiResult<Response> {
         .into());
     }
     tracing::info!(job_id = %existing.id, "create retried under its Idempotency-Key; answered again");
-    Ok((StatusCode::CREATED, replayed(), Json(existing)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        replayed(),
+        [location(&existing)],
+        Json(state.present(existing)),
+    )
+        .into_response())
+}
+
+/// The `Location` of a created job.
+fn location(job: &Job) -> (header::HeaderName, String) {
+    (header::LOCATION, format!("/training/jobs/{}", job.id))
 }
 
 /// `POST /training/jobs`: the owner is the caller; with tokens, a
@@ -72,6 +84,21 @@ fn replay_create(existing: Job, digest: &str) -> ApiResult<Response> {
 /// With an `Idempotency-Key`, the same request again (by the same owner)
 /// answers with the job it created, and another request under that key is
 /// 422.
+#[utoipa::path(
+    post,
+    path = "/training/jobs",
+    tag = "jobs",
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: the same key with the same request answers again with the first answer (marked `Idempotent-Replayed: true`) and does nothing twice; with another request it is 422. Visible ASCII, at most 255 characters.")),
+    request_body = NewJob,
+    responses(
+        (status = 201, description = "The job, `pending`", body = Job, headers(
+            ("Location" = String, description = "The job's URL, `/training/jobs/{id}`"),
+            ("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request"),
+        )),
+        CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -92,7 +119,7 @@ pub async fn create(
     if let Some(key) = &key
         && let Some(existing) = state.jobs.find_created_with_key(&new.user_id, key).await?
     {
-        return replay_create(existing, &digest);
+        return replay_create(&state, existing, &digest);
     }
     if state.auth == AuthMode::Tokens {
         state.limits.check_create(&caller.principal().user_id)?;
@@ -119,26 +146,46 @@ pub async fn create(
             && let Some(existing) = state.jobs.find_created_with_key(&job.user_id, key).await?
             && let Some(keyed) = &job.idempotency.create
         {
-            return replay_create(existing, &keyed.digest);
+            return replay_create(&state, existing, &keyed.digest);
         }
         return Err(e.into());
     }
     metrics::counter!("vtp_jobs_created_total").increment(1);
     tracing::info!(job_id = %job.id, user_id = %job.user_id, model = %job.model_name, "job created");
-    Ok((StatusCode::CREATED, Json(job)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        [location(&job)],
+        Json(state.present(job)),
+    )
+        .into_response())
 }
 
 /// Query of `GET /training/jobs`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only this user's jobs (your own unless you are an admin).
     user_id: Option<String>,
+    /// Only jobs in this status.
     status: Option<JobStatus>,
+    /// Page size (default 50, at most 500).
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 500)]
     limit: Option<u32>,
+    /// Jobs to skip.
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 4_294_967_295_i64)]
     offset: Option<u32>,
 }
 
 /// `GET /training/jobs`: your own jobs; an admin sees everyone's.
+#[utoipa::path(
+    get,
+    path = "/training/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses((status = 200, description = "A page of jobs, newest first", body = JobPage), CommonErrors),
+    security((), ("bearer" = [])),
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -147,6 +194,7 @@ pub async fn list(
     let principal = caller.principal();
     let user_id = match query.user_id {
         Some(user) => {
+            vtp_core::validate_name("user_id", &user)?;
             caller.check_acts_for("user_id", &user)?;
             Some(user)
         }
@@ -165,36 +213,41 @@ pub async fn list(
             Error::invalid("limit", format!("must be at most {}", JobFilter::MAX_LIMIT)).into(),
         );
     }
-    Ok(Json(state.jobs.list(&filter).await?))
+    let mut page = state.jobs.list(&filter).await?;
+    page.jobs = page
+        .jobs
+        .into_iter()
+        .map(|job| state.present(job))
+        .collect();
+    Ok(Json(page))
 }
 
 /// `GET /training/jobs/{id}`
+#[utoipa::path(
+    get,
+    path = "/training/jobs/{id}",
+    tag = "jobs",
+    params(("id" = JobId, Path, description = "The job's id (a UUID)")),
+    responses((status = 200, description = "The job", body = Job), CommonErrors),
+    security((), ("bearer" = [])),
+)]
 pub async fn get(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Json<Job>> {
-    Ok(Json(owned_job(state.jobs.as_ref(), &caller, id).await?))
-}
-
-/// Answer of `POST /training/jobs/{id}/start`.
-#[derive(Debug, Serialize)]
-pub struct Started {
-    status: &'static str,
-    job: Job,
+    let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
+    Ok(Json(state.present(job)))
 }
 
 /// The answer to a start retried under the `Idempotency-Key` it was
 /// started with: the job as it is now, launched once.
-fn replay_start(job: Job) -> Response {
+fn replay_start(state: &AppState, job: Job) -> Response {
     tracing::info!(job_id = %job.id, "start retried under its Idempotency-Key; answered again");
     (
         StatusCode::ACCEPTED,
         replayed(),
-        Json(Started {
-            status: "started",
-            job,
-        }),
+        Json(Started::new(state.present(job))),
     )
         .into_response()
 }
@@ -209,6 +262,18 @@ fn started_with(job: &Job, key: Option<&String>) -> bool {
 /// the launcher. A launch failure fails the job with the reason. With an
 /// `Idempotency-Key`, a start retried under the key the job was started
 /// with answers 202 again with the job as it is now, and launches nothing.
+#[utoipa::path(
+    post,
+    path = "/training/jobs/{id}/start",
+    tag = "jobs",
+    params(("id" = JobId, Path, description = "The job's id (a UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: the same key with the same request answers again with the first answer (marked `Idempotent-Replayed: true`) and does nothing twice; with another request it is 422. Visible ASCII, at most 255 characters.")),
+    responses(
+        (status = 202, description = "Launched: the job is `queued` (or further along)", body = Started, headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request"))),
+        (status = 409, description = "The job is not `pending`", body = vtp_core::api::ErrorBody),
+        CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn start(
     State(state): State<AppState>,
     caller: Caller,
@@ -218,7 +283,7 @@ pub async fn start(
     let key = idempotency_key(&headers)?;
     let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
     if started_with(&job, key.as_ref()) {
-        return Ok(replay_start(job));
+        return Ok(replay_start(&state, job));
     }
     if job.status != JobStatus::Pending {
         return Err(Error::conflict(format!(
@@ -254,7 +319,7 @@ pub async fn start(
             // A concurrent retry under the same key queued it first.
             let now = state.jobs.get(id).await?;
             if started_with(&now, key.as_ref()) {
-                return Ok(replay_start(now));
+                return Ok(replay_start(&state, now));
             }
             return Err(e.into());
         }
@@ -293,14 +358,7 @@ pub async fn start(
     crate::crash_point("start-after-launch").await;
     state.stop_if_ended_during_launch(id).await;
     let job = state.jobs.get(id).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(Started {
-            status: "started",
-            job,
-        }),
-    )
-        .into_response())
+    Ok((StatusCode::ACCEPTED, Json(Started::new(state.present(job)))).into_response())
 }
 
 /// The dataset must be in this backend's blob store and hold at least one object.
@@ -328,12 +386,29 @@ fn max_seq() -> i64 {
 /// job's secret (401 otherwise). Replays and out-of-order reports (by
 /// `seq`) change nothing; reports for a finished job are refused with 409;
 /// a checkpoint outside the job's own `jobs/{id}/` is refused with 422.
+#[utoipa::path(
+    post,
+    path = "/training/jobs/{id}/callback",
+    tag = "trainers",
+    params(
+        ("id" = JobId, Path, description = "The job's id (a UUID)"),
+        ("webhook-id" = String, Header, description = "The report's unique id (Standard Webhooks)"),
+        ("webhook-timestamp" = i64, Header, description = "Unix seconds when signed; at most 5 minutes off"),
+        ("webhook-signature" = String, Header, description = "`v1,<base64 HMAC-SHA256>` of `id.timestamp.body` with the job's callback secret"),
+    ),
+    request_body = TrainingUpdate,
+    responses(
+        (status = 200, description = "Taken: applied, or a replay or older report (by `seq`) that changed nothing", body = CallbackAck),
+        (status = 409, description = "The job has finished", body = vtp_core::api::ErrorBody),
+        CommonErrors,
+    ),
+)]
 pub async fn callback(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<JobId>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> ApiResult<Json<serde_json::Value>> {
+) -> ApiResult<Json<CallbackAck>> {
     let now = chrono::Utc::now().timestamp();
     let secret = job_secret(&state, id).await?;
     if let Err(e) = secret.verify(&headers, &body, now) {
@@ -397,11 +472,11 @@ pub async fn callback(
     } else {
         tracing::debug!(job_id = %id, seq = ?update.seq, "stale report ignored");
     }
-    Ok(Json(json!({
-        "status": "ok",
-        "applied": applied,
-        "job_status": status,
-    })))
+    Ok(Json(CallbackAck {
+        status: "ok".to_owned(),
+        applied,
+        job_status: status,
+    }))
 }
 
 /// The epoch of a checkpoint set's URI.
@@ -476,6 +551,18 @@ fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResu
 /// `DELETE /training/jobs/{id}`: cancels. A job that never reached a trainer
 /// is cancelled at once; a launched one goes to `cancelling` until the
 /// trainer reports `cancelled` (or says it is not running it).
+#[utoipa::path(
+    delete,
+    path = "/training/jobs/{id}",
+    tag = "jobs",
+    params(("id" = JobId, Path, description = "The job's id (a UUID)")),
+    responses(
+        (status = 200, description = "The job, `cancelled` or `cancelling`", body = Job),
+        (status = 409, description = "The job has finished", body = vtp_core::api::ErrorBody),
+        CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
@@ -490,7 +577,7 @@ pub async fn cancel(
                     job.message = Some("cancelled before start".into());
                 })
                 .await?;
-            Ok(Json(job))
+            Ok(Json(state.present(job)))
         }
         JobStatus::Queued | JobStatus::Running => {
             state
@@ -524,15 +611,20 @@ async fn signal_trainer(state: &AppState, id: JobId) -> ApiResult<Json<Job>> {
         // The job stays `cancelling`; the sweeper finalises it if the trainer never answers.
         Err(e) => tracing::warn!(job_id = %id, error = %error_chain(&e), "cancel signal failed"),
     }
-    Ok(Json(state.jobs.get(id).await?))
+    Ok(Json(state.present(state.jobs.get(id).await?)))
 }
 
 /// Query of `GET /training/jobs/{id}/metrics`: a page of epochs.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
-    limit: Option<usize>,
-    offset: Option<usize>,
+    /// Epochs per page (default 1,000, at most 10,000).
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 10_000)]
+    limit: Option<u32>,
+    /// Epochs to skip.
+    #[param(value_type = Option<i64>, minimum = 0, maximum = 4_294_967_295_i64)]
+    offset: Option<u32>,
 }
 
 /// Epochs per metrics page by default, and at most.
@@ -544,13 +636,21 @@ const METRICS_PAGE_MAX: usize = 10_000;
 /// first 1,000 epochs unless `?limit=` (at most 10,000) and `&offset=` say
 /// otherwise. (Create caps `epochs` at 10,000, so one job's rows stay few
 /// enough to read whole and page here.)
+#[utoipa::path(
+    get,
+    path = "/training/jobs/{id}/metrics",
+    tag = "jobs",
+    params(("id" = JobId, Path, description = "The job's id (a UUID)"), MetricsQuery),
+    responses((status = 200, description = "One object per epoch, in order", body = Vec<EpochMetrics>), CommonErrors),
+    security((), ("bearer" = [])),
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<JobId>,
     ApiQuery(page): ApiQuery<MetricsQuery>,
-) -> ApiResult<Json<Vec<serde_json::Value>>> {
-    let limit = page.limit.unwrap_or(METRICS_PAGE);
+) -> ApiResult<Json<Vec<EpochMetrics>>> {
+    let limit = page.limit.map_or(METRICS_PAGE, |n| n as usize);
     if limit > METRICS_PAGE_MAX {
         return Err(Error::invalid("limit", format!("must be at most {METRICS_PAGE_MAX}")).into());
     }
@@ -558,22 +658,25 @@ pub async fn metrics(
     let rows = state.jobs.metrics(id).await?;
     let rows = rows
         .into_iter()
-        .skip(page.offset.unwrap_or(0))
+        .skip(page.offset.map_or(0, |n| n as usize))
         .take(limit)
-        .map(|metric| {
-            let mut row = serde_json::Map::new();
-            row.insert("epoch".into(), metric.epoch.into());
-            for (name, value) in metric.values {
-                row.insert(name, value.into());
-            }
-            row.insert("recorded_at".into(), json!(metric.recorded_at));
-            serde_json::Value::Object(row)
-        })
+        .map(EpochMetrics::from)
         .collect();
     Ok(Json(rows))
 }
 
 /// `GET /training/jobs/{id}/checkpoint`: streams the job's checkpoint.
+#[utoipa::path(
+    get,
+    path = "/training/jobs/{id}/checkpoint",
+    tag = "jobs",
+    params(("id" = JobId, Path, description = "The job's id (a UUID)")),
+    responses(
+        (status = 200, description = "The weights (safetensors); for a job that ended without a final checkpoint, those of its last checkpoint set", body = Binary, content_type = "application/octet-stream"),
+        CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn checkpoint(
     State(state): State<AppState>,
     caller: Caller,
@@ -596,6 +699,20 @@ const CHECKPOINT_FILES: [&str; 6] = [
 /// `GET /training/jobs/{id}/checkpoint/{file}`: one file of the job's
 /// checkpoint directory, such as `best.json` (the sidecar with class names
 /// and config that `Checkpoint::open` needs) or `last.safetensors`.
+#[utoipa::path(
+    get,
+    path = "/training/jobs/{id}/checkpoint/{file}",
+    tag = "jobs",
+    params(
+        ("id" = JobId, Path, description = "The job's id (a UUID)"),
+        ("file" = String, Path, description = "`best.safetensors`, `best.json`, `best.optim.safetensors`, `last.safetensors`, `last.json` or `last.optim.safetensors`"),
+    ),
+    responses(
+        (status = 200, description = "The file", body = Binary, content_type = "application/octet-stream"),
+        CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
 pub async fn checkpoint_file(
     State(state): State<AppState>,
     caller: Caller,

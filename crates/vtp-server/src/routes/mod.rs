@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use serde_json::json;
+use vtp_core::api::Health;
 
 use crate::AppState;
 use crate::error::error_chain;
@@ -12,7 +12,16 @@ pub mod datasets;
 pub mod jobs;
 
 /// `GET /health`: 200 when the job store answers, 503 otherwise.
-pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<serde_json::Value>) {
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The job store answers", body = Health),
+        (status = 503, description = "The job store does not answer (`status: degraded`)", body = Health),
+    ),
+)]
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
     let (status, database) = match state.jobs.ping().await {
         Ok(()) => (StatusCode::OK, "ok".to_owned()),
         Err(e) => {
@@ -21,12 +30,17 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<serde_js
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable".to_owned())
         }
     };
-    let body = json!({
-        "status": if status == StatusCode::OK { "ok" } else { "degraded" },
-        "database": database,
-        "blob_store": state.blobs.base_uri(),
-        "launcher": state.launcher.name(),
-        "version": env!("CARGO_PKG_VERSION"),
-    });
+    let body = Health {
+        status: if status == StatusCode::OK {
+            "ok"
+        } else {
+            "degraded"
+        }
+        .to_owned(),
+        database,
+        blob_store: state.blobs.base_uri().to_owned(),
+        launcher: state.launcher.name().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
     (status, Json(body))
 }

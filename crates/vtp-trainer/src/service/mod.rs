@@ -39,19 +39,9 @@ pub enum StartOutcome {
     AlreadyRunning,
 }
 
-/// A job's state as the service sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LocalState {
-    /// Waiting for a training slot.
-    Queued,
-    /// Training.
-    Running,
-    /// Asked to stop.
-    Cancelling,
-    /// Finished here, with reports still waiting for the backend.
-    Reporting,
-}
+/// A job's state as the service sees it (the wire type of its
+/// `GET /training/{job_id}`).
+pub use vtp_core::api::TrainerJobState as LocalState;
 
 /// How a job trained here ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

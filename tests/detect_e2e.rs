@@ -150,7 +150,7 @@ async fn the_seeds_yolo_job_trains_reports_map_and_its_checkpoint_finds_boxes() 
     // `vtp predict` prints boxes and draws them.
     let cli = tempfile::tempdir().unwrap();
     let vtp = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vtp"))
+        let out = std::process::Command::new(support::vtp_cli())
             .args(args)
             .env("VTP_URL", backend.at(""))
             .output()

@@ -39,6 +39,29 @@ fn seed_job() -> Value {
            "dataset_s3_uri": "s3://datasets/test/my-dataset/"})
 }
 
+/// Sends what `request` builds until it answers `expected`, waiting as each
+/// 503's `Retry-After` says (a few times at most); its body.
+async fn after_retries(request: impl Fn() -> reqwest::RequestBuilder, expected: u16) -> Value {
+    let mut tries = Vec::new();
+    loop {
+        let response = request().send().await.unwrap();
+        let wait = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let (status, body) = json_of(response).await;
+        tries.push(status.as_u16());
+        if status.as_u16() == expected {
+            return body;
+        }
+        assert!(
+            status == 503 && tries.len() < 6,
+            "the retry after the outage succeeds: {tries:?} {body}"
+        );
+        tokio::time::sleep(Duration::from_secs(wait.unwrap_or(1))).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_is_503_and_a_retry_after_it_succeeds() {
     let Some(db) = TestDatabase::create().await else {
@@ -113,41 +136,16 @@ async fn postgres_outage_is_503_and_a_retry_after_it_succeeds() {
     assert_eq!(health["status"], "degraded");
 
     proxy.set_down(false);
-    // A client does what the 503 says: retry after `Retry-After`. A pooled
-    // connection the outage cut may fail one more request before the pool
-    // replaces it; the retry gets a fresh one.
-    let mut tries = Vec::new();
-    let read = loop {
-        let response = http
-            .get(format!("{base}/training/jobs/{id}"))
-            .send()
-            .await
-            .unwrap();
-        let wait = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let (status, read) = json_of(response).await;
-        tries.push(status.as_u16());
-        if status == 200 {
-            break read;
-        }
-        assert!(
-            status == 503 && tries.len() < 4,
-            "the retry after the outage succeeds: {tries:?} {read}"
-        );
-        tokio::time::sleep(Duration::from_secs(wait.unwrap_or(1))).await;
-    };
+    // A client does what the 503 says: retry after `Retry-After`. Every
+    // pooled connection the outage cut may fail one more request before the
+    // pool replaces it; the retry gets a fresh one.
+    let read = after_retries(|| http.get(format!("{base}/training/jobs/{id}")), 200).await;
     assert_eq!(read, job);
-    let (status, _) = json_of(
-        http.post(format!("{base}/training/jobs"))
-            .json(&seed_job())
-            .send()
-            .await
-            .unwrap(),
+    after_retries(
+        || http.post(format!("{base}/training/jobs")).json(&seed_job()),
+        201,
     )
     .await;
-    assert_eq!(status, 201);
     let (status, _) = json_of(http.get(format!("{base}/health")).send().await.unwrap()).await;
     assert_eq!(status, 200);
     assert_eq!(

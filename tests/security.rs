@@ -539,7 +539,7 @@ async fn bursts_are_limited_per_user_and_others_go_on() {
 
 /// Runs the `vtp` CLI against the backend; (success, stdout, stderr).
 fn cli(env: &Env, token: Option<&str>, args: &[&str]) -> (bool, String, String) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vtp"));
+    let mut command = std::process::Command::new(support::vtp_cli());
     command
         .env_remove("VTP_TOKEN")
         .env("VTP_URL", &env.backend.url)

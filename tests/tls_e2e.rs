@@ -110,7 +110,7 @@ async fn a_job_trains_with_every_connection_over_https() {
     let vtp = |args: &[&str]| {
         let mut all = vec!["--ca-cert", ca_flag.as_str()];
         all.extend_from_slice(args);
-        run(env!("CARGO_BIN_EXE_vtp"), &cli_env, &all)
+        run(&support::vtp_cli(), &cli_env, &all)
     };
     let archive = shapes_zip(dir.path());
     let (ok, dataset, err) = vtp(&["upload", &archive, "--name", "shapes"]);
@@ -177,11 +177,11 @@ async fn a_job_trains_with_every_connection_over_https() {
 
     // Without the CA, or with another one, the CLI refuses the backend's
     // certificate: a clear error, nothing sent.
-    let (ok, _, err) = run(env!("CARGO_BIN_EXE_vtp"), &cli_env, &["watch", &id]);
+    let (ok, _, err) = run(&support::vtp_cli(), &cli_env, &["watch", &id]);
     assert!(!ok && err.contains("certificate"), "{err}");
     let wrong = other_ca.display().to_string();
     let (ok, _, err) = run(
-        env!("CARGO_BIN_EXE_vtp"),
+        &support::vtp_cli(),
         &cli_env,
         &["--ca-cert", &wrong, "watch", &id],
     );
@@ -190,7 +190,7 @@ async fn a_job_trains_with_every_connection_over_https() {
     std::fs::write(&junk, "not a certificate").unwrap();
     let junk = junk.display().to_string();
     let (ok, _, err) = run(
-        env!("CARGO_BIN_EXE_vtp"),
+        &support::vtp_cli(),
         &cli_env,
         &["--ca-cert", &junk, "watch", &id],
     );

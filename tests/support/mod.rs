@@ -154,6 +154,20 @@ pub fn ambient_vtp_vars() -> impl Iterator<Item = String> {
 
 /// Runs `program` with `args` and `env` (and no ambient `VTP_*` setting)
 /// to the end; (success, trimmed stdout, stderr).
+/// The `vtp` CLI, built by its own crate (`vtp-cli`) into the same
+/// directory as this package's binaries; `cargo test --workspace` builds it
+/// before any test runs (its own tests need it).
+pub fn vtp_cli() -> String {
+    let backend = std::path::Path::new(env!("CARGO_BIN_EXE_vtp-backend"));
+    let cli = backend.with_file_name(format!("vtp{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        cli.is_file(),
+        "{} is missing: build it with `cargo build -p vtp-cli` (cargo test --workspace does)",
+        cli.display()
+    );
+    cli.display().to_string()
+}
+
 pub fn run_binary(program: &str, env: &[(&str, String)], args: &[&str]) -> (bool, String, String) {
     let mut command = std::process::Command::new(program);
     for name in ambient_vtp_vars() {

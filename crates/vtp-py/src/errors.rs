@@ -65,48 +65,10 @@ pub(crate) fn from_core(error: vtp_core::Error) -> PyErr {
         Error::NotFound { .. } => NotFound::new_err(message),
         Error::AlreadyExists { .. } | Error::Conflict { .. } => Conflict::new_err(message),
         Error::InvalidInput { .. } | Error::TooLarge { .. } => InvalidInput::new_err(message),
-        Error::Unavailable { .. } | Error::Timeout { .. } => Unavailable::new_err(message),
+        Error::Unauthenticated { .. } | Error::Forbidden { .. } => AuthError::new_err(message),
+        Error::Unavailable { .. } | Error::Timeout { .. } | Error::RateLimited { .. } => {
+            Unavailable::new_err(message)
+        }
         _ => VtpError::new_err(message),
     }
-}
-
-/// An HTTP error answer as an exception of its category, carrying the
-/// server's message (`{"error": {"code", "message"}}`).
-pub(crate) fn from_status(status: u16, body: &[u8]) -> PyErr {
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let message = parsed
-        .as_ref()
-        .and_then(|v| v["error"]["message"].as_str())
-        .map(str::to_owned)
-        .unwrap_or_else(|| {
-            let text = String::from_utf8_lossy(body);
-            let text = text.trim();
-            if text.is_empty() {
-                format!("HTTP {status}")
-            } else {
-                format!(
-                    "HTTP {status}: {}",
-                    text.chars().take(500).collect::<String>()
-                )
-            }
-        });
-    match status {
-        401 | 403 => AuthError::new_err(message),
-        404 => NotFound::new_err(message),
-        409 => Conflict::new_err(message),
-        400 | 413 | 415 | 422 => InvalidInput::new_err(message),
-        429 | 502..=504 => Unavailable::new_err(message),
-        _ => VtpError::new_err(message),
-    }
-}
-
-/// A transport failure (refused, reset, timed out) as [`Unavailable`].
-pub(crate) fn from_transport(url: &str, error: &reqwest::Error) -> PyErr {
-    let mut message = format!("{url}: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        message.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    Unavailable::new_err(message)
 }

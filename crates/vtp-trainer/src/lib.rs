@@ -15,7 +15,7 @@ pub mod launch;
 pub mod service;
 #[cfg(feature = "testing")]
 pub mod testing;
-pub mod tls;
+pub use vtp_client::tls;
 
 #[cfg(feature = "torch")]
 pub use engine::{Predictor, TchTrainer, TrainConfig};

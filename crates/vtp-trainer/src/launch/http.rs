@@ -9,13 +9,14 @@
 //!   `?attempt=N` ([`TrainerLauncher::stop`]) it stops only attempt `N` or
 //!   an earlier one, as an interruption.
 //! - `GET {trainer}/training/{job_id}`: 2xx while the trainer holds the job, `404` otherwise.
-//! - Error bodies are `{"error": {"code", "message"}}` (or FastAPI's
-//!   `{"detail": ...}`); their message is carried into the error.
+//! - Error bodies are [`ErrorBody`] (or FastAPI's `{"detail": ...}`);
+//!   their message, and the field a 422 names, are carried into the error.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use reqwest::{Response, StatusCode};
+use vtp_core::api::ErrorBody;
 use vtp_core::{CancelOutcome, Error, JobId, Result, RetryConfig, StartTraining, TrainerLauncher};
 
 /// Launches jobs on a trainer service at a base URL.
@@ -149,26 +150,37 @@ fn transport_error(err: reqwest::Error) -> Error {
     }
 }
 
-/// The message of an error body, whichever shape the trainer used.
-async fn error_message(response: Response) -> String {
+/// The message (and field) of an error answer: the API's shape
+/// ([`ErrorBody`], the one the trainer service answers with), or FastAPI's
+/// `{"detail": ...}` of a seed-style trainer, or the text.
+async fn error_detail(response: Response) -> (String, Option<String>) {
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
+    if let Ok(body) = serde_json::from_str::<ErrorBody>(&text) {
+        return (body.error.message, body.error.field);
+    }
     let Ok(json) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return if text.is_empty() {
+        let message = if text.is_empty() {
             status.to_string()
         } else {
             text
         };
+        return (message, None);
     };
     let message = json
-        .pointer("/error/message")
-        .or_else(|| json.get("detail"))
+        .get("detail")
         .or_else(|| json.get("error"))
         .unwrap_or(&json);
-    match message {
+    let message = match message {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
-    }
+    };
+    (message, None)
+}
+
+/// The message of an error answer.
+async fn error_message(response: Response) -> String {
+    error_detail(response).await.0
 }
 
 #[async_trait]
@@ -185,8 +197,15 @@ impl TrainerLauncher for HttpLauncher {
                 tracing::info!(job_id = %request.job_id, "trainer already runs the job; adopted");
                 Ok(())
             }
+            // The trainer names the field it refused (`config.init_weights`);
+            // its message already says `invalid <field>: ...`.
             StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
-                Err(Error::invalid("config", error_message(response).await))
+                let (message, field) = error_detail(response).await;
+                let field = field.unwrap_or_else(|| "config".to_owned());
+                let message = message
+                    .strip_prefix(&format!("invalid {field}: "))
+                    .map_or_else(|| message.clone(), str::to_owned);
+                Err(Error::invalid(field, message))
             }
             status => Err(Error::backend(
                 "trainer",

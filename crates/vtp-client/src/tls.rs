@@ -1,7 +1,7 @@
 //! https clients that trust the deployment's private CA
 //! ([`vtp_core::tls::CA_CERT_ENV`], `VTP_CA_CERT`) besides the system's
-//! roots: the trainer's reports, the HTTP launcher, the CLI and the Python
-//! client all build theirs here.
+//! roots: the backend client, the trainer's reports, the HTTP launcher, the
+//! CLI and the Python client all build theirs here.
 
 use std::path::Path;
 

@@ -49,6 +49,30 @@ fn failing(len: usize) -> crate::ByteStream {
         .boxed()
 }
 
+/// Every case, in order, each on a fresh store from `fresh`, printing one
+/// line per case passed: the suite as one call, for a binary or an example
+/// (a crate's tests use [`crate::blob_store_conformance!`], one test per
+/// case). Panics on the first case that fails.
+pub async fn run_all(fresh: impl Fn() -> Store) {
+    macro_rules! cases {
+        ($($case:ident),* $(,)?) => {$(
+            $case(fresh()).await;
+            println!("conformance: {} ok", stringify!($case));
+        )*};
+    }
+    cases!(
+        put_then_get,
+        missing_object_is_not_found,
+        large_upload_streams_in_parts,
+        failed_upload_leaves_nothing,
+        failed_overwrite_keeps_previous,
+        list_is_recursive_sorted_and_segment_aware,
+        copy_and_delete,
+        uris_round_trip,
+        download_prefix_keeps_layout,
+    );
+}
+
 pub async fn put_then_get(store: Store) {
     let k = key("a/hello.txt");
     let meta = store

@@ -48,7 +48,9 @@ eval "$(scripts/libtorch.sh)"
 python -c "import sklearn" 2>/dev/null || pip install -q --disable-pip-version-check scikit-learn
 
 step "building vtp-backend, vtp-trainer-service and vtp"
-cargo build --locked --features torch -p vtp-server --bins
+# Only what the embedded defaults run: no Postgres, S3 or Kubernetes code.
+cargo build --locked -p vtp-server -p vtp-cli --no-default-features \
+    --features vtp-server/torch,vtp-cli/torch --bins
 bin="$CARGO_TARGET_DIR/debug"
 
 mkdir -p .vtp/demo

@@ -31,13 +31,23 @@ if ! command -v cc >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1 ||
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl postgresql
 fi
 
-# Garage's build (about 15 minutes on 2 cores, once) is the longest install;
-# it runs while the torch wheel downloads instead of after it.
-garage_log="$VTP_CACHE/garage-install.log"
-scripts/services.sh install >"$garage_log" 2>&1 &
-garage_install=$!
+# The tools built from source, once: Garage (about 15 minutes on 2 cores)
+# and cargo-deny. They build while the torch wheel downloads and the
+# workspace builds, instead of after them; each in its own target directory.
+CARGO_DENY_VERSION="0.20.2"
+tools_log="$VTP_CACHE/tools-install.log"
+(
+    scripts/services.sh install
+    if ! cargo deny --version 2>/dev/null | grep -q "$CARGO_DENY_VERSION"; then
+        echo "installing cargo-deny $CARGO_DENY_VERSION"
+        CARGO_TARGET_DIR="$VTP_CACHE/cargo-deny-build" cargo install cargo-deny \
+            --version "$CARGO_DENY_VERSION" --locked --no-default-features
+        rm -rf "$VTP_CACHE/cargo-deny-build"
+    fi
+) >"$tools_log" 2>&1 &
+tools_install=$!
 # Until the services start: an early failure does not leave the build running.
-trap 'pkill -P "$garage_install" 2>/dev/null; kill "$garage_install" 2>/dev/null || true' EXIT
+trap 'pkill -P "$tools_install" 2>/dev/null; kill "$tools_install" 2>/dev/null || true' EXIT
 
 step "libtorch (torch wheel from PyPI, in $VTP_CACHE/venv)"
 eval "$(scripts/libtorch.sh)"
@@ -66,19 +76,27 @@ step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --all-features --no-deps --locked --quiet
 
 # Started only now: fmt, clippy and doc need no services, and meanwhile
-# Garage may still be building.
+# Garage and cargo-deny may still be building.
 step "starting services (Postgres, Garage)"
-if ! wait "$garage_install"; then
-    cat "$garage_log" >&2
-    echo "installing Garage failed (log above)" >&2
+if ! wait "$tools_install"; then
+    cat "$tools_log" >&2
+    echo "installing Garage or cargo-deny failed (log above)" >&2
     exit 1
 fi
 services_env="$(scripts/services.sh start)"
 eval "$services_env"
 trap 'scripts/services.sh stop' EXIT
 
+step "cargo deny check: licenses, banned and duplicate crates, sources (deny.toml)"
+cargo deny --all-features --locked check licenses bans sources
+
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked
+
+step "the Rust examples run (examples/rust: training in process, the backend embedded, a custom BlobStore)"
+for example in train_in_process embed_backend custom_blob_store; do
+    cargo run --locked --quiet --all-features -p vtp-examples --example "$example"
+done
 
 if command -v kubectl >/dev/null 2>&1; then
     step "kubectl kustomize renders the deploy/ overlays"
@@ -95,6 +113,9 @@ cargo build --workspace --all-features --bins --locked
 (cd crates/vtp-py && python -m pytest -q)
 (cd crates/vtp-py && python -m mypy --strict python/vtp ../../examples/notebook/notebook.py)
 (cd crates/vtp-py && python -m mypy.stubtest vtp._vtp)
+
+step "schemathesis: the live backend on Postgres and Garage against its OpenAPI document"
+scripts/schemathesis.sh
 
 step "benches compile (in the dev profile, beside the tests' build; BENCHMARKS.md runs them in release)"
 cargo build --locked -p vtp-server --features torch --benches

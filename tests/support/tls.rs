@@ -51,7 +51,7 @@ impl Pki {
     fn acceptor(&self) -> TlsAcceptor {
         let key = pki_types::PrivateKeyDer::Pkcs8(self.server_key_der.clone().into());
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
+            rustls::crypto::aws_lc_rs::default_provider(),
         ))
         .with_safe_default_protocol_versions()
         .unwrap()

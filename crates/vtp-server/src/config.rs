@@ -227,6 +227,12 @@ impl BackendConfig {
                         ),
                 ))
             }
+            #[cfg(not(feature = "kubernetes"))]
+            LauncherKind::Kubernetes => Err(Error::invalid(
+                "launcher",
+                "this build has no Kubernetes launcher; rebuild vtp-server with the `kubernetes` feature",
+            )),
+            #[cfg(feature = "kubernetes")]
             LauncherKind::Kubernetes => {
                 let launcher = vtp_trainer::KubernetesLauncher::from_env(jobs).await?;
                 match launcher.reconcile().await {

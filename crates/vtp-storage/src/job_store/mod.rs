@@ -68,6 +68,16 @@ pub async fn connect_stores(url: &str) -> Result<Stores> {
         "postgres" | "postgresql" => {
             Ok(Stores::new(postgres::PostgresJobStore::connect(url).await?))
         }
+        #[cfg(not(feature = "sqlite"))]
+        "sqlite" => Err(Error::invalid(
+            "database_url",
+            "this build has no SQLite support (feature `sqlite`)",
+        )),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => Err(Error::invalid(
+            "database_url",
+            "this build has no Postgres support (feature `postgres`)",
+        )),
         _ => Err(Error::invalid(
             "database_url",
             format!("unsupported database URL {url:?}: use sqlite://, postgres:// or memory://"),

@@ -89,7 +89,7 @@ async fn main() -> anyhow::Result<()> {
         .json()
         .await?;
     println!(
-        "GET /vtp/openapi.json -> {} operations",
+        "GET /vtp/openapi.json -> {} paths",
         document["paths"]
             .as_object()
             .map_or(0, serde_json::Map::len)

@@ -52,17 +52,20 @@ async fn env() -> Env {
 
 /// A job in the store, moved to `status`, and its start request.
 async fn job_in(env: &Env, status: JobStatus, config: Value) -> StartTraining {
-    let job = env
-        .store
-        .create_job(NewJob {
-            user_id: "u".into(),
-            model_name: "small_cnn".into(),
-            framework: "tch".into(),
-            dataset_s3_uri: "s3://datasets/vtp/users/u/d.zip".into(),
-            config,
-        })
-        .await
-        .unwrap();
+    let mut job = NewJob {
+        user_id: "u".into(),
+        model_name: "small_cnn".into(),
+        framework: "tch".into(),
+        dataset_s3_uri: "s3://datasets/vtp/users/u/d.zip".into(),
+        config: json!({}),
+    }
+    .into_job()
+    .unwrap();
+    // Stored as it is, unchecked: a job made before the checks it would fail
+    // today (or by another backend version) still reaches the launcher,
+    // which must refuse it itself.
+    job.config = config;
+    env.store.create(&job).await.unwrap();
     let path: &[JobStatus] = match status {
         JobStatus::Queued => &[JobStatus::Queued],
         JobStatus::Running => &[JobStatus::Queued, JobStatus::Running],

@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
-use vtp_core::{BlobKey, BlobStore, BlobUri, ByteStream, Error, ObjectMeta, Result};
+use vtp_core::{BlobKey, BlobStore, ByteStream, Error, ObjectMeta, Result};
 
 /// The embedded default: a directory under `./.vtp/`.
 pub const DEFAULT_BLOB_URL: &str = "file://./.vtp/blobs";
@@ -421,6 +421,7 @@ impl BlobStoreBuilder {
     #[cfg(feature = "s3")]
     fn build_s3(&self) -> Result<ObjectStoreBlobStore> {
         use object_store::aws::AmazonS3Builder;
+        use vtp_core::BlobUri;
         let BlobUri::S3 { bucket, key } = self
             .url
             .parse::<BlobUri>()

@@ -49,8 +49,8 @@ python -c "import sklearn" 2>/dev/null || pip install -q --disable-pip-version-c
 
 step "building vtp-backend, vtp-trainer-service and vtp"
 # Only what the embedded defaults run: no Postgres, S3 or Kubernetes code.
-cargo build --locked -p vtp-server -p vtp-cli --no-default-features \
-    --features vtp-server/torch,vtp-cli/torch --bins
+cargo build --locked -p vtp-server -p vtp-trainer -p vtp-cli --no-default-features \
+    --features vtp-server/torch,vtp-trainer/service,vtp-trainer/torch,vtp-cli/torch --bins
 bin="$CARGO_TARGET_DIR/debug"
 
 mkdir -p .vtp/demo

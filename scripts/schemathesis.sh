@@ -57,6 +57,10 @@ checks="not_a_server_error,status_code_conformance,content_type_conformance"
 checks="$checks,response_headers_conformance,response_schema_conformance"
 checks="$checks,negative_data_rejection,missing_required_header,unsupported_method"
 checks="$checks,ensure_resource_availability"
+# The job event stream is left out: it stays open while a job is not over
+# (every job schemathesis creates stays pending), which schemathesis can
+# only count as a timeout. Its refusals and its replay and reconnect are
+# tested in crates/vtp-server/tests/api.rs.
 status=0
 st --config-file scripts/schemathesis.toml run "$url/openapi.json" \
     --checks "$checks" \
@@ -64,6 +68,7 @@ st --config-file scripts/schemathesis.toml run "$url/openapi.json" \
     --seed "${VTP_SCHEMATHESIS_SEED:-1}" \
     --workers 2 \
     --request-timeout 30 \
+    --exclude-path-regex '/events$' \
     --suppress-health-check too_slow,filter_too_much \
     --report junit --report-dir "$work/report" || status=$?
 if [ "$status" != 0 ]; then

@@ -24,11 +24,16 @@ if ! command -v cargo >/dev/null 2>&1; then
     # shellcheck disable=SC1091
     . "$HOME/.cargo/env"
 fi
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 if ! command -v cc >/dev/null 2>&1 || ! command -v pg_isready >/dev/null 2>&1 || ! command -v curl >/dev/null 2>&1; then
     step "installing build tools and PostgreSQL"
-    as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential pkg-config curl postgresql
+fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+    step "installing Chromium and ChromeDriver (the dashboard's browser test)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver
 fi
 
 # The tools built from source, once: Garage (about 15 minutes on 2 cores)
@@ -63,9 +68,13 @@ scripts/check-libtorch-relink.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "the crates that do not train build without libtorch"
+step "the crates that do not train build without libtorch (the backend; the trainer service and its shell)"
 if cargo tree --locked -p vtp-server -e normal -i torch-sys >/dev/null 2>&1; then
     echo "vtp-server depends on libtorch without the torch feature" >&2
+    exit 1
+fi
+if cargo tree --locked -p vtp-trainer --features service,kubernetes,s3 -e normal -i torch-sys >/dev/null 2>&1; then
+    echo "vtp-trainer's service depends on libtorch without the torch feature" >&2
     exit 1
 fi
 
@@ -88,7 +97,7 @@ eval "$services_env"
 trap 'scripts/services.sh stop' EXIT
 
 step "cargo deny check: licenses, banned and duplicate crates, sources (deny.toml)"
-cargo deny --all-features --locked check licenses bans sources
+cargo deny --all-features --locked check --hide-inclusion-graph licenses bans sources
 
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked
@@ -106,7 +115,7 @@ if command -v kubectl >/dev/null 2>&1; then
     done
 fi
 
-step "Python bindings: maturin develop, pytest (real backend and in process), mypy --strict, stubtest"
+step "Python bindings: maturin develop, pytest (real backend and in process; the dashboard in headless Chromium), mypy --strict, stubtest"
 # The backend and trainer binaries the pytest suite runs, as cargo test built them.
 cargo build --workspace --all-features --bins --locked
 (cd crates/vtp-py && maturin develop --locked)

@@ -13,8 +13,6 @@ use support::ServiceProcess;
 use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::engine::{DetectOptions, Predictor};
 
-const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
-
 async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
     let (status, body) = support::json_of(request.send().await.unwrap()).await;
     (status.as_u16(), body)
@@ -55,7 +53,7 @@ async fn the_seeds_yolo_job_trains_reports_map_and_its_checkpoint_finds_boxes() 
     let mut env = s3.env_for(&blob_url);
     env.push(("VTP_DATABASE_URL", db.url().to_owned()));
     env.push(("VTP_LAUNCHER", "subprocess".to_owned()));
-    env.push(("VTP_TRAINER_BIN", TRAINER_BIN.to_owned()));
+    env.push(("VTP_TRAINER_BIN", support::trainer_bin()));
     env.push((
         "VTP_WORK_DIR",
         work.path().join("trainer").display().to_string(),

@@ -17,8 +17,6 @@ use vtp_storage::testing::{TestDatabase, TestS3};
 use vtp_trainer::engine::Predictor;
 use vtp_trainer::testing::shapes_dataset;
 
-const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
-
 struct Env {
     db: TestDatabase,
     s3: TestS3,
@@ -49,7 +47,7 @@ impl Env {
         let mut env = self.s3.env_for(&self.blob_url);
         env.push(("VTP_DATABASE_URL", self.db.url().to_owned()));
         env.push(("VTP_LAUNCHER", launcher.to_owned()));
-        env.push(("VTP_TRAINER_BIN", TRAINER_BIN.to_owned()));
+        env.push(("VTP_TRAINER_BIN", support::trainer_bin()));
         env.push((
             "VTP_WORK_DIR",
             self.work.path().join("trainer").display().to_string(),
@@ -591,7 +589,7 @@ async fn a_backend_outage_mid_run_loses_and_duplicates_no_epoch() {
     trainer_env.push(("VTP_BACKEND_URL", format!("http://{listen}")));
     trainer_env.push(("VTP_TRAINER_TOKEN", "vtp_tier2-shared-token".to_owned()));
     let trainer = ServiceProcess::spawn(
-        TRAINER_BIN,
+        &support::trainer_bin(),
         &["--listen", "127.0.0.1:0"],
         &trainer_env,
         "vtp-trainer-service listening on ",
@@ -649,4 +647,36 @@ async fn a_backend_outage_mid_run_loses_and_duplicates_no_epoch() {
         .call(env.http.get(format!("{}/health", trainer.url)))
         .await;
     assert_eq!(health["pending_reports"], 0, "the outbox drained");
+
+    // Both services export what the dashboards and alerts in deploy/
+    // query: the trainer every one of its metrics (the outage made report
+    // failures), the backend the seed's names.
+    let page = |url: String| {
+        let http = env.http.clone();
+        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let trainer_page = page(format!("{}/metrics", trainer.url)).await;
+    for name in vtp_trainer::service::http::EXPORTED {
+        assert!(
+            support::exports(&trainer_page, name),
+            "the trainer does not export {name}:\n{trainer_page}"
+        );
+    }
+    let backend_page = page(backend.at("/metrics")).await;
+    for name in [
+        "training_jobs_total",
+        "training_duration_seconds",
+        "active_training_jobs",
+        "vtp_http_requests_total",
+        "vtp_reports_total",
+    ] {
+        assert!(
+            support::exports(&backend_page, name),
+            "the backend does not export {name}:\n{backend_page}"
+        );
+    }
+    assert!(
+        backend_page.contains(r#"training_jobs_total{framework="tch",status="completed"} 1"#),
+        "{backend_page}"
+    );
 }

@@ -19,7 +19,6 @@ use serde_json::{Value, json};
 use support::ServiceProcess;
 use vtp_storage::testing::{TestDatabase, TestS3};
 
-const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
 const NAMESPACE: &str = "vtp";
 const SECRET: &str = "vtp-s3";
 
@@ -229,7 +228,7 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
     let container = &job["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["envFrom"][0]["secretRef"]["name"], SECRET);
-    let mut command = std::process::Command::new(TRAINER_BIN);
+    let mut command = std::process::Command::new(support::trainer_bin());
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());

@@ -19,8 +19,6 @@ use tls::{Pki, TlsProxy};
 use vtp_core::{BlobKey, BlobStoreExt};
 use vtp_storage::testing::{TestDatabase, TestS3};
 
-const TRAINER_BIN: &str = env!("CARGO_BIN_EXE_vtp-trainer-service");
-
 /// The loopback address of an `http://host:port` URL.
 fn socket_of(url: &str) -> SocketAddr {
     let url = reqwest::Url::parse(url).unwrap();
@@ -88,7 +86,7 @@ async fn a_job_trains_with_every_connection_over_https() {
         ("VTP_CA_CERT", ca.display().to_string()),
         ("VTP_DATABASE_URL", db.url().to_owned()),
         ("VTP_LAUNCHER", "subprocess".to_owned()),
-        ("VTP_TRAINER_BIN", TRAINER_BIN.to_owned()),
+        ("VTP_TRAINER_BIN", support::trainer_bin()),
         (
             "VTP_WORK_DIR",
             dir.path().join("trainer").display().to_string(),

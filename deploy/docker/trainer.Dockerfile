@@ -20,7 +20,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p vtp-server --features torch --bin vtp-trainer-service \
+    cargo build --release --locked -p vtp-trainer --features service,torch,s3 --bin vtp-trainer-service \
     && cp target/release/vtp-trainer-service /vtp-trainer-service
 # What the binary loads at run time: libtorch and, for CUDA wheels, the
 # nvidia-* libraries beside it.

@@ -168,6 +168,37 @@ pub fn vtp_cli() -> String {
     cli.display().to_string()
 }
 
+/// The `vtp-trainer-service` binary (`vtp-trainer`'s, features `service`
+/// and `torch`), next to `vtp-backend` in the target directory.
+pub fn trainer_bin() -> String {
+    let backend = std::path::Path::new(env!("CARGO_BIN_EXE_vtp-backend"));
+    let trainer = backend.with_file_name(format!(
+        "vtp-trainer-service{}",
+        std::env::consts::EXE_SUFFIX
+    ));
+    assert!(
+        trainer.is_file(),
+        "{} is missing: build it with `cargo build -p vtp-trainer --features service,torch` \
+         (cargo test --workspace --all-features does)",
+        trainer.display()
+    );
+    trainer.display().to_string()
+}
+
+/// Whether a Prometheus text page has samples of `name` (a histogram's
+/// as `_bucket`, `_sum`, `_count`).
+pub fn exports(page: &str, name: &str) -> bool {
+    page.lines().any(|line| {
+        line.strip_prefix(name).is_some_and(|rest| {
+            rest.starts_with(' ')
+                || rest.starts_with('{')
+                || ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .any(|suffix| rest.starts_with(suffix))
+        })
+    })
+}
+
 pub fn run_binary(program: &str, env: &[(&str, String)], args: &[&str]) -> (bool, String, String) {
     let mut command = std::process::Command::new(program);
     for name in ambient_vtp_vars() {

@@ -437,12 +437,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Follows the job to its end (a progress bar in text), then prints its
-/// metrics and outcome; a job that did not complete is an error.
+/// Follows the job's event stream to its end (in text, a progress bar and a
+/// line per epoch as it finishes), then prints its metrics and outcome (one
+/// JSON document with `--output json`); a job that did not complete is an
+/// error.
 async fn finish(client: &Client, id: JobId, json: bool) -> anyhow::Result<()> {
-    let job = if json {
-        client.wait(id, |_| {}).await?
-    } else {
+    use futures::StreamExt;
+    let mut events = client.events(id, -1);
+    let bar = (!json).then(|| {
         let bar = ProgressBar::new(1000);
         bar.set_style(
             ProgressStyle::with_template(
@@ -451,18 +453,36 @@ async fn finish(client: &Client, id: JobId, json: bool) -> anyhow::Result<()> {
             .expect("a valid template"),
         );
         bar.enable_steady_tick(Duration::from_millis(200));
-        let job = client
-            .wait(id, |job| {
-                bar.set_position((job.progress * 1000.0) as u64);
-                bar.set_message(format!(
-                    "{}: {}",
-                    job.status,
-                    job.message.as_deref().unwrap_or("")
-                ));
-            })
-            .await?;
+        bar
+    });
+    let mut last = None;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        let job = &event.job;
+        if let Some(bar) = &bar {
+            bar.set_position((job.progress * 1000.0) as u64);
+            bar.set_message(format!(
+                "{}: {}",
+                job.status,
+                job.message.as_deref().unwrap_or("")
+            ));
+            if let Some(epoch) = &event.metrics {
+                let values: Vec<String> = epoch
+                    .values
+                    .iter()
+                    .map(|(name, value)| format!("{name} {value:.4}"))
+                    .collect();
+                bar.println(format!("epoch {}: {}", epoch.epoch, values.join(", ")));
+            }
+        }
+        last = Some(event.job);
+    }
+    if let Some(bar) = &bar {
         bar.finish();
-        job
+    }
+    let job = match last {
+        Some(job) if job.status.is_terminal() => job,
+        _ => client.job(id).await?,
     };
     let rows = client.metrics(id).await?;
     if json {

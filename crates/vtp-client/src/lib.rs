@@ -33,6 +33,7 @@
 //!     })
 //!     .await?;
 //! client.start_job(job.id).await?;
+//! // Follows the job's event stream (no polling) until it ends.
 //! let done = client.wait(job.id, |job| println!("{:.0}%", 100.0 * job.progress)).await?;
 //! println!("{}", done.status);
 //! # Ok(()) }
@@ -42,11 +43,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use reqwest::{Method, RequestBuilder, Response, StatusCode};
 use serde::de::DeserializeOwned;
 use url::Url;
 use vtp_core::api::{EpochMetrics, ErrorBody, ErrorDetail, Health, Started, Uploaded};
-use vtp_core::{Error, Job, JobId, JobPage, JobStatus, NewJob, Result, RetryConfig};
+use vtp_core::{Error, Job, JobEvent, JobId, JobPage, JobStatus, NewJob, Result, RetryConfig};
 
 pub mod tls;
 
@@ -111,7 +113,9 @@ impl ClientBuilder {
         self
     }
 
-    /// How often [`Client::wait`] reads the job (default 500 ms).
+    /// The first pause before [`Client::events`] reconnects a dropped
+    /// stream (default 500 ms; doubled on each failure in a row, up to 32
+    /// times this).
     pub fn poll_interval(mut self, poll: Duration) -> Self {
         self.poll = poll.max(Duration::from_millis(10));
         self
@@ -340,25 +344,48 @@ impl Client {
         }
     }
 
-    /// Reads the job every poll interval until it ends, calling `on_change`
-    /// whenever its status, progress or message changed; returns it ended.
+    /// Follows the job's events until it ends, calling `on_change` with the
+    /// job after every change (status, progress, an epoch's metrics);
+    /// returns it ended. See [`Client::events`].
     ///
     /// # Errors
-    /// The errors of [`Client::job`], after its retries.
+    /// The errors of [`Client::events`].
     pub async fn wait(&self, id: JobId, mut on_change: impl FnMut(&Job)) -> Result<Job> {
-        let mut seen: Option<(JobStatus, u64, Option<String>)> = None;
-        loop {
-            let job = self.job(id).await?;
-            let now = (job.status, job.progress.to_bits(), job.message.clone());
-            if seen.as_ref() != Some(&now) {
-                on_change(&job);
-                seen = Some(now);
-            }
-            if job.status.is_terminal() {
-                return Ok(job);
-            }
-            tokio::time::sleep(self.poll).await;
+        use futures::StreamExt;
+        let mut events = self.events(id, -1);
+        let mut last = None;
+        while let Some(event) = events.next().await {
+            let event = event?;
+            on_change(&event.job);
+            last = Some(event.job);
         }
+        match last {
+            Some(job) if job.status.is_terminal() => Ok(job),
+            _ => self.job(id).await,
+        }
+    }
+
+    /// `GET /training/jobs/{id}/events`: the job's changes as they happen,
+    /// those after revision `after` (-1: from its creation), in order. When
+    /// the connection drops it reconnects with `Last-Event-ID`, so no change
+    /// is missed or seen twice; the stream ends after the job's final
+    /// change, or with an error once reconnecting has failed for as long as
+    /// the client's retries allow.
+    pub fn events(&self, id: JobId, after: i64) -> BoxStream<'static, Result<JobEvent>> {
+        use futures::StreamExt;
+        let follow = Follow {
+            client: self.clone(),
+            id,
+            after,
+            inner: None,
+            failures: 0,
+            done: false,
+        };
+        futures::stream::unfold(follow, |mut follow| async move {
+            let item = follow.next().await?;
+            Some((item, follow))
+        })
+        .boxed()
     }
 
     /// `POST /datasets/upload`: streams the file at `path` (an archive:
@@ -478,6 +505,127 @@ fn transport(err: reqwest::Error) -> Error {
         Error::unavailable("backend", err)
     } else {
         Error::backend("backend", err)
+    }
+}
+
+/// A job's event stream being followed across reconnects.
+struct Follow {
+    client: Client,
+    id: JobId,
+    /// The revision of the last event handed out.
+    after: i64,
+    inner: Option<BoxStream<'static, std::result::Result<eventsource_stream::Event, String>>>,
+    /// Connections in a row that ended without an event.
+    failures: usize,
+    done: bool,
+}
+
+impl Follow {
+    /// Opens the stream after revision `after`. (Takes the fields it needs,
+    /// not `&self`: the stream held in `self` is `Send` but not `Sync`.)
+    async fn connect(
+        client: &Client,
+        id: JobId,
+        after: i64,
+    ) -> Result<BoxStream<'static, std::result::Result<eventsource_stream::Event, String>>> {
+        use eventsource_stream::Eventsource;
+        use futures::StreamExt;
+        let response = client
+            .request(Method::GET, &format!("training/jobs/{id}/events"))
+            .header("Last-Event-ID", after.to_string())
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .send()
+            .await
+            .map_err(transport)?;
+        let response = checked(response).await?;
+        Ok(response
+            .bytes_stream()
+            .eventsource()
+            .map(|item| item.map_err(|e| e.to_string()))
+            .boxed())
+    }
+
+    async fn next(&mut self) -> Option<Result<JobEvent>> {
+        use futures::StreamExt;
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.inner.is_none() {
+                if self.failures > 0 {
+                    let pause = self.client.poll * (1u32 << self.failures.min(5));
+                    tokio::time::sleep(pause).await;
+                }
+                match Self::connect(&self.client, self.id, self.after).await {
+                    Ok(stream) => self.inner = Some(stream),
+                    Err(e) if e.is_retryable() && self.failures < self.client.retry.max_retries => {
+                        self.failures += 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let inner = self.inner.as_mut().expect("connected above");
+            match inner.next().await {
+                Some(Ok(message)) if message.event == "error" => {
+                    // The backend could not read the job's events (its
+                    // database is down): reconnect after a pause.
+                    tracing::debug!(job_id = %self.id, code = %message.data, "event stream interrupted");
+                    self.inner = None;
+                    self.failures += 1;
+                }
+                Some(Ok(message)) => {
+                    let event: JobEvent = match serde_json::from_str(&message.data) {
+                        Ok(event) => event,
+                        Err(e) => {
+                            self.done = true;
+                            return Some(Err(Error::backend(
+                                "backend",
+                                format!("an event of job {} is not a JobEvent: {e}", self.id),
+                            )));
+                        }
+                    };
+                    self.after = event.revision;
+                    self.failures = 0;
+                    // Nothing changes a job after its final status.
+                    self.done = event.job.status.is_terminal();
+                    return Some(Ok(event));
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(job_id = %self.id, error = %e, "event stream dropped; reconnecting");
+                    self.inner = None;
+                    self.failures += 1;
+                }
+                // The stream ended: the job was over before this connection
+                // sent anything (the caller had seen its last event), or the
+                // backend went away mid-job (restarted, say): reconnect.
+                None => {
+                    self.inner = None;
+                    match self.client.job(self.id).await {
+                        Ok(job) if job.status.is_terminal() && job.revision <= self.after => {
+                            self.done = true;
+                            return None;
+                        }
+                        Ok(_) => self.failures += 1,
+                        Err(e) if !e.is_retryable() => {
+                            self.done = true;
+                            return Some(Err(e));
+                        }
+                        Err(_) => self.failures += 1,
+                    }
+                }
+            }
+            if self.failures > self.client.retry.max_retries {
+                self.done = true;
+                return Some(Err(Error::unavailable(
+                    "backend",
+                    format!("the event stream of job {} kept failing", self.id),
+                )));
+            }
+        }
     }
 }
 

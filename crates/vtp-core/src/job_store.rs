@@ -5,6 +5,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::error::{Error, Result};
+use crate::event::JobEvent;
 use crate::job::{Job, JobFilter, JobId, JobPage, NewJob};
 use crate::status::JobStatus;
 use crate::update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan, plan_update};
@@ -43,6 +44,10 @@ impl Expected {
 ///   job matches `expected`; otherwise it changes nothing.
 /// - `list` returns jobs newest first, with the total count of matches.
 /// - `metrics` returns a job's epoch metrics ordered by epoch.
+/// - `create` and every successful `compare_and_set` also store the change
+///   as a [`JobEvent`] ([`JobEvent::of_change`] of the job before and after,
+///   numbered by the new revision), atomically with the change itself;
+///   `events` returns them in revision order. A lost race stores none.
 ///
 /// # Errors
 /// - [`Error::NotFound`] for an unknown job id.
@@ -78,6 +83,10 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
 
     /// A job's epoch metrics, ordered by epoch.
     async fn metrics(&self, id: JobId) -> Result<Vec<TrainingMetric>>;
+
+    /// A job's events with a revision above `after` (-1: all of them),
+    /// oldest first, at most `limit`.
+    async fn events(&self, id: JobId, after: i64, limit: u32) -> Result<Vec<JobEvent>>;
 
     /// Checks that the store can be reached.
     async fn ping(&self) -> Result<()>;
@@ -341,6 +350,9 @@ mod tests {
         }
         async fn metrics(&self, _id: JobId) -> Result<Vec<TrainingMetric>> {
             Ok(Vec::new())
+        }
+        async fn events(&self, _id: JobId, _after: i64, _limit: u32) -> Result<Vec<JobEvent>> {
+            unreachable!("not used")
         }
         async fn ping(&self) -> Result<()> {
             Ok(())

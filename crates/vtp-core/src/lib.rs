@@ -41,6 +41,7 @@ pub mod auth;
 pub mod blob;
 pub mod callback_signature;
 pub mod error;
+pub mod event;
 pub mod job;
 pub mod job_store;
 pub mod launcher;
@@ -59,6 +60,7 @@ pub use auth::{CredentialStore, CredentialStoreExt, NewToken, Principal, TokenRe
 pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
 pub use callback_signature::CallbackSecret;
 pub use error::{BoxError, Error, Result, error_chain};
+pub use event::{EventKind, JobEvent};
 pub use job::{
     AttemptEnded, IDEMPOTENCY_KEY_MAX_LEN, IdempotencyKeys, Job, JobFilter, JobId, JobPage,
     KeyedRequest, NewJob, checkpoint_set_epoch, checkpoint_set_prefix, checkpoint_sets_prefix,
@@ -70,5 +72,5 @@ pub use models::{Framework, MODELS, ModelSpec, Task, check_model, find_model};
 pub use retry::{BackoffConfig, RetryConfig};
 pub use status::JobStatus;
 pub use train_config::{DeviceChoice, OptimizerKind, TrainConfig};
-pub use trainer::{EpochReport, ProgressSink, TrainSpec, TrainSummary, Trainer};
+pub use trainer::{EpochReport, ProgressSink, StepProgress, TrainSpec, TrainSummary, Trainer};
 pub use update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan};

@@ -49,10 +49,32 @@ pub struct TrainSummary {
     pub metrics: BTreeMap<String, f64>,
 }
 
+/// Progress inside an epoch, after one training step (for progress bars
+/// and heartbeats).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StepProgress {
+    /// 1-based epoch.
+    pub epoch: u32,
+    /// Epochs planned.
+    pub epochs: u32,
+    /// Steps done in this epoch.
+    pub step: usize,
+    /// Steps in this epoch.
+    pub steps: usize,
+    /// Running mean training loss of this epoch.
+    pub loss: f64,
+}
+
 /// Receives progress from a running [`Trainer`].
 pub trait ProgressSink: Send {
     /// Called after every epoch.
     fn epoch_finished(&mut self, report: &EpochReport);
+
+    /// Called after every training step; by default ignored. Keep it cheap:
+    /// it runs on the training thread between steps.
+    fn step_finished(&mut self, step: &StepProgress) {
+        let _ = step;
+    }
 }
 
 /// A synchronous training loop. Run it on a dedicated thread (or

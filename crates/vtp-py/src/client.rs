@@ -172,6 +172,19 @@ impl Client {
         answer(py, &job)
     }
 
+    /// `GET /training/jobs/{id}/events`: the job's changes as they happen
+    /// (after revision `after`; -1: from its creation), as an iterator of
+    /// dicts (`revision`, `kind`, `job`, `metrics`); it reconnects where it
+    /// left off when the connection drops and ends after the job's final
+    /// change.
+    #[pyo3(signature = (job_id, after=-1))]
+    fn events(&self, job_id: &str, after: i64) -> PyResult<EventStream> {
+        let id = job_id_of(job_id)?;
+        Ok(EventStream {
+            inner: std::sync::Arc::new(tokio::sync::Mutex::new(self.inner.events(id, after))),
+        })
+    }
+
     /// `GET /training/jobs/{id}/metrics`: one dict per epoch.
     fn metrics(&self, py: Python<'_>, job_id: &str) -> PyResult<Py<PyAny>> {
         let id = job_id_of(job_id)?;
@@ -228,6 +241,64 @@ impl Client {
 }
 
 /// A job id, refusing what is not a UUID.
+/// A job's event stream, from `Client.events`.
+#[pyclass(module = "vtp._vtp", frozen)]
+pub struct EventStream {
+    inner: std::sync::Arc<
+        tokio::sync::Mutex<
+            futures::stream::BoxStream<'static, vtp_core::Result<vtp_core::JobEvent>>,
+        >,
+    >,
+}
+
+impl std::fmt::Debug for EventStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventStream")
+    }
+}
+
+#[pymethods]
+impl EventStream {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        self.next_event(py, None)
+    }
+
+    /// The next event, waiting at most `timeout` seconds (`None`: as long
+    /// as it takes; raises `TimeoutError` after that); `None` when the
+    /// stream has ended.
+    #[pyo3(signature = (timeout=None))]
+    fn next_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        use futures::StreamExt;
+        let wait = match timeout {
+            Some(secs) if !(secs.is_finite() && secs >= 0.0) => {
+                return Err(InvalidInput::new_err(
+                    "timeout must be a number of seconds, 0 or more",
+                ));
+            }
+            Some(secs) => Some(Duration::from_secs_f64(secs)),
+            None => None,
+        };
+        let inner = self.inner.clone();
+        let event = block_on(py, async move {
+            let mut stream = inner.lock().await;
+            let next = match wait {
+                Some(wait) => tokio::time::timeout(wait, stream.next())
+                    .await
+                    .map_err(|_| {
+                        pyo3::exceptions::PyTimeoutError::new_err("no event within the timeout")
+                    })?,
+                None => stream.next().await,
+            };
+            next.transpose().map_err(from_core)
+        })?;
+        event.map(|event| answer(py, &event)).transpose()
+    }
+}
+
 fn job_id_of(job_id: &str) -> PyResult<JobId> {
     job_id
         .parse()

@@ -33,6 +33,7 @@ fn _vtp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<Client>()?;
+    m.add_class::<client::EventStream>()?;
     m.add_class::<LocalPlatform>()?;
     m.add_class::<Checkpoint>()?;
     m.add("VtpError", py.get_type::<errors::VtpError>())?;

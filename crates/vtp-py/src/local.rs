@@ -87,6 +87,7 @@ async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
     // The in-process trainer reports only to this backend, and answers only
     // this backend's token.
     let trainer = TrainerService::with_options(
+        Arc::new(vtp_trainer::TchEngine),
         blobs.clone(),
         &root.join("trainer"),
         ServiceOptions {
@@ -105,7 +106,7 @@ async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
     let state = AppState::new(stores, blobs, launcher, &base_url);
     let stop = CancellationToken::new();
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(vtp_server::trainer_service::serve_trainer(
+    tasks.push(tokio::spawn(vtp_trainer::service::http::serve_trainer(
         trainer_listener,
         trainer.clone(),
         Some(trainer_token),

@@ -81,7 +81,7 @@ def fresh_shapes(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[Path, s
 def binary(name: str) -> Path:
     path = TARGET / name
     if not path.is_file():
-        unavailable(f"{path} is not built: cargo build -p vtp-server --features torch --bins")
+        unavailable(f"{path} is not built: cargo build -p vtp-server -p vtp-trainer --features vtp-server/torch --bins")
     return path
 
 

@@ -26,7 +26,8 @@ pub enum LauncherKind {
 #[command(
     name = "vtp-backend",
     version,
-    about = "VTP backend API: jobs, datasets, callbacks and checkpoints"
+    about = "VTP backend API: jobs, datasets, callbacks and checkpoints",
+    after_help = "Logs go to stderr, filtered by VTP_LOG (a tracing filter such as `info,vtp_server=debug`; default `info`), as text or, with VTP_LOG_FORMAT=json, one JSON object per line with the request and job ids of its spans."
 )]
 pub struct BackendConfig {
     /// Address to listen on.
@@ -37,9 +38,21 @@ pub struct BackendConfig {
     #[arg(long, env = "VTP_DATABASE_URL", default_value = vtp_storage::DEFAULT_DATABASE_URL)]
     pub database_url: String,
 
-    /// Blob store: `file://dir`, `s3://bucket[/prefix]` (with `VTP_S3_*`) or `memory://`.
-    #[arg(long, env = "VTP_BLOB_URL", default_value = vtp_storage::DEFAULT_BLOB_URL)]
+    /// Blob store: `file://dir`, `s3://bucket[/prefix]` (with the S3
+    /// settings below) or `memory://`.
+    #[arg(long, env = vtp_storage::blob_store::env::BLOB_URL, default_value = vtp_storage::DEFAULT_BLOB_URL)]
     pub blob_url: String,
+
+    /// How to reach an S3 blob store; a trainer this backend starts gets
+    /// the same settings (a Kubernetes pod only those that are not secret:
+    /// its credentials come from `VTP_K8S_S3_SECRET`).
+    #[command(flatten)]
+    pub s3: vtp_storage::S3Settings,
+
+    /// The Kubernetes launcher's settings.
+    #[cfg(feature = "kubernetes")]
+    #[command(flatten)]
+    pub k8s: vtp_trainer::K8sArgs,
 
     /// How trainers are started.
     #[arg(long, env = "VTP_LAUNCHER", value_enum, default_value = "subprocess")]
@@ -215,8 +228,29 @@ impl BackendConfig {
                 } else {
                     self.blob_url.clone()
                 };
+                // The child inherits `VTP_S3_*` from this process's
+                // environment; settings given as flags reach it the same
+                // way (in its environment, never on its command line).
+                let mut launcher = vtp_trainer::SubprocessLauncher::new(program, jobs);
+                for (name, value) in self.s3.public_env() {
+                    launcher = launcher.with_env(name, value);
+                }
+                for (name, value) in [
+                    (
+                        vtp_storage::blob_store::env::S3_ACCESS_KEY_ID,
+                        &self.s3.access_key_id,
+                    ),
+                    (
+                        vtp_storage::blob_store::env::S3_SECRET_ACCESS_KEY,
+                        &self.s3.secret_access_key,
+                    ),
+                ] {
+                    if let Some(value) = value {
+                        launcher = launcher.with_env(name, value.clone());
+                    }
+                }
                 Ok(Arc::new(
-                    vtp_trainer::SubprocessLauncher::new(program, jobs)
+                    launcher
                         .with_env("VTP_BLOB_URL", blob_url)
                         // Reports may go only to this backend.
                         .with_env("VTP_BACKEND_URL", self.public_url())
@@ -234,7 +268,11 @@ impl BackendConfig {
             )),
             #[cfg(feature = "kubernetes")]
             LauncherKind::Kubernetes => {
-                let launcher = vtp_trainer::KubernetesLauncher::from_env(jobs).await?;
+                let mut trainer_env = vec![("VTP_BLOB_URL".to_owned(), self.blob_url.clone())];
+                trainer_env.extend(self.s3.public_env());
+                let launcher =
+                    vtp_trainer::KubernetesLauncher::connect(self.k8s.config(trainer_env)?, jobs)
+                        .await?;
                 match launcher.reconcile().await {
                     Ok(done) => tracing::info!(
                         running = done.running,

@@ -29,7 +29,8 @@ use vtp_storage::Stores;
 
 pub mod auth;
 pub mod config;
-pub mod error;
+/// The error answer and extractors, shared with the trainer service.
+pub use vtp_http::error;
 mod known_jobs;
 pub mod limits;
 pub mod metrics;
@@ -37,8 +38,7 @@ pub mod openapi;
 pub mod relaunch;
 mod routes;
 pub mod sweeper;
-#[cfg(feature = "torch")]
-pub mod trainer_service;
+pub mod ui;
 
 pub use auth::{AuthMode, Caller};
 pub use config::{BackendConfig, LauncherKind};
@@ -72,6 +72,10 @@ pub struct AppState {
     /// in every start request); a running job silent for
     /// [`vtp_core::launcher::LEASE_HEARTBEATS`] periods has lost its runner.
     pub heartbeat: Duration,
+    /// Jobs this process just changed (reports, starts, cancels): wakes
+    /// their event streams at once. Streams also poll the store, for
+    /// changes made by other replicas and by the sweeper.
+    pub changes: tokio::sync::broadcast::Sender<vtp_core::JobId>,
 }
 
 impl AppState {
@@ -84,7 +88,7 @@ impl AppState {
         public_url: impl Into<String>,
     ) -> Self {
         AppState {
-            jobs: stores.jobs,
+            jobs: Arc::new(metrics::MeteredJobStore(stores.jobs)),
             credentials: stores.credentials,
             auth: AuthMode::Off,
             blobs,
@@ -95,7 +99,14 @@ impl AppState {
             secrets: Arc::new(auth::SecretCache::default()),
             limits: Arc::new(limits::Limits::new(limits::LimitSettings::default())),
             heartbeat: Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS),
+            changes: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Wakes the event streams of `job_id` (see [`AppState::changes`]).
+    pub fn changed(&self, job_id: vtp_core::JobId) {
+        // No stream listening is no error.
+        let _ = self.changes.send(job_id);
     }
 
     /// Sets the heartbeat period trainers keep.
@@ -185,6 +196,7 @@ pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
             REQUEST_TIMEOUT,
         ));
     let streaming = OpenApiRouter::new()
+        .routes(routes!(routes::jobs::events))
         .routes(routes!(routes::jobs::checkpoint))
         .routes(routes!(routes::jobs::checkpoint_file))
         // The upload handler enforces its own limit while streaming.
@@ -209,6 +221,7 @@ pub fn app(state: AppState) -> Router {
     let (router, document) = routes_with_docs().split_for_parts();
     router
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", document))
+        .merge(ui::router())
         .layer(axum::middleware::from_fn(error::hide_server_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -218,65 +231,31 @@ pub fn app(state: AppState) -> Router {
                     .get("x-request-id")
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default();
-                tracing::info_span!("request", method = %request.method(), uri = %request.uri().path(), request_id = %id)
+                let span = tracing::info_span!(
+                    "request",
+                    method = %request.method(),
+                    uri = %request.uri().path(),
+                    request_id = %id,
+                    job_id = tracing::field::Empty,
+                );
+                // Every line about a job carries its id.
+                if let Some(job_id) = job_id_in_path(request.uri().path()) {
+                    span.record("job_id", tracing::field::display(job_id));
+                }
+                span
             }),
         )
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
 }
 
-/// Logs to stderr, filtered by `VTP_LOG` (default `info`), for the binaries.
-pub fn init_tracing() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VTP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-}
+pub use vtp_http::{init_tracing, parent_exited, shutdown_signal};
 
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-}
-
-/// Resolves when the parent process exits (the process is re-parented) or on
-/// a shutdown signal: a child trainer never outlives its backend.
-pub async fn parent_exited() {
-    #[cfg(unix)]
-    let orphaned = async {
-        let parent = std::os::unix::process::parent_id();
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            if std::os::unix::process::parent_id() != parent {
-                return;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let orphaned = std::future::pending::<()>();
-    tokio::select! {
-        () = orphaned => tracing::warn!("parent process exited; stopping"),
-        () = shutdown_signal() => {},
-    }
+/// The job a request is about: the id after `/training/jobs/` (under
+/// whatever prefix the router is mounted).
+fn job_id_in_path(path: &str) -> Option<vtp_core::JobId> {
+    let (_, rest) = path.split_once("/training/jobs/")?;
+    rest.split('/').next()?.parse().ok()
 }
 
 /// A crash point: with the `failpoints` feature and the fail point `name`

@@ -1,44 +1,44 @@
 //! Prometheus metrics at `GET /metrics` (the `metrics` facade with the
 //! Prometheus exporter): requests by method, route and status, request
 //! latency by route, jobs created, trainer reports applied or ignored, and
-//! jobs finished by status.
+//! jobs finished by status; and the seed's own names:
+//! `training_jobs_total{framework,status}` (a job entering a status),
+//! `training_duration_seconds{framework}` (start to end of the jobs that
+//! finished) and `active_training_jobs` (queued, running or cancelling, read
+//! from the job store when scraped). [`EXPORTED`] lists every name; the
+//! dashboards and alerts in `deploy/` may query only those.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::header;
+
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use vtp_core::{
+    Expected, Job, JobEvent, JobFilter, JobId, JobPage, JobStatus, JobStore, TrainingMetric,
+};
 
-/// Request latency buckets, in seconds (callbacks take about a millisecond).
-const LATENCY_BUCKETS: [f64; 12] = [
-    0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+/// Every metric the backend exports (histograms also as `_bucket`, `_sum`
+/// and `_count`).
+pub const EXPORTED: [&str; 12] = [
+    "vtp_http_requests_total",
+    "vtp_http_request_duration_seconds",
+    "vtp_jobs_created_total",
+    "vtp_reports_total",
+    "vtp_jobs_finished_total",
+    "vtp_callbacks_refused_total",
+    "vtp_relaunches_total",
+    "vtp_leases_expired_total",
+    "training_jobs_total",
+    "training_duration_seconds",
+    "active_training_jobs",
+    "vtp_event_streams",
 ];
 
-/// The process's Prometheus recorder, installed on first use. When the
-/// embedding program installed another global recorder first, VTP's
-/// metrics go there and this handle renders an empty page.
-pub fn handle() -> &'static PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets_for_metric(
-                Matcher::Full("vtp_http_request_duration_seconds".into()),
-                &LATENCY_BUCKETS,
-            )
-            .expect("non-empty buckets")
-            .build_recorder();
-        let handle = recorder.handle();
-        if metrics::set_global_recorder(recorder).is_err() {
-            tracing::debug!(
-                "a metrics recorder was installed already; /metrics renders VTP's own only"
-            );
-        }
-        handle
-    })
-}
+/// The process's Prometheus recorder (shared with a trainer service in the
+/// same process, as the Python package runs them).
+pub use vtp_http::metrics::handle;
 
 /// Middleware: counts and times every routed request.
 pub async fn track(request: Request, next: Next) -> Response {
@@ -64,9 +64,88 @@ pub async fn track(request: Request, next: Next) -> Response {
     tag = "operations",
     responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")),
 )]
-pub async fn render() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        handle().render(),
-    )
+pub async fn render(
+    axum::extract::State(state): axum::extract::State<crate::AppState>,
+) -> impl IntoResponse {
+    // Read when scraped: right after a restart, and whichever replica
+    // changed the jobs. A store that cannot answer leaves the last value.
+    let mut active = 0;
+    let mut known = true;
+    for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
+        let filter = JobFilter::new().with_status(status).with_page(1, 0);
+        match state.jobs.list(&filter).await {
+            Ok(page) => active += page.total,
+            Err(_) => known = false,
+        }
+    }
+    if known {
+        metrics::gauge!("active_training_jobs").set(active as f64);
+    }
+    vtp_http::metrics::render()
+}
+
+/// A [`JobStore`] that counts every status a job enters
+/// (`training_jobs_total{framework,status}`) and times the jobs that end
+/// (`training_duration_seconds{framework}`, from start to end): every
+/// change passes through `create` and `compare_and_set`, whoever makes it
+/// (a report, a start, a cancel, the sweeper, the relauncher).
+#[derive(Debug)]
+pub struct MeteredJobStore(pub Arc<dyn JobStore>);
+
+fn entered(job: &Job) {
+    metrics::counter!("training_jobs_total", "framework" => job.framework.clone(), "status" => job.status.as_str())
+        .increment(1);
+    if job.status.is_terminal()
+        && let (Some(started), Some(finished)) = (job.started_at, job.finished_at)
+    {
+        let seconds = (finished - started).num_milliseconds().max(0) as f64 / 1000.0;
+        metrics::histogram!("training_duration_seconds", "framework" => job.framework.clone())
+            .record(seconds);
+    }
+}
+
+#[async_trait::async_trait]
+impl JobStore for MeteredJobStore {
+    async fn create(&self, job: &Job) -> vtp_core::Result<()> {
+        self.0.create(job).await?;
+        entered(job);
+        Ok(())
+    }
+    async fn get(&self, id: JobId) -> vtp_core::Result<Job> {
+        self.0.get(id).await
+    }
+    async fn find_created_with_key(
+        &self,
+        user_id: &str,
+        key: &str,
+    ) -> vtp_core::Result<Option<Job>> {
+        self.0.find_created_with_key(user_id, key).await
+    }
+    async fn list(&self, filter: &JobFilter) -> vtp_core::Result<JobPage> {
+        self.0.list(filter).await
+    }
+    async fn compare_and_set(
+        &self,
+        expected: Expected,
+        next: &Job,
+        metric: Option<&TrainingMetric>,
+    ) -> vtp_core::Result<Job> {
+        let stored = self.0.compare_and_set(expected, next, metric).await?;
+        if stored.status != expected.status {
+            entered(&stored);
+        }
+        Ok(stored)
+    }
+    async fn insert_metric_if_absent(&self, metric: &TrainingMetric) -> vtp_core::Result<bool> {
+        self.0.insert_metric_if_absent(metric).await
+    }
+    async fn metrics(&self, id: JobId) -> vtp_core::Result<Vec<TrainingMetric>> {
+        self.0.metrics(id).await
+    }
+    async fn events(&self, id: JobId, after: i64, limit: u32) -> vtp_core::Result<Vec<JobEvent>> {
+        self.0.events(id, after, limit).await
+    }
+    async fn ping(&self) -> vtp_core::Result<()> {
+        self.0.ping().await
+    }
 }

@@ -425,6 +425,14 @@ pub(crate) mod tests {
         async fn metrics(&self, id: vtp_core::JobId) -> Result<Vec<vtp_core::TrainingMetric>> {
             self.0.metrics(id).await
         }
+        async fn events(
+            &self,
+            id: vtp_core::JobId,
+            after: i64,
+            limit: u32,
+        ) -> Result<Vec<vtp_core::JobEvent>> {
+            self.0.events(id, after, limit).await
+        }
         async fn ping(&self) -> Result<()> {
             self.0.ping().await
         }

@@ -1500,6 +1500,14 @@ impl JobStore for SecondKeyLookupMisses {
     ) -> vtp_core::Result<Vec<vtp_core::TrainingMetric>> {
         self.inner.metrics(id).await
     }
+    async fn events(
+        &self,
+        id: vtp_core::JobId,
+        after: i64,
+        limit: u32,
+    ) -> vtp_core::Result<Vec<vtp_core::JobEvent>> {
+        self.inner.events(id, after, limit).await
+    }
     async fn ping(&self) -> vtp_core::Result<()> {
         self.inner.ping().await
     }
@@ -1540,4 +1548,258 @@ async fn a_create_retry_that_loses_the_insert_race_answers_with_the_winners_job(
         .await
         .unwrap();
     assert_eq!(page.total, 1);
+}
+
+/// One server-sent event: its id, name and JSON data.
+#[derive(Debug, Clone, PartialEq)]
+struct Sse {
+    id: i64,
+    event: String,
+    data: Value,
+}
+
+/// The events of a `text/event-stream` body (keep-alive comments skipped).
+fn parse_sse(text: &str) -> Vec<Sse> {
+    text.split("\n\n")
+        .filter_map(|block| {
+            let (mut id, mut event, mut data) = (None, None, String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = Some(v.trim().parse().unwrap());
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = Some(v.trim().to_owned());
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            Some(Sse {
+                id: id?,
+                event: event?,
+                data: serde_json::from_str(&data).unwrap(),
+            })
+        })
+        .collect()
+}
+
+fn events_request(id: &str, last_event_id: Option<&str>) -> Request<Body> {
+    let mut request = empty("GET", &format!("/training/jobs/{id}/events"));
+    if let Some(last) = last_event_id {
+        request
+            .headers_mut()
+            .insert("last-event-id", last.parse().unwrap());
+    }
+    request
+}
+
+/// The whole stream of a job whose stream ends (a finished job).
+async fn whole_stream(h: &Harness, request: Request<Body>) -> Vec<Sse> {
+    let response = tokio::time::timeout(Duration::from_secs(10), h.app.clone().oneshot(request))
+        .await
+        .expect("the stream answers")
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        "text/event-stream"
+    );
+    let bytes = tokio::time::timeout(Duration::from_secs(10), response.into_body().collect())
+        .await
+        .expect("a finished job's stream ends")
+        .unwrap()
+        .to_bytes();
+    parse_sse(std::str::from_utf8(&bytes).unwrap())
+}
+
+/// Reads a live stream event by event.
+struct LiveStream {
+    body: Body,
+    buffer: String,
+}
+
+impl LiveStream {
+    async fn open(h: &Harness, request: Request<Body>) -> Self {
+        let response = h.app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        LiveStream {
+            body: response.into_body(),
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event, or `None` when the stream ended.
+    async fn next(&mut self) -> Option<Sse> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                if let Some(event) = parse_sse(&block).pop() {
+                    return Some(event);
+                }
+                continue;
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(10), self.body.frame())
+                .await
+                .expect("an event within 10 s")?
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                self.buffer.push_str(std::str::from_utf8(&data).unwrap());
+            }
+        }
+    }
+}
+
+async fn complete(h: &Harness, id: &str, seq: i64) {
+    let checkpoint = BlobKey::parse(&format!("jobs/{id}/best.safetensors")).unwrap();
+    h.blobs
+        .put_bytes(&checkpoint, Bytes::from_static(b"weights"))
+        .await
+        .unwrap();
+    let done = json!({"job_id": id, "status": "completed", "seq": seq, "progress": 1.0,
+                      "checkpoint_s3_uri": h.blobs.uri(&checkpoint)});
+    let (status, body) = report(h, id, done).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+fn epoch_report(id: &str, seq: i64, epoch: u32, loss: f64) -> Value {
+    json!({"job_id": id, "status": "running", "seq": seq, "progress": f64::from(epoch) / 3.0,
+           "metrics": {"epoch": epoch, "loss": loss}})
+}
+
+#[tokio::test]
+async fn a_finished_jobs_event_stream_replays_its_history_and_resumes_after_last_event_id() {
+    let h = harness().await;
+    let id = started_job(&h).await;
+    report(
+        &h,
+        &id,
+        json!({"job_id": id, "status": "running", "seq": 1, "message": "started"}),
+    )
+    .await;
+    for (seq, epoch, loss) in [(2, 1, 0.9), (3, 2, 0.5), (3, 2, 0.5), (4, 3, 0.2)] {
+        report(&h, &id, epoch_report(&id, seq, epoch, loss)).await;
+    }
+    complete(&h, &id, 5).await;
+
+    let events = whole_stream(&h, events_request(&id, None)).await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "status", "status", "status", "metrics", "metrics", "metrics", "status"
+        ],
+        "created, queued, running, three epochs (the replay is no event), completed"
+    );
+    let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        (ids[0]..ids[0] + 7).collect::<Vec<_>>(),
+        "ids are revisions, without gaps"
+    );
+    for event in &events {
+        assert_eq!(event.data["revision"], event.id);
+        assert_eq!(event.data["kind"], event.event.as_str());
+        assert_eq!(event.data["job"]["id"], id.as_str());
+        assert_eq!(
+            event.data["job"]["callback_url"],
+            format!("http://backend.test:8000/training/jobs/{id}/callback")
+        );
+    }
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|e| e.data["job"]["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses[..3], ["pending", "queued", "running"]);
+    assert_eq!(statuses[6], "completed");
+    let epochs: Vec<(u64, f64)> = events
+        .iter()
+        .filter_map(|e| {
+            let m = e.data.get("metrics")?;
+            Some((m["epoch"].as_u64().unwrap(), m["loss"].as_f64().unwrap()))
+        })
+        .collect();
+    assert_eq!(epochs, [(1, 0.9), (2, 0.5), (3, 0.2)]);
+
+    // Reconnecting after any event gives exactly the rest, once.
+    for seen in 0..events.len() {
+        let rest = whole_stream(&h, events_request(&id, Some(&ids[seen].to_string()))).await;
+        assert_eq!(rest, events[seen + 1..], "after event {seen}");
+    }
+    // `?after=` is the same for clients that cannot set the header; the
+    // header wins.
+    let uri = format!("/training/jobs/{id}/events?after={}", ids[3]);
+    assert_eq!(whole_stream(&h, empty("GET", &uri)).await, events[4..]);
+    let mut both = empty("GET", &uri);
+    both.headers_mut()
+        .insert("last-event-id", ids[5].to_string().parse().unwrap());
+    assert_eq!(whole_stream(&h, both).await, events[6..]);
+
+    // Bad ids are refused, naming what is wrong; unknown jobs are 404.
+    for bad in ["abc", "-2", "1.5"] {
+        let (status, body) = send(&h.app, events_request(&id, Some(bad))).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+        assert_eq!(body["error"]["field"], "Last-Event-ID", "{body}");
+    }
+    let (status, _) = send(
+        &h.app,
+        events_request(&vtp_core::JobId::new().to_string(), None),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn a_live_event_stream_gains_each_change_and_a_reconnect_misses_nothing() {
+    let h = harness().await;
+    let id = started_job(&h).await;
+    let mut stream = LiveStream::open(&h, events_request(&id, None)).await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(stream.next().await.unwrap());
+    }
+    assert_eq!(seen[1].data["job"]["status"], "queued");
+
+    // Each report reaches the open stream as it is applied.
+    report(
+        &h,
+        &id,
+        json!({"job_id": id, "status": "running", "seq": 1}),
+    )
+    .await;
+    seen.push(stream.next().await.unwrap());
+    assert_eq!(seen[2].data["job"]["status"], "running");
+    report(&h, &id, epoch_report(&id, 2, 1, 0.9)).await;
+    let epoch = stream.next().await.unwrap();
+    assert_eq!(
+        (epoch.event.as_str(), &epoch.data["metrics"]["epoch"]),
+        ("metrics", &json!(1))
+    );
+    seen.push(epoch);
+
+    // The connection drops; two changes happen meanwhile; the client
+    // reconnects with the last id it saw and gets exactly those, then the
+    // rest live, and the stream ends with the job.
+    drop(stream);
+    report(&h, &id, epoch_report(&id, 3, 2, 0.5)).await;
+    report(&h, &id, json!({"job_id": id, "status": "running", "seq": 4, "progress": 0.8, "message": "step 5/9"})).await;
+    let last = seen.last().unwrap().id.to_string();
+    let mut stream = LiveStream::open(&h, events_request(&id, Some(&last))).await;
+    seen.push(stream.next().await.unwrap());
+    seen.push(stream.next().await.unwrap());
+    assert_eq!(seen[4].data["metrics"]["epoch"], 2);
+    assert_eq!(
+        (seen[5].event.as_str(), &seen[5].data["job"]["message"]),
+        ("progress", &json!("step 5/9"))
+    );
+    complete(&h, &id, 5).await;
+    seen.push(stream.next().await.unwrap());
+    assert_eq!(seen[6].data["job"]["status"], "completed");
+    assert_eq!(stream.next().await, None, "the stream ends with the job");
+
+    let ids: Vec<i64> = seen.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        (ids[0]..ids[0] + 7).collect::<Vec<_>>(),
+        "no gap and no duplicate across the reconnect"
+    );
+    // What the live client saw is what a replay gives.
+    assert_eq!(whole_stream(&h, events_request(&id, None)).await, seen);
 }

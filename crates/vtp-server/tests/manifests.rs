@@ -93,8 +93,10 @@ fn merge(base: &mut Value, patch: &Value) {
     }
 }
 
-fn literals(generator: &Value) -> serde_json::Map<String, Value> {
-    generator["literals"]
+/// A generator's data: its `literals` (`KEY=value`) and its `files` (the
+/// file's name as the key, its text as the value), relative to `dir`.
+fn generated(dir: &Path, generator: &Value) -> serde_json::Map<String, Value> {
+    let mut data: serde_json::Map<String, Value> = generator["literals"]
         .as_array()
         .into_iter()
         .flatten()
@@ -102,7 +104,14 @@ fn literals(generator: &Value) -> serde_json::Map<String, Value> {
             let (k, v) = l.as_str().unwrap().split_once('=').unwrap();
             (k.to_owned(), Value::String(v.to_owned()))
         })
-        .collect()
+        .collect();
+    for file in generator["files"].as_array().into_iter().flatten() {
+        let file = file.as_str().unwrap();
+        let text = std::fs::read_to_string(dir.join(file))
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.join(file).display()));
+        data.insert(file.to_owned(), Value::String(text));
+    }
+    data
 }
 
 const KUSTOMIZATION_KEYS: [&str; 10] = [
@@ -143,18 +152,20 @@ fn build(dir: &Path) -> Vec<Value> {
     }
     for generator in k["configMapGenerator"].as_array().into_iter().flatten() {
         let name = generator["name"].as_str().unwrap();
-        let data = literals(generator);
+        let data = generated(dir, generator);
         match objects.iter_mut().find(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == name) {
             Some(existing) if generator["behavior"] == "merge" => {
                 merge(&mut existing["data"], &Value::Object(data));
             }
             Some(_) => panic!("{}: ConfigMap {name} generated twice", file.display()),
-            None => objects.push(json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": data})),
+            None => objects.push(json!({"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "labels": generator["options"]["labels"].as_object().cloned().unwrap_or_default()},
+                "data": data})),
         }
     }
     for generator in k["secretGenerator"].as_array().into_iter().flatten() {
         let name = generator["name"].as_str().unwrap();
-        objects.push(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": literals(generator)}));
+        objects.push(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "stringData": generated(dir, generator)}));
     }
     for patch in k["patches"].as_array().into_iter().flatten() {
         let path = dir.join(patch["path"].as_str().unwrap());
@@ -285,6 +296,13 @@ fn the_kind_overlay_renders_a_whole_platform() {
     );
     let s3 = find(&objects, "Secret", "vtp-s3");
     assert!(s3["stringData"]["VTP_S3_SECRET_ACCESS_KEY"].is_string());
+    // The dashboard and the alert rules ride along (tests/monitoring.rs
+    // checks what they query).
+    let dashboard = find(&objects, "ConfigMap", "vtp-grafana-dashboard");
+    assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1");
+    assert!(dashboard["data"]["grafana-dashboard.json"].is_string());
+    let alerts = find(&objects, "ConfigMap", "vtp-alerts");
+    assert!(alerts["data"]["vtp-alerts.yaml"].is_string());
     for object in objects.iter().filter(|o| o["kind"] != "Namespace") {
         assert_eq!(
             object["metadata"]["namespace"], "vtp",

@@ -46,12 +46,12 @@ fn the_committed_backend_document_is_the_generated_one() {
     check_committed("openapi.json", &document);
 }
 
-#[cfg(feature = "torch")]
+/// The trainer service's document needs no libtorch to generate.
 #[test]
 fn the_committed_trainer_document_is_the_generated_one() {
     check_committed(
         "trainer-openapi.json",
-        &vtp_server::trainer_service::trainer_document(),
+        &vtp_trainer::service::http::trainer_document(),
     );
 }
 

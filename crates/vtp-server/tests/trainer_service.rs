@@ -10,6 +10,7 @@ use vtp_core::{BlobKey, BlobStore, BlobStoreExt};
 use vtp_server::AppState;
 use vtp_storage::{ObjectStoreBlobStore, Stores};
 use vtp_trainer::HttpLauncher;
+use vtp_trainer::TchEngine;
 use vtp_trainer::service::{ServiceOptions, TrainerService};
 
 /// The token the backend and the trainer service share here.
@@ -43,6 +44,7 @@ async fn stack() -> Stack {
     let backend_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let backend = format!("http://{}", backend_listener.local_addr().unwrap());
     let service = TrainerService::with_options(
+        Arc::new(TchEngine),
         blobs.clone(),
         &work.path().join("trainer"),
         ServiceOptions {
@@ -53,7 +55,7 @@ async fn stack() -> Stack {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let trainer = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(vtp_server::trainer_service::serve_trainer(
+    tokio::spawn(vtp_trainer::service::http::serve_trainer(
         listener,
         service,
         Some(TRAINER_TOKEN.into()),
@@ -551,6 +553,7 @@ async fn the_trainer_answers_only_its_backend_and_reports_only_to_it() {
     tokio::spawn(async move { axum::serve(listener, redirector).await });
     let work = tempfile::tempdir().unwrap();
     let service = TrainerService::with_options(
+        Arc::new(TchEngine),
         s.blobs.clone(),
         work.path(),
         ServiceOptions {
@@ -590,6 +593,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     let work = tempfile::tempdir().unwrap();
     let blobs: Arc<dyn BlobStore> = Arc::new(ObjectStoreBlobStore::in_memory());
     let service = TrainerService::with_options(
+        Arc::new(TchEngine),
         blobs,
         work.path(),
         ServiceOptions {
@@ -600,7 +604,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(vtp_server::trainer_service::serve_trainer(
+    tokio::spawn(vtp_trainer::service::http::serve_trainer(
         listener,
         service,
         Some(TRAINER_TOKEN.into()),

@@ -247,24 +247,115 @@ fn is_transient(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// S3 connection settings.
+/// The variables the blob store's settings are read from: by
+/// [`BlobStoreBuilder::from_env`], and by the binaries' arguments (the
+/// `cli` feature) as the `env` of each flag.
+pub mod env {
+    /// Where the store is rooted: `file://dir`, `s3://bucket[/prefix]`, `memory://`.
+    pub const BLOB_URL: &str = "VTP_BLOB_URL";
+    /// [`super::S3Settings::endpoint`].
+    pub const S3_ENDPOINT: &str = "VTP_S3_ENDPOINT";
+    /// [`super::S3Settings::region`].
+    pub const S3_REGION: &str = "VTP_S3_REGION";
+    /// [`super::S3Settings::access_key_id`].
+    pub const S3_ACCESS_KEY_ID: &str = "VTP_S3_ACCESS_KEY_ID";
+    /// [`super::S3Settings::secret_access_key`].
+    pub const S3_SECRET_ACCESS_KEY: &str = "VTP_S3_SECRET_ACCESS_KEY";
+    /// [`super::S3Settings::allow_http`].
+    pub const S3_ALLOW_HTTP: &str = "VTP_S3_ALLOW_HTTP";
+    /// [`super::S3Settings::virtual_hosted_style`].
+    pub const S3_VIRTUAL_HOSTED_STYLE: &str = "VTP_S3_VIRTUAL_HOSTED_STYLE";
+    /// [`super::S3Settings::ca_cert`].
+    pub const CA_CERT: &str = vtp_core::tls::CA_CERT_ENV;
+}
+
+/// S3 connection settings. With the `cli` feature they are also the
+/// binaries' S3 arguments (`#[command(flatten)]`), each with its `VTP_S3_*`
+/// variable, so `--help` lists them; the secrets' values are never shown.
 #[derive(Clone, Default)]
+#[cfg_attr(feature = "cli", derive(clap::Args))]
+#[cfg_attr(
+    feature = "cli",
+    command(next_help_heading = "S3 blob store (for an s3:// blob URL)")
+)]
 pub struct S3Settings {
-    /// Endpoint URL for non-AWS stores (`http://127.0.0.1:3900`).
+    /// Endpoint URL for a store other than AWS (`http://127.0.0.1:3900`
+    /// for Garage).
+    #[cfg_attr(feature = "cli", arg(long = "s3-endpoint", env = env::S3_ENDPOINT))]
     pub endpoint: Option<String>,
-    /// Region (`garage` for Garage, `auto` for R2); defaults to `us-east-1`.
+    /// Region (`garage` for Garage, `auto` for R2); `us-east-1` when unset.
+    #[cfg_attr(feature = "cli", arg(long = "s3-region", env = env::S3_REGION))]
     pub region: Option<String>,
     /// Access key id.
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "s3-access-key-id", env = env::S3_ACCESS_KEY_ID, hide_env_values = true)
+    )]
     pub access_key_id: Option<String>,
-    /// Secret access key.
+    /// Secret access key (set the variable: a flag is visible to every
+    /// user of the machine).
+    #[cfg_attr(
+        feature = "cli",
+        arg(long = "s3-secret-access-key", env = env::S3_SECRET_ACCESS_KEY, hide_env_values = true)
+    )]
     pub secret_access_key: Option<String>,
-    /// Allow plain `http://` endpoints.
+    /// Allow a plain `http://` endpoint.
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long = "s3-allow-http",
+            env = env::S3_ALLOW_HTTP,
+            action = clap::ArgAction::Set,
+            value_parser = clap::builder::BoolishValueParser::new(),
+            num_args = 0..=1,
+            default_value = "false",
+            default_missing_value = "true",
+        )
+    )]
     pub allow_http: bool,
     /// Use `bucket.host` URLs instead of `host/bucket` (path style, the default).
+    #[cfg_attr(
+        feature = "cli",
+        arg(
+            long = "s3-virtual-hosted-style",
+            env = env::S3_VIRTUAL_HOSTED_STYLE,
+            action = clap::ArgAction::Set,
+            value_parser = clap::builder::BoolishValueParser::new(),
+            num_args = 0..=1,
+            default_value = "false",
+            default_missing_value = "true",
+        )
+    )]
     pub virtual_hosted_style: bool,
     /// A PEM bundle of CAs to trust for an `https://` endpoint besides the
-    /// system's roots (`VTP_CA_CERT`): a store whose certificate a private CA signed.
+    /// system's roots: a store whose certificate a private CA signed.
+    #[cfg_attr(feature = "cli", arg(long = "ca-cert", env = env::CA_CERT))]
     pub ca_cert: Option<std::path::PathBuf>,
+}
+
+impl S3Settings {
+    /// The settings that are not secret, as the variables a trainer reads
+    /// them from (what a Kubernetes trainer pod gets in plain environment;
+    /// the credentials travel in a Secret).
+    pub fn public_env(&self) -> Vec<(String, String)> {
+        let flag = |on: bool| on.then(|| "true".to_owned());
+        [
+            (env::S3_ENDPOINT, self.endpoint.clone()),
+            (env::S3_REGION, self.region.clone()),
+            (env::S3_ALLOW_HTTP, flag(self.allow_http)),
+            (
+                env::S3_VIRTUAL_HOSTED_STYLE,
+                flag(self.virtual_hosted_style),
+            ),
+            (
+                env::CA_CERT,
+                self.ca_cert.as_ref().map(|p| p.display().to_string()),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (name.to_owned(), v)))
+        .collect()
+    }
 }
 
 impl std::fmt::Debug for S3Settings {
@@ -329,17 +420,17 @@ impl BlobStoreBuilder {
         let flag =
             |name: &str| var(name).is_some_and(|v| matches!(v.as_str(), "1" | "true" | "yes"));
         let mut builder = Self::new();
-        if let Some(url) = var("VTP_BLOB_URL") {
+        if let Some(url) = var(env::BLOB_URL) {
             builder.url = url;
         }
         builder.s3 = S3Settings {
-            endpoint: var("VTP_S3_ENDPOINT"),
-            region: var("VTP_S3_REGION"),
-            access_key_id: var("VTP_S3_ACCESS_KEY_ID"),
-            secret_access_key: var("VTP_S3_SECRET_ACCESS_KEY"),
-            allow_http: flag("VTP_S3_ALLOW_HTTP"),
-            virtual_hosted_style: flag("VTP_S3_VIRTUAL_HOSTED_STYLE"),
-            ca_cert: var(vtp_core::tls::CA_CERT_ENV).map(Into::into),
+            endpoint: var(env::S3_ENDPOINT),
+            region: var(env::S3_REGION),
+            access_key_id: var(env::S3_ACCESS_KEY_ID),
+            secret_access_key: var(env::S3_SECRET_ACCESS_KEY),
+            allow_http: flag(env::S3_ALLOW_HTTP),
+            virtual_hosted_style: flag(env::S3_VIRTUAL_HOSTED_STYLE),
+            ca_cert: var(env::CA_CERT).map(Into::into),
         };
         builder
     }
@@ -489,5 +580,75 @@ impl BlobStoreBuilder {
             "blob_url",
             "this build has no S3 support (feature `s3`)",
         ))
+    }
+}
+
+#[cfg(all(test, feature = "cli"))]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Args {
+        #[command(flatten)]
+        s3: S3Settings,
+    }
+
+    #[test]
+    fn the_s3_arguments_are_the_variables_from_env_reads() {
+        let args = Args::try_parse_from([
+            "vtp",
+            "--s3-endpoint",
+            "http://127.0.0.1:3900",
+            "--s3-region=garage",
+            "--s3-allow-http",
+            "--s3-virtual-hosted-style=no",
+        ])
+        .unwrap();
+        assert_eq!(args.s3.endpoint.as_deref(), Some("http://127.0.0.1:3900"));
+        assert_eq!(args.s3.region.as_deref(), Some("garage"));
+        assert!(args.s3.allow_http);
+        assert!(!args.s3.virtual_hosted_style);
+        assert_eq!(
+            args.s3.public_env(),
+            [
+                (
+                    "VTP_S3_ENDPOINT".to_owned(),
+                    "http://127.0.0.1:3900".to_owned()
+                ),
+                ("VTP_S3_REGION".to_owned(), "garage".to_owned()),
+                ("VTP_S3_ALLOW_HTTP".to_owned(), "true".to_owned()),
+            ]
+        );
+
+        let command = Args::command();
+        let documented: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|a| a.get_env()?.to_str())
+            .collect();
+        for name in [
+            env::S3_ENDPOINT,
+            env::S3_REGION,
+            env::S3_ACCESS_KEY_ID,
+            env::S3_SECRET_ACCESS_KEY,
+            env::S3_ALLOW_HTTP,
+            env::S3_VIRTUAL_HOSTED_STYLE,
+            env::CA_CERT,
+        ] {
+            assert!(
+                documented.contains(&name),
+                "{name} is not an argument's variable"
+            );
+        }
+        // The credentials' values never show in --help.
+        for arg in command.get_arguments() {
+            let id = arg.get_id().as_str();
+            assert_eq!(
+                arg.is_hide_env_values_set(),
+                id.contains("key"),
+                "{id}: hide_env_values"
+            );
+        }
     }
 }

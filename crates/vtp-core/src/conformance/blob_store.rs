@@ -55,22 +55,12 @@ fn failing(len: usize) -> crate::ByteStream {
 /// case). Panics on the first case that fails.
 pub async fn run_all(fresh: impl Fn() -> Store) {
     macro_rules! cases {
-        ($($case:ident),* $(,)?) => {$(
-            $case(fresh()).await;
+        ($fresh:ident; $($case:ident),* $(,)?) => {$(
+            $case($fresh()).await;
             println!("conformance: {} ok", stringify!($case));
         )*};
     }
-    cases!(
-        put_then_get,
-        missing_object_is_not_found,
-        large_upload_streams_in_parts,
-        failed_upload_leaves_nothing,
-        failed_overwrite_keeps_previous,
-        list_is_recursive_sorted_and_segment_aware,
-        copy_and_delete,
-        uris_round_trip,
-        download_prefix_keeps_layout,
-    );
+    crate::__blob_store_cases!([cases] fresh;);
 }
 
 pub async fn put_then_get(store: Store) {

@@ -546,3 +546,83 @@ pub async fn lost_attempts_are_recorded_and_relaunched_then_fail(store: Store) {
 pub async fn ping_succeeds(store: Store) {
     store.ping().await.unwrap();
 }
+
+/// Every change is an event numbered by the revision it gave the job, with
+/// the job as it left it: none for a lost race or a replay, no gaps, and
+/// `after` resumes exactly where a reader stopped.
+pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
+    use crate::event::EventKind;
+    let job = running_job(&store).await;
+    store.apply_update(job.id, &epoch(1, 1, 0.9)).await.unwrap();
+    // A replay and a lost race change nothing, so they are no events.
+    assert!(
+        !store
+            .apply_update(job.id, &epoch(1, 1, 0.9))
+            .await
+            .unwrap()
+            .applied()
+    );
+    let mut lost = job.clone();
+    lost.message = Some("lost".into());
+    store
+        .compare_and_set(Expected::exactly(&job), &lost, None)
+        .await
+        .unwrap_err();
+    let progress = TrainingUpdate::new(JobStatus::Running)
+        .with_seq(2)
+        .with_progress(0.5)
+        .with_message("half way");
+    store.apply_update(job.id, &progress).await.unwrap();
+    let done = TrainingUpdate::new(JobStatus::Completed)
+        .with_seq(3)
+        .with_checkpoint("s3://bucket/jobs/x/best.safetensors");
+    store.apply_update(job.id, &done).await.unwrap();
+    let finished = store.get(job.id).await.unwrap();
+
+    let events = store.events(job.id, -1, 100).await.unwrap();
+    let kinds: Vec<EventKind> = events.iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            EventKind::Status,   // created, pending
+            EventKind::Status,   // queued
+            EventKind::Status,   // running
+            EventKind::Metrics,  // epoch 1
+            EventKind::Progress, // half way
+            EventKind::Status,   // completed
+        ]
+    );
+    let revisions: Vec<i64> = events.iter().map(|e| e.revision).collect();
+    let first = revisions[0];
+    assert_eq!(
+        revisions,
+        (first..first + 6).collect::<Vec<_>>(),
+        "one event per revision, no gaps"
+    );
+    assert_eq!(events[0].job.status, JobStatus::Pending);
+    assert_eq!(events[3].metrics.as_ref().unwrap().values["loss"], 0.9);
+    assert_eq!(events[4].job.message.as_deref(), Some("half way"));
+    assert_eq!(
+        events.last().unwrap().job,
+        finished,
+        "the last event is the stored job"
+    );
+
+    // Resuming after any revision gives exactly the rest; limits page.
+    let rest = store.events(job.id, revisions[2], 100).await.unwrap();
+    assert_eq!(rest, events[3..]);
+    let page = store.events(job.id, revisions[2], 2).await.unwrap();
+    assert_eq!(page, events[3..5]);
+    assert!(
+        store
+            .events(job.id, finished.revision, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let err = store.events(JobId::new(), -1, 10).await.unwrap_err();
+    assert!(
+        matches!(err, Error::NotFound { kind: "job", .. }),
+        "{err:?}"
+    );
+}

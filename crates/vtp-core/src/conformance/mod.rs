@@ -44,6 +44,7 @@ macro_rules! job_store_conformance {
             updates_from_a_known_version_are_checked,
             metrics_of_unknown_job_is_not_found,
             lost_attempts_are_recorded_and_relaunched_then_fail,
+            every_change_is_an_event_numbered_by_revision,
             ping_succeeds,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,12 +64,14 @@ macro_rules! job_store_conformance {
     };
 }
 
-/// Generates one `#[tokio::test]` per [`blob_store`] case, each on a fresh
-/// store from the async factory `$factory`.
+/// Every [`blob_store`] case, once: calls the macro in brackets with the
+/// given tokens followed by the case names. [`blob_store_conformance!`] and
+/// [`blob_store::run_all`] both take their list from here.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! blob_store_conformance {
-    ($factory:path) => {
-        $crate::blob_store_conformance!(@cases $factory;
+macro_rules! __blob_store_cases {
+    ([$($callback:tt)+] $($args:tt)*) => {
+        $($callback)+! { $($args)*
             put_then_get,
             missing_object_is_not_found,
             large_upload_streams_in_parts,
@@ -78,7 +81,16 @@ macro_rules! blob_store_conformance {
             copy_and_delete,
             uris_round_trip,
             download_prefix_keeps_layout,
-        );
+        }
+    };
+}
+
+/// Generates one `#[tokio::test]` per [`blob_store`] case, each on a fresh
+/// store from the async factory `$factory`.
+#[macro_export]
+macro_rules! blob_store_conformance {
+    ($factory:path) => {
+        $crate::__blob_store_cases!([$crate::blob_store_conformance] @cases $factory;);
     };
     (@cases $factory:path; $($case:ident),* $(,)?) => {
         $(

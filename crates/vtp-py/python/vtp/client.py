@@ -37,8 +37,9 @@ def _default_user() -> str:
 class Event:
     """One thing that happened to a job, from :meth:`Job.events`.
 
-    ``kind`` is ``"progress"`` when the status, progress or message changed,
-    ``"metrics"`` when an epoch finished (``metrics`` holds its row), and
+    ``kind`` is ``"progress"`` when the status, progress or message changed
+    (or the trainer reported in), ``"metrics"`` when an epoch finished
+    (``metrics`` holds its row, as :meth:`Job.metrics` gives it), and
     ``"finished"`` once, last, when the job reached a terminal status.
     """
 
@@ -144,33 +145,38 @@ class Job:
         return plot_metrics(self.metrics(), title=f"{self.model_name} {self.id[:8]}")
 
     def events(
-        self, poll_interval: float = 0.5, timeout: float | None = None
+        self, poll_interval: float | None = None, timeout: float | None = None
     ) -> Iterator[Event]:
-        """Progress and per-epoch metrics as they arrive, ending with one
-        ``finished`` event. Polls every ``poll_interval`` seconds; raises
-        ``TimeoutError`` after ``timeout`` seconds. Ctrl-C stops it."""
+        """Progress and per-epoch metrics as they happen, ending with one
+        ``finished`` event: the backend's event stream
+        (``GET /training/jobs/{id}/events``), which resumes where it left
+        off when the connection drops. Raises ``TimeoutError`` when the job
+        has not finished after ``timeout`` seconds. Ctrl-C stops it.
+        (``poll_interval`` is accepted for compatibility and unused: nothing
+        polls.)"""
+        del poll_interval
         deadline = None if timeout is None else time.monotonic() + timeout
-        seen_epochs: set[int] = set()
-        last: tuple[str, float, str | None] | None = None
+        stream = self._client._native.events(self.id)
         while True:
-            self.refresh()
-            state = (self.status, self.progress, self.message)
-            if state != last:
-                last = state
-                yield Event("progress", self.status, self.progress, self.message)
-            for row in self.metrics():
-                epoch = int(row["epoch"])
-                if epoch not in seen_epochs:
-                    seen_epochs.add(epoch)
-                    yield Event("metrics", self.status, self.progress, self.message, row)
-            if self.done:
-                yield Event("finished", self.status, self.progress, self.message)
-                return
-            if deadline is not None and time.monotonic() >= deadline:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                event = stream.next_event(left)
+            except TimeoutError:
                 raise TimeoutError(
                     f"job {self.id} is still {self.status} after {timeout} s"
-                )
-            time.sleep(poll_interval)
+                ) from None
+            if event is None:
+                break
+            self.data = event["job"]
+            if event["kind"] == "metrics" and event.get("metrics") is not None:
+                yield Event("metrics", self.status, self.progress, self.message, event["metrics"])
+            else:
+                yield Event("progress", self.status, self.progress, self.message)
+            if self.done:
+                break
+        if not self.done:
+            self.refresh()
+        yield Event("finished", self.status, self.progress, self.message)
 
     def wait(
         self,
@@ -185,7 +191,7 @@ class Job:
         epochs = int(self.config.get("epochs", 0) or 0)
         bar = ProgressBar(self.id[:8], enabled=progress)
         try:
-            for event in self.events(poll_interval=poll_interval, timeout=timeout):
+            for event in self.events(timeout=timeout):
                 if event.kind == "metrics" and event.metrics is not None:
                     bar.epoch(event.metrics, epochs)
                 bar.update(event.progress, event.status)

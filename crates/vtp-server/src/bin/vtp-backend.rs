@@ -33,8 +33,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the job store at {}", redact(&config.database_url)))?;
     let jobs = stores.jobs.clone();
-    let blobs = BlobStoreBuilder::from_env()
+    let blobs = BlobStoreBuilder::new()
         .with_url(config.blob_url.clone())
+        .with_s3(config.s3.clone())
         .build()
         .with_context(|| format!("opening the blob store at {}", config.blob_url))?;
     let launcher = config

@@ -325,6 +325,7 @@ pub async fn start(
         }
         Err(e) => return Err(e.into()),
     };
+    state.changed(id);
     // The secret is stored before the launch, so the first report
     // verifies, and only if the job has none: whoever stores it first (this
     // start, or the relauncher if this start stalled) gives it to every
@@ -462,6 +463,9 @@ pub async fn callback(
         }
     }
     state.known_jobs.remember(outcome.into_job());
+    if applied {
+        state.changed(id);
+    }
     metrics::counter!("vtp_reports_total", "applied" => if applied { "true" } else { "false" })
         .increment(1);
     if applied && status.is_terminal() {
@@ -577,6 +581,7 @@ pub async fn cancel(
                     job.message = Some("cancelled before start".into());
                 })
                 .await?;
+            state.changed(id);
             Ok(Json(state.present(job)))
         }
         JobStatus::Queued | JobStatus::Running => {
@@ -584,6 +589,7 @@ pub async fn cancel(
                 .jobs
                 .transition(id, job.status, JobStatus::Cancelling)
                 .await?;
+            state.changed(id);
             signal_trainer(&state, id).await
         }
         JobStatus::Cancelling => signal_trainer(&state, id).await,
@@ -611,6 +617,7 @@ async fn signal_trainer(state: &AppState, id: JobId) -> ApiResult<Json<Job>> {
         // The job stays `cancelling`; the sweeper finalises it if the trainer never answers.
         Err(e) => tracing::warn!(job_id = %id, error = %error_chain(&e), "cancel signal failed"),
     }
+    state.changed(id);
     Ok(Json(state.present(state.jobs.get(id).await?)))
 }
 
@@ -773,4 +780,201 @@ async fn stream_blob(state: &AppState, key: &BlobKey) -> ApiResult<Response> {
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
     Ok(response)
+}
+
+/// Query of `GET /training/jobs/{id}/events`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Only the events after this revision, for a client that cannot send
+    /// `Last-Event-ID` (which wins when both are given).
+    #[param(minimum = -1)]
+    after: Option<i64>,
+}
+
+/// The header a reconnecting event-stream client sends.
+pub const LAST_EVENT_ID: &str = "last-event-id";
+
+/// How long an event stream waits for a wake-up before it looks at the
+/// store again (changes by the sweeper or by another replica).
+const EVENTS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+/// Events read from the store at once.
+const EVENTS_PAGE: u32 = 500;
+
+/// `GET /training/jobs/{id}/events`: the job's changes as server-sent
+/// events, from its creation (or after `Last-Event-ID`) on, as they happen.
+///
+/// Each event is named by its kind (`status`, `progress`, `metrics`: one
+/// per epoch) and numbered by the revision the change gave the job, so a
+/// client that reconnects with `Last-Event-ID` gets every change it missed
+/// and none twice. Its data is a `JobEvent`: the job as the change left it,
+/// and an epoch's metrics. A finished job's stream replays its history and
+/// ends; clients stop when they see a final status (`completed`, `failed`,
+/// `cancelled`). Comments keep the connection alive every 15 s.
+#[utoipa::path(
+    get,
+    path = "/training/jobs/{id}/events",
+    tag = "jobs",
+    params(
+        ("id" = JobId, Path, description = "The job's id (a UUID)"),
+        EventsQuery,
+        ("Last-Event-ID" = Option<i64>, Header, description = "The id (a revision) of the last event the client saw"),
+    ),
+    responses(
+        (status = 200, description = "A stream of `text/event-stream` events whose data are JobEvents", content_type = "text/event-stream", body = vtp_core::JobEvent),
+        CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
+pub async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<JobId>,
+    ApiQuery(query): ApiQuery<EventsQuery>,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
+    let last_event_id = match headers.get(LAST_EVENT_ID) {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|v| *v >= -1)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "Last-Event-ID",
+                        "must be an event id (a revision) from this stream",
+                    )
+                })?,
+        ),
+    };
+    if query.after.is_some_and(|after| after < -1) {
+        return Err(Error::invalid("after", "must be -1 or more").into());
+    }
+    let after = last_event_id.or(query.after).unwrap_or(-1);
+    let stream = EventCursor::new(state, job, after).into_stream();
+    Ok(axum::response::sse::Sse::new(stream)
+        .keep_alive(
+            axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)),
+        )
+        .into_response())
+}
+
+impl Drop for EventCursor {
+    fn drop(&mut self) {
+        metrics::gauge!("vtp_event_streams").decrement(1.0);
+    }
+}
+
+/// Where one event stream is: the last revision sent, what is read and not
+/// yet sent, and whether the job has finished.
+struct EventCursor {
+    state: AppState,
+    job: Job,
+    after: i64,
+    pending: std::collections::VecDeque<vtp_core::JobEvent>,
+    wake: tokio::sync::broadcast::Receiver<JobId>,
+    first_read: bool,
+    finished: bool,
+}
+
+impl EventCursor {
+    fn new(state: AppState, job: Job, after: i64) -> Self {
+        let wake = state.changes.subscribe();
+        metrics::gauge!("vtp_event_streams").increment(1.0);
+        EventCursor {
+            state,
+            job,
+            after,
+            pending: std::collections::VecDeque::new(),
+            wake,
+            first_read: true,
+            finished: false,
+        }
+    }
+
+    fn into_stream(
+        self,
+    ) -> impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>> + Send
+    {
+        futures::stream::unfold(self, |mut cursor| async move {
+            let event = cursor.next().await?;
+            Some((Ok(event), cursor))
+        })
+    }
+
+    /// The next event to send; `None` ends the stream.
+    async fn next(&mut self) -> Option<axum::response::sse::Event> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some(self.render(event));
+            }
+            if self.finished {
+                return None;
+            }
+            let read = self
+                .state
+                .jobs
+                .events(self.job.id, self.after, EVENTS_PAGE)
+                .await;
+            let mut events = match read {
+                Ok(events) => events,
+                Err(e) => {
+                    // The client reconnects with Last-Event-ID and misses nothing.
+                    tracing::warn!(job_id = %self.job.id, error = %error_chain(&e), "event stream: cannot read the job's events");
+                    self.finished = true;
+                    return Some(
+                        axum::response::sse::Event::default()
+                            .event("error")
+                            .data(vtp_core::api::error_status(&e).1),
+                    );
+                }
+            };
+            // A job older than the event log has no events: its present
+            // state stands for its history.
+            if self.first_read && events.is_empty() && self.job.revision > self.after {
+                let mut event = vtp_core::JobEvent::of_change(None, &self.job, None);
+                event.revision = self.job.revision;
+                events.push(event);
+            }
+            self.first_read = false;
+            if let Some(last) = events.last() {
+                self.after = last.revision;
+                self.job = last.job.clone();
+                let more = events.len() >= EVENTS_PAGE as usize;
+                self.finished = self.job.status.is_terminal() && !more;
+                self.pending.extend(events);
+                continue;
+            }
+            if self.job.status.is_terminal() {
+                return None;
+            }
+            // Nothing new: wait for this process to change the job, or poll.
+            let _ = tokio::time::timeout(EVENTS_POLL, async {
+                loop {
+                    match self.wake.recv().await {
+                        Ok(changed) if changed == self.job.id => return,
+                        Ok(_) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    fn render(&self, mut event: vtp_core::JobEvent) -> axum::response::sse::Event {
+        event.job = self.state.present(event.job);
+        let data = serde_json::to_string(&event).unwrap_or_else(|_| "{}".to_owned());
+        axum::response::sse::Event::default()
+            .id(event.revision.to_string())
+            .event(event.kind.as_str())
+            .data(data)
+    }
 }

@@ -5,14 +5,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use vtp_core::{
-    CallbackSecret, CredentialStore, Error, Expected, Job, JobFilter, JobId, JobPage, JobStore,
-    Result, TokenRecord, TrainingMetric,
+    CallbackSecret, CredentialStore, Error, Expected, Job, JobEvent, JobFilter, JobId, JobPage,
+    JobStore, Result, TokenRecord, TrainingMetric,
 };
 
 #[derive(Debug, Default)]
 struct State {
     jobs: HashMap<JobId, Job>,
     metrics: BTreeMap<(JobId, u32), TrainingMetric>,
+    events: BTreeMap<(JobId, i64), JobEvent>,
     tokens: Vec<TokenRecord>,
     secrets: HashMap<JobId, CallbackSecret>,
 }
@@ -61,6 +62,9 @@ impl JobStore for InMemoryJobStore {
             });
         }
         state.jobs.insert(job.id, job.clone());
+        state
+            .events
+            .insert((job.id, job.revision), JobEvent::of_change(None, job, None));
         Ok(())
     }
 
@@ -134,7 +138,9 @@ impl JobStore for InMemoryJobStore {
         stored.started_at = next.started_at;
         stored.finished_at = next.finished_at;
         stored.revision = current.revision + 1;
+        let event = JobEvent::of_change(Some(current.status), &stored, metric);
         state.jobs.insert(stored.id, stored.clone());
+        state.events.insert((stored.id, stored.revision), event);
         // A newer report of an epoch replaces it; the same values again (a
         // resumed attempt re-reporting its set's epoch) change nothing.
         if let Some(metric) = metric
@@ -148,6 +154,19 @@ impl JobStore for InMemoryJobStore {
                 .insert((metric.job_id, metric.epoch), metric.clone());
         }
         Ok(stored)
+    }
+
+    async fn events(&self, id: JobId, after: i64, limit: u32) -> Result<Vec<JobEvent>> {
+        let state = self.lock();
+        if !state.jobs.contains_key(&id) {
+            return Err(Error::not_found("job", id));
+        }
+        Ok(state
+            .events
+            .range((id, after.saturating_add(1))..=(id, i64::MAX))
+            .take(limit as usize)
+            .map(|(_, event)| event.clone())
+            .collect())
     }
 
     async fn insert_metric_if_absent(&self, metric: &TrainingMetric) -> Result<bool> {

@@ -204,6 +204,9 @@ macro_rules! impl_sql_job_store {
         #[async_trait::async_trait]
         impl vtp_core::JobStore for $store {
             async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
+                use $crate::job_store::sql::map_sqlx;
+                // The job and its first event, together or not at all.
+                let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
                 sqlx::query(
                     "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
                      message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at, \
@@ -233,9 +236,9 @@ macro_rules! impl_sql_job_store {
                 .bind(job.idempotency.create.as_ref().map(|keyed| &keyed.key))
                 .bind(job.idempotency.create.as_ref().map(|keyed| &keyed.digest))
                 .bind(&job.idempotency.start)
-                .execute(&self.pool)
+                .execute(&mut *tx)
                 .await
-                .map_err(|e| match $crate::job_store::sql::map_sqlx(e) {
+                .map_err(|e| match map_sqlx(e) {
                     // The owner's Idempotency-Key (its unique index), or the id.
                     vtp_core::Error::AlreadyExists { id, .. } if id.contains("create_key") => {
                         vtp_core::Error::AlreadyExists {
@@ -249,7 +252,14 @@ macro_rules! impl_sql_job_store {
                     },
                     other => other,
                 })?;
-                Ok(())
+                sqlx::query("INSERT INTO job_events (job_id, revision, event) VALUES ($1, $2, $3)")
+                    .bind(job.id.0)
+                    .bind(job.revision)
+                    .bind(sqlx::types::Json(vtp_core::JobEvent::of_change(None, job, None)))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
+                tx.commit().await.map_err(map_sqlx)
             }
 
             async fn get(&self, id: vtp_core::JobId) -> vtp_core::Result<vtp_core::Job> {
@@ -338,6 +348,11 @@ macro_rules! impl_sql_job_store {
             ) -> vtp_core::Result<vtp_core::Job> {
                 use $crate::job_store::sql::{lost_race, map_sqlx};
                 if $single {
+                    // The change as the UPDATE will store it: `next`'s
+                    // fields at the next revision.
+                    let mut after = next.clone();
+                    after.revision = expected.revision + 1;
+                    let event = vtp_core::JobEvent::of_change(Some(expected.status), &after, metric);
                     let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
                         sqlx::query_as(concat!(
                             "WITH upd AS (",
@@ -346,7 +361,8 @@ macro_rules! impl_sql_job_store {
                              SELECT id, $17, $18, $19 FROM upd WHERE $17 IS NOT NULL \
                              ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
                              recorded_at = excluded.recorded_at \
-                             WHERE training_metrics.metric_values <> excluded.metric_values) \
+                             WHERE training_metrics.metric_values <> excluded.metric_values), \
+                             ev AS (INSERT INTO job_events (job_id, revision, event) SELECT id, revision, $20 FROM upd) \
                              SELECT * FROM upd",
                         )),
                         next,
@@ -355,6 +371,7 @@ macro_rules! impl_sql_job_store {
                     .bind(metric.map(|m| i64::from(m.epoch)))
                     .bind(metric.map(|m| sqlx::types::Json(&m.values)))
                     .bind(metric.map(|m| m.recorded_at))
+                    .bind(sqlx::types::Json(&event))
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(map_sqlx)?;
@@ -391,8 +408,20 @@ macro_rules! impl_sql_job_store {
                     .await
                     .map_err(map_sqlx)?;
                 }
+                let stored: vtp_core::Job = row.try_into()?;
+                sqlx::query("INSERT INTO job_events (job_id, revision, event) VALUES ($1, $2, $3)")
+                    .bind(stored.id.0)
+                    .bind(stored.revision)
+                    .bind(sqlx::types::Json(vtp_core::JobEvent::of_change(
+                        Some(expected.status),
+                        &stored,
+                        metric,
+                    )))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(map_sqlx)?;
                 tx.commit().await.map_err(map_sqlx)?;
-                row.try_into()
+                Ok(stored)
             }
 
             async fn insert_metric_if_absent(&self, metric: &vtp_core::TrainingMetric) -> vtp_core::Result<bool> {
@@ -424,6 +453,29 @@ macro_rules! impl_sql_job_store {
                     self.get(id).await?;
                 }
                 rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn events(
+                &self,
+                id: vtp_core::JobId,
+                after: i64,
+                limit: u32,
+            ) -> vtp_core::Result<Vec<vtp_core::JobEvent>> {
+                let rows: Vec<(sqlx::types::Json<vtp_core::JobEvent>,)> = sqlx::query_as(
+                    "SELECT event FROM job_events WHERE job_id = $1 AND revision > $2 \
+                     ORDER BY revision LIMIT $3",
+                )
+                .bind(id.0)
+                .bind(after)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                if rows.is_empty() {
+                    // Distinguish "nothing new" from "no such job".
+                    self.get(id).await?;
+                }
+                Ok(rows.into_iter().map(|(event,)| event.0).collect())
             }
 
             async fn ping(&self) -> vtp_core::Result<()> {

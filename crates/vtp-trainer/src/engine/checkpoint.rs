@@ -9,11 +9,9 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
 use vtp_core::{Error, Result};
 
@@ -78,27 +76,7 @@ fn classify() -> Task {
     Task::Classify
 }
 
-/// Hex sha256 of a file.
-///
-/// # Errors
-/// I/O errors.
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).map_err(|e| io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| io(path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
-}
+pub use crate::digest::sha256_file;
 
 fn io(path: &Path, e: std::io::Error) -> Error {
     Error::internal(format!("{}: {e}", path.display()))

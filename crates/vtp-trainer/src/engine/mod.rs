@@ -17,6 +17,27 @@ pub use vtp_core::{DeviceChoice, OptimizerKind, TrainConfig};
 
 use vtp_core::Error;
 
+/// The libtorch engine a trainer service trains with: a fresh [`TchTrainer`]
+/// for every job, the models of [`model::catalog`], CUDA when libtorch
+/// finds a device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TchEngine;
+
+#[cfg(feature = "service")]
+impl crate::service::Engine for TchEngine {
+    fn trainer(&self) -> Box<dyn vtp_core::Trainer> {
+        Box::new(TchTrainer::new())
+    }
+
+    fn models(&self) -> vtp_core::Result<Vec<ModelInfo>> {
+        Ok(model::catalog()?.to_vec())
+    }
+
+    fn cuda(&self) -> bool {
+        tch::Cuda::is_available()
+    }
+}
+
 /// A libtorch error as a VTP error.
 pub(crate) fn torch_err(e: tch::TchError) -> Error {
     Error::backend("libtorch", e.to_string())

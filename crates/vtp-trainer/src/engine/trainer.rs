@@ -73,19 +73,25 @@ pub(crate) fn summary(
     }
 }
 
-/// Progress inside an epoch, for progress bars.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StepProgress {
-    /// 1-based epoch.
-    pub epoch: u32,
-    /// Epochs planned.
-    pub epochs: u32,
-    /// Steps done in this epoch.
-    pub step: usize,
-    /// Steps in this epoch.
-    pub steps: usize,
-    /// Running mean training loss of this epoch.
-    pub loss: f64,
+pub use vtp_core::StepProgress;
+
+/// An iterator that adds the time its `next` takes, the training loop's
+/// wait for the input pipeline, to `waited` (reported per epoch as
+/// `data_wait_seconds`).
+pub(crate) struct Waited<'a, I> {
+    pub(crate) inner: I,
+    pub(crate) waited: &'a mut std::time::Duration,
+}
+
+impl<I: Iterator> Iterator for Waited<'_, I> {
+    type Item = I::Item;
+
+    fn next(&mut self) -> Option<I::Item> {
+        let asked = Instant::now();
+        let item = self.inner.next();
+        *self.waited += asked.elapsed();
+        item
+    }
 }
 
 /// Trains image classifiers with libtorch.
@@ -354,7 +360,12 @@ fn run(
         let started = Instant::now();
         let steps = train.batches();
         let (mut loss_sum, mut seen) = (0.0, 0usize);
-        for (step, batch) in train.epoch(run.config.seed, epoch, true).enumerate() {
+        let mut data_wait = std::time::Duration::ZERO;
+        let batches = Waited {
+            inner: train.epoch(run.config.seed, epoch, true),
+            waited: &mut data_wait,
+        };
+        for (step, batch) in batches.enumerate() {
             if cancelled() {
                 run.save("last", epoch - 1)?;
                 return Err(Error::Cancelled {
@@ -382,14 +393,16 @@ fn run(
             }
             loss_sum += value * batch.len() as f64;
             seen += batch.len();
+            let step_progress = StepProgress {
+                epoch,
+                epochs,
+                step: step + 1,
+                steps,
+                loss: loss_sum / seen as f64,
+            };
+            progress.step_finished(&step_progress);
             if let Some(on_step) = trainer.on_step.as_mut() {
-                on_step(StepProgress {
-                    epoch,
-                    epochs,
-                    step: step + 1,
-                    steps,
-                    loss: loss_sum / seen as f64,
-                });
+                on_step(step_progress);
             }
         }
         let train_seconds = started.elapsed().as_secs_f64();
@@ -408,6 +421,7 @@ fn run(
                 seen as f64 / train_seconds.max(1e-9),
             ),
             ("skipped_images".to_owned(), skipped as f64),
+            ("data_wait_seconds".to_owned(), data_wait.as_secs_f64()),
         ]);
         run.history.push(metrics.clone());
         let improved = val_accuracy > run.best;

@@ -228,31 +228,148 @@ impl MaxResources {
     }
 }
 
-impl KubernetesConfig {
-    /// Reads `VTP_K8S_*` over the defaults; the trainer's plain environment
-    /// comes from the backend's own `VTP_BLOB_URL` and non-secret `VTP_S3_*`.
+/// The Kubernetes launcher's settings as `vtp-backend` arguments, each with
+/// its `VTP_K8S_*` variable (`#[command(flatten)]`), so `--help` lists them.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Kubernetes launcher (--launcher kubernetes)")]
+pub struct K8sArgs {
+    /// Namespace of the trainer Jobs; in a cluster, the backend pod's own
+    /// namespace when unset, else `default`.
+    #[arg(long = "k8s-namespace", env = "VTP_K8S_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Trainer image.
+    #[arg(
+        long = "k8s-image",
+        env = "VTP_K8S_IMAGE",
+        default_value = "vtp-trainer:latest"
+    )]
+    pub image: String,
+    /// The trainer container's `imagePullPolicy`; the cluster's default when unset.
+    #[arg(long = "k8s-image-pull-policy", env = "VTP_K8S_IMAGE_PULL_POLICY")]
+    pub image_pull_policy: Option<String>,
+    /// Service account of the trainer pods.
+    #[arg(long = "k8s-service-account", env = "VTP_K8S_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+    /// Secret whose keys (`VTP_S3_ACCESS_KEY_ID`, `VTP_S3_SECRET_ACCESS_KEY`)
+    /// become the trainer's S3 credentials (`envFrom`; never inline).
+    #[arg(long = "k8s-s3-secret", env = "VTP_K8S_S3_SECRET")]
+    pub s3_secret: Option<String>,
+    /// Pod retries before a Job fails (0: a failed attempt is the backend's
+    /// to relaunch, from its last checkpoint set).
+    #[arg(
+        long = "k8s-backoff-limit",
+        env = "VTP_K8S_BACKOFF_LIMIT",
+        default_value_t = 0
+    )]
+    pub backoff_limit: i32,
+    /// Longest a Job may run, in seconds.
+    #[arg(
+        long = "k8s-active-deadline-secs",
+        env = "VTP_K8S_ACTIVE_DEADLINE_SECS",
+        default_value_t = 24 * 3600
+    )]
+    pub active_deadline_secs: u64,
+    /// How long finished Jobs stay for inspection, in seconds.
+    #[arg(
+        long = "k8s-ttl-secs",
+        env = "VTP_K8S_TTL_SECS",
+        default_value_t = 3600
+    )]
+    pub ttl_secs: u64,
+    /// Seconds between SIGTERM and SIGKILL when a job is cancelled.
+    #[arg(
+        long = "k8s-grace-secs",
+        env = "VTP_K8S_GRACE_SECS",
+        default_value_t = 30
+    )]
+    pub grace_secs: u64,
+    /// How long a job may wait for its Job to appear, or to report after
+    /// its Job ended, before the reconciler ends it, in seconds.
+    #[arg(
+        long = "k8s-settle-secs",
+        env = "VTP_K8S_SETTLE_SECS",
+        default_value_t = 60
+    )]
+    pub settle_secs: u64,
+    /// The most CPU one job may ask for (a Kubernetes quantity).
+    #[arg(long = "k8s-max-cpu", env = "VTP_K8S_MAX_CPU", default_value = "8")]
+    pub max_cpu: String,
+    /// The most memory one job may ask for (a Kubernetes quantity).
+    #[arg(
+        long = "k8s-max-memory",
+        env = "VTP_K8S_MAX_MEMORY",
+        default_value = "32Gi"
+    )]
+    pub max_memory: String,
+    /// The most GPUs one job may ask for.
+    #[arg(long = "k8s-max-gpu", env = "VTP_K8S_MAX_GPU", default_value_t = 1)]
+    pub max_gpu: u32,
+}
+
+impl K8sArgs {
+    /// The launcher's settings; `trainer_env` is the trainer pods' plain
+    /// environment (the blob URL, the S3 endpoint and region: never
+    /// credentials).
     ///
     /// # Errors
-    /// [`Error::InvalidInput`] naming a variable that does not parse.
-    pub fn from_env() -> Result<Self> {
-        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
-        let secs = |name: &str, default: Duration| -> Result<Duration> {
-            match var(name) {
-                None => Ok(default),
-                Some(v) => v
-                    .parse::<u64>()
-                    .map(Duration::from_secs)
-                    .map_err(|e| Error::invalid(name, format!("{v:?}: {e}"))),
-            }
-        };
+    /// [`Error::InvalidInput`] naming the variable of a maximum that does
+    /// not parse or is below a job's default resources.
+    pub fn config(&self, trainer_env: Vec<(String, String)>) -> Result<KubernetesConfig> {
         let defaults = KubernetesConfig::default();
-        let namespace = var("VTP_K8S_NAMESPACE")
+        let namespace = self
+            .namespace
+            .clone()
             .or_else(|| {
                 std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
                     .ok()
                     .map(|s| s.trim().to_owned())
             })
             .unwrap_or(defaults.namespace);
+        let max = MaxResources {
+            cpu: self.max_cpu.clone(),
+            memory: self.max_memory.clone(),
+            gpu: self.max_gpu,
+        };
+        max.validate()?;
+        max.check(&defaults.default_resources).map_err(|e| {
+            Error::invalid(
+                "VTP_K8S_MAX_CPU / VTP_K8S_MAX_MEMORY / VTP_K8S_MAX_GPU",
+                format!("below the default resources of a job: {e}"),
+            )
+        })?;
+        Ok(KubernetesConfig {
+            namespace,
+            image: self.image.clone(),
+            image_pull_policy: self.image_pull_policy.clone(),
+            service_account: self.service_account.clone(),
+            s3_secret: self.s3_secret.clone(),
+            env: trainer_env,
+            backoff_limit: self.backoff_limit,
+            active_deadline: Duration::from_secs(self.active_deadline_secs),
+            ttl_after_finished: Duration::from_secs(self.ttl_secs),
+            grace_period: Duration::from_secs(self.grace_secs),
+            default_resources: defaults.default_resources,
+            settle_time: Duration::from_secs(self.settle_secs),
+            max_resources: max,
+        })
+    }
+}
+
+impl KubernetesConfig {
+    /// [`K8sArgs`] read from the `VTP_K8S_*` variables alone (no command
+    /// line); the trainer's plain environment is the process's own
+    /// `VTP_BLOB_URL` and non-secret `VTP_S3_*`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming a variable that does not parse.
+    pub fn from_env() -> Result<Self> {
+        #[derive(clap::Parser)]
+        struct FromEnv {
+            #[command(flatten)]
+            k8s: K8sArgs,
+        }
+        let parsed = <FromEnv as clap::Parser>::try_parse_from(["vtp-backend"])
+            .map_err(|e| Error::invalid("VTP_K8S_*", e.to_string()))?;
         let env = [
             "VTP_BLOB_URL",
             "VTP_S3_ENDPOINT",
@@ -263,47 +380,14 @@ impl KubernetesConfig {
             "VTP_CA_CERT",
         ]
         .iter()
-        .filter_map(|name| var(name).map(|v| ((*name).to_owned(), v)))
-        .collect();
-        Ok(KubernetesConfig {
-            namespace,
-            image: var("VTP_K8S_IMAGE").unwrap_or(defaults.image),
-            image_pull_policy: var("VTP_K8S_IMAGE_PULL_POLICY"),
-            service_account: var("VTP_K8S_SERVICE_ACCOUNT"),
-            s3_secret: var("VTP_K8S_S3_SECRET"),
-            env,
-            backoff_limit: match var("VTP_K8S_BACKOFF_LIMIT") {
-                None => defaults.backoff_limit,
-                Some(v) => v
-                    .parse()
-                    .map_err(|e| Error::invalid("VTP_K8S_BACKOFF_LIMIT", format!("{v:?}: {e}")))?,
-            },
-            active_deadline: secs("VTP_K8S_ACTIVE_DEADLINE_SECS", defaults.active_deadline)?,
-            ttl_after_finished: secs("VTP_K8S_TTL_SECS", defaults.ttl_after_finished)?,
-            grace_period: secs("VTP_K8S_GRACE_SECS", defaults.grace_period)?,
-            default_resources: defaults.default_resources.clone(),
-            settle_time: secs("VTP_K8S_SETTLE_SECS", defaults.settle_time)?,
-            max_resources: {
-                let max = MaxResources {
-                    cpu: var("VTP_K8S_MAX_CPU").unwrap_or(defaults.max_resources.cpu),
-                    memory: var("VTP_K8S_MAX_MEMORY").unwrap_or(defaults.max_resources.memory),
-                    gpu: match var("VTP_K8S_MAX_GPU") {
-                        None => defaults.max_resources.gpu,
-                        Some(v) => v.parse().map_err(|e| {
-                            Error::invalid("VTP_K8S_MAX_GPU", format!("{v:?}: {e}"))
-                        })?,
-                    },
-                };
-                max.validate()?;
-                max.check(&defaults.default_resources).map_err(|e| {
-                    Error::invalid(
-                        "VTP_K8S_MAX_CPU / VTP_K8S_MAX_MEMORY / VTP_K8S_MAX_GPU",
-                        format!("below the default resources of a job: {e}"),
-                    )
-                })?;
-                max
-            },
+        .filter_map(|name| {
+            std::env::var(name)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| ((*name).to_owned(), v))
         })
+        .collect();
+        parsed.k8s.config(env)
     }
 }
 
@@ -419,7 +503,15 @@ impl KubernetesLauncher {
     /// # Errors
     /// [`Error::Unavailable`] when no cluster configuration is found.
     pub async fn from_env(store: Arc<dyn JobStore>) -> Result<Self> {
-        let config = KubernetesConfig::from_env()?;
+        Self::connect(KubernetesConfig::from_env()?, store).await
+    }
+
+    /// A launcher with `config` on the cluster of the environment:
+    /// in-cluster service account, else `KUBECONFIG` / `~/.kube/config`.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when no cluster configuration is found.
+    pub async fn connect(config: KubernetesConfig, store: Arc<dyn JobStore>) -> Result<Self> {
         install_crypto_provider();
         let client = kube::Client::try_default()
             .await

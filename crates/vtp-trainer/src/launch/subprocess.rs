@@ -130,7 +130,7 @@ impl SubprocessLauncher {
             return Err(Error::unavailable(
                 "trainer",
                 format!(
-                    "trainer binary {} not found; build it with `cargo build --features torch --bin vtp-trainer-service` or set VTP_TRAINER_BIN",
+                    "trainer binary {} not found; build it with `cargo build -p vtp-trainer --features service,torch --bin vtp-trainer-service` or set VTP_TRAINER_BIN",
                     self.program.display()
                 ),
             ));

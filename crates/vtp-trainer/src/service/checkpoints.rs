@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use vtp_core::{BlobKey, BlobStore, BlobStoreExt, Error, JobId, Result};
 
-use crate::engine::checkpoint::sha256_file;
+use crate::digest::sha256_file;
 
 /// The manifest's name inside a set.
 pub const MANIFEST: &str = "manifest.json";

@@ -1,12 +1,18 @@
-//! The trainer service's engine room: [`TrainerService`] accepts jobs,
-//! downloads their datasets from the blob store, trains them one at a time
-//! with [`crate::TchTrainer`] on a blocking thread, stores a checkpoint set
-//! after every epoch ([`checkpoints`]; a relaunched attempt resumes from
-//! it), uploads the final checkpoints under `jobs/{job_id}/`, and reports
-//! every step of the way through the persisted [`Outbox`]. The HTTP shell
-//! lives in `vtp-server`.
+//! The trainer service: [`TrainerService`] accepts jobs, downloads their
+//! datasets from the blob store, trains them one at a time on a blocking
+//! thread with a [`Trainer`] its [`Engine`] makes (libtorch's
+//! [`crate::TchEngine`] with the `torch` feature; any other in tests),
+//! stores a checkpoint set after every epoch ([`checkpoints`]; a relaunched
+//! attempt resumes from it), uploads the final checkpoints under
+//! `jobs/{job_id}/`, and reports every step of the way through the
+//! persisted [`Outbox`]. [`http`] is its HTTP shell (the seed's trainer
+//! contract), which the `vtp-trainer-service` binary serves.
+//!
+//! Nothing here needs libtorch: the service and its tests build with the
+//! `service` feature alone.
 
 pub mod checkpoints;
+pub mod http;
 pub mod outbox;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,17 +23,37 @@ use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
+use vtp_core::api::ModelInfo;
 use vtp_core::{
     BlobKey, BlobStore, BlobStoreExt, EpochReport, Error, JobId, JobStatus, ProgressSink, Result,
-    StartTraining, TrainSpec, Trainer, TrainingUpdate, error_chain,
+    StartTraining, StepProgress, TrainConfig, TrainSpec, Trainer, TrainingUpdate, error_chain,
 };
 
 pub use outbox::Outbox;
 
-use crate::TchTrainer;
-use crate::data::{extract_archive, is_archive};
-use crate::engine::StepProgress;
-use crate::engine::TrainConfig;
+use crate::data::archive::{extract_archive, is_archive};
+
+/// What a [`TrainerService`] trains with: a fresh [`Trainer`] for every job,
+/// and what the service tells its clients about it (`GET /models`,
+/// `GET /health`). [`crate::TchEngine`] (feature `torch`) trains with
+/// libtorch; tests plug in their own.
+pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
+    /// A trainer for one job; its [`ProgressSink::step_finished`] calls
+    /// feed the heartbeats.
+    fn trainer(&self) -> Box<dyn Trainer>;
+
+    /// The models this engine trains, with their sizes.
+    ///
+    /// # Errors
+    /// When the catalog cannot be built.
+    fn models(&self) -> Result<Vec<ModelInfo>>;
+
+    /// Whether it trains on a CUDA device.
+    fn cuda(&self) -> bool {
+        false
+    }
+}
 
 /// What `start` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -131,6 +157,7 @@ impl Default for ServiceOptions {
 /// Trains jobs handed to it over the seed's `POST /training/start` contract.
 #[derive(Debug)]
 pub struct TrainerService {
+    engine: Arc<dyn Engine>,
     blobs: Arc<dyn BlobStore>,
     outbox: Arc<Outbox>,
     work_dir: PathBuf,
@@ -144,17 +171,20 @@ pub struct TrainerService {
 }
 
 impl TrainerService {
-    /// A service reading datasets from and writing checkpoints to `blobs`,
-    /// working under `work_dir`, training `concurrency` jobs at a time.
+    /// A service training with `engine`, reading datasets from and writing
+    /// checkpoints to `blobs`, working under `work_dir`, training
+    /// `concurrency` jobs at a time.
     ///
     /// # Errors
     /// When the outbox under `work_dir` cannot be opened.
     pub fn new(
+        engine: Arc<dyn Engine>,
         blobs: Arc<dyn BlobStore>,
         work_dir: &Path,
         concurrency: usize,
     ) -> Result<Arc<Self>> {
         Self::with_options(
+            engine,
             blobs,
             work_dir,
             ServiceOptions {
@@ -170,6 +200,7 @@ impl TrainerService {
     /// [`Error::InvalidInput`] for a backend URL that is not http(s); when
     /// the outbox under `work_dir` cannot be opened.
     pub fn with_options(
+        engine: Arc<dyn Engine>,
         blobs: Arc<dyn BlobStore>,
         work_dir: &Path,
         options: ServiceOptions,
@@ -185,6 +216,7 @@ impl TrainerService {
             })?;
         let outbox = Arc::new(Outbox::open(&work_dir.join("outbox"))?);
         Ok(Arc::new(TrainerService {
+            engine,
             blobs,
             outbox,
             work_dir: work_dir.to_path_buf(),
@@ -232,6 +264,11 @@ impl TrainerService {
         &self.blobs
     }
 
+    /// What the service trains with.
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
     /// Checks `request` and queues it. Bad configs and datasets outside the
     /// store are refused here, before any work starts.
     ///
@@ -242,7 +279,8 @@ impl TrainerService {
             return Ok(StartOutcome::AlreadyRunning);
         };
         let service = self.clone();
-        tokio::spawn(async move { service.execute(request, admitted).await });
+        let span = job_span(&request);
+        tokio::spawn(async move { service.execute(request, admitted).await }.instrument(span));
         Ok(StartOutcome::Accepted)
     }
 
@@ -272,7 +310,12 @@ impl TrainerService {
                 return Err(e);
             }
         };
-        Ok(self.clone().execute(request, admitted).await)
+        let span = job_span(&request);
+        Ok(self
+            .clone()
+            .execute(request, admitted)
+            .instrument(span)
+            .await)
     }
 
     /// Validates `request` and claims its slot; `None` when it is here already.
@@ -360,7 +403,8 @@ impl TrainerService {
         // Aborted when dropped, however `execute` ends.
         let heartbeat = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             self.clone()
-                .heartbeat(request.clone(), period, steps.clone(), beating.clone()),
+                .heartbeat(request.clone(), period, steps.clone(), beating.clone())
+                .in_current_span(),
         ));
         let outcome = if slot.cancel.load(Ordering::SeqCst) {
             // Replaced or cancelled while waiting for a slot.
@@ -554,6 +598,8 @@ impl TrainerService {
         // Every report names its attempt: once the job has moved on to a
         // later one, this attempt's reports change nothing.
         let update = update.with_attempt(request.attempt);
+        // Whatever the report says, the trainer is alive and working.
+        metrics::gauge!("vtp_trainer_last_heartbeat_timestamp_seconds").set(unix_now());
         if let Err(e) = self.outbox.enqueue(
             request.job_id,
             &request.callback_url,
@@ -683,6 +729,8 @@ impl TrainerService {
             request: request.clone(),
             output: output.clone(),
             runtime: tokio::runtime::Handle::current(),
+            steps,
+            last_step: None,
         };
         self.report(
             request,
@@ -694,10 +742,11 @@ impl TrainerService {
                 )),
         );
         let flag = cancel.clone();
+        let mut trainer = self.engine.trainer();
+        let span = tracing::Span::current();
         let result = tokio::task::spawn_blocking(move || {
-            TchTrainer::new()
-                .on_step(move |p| *steps.lock().expect("step lock") = Some(p))
-                .train(&spec, &mut sink, &|| flag.load(Ordering::SeqCst))
+            let _in_job = span.enter();
+            trainer.train(&spec, &mut sink, &|| flag.load(Ordering::SeqCst))
         })
         .await
         .map_err(|e| Error::internal(format!("training thread: {e}")))?;
@@ -833,6 +882,19 @@ impl TrainerService {
     }
 }
 
+/// The span of everything done for one attempt at a job: its log lines
+/// carry `job_id` and `attempt`.
+fn job_span(request: &StartTraining) -> tracing::Span {
+    tracing::info_span!("job", job_id = %request.job_id, attempt = request.attempt)
+}
+
+/// Seconds since the Unix epoch.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// A heartbeat: `running`, with the fraction of the run done (whole epochs
 /// and the steps of this one) and where it is, when the engine has begun
 /// stepping; without, it only renews the lease.
@@ -869,6 +931,10 @@ struct OutboxSink {
     request: StartTraining,
     output: PathBuf,
     runtime: tokio::runtime::Handle,
+    /// Where the heartbeats read the training thread's position.
+    steps: StepCell,
+    /// When the last step of this epoch ended (for step times).
+    last_step: Option<std::time::Instant>,
 }
 
 impl OutboxSink {
@@ -896,6 +962,18 @@ impl OutboxSink {
 
 impl ProgressSink for OutboxSink {
     fn epoch_finished(&mut self, report: &EpochReport) {
+        // Validation and checkpointing come between epochs: no step time.
+        self.last_step = None;
+        let value = |name: &str| report.metrics.get(name).copied().filter(|v| v.is_finite());
+        if let Some(seconds) = value("epoch_seconds") {
+            metrics::histogram!("vtp_trainer_epoch_seconds").record(seconds);
+        }
+        if let Some(rate) = value("images_per_second") {
+            metrics::gauge!("vtp_trainer_images_per_second").set(rate);
+        }
+        if let Some(wait) = value("data_wait_seconds") {
+            metrics::gauge!("vtp_trainer_data_wait_seconds").set(wait);
+        }
         let loss = report.metrics.get("loss").copied().unwrap_or(f64::NAN);
         let mut update = TrainingUpdate::new(JobStatus::Running)
             .with_progress(f64::from(report.epoch) / f64::from(report.epochs.max(1)))
@@ -922,6 +1000,17 @@ impl ProgressSink for OutboxSink {
             update = update.with_last_checkpoint(uri);
         }
         self.service.report(&self.request, update);
+    }
+
+    fn step_finished(&mut self, step: &StepProgress) {
+        let now = std::time::Instant::now();
+        if let Some(last) = self.last_step
+            && step.step > 1
+        {
+            metrics::histogram!("vtp_trainer_step_seconds").record((now - last).as_secs_f64());
+        }
+        self.last_step = Some(now);
+        *self.steps.lock().expect("step lock") = Some(*step);
     }
 }
 

@@ -272,6 +272,7 @@ impl Outbox {
             }
             match self.send(&path).await {
                 Delivery::Done => {
+                    metrics::counter!("vtp_trainer_reports_sent_total").increment(1);
                     let _ = std::fs::remove_file(&path);
                     self.retry_state
                         .lock()
@@ -279,6 +280,7 @@ impl Outbox {
                         .remove(&job_id);
                 }
                 Delivery::Retry(reason, retry_after) => {
+                    metrics::counter!("vtp_trainer_report_failures_total").increment(1);
                     let mut states = self.retry_state.lock().expect("outbox lock");
                     let state = states.entry(job_id).or_insert(JobState {
                         failures: 0,

@@ -20,7 +20,7 @@ use crate::data::yolo::YoloDataset;
 use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta};
 use crate::engine::optim::{Optimizer, ParamGroup};
 use crate::engine::torch_err;
-use crate::engine::trainer::{StepProgress, close_epoch, seeded_init, summary};
+use crate::engine::trainer::{StepProgress, Waited, close_epoch, seeded_init, summary};
 use vtp_core::{OptimizerKind, TrainConfig};
 
 /// Ultralytics clips the gradient norm at 10 before every optimizer step.
@@ -471,10 +471,12 @@ pub(crate) fn run(
         let started = Instant::now();
         let (mut sums, mut seen, mut steps_done) = ([0.0f64; 3], 0usize, 0usize);
         let mut step_accumulate = accumulate;
-        for (i, batch) in train
-            .epoch(run.config.seed, epoch, true, mosaic)
-            .enumerate()
-        {
+        let mut data_wait = std::time::Duration::ZERO;
+        let batches = Waited {
+            inner: train.epoch(run.config.seed, epoch, true, mosaic),
+            waited: &mut data_wait,
+        };
+        for (i, batch) in batches.enumerate() {
             if cancelled() {
                 run.save("last", epoch - 1)?;
                 return Err(Error::Cancelled {
@@ -533,14 +535,16 @@ pub(crate) fn run(
             sums[2] += parts.dfl_loss;
             steps_done += 1;
             seen += n;
+            let step_progress = StepProgress {
+                epoch,
+                epochs,
+                step: i + 1,
+                steps: nb,
+                loss: (sums[0] + sums[1] + sums[2]) / steps_done as f64,
+            };
+            progress.step_finished(&step_progress);
             if let Some(on_step) = on_step.as_mut() {
-                on_step(StepProgress {
-                    epoch,
-                    epochs,
-                    step: i + 1,
-                    steps: nb,
-                    loss: (sums[0] + sums[1] + sums[2]) / steps_done as f64,
-                });
+                on_step(step_progress);
             }
         }
         let train_seconds = started.elapsed().as_secs_f64();
@@ -573,6 +577,7 @@ pub(crate) fn run(
                 seen as f64 / train_seconds.max(1e-9),
             ),
             ("skipped_images".to_owned(), skipped as f64),
+            ("data_wait_seconds".to_owned(), data_wait.as_secs_f64()),
         ]);
         run.history.push(report.clone());
         let improved = fitness > run.best_fitness;

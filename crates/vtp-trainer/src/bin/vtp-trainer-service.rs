@@ -1,6 +1,7 @@
-//! `vtp-trainer-service`: trains jobs handed to it over HTTP with libtorch,
-//! reading datasets from and writing checkpoints to the blob store
-//! (`VTP_BLOB_URL`, `VTP_S3_*`), reporting to each job's callback URL.
+//! `vtp-trainer-service`: trains jobs handed to it over HTTP with libtorch
+//! ([`vtp_trainer::TchEngine`] behind [`vtp_trainer::service`]), reading
+//! datasets from and writing checkpoints to the blob store (`VTP_BLOB_URL`,
+//! `VTP_S3_*`), reporting to each job's callback URL.
 //!
 //! `vtp-trainer-service run-job` is the one-shot form a Kubernetes Job runs:
 //! it trains the request in `VTP_START_TRAINING`, delivers every report,
@@ -30,7 +31,8 @@ use vtp_core::launcher::{
     CALLBACK_SECRET_ENV, EXIT_NON_RETRYABLE, LISTENING_PREFIX, START_TRAINING_ENV,
 };
 use vtp_core::{JobStatus, StartTraining};
-use vtp_storage::BlobStoreBuilder;
+use vtp_storage::{BlobStoreBuilder, S3Settings};
+use vtp_trainer::TchEngine;
 use vtp_trainer::service::{ServiceOptions, TrainerService};
 
 /// `vtp-trainer-service`'s settings.
@@ -38,15 +40,19 @@ use vtp_trainer::service::{ServiceOptions, TrainerService};
 #[command(
     name = "vtp-trainer-service",
     version,
-    about = "VTP trainer service: trains image classifiers with libtorch"
+    about = "VTP trainer service: trains image classifiers and detectors with libtorch",
+    after_help = "Logs go to stderr, filtered by VTP_LOG (a tracing filter such as `info,vtp_server=debug`; default `info`), as text or, with VTP_LOG_FORMAT=json, one JSON object per line with the request and job ids of its spans."
 )]
 struct Args {
     /// Address to listen on.
     #[arg(long, env = "VTP_TRAINER_LISTEN", default_value = "127.0.0.1:8001")]
     listen: SocketAddr,
-    /// Blob store holding datasets and checkpoints.
-    #[arg(long, env = "VTP_BLOB_URL", default_value = vtp_storage::DEFAULT_BLOB_URL)]
+    /// Blob store holding datasets and checkpoints: `file://dir`,
+    /// `s3://bucket[/prefix]` (with the S3 settings below) or `memory://`.
+    #[arg(long, env = vtp_storage::blob_store::env::BLOB_URL, default_value = vtp_storage::DEFAULT_BLOB_URL)]
     blob_url: String,
+    #[command(flatten)]
+    s3: S3Settings,
     /// Scratch space: datasets, checkpoints in progress, the report outbox.
     #[arg(long, env = "VTP_WORK_DIR", default_value = "./.vtp/trainer")]
     work_dir: PathBuf,
@@ -99,10 +105,11 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    vtp_server::init_tracing();
+    vtp_http::init_tracing();
     let args = Args::parse();
-    let blobs = BlobStoreBuilder::from_env()
+    let blobs = BlobStoreBuilder::new()
         .with_url(args.blob_url.clone())
+        .with_s3(args.s3.clone())
         .build()
         .with_context(|| format!("opening the blob store at {}", args.blob_url))?;
     let options = ServiceOptions {
@@ -119,6 +126,7 @@ async fn main() -> anyhow::Result<()> {
     }) = &args.command
     {
         let service = TrainerService::with_options(
+            Arc::new(TchEngine),
             blobs,
             &args.work_dir,
             ServiceOptions {
@@ -143,7 +151,8 @@ async fn main() -> anyhow::Result<()> {
             args.listen
         );
     }
-    let service = TrainerService::with_options(blobs, &args.work_dir, options)?;
+    let service =
+        TrainerService::with_options(Arc::new(TchEngine), blobs, &args.work_dir, options)?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -152,11 +161,11 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(listen = %bound, blobs = %service.blobs().base_uri(), "vtp-trainer-service ready");
     let exit_with_parent = args.exit_with_parent;
     let held = service.clone();
-    vtp_server::trainer_service::serve_trainer(listener, service, args.token.clone(), async move {
+    vtp_trainer::service::http::serve_trainer(listener, service, args.token.clone(), async move {
         if exit_with_parent {
-            vtp_server::parent_exited().await;
+            vtp_http::parent_exited().await;
         } else {
-            vtp_server::shutdown_signal().await;
+            vtp_http::shutdown_signal().await;
         }
     })
     .await?;
@@ -217,7 +226,11 @@ async fn run_job(
     let job_id = request.job_id;
     // A retried pod starts with an empty outbox: number its reports above
     // any an earlier attempt sent, so the backend does not take them for replays.
-    let floor = chrono::Utc::now().timestamp_millis() * 1000;
+    let floor = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            i64::try_from(d.as_millis() * 1000).unwrap_or(i64::MAX)
+        });
     if let Err(e) = service.outbox().raise_seq_floor(job_id, floor) {
         tracing::error!(%job_id, error = %vtp_core::error_chain(&e), "cannot prepare the outbox");
         return 1;
@@ -227,7 +240,7 @@ async fn run_job(
     let cancel = {
         let service = service.clone();
         tokio::spawn(async move {
-            vtp_server::shutdown_signal().await;
+            vtp_http::shutdown_signal().await;
             tracing::info!(%job_id, "termination requested; stopping the job at its next step");
             service.interrupt_all();
         })

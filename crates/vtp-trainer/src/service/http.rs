@@ -1,13 +1,13 @@
 //! The trainer service's HTTP shell (the seed's tier-1 trainer contract)
-//! over [`vtp_trainer::service::TrainerService`]: `POST /training/start`,
+//! over [`TrainerService`]: `POST /training/start`,
 //! `POST /training/{job_id}/cancel`, `GET /training/{job_id}`, `GET /models`
 //! and `GET /health`, described by its own OpenAPI document
 //! ([`trainer_document`], committed at `docs/trainer-openapi.json` and
 //! served at `/openapi.json`).
 //!
 //! With a token (`VTP_TRAINER_TOKEN`, shared with the backend) every route
-//! but `/health` needs `Authorization: Bearer <token>`; a full queue answers
-//! 429 with `Retry-After`.
+//! but `/health` and `/metrics` needs `Authorization: Bearer <token>`; a
+//! full queue answers 429 with `Retry-After`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,10 +21,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use vtp_core::api::{ErrorBody, ModelCatalog, TrainerAccepted, TrainerHealth, TrainerJob};
 use vtp_core::{Error, JobId, StartTraining, Task, TrainConfig};
-use vtp_trainer::service::{StartOutcome, TrainerService};
+use vtp_http::openapi::{BearerAuth, CommonErrors};
+use vtp_http::{ApiError, ApiJson, ApiPath, ApiQuery};
 
-use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery};
-use crate::openapi::BearerAuth;
+use super::{StartOutcome, TrainerService};
 
 type Service = Arc<TrainerService>;
 
@@ -54,7 +54,7 @@ struct TrainerApi;
     responses(
         (status = 202, description = "Accepted; reports follow on `callback_url`", body = TrainerAccepted),
         (status = 409, description = "The job is already here", body = ErrorBody),
-        crate::openapi::CommonErrors,
+        CommonErrors,
     ),
     security((), ("bearer" = [])),
 )]
@@ -95,7 +95,7 @@ struct CancelQuery {
     params(("job_id" = JobId, Path, description = "The job"), CancelQuery),
     responses(
         (status = 202, description = "Stopping", body = TrainerAccepted),
-        crate::openapi::CommonErrors,
+        CommonErrors,
     ),
     security((), ("bearer" = [])),
 )]
@@ -129,7 +129,7 @@ async fn cancel(
     params(("job_id" = JobId, Path, description = "The job")),
     responses(
         (status = 200, description = "The trainer holds the job", body = TrainerJob),
-        crate::openapi::CommonErrors,
+        CommonErrors,
     ),
     security((), ("bearer" = [])),
 )]
@@ -150,13 +150,13 @@ async fn status(
     tag = "training",
     responses(
         (status = 200, description = "Every model, with its size", body = ModelCatalog),
-        crate::openapi::CommonErrors,
+        CommonErrors,
     ),
     security((), ("bearer" = [])),
 )]
-async fn models() -> Result<Json<ModelCatalog>, ApiError> {
+async fn models(State(service): State<Service>) -> Result<Json<ModelCatalog>, ApiError> {
     Ok(Json(ModelCatalog {
-        models: vtp_trainer::engine::model::catalog()?.to_vec(),
+        models: service.engine().models()?,
         classify_defaults: TrainConfig::defaults_for(Task::Classify),
         detect_defaults: TrainConfig::defaults_for(Task::Detect),
     }))
@@ -174,9 +174,41 @@ async fn health(State(service): State<Service>) -> Json<TrainerHealth> {
         status: "ok".to_owned(),
         jobs: service.jobs(),
         pending_reports: service.outbox().pending().len(),
-        cuda: tch::Cuda::is_available(),
+        cuda: service.engine().cuda(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
+}
+
+/// Every metric the trainer service exports (histograms also as
+/// `_bucket`, `_sum` and `_count`); the dashboards and alerts in `deploy/`
+/// may query only these.
+pub const EXPORTED: [&str; 10] = [
+    "vtp_trainer_step_seconds",
+    "vtp_trainer_epoch_seconds",
+    "vtp_trainer_images_per_second",
+    "vtp_trainer_data_wait_seconds",
+    "vtp_trainer_outbox_depth",
+    "vtp_trainer_reports_sent_total",
+    "vtp_trainer_report_failures_total",
+    "vtp_trainer_last_heartbeat_timestamp_seconds",
+    "vtp_trainer_jobs",
+    "vtp_trainer_start_time_seconds",
+];
+
+/// `GET /metrics`: Prometheus text: step and epoch times, images per
+/// second and the last epoch's wait for input, reports sent, failed and
+/// waiting in the outbox, the last report's time, jobs held, and when the
+/// process started (restarts show as changes).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")),
+)]
+async fn metrics_page(State(service): State<Service>) -> impl IntoResponse {
+    metrics::gauge!("vtp_trainer_outbox_depth").set(service.outbox().pending().len() as f64);
+    metrics::gauge!("vtp_trainer_jobs").set(service.jobs().len() as f64);
+    vtp_http::metrics::render()
 }
 
 /// Refuses requests without the shared token.
@@ -209,7 +241,9 @@ fn trainer_routes() -> (OpenApiRouter<Service>, OpenApiRouter<Service>) {
         .routes(routes!(start))
         .routes(routes!(status))
         .routes(routes!(cancel));
-    let open = OpenApiRouter::new().routes(routes!(health));
+    let open = OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics_page));
     (guarded, open)
 }
 
@@ -222,6 +256,15 @@ pub fn trainer_document() -> utoipa::openapi::OpenApi {
 /// The trainer service router; with `token`, every route but `/health`
 /// (and `/openapi.json`) needs it.
 pub fn trainer_app(service: Service, token: Option<String>) -> Router {
+    // Install the recorder before anything records.
+    vtp_http::metrics::handle();
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    STARTED.call_once(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        metrics::gauge!("vtp_trainer_start_time_seconds").set(now);
+    });
     let (mut guarded, open) = trainer_routes();
     if let Some(token) = token {
         let token: Arc<str> = token.into();

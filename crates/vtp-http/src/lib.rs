@@ -1,0 +1,26 @@
+//! # vtp-http
+//!
+//! What VTP's two HTTP services, the backend (`vtp-server`) and the trainer
+//! service (`vtp-trainer`'s `service` feature), share, so that both answer
+//! and document failures the same way:
+//!
+//! - [`error`]: every failure is `{"error": {"code", "message", "field"?}}`
+//!   ([`ApiError`], mapped from [`vtp_core::Error`] through the one table in
+//!   [`vtp_core::api::error_status`]), and extractors ([`ApiJson`],
+//!   [`ApiPath`], [`ApiQuery`]) that refuse bad input with it, naming the
+//!   field;
+//! - [`openapi`]: the `bearer` security scheme and the error answers every
+//!   route may give, for both OpenAPI documents;
+//! - [`metrics`]: the process's one Prometheus recorder, which both
+//!   services' `GET /metrics` render;
+//! - [`process`]: logging to stderr and the shutdown signals the binaries
+//!   wait for.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod metrics;
+pub mod openapi;
+pub mod process;
+
+pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json};
+pub use process::{init_tracing, parent_exited, shutdown_signal};

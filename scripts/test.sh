@@ -98,6 +98,13 @@ trap 'scripts/services.sh stop' EXIT
 
 step "cargo deny check: licenses, banned and duplicate crates, sources (deny.toml)"
 cargo deny --all-features --locked check --hide-inclusion-graph licenses bans sources
+advisory_db="${CARGO_HOME:-$HOME/.cargo}/advisory-dbs/advisory-db-3157b0e258782691"
+if [ -d "$advisory_db" ] || timeout 120 cargo deny fetch db; then
+    step "cargo deny check advisories (RustSec database of $(git -C "$advisory_db" log -1 --format=%cs 2>/dev/null || echo today))"
+    cargo deny --all-features --locked check --hide-inclusion-graph advisories
+else
+    echo "warning: the RustSec database cannot be fetched (github.com unreachable) and no copy is in $advisory_db: advisories not checked" >&2
+fi
 
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked

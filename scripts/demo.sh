@@ -10,19 +10,25 @@
 # onto canvases with tight boxes; it ends with mAP50-95 and draws the
 # predictions on validation images into .vtp/demo/detect-predictions.png.
 #
-#   scripts/demo.sh [--task classify|detect] [--model NAME] [--epochs N]
+# While it trains, the backend's dashboard shows the job's curves growing
+# (the URL is printed); with --serve the backend keeps running afterwards,
+# until Ctrl-C, to browse the finished job.
+#
+#   scripts/demo.sh [--task classify|detect] [--model NAME] [--epochs N] [--serve]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TASK="classify"
 MODEL=""
 EPOCHS=""
+SERVE=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --task) TASK="$2"; shift 2 ;;
         --model) MODEL="$2"; shift 2 ;;
         --epochs) EPOCHS="$2"; shift 2 ;;
-        *) echo "usage: $0 [--task classify|detect] [--model NAME] [--epochs N]" >&2; exit 2 ;;
+        --serve) SERVE=1; shift ;;
+        *) echo "usage: $0 [--task classify|detect] [--model NAME] [--epochs N] [--serve]" >&2; exit 2 ;;
     esac
 done
 case "$TASK" in
@@ -75,7 +81,7 @@ for _ in $(seq 1 100); do
 done
 url="$(sed -n 's/^vtp-backend listening on //p' .vtp/demo/backend.out)"
 export VTP_URL="$url"
-echo "backend at $url (logs in .vtp/demo/backend.log)"
+echo "backend at $url (logs in .vtp/demo/backend.log); watch the job live at $url/"
 
 step "uploading the dataset"
 dataset="$("$bin/vtp" upload "$archive" --user demo --name "digits-$TASK")"
@@ -103,3 +109,7 @@ fi
 
 echo
 echo "wall time: $(( $(date +%s) - started ))s"
+if [ -n "$SERVE" ]; then
+    echo "dashboard at $url/ (Ctrl-C stops the backend)"
+    wait "$backend"
+fi

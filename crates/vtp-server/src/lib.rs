@@ -72,9 +72,10 @@ pub struct AppState {
     /// in every start request); a running job silent for
     /// [`vtp_core::launcher::LEASE_HEARTBEATS`] periods has lost its runner.
     pub heartbeat: Duration,
-    /// Jobs this process just changed (reports, starts, cancels): wakes
-    /// their event streams at once. Streams also poll the store, for
-    /// changes made by other replicas and by the sweeper.
+    /// Jobs this process just changed, announced by the store behind
+    /// [`AppState::jobs`] on every write (a report, a start, a cancel, the
+    /// sweeper, the relauncher): wakes their event streams at once. Streams
+    /// also poll the store, for changes made by other replicas.
     pub changes: tokio::sync::broadcast::Sender<vtp_core::JobId>,
 }
 
@@ -87,8 +88,12 @@ impl AppState {
         launcher: Arc<dyn TrainerLauncher>,
         public_url: impl Into<String>,
     ) -> Self {
+        let changes = tokio::sync::broadcast::channel(1024).0;
         AppState {
-            jobs: Arc::new(metrics::MeteredJobStore(stores.jobs)),
+            jobs: Arc::new(metrics::ObservedJobStore {
+                inner: stores.jobs,
+                changes: changes.clone(),
+            }),
             credentials: stores.credentials,
             auth: AuthMode::Off,
             blobs,
@@ -99,14 +104,8 @@ impl AppState {
             secrets: Arc::new(auth::SecretCache::default()),
             limits: Arc::new(limits::Limits::new(limits::LimitSettings::default())),
             heartbeat: Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS),
-            changes: tokio::sync::broadcast::channel(1024).0,
+            changes,
         }
-    }
-
-    /// Wakes the event streams of `job_id` (see [`AppState::changes`]).
-    pub fn changed(&self, job_id: vtp_core::JobId) {
-        // No stream listening is no error.
-        let _ = self.changes.send(job_id);
     }
 
     /// Sets the heartbeat period trainers keep.

@@ -84,13 +84,26 @@ pub async fn render(
     vtp_http::metrics::render()
 }
 
-/// A [`JobStore`] that counts every status a job enters
-/// (`training_jobs_total{framework,status}`) and times the jobs that end
-/// (`training_duration_seconds{framework}`, from start to end): every
-/// change passes through `create` and `compare_and_set`, whoever makes it
-/// (a report, a start, a cancel, the sweeper, the relauncher).
+/// A [`JobStore`] that observes every change, whoever makes it (a report,
+/// a start, a cancel, the sweeper, the relauncher), since every change
+/// passes through `create` and `compare_and_set`: it counts every status a
+/// job enters (`training_jobs_total{framework,status}`), times the jobs
+/// that end (`training_duration_seconds{framework}`, from start to end),
+/// and announces the job on `changes`, which wakes its event streams.
 #[derive(Debug)]
-pub struct MeteredJobStore(pub Arc<dyn JobStore>);
+pub struct ObservedJobStore {
+    /// The store written to.
+    pub inner: Arc<dyn JobStore>,
+    /// Where changed jobs are announced ([`crate::AppState::changes`]).
+    pub changes: tokio::sync::broadcast::Sender<JobId>,
+}
+
+impl ObservedJobStore {
+    fn announce(&self, job_id: JobId) {
+        // No stream listening is no error.
+        let _ = self.changes.send(job_id);
+    }
+}
 
 fn entered(job: &Job) {
     metrics::counter!("training_jobs_total", "framework" => job.framework.clone(), "status" => job.status.as_str())
@@ -105,24 +118,25 @@ fn entered(job: &Job) {
 }
 
 #[async_trait::async_trait]
-impl JobStore for MeteredJobStore {
+impl JobStore for ObservedJobStore {
     async fn create(&self, job: &Job) -> vtp_core::Result<()> {
-        self.0.create(job).await?;
+        self.inner.create(job).await?;
         entered(job);
+        self.announce(job.id);
         Ok(())
     }
     async fn get(&self, id: JobId) -> vtp_core::Result<Job> {
-        self.0.get(id).await
+        self.inner.get(id).await
     }
     async fn find_created_with_key(
         &self,
         user_id: &str,
         key: &str,
     ) -> vtp_core::Result<Option<Job>> {
-        self.0.find_created_with_key(user_id, key).await
+        self.inner.find_created_with_key(user_id, key).await
     }
     async fn list(&self, filter: &JobFilter) -> vtp_core::Result<JobPage> {
-        self.0.list(filter).await
+        self.inner.list(filter).await
     }
     async fn compare_and_set(
         &self,
@@ -130,22 +144,23 @@ impl JobStore for MeteredJobStore {
         next: &Job,
         metric: Option<&TrainingMetric>,
     ) -> vtp_core::Result<Job> {
-        let stored = self.0.compare_and_set(expected, next, metric).await?;
+        let stored = self.inner.compare_and_set(expected, next, metric).await?;
         if stored.status != expected.status {
             entered(&stored);
         }
+        self.announce(stored.id);
         Ok(stored)
     }
     async fn insert_metric_if_absent(&self, metric: &TrainingMetric) -> vtp_core::Result<bool> {
-        self.0.insert_metric_if_absent(metric).await
+        self.inner.insert_metric_if_absent(metric).await
     }
     async fn metrics(&self, id: JobId) -> vtp_core::Result<Vec<TrainingMetric>> {
-        self.0.metrics(id).await
+        self.inner.metrics(id).await
     }
     async fn events(&self, id: JobId, after: i64, limit: u32) -> vtp_core::Result<Vec<JobEvent>> {
-        self.0.events(id, after, limit).await
+        self.inner.events(id, after, limit).await
     }
     async fn ping(&self) -> vtp_core::Result<()> {
-        self.0.ping().await
+        self.inner.ping().await
     }
 }

@@ -235,9 +235,13 @@ impl Stack {
     }
 
     async fn start(&self, job_id: JobId, epochs: u32) -> reqwest::Response {
+        self.post_start(&self.start_body(job_id, epochs)).await
+    }
+
+    async fn post_start(&self, body: &Value) -> reqwest::Response {
         self.http
             .post(format!("{}/training/start", self.trainer))
-            .json(&self.start_body(job_id, epochs))
+            .json(body)
             .send()
             .await
             .unwrap()
@@ -420,26 +424,14 @@ async fn refusals_models_and_health_come_from_the_service_and_its_engine() {
     let job_id = JobId::new();
     let mut body = s.start_body(job_id, 1);
     body["config"]["epocs"] = json!(3);
-    let refused = s
-        .http
-        .post(format!("{}/training/start", s.trainer))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let refused = s.post_start(&body).await;
     assert_eq!(refused.status(), 422);
     let error: Value = refused.json().await.unwrap();
     assert_eq!(error["error"]["field"], "config.epocs", "{error}");
 
     let mut body = s.start_body(job_id, 1);
     body["dataset_s3_uri"] = json!("s3://elsewhere/datasets/x.zip");
-    let refused = s
-        .http
-        .post(format!("{}/training/start", s.trainer))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let refused = s.post_start(&body).await;
     assert_eq!(refused.status(), 422);
     let error: Value = refused.json().await.unwrap();
     assert_eq!(error["error"]["field"], "dataset_s3_uri", "{error}");

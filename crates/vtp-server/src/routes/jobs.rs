@@ -325,7 +325,6 @@ pub async fn start(
         }
         Err(e) => return Err(e.into()),
     };
-    state.changed(id);
     // The secret is stored before the launch, so the first report
     // verifies, and only if the job has none: whoever stores it first (this
     // start, or the relauncher if this start stalled) gives it to every
@@ -463,9 +462,6 @@ pub async fn callback(
         }
     }
     state.known_jobs.remember(outcome.into_job());
-    if applied {
-        state.changed(id);
-    }
     metrics::counter!("vtp_reports_total", "applied" => if applied { "true" } else { "false" })
         .increment(1);
     if applied && status.is_terminal() {
@@ -581,7 +577,6 @@ pub async fn cancel(
                     job.message = Some("cancelled before start".into());
                 })
                 .await?;
-            state.changed(id);
             Ok(Json(state.present(job)))
         }
         JobStatus::Queued | JobStatus::Running => {
@@ -589,7 +584,6 @@ pub async fn cancel(
                 .jobs
                 .transition(id, job.status, JobStatus::Cancelling)
                 .await?;
-            state.changed(id);
             signal_trainer(&state, id).await
         }
         JobStatus::Cancelling => signal_trainer(&state, id).await,
@@ -617,7 +611,6 @@ async fn signal_trainer(state: &AppState, id: JobId) -> ApiResult<Json<Job>> {
         // The job stays `cancelling`; the sweeper finalises it if the trainer never answers.
         Err(e) => tracing::warn!(job_id = %id, error = %error_chain(&e), "cancel signal failed"),
     }
-    state.changed(id);
     Ok(Json(state.present(state.jobs.get(id).await?)))
 }
 
@@ -797,7 +790,7 @@ pub struct EventsQuery {
 pub const LAST_EVENT_ID: &str = "last-event-id";
 
 /// How long an event stream waits for a wake-up before it looks at the
-/// store again (changes by the sweeper or by another replica).
+/// store again (changes made by another replica).
 const EVENTS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
 /// Events read from the store at once.
 const EVENTS_PAGE: u32 = 500;

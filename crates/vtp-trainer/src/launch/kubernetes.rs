@@ -355,42 +355,6 @@ impl K8sArgs {
     }
 }
 
-impl KubernetesConfig {
-    /// [`K8sArgs`] read from the `VTP_K8S_*` variables alone (no command
-    /// line); the trainer's plain environment is the process's own
-    /// `VTP_BLOB_URL` and non-secret `VTP_S3_*`.
-    ///
-    /// # Errors
-    /// [`Error::InvalidInput`] naming a variable that does not parse.
-    pub fn from_env() -> Result<Self> {
-        #[derive(clap::Parser)]
-        struct FromEnv {
-            #[command(flatten)]
-            k8s: K8sArgs,
-        }
-        let parsed = <FromEnv as clap::Parser>::try_parse_from(["vtp-backend"])
-            .map_err(|e| Error::invalid("VTP_K8S_*", e.to_string()))?;
-        let env = [
-            "VTP_BLOB_URL",
-            "VTP_S3_ENDPOINT",
-            "VTP_S3_REGION",
-            "VTP_S3_ALLOW_HTTP",
-            "VTP_S3_VIRTUAL_HOSTED_STYLE",
-            // The path of a CA bundle the trainer image mounts, if any.
-            "VTP_CA_CERT",
-        ]
-        .iter()
-        .filter_map(|name| {
-            std::env::var(name)
-                .ok()
-                .filter(|v| !v.is_empty())
-                .map(|v| ((*name).to_owned(), v))
-        })
-        .collect();
-        parsed.k8s.config(env)
-    }
-}
-
 /// What one [`KubernetesLauncher::reconcile`] pass did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reconciled {
@@ -495,15 +459,6 @@ impl KubernetesLauncher {
             config,
             store,
         }
-    }
-
-    /// A launcher from the environment: in-cluster service account, else
-    /// `KUBECONFIG` / `~/.kube/config`; settings from [`KubernetesConfig::from_env`].
-    ///
-    /// # Errors
-    /// [`Error::Unavailable`] when no cluster configuration is found.
-    pub async fn from_env(store: Arc<dyn JobStore>) -> Result<Self> {
-        Self::connect(KubernetesConfig::from_env()?, store).await
     }
 
     /// A launcher with `config` on the cluster of the environment:

@@ -260,10 +260,7 @@ pub fn trainer_app(service: Service, token: Option<String>) -> Router {
     vtp_http::metrics::handle();
     static STARTED: std::sync::Once = std::sync::Once::new();
     STARTED.call_once(|| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
-        metrics::gauge!("vtp_trainer_start_time_seconds").set(now);
+        metrics::gauge!("vtp_trainer_start_time_seconds").set(super::unix_now());
     });
     let (mut guarded, open) = trainer_routes();
     if let Some(token) = token {

@@ -889,7 +889,7 @@ fn job_span(request: &StartTraining) -> tracing::Span {
 }
 
 /// Seconds since the Unix epoch.
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())

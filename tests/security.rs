@@ -205,6 +205,7 @@ async fn users_see_only_their_own_objects() {
         ("POST", format!("{job}/start")),
         ("DELETE", job.clone()),
         ("GET", format!("{job}/metrics")),
+        ("GET", format!("{job}/events")),
         ("GET", format!("{job}/checkpoint")),
         ("GET", format!("{job}/checkpoint/best.json")),
         ("GET", format!("{job}/checkpoint/best.safetensors")),

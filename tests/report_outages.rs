@@ -214,6 +214,7 @@ impl Trainer {
                 &self.request.callback_url,
                 self.request.callback_secret.as_ref(),
                 update,
+                None,
             )
             .unwrap()
     }

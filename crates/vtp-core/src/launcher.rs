@@ -42,6 +42,12 @@ pub struct StartTraining {
     /// setting, else [`DEFAULT_HEARTBEAT_SECS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_secs: Option<u64>,
+    /// The W3C trace context of the launch
+    /// (`00-<trace id>-<span id>-<flags>`), when the backend exports
+    /// traces: the trainer's spans for this attempt join that trace, and
+    /// its reports carry it back. Ignored when malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 /// The environment variable setting the heartbeat period, in seconds, of
@@ -94,6 +100,7 @@ impl StartTraining {
             attempt: job.attempt.max(1),
             resume_from: job.last_checkpoint_s3_uri.clone(),
             heartbeat_secs: None,
+            traceparent: None,
         }
     }
 

@@ -13,14 +13,18 @@
 //!   route may give, for both OpenAPI documents;
 //! - [`metrics`]: the process's one Prometheus recorder, which both
 //!   services' `GET /metrics` render;
-//! - [`process`]: logging to stderr and the shutdown signals the binaries
-//!   wait for.
+//! - [`telemetry`]: logs to stderr (text or JSON lines) and, with the
+//!   `otel` feature, OpenTelemetry traces over OTLP, with the W3C trace
+//!   context the services hand each other;
+//! - [`process`]: the shutdown signals the binaries wait for.
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod process;
+pub mod telemetry;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json};
-pub use process::{init_tracing, parent_exited, shutdown_signal};
+pub use process::{parent_exited, shutdown_signal};
+pub use telemetry::{Telemetry, TelemetryArgs, init_tracing};

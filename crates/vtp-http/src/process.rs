@@ -1,32 +1,6 @@
-//! For the binaries: logging and the signals that end a service.
+//! For the binaries: the signals that end a service.
 
 use std::time::Duration;
-
-/// The variable that picks the log format: `text` (the default) or `json`.
-pub const LOG_FORMAT_ENV: &str = "VTP_LOG_FORMAT";
-
-/// Logs to stderr, filtered by `VTP_LOG` (default `info`), for the
-/// binaries: readable text, or with `VTP_LOG_FORMAT=json` one JSON object
-/// per line, carrying the fields of every span it is in (a request's
-/// `request_id`, a job's `job_id`) beside its own.
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("VTP_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var(LOG_FORMAT_ENV).is_ok_and(|v| v.eq_ignore_ascii_case("json"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(true)
-            .init();
-    } else {
-        builder.init();
-    }
-}
 
 /// Resolves on Ctrl-C or SIGTERM.
 pub async fn shutdown_signal() {

@@ -54,6 +54,11 @@ pub struct BackendConfig {
     #[command(flatten)]
     pub k8s: vtp_trainer::K8sArgs,
 
+    /// Where traces go; a trainer this backend starts exports to the same
+    /// collector.
+    #[command(flatten)]
+    pub telemetry: vtp_http::TelemetryArgs,
+
     /// How trainers are started.
     #[arg(long, env = "VTP_LAUNCHER", value_enum, default_value = "subprocess")]
     pub launcher: LauncherKind,
@@ -232,7 +237,7 @@ impl BackendConfig {
                 // environment; settings given as flags reach it the same
                 // way (in its environment, never on its command line).
                 let mut launcher = vtp_trainer::SubprocessLauncher::new(program, jobs);
-                for (name, value) in self.s3.public_env() {
+                for (name, value) in self.s3.public_env().into_iter().chain(self.telemetry.env()) {
                     launcher = launcher.with_env(name, value);
                 }
                 for (name, value) in [
@@ -270,6 +275,7 @@ impl BackendConfig {
             LauncherKind::Kubernetes => {
                 let mut trainer_env = vec![("VTP_BLOB_URL".to_owned(), self.blob_url.clone())];
                 trainer_env.extend(self.s3.public_env());
+                trainer_env.extend(self.telemetry.env());
                 let launcher =
                     vtp_trainer::KubernetesLauncher::connect(self.k8s.config(trainer_env)?, jobs)
                         .await?;

@@ -173,6 +173,30 @@ impl AppState {
             .with_secret(secret)
             .with_heartbeat(self.heartbeat)
     }
+
+    /// Hands the job's current attempt to the launcher, in a `launch` span
+    /// whose trace context the start request carries (`traceparent`), so
+    /// the trainer's spans for the attempt join the trace this launch is
+    /// part of: the start request's, or a relaunch's own.
+    ///
+    /// # Errors
+    /// The launcher's.
+    pub async fn launch(
+        &self,
+        job: &vtp_core::Job,
+        secret: vtp_core::CallbackSecret,
+    ) -> vtp_core::Result<()> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "launch",
+            job_id = %job.id,
+            attempt = job.attempt.max(1),
+            launcher = self.launcher.name()
+        );
+        let mut request = self.start_request(job, secret);
+        request.traceparent = vtp_http::telemetry::traceparent(&span);
+        self.launcher.launch(&request).instrument(span).await
+    }
 }
 
 /// How long a non-streaming request may take before it is answered 503.
@@ -237,6 +261,8 @@ pub fn app(state: AppState) -> Router {
                     request_id = %id,
                     job_id = tracing::field::Empty,
                 );
+                // A request that names a trace (a trainer's report) joins it.
+                vtp_http::telemetry::set_parent_from_headers(&span, request.headers());
                 // Every line about a job carries its id.
                 if let Some(job_id) = job_id_in_path(request.uri().path()) {
                     span.record("job_id", tracing::field::display(job_id));

@@ -98,8 +98,7 @@ pub async fn relaunch_once(
             }
         };
         recent.insert(job.id, Instant::now());
-        let request = state.start_request(&job, secret);
-        match state.launcher.launch(&request).await {
+        match state.launch(&job, secret).await {
             Ok(()) => {
                 tracing::info!(job_id = %job.id, attempt = job.attempt, resume_from = ?job.last_checkpoint_s3_uri, "relaunched");
                 metrics::counter!("vtp_relaunches_total").increment(1);

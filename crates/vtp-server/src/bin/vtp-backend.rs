@@ -11,12 +11,14 @@ use vtp_storage::BlobStoreBuilder;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    vtp_server::init_tracing();
+    let mut config = BackendConfig::parse();
+    // Held to the end of `main`: dropping it exports the last spans.
+    let _telemetry = vtp_server::init_tracing("vtp-backend", &config.telemetry)
+        .map_err(|e| anyhow::anyhow!(error_chain(&e)))?;
     // Fail points of the crash tests, from `FAILPOINTS` (built only with
     // the `failpoints` feature; see tests/tier2_e2e.rs).
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
-    let mut config = BackendConfig::parse();
     if let Some(BackendCommand::Token(command)) = &config.command {
         return token_command(&config, command).await;
     }

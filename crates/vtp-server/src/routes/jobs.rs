@@ -337,8 +337,7 @@ pub async fn start(
     state.secrets.remember(id, secret.clone());
     // The crash tests kill the backend here: queued, not yet launched.
     crate::crash_point("start-after-queue").await;
-    let request = state.start_request(&job, secret);
-    if let Err(err) = state.launcher.launch(&request).await {
+    if let Err(err) = state.launch(&job, secret).await {
         let reason = format!("launch failed: {}", error_chain(&err));
         tracing::warn!(job_id = %id, %reason);
         // The trainer may have reported already; then its report stands.

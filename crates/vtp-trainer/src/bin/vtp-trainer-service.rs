@@ -53,6 +53,9 @@ struct Args {
     blob_url: String,
     #[command(flatten)]
     s3: S3Settings,
+    /// Where traces go.
+    #[command(flatten)]
+    telemetry: vtp_http::TelemetryArgs,
     /// Scratch space: datasets, checkpoints in progress, the report outbox.
     #[arg(long, env = "VTP_WORK_DIR", default_value = "./.vtp/trainer")]
     work_dir: PathBuf,
@@ -105,8 +108,10 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    vtp_http::init_tracing();
     let args = Args::parse();
+    // Dropped before every exit: it exports the last spans.
+    let telemetry = vtp_http::init_tracing("vtp-trainer-service", &args.telemetry)
+        .map_err(|e| anyhow::anyhow!(vtp_core::error_chain(&e)))?;
     let blobs = BlobStoreBuilder::new()
         .with_url(args.blob_url.clone())
         .with_s3(args.s3.clone())
@@ -143,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_secs(*drain_secs),
         )
         .await;
+        drop(telemetry);
         std::process::exit(code);
     }
     if args.token.is_none() && !args.listen.ip().is_loopback() {
@@ -196,6 +202,7 @@ async fn main() -> anyhow::Result<()> {
     });
     outbox.drained(Duration::from_secs(5)).await;
     delivery.abort();
+    drop(telemetry);
     std::process::exit(0);
 }
 

@@ -69,7 +69,7 @@ impl SubprocessLauncher {
     /// Variables the child inherits from the backend's environment, by
     /// prefix; everything else (the database URL with its password, the
     /// backend's own settings) stays out of the trainer.
-    pub const INHERITED_ENV: [&'static str; 20] = [
+    pub const INHERITED_ENV: [&'static str; 23] = [
         "PATH",
         "HOME",
         "TMPDIR",
@@ -82,6 +82,12 @@ impl SubprocessLauncher {
         "VTP_TRAINER_",
         "VTP_HEARTBEAT_SECS",
         "VTP_UPLOAD_RETRY_SECS",
+        // The trace exporter's collector and the SDK's batching and
+        // exporter settings (not its service name: the child is another
+        // service).
+        "VTP_OTLP_ENDPOINT",
+        "OTEL_BSP_",
+        "OTEL_EXPORTER_OTLP_",
         "AWS_",
         "OMP_",
         "MKL_",

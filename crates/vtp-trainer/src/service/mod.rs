@@ -595,6 +595,12 @@ impl TrainerService {
     }
 
     fn report(&self, request: &StartTraining, update: TrainingUpdate) {
+        self.report_in(request, update, &tracing::Span::current());
+    }
+
+    /// [`Self::report`], made in `span` (an epoch's): its delivery is traced
+    /// under that span.
+    fn report_in(&self, request: &StartTraining, update: TrainingUpdate, span: &tracing::Span) {
         // Every report names its attempt: once the job has moved on to a
         // later one, this attempt's reports change nothing.
         let update = update.with_attempt(request.attempt);
@@ -605,6 +611,7 @@ impl TrainerService {
             &request.callback_url,
             request.callback_secret.as_ref(),
             update,
+            vtp_http::telemetry::traceparent(span),
         ) {
             tracing::error!(job_id = %request.job_id, error = %e, "cannot queue a report");
         }
@@ -724,6 +731,7 @@ impl TrainerService {
             init_weights,
             output_dir: output.clone(),
         };
+        let job_span = tracing::Span::current();
         let mut sink = OutboxSink {
             service: self.clone(),
             request: request.clone(),
@@ -731,6 +739,9 @@ impl TrainerService {
             runtime: tokio::runtime::Handle::current(),
             steps,
             last_step: None,
+            epoch: Some(epoch_span(&job_span)),
+            epoch_numbered: false,
+            job_span,
         };
         self.report(
             request,
@@ -883,9 +894,18 @@ impl TrainerService {
 }
 
 /// The span of everything done for one attempt at a job: its log lines
-/// carry `job_id` and `attempt`.
+/// carry `job_id` and `attempt`. Exported, it joins the trace of the
+/// launch that sent the request.
 fn job_span(request: &StartTraining) -> tracing::Span {
-    tracing::info_span!("job", job_id = %request.job_id, attempt = request.attempt)
+    let span = tracing::info_span!("job", job_id = %request.job_id, attempt = request.attempt);
+    vtp_http::telemetry::set_parent(&span, request.traceparent.as_deref());
+    span
+}
+
+/// The span of one epoch, from the end of the one before (or the start of
+/// training) to its report; its number is recorded once known.
+fn epoch_span(job: &tracing::Span) -> tracing::Span {
+    tracing::info_span!(parent: job, "epoch", epoch = tracing::field::Empty)
 }
 
 /// Seconds since the Unix epoch.
@@ -935,6 +955,12 @@ struct OutboxSink {
     steps: StepCell,
     /// When the last step of this epoch ended (for step times).
     last_step: Option<std::time::Instant>,
+    /// The job's span, and the span of the epoch under way in it (none
+    /// after the last).
+    job_span: tracing::Span,
+    epoch: Option<tracing::Span>,
+    /// Whether `epoch` has its number yet.
+    epoch_numbered: bool,
 }
 
 impl OutboxSink {
@@ -999,7 +1025,18 @@ impl ProgressSink for OutboxSink {
         {
             update = update.with_last_checkpoint(uri);
         }
-        self.service.report(&self.request, update);
+        // This epoch's span ends with its report; the next one's begins.
+        let span = self
+            .epoch
+            .take()
+            .unwrap_or_else(|| epoch_span(&self.job_span));
+        if !self.epoch_numbered {
+            span.record("epoch", report.epoch);
+        }
+        self.service.report_in(&self.request, update, &span);
+        drop(span);
+        self.epoch = (report.epoch < report.epochs).then(|| epoch_span(&self.job_span));
+        self.epoch_numbered = false;
     }
 
     fn step_finished(&mut self, step: &StepProgress) {
@@ -1010,6 +1047,12 @@ impl ProgressSink for OutboxSink {
             metrics::histogram!("vtp_trainer_step_seconds").record((now - last).as_secs_f64());
         }
         self.last_step = Some(now);
+        if !self.epoch_numbered
+            && let Some(span) = &self.epoch
+        {
+            span.record("epoch", step.epoch);
+            self.epoch_numbered = true;
+        }
         *self.steps.lock().expect("step lock") = Some(*step);
     }
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 use vtp_core::{BackoffConfig, CallbackSecret, Error, JobId, Result, TrainingUpdate};
 
 /// One pending report.
@@ -28,6 +29,12 @@ pub struct OutboxEntry {
     pub callback_secret: Option<CallbackSecret>,
     /// What it says (with `seq` set).
     pub update: TrainingUpdate,
+    /// The W3C trace context of the span that made the report (an epoch,
+    /// the job), when traces are exported: each delivery attempt is a
+    /// `report` span under it, and the request carries that span's
+    /// context in its `traceparent` header.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 #[derive(Debug)]
@@ -111,6 +118,8 @@ fn last_seq(seqs: &HashMap<JobId, i64>, job_id: JobId, dir: &Path) -> i64 {
 impl Outbox {
     /// Persists `update` for `job_id` with the next sequence number and wakes
     /// the sender. Safe to call from any thread. Returns the sequence number.
+    /// `traceparent` is the trace context the report was made in
+    /// ([`OutboxEntry::traceparent`]).
     ///
     /// # Errors
     /// I/O errors (the report is then not queued).
@@ -120,6 +129,7 @@ impl Outbox {
         callback_url: &str,
         callback_secret: Option<&CallbackSecret>,
         mut update: TrainingUpdate,
+        traceparent: Option<String>,
     ) -> Result<i64> {
         let dir = self.job_dir(job_id);
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;
@@ -131,6 +141,7 @@ impl Outbox {
             callback_url: callback_url.to_owned(),
             callback_secret: callback_secret.cloned(),
             update,
+            traceparent,
         };
         let json = serde_json::to_vec(&entry).map_err(|e| Error::internal(e.to_string()))?;
         let path = dir.join(format!("{seq:010}.json"));
@@ -354,33 +365,53 @@ impl Outbox {
                 }
             }
         }
-        match request.body(body).send().await {
-            Ok(response) if response.status().is_success() => Delivery::Done,
-            Ok(response)
-                if response.status().is_server_error() || response.status().as_u16() == 429 =>
-            {
-                let retry_after = response
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    // Capped: a proxy asking for minutes must not keep a
-                    // trainer silent past its lease.
-                    .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
-                Delivery::Retry(
-                    format!("backend answered {}", response.status()),
-                    retry_after,
-                )
-            }
-            Ok(response) => {
-                // 404 (job unknown), 409 (already finished), 422 (refused): resending cannot help.
-                let status = response.status();
-                let body = response.text().await.unwrap_or_default();
-                tracing::warn!(seq = ?entry.update.seq, %status, %body, "backend refused a report; dropped");
-                Delivery::Done
-            }
-            Err(e) => Delivery::Retry(format!("{}: {e}", entry.callback_url), None),
+        // One span per delivery attempt, in the trace the report was made
+        // in; the backend's span for the callback joins it.
+        let span = tracing::info_span!(
+            "report",
+            job_id = %entry.update.job_id.map(|j| j.to_string()).unwrap_or_default(),
+            seq = entry.update.seq.unwrap_or_default(),
+            status = %entry.update.status,
+            delivered = tracing::field::Empty,
+        );
+        vtp_http::telemetry::set_parent(&span, entry.traceparent.as_deref());
+        if let Some(traceparent) = vtp_http::telemetry::traceparent(&span) {
+            request = request.header(vtp_http::telemetry::TRACEPARENT_HEADER, traceparent);
         }
+        let delivery = post(request, body, &entry).instrument(span.clone()).await;
+        span.record("delivered", matches!(delivery, Delivery::Done));
+        delivery
+    }
+}
+
+/// Sends one report; what became of it.
+async fn post(request: reqwest::RequestBuilder, body: Vec<u8>, entry: &OutboxEntry) -> Delivery {
+    match request.body(body).send().await {
+        Ok(response) if response.status().is_success() => Delivery::Done,
+        Ok(response)
+            if response.status().is_server_error() || response.status().as_u16() == 429 =>
+        {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                // Capped: a proxy asking for minutes must not keep a
+                // trainer silent past its lease.
+                .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS)));
+            Delivery::Retry(
+                format!("backend answered {}", response.status()),
+                retry_after,
+            )
+        }
+        Ok(response) => {
+            // 404 (job unknown), 409 (already finished), 422 (refused): resending cannot help.
+            let status = response.status();
+            let body = response.text().await.unwrap_or_default();
+            tracing::warn!(seq = ?entry.update.seq, %status, %body, "backend refused a report; dropped");
+            Delivery::Done
+        }
+        Err(e) => Delivery::Retry(format!("{}: {e}", entry.callback_url), None),
     }
 }
 

@@ -179,20 +179,26 @@ pub struct CallbackAck {
     pub job_status: JobStatus,
 }
 
-/// The answer of `GET /health` (the backend's).
+/// The answer of `GET /health` (the backend's). Anonymous callers get
+/// `status` alone; callers with a token (or any, with authentication off)
+/// get the rest too.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// `ok`, or `degraded` when the job store does not answer (with 503).
     #[schema(example = "ok")]
     pub status: String,
     /// `ok` or `unavailable`.
-    pub database: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
     /// Where datasets and checkpoints are stored (`file:///...`, `s3://...`).
-    pub blob_store: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_store: Option<String>,
     /// Which launcher starts trainers: `subprocess`, `http`, `kubernetes`.
-    pub launcher: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launcher: Option<String>,
     /// The backend's version.
-    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
 }
 
 /// One epoch of `GET /training/jobs/{id}/metrics`: `epoch`, `recorded_at`
@@ -297,6 +303,10 @@ pub struct TrainerHealth {
     pub pending_reports: usize,
     /// Whether libtorch sees a CUDA device.
     pub cuda: bool,
+    /// How many jobs it trains at once: the backend's queue hands it at
+    /// most this many (absent from trainers that do not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slots: Option<u32>,
     /// The trainer's version.
     pub version: String,
 }

@@ -47,6 +47,14 @@ impl Principal {
     }
 }
 
+/// Whether `token` has the form of an API token (`vtp_` and 64 lowercase
+/// hex digits): anything else is refused without a database read.
+pub fn is_well_formed_token(token: &str) -> bool {
+    token.strip_prefix(TOKEN_PREFIX).is_some_and(|hex| {
+        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
 /// A stored API token: everything but the token itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -197,7 +205,7 @@ pub trait CredentialStoreExt: CredentialStore {
     /// # Errors
     /// [`Error::Unauthenticated`] for an unknown or revoked token; store errors.
     async fn authenticate(&self, token: &str) -> Result<Principal> {
-        if !token.starts_with(TOKEN_PREFIX) {
+        if !is_well_formed_token(token) {
             return Err(Error::unauthenticated("the token is not a VTP API token"));
         }
         match self.token_by_hash(&hash_token(token)).await? {
@@ -230,6 +238,9 @@ mod tests {
         assert_ne!(a.token, b.token);
         assert!(a.token.starts_with(TOKEN_PREFIX));
         assert_eq!(a.token.len(), TOKEN_PREFIX.len() + 64);
+        assert!(is_well_formed_token(&a.token));
+        assert!(!is_well_formed_token("vtp_0123"));
+        assert!(!is_well_formed_token(&a.token.to_uppercase()));
         assert_eq!(a.record.hash, hash_token(&a.token));
         assert!(!a.record.hash.contains(&a.token[TOKEN_PREFIX.len()..]));
         assert!(!format!("{a:?}").contains(&a.token));

@@ -137,34 +137,10 @@ impl CallbackSecret {
     /// [`Error::Unauthenticated`] naming what is wrong: a missing header, a
     /// timestamp outside [`TOLERANCE`], or no matching `v1` signature.
     pub fn verify(&self, headers: &http::HeaderMap, body: &[u8], now: i64) -> Result<()> {
-        let header = |name: &'static str| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| {
-                    Error::unauthenticated(format!("missing or unreadable {name} header"))
-                })
-        };
-        let msg_id = header(HEADER_ID)?;
-        let timestamp: i64 = header(HEADER_TIMESTAMP)?
-            .parse()
-            .map_err(|_| Error::unauthenticated(format!("{HEADER_TIMESTAMP} is not an integer")))?;
-        let signatures = header(HEADER_SIGNATURE)?;
-        let tolerance = TOLERANCE.as_secs();
-        // abs_diff: a timestamp near i64::MIN must not overflow (found by
-        // the callback fuzz target; fuzz/regressions/callback).
-        let skew = now.abs_diff(timestamp);
-        if skew > tolerance {
-            return Err(Error::unauthenticated(format!(
-                "{HEADER_TIMESTAMP} is {skew}s away from the server's clock (at most {tolerance}s allowed)"
-            )));
-        }
-        let mac = self.mac(msg_id, timestamp, body)?;
-        let matched = signatures
-            .split(' ')
-            .filter_map(|s| s.strip_prefix("v1,"))
-            .filter_map(|s| BASE64.decode(s).ok())
+        let signed = precheck(headers, now)?;
+        let mac = self.mac(signed.msg_id, signed.timestamp, body)?;
+        let matched = signed
+            .tags()
             .any(|tag| mac.clone().verify_slice(&tag).is_ok());
         if matched {
             Ok(())
@@ -174,6 +150,68 @@ impl CallbackSecret {
             ))
         }
     }
+}
+
+/// The signature headers of a report, checked for form and freshness.
+#[derive(Debug, Clone, Copy)]
+pub struct SignedHeaders<'a> {
+    msg_id: &'a str,
+    timestamp: i64,
+    signatures: &'a str,
+}
+
+impl SignedHeaders<'_> {
+    /// The decoded `v1` tags of the right length.
+    fn tags(&self) -> impl Iterator<Item = Vec<u8>> + '_ {
+        self.signatures
+            .split(' ')
+            .filter_map(|s| s.strip_prefix("v1,"))
+            .filter_map(|s| BASE64.decode(s).ok())
+            .filter(|tag| tag.len() == 32)
+    }
+}
+
+/// Checks what can be checked of a report's signature without its job's
+/// secret: the three headers are there, the timestamp is within
+/// [`TOLERANCE`] of `now`, and at least one signature is a `v1` HMAC-SHA256
+/// tag. The backend does this before it looks the secret up, so a report
+/// that could never verify costs no database read.
+///
+/// # Errors
+/// [`Error::Unauthenticated`] naming what is wrong.
+pub fn precheck(headers: &http::HeaderMap, now: i64) -> Result<SignedHeaders<'_>> {
+    let header = |name: &'static str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| Error::unauthenticated(format!("missing or unreadable {name} header")))
+    };
+    let msg_id = header(HEADER_ID)?;
+    let timestamp: i64 = header(HEADER_TIMESTAMP)?
+        .parse()
+        .map_err(|_| Error::unauthenticated(format!("{HEADER_TIMESTAMP} is not an integer")))?;
+    let signatures = header(HEADER_SIGNATURE)?;
+    let tolerance = TOLERANCE.as_secs();
+    // abs_diff: a timestamp near i64::MIN must not overflow (found by
+    // the callback fuzz target; fuzz/regressions/callback).
+    let skew = now.abs_diff(timestamp);
+    if skew > tolerance {
+        return Err(Error::unauthenticated(format!(
+            "{HEADER_TIMESTAMP} is {skew}s away from the server's clock (at most {tolerance}s allowed)"
+        )));
+    }
+    let signed = SignedHeaders {
+        msg_id,
+        timestamp,
+        signatures,
+    };
+    if signed.tags().next().is_none() {
+        return Err(Error::unauthenticated(
+            "the report carries no v1 HMAC-SHA256 signature",
+        ));
+    }
+    Ok(signed)
 }
 
 #[cfg(test)]

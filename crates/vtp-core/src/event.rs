@@ -41,6 +41,15 @@ impl EventKind {
         }
     }
 
+    /// Whether a change of this kind is history, kept in the job's event
+    /// log: a status change or an epoch's metrics. Progress (a heartbeat,
+    /// a step, a message) is the job's present state only: streams show
+    /// its latest, and the log of a job running for days stays as long as
+    /// its epochs.
+    pub fn is_history(self) -> bool {
+        !matches!(self, EventKind::Progress)
+    }
+
     /// The event's name in the stream.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,7 +68,8 @@ pub struct JobEvent {
     pub revision: i64,
     /// What the change did.
     pub kind: EventKind,
-    /// The job as the change left it.
+    /// The job as the change left it, without its `config` (`null`: it
+    /// never changes, and is the job's own; the event stream puts it back).
     pub job: Job,
     /// For `metrics`: the epoch's values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,10 +83,12 @@ impl JobEvent {
         after: &Job,
         metric: Option<&TrainingMetric>,
     ) -> Self {
+        let mut job = after.clone();
+        job.config = serde_json::Value::Null;
         JobEvent {
             revision: after.revision,
             kind: EventKind::of_change(before, after, metric),
-            job: after.clone(),
+            job,
             metrics: metric.cloned().map(EpochMetrics::from),
         }
     }
@@ -95,6 +107,7 @@ mod tests {
             framework: "tch".into(),
             dataset_s3_uri: "s3://b/d.zip".into(),
             config: serde_json::json!({}),
+            priority: 0,
         }
         .into_job()
         .unwrap();

@@ -84,8 +84,35 @@ pub struct Job {
     pub dataset_s3_uri: String,
     /// Hyperparameters, a JSON object.
     pub config: serde_json::Value,
+    /// How many epochs it trains: `config.epochs` with the default of its
+    /// model's task filled in. Reports of other epochs are refused.
+    #[serde(default = "default_epochs")]
+    pub epochs: u32,
     /// Life-cycle state.
     pub status: JobStatus,
+    /// Its place in the queue: higher runs first; then the user with the
+    /// fewest jobs running, then the oldest start. From
+    /// [`Job::MIN_PRIORITY`] to [`Job::MAX_PRIORITY`]; how high a user may
+    /// go is the backend's setting (admins up to the maximum).
+    #[serde(default)]
+    pub priority: i32,
+    /// When the job was started (moved to `queued`): its age in the queue.
+    /// A relaunched attempt keeps it, and so its place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<DateTime<Utc>>,
+    /// When the current attempt was handed to a launcher. `None` while a
+    /// `queued` job waits for capacity, for as long as that takes; a
+    /// launched one whose trainer never starts has lost its runner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launched_at: Option<DateTime<Utc>>,
+    /// The earliest time the next attempt may be launched: a job that keeps
+    /// losing its runner waits longer before each relaunch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<DateTime<Utc>>,
+    /// For a job waiting for capacity: its place in the queue, 1 being
+    /// next (filled in by the backend in its answers, not stored).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
     /// Fraction done, `0.0..=1.0`.
     pub progress: f64,
     /// Last human-readable message from the trainer or the platform.
@@ -126,6 +153,11 @@ pub struct Job {
     /// part of the API's JSON).
     #[serde(skip)]
     pub idempotency: IdempotencyKeys,
+    /// When its deletion was asked for (not part of the API's JSON): a
+    /// deleted job is answered as missing while its objects and rows are
+    /// removed ([`crate::JobStore::delete`]).
+    #[serde(skip)]
+    pub deleted_at: Option<DateTime<Utc>>,
 }
 
 /// The `Idempotency-Key`s of the requests that created and started a job,
@@ -200,6 +232,26 @@ impl Job {
     pub const MAX_ATTEMPTS_LIMIT: i32 = 20;
     /// How many earlier attempts are kept in [`Job::attempts`].
     pub const ATTEMPT_HISTORY: usize = 20;
+    /// The lowest [`Job::priority`].
+    pub const MIN_PRIORITY: i32 = -100;
+    /// The highest [`Job::priority`].
+    pub const MAX_PRIORITY: i32 = 100;
+
+    /// Whether the job waits in the queue for capacity: `queued` and not
+    /// yet handed to a launcher.
+    pub fn is_waiting(&self) -> bool {
+        self.status == JobStatus::Queued && self.launched_at.is_none()
+    }
+
+    /// Whether a runner holds (or should hold) the job: launched and not
+    /// finished. These take the launcher's slots.
+    pub fn holds_slot(&self) -> bool {
+        match self.status {
+            JobStatus::Running | JobStatus::Cancelling => true,
+            JobStatus::Queued => self.launched_at.is_some(),
+            _ => false,
+        }
+    }
 
     /// `config.max_attempts`, or [`Job::DEFAULT_MAX_ATTEMPTS`].
     pub fn max_attempts(&self) -> i32 {
@@ -283,6 +335,10 @@ impl Job {
         let now = now();
         if to == JobStatus::Queued {
             self.attempt += 1;
+            // The next attempt waits for capacity again, but keeps its
+            // place: its age in the queue is its first start's.
+            self.launched_at = None;
+            self.queued_at.get_or_insert(now);
         }
         if to == JobStatus::Running && self.started_at.is_none() {
             self.started_at = Some(now);
@@ -318,6 +374,12 @@ pub struct NewJob {
     #[serde(default = "empty_object")]
     #[schema(value_type = crate::TrainConfig)]
     pub config: serde_json::Value,
+    /// Its place in the queue (default 0): higher runs first. From -100 to
+    /// 100; above the backend's `VTP_MAX_USER_PRIORITY` (0 unless the
+    /// operator raised it) only for admins.
+    #[serde(default)]
+    #[schema(minimum = -100, maximum = 100)]
+    pub priority: i32,
 }
 
 /// `config.max_attempts` when it is a whole number in `1..=MAX_ATTEMPTS_LIMIT`.
@@ -360,6 +422,10 @@ pub fn checkpoint_set_epoch(job_id: JobId, key: &BlobKey) -> Option<u32> {
         .ok()
 }
 
+fn default_epochs() -> u32 {
+    crate::TrainConfig::default().epochs
+}
+
 fn empty_object() -> serde_json::Value {
     serde_json::Value::Object(Default::default())
 }
@@ -367,9 +433,26 @@ fn empty_object() -> serde_json::Value {
 impl NewJob {
     /// Checks every field, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
+        self.checked_config().map(|_| ())
+    }
+
+    /// Checks every field, naming the first bad one, and gives the config
+    /// as the trainer will read it.
+    pub fn checked_config(&self) -> Result<crate::TrainConfig> {
         validate_name("user_id", &self.user_id)?;
         validate_name("model_name", &self.model_name)?;
         validate_name("framework", &self.framework)?;
+        if !(Job::MIN_PRIORITY..=Job::MAX_PRIORITY).contains(&self.priority) {
+            return Err(Error::invalid(
+                "priority",
+                format!(
+                    "{} is outside {}..={}",
+                    self.priority,
+                    Job::MIN_PRIORITY,
+                    Job::MAX_PRIORITY
+                ),
+            ));
+        }
         crate::models::check_model(&self.model_name, &self.framework)?;
         self.dataset_s3_uri
             .parse::<BlobUri>()
@@ -413,13 +496,12 @@ impl NewJob {
                 .entry("model")
                 .or_insert_with(|| self.model_name.clone().into());
         }
-        crate::train_config::TrainConfig::from_json(&with_model)?;
-        Ok(())
+        crate::train_config::TrainConfig::from_json(&with_model)
     }
 
     /// Validates and turns the request into a fresh `pending` job.
     pub fn into_job(self) -> Result<Job> {
-        self.validate()?;
+        let config = self.checked_config()?;
         let now = now();
         Ok(Job {
             id: JobId::new(),
@@ -428,7 +510,13 @@ impl NewJob {
             framework: self.framework,
             dataset_s3_uri: self.dataset_s3_uri,
             config: self.config,
+            epochs: config.epochs,
             status: JobStatus::Pending,
+            priority: self.priority,
+            queued_at: None,
+            launched_at: None,
+            not_before: None,
+            queue_position: None,
             progress: 0.0,
             message: None,
             error: None,
@@ -444,6 +532,7 @@ impl NewJob {
             finished_at: None,
             callback_url: None,
             idempotency: IdempotencyKeys::default(),
+            deleted_at: None,
         })
     }
 
@@ -482,6 +571,9 @@ pub fn validate_name(field: &str, value: &str) -> Result<()> {
 }
 
 /// Which jobs to list.
+///
+/// Every condition left `None` matches everything. Jobs whose deletion was
+/// asked for are left out unless [`JobFilter::deleted`] asks for them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct JobFilter {
     /// Only this user's jobs.
@@ -490,10 +582,41 @@ pub struct JobFilter {
     pub status: Option<JobStatus>,
     /// Only jobs not changed since this instant (for the stale-job sweeper).
     pub updated_before: Option<DateTime<Utc>>,
+    /// Only jobs that finished before this instant (for retention).
+    pub finished_before: Option<DateTime<Utc>>,
+    /// Only jobs whose current attempt was (`true`) or was not (`false`)
+    /// handed to a launcher.
+    pub launched: Option<bool>,
+    /// Only jobs whose deletion was (`true`) asked for; `None` and
+    /// `Some(false)` both mean the others.
+    pub deleted: Option<bool>,
+    /// Only jobs listed after this one in the newest-first order: the
+    /// cursor of the next page ([`JobPage::next_cursor`]), which unlike an
+    /// offset skips nothing when jobs are added or removed meanwhile.
+    pub after: Option<JobCursor>,
     /// Page size; [`JobFilter::MAX_LIMIT`] at most.
     pub limit: u32,
     /// Jobs to skip.
     pub offset: u32,
+}
+
+/// A place in the newest-first order of jobs: a job's creation time and id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCursor {
+    /// The job's `created_at`.
+    pub created_at: DateTime<Utc>,
+    /// The job's id (ties of `created_at` are ordered by id).
+    pub id: JobId,
+}
+
+impl JobCursor {
+    /// The cursor just past `job`.
+    pub fn of(job: &Job) -> Self {
+        JobCursor {
+            created_at: job.created_at,
+            id: job.id,
+        }
+    }
 }
 
 impl JobFilter {
@@ -528,6 +651,24 @@ impl JobFilter {
         self
     }
 
+    /// Only jobs that finished before `instant`.
+    pub fn with_finished_before(mut self, instant: DateTime<Utc>) -> Self {
+        self.finished_before = Some(instant);
+        self
+    }
+
+    /// Only jobs launched (`true`) or waiting for capacity (`false`).
+    pub fn with_launched(mut self, launched: bool) -> Self {
+        self.launched = Some(launched);
+        self
+    }
+
+    /// Only jobs whose deletion was asked for.
+    pub fn deleted_only(mut self) -> Self {
+        self.deleted = Some(true);
+        self
+    }
+
     /// Page size and offset.
     pub fn with_page(mut self, limit: u32, offset: u32) -> Self {
         self.limit = limit;
@@ -545,6 +686,14 @@ impl JobFilter {
         self.user_id.as_ref().is_none_or(|u| *u == job.user_id)
             && self.status.is_none_or(|s| s == job.status)
             && self.updated_before.is_none_or(|t| job.updated_at < t)
+            && self
+                .finished_before
+                .is_none_or(|t| job.finished_at.is_some_and(|f| f < t))
+            && self.launched.is_none_or(|l| l == job.launched_at.is_some())
+            && self.deleted.unwrap_or(false) == job.deleted_at.is_some()
+            && self
+                .after
+                .is_none_or(|c| (job.created_at, job.id) < (c.created_at, c.id))
     }
 }
 
@@ -559,6 +708,10 @@ pub struct JobPage {
     pub limit: u32,
     /// The offset used.
     pub offset: u32,
+    /// Where the next page starts (`None` on the last page), for callers
+    /// that page through every match ([`crate::JobStoreExt::pages`]).
+    #[serde(skip)]
+    pub next_cursor: Option<JobCursor>,
 }
 
 #[cfg(test)]
@@ -588,6 +741,7 @@ mod tests {
             framework: "tch".into(),
             dataset_s3_uri: "s3://datasets/test/my-dataset/".into(),
             config: serde_json::json!({"epochs": 3}),
+            priority: 0,
         }
     }
 

@@ -1,12 +1,15 @@
 //! Durable job state: the [`JobStore`] trait.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 
 use crate::error::{Error, Result};
 use crate::event::JobEvent;
-use crate::job::{Job, JobFilter, JobId, JobPage, NewJob};
+use crate::job::{Job, JobCursor, JobFilter, JobId, JobPage, NewJob};
 use crate::status::JobStatus;
 use crate::update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan, plan_update};
 
@@ -29,6 +32,61 @@ impl Expected {
     }
 }
 
+/// A cap on how many jobs one owner may have in some statuses, which a
+/// store checks in the same atomic step as the write it guards
+/// ([`JobStore::create_within`], [`JobStore::compare_and_set_within`]), so
+/// concurrent requests cannot race past it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    /// The statuses counted.
+    pub statuses: &'static [JobStatus],
+    /// How many of the owner's jobs may be in them; the write that would
+    /// make one more is refused.
+    pub limit: u32,
+}
+
+impl Quota {
+    /// The statuses of jobs under way: a runner holds them or they wait for one.
+    pub const ACTIVE: &'static [JobStatus] =
+        &[JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling];
+    /// The status of jobs created and never started.
+    pub const PENDING: &'static [JobStatus] = &[JobStatus::Pending];
+
+    /// At most `limit` of an owner's jobs under way.
+    pub fn active(limit: u32) -> Self {
+        Quota {
+            statuses: Self::ACTIVE,
+            limit,
+        }
+    }
+
+    /// At most `limit` of an owner's jobs created and not started.
+    pub fn pending(limit: u32) -> Self {
+        Quota {
+            statuses: Self::PENDING,
+            limit,
+        }
+    }
+
+    /// The statuses as their database names.
+    pub fn status_names(&self) -> Vec<&'static str> {
+        self.statuses.iter().map(|s| s.as_str()).collect()
+    }
+
+    /// The refusal of a write past the quota, by `user_id`.
+    pub fn exceeded(&self, user_id: &str) -> Error {
+        let what = if self.statuses == Self::PENDING {
+            "jobs created and not started; start or delete one"
+        } else {
+            "jobs queued or running; wait for one to finish or cancel one"
+        };
+        Error::RateLimited {
+            message: format!("{user_id} has {} {what}", self.limit),
+            retry_after: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Where jobs and their metrics live.
 ///
 /// The core is small; [`JobStoreExt`] builds transitions and callback
@@ -39,15 +97,31 @@ impl Expected {
 /// - `compare_and_set` is atomic: it writes the mutable fields of `next`
 ///   (status, progress, message, error, checkpoint_s3_uri,
 ///   last_checkpoint_s3_uri, attempt, attempts, last_seq, updated_at,
-///   started_at, finished_at, the start's `Idempotency-Key`), bumps `revision` by one and upserts
+///   started_at, finished_at, queued_at, launched_at, not_before,
+///   deleted_at, the start's `Idempotency-Key`), bumps `revision` by one and upserts
 ///   `metric` (one row per job and epoch, the newest wins) only if the stored
 ///   job matches `expected`; otherwise it changes nothing.
+/// - `create_within` and `compare_and_set_within` do the same only while
+///   the owner has fewer than the quota's jobs in its statuses (other than
+///   the one written), counted atomically with the write.
 /// - `list` returns jobs newest first, with the total count of matches.
+/// - `queue` returns the jobs waiting for capacity ([`Job::is_waiting`],
+///   whose `not_before` has passed) in the order they are to run: the
+///   highest `priority` first; then fair share, the owner with the fewest
+///   jobs holding a slot ([`Job::holds_slot`]) plus those of the owner's
+///   waiting jobs ahead of this one; then the oldest `queued_at`, then id.
+///   `queue_positions` gives the place of each named waiting job in that
+///   order over every waiting job (1 is next), whatever its `not_before`.
 /// - `metrics` returns a job's epoch metrics ordered by epoch.
 /// - `create` and every successful `compare_and_set` also store the change
 ///   as a [`JobEvent`] ([`JobEvent::of_change`] of the job before and after,
-///   numbered by the new revision), atomically with the change itself;
+///   numbered by the new revision), atomically with the change itself,
+///   unless the change is only progress ([`crate::EventKind::Progress`]: a
+///   heartbeat, a step): those are the job's present state, not history, so
+///   a running job's log grows by its epochs and status changes alone.
 ///   `events` returns them in revision order. A lost race stores none.
+/// - `delete` removes the job with everything stored with it (events,
+///   metrics, callback secret); deleting a missing job is no error.
 ///
 /// # Errors
 /// - [`Error::NotFound`] for an unknown job id.
@@ -59,6 +133,13 @@ impl Expected {
 pub trait JobStore: Send + Sync + fmt::Debug + 'static {
     /// Stores a new job.
     async fn create(&self, job: &Job) -> Result<()>;
+
+    /// Stores a new job unless its owner has `quota.limit` jobs in the
+    /// quota's statuses already.
+    ///
+    /// # Errors
+    /// As `create`; [`Quota::exceeded`] at the quota.
+    async fn create_within(&self, job: &Job, quota: Quota) -> Result<()>;
 
     /// Reads one job.
     async fn get(&self, id: JobId) -> Result<Job>;
@@ -76,6 +157,36 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
         next: &Job,
         metric: Option<&TrainingMetric>,
     ) -> Result<Job>;
+
+    /// [`JobStore::compare_and_set`], only while the owner of `next` has
+    /// fewer than `quota.limit` other jobs in the quota's statuses.
+    ///
+    /// # Errors
+    /// As `compare_and_set`; [`Quota::exceeded`] at the quota.
+    async fn compare_and_set_within(
+        &self,
+        expected: Expected,
+        next: &Job,
+        quota: Quota,
+    ) -> Result<Job>;
+
+    /// The waiting jobs whose `not_before` is not after `now`, in the order
+    /// they are to run, at most `limit`.
+    async fn queue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>>;
+
+    /// The places in the queue (1 is next) of the waiting jobs of
+    /// `user_id` (of everyone, for `None`).
+    async fn queue_positions(&self, user_id: Option<&str>) -> Result<HashMap<JobId, u64>>;
+
+    /// Removes job `id` and everything stored with it; returns whether it
+    /// was there.
+    async fn delete(&self, id: JobId) -> Result<bool>;
+
+    /// How many jobs take a launcher's slots ([`Job::holds_slot`]: running,
+    /// being cancelled, or queued and launched), counted at one instant: a
+    /// job that moves from launched to running meanwhile is counted once,
+    /// never lost between two counts.
+    async fn slots_taken(&self) -> Result<u64>;
 
     /// Records `metric` unless its job already has one for that epoch.
     /// Returns whether it was recorded.
@@ -146,20 +257,49 @@ pub trait JobStoreExt: JobStore {
         .await
     }
 
-    /// The jobs a trainer holds or should hold: `queued`, `running` and
-    /// `cancelling`, in that order (up to [`JobFilter::MAX_LIMIT`] of each).
+    /// [`JobStoreExt::transition_with`] under `quota`: the write is refused
+    /// while the owner has `quota.limit` other jobs in its statuses,
+    /// counted atomically with it ([`JobStore::compare_and_set_within`]).
     ///
     /// # Errors
-    /// Store errors.
-    async fn active_jobs(&self) -> Result<Vec<Job>> {
-        let mut active = Vec::new();
-        for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
-            let filter = JobFilter::new()
-                .with_status(status)
-                .with_page(JobFilter::MAX_LIMIT, 0);
-            active.extend(self.list(&filter).await?.jobs);
-        }
-        Ok(active)
+    /// As `transition_with`; [`Quota::exceeded`] at the quota.
+    async fn transition_within<F>(
+        &self,
+        id: JobId,
+        from: JobStatus,
+        to: JobStatus,
+        quota: Quota,
+        mut edit: F,
+    ) -> Result<Job>
+    where
+        F: FnMut(&mut Job) + Send,
+    {
+        rewrite_within(self, id, Some(quota), |job| {
+            if job.status != from {
+                return Err(Error::conflict(format!(
+                    "job {id} is {}, not {from}",
+                    job.status
+                )));
+            }
+            let mut next = job.clone();
+            next.transition(to)?;
+            edit(&mut next);
+            Ok(Some(next))
+        })
+        .await
+    }
+
+    /// Rewrites job `id` with `plan` (see [`JobStoreExt::transition_with`]):
+    /// `plan` sees the job as stored and returns its next version, or
+    /// `None` to leave it; lost races read again.
+    ///
+    /// # Errors
+    /// `plan`'s; store errors.
+    async fn update_with<F>(&self, id: JobId, plan: F) -> Result<Job>
+    where
+        F: FnMut(&Job) -> Result<Option<Job>> + Send,
+    {
+        rewrite(self, id, plan).await
     }
 
     /// Ends attempt `attempt` of a job whose runner was lost (see
@@ -272,10 +412,88 @@ pub trait JobStoreExt: JobStore {
 
 impl<T: JobStore + ?Sized> JobStoreExt for T {}
 
+/// Every job matching a filter, a page at a time, newest first, by keyset
+/// ([`JobFilter::after`]): memory stays one page whatever the number of
+/// matches, and jobs added or removed meanwhile shift nothing.
+#[derive(Debug)]
+pub struct JobPages<'a> {
+    store: &'a dyn JobStore,
+    filter: JobFilter,
+    done: bool,
+}
+
+impl<'a> JobPages<'a> {
+    /// The pages of the jobs matching `filter` (its `limit` is the page
+    /// size; its `offset` is ignored).
+    pub fn new(store: &'a dyn JobStore, filter: JobFilter) -> Self {
+        JobPages {
+            store,
+            filter: JobFilter {
+                offset: 0,
+                ..filter
+            },
+            done: false,
+        }
+    }
+
+    /// The jobs a launcher's runners hold or should hold
+    /// ([`Job::holds_slot`]: queued and launched, running, cancelling),
+    /// `page` at a time: what recovery and the Kubernetes reconciler walk.
+    pub fn launched(store: &'a dyn JobStore, page: u32) -> [JobPages<'a>; 3] {
+        [
+            JobFilter::new()
+                .with_status(JobStatus::Queued)
+                .with_launched(true),
+            JobFilter::new().with_status(JobStatus::Running),
+            JobFilter::new().with_status(JobStatus::Cancelling),
+        ]
+        .map(|filter| JobPages::new(store, filter.with_page(page, 0)))
+    }
+
+    /// The next page; `None` after the last.
+    ///
+    /// # Errors
+    /// Store errors (the same page is asked for again on the next call).
+    pub async fn next(&mut self) -> Result<Option<Vec<Job>>> {
+        if self.done {
+            return Ok(None);
+        }
+        let page = self.store.list(&self.filter).await?;
+        match page.next_cursor {
+            Some(cursor) => self.filter.after = Some(cursor),
+            None => self.done = true,
+        }
+        Ok((!page.jobs.is_empty()).then_some(page.jobs))
+    }
+}
+
+/// The cursor of the page after `jobs`, a full page of `limit`: `None`
+/// when it is the last.
+pub fn next_cursor(jobs: &[Job], limit: u32) -> Option<JobCursor> {
+    if jobs.len() < limit as usize {
+        return None;
+    }
+    jobs.last().map(JobCursor::of)
+}
+
 /// Reads job `id`, lets `plan` decide its next version (`None`: keep it as
 /// it is), and writes that with a compare-and-set on the exact revision
 /// read; a lost race reads again, up to [`UPDATE_ATTEMPTS`] times.
-async fn rewrite<S, F>(store: &S, id: JobId, mut plan: F) -> Result<Job>
+async fn rewrite<S, F>(store: &S, id: JobId, plan: F) -> Result<Job>
+where
+    S: JobStore + ?Sized,
+    F: FnMut(&Job) -> Result<Option<Job>> + Send,
+{
+    rewrite_within(store, id, None, plan).await
+}
+
+/// [`rewrite`], the write under `quota` when one is given.
+async fn rewrite_within<S, F>(
+    store: &S,
+    id: JobId,
+    quota: Option<Quota>,
+    mut plan: F,
+) -> Result<Job>
 where
     S: JobStore + ?Sized,
     F: FnMut(&Job) -> Result<Option<Job>> + Send,
@@ -285,10 +503,12 @@ where
         let Some(next) = plan(&job)? else {
             return Ok(job);
         };
-        match store
-            .compare_and_set(Expected::exactly(&job), &next, None)
-            .await
-        {
+        let expected = Expected::exactly(&job);
+        let written = match quota {
+            Some(quota) => store.compare_and_set_within(expected, &next, quota).await,
+            None => store.compare_and_set(expected, &next, None).await,
+        };
+        match written {
             Ok(stored) => return Ok(stored),
             Err(Error::Conflict { .. }) => continue,
             Err(e) => return Err(e),
@@ -324,6 +544,29 @@ mod tests {
     #[async_trait]
     impl JobStore for AlwaysLosing {
         async fn create(&self, _job: &Job) -> Result<()> {
+            unreachable!("not used")
+        }
+        async fn create_within(&self, _job: &Job, _quota: Quota) -> Result<()> {
+            unreachable!("not used")
+        }
+        async fn compare_and_set_within(
+            &self,
+            _expected: Expected,
+            _next: &Job,
+            _quota: Quota,
+        ) -> Result<Job> {
+            unreachable!("not used")
+        }
+        async fn queue(&self, _now: DateTime<Utc>, _limit: u32) -> Result<Vec<Job>> {
+            unreachable!("not used")
+        }
+        async fn queue_positions(&self, _user_id: Option<&str>) -> Result<HashMap<JobId, u64>> {
+            unreachable!("not used")
+        }
+        async fn delete(&self, _id: JobId) -> Result<bool> {
+            unreachable!("not used")
+        }
+        async fn slots_taken(&self) -> Result<u64> {
             unreachable!("not used")
         }
         async fn get(&self, _id: JobId) -> Result<Job> {
@@ -374,6 +617,7 @@ mod tests {
             framework: "tch".into(),
             dataset_s3_uri: "s3://b/d".into(),
             config: serde_json::json!({}),
+            priority: 0,
         }
         .into_job()
         .unwrap();

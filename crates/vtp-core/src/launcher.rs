@@ -42,6 +42,11 @@ pub struct StartTraining {
     /// setting, else [`DEFAULT_HEARTBEAT_SECS`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub heartbeat_secs: Option<u64>,
+    /// The size of the dataset archive in bytes, when the backend knows it:
+    /// launchers that give a trainer its disk (a Kubernetes pod's
+    /// ephemeral storage) size it from this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset_bytes: Option<u64>,
     /// The W3C trace context of the launch
     /// (`00-<trace id>-<span id>-<flags>`), when the backend exports
     /// traces: the trainer's spans for this attempt join that trace, and
@@ -100,6 +105,7 @@ impl StartTraining {
             attempt: job.attempt.max(1),
             resume_from: job.last_checkpoint_s3_uri.clone(),
             heartbeat_secs: None,
+            dataset_bytes: None,
             traceparent: None,
         }
     }
@@ -149,6 +155,19 @@ impl Resources {
     }
 }
 
+/// How many jobs a launcher runs at once: the backend's queue admits jobs
+/// to it up to this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capacity {
+    /// This many at a time (a trainer service's concurrency, the backend's
+    /// `--max-running`); the rest wait in the backend's queue.
+    Slots(u32),
+    /// A scheduler behind the launcher admits them (Kubernetes with Kueue):
+    /// every job is handed over at once, and waits there.
+    Admitted,
+}
+
 /// What a cancel request found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -189,8 +208,37 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
         Ok(())
     }
 
+    /// How many jobs it runs at once.
+    ///
+    /// # Errors
+    /// [`crate::Error::Unavailable`] when the trainer that would say cannot
+    /// be reached (the queue then admits nothing until it can).
+    async fn capacity(&self) -> Result<Capacity>;
+
     /// Hands `request` to a trainer.
     async fn launch(&self, request: &StartTraining) -> Result<()>;
+
+    /// Whether a launched job still waits for a scheduler behind the
+    /// launcher to admit it (a suspended Kubernetes Job under Kueue): it is
+    /// waiting, not lost, however long its trainer stays silent. The
+    /// default is `false`.
+    ///
+    /// # Errors
+    /// As [`TrainerLauncher::is_running`].
+    async fn waiting_for_admission(&self, job_id: JobId) -> Result<bool> {
+        let _ = job_id;
+        Ok(false)
+    }
+
+    /// One pass of upkeep the backend's leader runs every few seconds (the
+    /// Kubernetes launcher maps Job and pod status back to the jobs). The
+    /// default does nothing.
+    ///
+    /// # Errors
+    /// When the pass failed; it is simply run again.
+    async fn reconcile(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// Asks the trainer of `job_id` to stop.
     async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome>;

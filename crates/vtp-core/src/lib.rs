@@ -21,6 +21,7 @@
 //!         framework: "tch".into(),
 //!         dataset_s3_uri: "s3://datasets/alice/digits/".into(),
 //!         config: serde_json::json!({"epochs": 3}),
+//!         priority: 0,
 //!     })
 //!     .await?;
 //! store.transition(job.id, JobStatus::Pending, JobStatus::Queued).await?;
@@ -45,7 +46,9 @@ pub mod event;
 pub mod job;
 pub mod job_store;
 pub mod launcher;
+pub mod leader;
 pub mod models;
+pub mod queue;
 pub mod retry;
 pub mod status;
 pub mod tls;
@@ -62,13 +65,15 @@ pub use callback_signature::CallbackSecret;
 pub use error::{BoxError, Error, Result, error_chain};
 pub use event::{EventKind, JobEvent};
 pub use job::{
-    AttemptEnded, IDEMPOTENCY_KEY_MAX_LEN, IdempotencyKeys, Job, JobFilter, JobId, JobPage,
-    KeyedRequest, NewJob, checkpoint_set_epoch, checkpoint_set_prefix, checkpoint_sets_prefix,
-    validate_idempotency_key, validate_name,
+    AttemptEnded, IDEMPOTENCY_KEY_MAX_LEN, IdempotencyKeys, Job, JobCursor, JobFilter, JobId,
+    JobPage, KeyedRequest, NewJob, checkpoint_set_epoch, checkpoint_set_prefix,
+    checkpoint_sets_prefix, validate_idempotency_key, validate_name,
 };
-pub use job_store::{Expected, JobStore, JobStoreExt};
-pub use launcher::{CancelOutcome, Resources, StartTraining, TrainerLauncher};
+pub use job_store::{Expected, JobPages, JobStore, JobStoreExt, Quota, next_cursor};
+pub use launcher::{CancelOutcome, Capacity, Resources, StartTraining, TrainerLauncher};
+pub use leader::{LeaderElector, LeaderTerm, SoleLeader};
 pub use models::{Framework, MODELS, ModelSpec, Task, check_model, find_model};
+pub use queue::queue_order;
 pub use retry::{BackoffConfig, RetryConfig};
 pub use status::JobStatus;
 pub use train_config::{DeviceChoice, OptimizerKind, TrainConfig};

@@ -238,6 +238,17 @@ pub enum UpdatePlan {
 /// the job's status does not allow the reported one (a terminal job).
 pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     update.validate(job.id)?;
+    // One metric row per epoch the job trains, and no more: a signed
+    // report still cannot grow the job's table past its epochs.
+    if let Some(metrics) = &update.metrics {
+        let epoch = epoch_of(metrics)?;
+        if !(1..=job.epochs).contains(&epoch) {
+            return Err(Error::invalid(
+                "metrics.epoch",
+                format!("{epoch} is outside the job's epochs 1..={}", job.epochs),
+            ));
+        }
+    }
     let metric = |recorded_at| {
         update.metrics.as_ref().map(|metrics| {
             let mut values = metrics.clone();
@@ -388,6 +399,7 @@ mod tests {
             framework: "tch".into(),
             dataset_s3_uri: "s3://b/d".into(),
             config: serde_json::json!({}),
+            priority: 0,
         }
         .into_job()
         .unwrap();
@@ -422,6 +434,27 @@ mod tests {
         assert_eq!(metric.epoch, 2);
         assert_eq!(metric.values.keys().collect::<Vec<_>>(), vec!["loss"]);
         assert_eq!(next.last_seq, 1);
+    }
+
+    #[test]
+    fn metrics_of_epochs_the_job_does_not_train_are_refused() {
+        // The default config trains 5 epochs.
+        let job = running_job();
+        assert_eq!(job.epochs, 5);
+        for epoch in [0.0, 6.0, 1e9] {
+            let update = TrainingUpdate::new(JobStatus::Running)
+                .with_seq(1)
+                .with_metric("epoch", epoch)
+                .with_metric("loss", 0.25);
+            match plan_update(&job, &update) {
+                Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "metrics.epoch"),
+                other => panic!("epoch {epoch}: {other:?}"),
+            }
+        }
+        let last = TrainingUpdate::new(JobStatus::Running)
+            .with_seq(1)
+            .with_metric("epoch", 5.0);
+        plan_update(&job, &last).unwrap();
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub use blob_store::{
 };
 pub use job_store::memory::InMemoryJobStore;
 #[cfg(feature = "postgres")]
-pub use job_store::postgres::PostgresJobStore;
+pub use job_store::postgres::{PostgresJobStore, PostgresLeaderElector};
 #[cfg(feature = "sqlite")]
 pub use job_store::sqlite::SqliteJobStore;
 pub use job_store::{DEFAULT_DATABASE_URL, Stores, connect as connect_job_store, connect_stores};

@@ -72,7 +72,8 @@ fn digits_job() -> vtp_core::NewJob {
         model_name: "small_cnn".into(),
         framework: "tch".into(),
         dataset_s3_uri: "file:///data/digits".into(),
-        config: serde_json::json!({"epochs": 2}),
+        config: serde_json::json!({"epochs": 100}),
+        priority: 0,
     }
 }
 
@@ -195,4 +196,60 @@ mod credentials {
         }
         vtp_core::credential_store_conformance!(stores);
     }
+}
+
+/// One leader at a time among the backends of one Postgres database; the
+/// next takes over once the leader's connection is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_elects_one_leader_and_the_next_takes_over() {
+    use std::time::{Duration, Instant};
+    use vtp_core::LeaderElector;
+    use vtp_storage::PostgresJobStore;
+    use vtp_storage::testing::TestDatabase;
+
+    let Some(db) = TestDatabase::create().await else {
+        return;
+    };
+    let a = PostgresJobStore::connect(db.url())
+        .await
+        .unwrap()
+        .leader_elector();
+    let b = PostgresJobStore::connect(db.url())
+        .await
+        .unwrap()
+        .leader_elector();
+    let term = a
+        .try_acquire()
+        .await
+        .unwrap()
+        .expect("the first to ask leads");
+    assert!(
+        b.try_acquire().await.unwrap().is_none(),
+        "one leader at a time"
+    );
+    assert!(
+        a.try_acquire().await.unwrap().is_none(),
+        "even for the same process"
+    );
+    // The term holds while its connection lives.
+    let mut held = term;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), held.lost())
+            .await
+            .is_err(),
+        "a live leader keeps its term"
+    );
+    drop(held);
+    let started = Instant::now();
+    let next = loop {
+        if let Some(term) = b.try_acquire().await.unwrap() {
+            break term;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no one took over"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    drop(next);
 }

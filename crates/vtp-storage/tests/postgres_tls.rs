@@ -190,6 +190,7 @@ async fn the_job_store_speaks_verified_tls_and_refuses_a_wrong_ca() {
             framework: "tch".into(),
             dataset_s3_uri: "s3://b/users/alice/datasets/d/".into(),
             config: serde_json::json!({}),
+            priority: 0,
         })
         .await
         .unwrap();

@@ -80,6 +80,7 @@ pub async fn job_secrets_are_per_job_and_replaced((jobs, creds): Stores) {
         framework: "tch".into(),
         dataset_s3_uri: "s3://datasets/users/a/datasets/d/".into(),
         config: serde_json::json!({}),
+        priority: 0,
     };
     let a = jobs.create_job(new("alice")).await.unwrap();
     let b = jobs.create_job(new("bob")).await.unwrap();

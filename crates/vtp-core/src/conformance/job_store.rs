@@ -17,7 +17,8 @@ fn new_job(user: &str) -> NewJob {
         model_name: "resnet18".into(),
         framework: "tch".into(),
         dataset_s3_uri: "s3://datasets/test/my-dataset/".into(),
-        config: serde_json::json!({"epochs": 3, "lr": 0.01, "resources": {"cpu": "2", "memory": "4Gi"}}),
+        config: serde_json::json!({"epochs": 20, "lr": 0.01, "resources": {"cpu": "2", "memory": "4Gi"}}),
+        priority: 0,
     }
 }
 
@@ -547,9 +548,10 @@ pub async fn ping_succeeds(store: Store) {
     store.ping().await.unwrap();
 }
 
-/// Every change is an event numbered by the revision it gave the job, with
-/// the job as it left it: none for a lost race or a replay, no gaps, and
-/// `after` resumes exactly where a reader stopped.
+/// Every change that is history (a status, an epoch) is an event numbered
+/// by the revision it gave the job, with the job as it left it (its config
+/// left out): none for a lost race or a replay, none for progress alone,
+/// and `after` resumes exactly where a reader stopped.
 pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
     use crate::event::EventKind;
     let job = running_job(&store).await;
@@ -568,13 +570,17 @@ pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
         .compare_and_set(Expected::exactly(&job), &lost, None)
         .await
         .unwrap_err();
-    let progress = TrainingUpdate::new(JobStatus::Running)
-        .with_seq(2)
-        .with_progress(0.5)
-        .with_message("half way");
-    store.apply_update(job.id, &progress).await.unwrap();
+    // Heartbeats and progress change the job, not its history: a job that
+    // runs for days keeps one event per epoch and status.
+    for seq in 2..12 {
+        let progress = TrainingUpdate::new(JobStatus::Running)
+            .with_seq(seq)
+            .with_progress(0.1 + seq as f64 / 100.0)
+            .with_message("half way");
+        store.apply_update(job.id, &progress).await.unwrap();
+    }
     let done = TrainingUpdate::new(JobStatus::Completed)
-        .with_seq(3)
+        .with_seq(12)
         .with_checkpoint("s3://bucket/jobs/x/best.safetensors");
     store.apply_update(job.id, &done).await.unwrap();
     let finished = store.get(job.id).await.unwrap();
@@ -584,35 +590,36 @@ pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
     assert_eq!(
         kinds,
         [
-            EventKind::Status,   // created, pending
-            EventKind::Status,   // queued
-            EventKind::Status,   // running
-            EventKind::Metrics,  // epoch 1
-            EventKind::Progress, // half way
-            EventKind::Status,   // completed
+            EventKind::Status,  // created, pending
+            EventKind::Status,  // queued
+            EventKind::Status,  // running
+            EventKind::Metrics, // epoch 1
+            EventKind::Status,  // completed
         ]
     );
     let revisions: Vec<i64> = events.iter().map(|e| e.revision).collect();
     let first = revisions[0];
     assert_eq!(
         revisions,
-        (first..first + 6).collect::<Vec<_>>(),
-        "one event per revision, no gaps"
+        [first, first + 1, first + 2, first + 3, first + 14],
+        "numbered by revision; the ten progress changes between are not kept"
     );
     assert_eq!(events[0].job.status, JobStatus::Pending);
     assert_eq!(events[3].metrics.as_ref().unwrap().values["loss"], 0.9);
-    assert_eq!(events[4].job.message.as_deref(), Some("half way"));
-    assert_eq!(
-        events.last().unwrap().job,
-        finished,
-        "the last event is the stored job"
+    assert!(
+        events.iter().all(|e| e.job.config.is_null()),
+        "no event repeats the config"
     );
+    let mut last = events.last().unwrap().job.clone();
+    last.config = finished.config.clone();
+    assert_eq!(last, finished, "the last event is the stored job");
+    assert_eq!(last.message.as_deref(), Some("half way"));
 
     // Resuming after any revision gives exactly the rest; limits page.
     let rest = store.events(job.id, revisions[2], 100).await.unwrap();
     assert_eq!(rest, events[3..]);
-    let page = store.events(job.id, revisions[2], 2).await.unwrap();
-    assert_eq!(page, events[3..5]);
+    let page = store.events(job.id, revisions[2], 1).await.unwrap();
+    assert_eq!(page, events[3..4]);
     assert!(
         store
             .events(job.id, finished.revision, 100)
@@ -625,4 +632,307 @@ pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
         matches!(err, Error::NotFound { kind: "job", .. }),
         "{err:?}"
     );
+}
+
+/// A queued job of `user` with `priority`, started at second `second`.
+async fn queued_job(store: &Store, user: &str, priority: i32, second: i64) -> Job {
+    let job = store
+        .create_job(NewJob {
+            priority,
+            ..new_job(user)
+        })
+        .await
+        .unwrap();
+    store
+        .transition_with(job.id, JobStatus::Pending, JobStatus::Queued, |job| {
+            job.queued_at = chrono::DateTime::from_timestamp(1_800_000_000 + second, 0);
+        })
+        .await
+        .unwrap()
+}
+
+/// Hands `job` to a launcher (what the backend's dispatcher writes).
+async fn launch(store: &Store, job: &Job) -> Job {
+    let mut next = store.get(job.id).await.unwrap();
+    let expected = Expected::exactly(&next);
+    next.launched_at = Some(crate::job::now());
+    store.compare_and_set(expected, &next, None).await.unwrap()
+}
+
+/// The queue is in priority, fair-share, age order, as
+/// [`crate::queue_order`] computes it; launched jobs count toward their
+/// owner's share; a job whose `not_before` is ahead waits; positions
+/// number the same order.
+pub async fn the_queue_runs_by_priority_then_fair_share_then_age(store: Store) {
+    // Alice has one job running and three waiting; Bob two waiting; Carol
+    // one of high priority and one of low.
+    let running = queued_job(&store, "alice", 0, 0).await;
+    launch(&store, &running).await;
+    let mut waiting = Vec::new();
+    for (user, priority, second) in [
+        ("alice", 0, 1),
+        ("alice", 0, 2),
+        ("bob", 0, 3),
+        ("alice", 0, 4),
+        ("bob", 0, 5),
+        ("carol", 5, 6),
+        ("carol", -3, 7),
+    ] {
+        waiting.push(queued_job(&store, user, priority, second).await);
+    }
+    // A pending job and a finished one are not in the queue.
+    store.create_job(new_job("dave")).await.unwrap();
+    let now = crate::job::now();
+    let order = |jobs: &[Job]| {
+        jobs.iter()
+            .map(|job| {
+                format!(
+                    "{}{}",
+                    job.user_id,
+                    job.queued_at.unwrap().timestamp() - 1_800_000_000
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let queue = store.queue(now, 100).await.unwrap();
+    assert_eq!(
+        order(&queue),
+        [
+            "carol6", "bob3", "alice1", "bob5", "alice2", "alice4", "carol7"
+        ],
+        "priority first; then Bob, who runs nothing, alternates with Alice, who runs one; then age"
+    );
+    let held = std::collections::HashMap::from([("alice".to_owned(), 1)]);
+    let fresh: Vec<Job> = reread(&store, &waiting).await;
+    assert_eq!(
+        order(&crate::queue_order(fresh, &held)),
+        order(&queue),
+        "the store's order is the reference's"
+    );
+    assert_eq!(
+        order(&store.queue(now, 2).await.unwrap()),
+        ["carol6", "bob3"]
+    );
+    let positions = store.queue_positions(None).await.unwrap();
+    for (place, job) in (1..).zip(&queue) {
+        assert_eq!(positions.get(&job.id), Some(&place), "{}", job.user_id);
+    }
+    assert_eq!(
+        positions.len(),
+        queue.len(),
+        "only waiting jobs have a place"
+    );
+    let bobs = store.queue_positions(Some("bob")).await.unwrap();
+    assert_eq!(bobs.len(), 2);
+    assert_eq!(bobs[&queue[1].id], 2);
+
+    // Launching Carol's first makes her hold a slot: her low-priority job
+    // stays behind the others of priority 0.
+    launch(&store, &queue[0]).await;
+    // A relaunch in backoff waits, whatever its place.
+    let mut backoff = store.get(queue[1].id).await.unwrap();
+    let expected = Expected::exactly(&backoff);
+    backoff.not_before = Some(now + chrono::Duration::seconds(60));
+    store
+        .compare_and_set(expected, &backoff, None)
+        .await
+        .unwrap();
+    let queue = store.queue(crate::job::now(), 100).await.unwrap();
+    assert_eq!(
+        order(&queue),
+        ["alice1", "bob5", "alice2", "alice4", "carol7"],
+        "Bob's first waits out its backoff"
+    );
+    let later = now + chrono::Duration::seconds(61);
+    assert_eq!(order(&store.queue(later, 1).await.unwrap()), ["bob3"]);
+}
+
+async fn reread(store: &Store, jobs: &[Job]) -> Vec<Job> {
+    let mut fresh = Vec::new();
+    for job in jobs {
+        fresh.push(store.get(job.id).await.unwrap());
+    }
+    fresh
+}
+
+/// Quotas are counted with the write they guard: concurrent starts leave
+/// at most the quota's jobs active, and creates stop at the pending quota.
+pub async fn quotas_hold_under_concurrent_writes(store: Store) {
+    use crate::job_store::Quota;
+    let pending = Quota::pending(3);
+    for _ in 0..3 {
+        let job = new_job("alice").into_job().unwrap();
+        store.create_within(&job, pending).await.unwrap();
+    }
+    let refused = new_job("alice").into_job().unwrap();
+    let err = store.create_within(&refused, pending).await.unwrap_err();
+    assert!(matches!(err, Error::RateLimited { .. }), "{err:?}");
+    assert!(matches!(
+        store.get(refused.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    // Another owner has a quota of their own.
+    store
+        .create_within(&new_job("bob").into_job().unwrap(), pending)
+        .await
+        .unwrap();
+
+    // Twenty starts at once, a quota of 4 active jobs: four win.
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        jobs.push(store.create_job(new_job("carol")).await.unwrap());
+    }
+    let starts = jobs.iter().map(|job| {
+        let store = store.clone();
+        let job = job.clone();
+        tokio::spawn(async move {
+            let mut next = job.clone();
+            next.transition(JobStatus::Queued).unwrap();
+            store
+                .compare_and_set_within(Expected::exactly(&job), &next, Quota::active(4))
+                .await
+        })
+    });
+    let mut started = Vec::new();
+    for start in starts.collect::<Vec<_>>() {
+        match start.await.unwrap() {
+            Ok(job) => {
+                assert_eq!(job.status, JobStatus::Queued);
+                started.push(job.id);
+            }
+            Err(Error::RateLimited { .. }) => {}
+            Err(other) => panic!("a start past the quota is rate limited, got {other:?}"),
+        }
+    }
+    assert_eq!(started.len(), 4, "exactly the quota's jobs started");
+    let active = store
+        .list(
+            &JobFilter::new()
+                .with_user("carol")
+                .with_status(JobStatus::Queued),
+        )
+        .await
+        .unwrap();
+    assert_eq!(active.total, 4);
+    // A stale expectation is still a lost race, not the quota.
+    let stale = jobs.iter().find(|job| job.id == started[0]).unwrap();
+    let mut next = stale.clone();
+    next.message = Some("late".into());
+    let err = store
+        .compare_and_set_within(Expected::exactly(stale), &next, Quota::active(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
+}
+
+/// Paging by cursor visits every match once, newest first, whatever the
+/// page size; the launched and deleted filters select what they say.
+pub async fn pages_visit_every_job_once(store: Store) {
+    use crate::job_store::JobPages;
+    let mut made = Vec::new();
+    for second in 0..7 {
+        made.push(queued_job(&store, "erin", 0, second).await);
+    }
+    launch(&store, &made[2]).await;
+    launch(&store, &made[5]).await;
+    let mut pages = JobPages::new(
+        store.as_ref(),
+        JobFilter::new().with_user("erin").with_page(3, 99),
+    );
+    let mut seen = Vec::new();
+    let mut count = 0;
+    while let Some(page) = pages.next().await.unwrap() {
+        assert!(page.len() <= 3);
+        count += 1;
+        seen.extend(page.into_iter().map(|job| job.id));
+    }
+    let mut newest_first: Vec<JobId> = made.iter().map(|job| job.id).collect();
+    newest_first.reverse();
+    assert_eq!(seen, newest_first, "each once, newest first");
+    assert_eq!(count, 3);
+    let launched = store
+        .list(&JobFilter::new().with_user("erin").with_launched(true))
+        .await
+        .unwrap();
+    assert_eq!(launched.total, 2);
+    let [mut queued, _, _] = JobPages::launched(store.as_ref(), 1);
+    let mut ids = Vec::new();
+    while let Some(page) = queued.next().await.unwrap() {
+        ids.extend(page.into_iter().map(|job| job.id));
+    }
+    assert_eq!(ids, [made[5].id, made[2].id]);
+    assert_eq!(store.slots_taken().await.unwrap(), 2);
+
+    // A tombstoned job leaves every listing but the deleted one.
+    let mut gone = store.get(made[0].id).await.unwrap();
+    let expected = Expected::exactly(&gone);
+    gone.deleted_at = Some(crate::job::now());
+    store.compare_and_set(expected, &gone, None).await.unwrap();
+    let all = store
+        .list(&JobFilter::new().with_user("erin"))
+        .await
+        .unwrap();
+    assert_eq!(all.total, 6);
+    let deleted = store.list(&JobFilter::new().deleted_only()).await.unwrap();
+    assert_eq!(deleted.jobs.len(), 1);
+    assert_eq!(deleted.jobs[0].id, made[0].id);
+    assert!(
+        !store
+            .queue_positions(None)
+            .await
+            .unwrap()
+            .contains_key(&made[0].id)
+    );
+}
+
+/// Deleting a job removes it with its metrics and events; a second delete
+/// finds nothing and is no error.
+pub async fn delete_removes_the_job_and_everything_with_it(store: Store) {
+    let job = running_job(&store).await;
+    store.apply_update(job.id, &epoch(2, 1, 0.5)).await.unwrap();
+    let other = running_job(&store).await;
+    store
+        .apply_update(other.id, &epoch(2, 1, 0.5))
+        .await
+        .unwrap();
+    assert!(store.delete(job.id).await.unwrap());
+    assert!(matches!(
+        store.get(job.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.metrics(job.id).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.events(job.id, -1, 10).await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(!store.delete(job.id).await.unwrap());
+    assert_eq!(
+        store.metrics(other.id).await.unwrap().len(),
+        1,
+        "others stay"
+    );
+}
+
+/// Finished jobs are found by when they finished (retention).
+pub async fn finished_jobs_are_found_by_when_they_finished(store: Store) {
+    let job = running_job(&store).await;
+    let done = store
+        .transition(job.id, JobStatus::Running, JobStatus::Completed)
+        .await
+        .unwrap();
+    let finished = done.finished_at.unwrap();
+    let before = store
+        .list(&JobFilter::new().with_finished_before(finished))
+        .await
+        .unwrap();
+    assert_eq!(before.total, 0);
+    let after = store
+        .list(&JobFilter::new().with_finished_before(finished + chrono::Duration::seconds(1)))
+        .await
+        .unwrap();
+    assert_eq!(after.jobs.len(), 1);
+    assert_eq!(after.jobs[0].id, job.id);
 }

@@ -45,6 +45,11 @@ macro_rules! job_store_conformance {
             metrics_of_unknown_job_is_not_found,
             lost_attempts_are_recorded_and_relaunched_then_fail,
             every_change_is_an_event_numbered_by_revision,
+            the_queue_runs_by_priority_then_fair_share_then_age,
+            quotas_hold_under_concurrent_writes,
+            pages_visit_every_job_once,
+            delete_removes_the_job_and_everything_with_it,
+            finished_jobs_are_found_by_when_they_finished,
             ping_succeeds,
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,6 +128,7 @@ async fn run_history(store: &dyn JobStore, max_attempts: &[i32], ops: &[Op]) -> 
                 framework: "tch".into(),
                 dataset_s3_uri: "s3://datasets/d/".into(),
                 config: serde_json::json!({"epochs": 5, "max_attempts": max + 1}),
+                priority: 0,
             })
             .await
             .map_err(|e| e.to_string())?;

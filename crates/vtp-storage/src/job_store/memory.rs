@@ -4,9 +4,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use vtp_core::{
     CallbackSecret, CredentialStore, Error, Expected, Job, JobEvent, JobFilter, JobId, JobPage,
-    JobStore, Result, TokenRecord, TrainingMetric,
+    JobStore, Quota, Result, TokenRecord, TrainingMetric,
 };
 
 #[derive(Debug, Default)]
@@ -25,33 +26,43 @@ pub struct InMemoryJobStore {
     state: Mutex<State>,
 }
 
-impl InMemoryJobStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        Self::default()
+impl State {
+    /// How many of `user_id`'s jobs other than `except` are in the quota's statuses.
+    fn count(&self, user_id: &str, except: JobId, quota: &Quota) -> u64 {
+        self.jobs
+            .values()
+            .filter(|job| {
+                job.user_id == user_id
+                    && job.id != except
+                    && job.deleted_at.is_none()
+                    && quota.statuses.contains(&job.status)
+            })
+            .count() as u64
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave a half-written job:
-        // every write below is a single insert.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// Every waiting job in queue order.
+    fn queue(&self) -> Vec<Job> {
+        let mut held: HashMap<String, u64> = HashMap::new();
+        let mut waiting = Vec::new();
+        for job in self.jobs.values().filter(|job| job.deleted_at.is_none()) {
+            if job.holds_slot() {
+                *held.entry(job.user_id.clone()).or_default() += 1;
+            } else if job.is_waiting() {
+                waiting.push(job.clone());
+            }
+        }
+        vtp_core::queue_order(waiting, &held)
     }
-}
 
-#[async_trait]
-impl JobStore for InMemoryJobStore {
-    async fn create(&self, job: &Job) -> Result<()> {
-        let mut state = self.lock();
-        if state.jobs.contains_key(&job.id) {
+    fn insert(&mut self, job: &Job) -> Result<()> {
+        if self.jobs.contains_key(&job.id) {
             return Err(Error::AlreadyExists {
                 kind: "job",
                 id: job.id.to_string(),
             });
         }
         if let Some(keyed) = &job.idempotency.create
-            && state
+            && self
                 .jobs
                 .values()
                 .any(|other| other.user_id == job.user_id && same_create_key(other, &keyed.key))
@@ -61,56 +72,19 @@ impl JobStore for InMemoryJobStore {
                 id: keyed.key.clone(),
             });
         }
-        state.jobs.insert(job.id, job.clone());
-        state
-            .events
+        self.jobs.insert(job.id, job.clone());
+        self.events
             .insert((job.id, job.revision), JobEvent::of_change(None, job, None));
         Ok(())
     }
 
-    async fn get(&self, id: JobId) -> Result<Job> {
-        self.lock()
-            .jobs
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::not_found("job", id))
-    }
-
-    async fn find_created_with_key(&self, user_id: &str, key: &str) -> Result<Option<Job>> {
-        Ok(self
-            .lock()
-            .jobs
-            .values()
-            .find(|job| job.user_id == user_id && same_create_key(job, key))
-            .cloned())
-    }
-
-    async fn list(&self, filter: &JobFilter) -> Result<JobPage> {
-        let state = self.lock();
-        let mut matching: Vec<&Job> = state.jobs.values().filter(|j| filter.matches(j)).collect();
-        matching.sort_by_key(|job| std::cmp::Reverse((job.created_at, job.id)));
-        let limit = filter.effective_limit();
-        Ok(JobPage {
-            total: matching.len() as u64,
-            jobs: matching
-                .into_iter()
-                .skip(filter.offset as usize)
-                .take(limit as usize)
-                .cloned()
-                .collect(),
-            limit,
-            offset: filter.offset,
-        })
-    }
-
-    async fn compare_and_set(
-        &self,
+    fn compare_and_set(
+        &mut self,
         expected: Expected,
         next: &Job,
         metric: Option<&TrainingMetric>,
     ) -> Result<Job> {
-        let mut state = self.lock();
-        let current = state
+        let current = self
             .jobs
             .get(&next.id)
             .ok_or_else(|| Error::not_found("job", next.id))?;
@@ -137,23 +111,162 @@ impl JobStore for InMemoryJobStore {
         stored.updated_at = next.updated_at;
         stored.started_at = next.started_at;
         stored.finished_at = next.finished_at;
+        stored.queued_at = next.queued_at;
+        stored.launched_at = next.launched_at;
+        stored.not_before = next.not_before;
+        stored.deleted_at = next.deleted_at;
         stored.revision = current.revision + 1;
         let event = JobEvent::of_change(Some(current.status), &stored, metric);
-        state.jobs.insert(stored.id, stored.clone());
-        state.events.insert((stored.id, stored.revision), event);
+        self.jobs.insert(stored.id, stored.clone());
+        if event.kind.is_history() {
+            self.events.insert((stored.id, stored.revision), event);
+        }
         // A newer report of an epoch replaces it; the same values again (a
         // resumed attempt re-reporting its set's epoch) change nothing.
         if let Some(metric) = metric
-            && state
+            && self
                 .metrics
                 .get(&(metric.job_id, metric.epoch))
                 .is_none_or(|kept| kept.values != metric.values)
         {
-            state
-                .metrics
+            self.metrics
                 .insert((metric.job_id, metric.epoch), metric.clone());
         }
         Ok(stored)
+    }
+}
+
+impl InMemoryJobStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-written job:
+        // every write below is a single insert.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[async_trait]
+impl JobStore for InMemoryJobStore {
+    async fn create(&self, job: &Job) -> Result<()> {
+        self.lock().insert(job)
+    }
+
+    async fn create_within(&self, job: &Job, quota: Quota) -> Result<()> {
+        let mut state = self.lock();
+        if state.count(&job.user_id, job.id, &quota) >= u64::from(quota.limit) {
+            return Err(quota.exceeded(&job.user_id));
+        }
+        state.insert(job)
+    }
+
+    async fn compare_and_set_within(
+        &self,
+        expected: Expected,
+        next: &Job,
+        quota: Quota,
+    ) -> Result<Job> {
+        let mut state = self.lock();
+        let current = state
+            .jobs
+            .get(&next.id)
+            .ok_or_else(|| Error::not_found("job", next.id))?;
+        if current.status == expected.status
+            && current.revision == expected.revision
+            && state.count(&next.user_id, next.id, &quota) >= u64::from(quota.limit)
+        {
+            return Err(quota.exceeded(&next.user_id));
+        }
+        state.compare_and_set(expected, next, None)
+    }
+
+    async fn queue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<Job>> {
+        Ok(self
+            .lock()
+            .queue()
+            .into_iter()
+            .filter(|job| job.not_before.is_none_or(|t| t <= now))
+            .take(limit as usize)
+            .collect())
+    }
+
+    async fn queue_positions(&self, user_id: Option<&str>) -> Result<HashMap<JobId, u64>> {
+        Ok(self
+            .lock()
+            .queue()
+            .into_iter()
+            .zip(1..)
+            .filter(|(job, _)| user_id.is_none_or(|u| u == job.user_id))
+            .map(|(job, place)| (job.id, place))
+            .collect())
+    }
+
+    async fn slots_taken(&self) -> Result<u64> {
+        Ok(self
+            .lock()
+            .jobs
+            .values()
+            .filter(|job| job.deleted_at.is_none() && job.holds_slot())
+            .count() as u64)
+    }
+
+    async fn delete(&self, id: JobId) -> Result<bool> {
+        let mut state = self.lock();
+        state.events.retain(|(job, _), _| *job != id);
+        state.metrics.retain(|(job, _), _| *job != id);
+        state.secrets.remove(&id);
+        Ok(state.jobs.remove(&id).is_some())
+    }
+
+    async fn get(&self, id: JobId) -> Result<Job> {
+        self.lock()
+            .jobs
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| Error::not_found("job", id))
+    }
+
+    async fn find_created_with_key(&self, user_id: &str, key: &str) -> Result<Option<Job>> {
+        Ok(self
+            .lock()
+            .jobs
+            .values()
+            .find(|job| job.user_id == user_id && same_create_key(job, key))
+            .cloned())
+    }
+
+    async fn list(&self, filter: &JobFilter) -> Result<JobPage> {
+        let state = self.lock();
+        let mut matching: Vec<&Job> = state.jobs.values().filter(|j| filter.matches(j)).collect();
+        matching.sort_by_key(|job| std::cmp::Reverse((job.created_at, job.id)));
+        let limit = filter.effective_limit();
+        let jobs: Vec<Job> = matching
+            .iter()
+            .skip(filter.offset as usize)
+            .take(limit as usize)
+            .map(|job| (*job).clone())
+            .collect();
+        Ok(JobPage {
+            total: matching.len() as u64,
+            next_cursor: vtp_core::next_cursor(&jobs, limit),
+            jobs,
+            limit,
+            offset: filter.offset,
+        })
+    }
+
+    async fn compare_and_set(
+        &self,
+        expected: Expected,
+        next: &Job,
+        metric: Option<&TrainingMetric>,
+    ) -> Result<Job> {
+        self.lock().compare_and_set(expected, next, metric)
     }
 
     async fn events(&self, id: JobId, after: i64, limit: u32) -> Result<Vec<JobEvent>> {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use vtp_core::{CredentialStore, Error, JobStore, Result};
+use vtp_core::{CredentialStore, Error, JobStore, LeaderElector, Result};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod credentials;
@@ -35,15 +35,18 @@ pub struct Stores {
     pub jobs: Arc<dyn JobStore>,
     /// API token hashes and per-job callback secrets.
     pub credentials: Arc<dyn CredentialStore>,
+    /// Who of the backends sharing the database leads.
+    pub leader: Arc<dyn LeaderElector>,
 }
 
 impl Stores {
-    /// Both roles of one store.
+    /// Both roles of one store, used by one process (which always leads).
     pub fn new<S: JobStore + CredentialStore>(store: S) -> Self {
         let store = Arc::new(store);
         Stores {
             jobs: store.clone(),
             credentials: store,
+            leader: Arc::new(vtp_core::SoleLeader),
         }
     }
 
@@ -66,7 +69,12 @@ pub async fn connect_stores(url: &str) -> Result<Stores> {
         "sqlite" => Ok(Stores::new(sqlite::SqliteJobStore::connect(url).await?)),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => {
-            Ok(Stores::new(postgres::PostgresJobStore::connect(url).await?))
+            let store = postgres::PostgresJobStore::connect(url).await?;
+            let leader = Arc::new(store.leader_elector());
+            Ok(Stores {
+                leader,
+                ..Stores::new(store)
+            })
         }
         #[cfg(not(feature = "sqlite"))]
         "sqlite" => Err(Error::invalid(

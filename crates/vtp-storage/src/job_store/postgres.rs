@@ -3,8 +3,9 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use vtp_core::{Error, Result};
+use sqlx::Connection;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use vtp_core::{Error, LeaderElector, LeaderTerm, Result};
 
 use super::credentials::impl_sql_credential_store;
 use super::sql::{impl_sql_job_store, map_sqlx};
@@ -19,6 +20,7 @@ use super::sql::{impl_sql_job_store, map_sqlx};
 #[derive(Debug, Clone)]
 pub struct PostgresJobStore {
     pool: PgPool,
+    options: Option<PgConnectOptions>,
 }
 
 impl PostgresJobStore {
@@ -36,12 +38,21 @@ impl PostgresJobStore {
     pub async fn connect(url: &str) -> Result<Self> {
         // No statement may hold a connection (and its locks) for more than
         // STATEMENT_TIMEOUT: a slow query fails instead of stalling the pool.
+        // The server probes an idle connection after 5 s (and gives up on
+        // it after three unanswered probes 2 s apart): a backend whose
+        // machine vanished loses its leader lock in seconds, not after
+        // the kernel's two hours.
         let options = PgConnectOptions::from_str(url)
             .map_err(|e| Error::invalid("database_url", e.to_string()))?
-            .options([(
-                "statement_timeout",
-                format!("{}ms", Self::STATEMENT_TIMEOUT.as_millis()),
-            )]);
+            .options([
+                (
+                    "statement_timeout",
+                    format!("{}ms", Self::STATEMENT_TIMEOUT.as_millis()),
+                ),
+                ("tcp_keepalives_idle", "5".to_owned()),
+                ("tcp_keepalives_interval", "2".to_owned()),
+                ("tcp_keepalives_count", "3".to_owned()),
+            ]);
         let pool = PgPoolOptions::new()
             .max_connections(16)
             .acquire_timeout(Self::ACQUIRE_TIMEOUT)
@@ -55,10 +66,24 @@ impl PostgresJobStore {
                     Ok(sqlx::Connection::ping(conn).await.is_ok())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await
             .map_err(map_sqlx)?;
-        Self::from_pool(pool).await
+        let mut store = Self::from_pool(pool).await?;
+        store.options = Some(options);
+        Ok(store)
+    }
+
+    /// The leader election of the backends sharing this database: a
+    /// session advisory lock held on a connection of its own.
+    pub fn leader_elector(&self) -> PostgresLeaderElector {
+        PostgresLeaderElector {
+            options: self
+                .options
+                .clone()
+                .unwrap_or_else(|| (*self.pool.connect_options()).clone()),
+            spare: std::sync::Arc::new(tokio::sync::Mutex::new(None)),
+        }
     }
 
     /// Migrates and wraps an existing pool.
@@ -70,9 +95,93 @@ impl PostgresJobStore {
                 sqlx::migrate::MigrateError::Execute(inner) => map_sqlx(inner),
                 other => Error::backend("database", other),
             })?;
-        Ok(PostgresJobStore { pool })
+        Ok(PostgresJobStore {
+            pool,
+            options: None,
+        })
+    }
+}
+
+/// [`LeaderElector`] on Postgres: the leader holds the session advisory
+/// lock [`PostgresLeaderElector::LOCK_KEY`] on a connection of its own.
+/// When that process dies its connection closes and Postgres releases the
+/// lock at once (within the keepalive probes, for a vanished machine); the
+/// next follower to try takes it.
+#[derive(Debug, Clone)]
+pub struct PostgresLeaderElector {
+    options: PgConnectOptions,
+    /// A follower's connection, kept between tries.
+    spare: std::sync::Arc<tokio::sync::Mutex<Option<PgConnection>>>,
+}
+
+impl PostgresLeaderElector {
+    /// The advisory lock's key ("VTP_LEAD" in ASCII).
+    pub const LOCK_KEY: i64 = 0x5654_505F_4C45_4144;
+    /// How often a leader checks that its connection, and so its lock, lives.
+    pub const CHECK_EVERY: Duration = Duration::from_secs(1);
+    /// How long that check may take before the term is taken for lost.
+    pub const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+}
+
+#[async_trait::async_trait]
+impl LeaderElector for PostgresLeaderElector {
+    async fn try_acquire(&self) -> Result<Option<Box<dyn LeaderTerm>>> {
+        let mut spare = self.spare.lock().await;
+        let mut conn = match spare.take() {
+            Some(conn) => conn,
+            None => PgConnection::connect_with(&self.options)
+                .await
+                .map_err(map_sqlx)?,
+        };
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(Self::LOCK_KEY)
+            .fetch_one(&mut conn)
+            .await
+            .map_err(map_sqlx)?;
+        if !got {
+            *spare = Some(conn);
+            return Ok(None);
+        }
+        Ok(Some(Box::new(PostgresTerm { conn: Some(conn) })))
+    }
+}
+
+/// A term: the connection holding the lock.
+#[derive(Debug)]
+struct PostgresTerm {
+    conn: Option<PgConnection>,
+}
+
+#[async_trait::async_trait]
+impl LeaderTerm for PostgresTerm {
+    async fn lost(&mut self) {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep(PostgresLeaderElector::CHECK_EVERY).await;
+            let alive = tokio::time::timeout(
+                PostgresLeaderElector::CHECK_TIMEOUT,
+                sqlx::query("SELECT 1").execute(&mut *conn),
+            )
+            .await;
+            if !matches!(alive, Ok(Ok(_))) {
+                tracing::warn!("the leader's database connection failed; leadership lost");
+                // Dropped: if the server still holds it, closing releases the lock.
+                self.conn = None;
+                return;
+            }
+        }
     }
 }
 
 impl_sql_credential_store!(PostgresJobStore);
-impl_sql_job_store!(PostgresJobStore, single_statement = true);
+impl super::sql::HasDb for PostgresJobStore {
+    type Db = sqlx::Postgres;
+}
+
+impl_sql_job_store!(
+    PostgresJobStore,
+    single_statement = true,
+    owner_lock = Some("SELECT pg_advisory_xact_lock(hashtextextended('vtp-owner:' || $1, 0))")
+);

@@ -17,7 +17,13 @@ pub(crate) struct JobRow {
     framework: String,
     dataset_s3_uri: String,
     config: Json<serde_json::Value>,
+    epochs: i32,
     status: String,
+    priority: i32,
+    queued_at: Option<DateTime<Utc>>,
+    launched_at: Option<DateTime<Utc>>,
+    not_before: Option<DateTime<Utc>>,
+    deleted_at: Option<DateTime<Utc>>,
     progress: f64,
     message: Option<String>,
     error: Option<String>,
@@ -47,6 +53,13 @@ impl TryFrom<JobRow> for Job {
             framework: row.framework,
             dataset_s3_uri: row.dataset_s3_uri,
             config: row.config.0,
+            epochs: u32::try_from(row.epochs).unwrap_or(0),
+            priority: row.priority,
+            queued_at: row.queued_at,
+            launched_at: row.launched_at,
+            not_before: row.not_before,
+            queue_position: None,
+            deleted_at: row.deleted_at,
             status: row.status.parse().map_err(|_| {
                 Error::internal(format!(
                     "job {} has unknown status {:?}",
@@ -139,29 +152,29 @@ pub(crate) fn map_sqlx(err: sqlx::Error) -> Error {
 /// The columns of a [`JobRow`], in one place for every `SELECT` and `RETURNING`.
 macro_rules! job_columns {
     () => {
-        "id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+        "id, user_id, model_name, framework, dataset_s3_uri, config, epochs, status, priority, progress, \
          message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, \
-         revision, created_at, updated_at, started_at, finished_at, create_key, create_digest, start_key"
+         revision, created_at, updated_at, started_at, finished_at, queued_at, launched_at, not_before, \
+         deleted_at, create_key, create_digest, start_key"
     };
 }
 pub(crate) use job_columns;
 
-/// The compare-and-set `UPDATE ... RETURNING` of a job, as a literal (so
-/// `concat!` can wrap it in a CTE). Parameters `$1..$16`: see [`bind_update`].
+/// The compare-and-set `UPDATE` of a job, as a literal (so `concat!` can
+/// wrap it in a CTE or add a condition), without its `RETURNING`.
+/// Parameters `$1..$20`: see [`bind_update`].
 macro_rules! update_job_sql {
     () => {
-        concat!(
-            "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
-             attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
-             last_checkpoint_s3_uri = $14, attempts = $15, start_key = $16, revision = revision + 1 \
-             WHERE id = $1 AND status = $2 AND revision = $13 RETURNING ",
-            $crate::job_store::sql::job_columns!()
-        )
+        "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
+         attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
+         last_checkpoint_s3_uri = $14, attempts = $15, start_key = $16, queued_at = $17, \
+         launched_at = $18, not_before = $19, deleted_at = $20, revision = revision + 1 \
+         WHERE id = $1 AND status = $2 AND revision = $13"
     };
 }
 pub(crate) use update_job_sql;
 
-/// Binds `$1..$16` of [`update_job_sql`]: the next job's fields and the expectation.
+/// Binds `$1..$20` of [`update_job_sql`]: the next job's fields and the expectation.
 macro_rules! bind_update {
     ($query:expr, $next:expr, $expected:expr) => {
         $query
@@ -181,9 +194,134 @@ macro_rules! bind_update {
             .bind(&$next.last_checkpoint_s3_uri)
             .bind(sqlx::types::Json(&$next.attempts))
             .bind(&$next.idempotency.start)
+            .bind($next.queued_at)
+            .bind($next.launched_at)
+            .bind($next.not_before)
+            .bind($next.deleted_at)
     };
 }
 pub(crate) use bind_update;
+
+/// The jobs of one owner in a quota's statuses, other than `$id_param`'s,
+/// as a condition on a `jobs` row (`$owner`'s): the quota's statuses are
+/// the three parameters from `$first` (a shorter list repeats its last).
+macro_rules! quota_count_sql {
+    ($owner:literal, $id:literal, $first:literal, $second:literal, $third:literal) => {
+        concat!(
+            "(SELECT COUNT(*) FROM jobs q WHERE q.user_id = ",
+            $owner,
+            " AND q.id <> ",
+            $id,
+            " AND q.deleted_at IS NULL AND q.status IN (",
+            $first,
+            ", ",
+            $second,
+            ", ",
+            $third,
+            "))"
+        )
+    };
+}
+pub(crate) use quota_count_sql;
+
+/// The quota's statuses as three bind values (a shorter list repeats its last).
+pub(crate) fn quota_statuses(quota: &vtp_core::Quota) -> [&'static str; 3] {
+    let names = quota.status_names();
+    let at = |i: usize| names.get(i).or(names.last()).copied().unwrap_or("pending");
+    [at(0), at(1), at(2)]
+}
+
+/// The waiting jobs in queue order, with their rank among their owner's
+/// (`rn`) and their fair-share key (`share`): see [`vtp_core::queue`].
+/// Shared by `queue` and `queue_positions`, so both rank alike.
+macro_rules! ranked_queue_sql {
+    () => {
+        "WITH held AS (\
+           SELECT user_id, COUNT(*) AS n FROM jobs \
+           WHERE deleted_at IS NULL AND (status IN ('running', 'cancelling') \
+             OR (status = 'queued' AND launched_at IS NOT NULL)) \
+           GROUP BY user_id), \
+         waiting AS (\
+           SELECT jobs.*, ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY priority DESC, queued_at, id) AS rn \
+           FROM jobs WHERE status = 'queued' AND launched_at IS NULL AND deleted_at IS NULL), \
+         ranked AS (\
+           SELECT waiting.*, COALESCE(held.n, 0) + waiting.rn AS share \
+           FROM waiting LEFT JOIN held ON held.user_id = waiting.user_id) "
+    };
+}
+pub(crate) use ranked_queue_sql;
+
+/// The SQL of the `INSERT` of a new job: parameters `$1..$29` (see
+/// `bind_insert`), the values as one `SELECT` so a condition can follow.
+macro_rules! insert_job_sql {
+    () => {
+        "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
+         message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, \
+         created_at, updated_at, started_at, finished_at, create_key, create_digest, start_key, \
+         epochs, priority, queued_at, launched_at, not_before, deleted_at) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, \
+         $21, $22, $23, $24, $25, $26, $27, $28, $29"
+    };
+}
+pub(crate) use insert_job_sql;
+
+/// Binds `$1..$29` of [`insert_job_sql`].
+macro_rules! bind_insert {
+    ($query:expr, $job:expr) => {
+        $query
+            .bind($job.id.0)
+            .bind(&$job.user_id)
+            .bind(&$job.model_name)
+            .bind(&$job.framework)
+            .bind(&$job.dataset_s3_uri)
+            .bind(sqlx::types::Json(&$job.config))
+            .bind($job.status.as_str())
+            .bind($job.progress)
+            .bind(&$job.message)
+            .bind(&$job.error)
+            .bind(&$job.checkpoint_s3_uri)
+            .bind(&$job.last_checkpoint_s3_uri)
+            .bind(sqlx::types::Json(&$job.attempts))
+            .bind($job.attempt)
+            .bind($job.last_seq)
+            .bind($job.revision)
+            .bind($job.created_at)
+            .bind($job.updated_at)
+            .bind($job.started_at)
+            .bind($job.finished_at)
+            .bind($job.idempotency.create.as_ref().map(|keyed| &keyed.key))
+            .bind($job.idempotency.create.as_ref().map(|keyed| &keyed.digest))
+            .bind(&$job.idempotency.start)
+            .bind(i32::try_from($job.epochs).unwrap_or(i32::MAX))
+            .bind($job.priority)
+            .bind($job.queued_at)
+            .bind($job.launched_at)
+            .bind($job.not_before)
+            .bind($job.deleted_at)
+    };
+}
+pub(crate) use bind_insert;
+
+/// A create's unique violation, named: the owner's `Idempotency-Key` (its
+/// unique index) or the id.
+pub(crate) fn create_conflict(job: &Job, err: sqlx::Error) -> Error {
+    match map_sqlx(err) {
+        Error::AlreadyExists { id, .. } if id.contains("create_key") => Error::AlreadyExists {
+            kind: "idempotency key",
+            id: job
+                .idempotency
+                .create
+                .as_ref()
+                .map(|keyed| keyed.key.clone())
+                .unwrap_or_default(),
+        },
+        Error::AlreadyExists { .. } => Error::AlreadyExists {
+            kind: "job",
+            id: job.id.to_string(),
+        },
+        other => other,
+    }
+}
 
 /// The conflict a failed compare-and-set reports, naming what was expected and what was found.
 pub(crate) fn lost_race(next: &Job, expected: &vtp_core::Expected, current: &Job) -> Error {
@@ -199,66 +337,97 @@ pub(crate) fn lost_race(next: &Job, expected: &vtp_core::Expected, current: &Job
 /// is one statement (the metric insert rides in a data-modifying CTE): one
 /// round trip instead of BEGIN, UPDATE, INSERT, COMMIT. SQLite has no
 /// data-modifying CTEs and uses the transaction.
+///
+/// `owner_lock` is the statement that serialises a quota's count with its
+/// write, per owner, inside the write's transaction (Postgres: a
+/// transaction-scoped advisory lock on the owner, without which two
+/// concurrent transactions would each count the other's row as absent);
+/// `None` where a single write statement is serialised anyway (SQLite
+/// allows one writer at a time).
 macro_rules! impl_sql_job_store {
-    ($store:ty, single_statement = $single:expr) => {
+    ($store:ty, single_statement = $single:expr, owner_lock = $lock:expr) => {
+        impl $store {
+            /// Takes the owner's quota lock in `tx`, where the database needs one.
+            async fn lock_owner(
+                tx: &mut sqlx::Transaction<'_, <$store as $crate::job_store::sql::HasDb>::Db>,
+                user_id: &str,
+            ) -> vtp_core::Result<()> {
+                let lock: Option<&'static str> = $lock;
+                if let Some(lock) = lock {
+                    sqlx::query(lock)
+                        .bind(user_id)
+                        .execute(&mut **tx)
+                        .await
+                        .map_err($crate::job_store::sql::map_sqlx)?;
+                }
+                Ok(())
+            }
+
+            /// Stores `event` as the change to its job, unless it is only progress.
+            async fn insert_event(
+                tx: &mut sqlx::Transaction<'_, <$store as $crate::job_store::sql::HasDb>::Db>,
+                event: &vtp_core::JobEvent,
+            ) -> vtp_core::Result<()> {
+                if !event.kind.is_history() {
+                    return Ok(());
+                }
+                sqlx::query("INSERT INTO job_events (job_id, revision, event) VALUES ($1, $2, $3)")
+                    .bind(event.job.id.0)
+                    .bind(event.revision)
+                    .bind(sqlx::types::Json(event))
+                    .execute(&mut **tx)
+                    .await
+                    .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(())
+            }
+        }
+
         #[async_trait::async_trait]
         impl vtp_core::JobStore for $store {
             async fn create(&self, job: &vtp_core::Job) -> vtp_core::Result<()> {
                 use $crate::job_store::sql::map_sqlx;
                 // The job and its first event, together or not at all.
                 let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-                sqlx::query(
-                    "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
-                     message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, created_at, updated_at, started_at, finished_at, \
-                     create_key, create_digest, start_key) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)",
+                $crate::job_store::sql::bind_insert!(
+                    sqlx::query($crate::job_store::sql::insert_job_sql!()),
+                    job
                 )
-                .bind(job.id.0)
-                .bind(&job.user_id)
-                .bind(&job.model_name)
-                .bind(&job.framework)
-                .bind(&job.dataset_s3_uri)
-                .bind(sqlx::types::Json(&job.config))
-                .bind(job.status.as_str())
-                .bind(job.progress)
-                .bind(&job.message)
-                .bind(&job.error)
-                .bind(&job.checkpoint_s3_uri)
-                .bind(&job.last_checkpoint_s3_uri)
-                .bind(sqlx::types::Json(&job.attempts))
-                .bind(job.attempt)
-                .bind(job.last_seq)
-                .bind(job.revision)
-                .bind(job.created_at)
-                .bind(job.updated_at)
-                .bind(job.started_at)
-                .bind(job.finished_at)
-                .bind(job.idempotency.create.as_ref().map(|keyed| &keyed.key))
-                .bind(job.idempotency.create.as_ref().map(|keyed| &keyed.digest))
-                .bind(&job.idempotency.start)
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| match map_sqlx(e) {
-                    // The owner's Idempotency-Key (its unique index), or the id.
-                    vtp_core::Error::AlreadyExists { id, .. } if id.contains("create_key") => {
-                        vtp_core::Error::AlreadyExists {
-                            kind: "idempotency key",
-                            id: job.idempotency.create.as_ref().map(|keyed| keyed.key.clone()).unwrap_or_default(),
-                        }
-                    }
-                    vtp_core::Error::AlreadyExists { .. } => vtp_core::Error::AlreadyExists {
-                        kind: "job",
-                        id: job.id.to_string(),
-                    },
-                    other => other,
-                })?;
-                sqlx::query("INSERT INTO job_events (job_id, revision, event) VALUES ($1, $2, $3)")
-                    .bind(job.id.0)
-                    .bind(job.revision)
-                    .bind(sqlx::types::Json(vtp_core::JobEvent::of_change(None, job, None)))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                .map_err(|e| $crate::job_store::sql::create_conflict(job, e))?;
+                Self::insert_event(&mut tx, &vtp_core::JobEvent::of_change(None, job, None)).await?;
+                tx.commit().await.map_err(map_sqlx)
+            }
+
+            async fn create_within(
+                &self,
+                job: &vtp_core::Job,
+                quota: vtp_core::Quota,
+            ) -> vtp_core::Result<()> {
+                use $crate::job_store::sql::map_sqlx;
+                let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+                Self::lock_owner(&mut tx, &job.user_id).await?;
+                let [first, second, third] = $crate::job_store::sql::quota_statuses(&quota);
+                let done = $crate::job_store::sql::bind_insert!(
+                    sqlx::query(concat!(
+                        $crate::job_store::sql::insert_job_sql!(),
+                        " WHERE ",
+                        $crate::job_store::sql::quota_count_sql!("$2", "$1", "$30", "$31", "$32"),
+                        " < $33"
+                    )),
+                    job
+                )
+                .bind(first)
+                .bind(second)
+                .bind(third)
+                .bind(i64::from(quota.limit))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| $crate::job_store::sql::create_conflict(job, e))?;
+                if done.rows_affected() == 0 {
+                    return Err(quota.exceeded(&job.user_id));
+                }
+                Self::insert_event(&mut tx, &vtp_core::JobEvent::of_change(None, job, None)).await?;
                 tx.commit().await.map_err(map_sqlx)
             }
 
@@ -302,38 +471,61 @@ macro_rules! impl_sql_job_store {
                         total: 0,
                         limit,
                         offset: filter.offset,
+                        next_cursor: None,
                     });
                 }
                 let status = filter.status.map(vtp_core::JobStatus::as_str);
-                let rows: Vec<$crate::job_store::sql::JobRow> = sqlx::query_as(
-                    concat!(
-                        "SELECT ",
-                        $crate::job_store::sql::job_columns!(),
-                        " FROM jobs \
-                         WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3) \
-                         ORDER BY created_at DESC, id DESC LIMIT $4 OFFSET $5"
-                    ),
-                )
+                let deleted = filter.deleted.unwrap_or(false);
+                let (after_time, after_id) = match filter.after {
+                    Some(cursor) => (Some(cursor.created_at), Some(cursor.id.0)),
+                    None => (None, None),
+                };
+                macro_rules! conditions {
+                    () => {
+                        " WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) \
+                          AND ($3 IS NULL OR updated_at < $3) AND ($4 IS NULL OR finished_at < $4) \
+                          AND ($5 IS NULL OR $5 = (launched_at IS NOT NULL)) \
+                          AND $6 = (deleted_at IS NOT NULL) \
+                          AND ($7 IS NULL OR created_at < $7 OR (created_at = $7 AND id < $8))"
+                    };
+                }
+                let rows: Vec<$crate::job_store::sql::JobRow> = sqlx::query_as(concat!(
+                    "SELECT ",
+                    $crate::job_store::sql::job_columns!(),
+                    " FROM jobs",
+                    conditions!(),
+                    " ORDER BY created_at DESC, id DESC LIMIT $9 OFFSET $10"
+                ))
                 .bind(&filter.user_id)
                 .bind(status)
                 .bind(filter.updated_before)
+                .bind(filter.finished_before)
+                .bind(filter.launched)
+                .bind(deleted)
+                .bind(after_time)
+                .bind(after_id)
                 .bind(i64::from(limit))
                 .bind(i64::from(filter.offset))
                 .fetch_all(&self.pool)
                 .await
                 .map_err($crate::job_store::sql::map_sqlx)?;
-                let total: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM jobs \
-                     WHERE ($1 IS NULL OR user_id = $1) AND ($2 IS NULL OR status = $2) AND ($3 IS NULL OR updated_at < $3)",
-                )
-                .bind(&filter.user_id)
-                .bind(status)
-                .bind(filter.updated_before)
-                .fetch_one(&self.pool)
-                .await
-                .map_err($crate::job_store::sql::map_sqlx)?;
+                let total: i64 = sqlx::query_scalar(concat!("SELECT COUNT(*) FROM jobs", conditions!()))
+                    .bind(&filter.user_id)
+                    .bind(status)
+                    .bind(filter.updated_before)
+                    .bind(filter.finished_before)
+                    .bind(filter.launched)
+                    .bind(deleted)
+                    .bind(after_time)
+                    .bind(after_id)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err($crate::job_store::sql::map_sqlx)?;
+                let jobs: Vec<vtp_core::Job> =
+                    rows.into_iter().map(TryInto::try_into).collect::<vtp_core::Result<_>>()?;
                 Ok(vtp_core::JobPage {
-                    jobs: rows.into_iter().map(TryInto::try_into).collect::<vtp_core::Result<_>>()?,
+                    next_cursor: vtp_core::next_cursor(&jobs, limit),
+                    jobs,
                     total: u64::try_from(total).unwrap_or(0),
                     limit,
                     offset: filter.offset,
@@ -357,12 +549,15 @@ macro_rules! impl_sql_job_store {
                         sqlx::query_as(concat!(
                             "WITH upd AS (",
                             $crate::job_store::sql::update_job_sql!(),
+                            " RETURNING ",
+                            $crate::job_store::sql::job_columns!(),
                             "), ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
-                             SELECT id, $17, $18, $19 FROM upd WHERE $17 IS NOT NULL \
+                             SELECT id, $21, $22, $23 FROM upd WHERE $21 IS NOT NULL \
                              ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
                              recorded_at = excluded.recorded_at \
                              WHERE training_metrics.metric_values <> excluded.metric_values), \
-                             ev AS (INSERT INTO job_events (job_id, revision, event) SELECT id, revision, $20 FROM upd) \
+                             ev AS (INSERT INTO job_events (job_id, revision, event) \
+                             SELECT id, revision, $24 FROM upd WHERE $25) \
                              SELECT * FROM upd",
                         )),
                         next,
@@ -372,6 +567,7 @@ macro_rules! impl_sql_job_store {
                     .bind(metric.map(|m| sqlx::types::Json(&m.values)))
                     .bind(metric.map(|m| m.recorded_at))
                     .bind(sqlx::types::Json(&event))
+                    .bind(event.kind.is_history())
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(map_sqlx)?;
@@ -382,7 +578,11 @@ macro_rules! impl_sql_job_store {
                 }
                 let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
                 let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
-                    sqlx::query_as($crate::job_store::sql::update_job_sql!()),
+                    sqlx::query_as(concat!(
+                        $crate::job_store::sql::update_job_sql!(),
+                        " RETURNING ",
+                        $crate::job_store::sql::job_columns!()
+                    )),
                     next,
                     expected
                 )
@@ -409,19 +609,115 @@ macro_rules! impl_sql_job_store {
                     .map_err(map_sqlx)?;
                 }
                 let stored: vtp_core::Job = row.try_into()?;
-                sqlx::query("INSERT INTO job_events (job_id, revision, event) VALUES ($1, $2, $3)")
-                    .bind(stored.id.0)
-                    .bind(stored.revision)
-                    .bind(sqlx::types::Json(vtp_core::JobEvent::of_change(
-                        Some(expected.status),
-                        &stored,
-                        metric,
-                    )))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
+                let event = vtp_core::JobEvent::of_change(Some(expected.status), &stored, metric);
+                Self::insert_event(&mut tx, &event).await?;
                 tx.commit().await.map_err(map_sqlx)?;
                 Ok(stored)
+            }
+
+            async fn compare_and_set_within(
+                &self,
+                expected: vtp_core::Expected,
+                next: &vtp_core::Job,
+                quota: vtp_core::Quota,
+            ) -> vtp_core::Result<vtp_core::Job> {
+                use $crate::job_store::sql::{lost_race, map_sqlx};
+                let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+                Self::lock_owner(&mut tx, &next.user_id).await?;
+                let [first, second, third] = $crate::job_store::sql::quota_statuses(&quota);
+                let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
+                    sqlx::query_as(concat!(
+                        $crate::job_store::sql::update_job_sql!(),
+                        " AND ",
+                        $crate::job_store::sql::quota_count_sql!("jobs.user_id", "jobs.id", "$21", "$22", "$23"),
+                        " < $24 RETURNING ",
+                        $crate::job_store::sql::job_columns!()
+                    )),
+                    next,
+                    expected
+                )
+                .bind(first)
+                .bind(second)
+                .bind(third)
+                .bind(i64::from(quota.limit))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(map_sqlx)?;
+                let Some(row) = row else {
+                    drop(tx);
+                    let current = self.get(next.id).await?;
+                    return Err(if current.status == expected.status && current.revision == expected.revision {
+                        quota.exceeded(&next.user_id)
+                    } else {
+                        lost_race(next, &expected, &current)
+                    });
+                };
+                let stored: vtp_core::Job = row.try_into()?;
+                let event = vtp_core::JobEvent::of_change(Some(expected.status), &stored, None);
+                Self::insert_event(&mut tx, &event).await?;
+                tx.commit().await.map_err(map_sqlx)?;
+                Ok(stored)
+            }
+
+            async fn queue(
+                &self,
+                now: chrono::DateTime<chrono::Utc>,
+                limit: u32,
+            ) -> vtp_core::Result<Vec<vtp_core::Job>> {
+                let rows: Vec<$crate::job_store::sql::JobRow> = sqlx::query_as(concat!(
+                    $crate::job_store::sql::ranked_queue_sql!(),
+                    "SELECT ",
+                    $crate::job_store::sql::job_columns!(),
+                    " FROM ranked WHERE not_before IS NULL OR not_before <= $1 \
+                     ORDER BY priority DESC, share, queued_at, id LIMIT $2"
+                ))
+                .bind(now)
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                rows.into_iter().map(TryInto::try_into).collect()
+            }
+
+            async fn queue_positions(
+                &self,
+                user_id: Option<&str>,
+            ) -> vtp_core::Result<std::collections::HashMap<vtp_core::JobId, u64>> {
+                let rows: Vec<(uuid::Uuid, i64)> = sqlx::query_as(concat!(
+                    $crate::job_store::sql::ranked_queue_sql!(),
+                    ", placed AS (SELECT id, user_id, ROW_NUMBER() OVER \
+                     (ORDER BY priority DESC, share, queued_at, id) AS place FROM ranked) \
+                     SELECT id, place FROM placed WHERE $1 IS NULL OR user_id = $1"
+                ))
+                .bind(user_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(rows
+                    .into_iter()
+                    .map(|(id, place)| (vtp_core::JobId(id), u64::try_from(place).unwrap_or(0)))
+                    .collect())
+            }
+
+            async fn slots_taken(&self) -> vtp_core::Result<u64> {
+                let taken: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM jobs WHERE deleted_at IS NULL AND (status IN ('running', 'cancelling') \
+                     OR (status = 'queued' AND launched_at IS NOT NULL))",
+                )
+                .fetch_one(&self.pool)
+                .await
+                .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(u64::try_from(taken).unwrap_or(0))
+            }
+
+            async fn delete(&self, id: vtp_core::JobId) -> vtp_core::Result<bool> {
+                // Its events, metrics and callback secret go with it (ON DELETE CASCADE).
+                let done = sqlx::query("DELETE FROM jobs WHERE id = $1")
+                    .bind(id.0)
+                    .execute(&self.pool)
+                    .await
+                    .map_err($crate::job_store::sql::map_sqlx)?;
+                Ok(done.rows_affected() > 0)
             }
 
             async fn insert_metric_if_absent(&self, metric: &vtp_core::TrainingMetric) -> vtp_core::Result<bool> {
@@ -490,3 +786,9 @@ macro_rules! impl_sql_job_store {
 }
 
 pub(crate) use impl_sql_job_store;
+
+/// The database of a store, for the helpers the macro adds.
+pub(crate) trait HasDb {
+    /// sqlx's database type.
+    type Db: sqlx::Database;
+}

@@ -68,4 +68,8 @@ impl SqliteJobStore {
 }
 
 impl_sql_credential_store!(SqliteJobStore);
-impl_sql_job_store!(SqliteJobStore, single_statement = false);
+impl super::sql::HasDb for SqliteJobStore {
+    type Db = sqlx::Sqlite;
+}
+
+impl_sql_job_store!(SqliteJobStore, single_statement = false, owner_lock = None);

@@ -43,6 +43,11 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         self.status
     }
+
+    /// The message the client is told.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
 }
 
 pub use vtp_core::error_chain;
@@ -104,6 +109,12 @@ impl IntoResponse for ApiError {
 /// A JSON body whose errors name the field: malformed JSON is a 400,
 /// well-formed JSON of the wrong shape (unknown or missing field, wrong type)
 /// a 422.
+///
+/// The body must say it is JSON (`Content-Type: application/json`, or an
+/// `application/*+json`); anything else, a missing header included, is a
+/// 415. A web page can send another site a form or `text/plain` body
+/// without asking, but not `application/json`: so no page a user opens can
+/// make JSON requests to a local backend on the user's behalf.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ApiJson<T>(pub T);
 
@@ -111,19 +122,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        if let Some(content_type) = req.headers().get(header::CONTENT_TYPE) {
-            let json = content_type
-                .to_str()
-                .ok()
-                .and_then(|v| v.parse::<mime::Mime>().ok())
-                .is_some_and(|m| m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON));
-            if !json {
-                return Err(ApiError::new(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    "unsupported_media_type",
-                    "expected Content-Type: application/json",
-                ));
-            }
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<mime::Mime>().ok())
+            .is_some_and(|m| {
+                m.type_() == mime::APPLICATION
+                    && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON))
+            });
+        if !json {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "expected Content-Type: application/json",
+            ));
         }
         let bytes = axum::body::Bytes::from_request(req, state)
             .await

@@ -16,15 +16,19 @@
 //! - [`telemetry`]: logs to stderr (text or JSON lines) and, with the
 //!   `otel` feature, OpenTelemetry traces over OTLP, with the W3C trace
 //!   context the services hand each other;
-//! - [`process`]: the shutdown signals the binaries wait for.
+//! - [`process`]: the shutdown signals the binaries wait for;
+//! - [`serve`]: the accept loop, with a header-read timeout, a cap on
+//!   connections and a bounded graceful shutdown.
 #![warn(missing_docs)]
 
 pub mod error;
 pub mod metrics;
 pub mod openapi;
 pub mod process;
+pub mod serve;
 pub mod telemetry;
 
 pub use error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json};
 pub use process::{parent_exited, shutdown_signal};
+pub use serve::{ServeOptions, serve};
 pub use telemetry::{Telemetry, TelemetryArgs, init_tracing};

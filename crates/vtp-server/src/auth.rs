@@ -11,15 +11,18 @@
 //! Trainer reports never use tokens: each is signed with its job's secret
 //! (see [`vtp_core::callback_signature`]), checked in the callback handler.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
 
-use axum::extract::FromRequestParts;
+use axum::extract::{ConnectInfo, FromRequestParts, OptionalFromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use hashlink::LruCache;
 use vtp_core::{
     BlobStoreExt, CallbackSecret, CredentialStoreExt, Error, Job, JobId, JobStore, Principal,
 };
+
+pub use vtp_core::auth::is_well_formed_token;
 
 use crate::AppState;
 use crate::error::ApiError;
@@ -70,8 +73,61 @@ impl FromRequestParts<AppState> for Caller {
             .ok_or_else(|| {
                 Error::unauthenticated("the Authorization header is not Bearer <token>")
             })?;
-        let principal = state.credentials.authenticate(token).await?;
-        Ok(Caller(principal))
+        // A token that cannot be one is refused without a database read, and
+        // so is any from an address whose unknown tokens ran past its budget.
+        if !vtp_core::auth::is_well_formed_token(token) {
+            return Err(Error::unauthenticated("the token is not a VTP API token").into());
+        }
+        let client = client_ip(&parts.extensions);
+        state.limits.check_lookup(client)?;
+        match state.credentials.authenticate(token).await {
+            Ok(principal) => Ok(Caller(principal)),
+            Err(e @ Error::Unauthenticated { .. }) => {
+                state.limits.lookup_failed(client);
+                Err(e.into())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `Option<Caller>`: the caller when the request carries valid credentials
+/// (always, with authentication off), `None` otherwise, never a refusal.
+impl OptionalFromRequestParts<AppState> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Option<Self>, Self::Rejection> {
+        if state.auth == AuthMode::Tokens && !parts.headers.contains_key(AUTHORIZATION) {
+            return Ok(None);
+        }
+        Ok(
+            <Caller as FromRequestParts<AppState>>::from_request_parts(parts, state)
+                .await
+                .ok(),
+        )
+    }
+}
+
+/// The address a request came from (the connection's peer; unknown, as
+/// `0.0.0.0`, where the router is driven without a listener, as in tests).
+pub fn client_ip(extensions: &axum::http::Extensions) -> IpAddr {
+    extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |info| info.0.ip())
+}
+
+/// The address a request came from, as an extractor (see [`client_ip`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectedFrom(pub IpAddr);
+
+impl<S: Send + Sync> FromRequestParts<S> for ConnectedFrom {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(ConnectedFrom(client_ip(&parts.extensions)))
     }
 }
 
@@ -104,7 +160,8 @@ impl Caller {
 /// [`Error::NotFound`]; store errors.
 pub async fn owned_job(jobs: &dyn JobStore, caller: &Caller, id: JobId) -> Result<Job, ApiError> {
     let job = jobs.get(id).await?;
-    if caller.0.may_access(&job.user_id) {
+    // A job whose deletion was asked for is gone, for its owner too.
+    if job.deleted_at.is_none() && caller.0.may_access(&job.user_id) {
         Ok(job)
     } else {
         Err(Error::not_found("job", id).into())
@@ -113,7 +170,8 @@ pub async fn owned_job(jobs: &dyn JobStore, caller: &Caller, id: JobId) -> Resul
 
 /// Checks that `uri` names an object of `owner` in this backend's blob
 /// store: under `users/{owner}/`, or under `jobs/{id}/` of a job `owner`
-/// owns (a checkpoint to start from).
+/// owns (a checkpoint to start from). With `datasets_only` it must be under
+/// `users/{owner}/datasets/`.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] naming `field`.
@@ -145,6 +203,7 @@ pub async fn check_owned_blob(
             .and_then(|id| id.parse::<JobId>().ok())
         && let Ok(job) = state.jobs.get(id).await
         && job.user_id == owner
+        && job.deleted_at.is_none()
     {
         return Ok(());
     }
@@ -203,15 +262,19 @@ impl SecretCache {
 /// # Errors
 /// [`Error::Unauthenticated`] when the job has none (never started, or
 /// unknown); store errors.
-pub async fn job_secret(state: &AppState, id: JobId) -> Result<CallbackSecret, ApiError> {
+pub async fn job_secret(
+    state: &AppState,
+    id: JobId,
+    client: IpAddr,
+) -> Result<CallbackSecret, ApiError> {
     if let Some(secret) = state.secrets.get(id) {
         return Ok(secret);
     }
-    let secret = state
-        .credentials
-        .job_secret(id)
-        .await?
-        .ok_or_else(|| Error::unauthenticated(format!("job {id} has no callback secret")))?;
+    state.limits.check_lookup(client)?;
+    let Some(secret) = state.credentials.job_secret(id).await? else {
+        state.limits.lookup_failed(client);
+        return Err(Error::unauthenticated(format!("job {id} has no callback secret")).into());
+    };
     state.secrets.remember(id, secret.clone());
     Ok(secret)
 }

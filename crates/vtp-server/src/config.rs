@@ -34,8 +34,9 @@ pub struct BackendConfig {
     #[arg(long, env = "VTP_LISTEN", default_value = "127.0.0.1:8000")]
     pub listen: SocketAddr,
 
-    /// Job store: `sqlite://path`, `postgres://...` or `memory://`.
-    #[arg(long, env = "VTP_DATABASE_URL", default_value = vtp_storage::DEFAULT_DATABASE_URL)]
+    /// Job store: `sqlite://path`, `postgres://...` or `memory://` (its
+    /// value is not shown here: a Postgres URL may hold a password).
+    #[arg(long, env = "VTP_DATABASE_URL", default_value = vtp_storage::DEFAULT_DATABASE_URL, hide_env_values = true)]
     pub database_url: String,
 
     /// Blob store: `file://dir`, `s3://bucket[/prefix]` (with the S3
@@ -81,12 +82,32 @@ pub struct BackendConfig {
     #[arg(long, env = "VTP_MAX_UPLOAD_BYTES", default_value_t = 10 * 1024 * 1024 * 1024)]
     pub max_upload_bytes: u64,
 
-    /// A job queued this many seconds without its trainer starting fails;
-    /// one cancelling that long without the trainer confirming is marked
-    /// cancelled (within two minutes at most). Running jobs have leases
-    /// instead (`VTP_HEARTBEAT_SECS`).
+    /// A launched job whose trainer has not started this many seconds later
+    /// has lost its runner (relaunched or failed); one cancelling that long
+    /// without the trainer confirming is marked cancelled (within two
+    /// minutes at most). A job waiting in the queue for capacity waits as
+    /// long as it takes. Running jobs have leases instead
+    /// (`VTP_HEARTBEAT_SECS`).
     #[arg(long, env = "VTP_STALE_AFTER_SECS", default_value_t = 3600)]
     pub stale_after_secs: u64,
+
+    /// Jobs the launcher runs at once; the rest wait in the queue. Default:
+    /// 1 for `subprocess` (the child trainer's concurrency), the trainer
+    /// service's own for `http`, 8 for `kubernetes` (without Kueue, which
+    /// admits jobs itself).
+    #[arg(long, env = "VTP_MAX_RUNNING", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_running: Option<u32>,
+
+    /// Finished jobs, with their checkpoints and metrics, are deleted this
+    /// many days after they finished; 0 keeps them until their owner
+    /// deletes them.
+    #[arg(long, env = "VTP_RETENTION_DAYS", default_value_t = 0)]
+    pub retention_days: u32,
+
+    /// Seconds between the leader's retention passes, which also finish
+    /// deletions cut short and remove uploads a crash left staged.
+    #[arg(long, env = "VTP_RETENTION_INTERVAL_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub retention_interval_secs: u64,
 
     /// Trainers report at least this often, in seconds (with step progress
     /// inside an epoch); a running job silent for four periods has lost its
@@ -94,8 +115,8 @@ pub struct BackendConfig {
     #[arg(long, env = vtp_core::launcher::HEARTBEAT_ENV, default_value_t = vtp_core::launcher::DEFAULT_HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_secs: u64,
 
-    /// Seconds between passes of the Kubernetes reconciler, which ends jobs
-    /// whose Job failed, vanished or cannot start.
+    /// Seconds between passes of the Kubernetes reconciler (on the leading
+    /// backend), which ends jobs whose Job failed, vanished or cannot start.
     #[arg(long, env = "VTP_K8S_RECONCILE_SECS", default_value_t = 10)]
     pub reconcile_secs: u64,
 
@@ -125,6 +146,59 @@ pub struct BackendConfig {
     /// Largest job `config`, in bytes of JSON.
     #[arg(long, env = "VTP_MAX_CONFIG_BYTES", default_value_t = 64 * 1024)]
     pub max_config_bytes: usize,
+
+    /// A user's jobs that may be created and not started (with tokens); another create gets 429.
+    #[arg(long, env = "VTP_MAX_PENDING_JOBS_PER_USER", default_value_t = 64)]
+    pub max_pending_jobs: u32,
+
+    /// The highest `priority` (of -100..=100) a user who is not an admin
+    /// may give a job; admins may give up to 100.
+    #[arg(long, env = "VTP_MAX_USER_PRIORITY", default_value_t = 0, allow_negative_numbers = true, value_parser = clap::value_parser!(i32).range(-100..=100))]
+    pub max_user_priority: i32,
+
+    /// Event streams one user may hold open; another gets 429.
+    #[arg(long, env = "VTP_MAX_STREAMS_PER_USER", default_value_t = 16)]
+    pub max_streams_per_user: u32,
+
+    /// Event streams open at once, all users together.
+    #[arg(long, env = "VTP_MAX_EVENT_STREAMS", default_value_t = 1024)]
+    pub max_event_streams: u32,
+
+    /// The longest an event stream stays open, in seconds; the client
+    /// reconnects with `Last-Event-ID` and misses nothing.
+    #[arg(long, env = "VTP_STREAM_MAX_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub stream_max_secs: u64,
+
+    /// Uploads under way at once, all users together; another gets 429.
+    #[arg(long, env = "VTP_MAX_CONCURRENT_UPLOADS", default_value_t = 8)]
+    pub max_concurrent_uploads: u32,
+
+    /// Uploads one user may have under way at once.
+    #[arg(long, env = "VTP_MAX_CONCURRENT_UPLOADS_PER_USER", default_value_t = 2)]
+    pub max_concurrent_uploads_per_user: u32,
+
+    /// An upload that sends nothing for this many seconds is cut off (408).
+    #[arg(long, env = "VTP_UPLOAD_IDLE_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upload_idle_secs: u64,
+
+    /// The longest one upload may take, in seconds (408 after).
+    #[arg(long, env = "VTP_UPLOAD_MAX_SECS", default_value_t = 6 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub upload_max_secs: u64,
+
+    /// A client must send a request's head within this many seconds, or
+    /// its connection is closed.
+    #[arg(long, env = "VTP_HEADER_TIMEOUT_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub header_timeout_secs: u64,
+
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, env = "VTP_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Credential lookups (unrecognised tokens, reports for jobs not seen
+    /// lately) one client address may cause per minute; more get 429
+    /// before any database work.
+    #[arg(long, env = "VTP_RATE_AUTH_LOOKUPS_PER_MINUTE", default_value_t = 120)]
+    pub auth_lookups_per_minute: u32,
 
     /// Administration instead of serving.
     #[command(subcommand)]
@@ -182,6 +256,40 @@ impl BackendConfig {
             uploads_per_minute: self.uploads_per_minute,
             max_active_jobs: self.max_active_jobs,
             max_config_bytes: self.max_config_bytes,
+            max_pending_jobs: self.max_pending_jobs,
+            max_user_priority: self.max_user_priority,
+            streams_per_user: self.max_streams_per_user,
+            max_streams: self.max_event_streams,
+            stream_lifetime: Duration::from_secs(self.stream_max_secs),
+            uploads_at_once: self.max_concurrent_uploads,
+            uploads_per_user_at_once: self.max_concurrent_uploads_per_user,
+            upload_idle: Duration::from_secs(self.upload_idle_secs),
+            upload_total: Duration::from_secs(self.upload_max_secs),
+            auth_lookups_per_minute: self.auth_lookups_per_minute,
+        }
+    }
+
+    /// The accept loop's bounds.
+    pub fn serve_options(&self) -> vtp_http::ServeOptions {
+        vtp_http::ServeOptions {
+            header_read_timeout: Duration::from_secs(self.header_timeout_secs),
+            max_connections: usize::try_from(self.max_connections).unwrap_or(usize::MAX),
+            ..vtp_http::ServeOptions::default()
+        }
+    }
+
+    /// What the leader does and how often.
+    pub fn duties(&self) -> crate::leader::Duties {
+        crate::leader::Duties {
+            sweep: crate::sweeper::SweepPolicy::new(self.stale_after(), self.heartbeat()),
+            queue: crate::queue::Policy::default(),
+            reconcile_every: Duration::from_secs(self.reconcile_secs.max(1)),
+            retention: crate::retention::Policy {
+                interval: Duration::from_secs(self.retention_interval_secs),
+                keep_finished: (self.retention_days > 0)
+                    .then(|| Duration::from_secs(u64::from(self.retention_days) * 86_400)),
+                ..crate::retention::Policy::default()
+            },
         }
     }
 
@@ -203,9 +311,7 @@ impl BackendConfig {
 
     /// Builds the configured launcher. The subprocess trainer shares the
     /// backend's blob store (`blob_uri`, the store's resolved root) and works
-    /// under `./.vtp/trainer`. The Kubernetes launcher reconciles once (so
-    /// jobs that ended while the backend was down get their reasons) and then
-    /// every `reconcile_secs` in a background task.
+    /// under `./.vtp/trainer`.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] for a bad trainer URL or `VTP_K8S_*` setting;
@@ -217,7 +323,8 @@ impl BackendConfig {
     ) -> Result<Arc<dyn TrainerLauncher>> {
         match self.launcher {
             LauncherKind::Http => {
-                let mut launcher = vtp_trainer::HttpLauncher::new(&self.trainer_url)?;
+                let mut launcher =
+                    vtp_trainer::HttpLauncher::new(&self.trainer_url)?.with_slots(self.max_running);
                 if let Some(token) = &self.trainer_token {
                     launcher = launcher.with_token(token);
                 }
@@ -236,7 +343,8 @@ impl BackendConfig {
                 // The child inherits `VTP_S3_*` from this process's
                 // environment; settings given as flags reach it the same
                 // way (in its environment, never on its command line).
-                let mut launcher = vtp_trainer::SubprocessLauncher::new(program, jobs);
+                let mut launcher = vtp_trainer::SubprocessLauncher::new(program, jobs)
+                    .with_slots(self.max_running.unwrap_or(1));
                 for (name, value) in self.s3.public_env().into_iter().chain(self.telemetry.env()) {
                     launcher = launcher.with_env(name, value);
                 }
@@ -276,24 +384,13 @@ impl BackendConfig {
                 let mut trainer_env = vec![("VTP_BLOB_URL".to_owned(), self.blob_url.clone())];
                 trainer_env.extend(self.s3.public_env());
                 trainer_env.extend(self.telemetry.env());
-                let launcher =
-                    vtp_trainer::KubernetesLauncher::connect(self.k8s.config(trainer_env)?, jobs)
-                        .await?;
-                match launcher.reconcile().await {
-                    Ok(done) => tracing::info!(
-                        running = done.running,
-                        ended = done.ended.len(),
-                        "reconciled Kubernetes Jobs"
-                    ),
-                    Err(e) => {
-                        tracing::warn!(error = %vtp_core::error_chain(&e), "first reconcile failed; the loop retries")
-                    }
+                let mut config = self.k8s.config(trainer_env)?;
+                if let Some(max) = self.max_running {
+                    config.max_running = max;
                 }
-                tokio::spawn(
-                    launcher
-                        .clone()
-                        .run_reconciler(Duration::from_secs(self.reconcile_secs.max(1))),
-                );
+                // Its reconciler runs on the leading backend
+                // (`TrainerLauncher::reconcile`), not on every replica.
+                let launcher = vtp_trainer::KubernetesLauncher::connect(config, jobs).await?;
                 Ok(Arc::new(launcher))
             }
         }

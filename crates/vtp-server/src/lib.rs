@@ -24,18 +24,23 @@ use axum::extract::DefaultBodyLimit;
 use tower_http::trace::TraceLayer;
 use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
 use utoipa_axum::routes;
-use vtp_core::{BlobStore, CredentialStore, JobStore, TrainerLauncher};
+use vtp_core::{BlobStore, CredentialStore, JobStore, LeaderElector, TrainerLauncher};
 use vtp_storage::Stores;
 
 pub mod auth;
 pub mod config;
 /// The error answer and extractors, shared with the trainer service.
 pub use vtp_http::error;
+pub mod events;
 mod known_jobs;
+pub mod leader;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
-pub mod relaunch;
+pub mod origin;
+pub mod probe;
+pub mod queue;
+pub mod retention;
 mod routes;
 pub mod sweeper;
 pub mod ui;
@@ -74,9 +79,22 @@ pub struct AppState {
     pub heartbeat: Duration,
     /// Jobs this process just changed, announced by the store behind
     /// [`AppState::jobs`] on every write (a report, a start, a cancel, the
-    /// sweeper, the relauncher): wakes their event streams at once. Streams
+    /// sweeper, the dispatcher): wakes their event feeds at once. Feeds
     /// also poll the store, for changes made by other replicas.
     pub changes: tokio::sync::broadcast::Sender<vtp_core::JobId>,
+    /// Wakes the queue's dispatcher: a job was started, or a slot freed.
+    pub dispatch: Arc<tokio::sync::Notify>,
+    /// The shared event feed of each watched job.
+    pub feeds: Arc<events::Feeds>,
+    /// Who of the backends sharing the database leads.
+    pub leader: Arc<dyn LeaderElector>,
+    /// The store as last read for `/health` and `/metrics`.
+    pub probe: Arc<probe::Probe>,
+    /// Cancelled when the server shuts down: ends event streams.
+    pub shutdown: tokio_util::sync::CancellationToken,
+    /// The leader's duties: the sweeper's limits, the dispatcher's,
+    /// retention's.
+    pub duties: leader::Duties,
 }
 
 impl AppState {
@@ -89,11 +107,26 @@ impl AppState {
         public_url: impl Into<String>,
     ) -> Self {
         let changes = tokio::sync::broadcast::channel(1024).0;
+        let dispatch = Arc::new(tokio::sync::Notify::new());
+        let jobs: Arc<dyn JobStore> = Arc::new(metrics::ObservedJobStore {
+            inner: stores.jobs,
+            changes: changes.clone(),
+            dispatch: dispatch.clone(),
+        });
+        let heartbeat = Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS);
         AppState {
-            jobs: Arc::new(metrics::ObservedJobStore {
-                inner: stores.jobs,
-                changes: changes.clone(),
-            }),
+            feeds: Arc::new(events::Feeds::new(jobs.clone(), changes.clone())),
+            jobs,
+            dispatch,
+            leader: stores.leader,
+            probe: Arc::new(probe::Probe::default()),
+            shutdown: tokio_util::sync::CancellationToken::new(),
+            duties: leader::Duties {
+                sweep: sweeper::SweepPolicy::new(Duration::from_secs(3600), heartbeat),
+                queue: queue::Policy::default(),
+                reconcile_every: Duration::from_secs(10),
+                retention: retention::Policy::default(),
+            },
             credentials: stores.credentials,
             auth: AuthMode::Off,
             blobs,
@@ -103,15 +136,32 @@ impl AppState {
             known_jobs: Arc::new(KnownJobs::new()),
             secrets: Arc::new(auth::SecretCache::default()),
             limits: Arc::new(limits::Limits::new(limits::LimitSettings::default())),
-            heartbeat: Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS),
+            heartbeat,
             changes,
         }
     }
 
-    /// Sets the heartbeat period trainers keep.
+    /// Sets the heartbeat period trainers keep (and so the sweeper's lease).
     #[must_use]
     pub fn with_heartbeat(mut self, period: Duration) -> Self {
         self.heartbeat = period.max(Duration::from_secs(1));
+        self.duties.sweep =
+            sweeper::SweepPolicy::new(self.duties.sweep.stale_after, self.heartbeat);
+        self
+    }
+
+    /// Sets how long a launched job may take to start before its runner is
+    /// taken for lost (`VTP_STALE_AFTER_SECS`).
+    #[must_use]
+    pub fn with_stale_after(mut self, stale_after: Duration) -> Self {
+        self.duties.sweep = sweeper::SweepPolicy::new(stale_after, self.heartbeat);
+        self
+    }
+
+    /// Sets the leader's duties (sweeper, dispatcher, reconciler, retention).
+    #[must_use]
+    pub fn with_duties(mut self, duties: leader::Duties) -> Self {
+        self.duties = duties;
         self
     }
 
@@ -145,6 +195,40 @@ impl AppState {
     pub fn present(&self, mut job: vtp_core::Job) -> vtp_core::Job {
         job.callback_url = Some(self.callback_url(job.id));
         job
+    }
+
+    /// Jobs as the API answers with them: with their `callback_url` and,
+    /// for those waiting for capacity, their place in the queue (a read of
+    /// the queue, made only when one of them waits).
+    pub async fn present_all(&self, jobs: Vec<vtp_core::Job>) -> Vec<vtp_core::Job> {
+        let mut places = std::collections::HashMap::new();
+        if let Some(first) = jobs.iter().find(|job| job.is_waiting()) {
+            let one_owner = jobs
+                .iter()
+                .filter(|job| job.is_waiting())
+                .all(|job| job.user_id == first.user_id);
+            let owner = one_owner.then_some(first.user_id.as_str());
+            match self.jobs.queue_positions(owner).await {
+                Ok(found) => places = found,
+                Err(e) => {
+                    tracing::warn!(error = %error::error_chain(&e), "cannot read the queue's order; places left out")
+                }
+            }
+        }
+        jobs.into_iter()
+            .map(|mut job| {
+                job.queue_position = places.get(&job.id).copied();
+                self.present(job)
+            })
+            .collect()
+    }
+
+    /// One job as the API answers with it (see [`AppState::present_all`]).
+    pub async fn present_one(&self, job: vtp_core::Job) -> vtp_core::Job {
+        self.present_all(vec![job])
+            .await
+            .pop()
+            .expect("one job in, one out")
     }
 
     /// After a launch of `job_id`: when the job was cancelled (or ended)
@@ -195,6 +279,12 @@ impl AppState {
         );
         let mut request = self.start_request(job, secret);
         request.traceparent = vtp_http::telemetry::traceparent(&span);
+        // The archive's size, for launchers that size a trainer's disk.
+        use vtp_core::BlobStoreExt as _;
+        request.dataset_bytes = match self.blobs.key_for(&job.dataset_s3_uri) {
+            Ok(key) => self.blobs.head(&key).await.ok().map(|meta| meta.size),
+            Err(_) => None,
+        };
         self.launcher.launch(&request).instrument(span).await
     }
 }
@@ -211,6 +301,7 @@ pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::health))
         .routes(routes!(routes::jobs::create, routes::jobs::list))
         .routes(routes!(routes::jobs::get, routes::jobs::cancel))
+        .routes(routes!(routes::datasets::delete))
         .routes(routes!(routes::jobs::start))
         .routes(routes!(routes::jobs::callback))
         .routes(routes!(routes::jobs::metrics))
@@ -222,7 +313,8 @@ pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::jobs::events))
         .routes(routes!(routes::jobs::checkpoint))
         .routes(routes!(routes::jobs::checkpoint_file))
-        // The upload handler enforces its own limit while streaming.
+        // The upload handler bounds the body itself while streaming it:
+        // its size, each part's header section, its pace and its length.
         .routes(routes!(routes::datasets::upload).layer(DefaultBodyLimit::disable()));
     bounded
         .merge(streaming)
@@ -245,6 +337,10 @@ pub fn app(state: AppState) -> Router {
     router
         .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", document))
         .merge(ui::router())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            origin::local_only,
+        ))
         .layer(axum::middleware::from_fn(error::hide_server_errors))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
@@ -307,80 +403,102 @@ pub(crate) async fn crash_point(name: &str) {
     let _ = name;
 }
 
-/// Re-adopts or relaunches the jobs left active by an earlier run of the
-/// backend: a job its launcher still runs is kept; a queued one it does not
-/// is left to the relauncher; a running one it does not has lost its
-/// runner, so its attempt ends ([`vtp_core::JobStoreExt::end_attempt`]):
-/// it goes back to `queued` for the relauncher while attempts are left
-/// (resuming from its last checkpoint set), else fails with the reason; a
-/// job being cancelled is cancelled. Jobs whose trainer cannot be asked are
-/// left to the sweeper.
+/// Re-adopts, relaunches or puts back to wait the jobs a runner held (or
+/// should have held) under an earlier run of the backend or an earlier
+/// leader: a job its launcher still runs is kept; a launched `queued` one
+/// it does not is put back to wait (its launch was lost with the backend,
+/// so no runner was ever confirmed; the dispatcher launches the same
+/// attempt again); a running one it does not has lost its runner, so its
+/// attempt ends ([`vtp_core::JobStoreExt::end_attempt`]): back to wait
+/// while attempts are left (resuming from its last checkpoint set), else
+/// failed with the reason; a job being cancelled is cancelled. Jobs whose
+/// trainer cannot be asked are left to the sweeper. Jobs waiting for
+/// capacity are not looked at. The jobs are read a page at a time.
 ///
 /// # Errors
 /// Store errors while listing.
 pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
     use vtp_core::JobStoreExt;
     let (mut adopted, mut ended) = (0, 0);
-    for job in state.jobs.active_jobs().await? {
-        let status = job.status;
-        match state.launcher.is_running(job.id).await {
-            Ok(true) => {
-                tracing::info!(job_id = %job.id, %status, "re-adopted a job after restart");
-                adopted += 1;
-            }
-            // Queued and held by no runner: the relauncher launches it (a
-            // launch lost with the backend is made again, under the same
-            // attempt); no runner was ever confirmed, so none was lost.
-            Ok(false) if status == vtp_core::JobStatus::Queued => {
-                tracing::info!(job_id = %job.id, "a queued job no trainer holds; the relauncher launches it");
-            }
-            Ok(false) => {
-                let reason = format!(
-                    "the backend restarted and its {} trainer no longer runs the job",
-                    state.launcher.name()
-                );
-                // One job the store cannot update now is left to the
-                // sweeper; the others are still recovered.
-                match state.jobs.end_attempt(job.id, job.attempt, &reason).await {
-                    Ok(job) => {
-                        tracing::warn!(job_id = %job.id, from = %status, to = %job.status, %reason, "a job lost its runner");
-                        ended += 1;
+    for mut pages in
+        vtp_core::JobPages::launched(state.jobs.as_ref(), vtp_core::JobFilter::MAX_LIMIT)
+    {
+        while let Some(page) = pages.next().await? {
+            for job in page {
+                let status = job.status;
+                match state.launcher.is_running(job.id).await {
+                    Ok(true) => {
+                        tracing::info!(job_id = %job.id, %status, "re-adopted a job after restart");
+                        adopted += 1;
+                    }
+                    Ok(false) if status == vtp_core::JobStatus::Queued => {
+                        tracing::info!(job_id = %job.id, "a launched job no trainer holds; it waits to be launched again");
+                        queue::unlaunch(state, job.id, job.attempt, Duration::ZERO).await;
+                    }
+                    Ok(false) => {
+                        let reason = format!(
+                            "the backend restarted and its {} trainer no longer runs the job",
+                            state.launcher.name()
+                        );
+                        // One job the store cannot update now is left to the
+                        // sweeper; the others are still recovered.
+                        match state.jobs.end_attempt(job.id, job.attempt, &reason).await {
+                            Ok(job) => {
+                                tracing::warn!(job_id = %job.id, from = %status, to = %job.status, %reason, "a job lost its runner");
+                                ended += 1;
+                            }
+                            Err(e) => {
+                                tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "could not end the lost attempt; the sweeper will decide");
+                            }
+                        }
                     }
                     Err(e) => {
-                        tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "could not end the lost attempt; the sweeper will decide");
+                        tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide")
                     }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(job_id = %job.id, error = %error::error_chain(&e), "cannot ask the trainer; the sweeper will decide")
             }
         }
     }
     Ok((adopted, ended))
 }
 
-/// Serves the backend on `listener` until `shutdown` resolves, with the
-/// stale-job sweeper (jobs queued longer than `stale_after`, leases of
-/// `state.heartbeat`) and the relauncher running beside it.
+/// Serves the backend on `listener` until `shutdown` resolves: the routes
+/// (through [`vtp_http::serve`], with its header-read timeout and
+/// connection cap), the store probe behind `/health`, and the race for
+/// leadership with the leader's duties ([`leader`]: recovery, the queue's
+/// dispatcher, the sweeper, the launcher's reconciler, retention). On
+/// shutdown event streams end, so open connections finish promptly.
 ///
 /// # Errors
 /// I/O errors of the listener.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
-    stale_after: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let sweeper = tokio::spawn(sweeper::run(
-        state.jobs.clone(),
-        state.launcher.clone(),
-        sweeper::SweepPolicy::new(stale_after, state.heartbeat),
-    ));
-    let relauncher = tokio::spawn(relaunch::run(state.clone(), relaunch::Policy::default()));
-    let result = axum::serve(listener, app(state))
-        .with_graceful_shutdown(shutdown)
-        .await;
-    sweeper.abort();
-    relauncher.abort();
+    serve_with(listener, state, vtp_http::ServeOptions::default(), shutdown).await
+}
+
+/// [`serve`] with the accept loop's bounds set (header-read timeout,
+/// connections).
+///
+/// # Errors
+/// I/O errors of the listener.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    options: vtp_http::ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(leader::run(state.clone(), state.duties));
+    tasks.spawn(probe::run(state.clone()));
+    let streams = state.shutdown.clone();
+    let result = vtp_http::serve(listener, app(state), options, async move {
+        shutdown.await;
+        streams.cancel();
+    })
+    .await;
+    tasks.abort_all();
     result
 }

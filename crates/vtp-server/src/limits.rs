@@ -1,17 +1,24 @@
-//! Per-user limits (OWASP API4, unrestricted resource consumption): how
-//! fast a user may create jobs and upload datasets, how many of their jobs
-//! may be active at once, and how large a job's `config` may be.
+//! Limits (OWASP API4, unrestricted resource consumption): how fast a user
+//! may create jobs and upload datasets, how many of their jobs may wait or
+//! run, how large a job's `config` may be, how many event streams and
+//! uploads may be open at once, and how many credential lookups one client
+//! address may cause.
 //!
-//! Rates are GCRA buckets from `governor`, one per user, answered with 429
-//! and `Retry-After`. They apply with authentication on; the single local
-//! user of `VTP_AUTH=off` is not limited.
+//! Rates are GCRA buckets from `governor`, one per user (or per client
+//! address), answered with 429 and `Retry-After`. The per-user rates and
+//! job quotas apply with authentication on (the single local user of
+//! `VTP_AUTH=off` is not limited); the caps on open streams and uploads
+//! bound the process, and apply always.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use vtp_core::{Error, JobFilter, JobStatus, JobStore, Result};
+use vtp_core::{Error, Result};
 
 /// The configured limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +31,31 @@ pub struct LimitSettings {
     pub max_active_jobs: u32,
     /// Largest `config` of a job, in bytes of JSON.
     pub max_config_bytes: usize,
+    /// A user's jobs that may be created and not started.
+    pub max_pending_jobs: u32,
+    /// The highest `priority` a user who is not an admin may give a job.
+    pub max_user_priority: i32,
+    /// Event streams one user may hold open.
+    pub streams_per_user: u32,
+    /// Event streams open at once, all users together.
+    pub max_streams: u32,
+    /// The longest one event stream stays open; the client reconnects
+    /// with `Last-Event-ID` and misses nothing.
+    pub stream_lifetime: Duration,
+    /// Uploads under way at once, all users together.
+    pub uploads_at_once: u32,
+    /// Uploads one user may have under way at once.
+    pub uploads_per_user_at_once: u32,
+    /// How long an upload may send nothing before it is cut off (408).
+    pub upload_idle: Duration,
+    /// The longest one upload may take (408).
+    pub upload_total: Duration,
+    /// Credential lookups that find nothing (an unknown or revoked token,
+    /// a report for a job with no secret or with a forged signature) one
+    /// client address may cause per minute; past it, that address's
+    /// credentials are refused (429) before any database work until the
+    /// budget allows again.
+    pub auth_lookups_per_minute: u32,
 }
 
 impl Default for LimitSettings {
@@ -33,6 +65,16 @@ impl Default for LimitSettings {
             uploads_per_minute: 30,
             max_active_jobs: 8,
             max_config_bytes: 64 * 1024,
+            max_pending_jobs: 64,
+            max_user_priority: 0,
+            streams_per_user: 16,
+            max_streams: 1024,
+            stream_lifetime: Duration::from_secs(3600),
+            uploads_at_once: 8,
+            uploads_per_user_at_once: 2,
+            upload_idle: Duration::from_secs(60),
+            upload_total: Duration::from_secs(6 * 3600),
+            auth_lookups_per_minute: 120,
         }
     }
 }
@@ -42,6 +84,63 @@ pub struct Limits {
     settings: LimitSettings,
     creates: DefaultKeyedRateLimiter<String>,
     uploads: DefaultKeyedRateLimiter<String>,
+    lookups: DefaultKeyedRateLimiter<IpAddr>,
+    /// Addresses whose failed lookups ran past their budget, until when.
+    blocked: Mutex<hashlink::LruCache<IpAddr, std::time::Instant>>,
+    streams: Arc<Counts>,
+    uploading: Arc<Counts>,
+}
+
+/// Open things (streams, uploads) per user and in all, under caps.
+#[derive(Debug, Default)]
+struct Counts {
+    per_user: Mutex<(HashMap<String, u32>, u32)>,
+}
+
+impl Counts {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, u32>, u32)> {
+        self.per_user
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts one more for `user` unless a cap is reached.
+    fn take(self: &Arc<Self>, user: &str, per_user: u32, total: u32) -> Option<Held> {
+        let mut counts = self.lock();
+        if counts.1 >= total || counts.0.get(user).copied().unwrap_or(0) >= per_user {
+            return None;
+        }
+        counts.1 += 1;
+        *counts.0.entry(user.to_owned()).or_default() += 1;
+        Some(Held {
+            counts: self.clone(),
+            user: user.to_owned(),
+        })
+    }
+
+    fn total(&self) -> u32 {
+        self.lock().1
+    }
+}
+
+/// One open stream or upload, counted until dropped.
+#[derive(Debug)]
+pub struct Held {
+    counts: Arc<Counts>,
+    user: String,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock();
+        counts.1 = counts.1.saturating_sub(1);
+        if let Some(n) = counts.0.get_mut(&self.user) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.0.remove(&self.user);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Limits {
@@ -63,7 +162,112 @@ impl Limits {
             settings,
             creates: RateLimiter::keyed(per_minute(settings.creates_per_minute)),
             uploads: RateLimiter::keyed(per_minute(settings.uploads_per_minute)),
+            lookups: RateLimiter::keyed(per_minute(settings.auth_lookups_per_minute)),
+            blocked: Mutex::new(hashlink::LruCache::new(4096)),
+            streams: Arc::default(),
+            uploading: Arc::default(),
         }
+    }
+
+    /// Opens an event stream for `user`: refused (429) past the user's cap
+    /// or the process's.
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] at a cap.
+    pub fn open_stream(&self, user: &str) -> Result<Held> {
+        let s = &self.settings;
+        self.streams
+            .take(user, s.streams_per_user, s.max_streams)
+            .ok_or_else(|| Error::RateLimited {
+                message: format!(
+                    "too many open event streams (at most {} per user, {} in all); close one first",
+                    s.streams_per_user, s.max_streams
+                ),
+                retry_after: Duration::from_secs(5),
+            })
+    }
+
+    /// Event streams open now.
+    pub fn open_streams(&self) -> u32 {
+        self.streams.total()
+    }
+
+    /// Starts an upload for `user`: refused (429) while the user's or the
+    /// process's uploads at once are under way.
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] at a cap.
+    pub fn start_upload(&self, user: &str) -> Result<Held> {
+        let s = &self.settings;
+        self.uploading
+            .take(user, s.uploads_per_user_at_once, s.uploads_at_once)
+            .ok_or_else(|| Error::RateLimited {
+                message: format!(
+                    "too many uploads under way (at most {} per user, {} in all); try again when one has finished",
+                    s.uploads_per_user_at_once, s.uploads_at_once
+                ),
+                retry_after: Duration::from_secs(5),
+            })
+    }
+
+    /// Before a credential lookup for a request from `client`: refused
+    /// while `client`'s failed lookups are past their budget.
+    ///
+    /// # Errors
+    /// [`Error::RateLimited`] while `client` is refused.
+    pub fn check_lookup(&self, client: IpAddr) -> Result<()> {
+        let mut blocked = self
+            .blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match blocked.get(&client).copied() {
+            Some(until) if until > std::time::Instant::now() => {
+                let wait = until - std::time::Instant::now();
+                Err(Error::RateLimited {
+                    message: format!(
+                        "too many unrecognised credentials from {client}; try again in {}s",
+                        wait.as_secs() + 1
+                    ),
+                    retry_after: wait.max(Duration::from_secs(1)),
+                })
+            }
+            Some(_) => {
+                blocked.remove(&client);
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// After a credential lookup for `client` that found nothing: counts it,
+    /// and past the budget refuses `client`'s lookups until it allows again.
+    pub fn lookup_failed(&self, client: IpAddr) {
+        if let Err(not_until) = self.lookups.check_key(&client) {
+            let wait = not_until.wait_time_from(DefaultClock::default().now());
+            tracing::warn!(%client, ?wait, "too many unrecognised credentials; refusing this address for a while");
+            self.blocked
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(client, std::time::Instant::now() + wait);
+        }
+    }
+
+    /// Refuses a `priority` above what `admin` or not may give.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming `priority`.
+    pub fn check_priority(&self, priority: i32, admin: bool) -> Result<()> {
+        if !admin && priority > self.settings.max_user_priority {
+            return Err(Error::invalid(
+                "priority",
+                format!(
+                    "{priority} is above {}, the highest a user may give (admins may go to {})",
+                    self.settings.max_user_priority,
+                    vtp_core::Job::MAX_PRIORITY
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The settings.
@@ -150,29 +354,14 @@ impl Limits {
         Ok(())
     }
 
-    /// Refuses to start another job of `user` while `max_active_jobs` of
-    /// theirs are queued, running or cancelling.
-    ///
-    /// # Errors
-    /// [`Error::RateLimited`] at the cap; store errors.
-    pub async fn check_active(&self, jobs: &dyn JobStore, user: &str) -> Result<()> {
-        let mut active = 0;
-        for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
-            let filter = JobFilter::new()
-                .with_user(user)
-                .with_status(status)
-                .with_page(1, 0);
-            active += jobs.list(&filter).await?.total;
-        }
-        if active >= u64::from(self.settings.max_active_jobs) {
-            return Err(Error::RateLimited {
-                message: format!(
-                    "{user} has {active} active jobs (at most {}); wait for one to finish or cancel one",
-                    self.settings.max_active_jobs
-                ),
-                retry_after: Duration::from_secs(30),
-            });
-        }
-        Ok(())
+    /// The cap on a user's jobs under way, which the store holds
+    /// atomically with the start that queues one.
+    pub fn active_quota(&self) -> vtp_core::Quota {
+        vtp_core::Quota::active(self.settings.max_active_jobs)
+    }
+
+    /// The cap on a user's jobs created and not started.
+    pub fn pending_quota(&self) -> vtp_core::Quota {
+        vtp_core::Quota::pending(self.settings.max_pending_jobs)
     }
 }

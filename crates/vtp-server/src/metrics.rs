@@ -21,7 +21,7 @@ use vtp_core::{
 
 /// Every metric the backend exports (histograms also as `_bucket`, `_sum`
 /// and `_count`).
-pub const EXPORTED: [&str; 12] = [
+pub const EXPORTED: [&str; 17] = [
     "vtp_http_requests_total",
     "vtp_http_request_duration_seconds",
     "vtp_jobs_created_total",
@@ -34,6 +34,11 @@ pub const EXPORTED: [&str; 12] = [
     "training_duration_seconds",
     "active_training_jobs",
     "vtp_event_streams",
+    "vtp_launches_total",
+    "vtp_queue_waiting",
+    "vtp_queue_wait_seconds",
+    "vtp_leader",
+    "vtp_jobs_purged_total",
 ];
 
 /// The process's Prometheus recorder (shared with a trainer service in the
@@ -64,23 +69,9 @@ pub async fn track(request: Request, next: Next) -> Response {
     tag = "operations",
     responses((status = 200, description = "Prometheus text exposition format", body = String, content_type = "text/plain")),
 )]
-pub async fn render(
-    axum::extract::State(state): axum::extract::State<crate::AppState>,
-) -> impl IntoResponse {
-    // Read when scraped: right after a restart, and whichever replica
-    // changed the jobs. A store that cannot answer leaves the last value.
-    let mut active = 0;
-    let mut known = true;
-    for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
-        let filter = JobFilter::new().with_status(status).with_page(1, 0);
-        match state.jobs.list(&filter).await {
-            Ok(page) => active += page.total,
-            Err(_) => known = false,
-        }
-    }
-    if known {
-        metrics::gauge!("active_training_jobs").set(active as f64);
-    }
+pub async fn render() -> impl IntoResponse {
+    // `active_training_jobs` is kept by the store probe ([`crate::probe`]):
+    // a scrape reads no database.
     vtp_http::metrics::render()
 }
 
@@ -96,12 +87,30 @@ pub struct ObservedJobStore {
     pub inner: Arc<dyn JobStore>,
     /// Where changed jobs are announced ([`crate::AppState::changes`]).
     pub changes: tokio::sync::broadcast::Sender<JobId>,
+    /// Wakes the queue's dispatcher ([`crate::AppState::dispatch`]).
+    pub dispatch: Arc<tokio::sync::Notify>,
 }
 
 impl ObservedJobStore {
     fn announce(&self, job_id: JobId) {
         // No stream listening is no error.
         let _ = self.changes.send(job_id);
+    }
+
+    /// After a stored change: counts a status entered, wakes the job's
+    /// streams, and wakes the dispatcher when the change may let a waiting
+    /// job run (a job started, or one that held a slot no longer does).
+    fn changed(&self, expected: Expected, stored: &Job) {
+        if stored.status != expected.status {
+            entered(stored);
+            if stored.status == JobStatus::Queued || !stored.holds_slot() {
+                self.dispatch.notify_one();
+            }
+        } else if stored.is_waiting() {
+            // Back to wait (a lost attempt), or its launch undone.
+            self.dispatch.notify_one();
+        }
+        self.announce(stored.id);
     }
 }
 
@@ -125,6 +134,46 @@ impl JobStore for ObservedJobStore {
         self.announce(job.id);
         Ok(())
     }
+    async fn create_within(&self, job: &Job, quota: vtp_core::Quota) -> vtp_core::Result<()> {
+        self.inner.create_within(job, quota).await?;
+        entered(job);
+        self.announce(job.id);
+        Ok(())
+    }
+    async fn compare_and_set_within(
+        &self,
+        expected: Expected,
+        next: &Job,
+        quota: vtp_core::Quota,
+    ) -> vtp_core::Result<Job> {
+        let stored = self
+            .inner
+            .compare_and_set_within(expected, next, quota)
+            .await?;
+        self.changed(expected, &stored);
+        Ok(stored)
+    }
+    async fn queue(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+        limit: u32,
+    ) -> vtp_core::Result<Vec<Job>> {
+        self.inner.queue(now, limit).await
+    }
+    async fn queue_positions(
+        &self,
+        user_id: Option<&str>,
+    ) -> vtp_core::Result<std::collections::HashMap<JobId, u64>> {
+        self.inner.queue_positions(user_id).await
+    }
+    async fn slots_taken(&self) -> vtp_core::Result<u64> {
+        self.inner.slots_taken().await
+    }
+    async fn delete(&self, id: JobId) -> vtp_core::Result<bool> {
+        let deleted = self.inner.delete(id).await?;
+        self.announce(id);
+        Ok(deleted)
+    }
     async fn get(&self, id: JobId) -> vtp_core::Result<Job> {
         self.inner.get(id).await
     }
@@ -145,10 +194,7 @@ impl JobStore for ObservedJobStore {
         metric: Option<&TrainingMetric>,
     ) -> vtp_core::Result<Job> {
         let stored = self.inner.compare_and_set(expected, next, metric).await?;
-        if stored.status != expected.status {
-            entered(&stored);
-        }
-        self.announce(stored.id);
+        self.changed(expected, &stored);
         Ok(stored)
     }
     async fn insert_metric_if_absent(&self, metric: &TrainingMetric) -> vtp_core::Result<bool> {

@@ -10,15 +10,24 @@
 //!   set while attempts are left, else failed) and the runner is stopped
 //!   through its launcher ([`TrainerLauncher::stop`]: the child killed, the
 //!   Kubernetes Job deleted), so it can never report over its successor.
-//! - A `queued` job whose trainer never started within `stale_after` fails.
+//! - A `queued` job waiting for capacity waits as long as it takes. One
+//!   that was launched and whose trainer never started within `stale_after`
+//!   has lost its runner the same way, unless a scheduler behind the
+//!   launcher has not admitted it yet
+//!   ([`TrainerLauncher::waiting_for_admission`]: it is waiting, not lost).
 //! - A `cancelling` job whose trainer never confirmed is marked cancelled.
+//!
+//! Every listing is paged, so a sweep's memory is one page however many
+//! jobs there are.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use vtp_core::launcher::LEASE_HEARTBEATS;
-use vtp_core::{Error, Expected, JobFilter, JobStatus, JobStore, Result, TrainerLauncher};
+use vtp_core::{
+    Error, Expected, JobFilter, JobPages, JobStatus, JobStore, Result, TrainerLauncher,
+};
 
 use crate::error::error_chain;
 
@@ -28,7 +37,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long each active state may go without a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SweepPolicy {
-    /// Limit for `queued` jobs: the launch and the trainer's start.
+    /// Limit for launched `queued` jobs: the launch and the trainer's start.
     pub stale_after: Duration,
     /// Limit for `running` jobs: their lease, a few heartbeat periods.
     pub lease: Duration,
@@ -81,72 +90,97 @@ pub async fn sweep_once(
         if watching_since > cutoff {
             continue;
         }
-        let filter = JobFilter::new()
+        let mut filter = JobFilter::new()
             .with_status(status)
             .with_updated_before(cutoff)
             .with_page(JobFilter::MAX_LIMIT, 0);
-        let page = jobs.list(&filter).await?;
-        for job in page.jobs {
-            let mut next = job.clone();
-            let reason = match status {
-                JobStatus::Running => {
-                    let reason = format!(
-                        "lease expired: no report from the trainer for over {}s",
-                        limit.as_secs_f64().round()
-                    );
-                    next.end_attempt(&reason)?;
-                    reason
-                }
-                JobStatus::Cancelling => {
-                    let reason = format!(
-                        "the trainer did not confirm the cancel within {}s",
-                        limit.as_secs()
-                    );
-                    next.end_with_reason(JobStatus::Cancelled, &reason)?;
-                    reason
-                }
-                _ => {
-                    let reason = format!(
-                        "no report from the trainer for over {}s while {status}",
-                        limit.as_secs()
-                    );
-                    next.end_with_reason(JobStatus::Failed, &reason)?;
-                    reason
-                }
-            };
-            // A compare-and-set on the very version found stale: a report
-            // that lands after the listing bumps the revision and wins.
-            let result = jobs
-                .compare_and_set(Expected::exactly(&job), &next, None)
-                .await;
-            match result {
-                Ok(_) => {
-                    tracing::warn!(job_id = %job.id, from = %status, to = %next.status, attempt = job.attempt, %reason, "stale job finalised");
-                    changed += 1;
-                }
-                // A report arrived meanwhile: the job is alive after all.
-                Err(Error::Conflict { .. }) => continue,
-                Err(e) => return Err(e),
-            }
-            if status != JobStatus::Queued {
-                metrics::counter!("vtp_leases_expired_total", "status" => status.as_str())
-                    .increment(1);
-                // Whatever still runs for it is stopped: a hung trainer must
-                // not wake up and train beside the next attempt.
-                // Bounded: one unreachable runner must not stall the sweep.
-                match tokio::time::timeout(STOP_TIMEOUT, launcher.stop(job.id, job.attempt)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not stop the runner of an expired lease");
-                    }
-                    Err(_) => {
-                        tracing::warn!(job_id = %job.id, "stopping the runner of an expired lease timed out");
-                    }
-                }
+        if status == JobStatus::Queued {
+            // Waiting for capacity is not being lost.
+            filter = filter.with_launched(true);
+        }
+        let mut pages = JobPages::new(jobs, filter);
+        while let Some(page) = pages.next().await? {
+            for job in page {
+                changed += sweep_job(jobs, launcher, job, status, limit).await?;
             }
         }
     }
     Ok(changed)
+}
+
+/// Ends one job found stale in `status` (silent for over `limit`);
+/// returns 1 if it changed it.
+async fn sweep_job(
+    jobs: &dyn JobStore,
+    launcher: &dyn TrainerLauncher,
+    job: vtp_core::Job,
+    status: JobStatus,
+    limit: Duration,
+) -> Result<usize> {
+    if status == JobStatus::Queued {
+        match launcher.waiting_for_admission(job.id).await {
+            Ok(true) => return Ok(0),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(job_id = %job.id, error = %error_chain(&e), "cannot ask the launcher whether the job is admitted; next sweep");
+                return Ok(0);
+            }
+        }
+    }
+    let mut next = job.clone();
+    let reason = match status {
+        JobStatus::Running => {
+            let reason = format!(
+                "lease expired: no report from the trainer for over {}s",
+                limit.as_secs_f64().round()
+            );
+            next.end_attempt(&reason)?;
+            reason
+        }
+        JobStatus::Cancelling => {
+            let reason = format!(
+                "the trainer did not confirm the cancel within {}s",
+                limit.as_secs()
+            );
+            next.end_with_reason(JobStatus::Cancelled, &reason)?;
+            reason
+        }
+        _ => {
+            let reason = format!(
+                "launched, but its trainer never started: no report for over {}s",
+                limit.as_secs()
+            );
+            next.end_attempt(&reason)?;
+            reason
+        }
+    };
+    // A compare-and-set on the very version found stale: a report that
+    // lands after the listing bumps the revision and wins.
+    match jobs
+        .compare_and_set(Expected::exactly(&job), &next, None)
+        .await
+    {
+        Ok(_) => {
+            tracing::warn!(job_id = %job.id, from = %status, to = %next.status, attempt = job.attempt, %reason, "stale job finalised");
+        }
+        // A report arrived meanwhile: the job is alive after all.
+        Err(Error::Conflict { .. }) => return Ok(0),
+        Err(e) => return Err(e),
+    }
+    metrics::counter!("vtp_leases_expired_total", "status" => status.as_str()).increment(1);
+    // Whatever still runs for it is stopped: a hung trainer must not wake
+    // up and train beside the next attempt. Bounded: one unreachable runner
+    // must not stall the sweep.
+    match tokio::time::timeout(STOP_TIMEOUT, launcher.stop(job.id, job.attempt)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(job_id = %job.id, error = %error_chain(&e), "could not stop the runner of an expired lease");
+        }
+        Err(_) => {
+            tracing::warn!(job_id = %job.id, "stopping the runner of an expired lease timed out");
+        }
+    }
+    Ok(1)
 }
 
 /// Sweeps every `policy.interval` until the task is dropped.
@@ -187,7 +221,9 @@ pub(crate) mod tests {
         #[async_trait::async_trait]
         impl TrainerLauncher for Launcher {
             fn name(&self) -> &'static str;
+            async fn capacity(&self) -> Result<vtp_core::Capacity>;
             async fn launch(&self, request: &vtp_core::StartTraining) -> Result<()>;
+            async fn waiting_for_admission(&self, job_id: vtp_core::JobId) -> Result<bool>;
             async fn cancel(&self, job_id: vtp_core::JobId) -> Result<vtp_core::CancelOutcome>;
             async fn is_running(&self, job_id: vtp_core::JobId) -> Result<bool>;
             async fn stop(&self, job_id: vtp_core::JobId, attempt: i32) -> Result<()>;
@@ -211,6 +247,7 @@ pub(crate) mod tests {
             framework: "tch".into(),
             dataset_s3_uri: "s3://b/d".into(),
             config: serde_json::json!({}),
+            priority: 0,
         }
     }
 
@@ -232,21 +269,45 @@ pub(crate) mod tests {
         store.get(job.id).await.unwrap()
     }
 
+    /// Moves a queued job to launched, as the dispatcher does.
+    async fn launched(store: &dyn JobStore, id: vtp_core::JobId) -> vtp_core::Job {
+        let job = store.get(id).await.unwrap();
+        let mut next = job.clone();
+        next.launched_at = Some(vtp_core::job::now());
+        store
+            .compare_and_set(Expected::exactly(&job), &next, None)
+            .await
+            .unwrap()
+    }
+
     #[tokio::test]
-    async fn jobs_that_never_start_fail_and_unconfirmed_cancels_end() {
+    async fn waiting_jobs_wait_launched_ones_that_never_start_are_lost_and_cancels_end() {
         let store = InMemoryJobStore::new();
         let policy = SweepPolicy::new(Duration::from_secs(60), Duration::from_secs(30));
         let pending = store.create_job(new_job()).await.unwrap();
-        let queued = store.create_job(new_job()).await.unwrap();
-        store
-            .transition(queued.id, JobStatus::Pending, JobStatus::Queued)
-            .await
-            .unwrap();
-        let cancelling = store.create_job(new_job()).await.unwrap();
-        store
-            .transition(cancelling.id, JobStatus::Pending, JobStatus::Queued)
-            .await
-            .unwrap();
+        let queue = |new: NewJob| {
+            let store = &store;
+            async move {
+                let job = store.create_job(new).await.unwrap();
+                store
+                    .transition(job.id, JobStatus::Pending, JobStatus::Queued)
+                    .await
+                    .unwrap()
+            }
+        };
+        let waiting = queue(new_job()).await;
+        let lost = queue(new_job()).await;
+        launched(&store, lost.id).await;
+        let last_try = queue(NewJob {
+            config: serde_json::json!({"max_attempts": 1}),
+            ..new_job()
+        })
+        .await;
+        launched(&store, last_try.id).await;
+        let admitting = queue(new_job()).await;
+        launched(&store, admitting.id).await;
+        let cancelling = queue(new_job()).await;
+        launched(&store, cancelling.id).await;
         store
             .transition(cancelling.id, JobStatus::Queued, JobStatus::Cancelling)
             .await
@@ -261,26 +322,46 @@ pub(crate) mod tests {
             0
         );
 
-        // The queued job never started; the cancel was never confirmed, so
-        // whatever may still run for it is stopped.
+        // An hour later: the waiting job still waits; the launched ones
+        // whose trainer never started lost their runner (relaunched while
+        // attempts are left), unless a scheduler has yet to admit them; the
+        // cancel was never confirmed. Each runner given up on is stopped.
         let mut launcher = MockLauncher::new();
         launcher
+            .expect_waiting_for_admission()
+            .returning(move |id| Ok(id == admitting.id));
+        let stopped = [lost.id, last_try.id, cancelling.id];
+        launcher
             .expect_stop()
-            .withf(move |id, _| *id == cancelling.id)
-            .times(1)
+            .withf(move |id, _| stopped.contains(id))
+            .times(3)
             .returning(|_, _| Ok(()));
-        let later = now + chrono::Duration::seconds(61);
+        let later = now + chrono::Duration::seconds(3600);
         assert_eq!(
             sweep_once(&store, &launcher, &policy, later, LONG_AGO)
                 .await
                 .unwrap(),
-            2
+            3
         );
-        let failed = store.get(queued.id).await.unwrap();
+        let requeued = store.get(lost.id).await.unwrap();
+        assert_eq!(
+            (requeued.status, requeued.attempt, requeued.launched_at),
+            (JobStatus::Queued, 2, None),
+            "back to wait for its next attempt"
+        );
+        assert!(requeued.attempts[0].reason.contains("never started"));
+        let failed = store.get(last_try.id).await.unwrap();
         assert_eq!(failed.status, JobStatus::Failed);
         assert!(
-            failed.error.unwrap().contains("no report"),
+            failed.error.unwrap().contains("never started"),
             "the reason is recorded"
+        );
+        assert!(store.get(waiting.id).await.unwrap().is_waiting());
+        let admitting = store.get(admitting.id).await.unwrap();
+        assert_eq!(
+            (admitting.status, admitting.attempt),
+            (JobStatus::Queued, 1),
+            "not yet admitted is waiting, not lost"
         );
         assert_eq!(
             store.get(cancelling.id).await.unwrap().status,
@@ -390,6 +471,32 @@ pub(crate) mod tests {
     impl JobStore for ReportsAfterListing {
         async fn create(&self, job: &vtp_core::Job) -> Result<()> {
             self.0.create(job).await
+        }
+        async fn create_within(&self, job: &vtp_core::Job, quota: vtp_core::Quota) -> Result<()> {
+            self.0.create_within(job, quota).await
+        }
+        async fn compare_and_set_within(
+            &self,
+            expected: Expected,
+            next: &vtp_core::Job,
+            quota: vtp_core::Quota,
+        ) -> Result<vtp_core::Job> {
+            self.0.compare_and_set_within(expected, next, quota).await
+        }
+        async fn queue(&self, now: DateTime<Utc>, limit: u32) -> Result<Vec<vtp_core::Job>> {
+            self.0.queue(now, limit).await
+        }
+        async fn queue_positions(
+            &self,
+            user_id: Option<&str>,
+        ) -> Result<std::collections::HashMap<vtp_core::JobId, u64>> {
+            self.0.queue_positions(user_id).await
+        }
+        async fn delete(&self, id: vtp_core::JobId) -> Result<bool> {
+            self.0.delete(id).await
+        }
+        async fn slots_taken(&self) -> Result<u64> {
+            self.0.slots_taken().await
         }
         async fn get(&self, id: vtp_core::JobId) -> Result<vtp_core::Job> {
             self.0.get(id).await

@@ -66,8 +66,11 @@ function fmt(value, digits) {
   return typeof value === "number" ? value.toFixed(digits === undefined ? 4 : digits) : "";
 }
 
-function statusCell(status) {
-  return el("span", { class: `status ${status}` }, status);
+/** A job's status; a job waiting for capacity with its place in the queue. */
+function statusCell(status, job) {
+  const place = job && job.queue_position ? ` #${job.queue_position}` : "";
+  const title = place ? `waiting in the queue, place ${job.queue_position}` : status;
+  return el("span", { class: `status ${status}`, title }, status + place);
 }
 
 function progressBar(progress) {
@@ -176,7 +179,7 @@ async function listView() {
       el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.id.slice(0, 8))),
       el("td", {}, job.user_id),
       el("td", {}, `${job.model_name} (${job.framework})`),
-      el("td", {}, statusCell(job.status)),
+      el("td", {}, statusCell(job.status, job)),
       el("td", {}, progressBar(job.progress)),
       el("td", { class: "best" }, bestOf.get(job.id) || ""),
       el("td", {}, new Date(job.created_at).toLocaleString()))));
@@ -223,6 +226,8 @@ async function jobView(id) {
   const errorEl = el("p", { id: "job-error", class: "error" }, "");
   const checkpointEl = el("span", { id: "job-checkpoint" });
   const cancel = el("button", { class: "danger", id: "cancel" }, "Cancel");
+  const remove = el("button", { class: "danger", id: "delete" }, "Delete");
+  const placeEl = el("span", { id: "job-place" }, "");
   const rowsBody = el("tbody");
   const lossBox = el("div", { class: "card", id: "loss-chart", "data-points": "0" });
   const qualityBox = el("div", { class: "card", id: "quality-chart", "data-points": "0" });
@@ -230,14 +235,15 @@ async function jobView(id) {
   view.replaceChildren(
     el("h1", {}, `Job ${job.id}`),
     el("dl", { class: "meta" },
-      el("dt", {}, "Status"), el("dd", {}, statusEl, " ", progressEl),
+      el("dt", {}, "Status"), el("dd", {}, statusEl, " ", progressEl, " ", placeEl),
+      el("dt", {}, "Priority"), el("dd", { id: "job-priority" }, String(job.priority ?? 0)),
       el("dt", {}, "Model"), el("dd", {}, `${job.model_name} (${job.framework})`),
       el("dt", {}, "Owner"), el("dd", {}, job.user_id),
       el("dt", {}, "Dataset"), el("dd", {}, job.dataset_s3_uri),
       el("dt", {}, "Message"), el("dd", {}, messageEl),
       el("dt", {}, "Checkpoint"), el("dd", {}, checkpointEl)),
     errorEl,
-    el("div", { class: "actions" }, cancel),
+    el("div", { class: "actions" }, cancel, " ", remove),
     el("div", { class: "cards" }, lossBox, qualityBox),
     el("h2", {}, "Epochs"),
     el("table", { id: "epochs" }, el("thead", {}, el("tr", {}, ["Epoch", "loss", "val_loss", detector ? "mAP50" : "accuracy", detector ? "mAP50-95" : "images/s", "seconds"].map((h) => el("th", {}, h)))), rowsBody),
@@ -275,6 +281,10 @@ async function jobView(id) {
     messageEl.textContent = job.message || "";
     errorEl.textContent = job.error || "";
     cancel.disabled = TERMINAL.has(job.status) || job.status === "cancelling";
+    remove.hidden = !TERMINAL.has(job.status);
+    // Events carry the job, not its place in the queue: the poll below does.
+    if (job.queue_position) placeEl.textContent = `(place ${job.queue_position} in the queue)`;
+    else if (job.status !== "queued" || job.launched_at) placeEl.textContent = "";
     if (job.checkpoint_s3_uri && !checkpointEl.firstChild) {
       checkpointEl.replaceChildren(el("a", { href: "#", id: "download", onclick: (e) => { e.preventDefault(); download(job.id); } }, "download best.safetensors"));
     }
@@ -282,7 +292,20 @@ async function jobView(id) {
   cancel.addEventListener("click", async () => {
     try { show(await api("DELETE", `/training/jobs/${id}`)); } catch (error) { showNotice(error.message); }
   });
+  remove.addEventListener("click", async () => {
+    if (!confirm("Delete this job, its checkpoints and its metrics?")) return;
+    try {
+      await api("DELETE", `/training/jobs/${id}?purge=true`);
+      location.hash = "#/";
+    } catch (error) { showNotice(error.message); }
+  });
   show(job);
+  // While it waits for capacity, its place in the queue moves.
+  const placeTimer = setInterval(async () => {
+    if (job.status !== "queued" || job.launched_at) return;
+    try { show(await api("GET", `/training/jobs/${id}`)); } catch (_) { /* the stream shows errors */ }
+  }, 3000);
+  leaving.push(() => clearInterval(placeTimer));
   const stop = followEvents(id, (kind, event) => {
     show(event.job);
     if (kind === "metrics" && event.metrics) {

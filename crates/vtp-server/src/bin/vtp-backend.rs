@@ -48,6 +48,7 @@ async fn main() -> anyhow::Result<()> {
         .with_max_upload_bytes(config.max_upload_bytes)
         .with_limits(config.limits())
         .with_heartbeat(config.heartbeat())
+        .with_duties(config.duties())
         .with_auth(auth);
     if auth == AuthMode::Off {
         tracing::warn!(
@@ -57,15 +58,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
 
-    match vtp_server::recover(&state).await {
-        Ok((adopted, ended)) if adopted + ended > 0 => {
-            tracing::info!(adopted, ended, "recovered jobs of an earlier run")
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::warn!(error = %vtp_core::error_chain(&e), "could not recover earlier jobs")
-        }
-    }
+    // Jobs of an earlier run are recovered by whichever backend leads
+    // (this one, unless another shares the database).
     // One plain line on stdout, so scripts and tests can find a `:0` port.
     println!("vtp-backend listening on http://{bound}");
     tracing::info!(
@@ -76,10 +70,10 @@ async fn main() -> anyhow::Result<()> {
         auth = ?auth,
         "vtp-backend ready"
     );
-    vtp_server::serve(
+    vtp_server::serve_with(
         listener,
         state,
-        config.stale_after(),
+        config.serve_options(),
         vtp_server::shutdown_signal(),
     )
     .await?;

@@ -1,23 +1,39 @@
-//! `POST /datasets/upload`: a multipart dataset upload, streamed to the blob
-//! store under `users/{user_id}/datasets/{dataset_name}/{file name}`.
+//! Datasets: `POST /datasets/upload`, a multipart upload streamed to the
+//! blob store under `users/{user_id}/datasets/{dataset_name}/{file name}`,
+//! and `DELETE /datasets/{user_id}/{dataset_name}`.
 //!
 //! The file is streamed to a staging key first (the seed's curl sends the
 //! file before the names), then copied into place and the staging object
 //! removed, so a failed upload leaves nothing under the dataset prefix.
+//!
+//! An upload is bounded in every way a client could stretch it: the
+//! declared and the streamed size ([`AppState::max_upload_bytes`]), each
+//! text field (1 KiB), each part's header section ([`MAX_PART_HEADER`],
+//! found by [`PartHeaders`]: multer bounds it only by the whole stream, and
+//! rescans what it has buffered on every chunk), the silence between
+//! two chunks and the whole upload's length
+//! ([`crate::limits::LimitSettings::upload_idle`], `upload_total`), and how
+//! many run at once, per user and in all.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Json;
-use axum::extract::multipart::{Field, Multipart, MultipartError};
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use vtp_core::api::Uploaded;
-use vtp_core::{BlobKey, BlobStoreExt, Error, ObjectMeta, validate_name};
+use vtp_core::{
+    BlobKey, BlobStoreExt, Error, JobFilter, JobPages, JobStatus, ObjectMeta, validate_name,
+};
 
 use crate::AppState;
 use crate::auth::{AuthMode, Caller};
-use crate::error::{ApiError, ApiQuery, error_chain};
+use crate::error::{ApiError, ApiPath, ApiQuery, error_chain};
 
 /// Names may also come as query parameters.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -47,12 +63,235 @@ pub struct UploadForm {
 /// Longest accepted text field.
 const MAX_TEXT_FIELD: usize = 1024;
 
-fn bad_multipart(e: &MultipartError) -> ApiError {
-    ApiError::new(
-        e.status(),
-        "bad_multipart",
-        format!("malformed multipart body: {}", e.body_text()),
-    )
+/// The longest header section of one part (its `Content-Disposition` and
+/// `Content-Type` lines) that is read while waiting for its end.
+pub const MAX_PART_HEADER: u64 = 8 * 1024;
+
+/// Room for the form around the file: boundaries, part headers, names.
+const FORM_OVERHEAD: u64 = 64 * 1024;
+
+/// Why the body of an upload was cut off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    /// A part's header section ran past [`MAX_PART_HEADER`].
+    PartHeader,
+    /// Nothing arrived for this long.
+    Idle(Duration),
+    /// The upload took longer than this.
+    Total(Duration),
+}
+
+impl Cut {
+    fn answer(self) -> ApiError {
+        match self {
+            Cut::PartHeader => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "part_header_too_large",
+                format!("a part's header section is longer than {MAX_PART_HEADER} bytes"),
+            ),
+            Cut::Idle(after) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_stalled",
+                format!("the upload sent nothing for {}s", after.as_secs()),
+            ),
+            Cut::Total(after) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_too_slow",
+                format!("the upload took longer than {}s", after.as_secs()),
+            ),
+        }
+    }
+}
+
+/// Why the body was cut, shared by the bounded body and the handler.
+#[derive(Debug, Default)]
+struct Watch {
+    cut: Mutex<Option<Cut>>,
+}
+
+impl Watch {
+    fn cut(&self) -> Option<Cut> {
+        *self
+            .cut
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn set_cut(&self, cut: Cut) {
+        self.cut
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(cut);
+    }
+}
+
+/// Measures each part's header section as the body streams by: from a
+/// delimiter (`CRLF--boundary`) to the blank line (`CRLFCRLF`) that ends
+/// the part's headers. It only finds those two markers, across chunk
+/// edges, and parses nothing: multer parses, after this has bounded what
+/// it may have to buffer while it looks for a header's end.
+#[derive(Debug)]
+pub struct PartHeaders {
+    delimiter: Vec<u8>,
+    /// The last bytes of the previous chunk (a marker may span chunks).
+    carry: Vec<u8>,
+    /// Inside a header section: its bytes so far.
+    in_header: Option<u64>,
+    limit: u64,
+}
+
+impl PartHeaders {
+    const END: &'static [u8] = b"\r\n\r\n";
+
+    /// A measure for the body of `boundary`, allowing `limit` bytes of
+    /// header per part.
+    pub fn new(boundary: &str, limit: u64) -> Self {
+        PartHeaders {
+            delimiter: [b"\r\n--", boundary.as_bytes()].concat(),
+            // The first delimiter opens the body without a line break
+            // before it: as if one had come.
+            carry: b"\r\n".to_vec(),
+            in_header: None,
+            limit,
+        }
+    }
+
+    /// Takes the next chunk; `false` once a header section is longer than
+    /// the limit.
+    pub fn feed(&mut self, chunk: &[u8]) -> bool {
+        let old = self.carry.len();
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(chunk);
+        // A match must end in the new bytes (one inside the carry was
+        // found with the previous chunk).
+        let find = |needle: &[u8], from: usize| {
+            let start = from.max(old.saturating_sub(needle.len() - 1));
+            memchr::memmem::find(&data[start..], needle).map(|i| start + i)
+        };
+        let mut at = 0;
+        loop {
+            match self.in_header {
+                None => match find(&self.delimiter, at) {
+                    Some(found) => {
+                        at = found + self.delimiter.len();
+                        self.in_header = Some(0);
+                    }
+                    None => break,
+                },
+                Some(seen) => {
+                    let from = at.max(old);
+                    match find(Self::END, at) {
+                        Some(found) => {
+                            let end = found + Self::END.len();
+                            if seen + end.saturating_sub(from) as u64 > self.limit {
+                                return false;
+                            }
+                            at = end;
+                            self.in_header = None;
+                        }
+                        None => {
+                            let seen = seen + data.len().saturating_sub(from) as u64;
+                            if seen > self.limit {
+                                return false;
+                            }
+                            self.in_header = Some(seen);
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        let keep = self.delimiter.len().max(Self::END.len()) - 1;
+        self.carry = data[data.len().saturating_sub(keep)..].to_vec();
+        true
+    }
+}
+
+/// The request body with the upload's bounds: it ends in an error when a
+/// part's header section runs past [`MAX_PART_HEADER`] ([`PartHeaders`]),
+/// when nothing arrives for `idle`, or when `deadline` passes.
+struct Bounded {
+    inner: axum::body::BodyDataStream,
+    watch: Arc<Watch>,
+    headers: PartHeaders,
+    idle: Duration,
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    total: Duration,
+}
+
+impl Bounded {
+    fn fail(&self, cut: Cut) -> Poll<Option<Result<Bytes, std::io::Error>>> {
+        self.watch.set_cut(cut);
+        Poll::Ready(Some(Err(std::io::Error::other(
+            cut.answer().message().to_owned(),
+        ))))
+    }
+}
+
+impl Stream for Bounded {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let total = self.total;
+            return self.fail(Cut::Total(total));
+        }
+        match self.inner.poll_next_unpin(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                let idle = self.idle;
+                self.idle_timer
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + idle);
+                if !self.headers.feed(&chunk) {
+                    return self.fail(Cut::PartHeader);
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if self.idle_timer.as_mut().poll(cx).is_ready() {
+                    let idle = self.idle;
+                    return self.fail(Cut::Idle(idle));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The answer to a multipart failure: the bound that cut the body, or
+/// what multer found.
+fn multipart_error(e: multer::Error, watch: &Watch) -> ApiError {
+    if let Some(cut) = watch.cut() {
+        return cut.answer();
+    }
+    match e {
+        multer::Error::UnknownField { field_name } => {
+            let name = field_name.unwrap_or_default();
+            Error::invalid(
+                name.clone(),
+                format!("unknown form field {name:?}; expected file, user_id and dataset_name"),
+            )
+            .into()
+        }
+        multer::Error::FieldSizeExceeded { limit, field_name } => Error::invalid(
+            field_name.unwrap_or_default(),
+            format!("longer than {limit} bytes"),
+        )
+        .into(),
+        multer::Error::StreamSizeExceeded { limit } => Error::TooLarge {
+            size: limit + 1,
+            limit,
+        }
+        .into(),
+        other => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_multipart",
+            format!("malformed multipart body: {other}"),
+        ),
+    }
 }
 
 /// `POST /datasets/upload`
@@ -77,6 +316,7 @@ pub async fn upload(
     if state.auth == AuthMode::Tokens {
         state.limits.check_upload(&caller.principal().user_id)?;
     }
+    let _under_way = state.limits.start_upload(&caller.principal().user_id)?;
     let limit = state.max_upload_bytes;
     // Refuse from the header alone, before reading a byte of the body.
     let declared = request
@@ -89,9 +329,39 @@ pub async fn upload(
     {
         return Err(Error::TooLarge { size, limit }.into());
     }
-    let mut multipart = Multipart::from_request(request, &state)
-        .await
-        .map_err(|e| ApiError::new(e.status(), "bad_multipart", e.body_text()))?;
+    let boundary = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| multer::parse_boundary(v).ok())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_multipart",
+                "expected Content-Type: multipart/form-data with a boundary",
+            )
+        })?;
+    let settings = state.limits.settings();
+    let watch = Arc::new(Watch::default());
+    let body = Bounded {
+        inner: request.into_body().into_data_stream(),
+        watch: watch.clone(),
+        headers: PartHeaders::new(&boundary, MAX_PART_HEADER),
+        idle: settings.upload_idle,
+        idle_timer: Box::pin(tokio::time::sleep(settings.upload_idle)),
+        deadline: Box::pin(tokio::time::sleep(settings.upload_total)),
+        total: settings.upload_total,
+    };
+    let constraints = multer::Constraints::new()
+        .allowed_fields(vec!["file", "user_id", "dataset_name"])
+        .size_limit(
+            multer::SizeLimit::new()
+                .whole_stream(limit.saturating_add(FORM_OVERHEAD))
+                .per_field(limit)
+                .for_field("user_id", MAX_TEXT_FIELD as u64)
+                .for_field("dataset_name", MAX_TEXT_FIELD as u64),
+        );
+    let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
 
     let mut user_id = query.user_id;
     let mut dataset_name = query.dataset_name;
@@ -101,7 +371,7 @@ pub async fn upload(
         while let Some(mut field) = multipart
             .next_field()
             .await
-            .map_err(|e| bad_multipart(&e))?
+            .map_err(|e| multipart_error(e, &watch))?
         {
             let name = field.name().unwrap_or_default().to_owned();
             // A name given twice is ambiguous (found by schemathesis, which
@@ -112,15 +382,17 @@ pub async fn upload(
                 return Err(Error::invalid(name, "given more than once").into());
             }
             match name.as_str() {
-                "user_id" => user_id = Some(text(&mut field, "user_id").await?),
-                "dataset_name" => dataset_name = Some(text(&mut field, "dataset_name").await?),
+                "user_id" => user_id = Some(text(&mut field, "user_id", &watch).await?),
+                "dataset_name" => {
+                    dataset_name = Some(text(&mut field, "dataset_name", &watch).await?)
+                }
                 "file" => {
                     if staged.is_some() {
                         return Err(Error::invalid("file", "send exactly one file").into());
                     }
                     let filename = safe_file_name(field.file_name());
                     let key = BlobKey::parse(&format!("uploads/tmp/{}", uuid::Uuid::new_v4()))?;
-                    let meta = stream_field(&state, &key, &mut field, limit).await?;
+                    let meta = stream_field(&state, &key, &mut field, limit, &watch).await?;
                     staged = Some((key, filename, meta));
                 }
                 other => {
@@ -178,10 +450,95 @@ pub async fn upload(
     Ok((StatusCode::CREATED, Json(uploaded)))
 }
 
+/// Query of `DELETE /datasets/{dataset_name}`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteDatasetQuery {
+    /// The owner (with tokens, the token's user when left out).
+    user_id: Option<String>,
+}
+
+/// `DELETE /datasets/{dataset_name}`: deletes the dataset (every object
+/// under its prefix, `users/{user_id}/datasets/{dataset_name}/`). 409 while
+/// a job that is queued, running or being cancelled names it (cancel it, or
+/// wait for it, first); 404 for a dataset that is not there or not the
+/// caller's.
+#[utoipa::path(
+    delete,
+    path = "/datasets/{dataset_name}",
+    tag = "datasets",
+    params(
+        ("dataset_name" = String, Path, description = "The dataset's name"),
+        DeleteDatasetQuery,
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 409, description = "A job under way names it", body = vtp_core::api::ErrorBody),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(dataset_name): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeleteDatasetQuery>,
+) -> Result<StatusCode, ApiError> {
+    let user_id = match query.user_id {
+        Some(user_id) => user_id,
+        None if state.auth == AuthMode::Tokens => caller.principal().user_id.clone(),
+        None => return Err(Error::invalid("user_id", "is required").into()),
+    };
+    validate_name("user_id", &user_id)?;
+    validate_name("dataset_name", &dataset_name)?;
+    let what = format!("{user_id}/{dataset_name}");
+    if !caller.principal().may_access(&user_id) {
+        return Err(Error::not_found("dataset", what).into());
+    }
+    let prefix = BlobKey::from_segments(&["users", &user_id, "datasets", &dataset_name])?;
+    let objects = state.blobs.list(Some(&prefix)).await?;
+    if objects.is_empty() {
+        return Err(Error::not_found("dataset", what).into());
+    }
+    let inside = format!("{}/", prefix.as_str());
+    for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
+        let filter = JobFilter::new()
+            .with_status(status)
+            .with_page(JobFilter::MAX_LIMIT, 0);
+        let mut pages = JobPages::new(state.jobs.as_ref(), filter);
+        while let Some(page) = pages.next().await? {
+            if let Some(job) = page.iter().find(|job| {
+                state.blobs.key_for(&job.dataset_s3_uri).is_ok_and(|key| {
+                    key.as_str() == prefix.as_str() || key.as_str().starts_with(&inside)
+                })
+            }) {
+                return Err(Error::conflict(format!(
+                    "job {} is {} on dataset {what}; cancel it or wait for it to finish first",
+                    job.id, job.status
+                ))
+                .into());
+            }
+        }
+    }
+    for object in objects {
+        match state.blobs.delete(&object.key).await {
+            Ok(()) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    tracing::info!(dataset = %what, "dataset deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// A short text field.
-async fn text(field: &mut Field<'_>, name: &str) -> Result<String, ApiError> {
+async fn text(
+    field: &mut multer::Field<'_>,
+    name: &str,
+    watch: &Watch,
+) -> Result<String, ApiError> {
     let mut buf = Vec::new();
-    while let Some(chunk) = field.chunk().await.map_err(|e| bad_multipart(&e))? {
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, watch))? {
         buf.extend_from_slice(&chunk);
         if buf.len() > MAX_TEXT_FIELD {
             return Err(Error::invalid(name, format!("longer than {MAX_TEXT_FIELD} bytes")).into());
@@ -219,8 +576,9 @@ fn safe_file_name(name: Option<&str>) -> String {
 async fn stream_field(
     state: &AppState,
     key: &BlobKey,
-    field: &mut Field<'_>,
+    field: &mut multer::Field<'_>,
     limit: u64,
+    watch: &Watch,
 ) -> Result<ObjectMeta, ApiError> {
     let (tx, rx) = tokio::sync::mpsc::channel::<vtp_core::Result<Bytes>>(4);
     let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -248,8 +606,11 @@ async fn stream_field(
             }
             Ok(None) => break,
             Err(e) => {
-                let _ = tx.send(Err(Error::invalid("file", e.body_text()))).await;
-                failure = Some(bad_multipart(&e));
+                let answer = multipart_error(e, watch);
+                let _ = tx
+                    .send(Err(Error::invalid("file", answer.message().to_owned())))
+                    .await;
+                failure = Some(answer);
                 break;
             }
         }
@@ -266,7 +627,50 @@ async fn stream_field(
 
 #[cfg(test)]
 mod tests {
-    use super::safe_file_name;
+    use super::{PartHeaders, safe_file_name};
+
+    fn form(header: &str) -> Vec<u8> {
+        format!(
+            "--XB\r\nContent-Disposition: form-data; name=\"user_id\"\r\n\r\nalice\r\n\
+             --XB\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{header}\"\r\n\r\n\
+             \r\n\r\n....data without end....\r\n--XB--\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn part_headers_are_measured_across_chunks() {
+        let ok = form("digits.zip");
+        // Whole, and split at every byte: the markers span chunk edges.
+        for split in 0..ok.len() {
+            let mut measure = PartHeaders::new("XB", 100);
+            assert!(
+                measure.feed(&ok[..split]) && measure.feed(&ok[split..]),
+                "split at {split}"
+            );
+        }
+        let long = form(&"a".repeat(200));
+        let mut measure = PartHeaders::new("XB", 100);
+        assert!(!measure.feed(&long), "a long header is refused");
+        // A header that never ends is refused once past the limit, however
+        // it is sent.
+        let mut measure = PartHeaders::new("XB", 100);
+        assert!(measure.feed(b"--XB\r\nContent-Disposition: form-data; filename=\""));
+        let mut refused = false;
+        for _ in 0..10 {
+            if !measure.feed(b"aaaaaaaaaaaaaaaaaaaa") {
+                refused = true;
+                break;
+            }
+        }
+        assert!(refused);
+        // File data, however long, is no header.
+        let mut measure = PartHeaders::new("XB", 100);
+        assert!(measure.feed(&form("x.zip")[..60]));
+        for _ in 0..1000 {
+            assert!(measure.feed(&[7u8; 512]));
+        }
+    }
 
     #[test]
     fn file_names_are_made_safe() {

@@ -14,7 +14,7 @@ use vtp_core::{
 };
 
 use crate::AppState;
-use crate::auth::{AuthMode, Caller, check_owned_blob, job_secret, owned_job};
+use crate::auth::{AuthMode, Caller, ConnectedFrom, check_owned_blob, job_secret, owned_job};
 use crate::error::{ApiError, ApiJson, ApiPath, ApiQuery, error_chain, parse_json};
 use crate::openapi::{Binary, CommonErrors};
 
@@ -47,7 +47,7 @@ fn replayed() -> [(&'static str, HeaderValue); 1] {
 
 /// The answer to a create retried under `existing`'s `Idempotency-Key`:
 /// the job as it is now if the request is the same, 422 if it is not.
-fn replay_create(state: &AppState, existing: Job, digest: &str) -> ApiResult<Response> {
+async fn replay_create(state: &AppState, existing: Job, digest: &str) -> ApiResult<Response> {
     let same = existing
         .idempotency
         .create
@@ -68,9 +68,28 @@ fn replay_create(state: &AppState, existing: Job, digest: &str) -> ApiResult<Res
         StatusCode::CREATED,
         replayed(),
         [location(&existing)],
-        Json(state.present(existing)),
+        Json(state.present_one(existing).await),
     )
         .into_response())
+}
+
+/// `config.init_weights`, when given, must be a string naming an object
+/// that is in this backend's store and the job owner's: under
+/// `users/{owner}/`, or a checkpoint of one of the owner's jobs.
+async fn check_init_weights(state: &AppState, new: &NewJob) -> ApiResult<()> {
+    const FIELD: &str = "config.init_weights";
+    let Some(value) = new.config.get("init_weights") else {
+        return Ok(());
+    };
+    let Some(uri) = value.as_str() else {
+        return Err(Error::invalid(FIELD, "must be the URI of a stored object").into());
+    };
+    check_owned_blob(state, FIELD, uri, &new.user_id, false).await?;
+    let key = state.blobs.key_for(uri)?;
+    if !state.blobs.exists(&key).await? {
+        return Err(Error::invalid(FIELD, format!("no object at {uri}")).into());
+    }
+    Ok(())
 }
 
 /// The `Location` of a created job.
@@ -118,9 +137,13 @@ pub async fn create(
     // A retry is answered before the limits: it creates nothing.
     if let Some(key) = &key
         && let Some(existing) = state.jobs.find_created_with_key(&new.user_id, key).await?
+        && existing.deleted_at.is_none()
     {
-        return replay_create(&state, existing, &digest);
+        return replay_create(&state, existing, &digest).await;
     }
+    state
+        .limits
+        .check_priority(new.priority, caller.principal().admin)?;
     if state.auth == AuthMode::Tokens {
         state.limits.check_create(&caller.principal().user_id)?;
         new.validate()?;
@@ -132,21 +155,27 @@ pub async fn create(
             true,
         )
         .await?;
-        if let Some(init) = new.config.get("init_weights").and_then(|v| v.as_str()) {
-            check_owned_blob(&state, "config.init_weights", init, &new.user_id, false).await?;
-        }
     }
+    check_init_weights(&state, &new).await?;
     let mut job = new.into_job()?;
     job.idempotency.create = key
         .clone()
         .map(|key| vtp_core::KeyedRequest { key, digest });
-    if let Err(e) = state.jobs.create(&job).await {
+    let created = if state.auth == AuthMode::Tokens {
+        state
+            .jobs
+            .create_within(&job, state.limits.pending_quota())
+            .await
+    } else {
+        state.jobs.create(&job).await
+    };
+    if let Err(e) = created {
         // A concurrent retry under the same key stored its job first.
         if let (Error::AlreadyExists { .. }, Some(key)) = (&e, &key)
             && let Some(existing) = state.jobs.find_created_with_key(&job.user_id, key).await?
             && let Some(keyed) = &job.idempotency.create
         {
-            return replay_create(&state, existing, &keyed.digest);
+            return replay_create(&state, existing, &keyed.digest).await;
         }
         return Err(e.into());
     }
@@ -214,11 +243,7 @@ pub async fn list(
         );
     }
     let mut page = state.jobs.list(&filter).await?;
-    page.jobs = page
-        .jobs
-        .into_iter()
-        .map(|job| state.present(job))
-        .collect();
+    page.jobs = state.present_all(page.jobs).await;
     Ok(Json(page))
 }
 
@@ -237,17 +262,17 @@ pub async fn get(
     ApiPath(id): ApiPath<JobId>,
 ) -> ApiResult<Json<Job>> {
     let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
-    Ok(Json(state.present(job)))
+    Ok(Json(state.present_one(job).await))
 }
 
 /// The answer to a start retried under the `Idempotency-Key` it was
 /// started with: the job as it is now, launched once.
-fn replay_start(state: &AppState, job: Job) -> Response {
+async fn replay_start(state: &AppState, job: Job) -> Response {
     tracing::info!(job_id = %job.id, "start retried under its Idempotency-Key; answered again");
     (
         StatusCode::ACCEPTED,
         replayed(),
-        Json(Started::new(state.present(job))),
+        Json(Started::new(state.present_one(job).await)),
     )
         .into_response()
 }
@@ -257,18 +282,22 @@ fn started_with(job: &Job, key: Option<&String>) -> bool {
     key.is_some() && job.idempotency.start.as_ref() == key
 }
 
-/// `POST /training/jobs/{id}/start`: checks that the dataset exists, moves
-/// the job to `queued`, makes the job's callback secret and hands both to
-/// the launcher. A launch failure fails the job with the reason. With an
-/// `Idempotency-Key`, a start retried under the key the job was started
-/// with answers 202 again with the job as it is now, and launches nothing.
+/// `POST /training/jobs/{id}/start`: checks that the dataset exists, makes
+/// the job's callback secret and moves the job to `queued`, where it waits
+/// for capacity: the leader's dispatcher hands it to the launcher in the
+/// queue's order (priority, fair share between users, age), for as long as
+/// that takes. The answer carries its place in the queue. With tokens, a
+/// user with `VTP_MAX_ACTIVE_JOBS_PER_USER` jobs queued or running gets
+/// 429 (counted atomically with the start). With an `Idempotency-Key`, a
+/// start retried under the key the job was started with answers 202 again
+/// with the job as it is now, and queues nothing twice.
 #[utoipa::path(
     post,
     path = "/training/jobs/{id}/start",
     tag = "jobs",
     params(("id" = JobId, Path, description = "The job's id (a UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: the same key with the same request answers again with the first answer (marked `Idempotent-Replayed: true`) and does nothing twice; with another request it is 422. Visible ASCII, at most 255 characters.")),
     responses(
-        (status = 202, description = "Launched: the job is `queued` (or further along)", body = Started, headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request"))),
+        (status = 202, description = "Started: the job is `queued` (with its `queue_position` while it waits for capacity) or further along", body = Started, headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request"))),
         (status = 409, description = "The job is not `pending`", body = vtp_core::api::ErrorBody),
         CommonErrors,
     ),
@@ -283,7 +312,7 @@ pub async fn start(
     let key = idempotency_key(&headers)?;
     let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
     if started_with(&job, key.as_ref()) {
-        return Ok(replay_start(&state, job));
+        return Ok(replay_start(&state, job).await);
     }
     if job.status != JobStatus::Pending {
         return Err(Error::conflict(format!(
@@ -301,63 +330,56 @@ pub async fn start(
             true,
         )
         .await?;
-        state
-            .limits
-            .check_active(state.jobs.as_ref(), &job.user_id)
-            .await?;
     }
     check_dataset(&state, &job).await?;
-    let queued = state
-        .jobs
-        .transition_with(id, JobStatus::Pending, JobStatus::Queued, |job| {
-            job.idempotency.start.clone_from(&key);
-        })
-        .await;
+    // The secret is stored before the job can be launched, so the first
+    // report verifies, and only if the job has none: whoever stores it
+    // first (this start, or the dispatcher if this start stalled after
+    // queueing) gives it to every launch.
+    let secret = state
+        .credentials
+        .job_secret_or_insert(id, &CallbackSecret::generate())
+        .await?;
+    state.secrets.remember(id, secret);
+    let remember_key = |job: &mut Job| job.idempotency.start.clone_from(&key);
+    let queued = if state.auth == AuthMode::Tokens {
+        state
+            .jobs
+            .transition_within(
+                id,
+                JobStatus::Pending,
+                JobStatus::Queued,
+                state.limits.active_quota(),
+                remember_key,
+            )
+            .await
+    } else {
+        state
+            .jobs
+            .transition_with(id, JobStatus::Pending, JobStatus::Queued, remember_key)
+            .await
+    };
     let job = match queued {
         Ok(job) => job,
         Err(e @ Error::Conflict { .. }) => {
             // A concurrent retry under the same key queued it first.
             let now = state.jobs.get(id).await?;
             if started_with(&now, key.as_ref()) {
-                return Ok(replay_start(&state, now));
+                return Ok(replay_start(&state, now).await);
             }
             return Err(e.into());
         }
         Err(e) => return Err(e.into()),
     };
-    // The secret is stored before the launch, so the first report
-    // verifies, and only if the job has none: whoever stores it first (this
-    // start, or the relauncher if this start stalled) gives it to every
-    // launch. If it cannot be stored, the job stays queued and the
-    // relauncher stores one and launches it.
-    let secret = state
-        .credentials
-        .job_secret_or_insert(id, &CallbackSecret::generate())
-        .await?;
-    state.secrets.remember(id, secret.clone());
+    tracing::info!(job_id = %id, priority = job.priority, "job queued");
     // The crash tests kill the backend here: queued, not yet launched.
     crate::crash_point("start-after-queue").await;
-    if let Err(err) = state.launch(&job, secret).await {
-        let reason = format!("launch failed: {}", error_chain(&err));
-        tracing::warn!(job_id = %id, %reason);
-        // The trainer may have reported already; then its report stands.
-        let failed = state
-            .jobs
-            .transition_with(id, JobStatus::Queued, JobStatus::Failed, |job| {
-                job.error = Some(reason.clone());
-            })
-            .await;
-        if let Err(e) = failed {
-            tracing::warn!(job_id = %id, error = %error_chain(&e), "could not record the launch failure");
-        }
-        return Err(err.into());
-    }
-    tracing::info!(job_id = %id, launcher = state.launcher.name(), "job launched");
-    // The crash tests kill the backend here: launched, not yet answered.
-    crate::crash_point("start-after-launch").await;
-    state.stop_if_ended_during_launch(id).await;
-    let job = state.jobs.get(id).await?;
-    Ok((StatusCode::ACCEPTED, Json(Started::new(state.present(job)))).into_response())
+    state.dispatch.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(Started::new(state.present_one(job).await)),
+    )
+        .into_response())
 }
 
 /// The dataset must be in this backend's blob store and hold at least one object.
@@ -405,19 +427,29 @@ fn max_seq() -> i64 {
 pub async fn callback(
     State(state): State<AppState>,
     ApiPath(id): ApiPath<JobId>,
+    ConnectedFrom(client): ConnectedFrom,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<CallbackAck>> {
     let now = chrono::Utc::now().timestamp();
-    let secret = job_secret(&state, id).await?;
+    // What can be checked without the job's secret is checked first: a
+    // report that could never verify costs no database read.
+    if let Err(e) = vtp_core::callback_signature::precheck(&headers, now) {
+        metrics::counter!("vtp_callbacks_refused_total", "reason" => "signature").increment(1);
+        return Err(e.into());
+    }
+    let secret = job_secret(&state, id, client).await?;
     if let Err(e) = secret.verify(&headers, &body, now) {
-        // The cached secret may be an earlier launch's: check the stored one.
+        // The cached secret may be an earlier launch's: check the stored one
+        // (a forged signature costs its sender's budget).
+        state.limits.check_lookup(client)?;
         let stored = state.credentials.job_secret(id).await?;
         match stored {
             Some(stored) if stored != secret && stored.verify(&headers, &body, now).is_ok() => {
                 state.secrets.remember(id, stored);
             }
             _ => {
+                state.limits.lookup_failed(client);
                 metrics::counter!("vtp_callbacks_refused_total", "reason" => "signature")
                     .increment(1);
                 tracing::warn!(job_id = %id, error = %e, "refused an unsigned or badly signed report");
@@ -547,17 +579,37 @@ fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResu
     Ok(())
 }
 
+/// Query of `DELETE /training/jobs/{id}`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// `true`: delete the finished job with everything stored for it
+    /// (checkpoints, metrics, events) instead of cancelling it.
+    #[serde(default)]
+    purge: bool,
+}
+
 /// `DELETE /training/jobs/{id}`: cancels. A job that never reached a trainer
-/// is cancelled at once; a launched one goes to `cancelling` until the
-/// trainer reports `cancelled` (or says it is not running it).
+/// (pending, or queued and waiting for capacity) is cancelled at once; a
+/// launched one goes to `cancelling` until the trainer reports `cancelled`
+/// (or says it is not running it).
+///
+/// With `?purge=true` it deletes a finished job instead (409 for one not
+/// finished: cancel it first): the job answers 404 from then on, and its
+/// checkpoints, metrics and events are removed. 204 when all is gone; 202
+/// when the removal of its objects has to be finished later (the store was
+/// unavailable), which the backend does by itself.
 #[utoipa::path(
     delete,
     path = "/training/jobs/{id}",
     tag = "jobs",
-    params(("id" = JobId, Path, description = "The job's id (a UUID)")),
+    params(("id" = JobId, Path, description = "The job's id (a UUID)"), DeleteQuery),
     responses(
-        (status = 200, description = "The job, `cancelled` or `cancelling`", body = Job),
-        (status = 409, description = "The job has finished", body = vtp_core::api::ErrorBody),
+        (status = 200, description = "Cancelled: the job, `cancelled` or `cancelling`", body = Job),
+        (status = 202, description = "Purge: deleted; the removal of its objects finishes later"),
+        (status = 204, description = "Purge: deleted with everything stored for it"),
+        (status = 409, description = "Cancel: the job has finished; purge: it has not", body = vtp_core::api::ErrorBody),
         CommonErrors,
     ),
     security((), ("bearer" = [])),
@@ -566,27 +618,82 @@ pub async fn cancel(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<JobId>,
-) -> ApiResult<Json<Job>> {
+    ApiQuery(query): ApiQuery<DeleteQuery>,
+) -> ApiResult<Response> {
     let job = owned_job(state.jobs.as_ref(), &caller, id).await?;
-    match job.status {
+    if query.purge {
+        return purge(&state, job).await;
+    }
+    let job = match job.status {
         JobStatus::Pending => {
-            let job = state
+            state
                 .jobs
                 .transition_with(id, JobStatus::Pending, JobStatus::Cancelled, |job| {
                     job.message = Some("cancelled before start".into());
                 })
-                .await?;
-            Ok(Json(state.present(job)))
+                .await?
         }
-        JobStatus::Queued | JobStatus::Running => {
-            state
+        JobStatus::Queued if job.launched_at.is_none() => {
+            let cancelled = state
                 .jobs
-                .transition(id, job.status, JobStatus::Cancelling)
+                .update_with(id, |job| {
+                    if !job.is_waiting() {
+                        return Ok(None);
+                    }
+                    let mut next = job.clone();
+                    next.end_with_reason(
+                        JobStatus::Cancelled,
+                        "cancelled while waiting in the queue",
+                    )?;
+                    Ok(Some(next))
+                })
                 .await?;
-            signal_trainer(&state, id).await
+            if cancelled.status == JobStatus::Cancelled {
+                cancelled
+            } else {
+                // Launched meanwhile: stop its runner.
+                return cancel_launched(&state, cancelled).await;
+            }
         }
-        JobStatus::Cancelling => signal_trainer(&state, id).await,
-        status => Err(Error::conflict(format!("job {id} is already {status}")).into()),
+        JobStatus::Queued | JobStatus::Running | JobStatus::Cancelling => {
+            return cancel_launched(&state, job).await;
+        }
+        status => return Err(Error::conflict(format!("job {id} is already {status}")).into()),
+    };
+    Ok(Json(state.present(job)).into_response())
+}
+
+/// Cancels a job a runner holds: `cancelling`, then the launcher is asked
+/// to stop it.
+async fn cancel_launched(state: &AppState, job: Job) -> ApiResult<Response> {
+    if job.status != JobStatus::Cancelling {
+        state
+            .jobs
+            .transition(job.id, job.status, JobStatus::Cancelling)
+            .await?;
+    }
+    Ok(signal_trainer(state, job.id).await?.into_response())
+}
+
+/// `DELETE ...?purge=true`: both phases of [`crate::retention`], the second
+/// bounded in time (a purge cut short is finished by the leader).
+async fn purge(state: &AppState, job: Job) -> ApiResult<Response> {
+    crate::retention::tombstone(state, job.id).await?;
+    tracing::info!(job_id = %job.id, "job deletion asked for");
+    // The crash tests kill the backend here: tombstoned, nothing removed.
+    crate::crash_point("purge-after-tombstone").await;
+    let removed = tokio::time::timeout(
+        crate::REQUEST_TIMEOUT / 2,
+        crate::retention::purge(state, job.id),
+    )
+    .await;
+    match removed {
+        Ok(Ok(())) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(Err(e)) => {
+            tracing::warn!(job_id = %job.id, error = %error_chain(&e), "deletion to be finished by the leader");
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        Err(_) => Ok(StatusCode::ACCEPTED.into_response()),
     }
 }
 
@@ -788,12 +895,6 @@ pub struct EventsQuery {
 /// The header a reconnecting event-stream client sends.
 pub const LAST_EVENT_ID: &str = "last-event-id";
 
-/// How long an event stream waits for a wake-up before it looks at the
-/// store again (changes made by another replica).
-const EVENTS_POLL: std::time::Duration = std::time::Duration::from_secs(2);
-/// Events read from the store at once.
-const EVENTS_PAGE: u32 = 500;
-
 /// `GET /training/jobs/{id}/events`: the job's changes as server-sent
 /// events, from its creation (or after `Last-Event-ID`) on, as they happen.
 ///
@@ -803,7 +904,11 @@ const EVENTS_PAGE: u32 = 500;
 /// and none twice. Its data is a `JobEvent`: the job as the change left it,
 /// and an epoch's metrics. A finished job's stream replays its history and
 /// ends; clients stop when they see a final status (`completed`, `failed`,
-/// `cancelled`). Comments keep the connection alive every 15 s.
+/// `cancelled`). Progress alone (heartbeats) is not kept as history: a
+/// stream shows the latest as one `progress` event. Comments keep the
+/// connection alive every 15 s. A user may hold a few streams open at once
+/// (429 beyond); a stream ends after an hour, or when the server shuts
+/// down, and the client reconnects with `Last-Event-ID`.
 #[utoipa::path(
     get,
     path = "/training/jobs/{id}/events",
@@ -847,126 +952,11 @@ pub async fn events(
         return Err(Error::invalid("after", "must be -1 or more").into());
     }
     let after = last_event_id.or(query.after).unwrap_or(-1);
-    let stream = EventCursor::new(state, job, after).into_stream();
+    let held = state.limits.open_stream(&caller.principal().user_id)?;
+    let stream = crate::events::stream(state, job, after, held);
     Ok(axum::response::sse::Sse::new(stream)
         .keep_alive(
             axum::response::sse::KeepAlive::new().interval(std::time::Duration::from_secs(15)),
         )
         .into_response())
-}
-
-impl Drop for EventCursor {
-    fn drop(&mut self) {
-        metrics::gauge!("vtp_event_streams").decrement(1.0);
-    }
-}
-
-/// Where one event stream is: the last revision sent, what is read and not
-/// yet sent, and whether the job has finished.
-struct EventCursor {
-    state: AppState,
-    job: Job,
-    after: i64,
-    pending: std::collections::VecDeque<vtp_core::JobEvent>,
-    wake: tokio::sync::broadcast::Receiver<JobId>,
-    first_read: bool,
-    finished: bool,
-}
-
-impl EventCursor {
-    fn new(state: AppState, job: Job, after: i64) -> Self {
-        let wake = state.changes.subscribe();
-        metrics::gauge!("vtp_event_streams").increment(1.0);
-        EventCursor {
-            state,
-            job,
-            after,
-            pending: std::collections::VecDeque::new(),
-            wake,
-            first_read: true,
-            finished: false,
-        }
-    }
-
-    fn into_stream(
-        self,
-    ) -> impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>> + Send
-    {
-        futures::stream::unfold(self, |mut cursor| async move {
-            let event = cursor.next().await?;
-            Some((Ok(event), cursor))
-        })
-    }
-
-    /// The next event to send; `None` ends the stream.
-    async fn next(&mut self) -> Option<axum::response::sse::Event> {
-        loop {
-            if let Some(event) = self.pending.pop_front() {
-                return Some(self.render(event));
-            }
-            if self.finished {
-                return None;
-            }
-            let read = self
-                .state
-                .jobs
-                .events(self.job.id, self.after, EVENTS_PAGE)
-                .await;
-            let mut events = match read {
-                Ok(events) => events,
-                Err(e) => {
-                    // The client reconnects with Last-Event-ID and misses nothing.
-                    tracing::warn!(job_id = %self.job.id, error = %error_chain(&e), "event stream: cannot read the job's events");
-                    self.finished = true;
-                    return Some(
-                        axum::response::sse::Event::default()
-                            .event("error")
-                            .data(vtp_core::api::error_status(&e).1),
-                    );
-                }
-            };
-            // A job older than the event log has no events: its present
-            // state stands for its history.
-            if self.first_read && events.is_empty() && self.job.revision > self.after {
-                let mut event = vtp_core::JobEvent::of_change(None, &self.job, None);
-                event.revision = self.job.revision;
-                events.push(event);
-            }
-            self.first_read = false;
-            if let Some(last) = events.last() {
-                self.after = last.revision;
-                self.job = last.job.clone();
-                let more = events.len() >= EVENTS_PAGE as usize;
-                self.finished = self.job.status.is_terminal() && !more;
-                self.pending.extend(events);
-                continue;
-            }
-            if self.job.status.is_terminal() {
-                return None;
-            }
-            // Nothing new: wait for this process to change the job, or poll.
-            let _ = tokio::time::timeout(EVENTS_POLL, async {
-                loop {
-                    match self.wake.recv().await {
-                        Ok(changed) if changed == self.job.id => return,
-                        Ok(_) => {}
-                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await
-                        }
-                    }
-                }
-            })
-            .await;
-        }
-    }
-
-    fn render(&self, mut event: vtp_core::JobEvent) -> axum::response::sse::Event {
-        event.job = self.state.present(event.job);
-        let data = serde_json::to_string(&event).unwrap_or_else(|_| "{}".to_owned());
-        axum::response::sse::Event::default()
-            .id(event.revision.to_string())
-            .event(event.kind.as_str())
-            .data(data)
-    }
 }

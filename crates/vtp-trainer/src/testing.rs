@@ -101,7 +101,9 @@ impl TrainerDouble {
         let app = Router::new()
             .route(
                 "/health",
-                get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+                // As many slots as a test may fill: the backend's queue
+                // hands it every job at once.
+                get(|| async { Json(serde_json::json!({"status": "ok", "slots": 64})) }),
             )
             .route("/training/start", post(start))
             .route("/training/{job_id}/cancel", post(cancel))
@@ -125,6 +127,27 @@ impl TrainerDouble {
     /// Every start request received, in order (refused ones included).
     pub fn started(&self) -> Vec<StartTraining> {
         self.inner.lock().unwrap().started.clone()
+    }
+
+    /// The start requests once there are at least `n`: a backend's queue
+    /// launches a started job a moment after the start is answered.
+    ///
+    /// # Panics
+    /// When fewer than `n` arrive within 20 seconds.
+    pub async fn wait_started(&self, n: usize) -> Vec<StartTraining> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let started = self.started();
+            if started.len() >= n {
+                return started;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} start requests arrived, not {n}",
+                started.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
     }
 
     /// Every cancel request received, in order.

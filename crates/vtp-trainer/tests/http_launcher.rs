@@ -21,6 +21,7 @@ fn request(job_id: JobId) -> StartTraining {
         attempt: 1,
         resume_from: None,
         heartbeat_secs: Some(30),
+        dataset_bytes: None,
         traceparent: None,
     }
 }

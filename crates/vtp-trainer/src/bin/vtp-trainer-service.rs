@@ -84,6 +84,10 @@ struct Args {
     /// start request names no period.
     #[arg(long, env = vtp_core::launcher::HEARTBEAT_ENV, default_value_t = vtp_core::launcher::DEFAULT_HEARTBEAT_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     heartbeat_secs: u64,
+    /// The most bytes a dataset archive may unpack to (a Kubernetes pod is
+    /// told its disk's share).
+    #[arg(long, env = "VTP_MAX_UNPACKED_BYTES", default_value_t = vtp_trainer::data::archive::MAX_UNPACKED_BYTES)]
+    max_unpacked_bytes: u64,
     /// How long the upload of a trained model retries an outage before the
     /// attempt fails (and is relaunched from its last checkpoint set), in
     /// seconds.
@@ -97,8 +101,9 @@ struct Args {
 enum Command {
     /// Trains one job to the end and exits (the Kubernetes Job's command).
     RunJob {
-        /// The `POST /training/start` body, as JSON.
-        #[arg(long, env = START_TRAINING_ENV)]
+        /// The `POST /training/start` body, as JSON (from the job's
+        /// Kubernetes Secret; not shown here).
+        #[arg(long, env = START_TRAINING_ENV, hide_env_values = true)]
         request: String,
         /// Longest wait for the backend to take the last reports, in seconds.
         #[arg(long, env = "VTP_REPORT_DRAIN_SECS", default_value_t = 300)]
@@ -124,6 +129,10 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat_secs),
         replaced_on_interrupt: false,
         upload_budget: Duration::from_secs(args.upload_retry_secs),
+        archive_limits: vtp_trainer::data::archive::ArchiveLimits {
+            max_bytes: args.max_unpacked_bytes,
+            ..Default::default()
+        },
     };
     if let Some(Command::RunJob {
         request,

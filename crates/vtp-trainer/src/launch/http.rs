@@ -25,6 +25,11 @@ pub struct HttpLauncher {
     base: url::Url,
     client: reqwest::Client,
     retry: RetryConfig,
+    /// Jobs run at once as configured; `None`: as many as the trainer
+    /// says (its `GET /health`'s `slots`).
+    slots: Option<u32>,
+    /// The trainer's own answer, and when it was read.
+    told: std::sync::Arc<std::sync::Mutex<Option<(u32, std::time::Instant)>>>,
 }
 
 impl HttpLauncher {
@@ -51,7 +56,21 @@ impl HttpLauncher {
             base,
             client: client(None)?,
             retry: Self::default_retry(),
+            slots: None,
+            told: std::sync::Arc::default(),
         })
+    }
+
+    /// How long the trainer's own count of slots is trusted before it is
+    /// asked again.
+    pub const SLOTS_TTL: Duration = Duration::from_secs(30);
+
+    /// Runs at most `slots` jobs at once; `None` (the default): as many as
+    /// the trainer service says it trains at once (1 if it does not say).
+    #[must_use]
+    pub fn with_slots(mut self, slots: Option<u32>) -> Self {
+        self.slots = slots;
+        self
     }
 
     /// Sends `Authorization: Bearer <token>` on every request (the trainer
@@ -187,6 +206,50 @@ async fn error_message(response: Response) -> String {
 impl TrainerLauncher for HttpLauncher {
     fn name(&self) -> &'static str {
         "http"
+    }
+
+    /// The configured slots, else the trainer service's `slots` from its
+    /// `GET /health` (read again every [`HttpLauncher::SLOTS_TTL`]; 1 for a
+    /// trainer that does not say, such as a seed-style one).
+    async fn capacity(&self) -> Result<vtp_core::Capacity> {
+        if let Some(slots) = self.slots {
+            return Ok(vtp_core::Capacity::Slots(slots));
+        }
+        let told = *self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((slots, at)) = told
+            && at.elapsed() < Self::SLOTS_TTL
+        {
+            return Ok(vtp_core::Capacity::Slots(slots));
+        }
+        let url = self.endpoint("health");
+        let response = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(transport_error)?;
+        if !response.status().is_success() {
+            return Err(Error::unavailable(
+                "trainer",
+                format!("{url} answered {}", response.status()),
+            ));
+        }
+        let health: serde_json::Value = response.json().await.map_err(transport_error)?;
+        let slots = health
+            .get("slots")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(1)
+            .max(1);
+        *self
+            .told
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((slots, std::time::Instant::now()));
+        Ok(vtp_core::Capacity::Slots(slots))
     }
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {

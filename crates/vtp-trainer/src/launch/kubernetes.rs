@@ -12,7 +12,26 @@
 //!   pod was evicted, could not pull its image, or whose Job vanished ends
 //!   in a terminal state with the reason even when no callback arrives.
 //!
-//! S3 credentials reach the pod from a Secret (`envFrom`), never inline.
+//! - With a Kueue `LocalQueue` named (`VTP_K8S_KUEUE_QUEUE`), every job is
+//!   handed over at once as a suspended Job labelled with the queue, and
+//!   Kueue admits it when the cluster has room; a suspended Job is waiting,
+//!   not lost. Without Kueue the backend's queue admits at most
+//!   `VTP_MAX_RUNNING` Jobs at a time.
+//! - The pod is hardened: a non-root user, a read-only root filesystem
+//!   with `emptyDir` work and temporary directories, every capability
+//!   dropped, no privilege escalation, the `RuntimeDefault` seccomp
+//!   profile; ephemeral storage requested and limited from the dataset's
+//!   size, which the trainer is told as the most its archive may unpack
+//!   to.
+//!
+//! The start request (with the job's config) and the job's callback secret
+//! reach the pod from the job's own Secret, never in the pod spec; S3
+//! credentials from the operator's Secret (`envFrom`), never inline. Those
+//! credentials are the trainers' (one key for every job's pod): S3-style
+//! stores such as Garage scope a key to buckets, not to a job's prefix, so
+//! per-job credentials are left to a store with scoped session credentials;
+//! give trainers a key of their own, on their bucket only
+//! (docs/tier3-production.md).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -24,12 +43,13 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Container, EnvFromSource, EnvVar, EnvVarSource, Pod, PodSpec, PodTemplateSpec,
-    ResourceRequirements, Secret, SecretEnvSource, SecretKeySelector,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, Pod,
+    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret,
+    SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use kube::api::{Api, DeleteParams, ListParams, PostParams, PropagationPolicy};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use vtp_core::{
     CancelOutcome, Error, JobId, JobStatus, JobStore, JobStoreExt, Resources, Result,
     StartTraining, TrainerLauncher, error_chain,
@@ -61,6 +81,15 @@ fn attempt_of(job: &K8sJob) -> i32 {
         .and_then(|a| a.parse().ok())
         .unwrap_or(1)
 }
+
+/// The label that hands a Job to a Kueue `LocalQueue`.
+pub const KUEUE_QUEUE_LABEL: &str = "kueue.x-k8s.io/queue-name";
+
+/// The user and group the trainer image runs as (its Dockerfile's).
+pub const TRAINER_UID: i64 = 10001;
+
+/// Where the pod's writable work directory is mounted (`VTP_WORK_DIR`).
+pub const WORK_DIR: &str = "/work";
 
 /// Label selecting every Job this launcher manages.
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=vtp";
@@ -114,6 +143,18 @@ pub struct KubernetesConfig {
     /// How long a job may wait for its Job to appear, or to report after
     /// its Job ended, before the reconciler ends it (`VTP_K8S_SETTLE_SECS`, 60 s).
     pub settle_time: Duration,
+    /// Jobs run at once without Kueue (`VTP_MAX_RUNNING`, default 8).
+    pub max_running: u32,
+    /// The Kueue `LocalQueue` that admits the Jobs (`VTP_K8S_KUEUE_QUEUE`);
+    /// none: the backend's own slots.
+    pub kueue_queue: Option<String>,
+    /// How long a failed Job stays once the reconciler has recorded why
+    /// (`VTP_K8S_FAILED_TTL_SECS`, 10 minutes): the reason is in the job.
+    pub failed_ttl: Duration,
+    /// The most ephemeral storage one trainer pod may have
+    /// (`VTP_K8S_MAX_EPHEMERAL_STORAGE`, default 64Gi): a dataset needing
+    /// more is refused at launch.
+    pub max_ephemeral_storage: String,
 }
 
 impl Default for KubernetesConfig {
@@ -136,6 +177,10 @@ impl Default for KubernetesConfig {
             },
             settle_time: Duration::from_secs(60),
             max_resources: MaxResources::default(),
+            max_running: 8,
+            kueue_queue: None,
+            failed_ttl: Duration::from_secs(600),
+            max_ephemeral_storage: "64Gi".into(),
         }
     }
 }
@@ -304,6 +349,26 @@ pub struct K8sArgs {
     /// The most GPUs one job may ask for.
     #[arg(long = "k8s-max-gpu", env = "VTP_K8S_MAX_GPU", default_value_t = 1)]
     pub max_gpu: u32,
+    /// The most ephemeral storage (disk) one trainer pod may have; its
+    /// request and limit come from its dataset's size.
+    #[arg(
+        long = "k8s-max-ephemeral-storage",
+        env = "VTP_K8S_MAX_EPHEMERAL_STORAGE",
+        default_value = "64Gi"
+    )]
+    pub max_ephemeral_storage: String,
+    /// A Kueue `LocalQueue` in the namespace: Jobs are created suspended
+    /// with its label and Kueue admits them (the backend's own slots,
+    /// `VTP_MAX_RUNNING`, apply without it).
+    #[arg(long = "k8s-kueue-queue", env = "VTP_K8S_KUEUE_QUEUE")]
+    pub kueue_queue: Option<String>,
+    /// How long a failed Job stays, in seconds, once its failure is recorded.
+    #[arg(
+        long = "k8s-failed-ttl-secs",
+        env = "VTP_K8S_FAILED_TTL_SECS",
+        default_value_t = 600
+    )]
+    pub failed_ttl_secs: u64,
 }
 
 impl K8sArgs {
@@ -331,6 +396,10 @@ impl K8sArgs {
             gpu: self.max_gpu,
         };
         max.validate()?;
+        quantity_amount("VTP_K8S_MAX_EPHEMERAL_STORAGE", &self.max_ephemeral_storage)?;
+        if let Some(queue) = &self.kueue_queue {
+            vtp_core::validate_name("VTP_K8S_KUEUE_QUEUE", queue)?;
+        }
         max.check(&defaults.default_resources).map_err(|e| {
             Error::invalid(
                 "VTP_K8S_MAX_CPU / VTP_K8S_MAX_MEMORY / VTP_K8S_MAX_GPU",
@@ -351,6 +420,10 @@ impl K8sArgs {
             default_resources: defaults.default_resources,
             settle_time: Duration::from_secs(self.settle_secs),
             max_resources: max,
+            max_running: defaults.max_running,
+            kueue_queue: self.kueue_queue.clone(),
+            failed_ttl: Duration::from_secs(self.failed_ttl_secs),
+            max_ephemeral_storage: self.max_ephemeral_storage.clone(),
         })
     }
 }
@@ -391,6 +464,10 @@ pub struct KubernetesLauncher {
     secrets_api: Api<Secret>,
     config: KubernetesConfig,
     store: Arc<dyn JobStore>,
+    /// The jobs whose Job was suspended (not yet admitted by Kueue) at the
+    /// last reconcile pass, and when that was.
+    suspended:
+        Arc<std::sync::Mutex<(std::collections::HashSet<JobId>, Option<std::time::Instant>)>>,
 }
 
 impl std::fmt::Debug for KubernetesLauncher {
@@ -414,9 +491,23 @@ pub fn job_name(job_id: JobId) -> String {
     format!("vtp-{job_id}")
 }
 
-/// The name of the Secret holding a job's callback secret.
+/// The name of the Secret holding a job's start request and callback
+/// secret.
 pub fn secret_name(job_id: JobId) -> String {
     format!("vtp-{job_id}-callback")
+}
+
+/// The ephemeral storage of a trainer pod for a dataset archive of
+/// `dataset_bytes` (1 GiB when unknown), and how much of it the archive
+/// may unpack to: the archive, twice its size unpacked (at least 1 GiB),
+/// and 2 GiB for checkpoints and the work directory.
+pub fn storage_for(dataset_bytes: Option<u64>) -> (u64, u64) {
+    const GIB: u64 = 1 << 30;
+    let archive = dataset_bytes.unwrap_or(GIB);
+    let unpacked = archive.saturating_mul(2).max(GIB);
+    let total = archive.saturating_add(unpacked).saturating_add(2 * GIB);
+    // Whole mebibytes, rounded up.
+    (total.div_ceil(1 << 20) << 20, unpacked)
 }
 
 /// A kube error in the platform's categories.
@@ -449,6 +540,9 @@ fn from_kube(error: kube::Error) -> Error {
 }
 
 impl KubernetesLauncher {
+    /// Objects read per page from the store and the API server.
+    pub const PAGE: u32 = 500;
+
     /// A launcher over `client`, ending jobs in `store` that the reconciler
     /// finds lost.
     pub fn new(client: kube::Client, config: KubernetesConfig, store: Arc<dyn JobStore>) -> Self {
@@ -458,6 +552,7 @@ impl KubernetesLauncher {
             secrets_api: Api::namespaced(client, &config.namespace),
             config,
             store,
+            suspended: Arc::default(),
         }
     }
 
@@ -531,12 +626,24 @@ impl KubernetesLauncher {
         if let Some(gpu) = resources.gpu.filter(|g| *g > 0) {
             quantities.insert("nvidia.com/gpu".to_owned(), Quantity(gpu.to_string()));
         }
-        // The callback secret never appears in the pod spec: the request
-        // goes without it, and the secret comes from the job's own Secret.
-        let mut public = request.clone();
-        let secret = public.callback_secret.take();
-        let request_json =
-            serde_json::to_string(&public).map_err(|e| Error::internal(e.to_string()))?;
+        let (storage, unpacked) = storage_for(request.dataset_bytes);
+        let max_storage =
+            quantity_amount("VTP_K8S_MAX_EPHEMERAL_STORAGE", &c.max_ephemeral_storage)?;
+        if storage as f64 > max_storage {
+            return Err(Error::invalid(
+                "dataset_s3_uri",
+                format!(
+                    "the dataset needs {}Mi of disk to unpack and train; a trainer pod may have at most {}",
+                    storage >> 20,
+                    c.max_ephemeral_storage
+                ),
+            ));
+        }
+        let storage = Quantity(format!("{}Mi", storage >> 20));
+        quantities.insert("ephemeral-storage".to_owned(), storage.clone());
+        // Neither the start request (the job's config, up to the backend's
+        // limit) nor the callback secret is in the pod spec: both come
+        // from the job's own Secret ([`Self::put_secret`]).
         let mut env: Vec<EnvVar> = c
             .env
             .iter()
@@ -546,11 +653,30 @@ impl KubernetesLauncher {
                 ..EnvVar::default()
             })
             .collect();
-        env.push(EnvVar {
-            name: START_TRAINING_ENV.to_owned(),
-            value: Some(request_json),
+        let from_secret = |key: &str| EnvVar {
+            name: key.to_owned(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret_name(request.job_id),
+                    key: key.to_owned(),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
             ..EnvVar::default()
-        });
+        };
+        env.push(from_secret(START_TRAINING_ENV));
+        for (name, value) in [
+            ("VTP_WORK_DIR", WORK_DIR.to_owned()),
+            ("VTP_MAX_UNPACKED_BYTES", unpacked.to_string()),
+            ("TMPDIR", "/tmp".to_owned()),
+        ] {
+            env.push(EnvVar {
+                name: name.to_owned(),
+                value: Some(value),
+                ..EnvVar::default()
+            });
+        }
         // The one-shot trainer reports only to this origin; the request in
         // the pod spec is the backend's own, so its callback URL is the one.
         if let Ok(callback) = url::Url::parse(&request.callback_url) {
@@ -560,19 +686,8 @@ impl KubernetesLauncher {
                 ..EnvVar::default()
             });
         }
-        if secret.is_some() {
-            env.push(EnvVar {
-                name: CALLBACK_SECRET_ENV.to_owned(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret_name(request.job_id),
-                        key: CALLBACK_SECRET_ENV.to_owned(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            });
+        if request.callback_secret.is_some() {
+            env.push(from_secret(CALLBACK_SECRET_ENV));
         }
         let container = Container {
             name: CONTAINER.to_owned(),
@@ -595,16 +710,62 @@ impl KubernetesLauncher {
                 limits: Some(quantities),
                 ..ResourceRequirements::default()
             }),
+            security_context: Some(SecurityContext {
+                allow_privilege_escalation: Some(false),
+                read_only_root_filesystem: Some(true),
+                run_as_non_root: Some(true),
+                capabilities: Some(Capabilities {
+                    drop: Some(vec!["ALL".to_owned()]),
+                    ..Capabilities::default()
+                }),
+                ..SecurityContext::default()
+            }),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: "work".to_owned(),
+                    mount_path: WORK_DIR.to_owned(),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "tmp".to_owned(),
+                    mount_path: "/tmp".to_owned(),
+                    ..VolumeMount::default()
+                },
+            ]),
             ..Container::default()
         };
+        let volumes = vec![
+            Volume {
+                name: "work".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(storage),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+            Volume {
+                name: "tmp".to_owned(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity("1Gi".to_owned())),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            },
+        ];
+        let mut job_labels = labels.clone();
+        if let Some(queue) = &c.kueue_queue {
+            job_labels.insert(KUEUE_QUEUE_LABEL.to_owned(), queue.clone());
+        }
         Ok(K8sJob {
             metadata: ObjectMeta {
                 name: Some(name),
                 namespace: Some(c.namespace.clone()),
-                labels: Some(labels.clone()),
+                labels: Some(job_labels),
                 ..ObjectMeta::default()
             },
             spec: Some(JobSpec {
+                // Kueue unsuspends the Job when it admits it.
+                suspend: c.kueue_queue.as_ref().map(|_| true),
                 backoff_limit: Some(c.backoff_limit),
                 active_deadline_seconds: Some(c.active_deadline.as_secs() as i64),
                 ttl_seconds_after_finished: Some(c.ttl_after_finished.as_secs() as i32),
@@ -643,6 +804,21 @@ impl KubernetesLauncher {
                         service_account_name: c.service_account.clone(),
                         termination_grace_period_seconds: Some(c.grace_period.as_secs() as i64),
                         containers: vec![container],
+                        volumes: Some(volumes),
+                        // The trainer talks to the backend and S3, not the
+                        // Kubernetes API.
+                        automount_service_account_token: Some(false),
+                        security_context: Some(PodSecurityContext {
+                            run_as_non_root: Some(true),
+                            run_as_user: Some(TRAINER_UID),
+                            run_as_group: Some(TRAINER_UID),
+                            fs_group: Some(TRAINER_UID),
+                            seccomp_profile: Some(SeccompProfile {
+                                type_: "RuntimeDefault".to_owned(),
+                                ..SeccompProfile::default()
+                            }),
+                            ..PodSecurityContext::default()
+                        }),
                         ..PodSpec::default()
                     }),
                 },
@@ -659,21 +835,41 @@ impl KubernetesLauncher {
     ///
     /// # Errors
     /// Store or Kubernetes errors; the pass is simply tried again later.
-    pub async fn reconcile(&self) -> Result<Reconciled> {
-        let active = self.store.active_jobs().await?;
-        let listed = self
-            .jobs_api
-            .list(&ListParams::default().labels(MANAGED_SELECTOR))
-            .await
-            .map_err(from_kube)?;
-        let by_id: HashMap<String, K8sJob> = listed
-            .items
-            .into_iter()
-            .filter_map(|job| {
+    pub async fn reconcile_pass(&self) -> Result<Reconciled> {
+        // Both listings are paged: the store's by keyset, the API server's
+        // by its continue token.
+        let mut active = Vec::new();
+        for mut pages in vtp_core::JobPages::launched(self.store.as_ref(), Self::PAGE) {
+            while let Some(page) = pages.next().await? {
+                active.extend(page);
+            }
+        }
+        let mut by_id: HashMap<String, K8sJob> = HashMap::new();
+        let mut params = ListParams::default()
+            .labels(MANAGED_SELECTOR)
+            .limit(Self::PAGE);
+        loop {
+            let listed = self.jobs_api.list(&params).await.map_err(from_kube)?;
+            let next = listed.metadata.continue_.clone().filter(|t| !t.is_empty());
+            by_id.extend(listed.items.into_iter().filter_map(|job| {
                 let id = job.metadata.labels.as_ref()?.get(JOB_ID_LABEL)?.clone();
                 Some((id, job))
-            })
+            }));
+            match next {
+                Some(token) => params = params.continue_token(&token),
+                None => break,
+            }
+        }
+        let suspended = by_id
+            .iter()
+            .filter(|(_, job)| job.spec.as_ref().and_then(|spec| spec.suspend) == Some(true))
+            .filter_map(|(id, _)| id.parse::<JobId>().ok())
             .collect();
+        *self
+            .suspended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            (suspended, Some(std::time::Instant::now()));
         let now = chrono::Utc::now();
         let settled = |since: chrono::DateTime<chrono::Utc>| {
             (now - since).to_std().unwrap_or_default() >= self.config.settle_time
@@ -729,9 +925,6 @@ impl KubernetesLauncher {
                     }
                     continue;
                 }
-                // Queued without a Job: waiting for its (re)launch, which
-                // the relauncher makes (or the sweeper gives up on).
-                None if job.status == JobStatus::Queued => continue,
                 // Being cancelled, and its Job is gone (the cancel deleted
                 // it): nothing more will report; cancelled now.
                 None if job.status == JobStatus::Cancelling => Some((
@@ -750,6 +943,10 @@ impl KubernetesLauncher {
             match verdict {
                 Some((reason, retry)) => {
                     tracing::warn!(job_id = %job.id, %reason, retry, "reconcile: ending the attempt");
+                    if by_id.contains_key(&job.id.to_string()) {
+                        // Its failure is recorded now: the Job need not stay long.
+                        self.shorten_ttl(&job_name(job.id)).await;
+                    }
                     if retry && job.status != JobStatus::Cancelling {
                         // Relaunched (resuming from its last checkpoint set)
                         // while attempts are left, else failed.
@@ -845,6 +1042,20 @@ impl KubernetesLauncher {
         Ok(None)
     }
 
+    /// Gives a finished Job whose end is recorded the short TTL of failed
+    /// Jobs (`ttlSecondsAfterFinished` may change after creation).
+    async fn shorten_ttl(&self, name: &str) {
+        let ttl = self.config.failed_ttl.as_secs() as i64;
+        let patch = serde_json::json!({"spec": {"ttlSecondsAfterFinished": ttl}});
+        if let Err(e) = self
+            .jobs_api
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::debug!(job = %name, error = %from_kube(e), "could not shorten the TTL of a failed Job");
+        }
+    }
+
     async fn pods_of(&self, name: &str) -> Result<Vec<Pod>> {
         Ok(self
             .pods_api
@@ -917,12 +1128,18 @@ impl KubernetesLauncher {
         Ok(stuck)
     }
 
-    /// Stores the job's callback secret in its own Secret (replacing one an
-    /// earlier launch made), labelled like the Job.
+    /// Stores the job's start request (without its callback secret) and
+    /// its callback secret in its own Secret (replacing one an earlier
+    /// launch made), labelled like the Job.
     async fn put_secret(&self, request: &StartTraining) -> Result<()> {
-        let Some(secret) = &request.callback_secret else {
-            return Ok(());
-        };
+        let mut public = request.clone();
+        let secret = public.callback_secret.take();
+        let request_json =
+            serde_json::to_string(&public).map_err(|e| Error::internal(e.to_string()))?;
+        let mut data = BTreeMap::from([(START_TRAINING_ENV.to_owned(), request_json)]);
+        if let Some(secret) = &secret {
+            data.insert(CALLBACK_SECRET_ENV.to_owned(), secret.expose().to_owned());
+        }
         let name = secret_name(request.job_id);
         let object = Secret {
             metadata: ObjectMeta {
@@ -934,10 +1151,7 @@ impl KubernetesLauncher {
                 ])),
                 ..ObjectMeta::default()
             },
-            string_data: Some(BTreeMap::from([(
-                CALLBACK_SECRET_ENV.to_owned(),
-                secret.expose().to_owned(),
-            )])),
+            string_data: Some(data),
             type_: Some("Opaque".to_owned()),
             ..Secret::default()
         };
@@ -1068,28 +1282,6 @@ impl KubernetesLauncher {
             Err(e) => Err(from_kube(e)),
         }
     }
-
-    /// Runs [`reconcile`](Self::reconcile) every `every` until the task is dropped.
-    pub async fn run_reconciler(self, every: Duration) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            match self.reconcile().await {
-                Ok(done) if !done.ended.is_empty() => {
-                    tracing::info!(
-                        ended = done.ended.len(),
-                        running = done.running,
-                        "reconciled"
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(error = %error_chain(&e), "reconcile failed; trying again")
-                }
-            }
-        }
-    }
 }
 
 #[async_trait]
@@ -1100,6 +1292,51 @@ impl TrainerLauncher for KubernetesLauncher {
 
     fn check_config(&self, config: &serde_json::Value) -> Result<()> {
         self.resources_of(config).map(|_| ())
+    }
+
+    /// Kueue admits the Jobs when it names a queue; else `max_running`.
+    async fn capacity(&self) -> Result<vtp_core::Capacity> {
+        Ok(match self.config.kueue_queue {
+            Some(_) => vtp_core::Capacity::Admitted,
+            None => vtp_core::Capacity::Slots(self.config.max_running),
+        })
+    }
+
+    /// Whether the job's Job is suspended (Kueue has not admitted it): as
+    /// of the last reconcile pass when that was within a minute, else asked.
+    async fn waiting_for_admission(&self, job_id: JobId) -> Result<bool> {
+        if self.config.kueue_queue.is_none() {
+            return Ok(false);
+        }
+        {
+            let cached = self
+                .suspended
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let (set, Some(at)) = &*cached
+                && at.elapsed() < Duration::from_secs(60)
+            {
+                return Ok(set.contains(&job_id));
+            }
+        }
+        let job = self
+            .jobs_api
+            .get_opt(&job_name(job_id))
+            .await
+            .map_err(from_kube)?;
+        Ok(job.and_then(|job| job.spec).and_then(|spec| spec.suspend) == Some(true))
+    }
+
+    async fn reconcile(&self) -> Result<()> {
+        let done = self.reconcile_pass().await?;
+        if !done.ended.is_empty() {
+            tracing::info!(
+                ended = done.ended.len(),
+                running = done.running,
+                "reconciled"
+            );
+        }
+        Ok(())
     }
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {

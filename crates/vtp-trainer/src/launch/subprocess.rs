@@ -48,6 +48,8 @@ pub struct SubprocessLauncher {
     token: String,
     jobs: Arc<dyn JobStore>,
     child: tokio::sync::Mutex<Option<Child>>,
+    /// Jobs the child trains at once (its `VTP_TRAINER_CONCURRENCY`).
+    slots: u32,
 }
 
 impl SubprocessLauncher {
@@ -63,7 +65,16 @@ impl SubprocessLauncher {
             token: vtp_core::auth::random_token(),
             jobs,
             child: tokio::sync::Mutex::new(None),
+            slots: 1,
         }
+    }
+
+    /// The child trains `slots` jobs at once (at least one); the backend's
+    /// queue hands it no more.
+    #[must_use]
+    pub fn with_slots(mut self, slots: u32) -> Self {
+        self.slots = slots.max(1);
+        self
     }
 
     /// Variables the child inherits from the backend's environment, by
@@ -154,6 +165,7 @@ impl SubprocessLauncher {
             .envs(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             // In the environment, not on the command line (which `ps` shows).
             .env("VTP_TRAINER_TOKEN", &self.token)
+            .env("VTP_TRAINER_CONCURRENCY", self.slots.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -247,6 +259,10 @@ impl SubprocessLauncher {
 impl TrainerLauncher for SubprocessLauncher {
     fn name(&self) -> &'static str {
         "subprocess"
+    }
+
+    async fn capacity(&self) -> Result<vtp_core::Capacity> {
+        Ok(vtp_core::Capacity::Slots(self.slots))
     }
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {

@@ -175,6 +175,7 @@ async fn health(State(service): State<Service>) -> Json<TrainerHealth> {
         jobs: service.jobs(),
         pending_reports: service.outbox().pending().len(),
         cuda: service.engine().cuda(),
+        slots: u32::try_from(service.concurrency()).ok(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     })
 }

@@ -32,7 +32,7 @@ use vtp_core::{
 
 pub use outbox::Outbox;
 
-use crate::data::archive::{extract_archive, is_archive};
+use crate::data::archive::{extract_archive_with, is_archive};
 
 /// What a [`TrainerService`] trains with: a fresh [`Trainer`] for every job,
 /// and what the service tells its clients about it (`GET /models`,
@@ -139,6 +139,8 @@ pub struct ServiceOptions {
     /// failure, only that it was interrupted, and its replacement resumes
     /// it. Otherwise the backend relaunches it after a retryable failure.
     pub replaced_on_interrupt: bool,
+    /// What a dataset archive may unpack to.
+    pub archive_limits: crate::data::archive::ArchiveLimits,
 }
 
 impl Default for ServiceOptions {
@@ -150,6 +152,7 @@ impl Default for ServiceOptions {
             heartbeat: Duration::from_secs(vtp_core::launcher::DEFAULT_HEARTBEAT_SECS),
             replaced_on_interrupt: false,
             upload_budget: Duration::from_secs(30 * 60),
+            archive_limits: crate::data::archive::ArchiveLimits::default(),
         }
     }
 }
@@ -163,11 +166,13 @@ pub struct TrainerService {
     work_dir: PathBuf,
     slots: Mutex<HashMap<JobId, Slot>>,
     permits: Arc<Semaphore>,
+    concurrency: usize,
     backend: url::Url,
     max_waiting: usize,
     heartbeat: Duration,
     replaced_on_interrupt: bool,
     upload_budget: Duration,
+    archive_limits: crate::data::archive::ArchiveLimits,
 }
 
 impl TrainerService {
@@ -222,11 +227,13 @@ impl TrainerService {
             work_dir: work_dir.to_path_buf(),
             slots: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(options.concurrency.max(1))),
+            concurrency: options.concurrency.max(1),
             backend,
             max_waiting: options.max_waiting,
             heartbeat: options.heartbeat.max(Duration::from_secs(1)),
             replaced_on_interrupt: options.replaced_on_interrupt,
             upload_budget: options.upload_budget,
+            archive_limits: options.archive_limits,
         }))
     }
 
@@ -574,6 +581,11 @@ impl TrainerService {
         })
     }
 
+    /// How many jobs it trains at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     /// Jobs the service holds.
     pub fn jobs(&self) -> Vec<JobId> {
         self.slots
@@ -815,7 +827,8 @@ impl TrainerService {
             [single] if is_archive(single) => {
                 let archive = single.clone();
                 let target = dir.join("dataset");
-                tokio::task::spawn_blocking(move || extract_archive(&archive, &target))
+                let limits = self.archive_limits;
+                tokio::task::spawn_blocking(move || extract_archive_with(&archive, &target, limits))
                     .await
                     .map_err(|e| Error::internal(format!("extraction thread: {e}")))?
             }

@@ -95,6 +95,10 @@ struct JobArgs {
     /// (the seed's job).
     #[arg(long, default_value = "tch")]
     framework: String,
+    /// Its place in the queue: higher runs first (-100 to 100; above the
+    /// backend's limit for users only with an admin token).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    priority: i32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +180,19 @@ enum Command {
     Cancel {
         /// Job id.
         job: JobId,
+    },
+    /// Deletes a finished job with its checkpoints, metrics and events.
+    Delete {
+        /// Job id.
+        job: JobId,
+    },
+    /// Deletes a dataset (refused while a job under way uses it).
+    DeleteDataset {
+        /// Dataset name.
+        name: String,
+        /// Owner; with a token, the token's user (the default).
+        #[arg(long)]
+        user: Option<String>,
     },
     /// Prints a shell completion script.
     Completions {
@@ -269,6 +286,7 @@ fn new_job(args: JobArgs, token: bool) -> anyhow::Result<NewJob> {
         framework: args.framework,
         dataset_s3_uri: args.dataset,
         config,
+        priority: args.priority,
     })
 }
 
@@ -376,7 +394,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!(
                         "{:<36}  {:<10}  {:<13}  {:>4.0}%  {}",
                         job.id.to_string(),
-                        job.status.to_string(),
+                        status_of(job),
                         job.model_name,
                         100.0 * job.progress,
                         job.created_at.format("%Y-%m-%d %H:%M:%S")
@@ -428,6 +446,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_json(&job)?;
             } else {
                 println!("job {} {}", job.id, job.status);
+            }
+        }
+        Command::Delete { job } => {
+            client.delete_job(job).await?;
+            if json {
+                print_json(&serde_json::json!({"deleted": job}))?;
+            } else {
+                println!("job {job} deleted");
+            }
+        }
+        Command::DeleteDataset { name, user } => {
+            let user = owner(user, token);
+            client.delete_dataset(&name, user.as_deref()).await?;
+            if json {
+                print_json(
+                    &serde_json::json!({"deleted": {"user_id": user, "dataset_name": name}}),
+                )?;
+            } else {
+                println!("dataset {name} deleted");
             }
         }
         Command::Completions { .. } => unreachable!("handled above"),
@@ -588,9 +625,22 @@ fn csv(rows: &[EpochMetrics]) {
 }
 
 /// A job for people.
+/// A job's status, with its place in the queue while it waits
+/// (`queued #3`).
+fn status_of(job: &Job) -> String {
+    match job.queue_position {
+        Some(place) => format!("{} #{place}", job.status),
+        None => job.status.to_string(),
+    }
+}
+
 fn describe(job: &Job) {
     println!("id          {}", job.id);
-    println!("status      {}", job.status);
+    println!("status      {}", status_of(job));
+    if let Some(place) = job.queue_position {
+        println!("queue       place {place}: waits for a free slot");
+    }
+    println!("priority    {}", job.priority);
     println!("progress    {:.0}%", 100.0 * job.progress);
     println!("owner       {}", job.user_id);
     println!("model       {} ({})", job.model_name, job.framework);

@@ -30,6 +30,7 @@
 //!         framework: "tch".into(),
 //!         dataset_s3_uri: dataset.s3_uri,
 //!         config: serde_json::json!({"epochs": 5}),
+//!         priority: 0,
 //!     })
 //!     .await?;
 //! client.start_job(job.id).await?;
@@ -228,6 +229,12 @@ impl Client {
         })
     }
 
+    /// Sends `request` once, for an answer without a body (204, 202).
+    async fn once_empty(request: RequestBuilder) -> Result<()> {
+        let response = request.send().await.map_err(transport)?;
+        checked(response).await.map(|_| ())
+    }
+
     /// Sends what `make` builds until it succeeds or fails for good: for
     /// idempotent calls only.
     async fn retried<T: DeserializeOwned>(
@@ -318,6 +325,37 @@ impl Client {
     /// [`Error::Conflict`] for a job that has finished.
     pub async fn cancel_job(&self, id: JobId) -> Result<Job> {
         Self::once(self.request(Method::DELETE, &format!("training/jobs/{id}"))).await
+    }
+
+    /// `DELETE /training/jobs/{id}?purge=true`: deletes a finished job with
+    /// its checkpoints, metrics and events. Done when this returns (the
+    /// backend finishes removing its objects itself if it answered 202).
+    /// Not retried: a second delete of a deleted job is a 404.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] for a job not finished (cancel it first);
+    /// [`Error::NotFound`] for a job that is not there (or not the caller's).
+    pub async fn delete_job(&self, id: JobId) -> Result<()> {
+        Self::once_empty(
+            self.request(Method::DELETE, &format!("training/jobs/{id}"))
+                .query(&[("purge", "true")]),
+        )
+        .await
+    }
+
+    /// `DELETE /datasets/{dataset_name}`: deletes a dataset of `user_id`
+    /// (with a token, the token's user when `None`).
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] while a job under way names it;
+    /// [`Error::NotFound`] for a dataset that is not there.
+    /// Not retried, like [`Client::delete_job`].
+    pub async fn delete_dataset(&self, dataset_name: &str, user_id: Option<&str>) -> Result<()> {
+        let mut request = self.request(Method::DELETE, &format!("datasets/{dataset_name}"));
+        if let Some(user_id) = user_id {
+            request = request.query(&[("user_id", user_id)]);
+        }
+        Self::once_empty(request).await
     }
 
     /// `GET /training/jobs/{id}/metrics`: one row per epoch, in order (every

@@ -98,7 +98,8 @@ impl Client {
 
     /// `POST /training/jobs`: creates a job (status `pending`).
     /// A `user_id` of `None` is left out: the backend takes the token's user.
-    #[pyo3(signature = (dataset_uri, model_name, config=None, user_id=None, framework="tch"))]
+    #[pyo3(signature = (dataset_uri, model_name, config=None, user_id=None, framework="tch", priority=0))]
+    #[allow(clippy::too_many_arguments)]
     fn create_job(
         &self,
         py: Python<'_>,
@@ -107,6 +108,7 @@ impl Client {
         config: Option<&Bound<'_, PyAny>>,
         user_id: Option<&str>,
         framework: &str,
+        priority: i32,
     ) -> PyResult<Py<PyAny>> {
         let config: Value = match config {
             Some(config) if !config.is_none() => pythonize::depythonize(config).map_err(|e| {
@@ -120,6 +122,7 @@ impl Client {
             framework: framework.to_owned(),
             dataset_s3_uri: dataset_uri.to_owned(),
             config,
+            priority,
         };
         let job = self.call(py, |c| async move { c.create_job(&new).await })?;
         answer(py, &job)
@@ -170,6 +173,28 @@ impl Client {
         let id = job_id_of(job_id)?;
         let job = self.call(py, |c| async move { c.cancel_job(id).await })?;
         answer(py, &job)
+    }
+
+    /// `DELETE /training/jobs/{id}?purge=true`: deletes a finished job with
+    /// everything stored for it.
+    fn delete_job(&self, py: Python<'_>, job_id: &str) -> PyResult<()> {
+        let id = job_id_of(job_id)?;
+        self.call(py, |c| async move { c.delete_job(id).await })
+    }
+
+    /// `DELETE /datasets/{dataset_name}`: deletes a dataset of `user_id`
+    /// (the token's user when `None`).
+    #[pyo3(signature = (dataset_name, user_id=None))]
+    fn delete_dataset(
+        &self,
+        py: Python<'_>,
+        dataset_name: &str,
+        user_id: Option<String>,
+    ) -> PyResult<()> {
+        let name = dataset_name.to_owned();
+        self.call(py, |c| async move {
+            c.delete_dataset(&name, user_id.as_deref()).await
+        })
     }
 
     /// `GET /training/jobs/{id}/events`: the job's changes as they happen

@@ -101,27 +101,26 @@ async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
     let launcher = Arc::new(
         HttpLauncher::new(&trainer_url)
             .map_err(from_core)?
-            .with_token(&trainer_token),
+            .with_token(&trainer_token)
+            .with_slots(u32::try_from(concurrency).ok()),
     );
-    let state = AppState::new(stores, blobs, launcher, &base_url);
+    let state = AppState::new(stores, blobs, launcher, &base_url).with_stale_after(STALE_AFTER);
     let stop = CancellationToken::new();
-    let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(vtp_trainer::service::http::serve_trainer(
-        trainer_listener,
-        trainer.clone(),
-        Some(trainer_token),
-        stop.clone().cancelled_owned(),
-    )));
-    // Jobs a previous session left running have no trainer now: end them.
-    if let Err(e) = vtp_server::recover(&state).await {
-        tracing::warn!(error = %vtp_core::error_chain(&e), "could not recover earlier jobs");
-    }
-    tasks.push(tokio::spawn(vtp_server::serve(
-        backend_listener,
-        state,
-        STALE_AFTER,
-        stop.clone().cancelled_owned(),
-    )));
+    let tasks = vec![
+        tokio::spawn(vtp_trainer::service::http::serve_trainer(
+            trainer_listener,
+            trainer.clone(),
+            Some(trainer_token),
+            stop.clone().cancelled_owned(),
+        )),
+        // Jobs a previous session left running have no trainer now: the
+        // backend (the leader of its own database) ends them as it starts.
+        tokio::spawn(vtp_server::serve(
+            backend_listener,
+            state,
+            stop.clone().cancelled_owned(),
+        )),
+    ];
     Ok(LocalPlatform {
         root,
         base_url,

@@ -116,6 +116,37 @@ def test_cancel_and_wait(client: vtp.Client, dataset: str) -> None:
     assert len(job.metrics()) < 200
 
 
+def test_a_waiting_job_shows_its_place_and_a_finished_one_is_deleted(
+    client: vtp.Client, dataset: str, shapes: Path
+) -> None:
+    # The backend runs one job at a time (the subprocess trainer's one slot).
+    first = client.create_job(dataset, model="small_cnn", epochs=200, **CONFIG).start()
+    deadline = time.monotonic() + 120
+    while first.refresh().status != "running":
+        assert time.monotonic() < deadline, first
+        time.sleep(0.1)
+    second = client.create_job(dataset, model="small_cnn", epochs=1, **CONFIG).start()
+    assert second.status == "queued" and second.queue_position == 1, second.data
+    assert second.refresh().queue_position == 1
+    first.cancel()
+    assert first.wait(timeout=120).status == "cancelled"
+    assert second.wait(timeout=300).status == "completed", second.data
+    assert second.queue_position is None
+    # A user may not raise a job above the backend's limit.
+    with pytest.raises(vtp.InvalidInput, match="priority"):
+        client.create_job(dataset, epochs=1, priority=5, **CONFIG)
+    # Deleted with everything stored for it: gone.
+    second.delete()
+    with pytest.raises(vtp.NotFound):
+        client.get_job(second.id)
+    # A dataset no job under way uses can go too, once.
+    name = f"gone-{uuid.uuid4().hex[:8]}"
+    client.upload_dataset(shapes, name=name)
+    client.delete_dataset(name)
+    with pytest.raises(vtp.NotFound):
+        client.delete_dataset(name)
+
+
 def test_a_failing_job_raises_job_failed_with_the_reason(
     client: vtp.Client, tmp_path: Path
 ) -> None:

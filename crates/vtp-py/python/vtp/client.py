@@ -113,6 +113,18 @@ class Job:
     def done(self) -> bool:
         return self.status in TERMINAL
 
+    @property
+    def priority(self) -> int:
+        """Its place in the queue: higher runs first."""
+        return int(self.data.get("priority") or 0)
+
+    @property
+    def queue_position(self) -> int | None:
+        """While it waits for capacity, its place in the queue (1 is next);
+        ``None`` once a trainer has it, or before it is started."""
+        value = self.data.get("queue_position")
+        return None if value is None else int(value)
+
     # -- actions ----------------------------------------------------------
     def refresh(self) -> Job:
         """Reads the job again; returns ``self``."""
@@ -129,6 +141,11 @@ class Job:
         ``cancelled`` (keeping its last checkpoint)."""
         self.data = self._client._native.cancel_job(self.id)
         return self
+
+    def delete(self) -> None:
+        """Deletes the finished job with its checkpoints, metrics and events
+        (cancel it first if it is under way)."""
+        self._client._native.delete_job(self.id)
 
     def metrics(self) -> Metrics:
         """One dict per finished epoch: ``epoch``, ``loss``, ``val_loss``,
@@ -322,13 +339,15 @@ class Client:
         model: str = "small_cnn",
         config: Mapping[str, Any] | None = None,
         user_id: str | None = None,
+        priority: int = 0,
         **params: Any,
     ) -> Job:
         """Creates a ``pending`` job over a dataset URI. Hyperparameters come
-        as ``config`` and/or keyword arguments (``epochs=5, lr=0.01``)."""
+        as ``config`` and/or keyword arguments (``epochs=5, lr=0.01``);
+        ``priority`` is its place in the queue (higher runs first)."""
         merged = {**(config or {}), **params}
         data = self._native.create_job(
-            dataset, model, config=merged, user_id=user_id or self.user_id
+            dataset, model, config=merged, user_id=user_id or self.user_id, priority=priority
         )
         return Job(self, data)
 
@@ -351,6 +370,14 @@ class Client:
 
     def cancel_job(self, job_id: str) -> Job:
         return Job(self, self._native.cancel_job(job_id))
+
+    def delete_job(self, job_id: str) -> None:
+        """Deletes a finished job with everything stored for it."""
+        self._native.delete_job(job_id)
+
+    def delete_dataset(self, name: str, user_id: str | None = None) -> None:
+        """Deletes a dataset (refused while a job under way uses it)."""
+        self._native.delete_dataset(name, user_id=user_id or self.user_id)
 
     def download_checkpoint(self, job_id: str, dest: PathLike) -> Path:
         """Downloads a job's final checkpoint into the directory ``dest``."""

@@ -56,7 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     println!(
         "GET /vtp/health  -> {} (database {}, blobs at {})",
-        health.status, health.database, health.blob_store
+        health.status,
+        health.database.as_deref().unwrap_or("?"),
+        health.blob_store.as_deref().unwrap_or("?")
     );
 
     // The seed's create body; the answer is the typed Job of vtp-core.

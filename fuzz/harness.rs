@@ -117,6 +117,7 @@ pub fn callback(data: &[u8]) {
         framework: "tch".into(),
         dataset_s3_uri: "s3://b/d".into(),
         config: serde_json::json!({}),
+        priority: 0,
     }
     .into_job()
     .unwrap();

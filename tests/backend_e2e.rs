@@ -101,7 +101,7 @@ async fn seed_flow_against_postgres_and_garage() {
     )
     .await;
     assert_eq!(status, 202, "{started}");
-    let launched = trainer.started();
+    let launched = trainer.wait_started(1).await;
     assert_eq!(launched.len(), 1);
     assert_eq!(launched[0].dataset_s3_uri, dataset_uri);
     let callback = launched[0].callback_url.clone();

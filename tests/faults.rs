@@ -20,13 +20,24 @@ use vtp_trainer::HttpLauncher;
 async fn serve(state: AppState) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(vtp_server::serve(
-        listener,
-        state,
-        Duration::from_secs(3600),
-        std::future::pending(),
-    ));
+    tokio::spawn(vtp_server::serve(listener, state, std::future::pending()));
     url
+}
+
+/// `/health`'s body once it answers `status`, within two probe periods.
+async fn health_within(http: &reqwest::Client, base: &str, status: u16) -> Value {
+    let deadline = std::time::Instant::now() + 3 * vtp_server::probe::EVERY;
+    loop {
+        let (got, body) = json_of(http.get(format!("{base}/health")).send().await.unwrap()).await;
+        if got.as_u16() == status {
+            return body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/health still answers {got} ({body}), not {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn resolve(host_port: &str) -> SocketAddr {
@@ -131,8 +142,9 @@ async fn postgres_outage_is_503_and_a_retry_after_it_succeeds() {
     )
     .await;
     assert_eq!(status, 503, "a create during the outage fails cleanly");
-    let (status, health) = json_of(http.get(format!("{base}/health")).send().await.unwrap()).await;
-    assert_eq!(status, 503, "{health}");
+    // `/health` says so at the store probe's next reading (every few
+    // seconds: a flood of health checks reads no database).
+    let health = health_within(&http, &base, 503).await;
     assert_eq!(health["status"], "degraded");
 
     proxy.set_down(false);
@@ -146,8 +158,7 @@ async fn postgres_outage_is_503_and_a_retry_after_it_succeeds() {
         201,
     )
     .await;
-    let (status, _) = json_of(http.get(format!("{base}/health")).send().await.unwrap()).await;
-    assert_eq!(status, 200);
+    health_within(&http, &base, 200).await;
     assert_eq!(
         jobs.list(&JobFilter::new()).await.unwrap().total,
         2,

@@ -113,12 +113,7 @@ async fn backend(database_url: &str) -> Platform {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let state = AppState::new(stores, blobs, launcher, PLACEHOLDER);
-    tokio::spawn(vtp_server::serve(
-        listener,
-        state,
-        Duration::from_secs(3600),
-        std::future::pending(),
-    ));
+    tokio::spawn(vtp_server::serve(listener, state, std::future::pending()));
     Platform {
         base,
         dataset,
@@ -162,7 +157,7 @@ impl Platform {
                 .unwrap();
             assert_eq!(response.status(), 202);
         }
-        let started = self.trainer.started();
+        let started = self.trainer.wait_started(n).await;
         assert_eq!(started.len(), n);
         started
     }

@@ -127,12 +127,15 @@ impl Env {
             .call(http.post(self.backend.at(&format!("/training/jobs/{id}/start"))))
             .await;
         assert_eq!(status, 202, "{started}");
+        // The backend's queue hands it to the trainer a moment later.
+        let launched = self.trainer.started().len() + 1;
         let request = self
             .trainer
-            .started()
+            .wait_started(launched)
+            .await
             .into_iter()
             .find(|r| r.job_id.to_string() == id)
-            .unwrap();
+            .expect("the job was launched");
         (id, request.callback_secret.expect("a callback secret"))
     }
 }

@@ -120,6 +120,8 @@ impl Env {
         done: impl Fn(&Value) -> bool,
     ) -> Value {
         for _ in 0..1200 {
+            // A kubelet that failed an assertion fails the test here.
+            self.kube.check_kubelet();
             let (_, job) = self
                 .json(self.http.get(backend.at(&format!("/training/jobs/{id}"))))
                 .await;
@@ -134,6 +136,7 @@ impl Env {
     /// Polls the fake cluster until the Job `name` exists and `done` holds.
     async fn wait_for_k8s_job(&self, name: &str, done: impl Fn(&Value) -> bool) -> Value {
         for _ in 0..1200 {
+            self.kube.check_kubelet();
             if let Some(k8s) = self.kube.job(name)
                 && done(&k8s)
             {
@@ -262,7 +265,7 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
             kubelet.work.join(format!("{name}-pod{pod}")),
         )
         .env("VTP_LOG", "info");
-    let mut child = command.spawn().expect("the trainer binary runs");
+    let child = command.spawn().expect("the trainer binary runs");
     {
         let mut pods = kubelet.pods.0.lock().unwrap();
         let state = pods.entry(name.clone()).or_default();
@@ -271,6 +274,33 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
     }
     let kubelet = kubelet.clone();
     std::thread::spawn(move || {
+        // What the pod's watcher asserts fails the test (through
+        // `check_kubelet`), not just this thread.
+        let watcher = kubelet.clone();
+        let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            watch_pod(&kubelet, child, name, job, pod);
+        }));
+        if let Err(panic) = watched {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "the pod watcher panicked".to_owned());
+            watcher.kube.kubelet_failed(message);
+        }
+    });
+}
+
+/// Waits for the pod's process and plays what the Job controller does
+/// with its end.
+fn watch_pod(
+    kubelet: &Arc<Kubelet>,
+    mut child: std::process::Child,
+    name: String,
+    job: Value,
+    pod: usize,
+) {
+    {
         let status = child.wait().unwrap();
         let evicted = std::mem::take(
             &mut kubelet
@@ -297,7 +327,7 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
                 json!({"phase": "Failed", "reason": "Evicted", "conditions": [
                     {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}]}),
             );
-            start_pod(&kubelet, job);
+            start_pod(kubelet, job);
             return;
         }
         if status.success() {
@@ -312,7 +342,7 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
                 &format!("pod exited: {status}"),
             );
         }
-    });
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -513,11 +543,11 @@ async fn a_pod_evicted_mid_run_is_replaced_and_the_job_resumes_within_its_attemp
     }
 }
 
-/// The backend is SIGKILLed while a start request is held at the fail
-/// point `point` (set to `return`: the request hangs there); the client
-/// then retries both requests under their `Idempotency-Key`s against the
-/// restarted backend. The job must run once: one Kubernetes Job, one
-/// attempt, every epoch once.
+/// The backend is SIGKILLed while it is held at the fail point `point` (set
+/// to `return`: the start request, or the queue's dispatcher, hangs there);
+/// the client then retries both requests under their `Idempotency-Key`s
+/// against the restarted backend. The job must run once: one Kubernetes
+/// Job, one attempt, every epoch once.
 #[cfg(feature = "failpoints")]
 async fn backend_killed_at(point: &str) {
     let Some(env) = Env::new().await else { return };
@@ -558,15 +588,25 @@ async fn backend_killed_at(point: &str) {
             .header("Idempotency-Key", "start-once")
     };
     let held = tokio::spawn(start(&backend).send());
-    if point == "start-after-queue" {
-        env.wait_for(&backend, &id, |job| job["status"] == "queued")
-            .await;
-        assert!(env.kube.job(&name).is_none(), "not launched yet");
-    } else {
-        env.wait_for_k8s_job(&name, |_| true).await;
+    match point {
+        "start-after-queue" | "dispatch-after-record" => {
+            env.wait_for(&backend, &id, |job| job["status"] == "queued")
+                .await;
+            // (Held before the launch: give the dispatcher a moment to get there.)
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            assert!(env.kube.job(&name).is_none(), "not launched yet");
+        }
+        _ => {
+            env.wait_for_k8s_job(&name, |_| true).await;
+        }
     }
     backend.kill().await;
-    assert!(held.await.unwrap().is_err(), "the start got no answer");
+    let answered = held.await.unwrap();
+    if point == "start-after-queue" {
+        assert!(answered.is_err(), "the start got no answer");
+    } else {
+        assert_eq!(answered.unwrap().status(), 202, "the start was answered");
+    }
 
     let backend = start_backend(None).await;
     // The retried create answers with the job it made; the retried start
@@ -579,6 +619,7 @@ async fn backend_killed_at(point: &str) {
     let again = start(&backend).send().await.unwrap();
     assert_eq!(again.status(), 202);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
+    env.kube.check_kubelet();
     // Another request under a used key is refused, naming the header.
     let (status, refused) = env.json(create(&backend, &job_body(&dataset, 4))).await;
     assert_eq!(status, 422, "{refused}");
@@ -610,6 +651,13 @@ async fn a_backend_killed_between_queueing_and_launching_runs_the_job_once_after
 
 #[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backend_killed_between_launching_and_answering_runs_the_job_once_after_restart() {
-    backend_killed_at("start-after-launch").await;
+async fn a_backend_killed_between_recording_a_launch_and_making_it_runs_the_job_once_after_restart()
+{
+    backend_killed_at("dispatch-after-record").await;
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_right_after_a_launch_runs_the_job_once_after_restart() {
+    backend_killed_at("dispatch-after-launch").await;
 }

@@ -1,10 +1,14 @@
 //! A fake Kubernetes API server on loopback, speaking the REST protocol for
 //! the calls the Kubernetes launcher makes: create, get, list (with a label
-//! selector) and delete `batch/v1` Jobs, create, read, replace and delete
-//! Secrets, and list pods. The real kube client
-//! talks to it. Tests set Job conditions and pod statuses to play the
-//! cluster; with [`FakeKube::run_pods_with`], each created Job's container
-//! runs as a local process (a tiny kubelet).
+//! selector, in pages of `limit` with a `continue` token), merge-patch and
+//! delete `batch/v1` Jobs, create, read, replace and delete Secrets, and
+//! list pods. The real kube client talks to it. Tests set Job conditions
+//! and pod statuses to play the cluster; with [`FakeKube::run_pods_with`],
+//! each created Job's container runs as a local process (a tiny kubelet),
+//! unless the Job is suspended (as Kueue leaves it until it admits it). A
+//! kubelet that panics fails the create with its message, and the message
+//! is kept for [`FakeKube::check_kubelet`]: the test fails, not a thread of
+//! the server.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -38,6 +42,10 @@ struct Cluster {
     secrets: BTreeMap<String, Value>,
     seen: Vec<Seen>,
     kubelet: Option<Kubelet>,
+    /// What a kubelet that panicked said.
+    kubelet_failures: Vec<String>,
+    /// Pages served by a Job listing with a `limit`.
+    list_pages: usize,
 }
 
 /// The fake API server.
@@ -103,8 +111,22 @@ async fn create_job(
         c.jobs.insert(name, job.clone());
         c.kubelet.clone()
     };
-    if let Some(kubelet) = kubelet {
-        kubelet(&job);
+    let suspended = job["spec"]["suspend"].as_bool() == Some(true);
+    if let Some(kubelet) = kubelet.filter(|_| !suspended) {
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kubelet(&job)));
+        if let Err(panic) = ran {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "the kubelet panicked".to_owned());
+            cluster
+                .lock()
+                .unwrap()
+                .kubelet_failures
+                .push(message.clone());
+            return status(500, "InternalError", format!("kubelet: {message}"));
+        }
     }
     (StatusCode::CREATED, Json(job)).into_response()
 }
@@ -113,14 +135,66 @@ async fn list_jobs(
     State(cluster): State<Shared>,
     Query(query): Query<BTreeMap<String, String>>,
 ) -> Response {
-    let c = cluster.lock().unwrap();
-    let items: Vec<Value> = c
+    let mut c = cluster.lock().unwrap();
+    let after = query.get("continue").cloned().unwrap_or_default();
+    let limit = query
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0);
+    let mut items: Vec<Value> = c
         .jobs
-        .values()
+        .iter()
+        .filter(|(name, _)| after.is_empty() || name.as_str() > after.as_str())
+        .map(|(_, job)| job)
         .filter(|j| selected(j, query.get("labelSelector")))
         .cloned()
         .collect();
-    Json(json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": {"resourceVersion": "1"}, "items": items})).into_response()
+    let mut metadata = json!({"resourceVersion": "1"});
+    if let Some(limit) = limit {
+        c.list_pages += 1;
+        if items.len() > limit {
+            items.truncate(limit);
+            metadata["continue"] = items.last().unwrap()["metadata"]["name"].clone();
+        }
+    }
+    Json(json!({"apiVersion": "batch/v1", "kind": "JobList", "metadata": metadata, "items": items}))
+        .into_response()
+}
+
+/// A JSON merge patch (RFC 7396) of `target` with `patch`.
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
+}
+
+async fn patch_job(
+    State(cluster): State<Shared>,
+    Path((_, name)): Path<(String, String)>,
+    Json(patch): Json<Value>,
+) -> Response {
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "PATCH",
+        name: name.clone(),
+        body: patch.clone(),
+    });
+    match c.jobs.get_mut(&name) {
+        Some(job) => {
+            merge(job, &patch);
+            Json(job.clone()).into_response()
+        }
+        None => status(404, "NotFound", format!("jobs.batch \"{name}\" not found")),
+    }
 }
 
 async fn get_job(
@@ -260,7 +334,7 @@ impl FakeKube {
             )
             .route(
                 "/apis/batch/v1/namespaces/{namespace}/jobs/{name}",
-                get(get_job).delete(delete_job),
+                get(get_job).delete(delete_job).patch(patch_job),
             )
             .route("/api/v1/namespaces/{namespace}/pods", get(list_pods))
             .route(
@@ -308,6 +382,31 @@ impl FakeKube {
     /// Runs `kubelet` on every Job created from now on.
     pub fn run_pods_with(&self, kubelet: impl Fn(&Value) + Send + Sync + 'static) {
         self.cluster.lock().unwrap().kubelet = Some(Arc::new(kubelet));
+    }
+
+    /// Panics with what a kubelet said when it panicked (its failure is
+    /// the test's).
+    pub fn check_kubelet(&self) {
+        let failures = self.cluster.lock().unwrap().kubelet_failures.clone();
+        assert!(failures.is_empty(), "the fake kubelet failed: {failures:?}");
+    }
+
+    /// Records a kubelet's failure outside a request (in a thread that
+    /// watches a pod), for [`FakeKube::check_kubelet`].
+    pub fn kubelet_failed(&self, message: String) {
+        self.cluster.lock().unwrap().kubelet_failures.push(message);
+    }
+
+    /// How many pages Job listings with a `limit` were served in.
+    pub fn list_pages(&self) -> usize {
+        self.cluster.lock().unwrap().list_pages
+    }
+
+    /// Lifts a Job's suspension, as Kueue does when it admits it.
+    pub fn admit(&self, name: &str) {
+        let mut c = self.cluster.lock().unwrap();
+        let job = c.jobs.get_mut(name).expect("job exists");
+        job["spec"]["suspend"] = json!(false);
     }
 
     /// The Job named `name`.

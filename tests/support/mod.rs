@@ -338,6 +338,17 @@ pub async fn upload_shapes(
     per_class: usize,
     seed: u64,
 ) -> String {
+    upload_shapes_to(http, &backend.url, user, per_class, seed).await
+}
+
+/// [`upload_shapes`] to the backend (or balancer) at `base`.
+pub async fn upload_shapes_to(
+    http: &reqwest::Client,
+    base: &str,
+    user: &str,
+    per_class: usize,
+    seed: u64,
+) -> String {
     let dir = tempfile::tempdir().unwrap();
     vtp_trainer::testing::shapes_dataset(&dir.path().join("shapes"), per_class, seed);
     let archive = dir.path().join("shapes.zip");
@@ -351,7 +362,7 @@ pub async fn upload_shapes(
         .text("user_id", user.to_owned())
         .text("dataset_name", "shapes");
     let response = http
-        .post(backend.at("/datasets/upload"))
+        .post(format!("{base}/datasets/upload"))
         .multipart(form)
         .send()
         .await
@@ -406,4 +417,66 @@ pub fn signed(
         request = request.header(name, value);
     }
     request.body(bytes)
+}
+
+/// A loopback TCP balancer in front of several backends: each connection
+/// goes to the next backend in turn that accepts it, as a Kubernetes
+/// Service does for its ready endpoints. Backends are named after the
+/// balancer is listening, so they can be given its URL as their public one.
+#[derive(Debug)]
+pub struct Balancer {
+    addr: SocketAddr,
+    targets: Arc<Mutex<Vec<SocketAddr>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Listens on a fresh loopback port, with no backend yet.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let targets: Arc<Mutex<Vec<SocketAddr>>> = Arc::default();
+        let shared = targets.clone();
+        let task = tokio::spawn(async move {
+            let next = AtomicU64::new(0);
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let targets = shared.lock().unwrap().clone();
+                let first = next.fetch_add(1, Ordering::SeqCst) as usize;
+                tokio::spawn(async move {
+                    for i in 0..targets.len() {
+                        let target = targets[(first + i) % targets.len()];
+                        if let Ok(mut server) = TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Balancer {
+            addr,
+            targets,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Sends connections to `target` too.
+    pub fn add(&self, url: &str) {
+        let addr = url.trim_start_matches("http://").parse().unwrap();
+        self.targets.lock().unwrap().push(addr);
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

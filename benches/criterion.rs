@@ -162,6 +162,7 @@ fn callback_ingestion(c: &mut Criterion) {
                 framework: "tch".into(),
                 dataset_s3_uri: "s3://b/d".into(),
                 config: serde_json::json!({}),
+                priority: 0,
             })
             .await
             .unwrap();

@@ -1,7 +1,7 @@
 //! The side-by-side benchmark harness: each VTP component against its peer,
 //! interleaved round by round in one run, with the same thread count (2).
 //!
-//! Run with: scripts/bench.sh [step|pipeline|epoch|detect_step|detect_epoch|callbacks|s3]...
+//! Run with: scripts/bench.sh [step|pipeline|epoch|detect_step|detect_epoch|callbacks|flood|s3]...
 //! (it installs the Python peers and starts Postgres and Garage), which calls
 //! `cargo bench -p vtp-server --features torch --bench side_by_side -- PAIRS`.
 //! Prints a markdown table of medians and ratios and writes it to
@@ -511,7 +511,9 @@ fn new_job() -> NewJob {
         model_name: "small_cnn".into(),
         framework: "tch".into(),
         dataset_s3_uri: "s3://bench/data".into(),
-        config: json!({}),
+        // Every report carries an epoch's metrics, up to epoch 61.
+        config: json!({"epochs": 100}),
+        priority: 0,
     }
 }
 
@@ -662,6 +664,141 @@ fn bench_callbacks(rt: &tokio::runtime::Runtime) -> Vec<Row> {
     vec![rate, p50, p99]
 }
 
+// ---------------------------------------------------------------- stream flood
+
+/// Another user's request latency while one user floods the backend with
+/// event streams (`flood`), or while nobody does: the backend with tokens
+/// on Postgres, served through its own accept loop. The flood opens 1,000
+/// streams on one of its jobs, 64 at a time, and starts over as long as
+/// the victim is measured: the first 16 stay open, the rest get 429.
+async fn victim_latency(flood: bool) -> Load {
+    use vtp_core::CredentialStoreExt as _;
+    let db = vtp_storage::testing::TestDatabase::create()
+        .await
+        .expect("Postgres");
+    let stores = vtp_storage::connect_stores(db.url()).await.unwrap();
+    let mallory = stores
+        .credentials
+        .create_token("mallory", false)
+        .await
+        .unwrap();
+    let alice = stores
+        .credentials
+        .create_token("alice", false)
+        .await
+        .unwrap();
+    let job_of = |user: &str| NewJob {
+        user_id: user.into(),
+        ..new_job()
+    };
+    let target = stores.jobs.create_job(job_of("mallory")).await.unwrap();
+    let own = stores.jobs.create_job(job_of("alice")).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
+    let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
+    let state = vtp_server::AppState::new(stores, blobs, launcher, base.clone())
+        .with_auth(vtp_server::AuthMode::Tokens);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(vtp_server::serve(
+        listener,
+        state,
+        stop.clone().cancelled_owned(),
+    ));
+    let client = |token: &str| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .unwrap()
+    };
+    let (attacker, victim) = (client(&mallory.token), client(&alice.token));
+    let attack = flood.then(|| {
+        let url = format!("{base}/training/jobs/{}/events", target.id);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            let (mut refused, mut sent) = (0u64, 0u64);
+            while !stop.is_cancelled() {
+                for _ in 0..1000 / 64 + 1 {
+                    let batch =
+                        futures::future::join_all((0..64).map(|_| attacker.get(&url).send())).await;
+                    for response in batch.into_iter().flatten() {
+                        sent += 1;
+                        if response.status() == 429 {
+                            refused += 1;
+                        } else if held.len() < 16 {
+                            held.push(response);
+                        }
+                    }
+                }
+            }
+            (sent, refused)
+        })
+    });
+    // The victim reads her job, one request after another.
+    let url = format!("{base}/training/jobs/{}", own.id);
+    for _ in 0..20 {
+        victim.get(&url).send().await.unwrap();
+    }
+    let mut latencies = Vec::new();
+    let start = Instant::now();
+    for _ in 0..500 {
+        let t = Instant::now();
+        let response = victim.get(&url).send().await.unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        let _ = response.bytes().await;
+        latencies.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    stop.cancel();
+    if let Some(attack) = attack {
+        let (sent, refused) = attack.await.unwrap();
+        eprintln!("flood: {sent} stream requests, {refused} refused with 429");
+        assert!(refused + 16 >= sent, "only the cap's streams were served");
+    }
+    let _ = server.await;
+    latencies.sort_by(f64::total_cmp);
+    Load {
+        per_second: latencies.len() as f64 / seconds,
+        p50_ms: latencies[latencies.len() / 2],
+        p99_ms: latencies[latencies.len() * 99 / 100],
+    }
+}
+
+fn bench_flood(rt: &tokio::runtime::Runtime) -> Vec<Row> {
+    let peer_name = "the same backend, no flood";
+    let mut p99 = Row {
+        name: "another user's GET p99 while one user opens 1,000 event streams".into(),
+        unit: "ms",
+        higher_is_better: false,
+        ours: vec![],
+        peer: vec![],
+        peer_name,
+    };
+    let mut p50 = Row {
+        name: "another user's GET p50 while one user opens 1,000 event streams".into(),
+        unit: "ms",
+        higher_is_better: false,
+        ours: vec![],
+        peer: vec![],
+        peer_name,
+    };
+    for _ in 0..rounds() {
+        let flooded = rt.block_on(victim_latency(true));
+        let quiet = rt.block_on(victim_latency(false));
+        p99.ours.push(flooded.p99_ms);
+        p99.peer.push(quiet.p99_ms);
+        p50.ours.push(flooded.p50_ms);
+        p50.peer.push(quiet.p50_ms);
+    }
+    vec![p50, p99]
+}
+
 // ---------------------------------------------------------------- S3 download
 
 fn bench_s3(rt: &tokio::runtime::Runtime, dir: &Path) -> Vec<Row> {
@@ -757,6 +894,7 @@ fn main() {
         "detect_step",
         "detect_epoch",
         "callbacks",
+        "flood",
         "s3",
     ];
     let pairs: Vec<&str> = if pairs.is_empty() {
@@ -784,6 +922,7 @@ fn main() {
             "detect_step" => bench_detect_step(work.path()),
             "detect_epoch" => bench_detect_epoch(work.path()),
             "callbacks" => bench_callbacks(&rt),
+            "flood" => bench_flood(&rt),
             "s3" => bench_s3(&rt, work.path()),
             other => panic!("unknown pair {other:?}; known: {all:?}"),
         });

@@ -4,7 +4,7 @@
 # Installs the Python peers, starts Postgres and Garage, and prints the
 # table that BENCHMARKS.md records.
 #
-#   scripts/bench.sh [step|pipeline|epoch|detect_step|detect_epoch|callbacks|s3]...   (all by default)
+#   scripts/bench.sh [step|pipeline|epoch|detect_step|detect_epoch|callbacks|flood|s3]...   (all by default)
 #   VTP_BENCH_ROUNDS=5 scripts/bench.sh step
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -58,6 +58,7 @@ async fn job_in(env: &Env, status: JobStatus, config: Value) -> StartTraining {
         framework: "tch".into(),
         dataset_s3_uri: "s3://datasets/vtp/users/u/d.zip".into(),
         config: json!({}),
+        priority: 0,
     }
     .into_job()
     .unwrap();
@@ -76,6 +77,17 @@ async fn job_in(env: &Env, status: JobStatus, config: Value) -> StartTraining {
     for to in path {
         env.store.transition(job.id, from, *to).await.unwrap();
         from = *to;
+        if *to == JobStatus::Queued {
+            // Handed to the launcher, as the queue's dispatcher does.
+            env.store
+                .update_with(job.id, |job| {
+                    let mut next = job.clone();
+                    next.launched_at = Some(vtp_core::job::now());
+                    Ok(Some(next))
+                })
+                .await
+                .unwrap();
+        }
     }
     StartTraining::for_job(
         &job,
@@ -147,26 +159,37 @@ async fn launch_creates_one_labelled_job_with_the_request_resources_and_policies
             .find(|e| e.name == name)
             .and_then(|e| e.value.clone())
     };
-    let sent: StartTraining = serde_json::from_str(&value_of(START_TRAINING_ENV).unwrap()).unwrap();
+    let from_secret = |name: &str| {
+        env_vars
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.secret_key_ref)
+            .unwrap_or_else(|| panic!("{name} comes from a Secret"))
+    };
     let mut public = request.clone();
     let secret = public.callback_secret.take().unwrap();
+    // Neither the start request (the job's config) nor the callback secret
+    // is in the pod spec: both are in the job's own Secret, owned by the Job.
+    assert_eq!(value_of(START_TRAINING_ENV), None);
+    let text = job.to_string();
+    assert!(
+        !text.contains(secret.expose()),
+        "the secret leaked into the Job"
+    );
+    assert!(
+        !text.contains("\"epochs\"") && !text.contains(&request.config.to_string()),
+        "the config leaked into the Job: {text}"
+    );
+    let reference = from_secret(START_TRAINING_ENV);
+    let stored = env.kube.secret(&reference.name).expect("the Secret exists");
+    let sent: StartTraining =
+        serde_json::from_str(stored["stringData"][&reference.key].as_str().unwrap()).unwrap();
     assert_eq!(
         sent, public,
         "the pod gets the job's start request, without its secret"
     );
-    // The callback secret is in the job's own Secret, owned by the Job, and
-    // nowhere in the pod spec.
-    assert!(
-        !job.to_string().contains(secret.expose()),
-        "the secret leaked into the Job"
-    );
-    let reference = env_vars
-        .iter()
-        .find(|e| e.name == "VTP_CALLBACK_SECRET")
-        .and_then(|e| e.value_from.clone())
-        .and_then(|v| v.secret_key_ref)
-        .expect("VTP_CALLBACK_SECRET comes from a Secret");
-    let stored = env.kube.secret(&reference.name).expect("the Secret exists");
+    let reference = from_secret("VTP_CALLBACK_SECRET");
     assert_eq!(stored["stringData"][&reference.key], secret.expose());
     assert_eq!(stored["metadata"]["ownerReferences"][0]["kind"], "Job");
     assert_eq!(
@@ -195,7 +218,80 @@ async fn launch_creates_one_labelled_job_with_the_request_resources_and_policies
     assert_eq!(limits["cpu"].0, "2");
     assert_eq!(limits["memory"].0, "3Gi");
     assert_eq!(limits["nvidia.com/gpu"].0, "1");
-    assert_eq!(resources.requests.unwrap()["cpu"].0, "2");
+    assert_eq!(resources.requests.as_ref().unwrap()["cpu"].0, "2");
+    // Disk from the dataset's size (unknown here: 1 GiB is assumed):
+    // the archive, twice it unpacked, 2 GiB of work; the trainer is told
+    // its share for unpacking.
+    assert_eq!(limits["ephemeral-storage"].0, "5120Mi");
+    assert_eq!(
+        resources.requests.as_ref().unwrap()["ephemeral-storage"].0,
+        "5120Mi"
+    );
+    assert_eq!(
+        value_of("VTP_MAX_UNPACKED_BYTES").as_deref(),
+        Some("2147483648")
+    );
+
+    // A hardened pod: not root, nothing written outside its own empty
+    // directories, no capability, no escalation, the default seccomp
+    // profile, no API token.
+    let pod_security = pod.security_context.clone().unwrap();
+    assert_eq!(pod_security.run_as_non_root, Some(true));
+    assert_eq!(pod_security.run_as_user, Some(10001));
+    assert_eq!(
+        pod_security.seccomp_profile.unwrap().type_,
+        "RuntimeDefault"
+    );
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    let security = container.security_context.clone().unwrap();
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.unwrap().drop,
+        Some(vec!["ALL".to_owned()])
+    );
+    let volumes = pod.volumes.clone().unwrap();
+    let work = volumes.iter().find(|v| v.name == "work").unwrap();
+    assert_eq!(
+        work.empty_dir
+            .as_ref()
+            .unwrap()
+            .size_limit
+            .as_ref()
+            .unwrap()
+            .0,
+        "5120Mi"
+    );
+    let mounts = container.volume_mounts.clone().unwrap();
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "work" && m.mount_path == "/work")
+    );
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "tmp" && m.mount_path == "/tmp")
+    );
+    assert_eq!(value_of("VTP_WORK_DIR").as_deref(), Some("/work"));
+
+    // A larger dataset gets more disk; one beyond the largest allowed is
+    // refused at launch, naming the dataset.
+    let mut big = request.clone();
+    big.dataset_bytes = Some(10 << 30);
+    let manifest = env.launcher.job_manifest(&big).unwrap();
+    let limits = manifest.spec.unwrap().template.spec.unwrap().containers[0]
+        .resources
+        .clone()
+        .unwrap()
+        .limits
+        .unwrap();
+    assert_eq!(limits["ephemeral-storage"].0, format!("{}Mi", 32 * 1024));
+    big.dataset_bytes = Some(30 << 30);
+    match env.launcher.job_manifest(&big) {
+        Err(vtp_core::Error::InvalidInput { field, .. }) => assert_eq!(field, "dataset_s3_uri"),
+        other => panic!("{other:?}"),
+    }
 
     // A second launch (a retried start, a restarted backend) adopts it.
     env.launcher.launch(&request).await.unwrap();
@@ -439,9 +535,29 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
             "state": {"running": {}}}]
     }));
 
-    let done = env.launcher.reconcile().await.unwrap();
+    let pages_before = env.kube.list_pages();
+    let done = env.launcher.reconcile_pass().await.unwrap();
     assert_eq!(done.running, 1, "{done:?}");
     assert_eq!(done.ended.len(), 7, "{done:?}");
+    assert!(env.kube.list_pages() > pages_before, "the listing is paged");
+    // A failed Job whose reason is recorded need not stay long.
+    let patched: Vec<String> = env
+        .kube
+        .seen()
+        .into_iter()
+        .filter(|s| s.method == "PATCH")
+        .map(|s| {
+            assert_eq!(
+                s.body["spec"]["ttlSecondsAfterFinished"], 600,
+                "{:?}",
+                s.body
+            );
+            s.name
+        })
+        .collect();
+    for id in [deadline, refused, evicted] {
+        assert!(patched.contains(&job_name(id)), "{patched:?}");
+    }
 
     let ended = |id| {
         let store = env.store.clone();
@@ -484,7 +600,7 @@ async fn the_reconciler_ends_every_lost_job_with_its_reason() {
 
     // A second pass finds nothing more to do: the failed Job of the
     // evicted job's first attempt is not judged again.
-    let again = env.launcher.reconcile().await.unwrap();
+    let again = env.launcher.reconcile_pass().await.unwrap();
     assert_eq!((again.running, again.ended.len()), (1, 0));
 
     // The relaunch replaces that finished Job with the second attempt's.
@@ -530,7 +646,7 @@ async fn the_reconciler_deletes_the_running_job_of_a_job_that_is_over() {
     let running = job_in(&env, JobStatus::Running, json!({})).await;
     env.launcher.launch(&running).await.unwrap();
 
-    let pass = env.launcher.reconcile().await.unwrap();
+    let pass = env.launcher.reconcile_pass().await.unwrap();
     assert_eq!(pass.deleted, vec![over.job_id], "{pass:?}");
     assert!(env.kube.job(&job_name(over.job_id)).is_none());
     assert!(
@@ -542,6 +658,72 @@ async fn the_reconciler_deletes_the_running_job_of_a_job_that_is_over() {
     assert!(env.kube.job(&job_name(done.job_id)).is_some());
     assert!(env.kube.job(&job_name(running.job_id)).is_some());
     assert_eq!(pass.running, 1);
-    let again = env.launcher.reconcile().await.unwrap();
+    let again = env.launcher.reconcile_pass().await.unwrap();
     assert!(again.deleted.is_empty(), "{again:?}");
+}
+
+/// With a Kueue `LocalQueue` named, every job is handed over at once as a
+/// suspended Job with the queue's label, and waits there: the backend's
+/// sweeper asks, and is told it is not admitted yet, until Kueue lifts the
+/// suspension.
+#[tokio::test]
+async fn kueue_admits_suspended_jobs_and_a_suspended_job_is_waiting_not_lost() {
+    let kube = FakeKube::start().await;
+    let store: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
+    let config = KubernetesConfig {
+        namespace: NS.into(),
+        kueue_queue: Some("team-a".into()),
+        settle_time: Duration::ZERO,
+        ..KubernetesConfig::default()
+    };
+    let launcher = KubernetesLauncher::new(kube.client(NS), config, store.clone());
+    let env = Env {
+        kube,
+        store,
+        launcher,
+    };
+    assert_eq!(
+        env.launcher.capacity().await.unwrap(),
+        vtp_core::Capacity::Admitted
+    );
+    let request = job_in(&env, JobStatus::Queued, json!({})).await;
+    env.launcher.launch(&request).await.unwrap();
+    let name = job_name(request.job_id);
+    let job = env.kube.job(&name).unwrap();
+    assert_eq!(job["spec"]["suspend"], true);
+    assert_eq!(
+        job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"],
+        "team-a"
+    );
+    assert!(
+        env.launcher
+            .waiting_for_admission(request.job_id)
+            .await
+            .unwrap()
+    );
+    // The reconciler leaves it be, and remembers it as waiting.
+    let done = env.launcher.reconcile_pass().await.unwrap();
+    assert_eq!((done.running, done.ended.len()), (1, 0), "{done:?}");
+    assert!(
+        env.launcher
+            .waiting_for_admission(request.job_id)
+            .await
+            .unwrap()
+    );
+    // Admitted: it runs like any other.
+    env.kube.admit(&name);
+    env.launcher.reconcile_pass().await.unwrap();
+    assert!(
+        !env.launcher
+            .waiting_for_admission(request.job_id)
+            .await
+            .unwrap()
+    );
+    // Without Kueue, the backend's own slots.
+    let plain = env_plain_capacity().await;
+    assert_eq!(plain, vtp_core::Capacity::Slots(8));
+}
+
+async fn env_plain_capacity() -> vtp_core::Capacity {
+    env().await.launcher.capacity().await.unwrap()
 }

@@ -32,6 +32,7 @@ async fn the_child_trainer_gets_an_allow_listed_environment_and_a_token() {
             framework: "tch".into(),
             dataset_s3_uri: "s3://b/users/u/datasets/d/".into(),
             config: serde_json::json!({}),
+            priority: 0,
         })
         .await
         .unwrap();

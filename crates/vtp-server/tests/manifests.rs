@@ -57,7 +57,7 @@ fn check_typed<T: DeserializeOwned + serde::Serialize>(object: &Value, origin: &
 
 /// Parses `object` into its k8s-openapi type.
 fn validate(object: &Value, origin: &str) {
-    use k8s_openapi::api::{apps, batch, core, rbac};
+    use k8s_openapi::api::{apps, batch, core, networking, policy, rbac};
     match object["kind"].as_str().unwrap_or_default() {
         "Deployment" => check_typed::<apps::v1::Deployment>(object, origin),
         "Service" => check_typed::<core::v1::Service>(object, origin),
@@ -68,6 +68,8 @@ fn validate(object: &Value, origin: &str) {
         "Job" => check_typed::<batch::v1::Job>(object, origin),
         "Role" => check_typed::<rbac::v1::Role>(object, origin),
         "RoleBinding" => check_typed::<rbac::v1::RoleBinding>(object, origin),
+        "NetworkPolicy" => check_typed::<networking::v1::NetworkPolicy>(object, origin),
+        "PodDisruptionBudget" => check_typed::<policy::v1::PodDisruptionBudget>(object, origin),
         other => panic!("{origin}: no check for kind {other:?}"),
     }
 }
@@ -269,6 +271,25 @@ fn check_platform(objects: &[Value]) -> (Value, serde_json::Map<String, Value>) 
     let binding = find(objects, "RoleBinding", "vtp-launcher");
     assert_eq!(binding["subjects"][0]["name"], "vtp-backend");
     find(objects, "Service", "vtp-backend");
+    // Trainer pods reach the backend, DNS and (each overlay's) S3 store,
+    // nothing else; nothing reaches them.
+    let trainers = find(objects, "NetworkPolicy", "vtp-trainers");
+    assert_eq!(
+        trainers["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "vtp-trainer"
+    );
+    assert_eq!(
+        trainers["spec"]["policyTypes"],
+        serde_json::json!(["Ingress", "Egress"])
+    );
+    assert_eq!(trainers["spec"]["ingress"], serde_json::json!([]));
+    let egress = trainers["spec"]["egress"].as_array().unwrap();
+    assert_eq!(
+        egress[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
+        "vtp-backend"
+    );
+    let s3 = find(objects, "NetworkPolicy", "vtp-trainers-to-s3");
+    assert_eq!(s3["spec"]["policyTypes"], serde_json::json!(["Egress"]));
     (backend, config)
 }
 
@@ -344,6 +365,36 @@ fn the_production_overlay_uses_external_stores_with_probes_resources_and_scrapin
         objects.iter().all(|o| o["kind"] != "Secret"),
         "production credentials come from outside the repository"
     );
+    // Two backends, one of which leads; a drain leaves one serving.
+    assert_eq!(backend["spec"]["replicas"], 2);
+    assert_eq!(
+        backend["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"],
+        0
+    );
+    let budget = find(&objects, "PodDisruptionBudget", "vtp-backend");
+    assert_eq!(budget["spec"]["minAvailable"], 1);
+    assert_eq!(
+        budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "vtp-backend"
+    );
+    // Trainers reach the external S3 over HTTPS, no private address.
+    let s3 = find(&objects, "NetworkPolicy", "vtp-trainers-to-s3");
+    let block = &s3["spec"]["egress"][0]["to"][0]["ipBlock"];
+    let except: Vec<&str> = block["except"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for private in [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "169.254.0.0/16",
+    ] {
+        assert!(except.contains(&private), "{except:?}");
+    }
+    assert_eq!(config["VTP_RETENTION_DAYS"], "90");
 }
 
 #[test]

@@ -73,12 +73,7 @@ async fn stack() -> Stack {
         ),
         backend.clone(),
     );
-    tokio::spawn(vtp_server::serve(
-        listener,
-        state,
-        Duration::from_secs(3600),
-        std::future::pending(),
-    ));
+    tokio::spawn(vtp_server::serve(listener, state, std::future::pending()));
     Stack {
         backend,
         trainer,

@@ -185,7 +185,7 @@ async fn s3_failing_during_an_upload_leaves_nothing() {
         .with_part_size(5 * 1024 * 1024)
         .build()
         .unwrap();
-    let direct = s3.builder().with_url(root).build().unwrap();
+    let direct = s3.builder().with_url(root.clone()).build().unwrap();
     let launcher = Arc::new(HttpLauncher::new("http://127.0.0.1:9").unwrap());
     let base = serve(AppState::new(
         vtp_storage::Stores::memory(),
@@ -214,10 +214,30 @@ async fn s3_failing_during_an_upload_leaves_nothing() {
     assert!(status.is_server_error(), "{status}: {body}");
     assert!(body["error"]["message"].as_str().is_some(), "{body}");
 
+    // While S3 is out of the backend's reach, the upload it began is still
+    // open (its abort failed too): seen here directly, not through the proxy.
+    assert!(
+        !s3.open_multipart_uploads(&root).await.is_empty(),
+        "the interrupted upload is open until its abort gets through"
+    );
     proxy.set_down(false);
     let left = direct.list(None).await.unwrap();
     assert!(
         left.is_empty(),
         "no object, partial or whole, is visible: {left:?}"
     );
+    // Nor any invisible one: the multipart upload was aborted (retried in
+    // the background once S3 is back), so no parts stay in the bucket.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let open = s3.open_multipart_uploads(&root).await;
+        if open.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "multipart uploads left open in S3: {open:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

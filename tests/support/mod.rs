@@ -84,6 +84,9 @@ impl FaultProxy {
         if down {
             self.state.cut();
         } else {
+            // Back for good: a `down_after` already passed would cut the
+            // first connection again.
+            self.state.down_after.store(0, Ordering::SeqCst);
             self.state.down.store(false, Ordering::SeqCst);
         }
     }

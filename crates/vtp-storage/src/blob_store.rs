@@ -3,13 +3,18 @@
 
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
-use vtp_core::{BlobKey, BlobStore, ByteStream, Error, ObjectMeta, Result};
+use object_store::{
+    MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, PutResult, UploadPart, WriteMultipart,
+};
+use vtp_core::{
+    BackoffConfig, BlobKey, BlobStore, ByteStream, Error, ObjectMeta, Result, RetryConfig,
+};
 
 /// The embedded default: a directory under `./.vtp/`.
 pub const DEFAULT_BLOB_URL: &str = "file://./.vtp/blobs";
@@ -76,7 +81,9 @@ impl ObjectStoreBlobStore {
             .put_multipart(path)
             .await
             .map_err(map_object_store)?;
-        let mut writer = WriteMultipart::new_with_chunk_size(upload, self.part_size);
+        let upload = SharedUpload(Arc::new(tokio::sync::Mutex::new(upload)));
+        let handle = upload.0.clone();
+        let mut writer = WriteMultipart::new_with_chunk_size(Box::new(upload), self.part_size);
         writer.put(first);
         let streamed: Result<()> = async {
             while let Some(chunk) = data.try_next().await? {
@@ -89,16 +96,85 @@ impl ObjectStoreBlobStore {
             Ok(())
         }
         .await;
-        match streamed {
-            Ok(()) => writer.finish().await.map(|_| ()).map_err(map_object_store),
-            Err(e) => {
-                if let Err(abort) = writer.abort().await {
-                    tracing::warn!(path = %path, error = %abort, "could not abort multipart upload");
-                }
-                Err(e)
-            }
+        let aborted = match streamed {
+            // `finish` aborts the upload itself when a part or the
+            // completion fails.
+            Ok(()) => match writer.finish().await {
+                Ok(_) => return Ok(()),
+                Err(e) => return Err(abort_later(handle, path, map_object_store(e))),
+            },
+            Err(e) => (writer.abort().await, e),
+        };
+        match aborted {
+            (Ok(()), e) => Err(e),
+            (Err(_), e) => Err(abort_later(handle, path, e)),
         }
     }
+}
+
+/// The multipart upload behind a [`WriteMultipart`], shared with the
+/// caller: when the abort fails (the store went away mid-upload), the
+/// caller retries it later, so no upload is left open with its parts
+/// billed and invisible.
+#[derive(Debug)]
+struct SharedUpload(Arc<tokio::sync::Mutex<Box<dyn MultipartUpload>>>);
+
+#[async_trait]
+impl MultipartUpload for SharedUpload {
+    fn put_part(&mut self, data: PutPayload) -> UploadPart {
+        // Parts are put only by the writer, before it completes or
+        // aborts; the retry below starts after the writer is gone.
+        self.0
+            .try_lock()
+            .expect("parts are put only while nothing else holds the upload")
+            .put_part(data)
+    }
+
+    async fn complete(&mut self) -> object_store::Result<PutResult> {
+        self.0.lock().await.complete().await
+    }
+
+    async fn abort(&mut self) -> object_store::Result<()> {
+        self.0.lock().await.abort().await
+    }
+}
+
+/// Retries aborting `upload` in the background (the store was unreachable
+/// when the upload failed), with backoff for up to ten minutes; answers
+/// `error`, the upload's own failure. An upload that is already gone
+/// (aborted or completed) counts as done.
+fn abort_later(
+    upload: Arc<tokio::sync::Mutex<Box<dyn MultipartUpload>>>,
+    path: &Path,
+    error: Error,
+) -> Error {
+    let path = path.clone();
+    let retry = RetryConfig {
+        max_retries: 30,
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(250),
+            max_backoff: Duration::from_secs(30),
+            base: 2.0,
+        },
+        timeout: Duration::from_secs(600),
+    };
+    tokio::spawn(async move {
+        let aborted = retry
+            .run("abort a multipart upload", || async {
+                match upload.lock().await.abort().await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(Error::unavailable("blob store", e)),
+                }
+            })
+            .await;
+        match aborted {
+            Ok(()) => tracing::info!(path = %path, "aborted a failed multipart upload"),
+            Err(e) => {
+                tracing::warn!(path = %path, error = %e, "gave up aborting a multipart upload; a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes its parts")
+            }
+        }
+    });
+    error
 }
 
 #[async_trait]

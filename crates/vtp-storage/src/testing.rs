@@ -184,6 +184,63 @@ impl TestS3 {
             .expect("test S3 settings build a store")
     }
 
+    /// The keys of the multipart uploads still open under the store rooted
+    /// at `url` (an `s3://bucket/prefix` from [`TestS3::fresh_url`]): an
+    /// upload that failed must have been aborted, or its parts stay in the
+    /// bucket, invisible to a listing of objects.
+    ///
+    /// S3's `ListMultipartUploads`, which `object_store` does not expose,
+    /// signed with its SigV4 authorizer.
+    ///
+    /// # Panics
+    /// When the request fails or the answer is not a listing.
+    pub async fn open_multipart_uploads(&self, url: &str) -> Vec<String> {
+        use object_store::aws::{AwsAuthorizer, AwsCredential};
+        let url = url::Url::parse(url).expect("an s3:// URL");
+        let bucket = url.host_str().expect("a bucket");
+        let prefix = url.path().trim_start_matches('/');
+        let endpoint = self.settings.endpoint.as_deref().expect("an S3 endpoint");
+        let mut request_url =
+            url::Url::parse(&format!("{}/{bucket}", endpoint.trim_end_matches('/')))
+                .expect("the endpoint is a URL");
+        request_url
+            .query_pairs_mut()
+            .append_pair("prefix", prefix)
+            .append_pair("uploads", "");
+        let credential = AwsCredential {
+            key_id: self.settings.access_key_id.clone().unwrap_or_default(),
+            secret_key: self.settings.secret_access_key.clone().unwrap_or_default(),
+            token: None,
+        };
+        let region = self.settings.region.clone().unwrap_or_default();
+        let mut request = http::Request::builder()
+            .method(http::Method::GET)
+            .uri(request_url.as_str())
+            .body(object_store::client::HttpRequestBody::empty())
+            .expect("a valid request");
+        AwsAuthorizer::new(&credential, "s3", &region)
+            .try_authorize(&mut request, None)
+            .expect("signing works");
+        let mut send = reqwest::Client::new().get(request_url.as_str());
+        for (name, value) in request.headers() {
+            send = send.header(name, value);
+        }
+        let response = send.send().await.expect("S3 answers");
+        let status = response.status();
+        let body = response.text().await.expect("a listing");
+        assert!(
+            status.is_success(),
+            "ListMultipartUploads: {status}: {body}"
+        );
+        body.split("<Upload>")
+            .skip(1)
+            .filter_map(|upload| {
+                let key = upload.split_once("<Key>")?.1.split_once("</Key>")?.0;
+                Some(key.to_owned())
+            })
+            .collect()
+    }
+
     /// The variables a child process (the backend binary) needs to reach the
     /// same store, rooted at `url`.
     pub fn env_for(&self, url: &str) -> Vec<(&'static str, String)> {

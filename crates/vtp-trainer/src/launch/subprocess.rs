@@ -13,6 +13,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +35,7 @@ struct Child {
     http: HttpLauncher,
     jobs: Held,
     /// Cleared by the monitor when the child exits.
-    alive: Arc<std::sync::atomic::AtomicBool>,
+    alive: Arc<AtomicBool>,
     /// Tells the monitor to kill the child.
     kill: Arc<tokio::sync::Notify>,
 }
@@ -128,16 +129,17 @@ impl SubprocessLauncher {
             .unwrap_or_else(|| PathBuf::from(name))
     }
 
-    /// The child's HTTP launcher, starting the child when none is alive.
-    async fn ensure_child(&self) -> Result<(HttpLauncher, Held)> {
+    /// The child's HTTP launcher, its jobs and its liveness, starting the
+    /// child when none is alive.
+    async fn ensure_child(&self) -> Result<(HttpLauncher, Held, Arc<AtomicBool>)> {
         let mut guard = self.child.lock().await;
         if let Some(child) = guard.as_ref()
-            && child.alive.load(std::sync::atomic::Ordering::SeqCst)
+            && child.alive.load(Ordering::SeqCst)
         {
-            return Ok((child.http.clone(), child.jobs.clone()));
+            return Ok((child.http.clone(), child.jobs.clone(), child.alive.clone()));
         }
         let child = self.spawn().await?;
-        let out = (child.http.clone(), child.jobs.clone());
+        let out = (child.http.clone(), child.jobs.clone(), child.alive.clone());
         *guard = Some(child);
         Ok(out)
     }
@@ -207,7 +209,7 @@ impl SubprocessLauncher {
         let pid = process.id();
         tracing::info!(?pid, %url, "trainer process started");
         let jobs: Held = Arc::new(Mutex::new(HashMap::new()));
-        let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let alive = Arc::new(AtomicBool::new(true));
         let kill = Arc::new(tokio::sync::Notify::new());
         // Keep reading stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -222,7 +224,7 @@ impl SubprocessLauncher {
                     process.wait().await
                 }
             };
-            flag.store(false, std::sync::atomic::Ordering::SeqCst);
+            flag.store(false, Ordering::SeqCst);
             let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
             let lost: Vec<(JobId, i32)> = held.lock().expect("jobs lock").drain().collect();
             tracing::warn!(?pid, %status, jobs = lost.len(), "trainer process exited");
@@ -250,7 +252,7 @@ impl SubprocessLauncher {
         let child = guard.as_ref()?;
         child
             .alive
-            .load(std::sync::atomic::Ordering::SeqCst)
+            .load(Ordering::SeqCst)
             .then(|| (child.http.clone(), child.jobs.clone()))
     }
 }
@@ -266,20 +268,27 @@ impl TrainerLauncher for SubprocessLauncher {
     }
 
     async fn launch(&self, request: &StartTraining) -> Result<()> {
-        let (http, jobs) = self.ensure_child().await?;
-        let before = jobs
-            .lock()
+        let (http, jobs, alive) = self.ensure_child().await?;
+        http.launch(request).await?;
+        // Recorded only once the child took it: a child dying during the
+        // launch (SIGTERM, or killed for a lost lease a moment ago) must
+        // not end an attempt it never held.
+        jobs.lock()
             .expect("jobs lock")
             .insert(request.job_id, request.attempt);
-        let result = http.launch(request).await;
-        if result.is_err() {
-            let mut jobs = jobs.lock().expect("jobs lock");
-            match before {
-                Some(attempt) => jobs.insert(request.job_id, attempt),
-                None => jobs.remove(&request.job_id),
-            };
+        if !alive.load(Ordering::SeqCst) {
+            // It died right after taking the job, perhaps after its monitor
+            // ended the attempts it held: this one ends here (once; the
+            // store ignores a second end of the same attempt).
+            self.jobs
+                .end_attempt(
+                    request.job_id,
+                    request.attempt,
+                    "the trainer process exited as the job was launched",
+                )
+                .await?;
         }
-        result
+        Ok(())
     }
 
     async fn cancel(&self, job_id: JobId) -> Result<CancelOutcome> {
@@ -308,12 +317,15 @@ impl TrainerLauncher for SubprocessLauncher {
             let Some(child) = guard.as_ref() else {
                 return Ok(());
             };
-            if !child.alive.load(std::sync::atomic::Ordering::SeqCst) {
+            if !child.alive.load(Ordering::SeqCst) {
                 return Ok(());
             }
             let held = child.jobs.lock().expect("jobs lock").get(&job_id).copied();
             match held {
                 Some(held) if held <= attempt => {
+                    // Dead from now on: the relaunch that follows starts a
+                    // new child instead of handing the job to this one.
+                    child.alive.store(false, Ordering::SeqCst);
                     child.kill.notify_one();
                     return Ok(());
                 }

@@ -709,7 +709,7 @@ pub struct JobPage {
     /// The offset used.
     pub offset: u32,
     /// Where the next page starts (`None` on the last page), for callers
-    /// that page through every match ([`crate::JobStoreExt::pages`]).
+    /// that page through every match ([`crate::JobPages`]).
     #[serde(skip)]
     pub next_cursor: Option<JobCursor>,
 }

@@ -17,7 +17,7 @@
 //!   `otel` feature, OpenTelemetry traces over OTLP, with the W3C trace
 //!   context the services hand each other;
 //! - [`process`]: the shutdown signals the binaries wait for;
-//! - [`serve`]: the accept loop, with a header-read timeout, a cap on
+//! - [`serve()`]: the accept loop, with a header-read timeout, a cap on
 //!   connections and a bounded graceful shutdown.
 #![warn(missing_docs)]
 

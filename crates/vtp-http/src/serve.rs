@@ -15,7 +15,7 @@
 //!   [`ServeOptions::shutdown_grace`] are dropped.
 //!
 //! Each request carries the peer's address as axum's
-//! [`ConnectInfo`](axum::extract::ConnectInfo), for limits per client.
+//! [`ConnectInfo`], for limits per client.
 
 use std::future::Future;
 use std::net::SocketAddr;

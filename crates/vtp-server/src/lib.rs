@@ -84,6 +84,8 @@ pub struct AppState {
     pub changes: tokio::sync::broadcast::Sender<vtp_core::JobId>,
     /// Wakes the queue's dispatcher: a job was started, or a slot freed.
     pub dispatch: Arc<tokio::sync::Notify>,
+    /// Start requests' trace contexts, which first launches continue.
+    pub start_traces: Arc<queue::StartTraces>,
     /// The shared event feed of each watched job.
     pub feeds: Arc<events::Feeds>,
     /// Who of the backends sharing the database leads.
@@ -118,6 +120,7 @@ impl AppState {
             feeds: Arc::new(events::Feeds::new(jobs.clone(), changes.clone())),
             jobs,
             dispatch,
+            start_traces: Arc::default(),
             leader: stores.leader,
             probe: Arc::new(probe::Probe::default()),
             shutdown: tokio_util::sync::CancellationToken::new(),
@@ -261,7 +264,8 @@ impl AppState {
     /// Hands the job's current attempt to the launcher, in a `launch` span
     /// whose trace context the start request carries (`traceparent`), so
     /// the trainer's spans for the attempt join the trace this launch is
-    /// part of: the start request's, or a relaunch's own.
+    /// part of: the user's start request's (a first launch on the replica
+    /// that took the request, [`queue::StartTraces`]), or a relaunch's own.
     ///
     /// # Errors
     /// The launcher's.
@@ -277,6 +281,9 @@ impl AppState {
             attempt = job.attempt.max(1),
             launcher = self.launcher.name()
         );
+        if job.attempt <= 1 {
+            vtp_http::telemetry::set_parent(&span, self.start_traces.get(job.id).as_deref());
+        }
         let mut request = self.start_request(job, secret);
         request.traceparent = vtp_http::telemetry::traceparent(&span);
         // The archive's size, for launchers that size a trainer's disk.
@@ -463,7 +470,7 @@ pub async fn recover(state: &AppState) -> vtp_core::Result<(usize, usize)> {
 }
 
 /// Serves the backend on `listener` until `shutdown` resolves: the routes
-/// (through [`vtp_http::serve`], with its header-read timeout and
+/// (through [`vtp_http::serve()`], with its header-read timeout and
 /// connection cap), the store probe behind `/health`, and the race for
 /// leadership with the leader's duties ([`leader`]: recovery, the queue's
 /// dispatcher, the sweeper, the launcher's reconciler, retention). On

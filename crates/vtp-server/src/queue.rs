@@ -25,6 +25,41 @@ use vtp_core::{Capacity, Error, Expected, Job, JobId, JobStatus, JobStoreExt, Re
 use crate::AppState;
 use crate::error::error_chain;
 
+/// The W3C `traceparent` of recent start requests, by job: the dispatcher
+/// on this replica makes a job's first launch a child of its start
+/// request, so one trace runs from the request through the launch to the
+/// trainer's epochs. Bounded (the oldest are forgotten); a job launched by
+/// another replica, or after a restart, starts a trace of its own.
+#[derive(Debug)]
+pub struct StartTraces(std::sync::Mutex<hashlink::LruCache<JobId, String>>);
+
+impl Default for StartTraces {
+    fn default() -> Self {
+        StartTraces(std::sync::Mutex::new(hashlink::LruCache::new(4096)))
+    }
+}
+
+impl StartTraces {
+    /// Remembers the trace context of `span` (a start request's) for `id`;
+    /// nothing when traces are not exported.
+    pub fn remember(&self, id: JobId, span: &tracing::Span) {
+        if let Some(traceparent) = vtp_http::telemetry::traceparent(span) {
+            self.lock().insert(id, traceparent);
+        }
+    }
+
+    /// The start request's trace context for `id`, if remembered here.
+    pub fn get(&self, id: JobId) -> Option<String> {
+        self.lock().get(&id).cloned()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, hashlink::LruCache<JobId, String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// When and how the dispatcher acts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {

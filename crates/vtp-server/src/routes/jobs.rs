@@ -372,6 +372,7 @@ pub async fn start(
         Err(e) => return Err(e.into()),
     };
     tracing::info!(job_id = %id, priority = job.priority, "job queued");
+    state.start_traces.remember(id, &tracing::Span::current());
     // The crash tests kill the backend here: queued, not yet launched.
     crate::crash_point("start-after-queue").await;
     state.dispatch.notify_one();

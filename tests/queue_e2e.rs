@@ -153,7 +153,9 @@ async fn ten_digits_jobs_share_two_slots_in_priority_then_fair_share_order() {
         ("bob", 0),
         ("carol", 5),
     ];
-    let config = json!({"epochs": 2, "image_size": 16, "batch_size": 64, "lr": 0.05,
+    // Five epochs: long enough that the last jobs wait more than the
+    // five-second limit above for a slot.
+    let config = json!({"epochs": 5, "image_size": 16, "batch_size": 64, "lr": 0.05,
                         "threads": 1, "workers": 1, "hflip": false});
     let mut ids = Vec::new();
     for (user, priority) in plan {

@@ -361,7 +361,7 @@ async fn a_dataset_in_use_cannot_be_deleted_and_finished_jobs_expire() {
         .backend(&format!("127.0.0.1:{}", support::free_port()), None)
         .await;
     let dataset = env.dataset(&backend, "digits").await;
-    let (id, _) = env.launched(&backend, &dataset).await;
+    let (id, secret) = env.launched(&backend, &dataset).await;
     let delete = || {
         env.http
             .delete(backend.at("/datasets/digits?user_id=u"))
@@ -373,7 +373,8 @@ async fn a_dataset_in_use_cannot_be_deleted_and_finished_jobs_expire() {
         body["error"]["message"].as_str().unwrap().contains(&id),
         "{body}"
     );
-    // Cancelled (the trainer double confirms), the dataset can go.
+    // Being cancelled, the job still names it: the trainer may still read
+    // it. Cancelled (the trainer reports so), the dataset can go.
     let response = env
         .http
         .delete(backend.at(&format!("/training/jobs/{id}")))
@@ -381,21 +382,21 @@ async fn a_dataset_in_use_cannot_be_deleted_and_finished_jobs_expire() {
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    for _ in 0..100 {
-        let (_, job) = json_of(
-            env.http
-                .get(backend.at(&format!("/training/jobs/{id}")))
-                .send()
-                .await
-                .unwrap(),
+    let (status, body) = json_of(delete().await.unwrap()).await;
+    assert_eq!(status, 409, "{body}");
+    let (status, answer) = json_of(
+        signed(
+            &env.http,
+            &backend.at(&format!("/training/jobs/{id}/callback")),
+            &secret,
+            &json!({"status": "cancelled", "seq": 1}),
         )
-        .await;
-        if job["status"] == "cancelled" || job["status"] == "cancelling" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // (A job being cancelled still names it; the double confirms at once.)
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
     let mut status = 0;
     for _ in 0..100 {
         status = delete().await.unwrap().status().as_u16();

@@ -412,6 +412,10 @@ async fn after_a_backend_restart_jobs_whose_kubernetes_job_failed_or_vanished_ar
     let evicted = env.create_and_start(&backend, &dataset).await;
     let vanished = env.create_and_start(&backend, &dataset).await;
     let waiting = env.create_and_start(&backend, &dataset).await;
+    // The queue's dispatcher creates the Jobs a moment after the starts.
+    for id in [&evicted, &vanished, &waiting] {
+        env.wait_for_k8s_job(&format!("vtp-{id}"), |_| true).await;
+    }
     backend.kill().await;
 
     // While the backend is down: one pod is evicted and its Job fails, one
@@ -589,7 +593,14 @@ async fn backend_killed_at(point: &str) {
     };
     let held = tokio::spawn(start(&backend).send());
     match point {
-        "start-after-queue" | "dispatch-after-record" => {
+        // Queued, the start unanswered: the queue's dispatcher (which
+        // also polls) may or may not launch it before the kill; either way
+        // it must run once.
+        "start-after-queue" => {
+            env.wait_for(&backend, &id, |job| job["status"] != "pending")
+                .await;
+        }
+        "dispatch-after-record" => {
             env.wait_for(&backend, &id, |job| job["status"] == "queued")
                 .await;
             // (Held before the launch: give the dispatcher a moment to get there.)

@@ -247,21 +247,22 @@ async fn bad_configs_are_refused_before_any_work() {
     assert_eq!(status, 422, "{answer}");
     assert_eq!(answer["error"]["field"], "config.epochs", "{answer}");
 
-    // What only the trainer can check (its own blob store) fails the job
-    // at once with the trainer's reason.
-    let (id, status, body) = s
-        .create_and_start(
-            &dataset,
-            json!({"init_weights": "s3://elsewhere/w.safetensors"}),
+    // Initial weights outside the store are refused at create too, naming
+    // the field, before anything is launched.
+    let body = json!({"user_id": "t", "model_name": "small_cnn", "framework": "tch",
+                      "dataset_s3_uri": dataset,
+                      "config": {"init_weights": "s3://elsewhere/w.safetensors"}});
+    let (status, answer) = s
+        .call(
+            s.http
+                .post(format!("{}/training/jobs", s.backend))
+                .json(&body),
         )
         .await;
-    assert_eq!(status, 422, "{body}");
-    let job = s.job(&id).await;
-    assert_eq!(job["status"], "failed");
-    assert!(
-        job["error"].as_str().unwrap().contains("init_weights"),
-        "{job}"
-    );
+    assert_eq!(status, 422, "{answer}");
+    assert_eq!(answer["error"]["field"], "config.init_weights", "{answer}");
+    let (_, health) = s.call(s.http.get(format!("{}/health", s.trainer))).await;
+    assert_eq!(health["jobs"], json!([]), "nothing was started");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -508,11 +509,16 @@ async fn the_trainer_answers_only_its_backend_and_reports_only_to_it() {
     assert_eq!(status, 401);
     let backend = url::Url::parse(&s.backend).unwrap();
     let port = backend.port().unwrap();
+    // Every address that could be a loopback alias names a port something
+    // listens on (the canary's), so a validation slip would show as a hit.
+    let canary_port = url::Url::parse(&canary.url).unwrap().port().unwrap();
     let elsewhere = [
         "http://169.254.169.254/latest/meta-data/".to_owned(),
         "http://127.0.0.1:5432/".to_owned(),
         format!("http://[::1]:{port}/cb"),
-        format!("http://0x7f000001:{}/cb", port ^ 1),
+        format!("http://0x7f000001:{canary_port}/cb"),
+        format!("http://2130706433:{canary_port}/cb"),
+        format!("http://127.1:{canary_port}/cb"),
         "file:///etc/passwd".to_owned(),
         "http://[example.com]/cb".to_owned(),
         format!("{}/training/jobs/x/callback", canary.url),

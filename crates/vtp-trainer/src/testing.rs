@@ -103,7 +103,7 @@ impl TrainerDouble {
                 "/health",
                 // As many slots as a test may fill: the backend's queue
                 // hands it every job at once.
-                get(|| async { Json(serde_json::json!({"status": "ok", "slots": 64})) }),
+                get(|| async { Json(serde_json::json!({"status": "ok", "slots": 1024})) }),
             )
             .route("/training/start", post(start))
             .route("/training/{job_id}/cancel", post(cancel))

@@ -107,7 +107,7 @@ else
 fi
 
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
-cargo test --workspace --all-features --locked
+cargo test --workspace --all-features --locked --no-fail-fast
 
 step "the Rust examples run (examples/rust: training in process, the backend embedded, a custom BlobStore)"
 for example in train_in_process embed_backend custom_blob_store; do

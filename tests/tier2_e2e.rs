@@ -561,6 +561,11 @@ async fn backend_killed_at(point: &str) {
     let listen = format!("127.0.0.1:{}", support::free_port());
     let start_backend = |failpoints: Option<String>| {
         let mut vars = env.backend_env();
+        // While the dispatcher is held between recording a launch and
+        // making it, the reconciler must not take the missing Job for a
+        // vanished one (in production the settle time, a minute, covers
+        // that gap; these tests otherwise run with none).
+        vars.push(("VTP_K8S_SETTLE_SECS", "5".to_owned()));
         vars.extend(failpoints.map(|points| ("FAILPOINTS", points)));
         let listen = listen.clone();
         async move {

@@ -759,7 +759,13 @@ async fn victim_latency(flood: bool) -> Load {
     if let Some(attack) = attack {
         let (sent, refused) = attack.await.unwrap();
         eprintln!("flood: {sent} stream requests, {refused} refused with 429");
-        assert!(refused + 16 >= sent, "only the cap's streams were served");
+        // Streams past the held ones are served only as held ones end (at
+        // their lifetime): nearly all are refused. (tests/bounds.rs checks
+        // the cap exactly.)
+        assert!(
+            refused * 100 >= sent * 99,
+            "the flood was refused past the cap"
+        );
     }
     let _ = server.await;
     latencies.sort_by(f64::total_cmp);

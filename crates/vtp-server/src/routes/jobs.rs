@@ -133,6 +133,8 @@ pub async fn create(
         }
         caller.check_acts_for("user_id", &new.user_id)?;
     }
+    // The owner names the key's scope below: checked before any lookup.
+    vtp_core::job::validate_name("user_id", &new.user_id)?;
     let digest = new.digest();
     // A retry is answered before the limits: it creates nothing.
     if let Some(key) = &key

@@ -617,6 +617,14 @@ async fn callbacks_peer(jobs_n: usize, per_job: usize) -> Load {
         ));
     }
     let load = drive(&base, &ids, per_job, 32).await;
+    // SIGTERM first: uvicorn's master stops its workers on the way out.
+    // Killed outright, the workers lingered and loaded every later round.
+    if let Some(pid) = server.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), server.wait()).await;
     let _ = server.kill().await;
     load
 }

@@ -123,12 +123,14 @@ impl Env {
             .await;
         assert_eq!(status, 201, "{job}");
         let id = job["id"].as_str().unwrap().to_owned();
+        // Counted before the start: the backend's queue hands the job to
+        // the trainer a moment after it answers, which on a loaded machine
+        // may be before this test reads the count again.
+        let launched = self.trainer.started().len() + 1;
         let (status, started) = self
             .call(http.post(self.backend.at(&format!("/training/jobs/{id}/start"))))
             .await;
         assert_eq!(status, 202, "{started}");
-        // The backend's queue hands it to the trainer a moment later.
-        let launched = self.trainer.started().len() + 1;
         let request = self
             .trainer
             .wait_started(launched)

@@ -91,8 +91,9 @@ struct JobArgs {
     /// Owner; with a token, the token's user (the default).
     #[arg(long)]
     user: Option<String>,
-    /// The job's framework: `tch`, or `ultralytics` for the YOLO family
-    /// (the seed's job).
+    /// The job's framework: `tch`, `ultralytics` for the YOLO family (the
+    /// seed's job), or `python` for your own script (its `--config` names
+    /// `code_s3_uri` from `vtp upload-code` and `entrypoint`).
     #[arg(long, default_value = "tch")]
     framework: String,
     /// Its place in the queue: higher runs first (-100 to 100; above the
@@ -112,6 +113,19 @@ enum Command {
         #[arg(long)]
         user: Option<String>,
         /// Dataset name.
+        #[arg(long)]
+        name: String,
+    },
+    /// Uploads a code archive (zip, tar, tar.gz holding a training script)
+    /// for `--framework python` jobs; prints its URI, their
+    /// `config.code_s3_uri`.
+    UploadCode {
+        /// The archive.
+        file: PathBuf,
+        /// Owner; with a token, the token's user (the default).
+        #[arg(long)]
+        user: Option<String>,
+        /// The code's name.
         #[arg(long)]
         name: String,
     },
@@ -249,6 +263,22 @@ fn main() -> ExitCode {
 }
 
 /// Prints `value` as pretty JSON on stdout.
+/// Prints an upload's answer: its URI, or with `--json` all of it.
+fn print_uploaded<T: serde::Serialize>(
+    file: &Path,
+    uploaded: vtp_core::Result<T>,
+    uri: impl Fn(&T) -> &String,
+    json: bool,
+) -> anyhow::Result<()> {
+    let answer = uploaded.with_context(|| format!("uploading {}", file.display()))?;
+    if json {
+        print_json(&answer)?;
+    } else {
+        println!("{}", uri(&answer));
+    }
+    Ok(())
+}
+
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
@@ -327,15 +357,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let token = token.is_some();
     match command {
         Command::Upload { file, user, name } => {
-            let uploaded = client
-                .upload_dataset(&file, &name, owner(user, token).as_deref())
-                .await
-                .with_context(|| format!("uploading {}", file.display()))?;
-            if json {
-                print_json(&uploaded)?;
-            } else {
-                println!("{}", uploaded.s3_uri);
-            }
+            let owner = owner(user, token);
+            let uploaded = client.upload_dataset(&file, &name, owner.as_deref()).await;
+            print_uploaded(&file, uploaded, |u| &u.s3_uri, json)?;
+        }
+        Command::UploadCode { file, user, name } => {
+            let owner = owner(user, token);
+            let uploaded = client.upload_code(&file, &name, owner.as_deref()).await;
+            print_uploaded(&file, uploaded, |u| &u.s3_uri, json)?;
         }
         Command::Create {
             job,

@@ -441,8 +441,45 @@ impl Client {
         dataset_name: &str,
         user_id: Option<&str>,
     ) -> Result<Uploaded> {
+        self.upload(
+            path,
+            "datasets/upload",
+            "dataset_name",
+            dataset_name,
+            user_id,
+        )
+        .await
+    }
+
+    /// `POST /code/upload`: streams the code archive at `path` (zip, tar,
+    /// tar.gz, holding a `python` job's entrypoint) as the code
+    /// `code_name` of `user_id` (the token's user when `None`). Retried as
+    /// [`Client::upload_dataset`] is.
+    ///
+    /// # Errors
+    /// As [`Client::upload_dataset`].
+    pub async fn upload_code(
+        &self,
+        path: &Path,
+        code_name: &str,
+        user_id: Option<&str>,
+    ) -> Result<vtp_core::api::UploadedCode> {
+        self.upload(path, "code/upload", "code_name", code_name, user_id)
+            .await
+    }
+
+    /// A multipart upload of the file at `path` to `route`, named by the
+    /// form field `name_field`.
+    async fn upload<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &Path,
+        route: &'static str,
+        name_field: &'static str,
+        name: &str,
+        user_id: Option<&str>,
+    ) -> Result<T> {
         let file_name = path.file_name().map_or_else(
-            || "dataset.zip".to_owned(),
+            || "upload.zip".to_owned(),
             |n| n.to_string_lossy().into_owned(),
         );
         let open = || async {
@@ -463,16 +500,10 @@ impl Client {
             if let Some(user_id) = user_id {
                 form = form.text("user_id", user_id.to_owned());
             }
-            let form = form
-                .text("dataset_name", dataset_name.to_owned())
-                .part("file", part);
-            Self::once(
-                self.request(Method::POST, "datasets/upload")
-                    .multipart(form),
-            )
-            .await
+            let form = form.text(name_field, name.to_owned()).part("file", part);
+            Self::once(self.request(Method::POST, route).multipart(form)).await
         };
-        self.retry.run("POST /datasets/upload", open).await
+        self.retry.run(route, open).await
     }
 
     /// Streams one file of the job's checkpoint into `dest`: the weights
@@ -521,12 +552,15 @@ impl Client {
             .next()
             .unwrap_or("best.safetensors")
             .to_owned();
-        let stem = weights.strip_suffix(".safetensors").unwrap_or(&weights);
-        let sidecar = format!("{stem}.json");
         let weights_path = dir.join(&weights);
         self.download_checkpoint(id, None, &weights_path).await?;
-        self.download_checkpoint(id, Some(&sidecar), &dir.join(&sidecar))
-            .await?;
+        // VTP's own weights come with the sidecar that opens them; a
+        // script's checkpoint (`best.model.pt`) is the file alone.
+        if let Some(stem) = weights.strip_suffix(".safetensors") {
+            let sidecar = format!("{stem}.json");
+            self.download_checkpoint(id, Some(&sidecar), &dir.join(&sidecar))
+                .await?;
+        }
         Ok(weights_path)
     }
 }

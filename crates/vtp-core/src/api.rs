@@ -241,6 +241,22 @@ pub struct Uploaded {
     pub dataset_name: String,
 }
 
+/// The answer of `POST /code/upload`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct UploadedCode {
+    /// Where the archive landed; what a `python` job's
+    /// `config.code_s3_uri` names.
+    pub s3_uri: String,
+    /// Bytes stored.
+    pub size: u64,
+    /// The stored file name.
+    pub filename: String,
+    /// Owner.
+    pub user_id: String,
+    /// The code's name.
+    pub code_name: String,
+}
+
 /// One model of the trainer service's `GET /models`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ModelInfo {

@@ -433,12 +433,30 @@ fn empty_object() -> serde_json::Value {
 impl NewJob {
     /// Checks every field, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
-        self.checked_config().map(|_| ())
+        self.checked_epochs().map(|_| ())
     }
 
-    /// Checks every field, naming the first bad one, and gives the config
-    /// as the trainer will read it.
-    pub fn checked_config(&self) -> Result<crate::TrainConfig> {
+    /// Whether the job runs the user's own code (`framework: "python"`).
+    pub fn runs_user_code(&self) -> bool {
+        self.framework.parse::<crate::Framework>().ok() == Some(crate::Framework::Python)
+    }
+
+    /// Checks every field, naming the first bad one; gives the epochs the
+    /// job trains.
+    fn checked_epochs(&self) -> Result<u32> {
+        if self.runs_user_code() {
+            // The user's own script: its model name is its own, its config
+            // the script's (VTP's keys checked, the rest handed over).
+            self.check_common(|| Ok(()))?;
+            return Ok(crate::ScriptConfig::from_json(&self.config)?.epochs);
+        }
+        Ok(self.checked_config()?.epochs)
+    }
+
+    /// The checks every framework shares, in order: names, priority, the
+    /// model (`model`), the dataset URI, `config` an object, its
+    /// `max_attempts`.
+    fn check_common(&self, model: impl FnOnce() -> Result<()>) -> Result<()> {
         validate_name("user_id", &self.user_id)?;
         validate_name("model_name", &self.model_name)?;
         validate_name("framework", &self.framework)?;
@@ -453,17 +471,17 @@ impl NewJob {
                 ),
             ));
         }
-        crate::models::check_model(&self.model_name, &self.framework)?;
+        model()?;
         self.dataset_s3_uri
             .parse::<BlobUri>()
             .map_err(|e| match e {
                 Error::InvalidInput { message, .. } => Error::invalid("dataset_s3_uri", message),
                 other => other,
             })?;
-        let Some(config) = self.config.as_object() else {
+        if !self.config.is_object() {
             return Err(Error::invalid("config", "must be a JSON object"));
-        };
-        if config.contains_key("max_attempts") && max_attempts_of(&self.config).is_none() {
+        }
+        if self.config.get("max_attempts").is_some() && max_attempts_of(&self.config).is_none() {
             return Err(Error::invalid(
                 "config.max_attempts",
                 format!(
@@ -472,6 +490,23 @@ impl NewJob {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Checks every field of a job of VTP's own engine (`tch`,
+    /// `ultralytics`), naming the first bad one, and gives the config as
+    /// the trainer will read it.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] naming the field; for a `python` job, on
+    /// `framework` (its config is a [`crate::ScriptConfig`]).
+    pub fn checked_config(&self) -> Result<crate::TrainConfig> {
+        self.check_common(|| {
+            crate::models::check_model(&self.model_name, &self.framework).map(|_| ())
+        })?;
+        let Some(config) = self.config.as_object() else {
+            return Err(Error::invalid("config", "must be a JSON object"));
+        };
         if let Some(model) = config.get("model") {
             let name = model
                 .as_str()
@@ -501,7 +536,7 @@ impl NewJob {
 
     /// Validates and turns the request into a fresh `pending` job.
     pub fn into_job(self) -> Result<Job> {
-        let config = self.checked_config()?;
+        let epochs = self.checked_epochs()?;
         let now = now();
         Ok(Job {
             id: JobId::new(),
@@ -510,7 +545,7 @@ impl NewJob {
             framework: self.framework,
             dataset_s3_uri: self.dataset_s3_uri,
             config: self.config,
-            epochs: config.epochs,
+            epochs,
             status: JobStatus::Pending,
             priority: self.priority,
             queued_at: None,
@@ -881,6 +916,27 @@ mod tests {
         }
         detector.config = serde_json::json!({"image_size": 96, "mosaic": 0.5});
         detector.validate().unwrap();
+    }
+
+    #[test]
+    fn a_python_job_names_its_own_model_and_its_config_is_the_scripts() {
+        let mut job = new_job();
+        job.framework = "python".into();
+        job.model_name = "my-vit".into();
+        job.config = serde_json::json!({"code_s3_uri": "s3://b/users/u/code/c/t.zip",
+            "entrypoint": "train.py", "epochs": 4, "lr": 0.5});
+        assert!(job.runs_user_code());
+        let made = job.clone().into_job().unwrap();
+        assert_eq!((made.epochs, made.framework.as_str()), (4, "python"));
+        // Its own keys stay for the script; VTP's are checked.
+        job.config["entrypoint"] = "../escape.py".into();
+        assert!(
+            matches!(job.validate(), Err(Error::InvalidInput { field, .. }) if field == "config.entrypoint")
+        );
+        job.config = serde_json::json!({"entrypoint": "train.py"});
+        assert!(
+            matches!(job.validate(), Err(Error::InvalidInput { field, .. }) if field == "config.code_s3_uri")
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@ use crate::job::{Job, JobId};
 pub struct StartTraining {
     /// The job to train.
     pub job_id: JobId,
+    /// Its framework (`tch`, `ultralytics`, `python`): a `python` job's
+    /// config is a [`crate::ScriptConfig`]. `tch` when left out.
+    #[serde(default = "default_framework")]
+    pub framework: String,
     /// Its hyperparameters, with `model` set to the job's model name.
     pub config: serde_json::Value,
     /// Where its dataset lives.
@@ -87,6 +91,10 @@ fn first_attempt() -> i32 {
     1
 }
 
+fn default_framework() -> String {
+    "tch".into()
+}
+
 impl StartTraining {
     /// The request for `job`, reporting to `callback_url`.
     pub fn for_job(job: &Job, callback_url: String) -> Self {
@@ -98,6 +106,7 @@ impl StartTraining {
         }
         StartTraining {
             job_id: job.id,
+            framework: job.framework.clone(),
             config,
             dataset_s3_uri: job.dataset_s3_uri.clone(),
             callback_url,

@@ -37,7 +37,9 @@ impl fmt::Display for Task {
 }
 
 /// The `framework` of a job: which family of models, dataset layout, loss
-/// and metrics it means. Both are trained by VTP's own libtorch engine.
+/// and metrics it means. `tch` and `ultralytics` are trained by VTP's own
+/// libtorch engine; `python` runs the user's own code
+/// ([`crate::ScriptConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Framework {
@@ -47,17 +49,22 @@ pub enum Framework {
     /// (`data.yaml`), loss and metrics; weights interchangeable with the
     /// `ultralytics` package.
     Ultralytics,
+    /// The user's own training script, from an uploaded code archive, run
+    /// by the trainer's Python with the `vtp.run()` SDK; the model name is
+    /// the user's to choose.
+    Python,
 }
 
 impl Framework {
     /// Every framework.
-    pub const ALL: [Framework; 2] = [Framework::Tch, Framework::Ultralytics];
+    pub const ALL: [Framework; 3] = [Framework::Tch, Framework::Ultralytics, Framework::Python];
 
     /// The name jobs use.
     pub fn name(self) -> &'static str {
         match self {
             Framework::Tch => "tch",
             Framework::Ultralytics => "ultralytics",
+            Framework::Python => "python",
         }
     }
 }
@@ -72,7 +79,7 @@ impl FromStr for Framework {
             .ok_or_else(|| {
                 Error::invalid(
                     "framework",
-                    format!("unknown framework {s:?}; known: tch, ultralytics"),
+                    format!("unknown framework {s:?}; known: tch, ultralytics, python"),
                 )
             })
     }
@@ -215,6 +222,12 @@ pub fn find_model(field: &str, name: &str) -> Result<&'static ModelSpec> {
 /// [`Error::InvalidInput`] naming `framework` or `model_name`.
 pub fn check_model(model_name: &str, framework: &str) -> Result<&'static ModelSpec> {
     let framework: Framework = framework.parse()?;
+    if framework == Framework::Python {
+        return Err(Error::invalid(
+            "framework",
+            format!("{model_name:?} is a python job's own model, not one of the catalog's"),
+        ));
+    }
     let spec = find_model("model_name", model_name)?;
     if !spec.frameworks.contains(&framework) {
         let family: Vec<_> = MODELS

@@ -240,6 +240,29 @@ impl Client {
         answer(py, &uploaded)
     }
 
+    /// `POST /code/upload`: uploads a code archive (zip, tar, tar.gz) or a
+    /// folder (packed into a zip first) for `python` jobs. Returns the
+    /// answer, whose `s3_uri` is the jobs' `config.code_s3_uri`.
+    #[pyo3(signature = (path, code_name=None, user_id=None))]
+    fn upload_code(
+        &self,
+        py: Python<'_>,
+        path: PathBuf,
+        code_name: Option<String>,
+        user_id: Option<String>,
+    ) -> PyResult<Py<PyAny>> {
+        let inner = self.inner.clone();
+        let uploaded = block_on(py, async move {
+            let (archive, _scratch) = archive_of(&path).await?;
+            let name = code_name.unwrap_or_else(|| dataset_name_of(&path));
+            inner
+                .upload_code(&archive, &name, user_id.as_deref())
+                .await
+                .map_err(from_core)
+        })?;
+        answer(py, &uploaded)
+    }
+
     /// Downloads the job's final checkpoint into the directory `dest`: the
     /// weights (`best.safetensors`) and the sidecar beside them
     /// (`best.json`) that `vtp.load_checkpoint` needs. Returns the path of

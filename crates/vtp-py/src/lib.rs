@@ -21,11 +21,13 @@ mod checkpoint;
 mod client;
 pub mod errors;
 mod local;
+mod run;
 mod runtime;
 
 pub use checkpoint::Checkpoint;
 pub use client::Client;
 pub use local::LocalPlatform;
+pub use run::RunConnection;
 
 /// The module `vtp._vtp`.
 #[pymodule]
@@ -36,6 +38,7 @@ fn _vtp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::EventStream>()?;
     m.add_class::<LocalPlatform>()?;
     m.add_class::<Checkpoint>()?;
+    m.add_class::<RunConnection>()?;
     m.add("VtpError", py.get_type::<errors::VtpError>())?;
     m.add("NotFound", py.get_type::<errors::NotFound>())?;
     m.add("Conflict", py.get_type::<errors::Conflict>())?;

@@ -126,6 +126,12 @@ pub struct BackendConfig {
     #[arg(long, env = "VTP_AUTH", value_enum)]
     pub auth: Option<AuthMode>,
 
+    /// Whether jobs may run their owner's own code (`framework: "python"`):
+    /// a script is as trusted as the trainer's machine lets it be (see the
+    /// README). Off by default with tokens on, on without (one local user).
+    #[arg(long, env = "VTP_ALLOW_USER_CODE")]
+    pub allow_user_code: Option<bool>,
+
     /// Token to send to the trainer service (`http` launcher); the trainer
     /// service is started with the same `VTP_TRAINER_TOKEN`.
     #[arg(long, env = "VTP_TRAINER_TOKEN", hide_env_values = true)]
@@ -297,6 +303,13 @@ impl BackendConfig {
     pub fn auth_mode(&self) -> AuthMode {
         self.auth
             .unwrap_or_else(|| AuthMode::default_for(self.listen))
+    }
+
+    /// Whether `python` jobs are taken: as configured, else only without
+    /// tokens (one local user, who runs their own code anyway).
+    pub fn user_code_allowed(&self) -> bool {
+        self.allow_user_code
+            .unwrap_or(self.auth_mode() == AuthMode::Off)
     }
 
     /// How long a job may go without a report.

@@ -67,6 +67,9 @@ pub struct AppState {
     pub public_url: String,
     /// Largest dataset upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Whether jobs may run their owner's own code (`framework: "python"`,
+    /// `VTP_ALLOW_USER_CODE`).
+    pub allow_user_code: bool,
     /// The last stored version of jobs that trainers report on.
     pub known_jobs: Arc<KnownJobs>,
     /// Callback secrets of recently started jobs.
@@ -136,6 +139,7 @@ impl AppState {
             launcher,
             public_url: public_url.into().trim_end_matches('/').to_owned(),
             max_upload_bytes: 10 * 1024 * 1024 * 1024,
+            allow_user_code: false,
             known_jobs: Arc::new(KnownJobs::new()),
             secrets: Arc::new(auth::SecretCache::default()),
             limits: Arc::new(limits::Limits::new(limits::LimitSettings::default())),
@@ -179,6 +183,13 @@ impl AppState {
     #[must_use]
     pub fn with_auth(mut self, auth: AuthMode) -> Self {
         self.auth = auth;
+        self
+    }
+
+    /// Lets jobs run their owner's own code (`framework: "python"`).
+    #[must_use]
+    pub fn with_user_code(mut self, allowed: bool) -> Self {
+        self.allow_user_code = allowed;
         self
     }
 
@@ -322,7 +333,8 @@ pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::jobs::checkpoint_file))
         // The upload handler bounds the body itself while streaming it:
         // its size, each part's header section, its pace and its length.
-        .routes(routes!(routes::datasets::upload).layer(DefaultBodyLimit::disable()));
+        .routes(routes!(routes::datasets::upload).layer(DefaultBodyLimit::disable()))
+        .routes(routes!(routes::datasets::upload_code).layer(DefaultBodyLimit::disable()));
     bounded
         .merge(streaming)
         .route_layer(axum::middleware::from_fn(metrics::track))

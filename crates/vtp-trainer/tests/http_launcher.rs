@@ -11,6 +11,7 @@ use vtp_trainer::testing::TrainerDouble;
 
 fn request(job_id: JobId) -> StartTraining {
     StartTraining {
+        framework: "tch".into(),
         job_id,
         config: serde_json::json!({"model": "resnet18", "epochs": 3, "lr": 0.01}),
         dataset_s3_uri: "s3://vtp/users/alice/datasets/digits/digits.zip".into(),

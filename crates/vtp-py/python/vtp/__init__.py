@@ -11,6 +11,11 @@ The same Rust engine as the VTP services, two ways:
       >>> result = vtp.local().train(dataset="digits/", model="small_cnn", epochs=5)
       >>> result.accuracy, result.checkpoint
 
+``vtp.run()`` is the SDK inside a user's own training script (a job with
+``framework: "python"``): ``run.report(epoch, metrics)``,
+``run.save_checkpoint(dir, epoch)``, ``run.restored()``,
+``run.should_stop()`` (see ``vtp.run``'s module).
+
 ``vtp.load_checkpoint(path)`` opens a trained model for prediction. Errors
 are ``vtp.VtpError`` subclasses: ``NotFound``, ``Conflict``,
 ``InvalidInput``, ``Unavailable``, ``AuthError`` and ``JobFailed``.
@@ -41,6 +46,7 @@ from ._vtp import (
 )
 from .checkpoint import Checkpoint, load_checkpoint
 from .client import Client, Event, Job, LocalClient, TrainResult, local
+from .run import Restored, Run, run
 
 __version__: str = _vtp.__version__
 
@@ -56,9 +62,12 @@ __all__ = [
     "LocalClient",
     "LocalPlatform",
     "NotFound",
+    "Restored",
+    "Run",
     "TrainResult",
     "Unavailable",
     "VtpError",
     "load_checkpoint",
     "local",
+    "run",
 ]

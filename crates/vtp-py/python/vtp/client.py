@@ -333,6 +333,17 @@ class Client:
         )
         return str(answer["s3_uri"])
 
+    def upload_code(
+        self, path: PathLike, name: str | None = None, user_id: str | None = None
+    ) -> str:
+        """Uploads a training script's code (a folder, or a zip / tar /
+        tar.gz of one) and returns its URI, a ``python`` job's
+        ``config["code_s3_uri"]``."""
+        answer = self._native.upload_code(
+            os.fspath(path), code_name=name, user_id=user_id or self.user_id
+        )
+        return str(answer["s3_uri"])
+
     def create_job(
         self,
         dataset: str,
@@ -340,14 +351,22 @@ class Client:
         config: Mapping[str, Any] | None = None,
         user_id: str | None = None,
         priority: int = 0,
+        framework: str = "tch",
         **params: Any,
     ) -> Job:
         """Creates a ``pending`` job over a dataset URI. Hyperparameters come
         as ``config`` and/or keyword arguments (``epochs=5, lr=0.01``);
-        ``priority`` is its place in the queue (higher runs first)."""
+        ``priority`` is its place in the queue (higher runs first). With
+        ``framework="python"`` the job runs the user's own script: its config
+        names ``code_s3_uri`` (from :meth:`upload_code`) and ``entrypoint``."""
         merged = {**(config or {}), **params}
         data = self._native.create_job(
-            dataset, model, config=merged, user_id=user_id or self.user_id, priority=priority
+            dataset,
+            model,
+            config=merged,
+            user_id=user_id or self.user_id,
+            framework=framework,
+            priority=priority,
         )
         return Job(self, data)
 

@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
     let auth = config.auth_mode();
     let state = AppState::new(stores, blobs, launcher, config.public_url())
         .with_max_upload_bytes(config.max_upload_bytes)
+        .with_user_code(config.user_code_allowed())
         .with_limits(config.limits())
         .with_heartbeat(config.heartbeat())
         .with_duties(config.duties())

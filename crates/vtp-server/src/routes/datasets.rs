@@ -1,6 +1,8 @@
 //! Datasets: `POST /datasets/upload`, a multipart upload streamed to the
 //! blob store under `users/{user_id}/datasets/{dataset_name}/{file name}`,
-//! and `DELETE /datasets/{user_id}/{dataset_name}`.
+//! and `DELETE /datasets/{user_id}/{dataset_name}`; code archives for
+//! `python` jobs: `POST /code/upload`, the same upload under
+//! `users/{user_id}/code/{code_name}/{file name}`.
 //!
 //! The file is streamed to a staging key first (the seed's curl sends the
 //! file before the names), then copied into place and the staging object
@@ -26,7 +28,7 @@ use axum::http::{StatusCode, header};
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
-use vtp_core::api::Uploaded;
+use vtp_core::api::{Uploaded, UploadedCode};
 use vtp_core::{
     BlobKey, BlobStoreExt, Error, JobFilter, JobPages, JobStatus, ObjectMeta, validate_name,
 };
@@ -264,6 +266,11 @@ impl Stream for Bounded {
 /// The answer to a multipart failure: the bound that cut the body, or
 /// what multer found.
 fn multipart_error(e: multer::Error, watch: &Watch) -> ApiError {
+    form_error(e, watch, None)
+}
+
+/// [`multipart_error`], naming the fields of an upload of `kind`.
+fn form_error(e: multer::Error, watch: &Watch, kind: Option<Kind>) -> ApiError {
     if let Some(cut) = watch.cut() {
         return cut.answer();
     }
@@ -272,7 +279,10 @@ fn multipart_error(e: multer::Error, watch: &Watch) -> ApiError {
             let name = field_name.unwrap_or_default();
             Error::invalid(
                 name.clone(),
-                format!("unknown form field {name:?}; expected file, user_id and dataset_name"),
+                format!(
+                    "unknown form field {name:?}; expected file, user_id and {}",
+                    kind.map_or("the upload's name", |kind| kind.name_field)
+                ),
             )
             .into()
         }
@@ -294,6 +304,29 @@ fn multipart_error(e: multer::Error, watch: &Watch) -> ApiError {
     }
 }
 
+/// What an upload stores: datasets, or code archives.
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    /// The folder under `users/{user_id}/`.
+    dir: &'static str,
+    /// The form field (and query parameter) naming the upload.
+    name_field: &'static str,
+    /// For the log.
+    what: &'static str,
+}
+
+const DATASETS: Kind = Kind {
+    dir: "datasets",
+    name_field: "dataset_name",
+    what: "dataset",
+};
+
+const CODE: Kind = Kind {
+    dir: "code",
+    name_field: "code_name",
+    what: "code archive",
+};
+
 /// `POST /datasets/upload`
 #[utoipa::path(
     post,
@@ -313,6 +346,111 @@ pub async fn upload(
     ApiQuery(query): ApiQuery<UploadQuery>,
     request: Request,
 ) -> Result<(StatusCode, Json<Uploaded>), ApiError> {
+    let stored = receive(
+        &state,
+        &caller,
+        query.user_id,
+        query.dataset_name,
+        request,
+        DATASETS,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(Uploaded {
+            s3_uri: stored.s3_uri,
+            size: stored.size,
+            filename: stored.filename,
+            user_id: stored.user_id,
+            dataset_name: stored.name,
+        }),
+    ))
+}
+
+/// Names of a code upload, also as query parameters.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CodeUploadQuery {
+    /// The owner, if not a form field (with tokens, the token's user when left out).
+    user_id: Option<String>,
+    /// The code's name, if not a form field.
+    code_name: Option<String>,
+}
+
+/// The multipart form of a code upload.
+#[derive(Debug, utoipa::ToSchema)]
+#[allow(dead_code)] // Describes the form for the OpenAPI document only.
+pub struct CodeUploadForm {
+    /// The code archive (zip, tar or tar.gz) holding the entrypoint.
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// The owner (letters, digits, `-`, `_`, `.`).
+    user_id: Option<String>,
+    /// The code's name (letters, digits, `-`, `_`, `.`).
+    code_name: Option<String>,
+}
+
+/// `POST /code/upload`: a code archive for `python` jobs (their
+/// `config.code_s3_uri`), stored under `users/{user_id}/code/{code_name}/`
+/// with every bound of a dataset upload. Only its owner's jobs may name it.
+#[utoipa::path(
+    post,
+    path = "/code/upload",
+    tag = "datasets",
+    params(CodeUploadQuery),
+    request_body(content = CodeUploadForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Stored under `users/{user_id}/code/{code_name}/`", body = UploadedCode),
+        crate::openapi::CommonErrors,
+    ),
+    security((), ("bearer" = [])),
+)]
+pub async fn upload_code(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiQuery(query): ApiQuery<CodeUploadQuery>,
+    request: Request,
+) -> Result<(StatusCode, Json<UploadedCode>), ApiError> {
+    let stored = receive(
+        &state,
+        &caller,
+        query.user_id,
+        query.code_name,
+        request,
+        CODE,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(UploadedCode {
+            s3_uri: stored.s3_uri,
+            size: stored.size,
+            filename: stored.filename,
+            user_id: stored.user_id,
+            code_name: stored.name,
+        }),
+    ))
+}
+
+/// What an upload stored.
+struct Stored {
+    s3_uri: String,
+    size: u64,
+    filename: String,
+    user_id: String,
+    name: String,
+}
+
+/// Streams a multipart upload of `kind` into the store, bounded in every way.
+async fn receive(
+    state: &AppState,
+    caller: &Caller,
+    user_id: Option<String>,
+    name: Option<String>,
+    request: Request,
+    kind: Kind,
+) -> Result<Stored, ApiError> {
     if state.auth == AuthMode::Tokens {
         state.limits.check_upload(&caller.principal().user_id)?;
     }
@@ -353,38 +491,36 @@ pub async fn upload(
         total: settings.upload_total,
     };
     let constraints = multer::Constraints::new()
-        .allowed_fields(vec!["file", "user_id", "dataset_name"])
+        .allowed_fields(vec!["file", "user_id", kind.name_field])
         .size_limit(
             multer::SizeLimit::new()
                 .whole_stream(limit.saturating_add(FORM_OVERHEAD))
                 .per_field(limit)
                 .for_field("user_id", MAX_TEXT_FIELD as u64)
-                .for_field("dataset_name", MAX_TEXT_FIELD as u64),
+                .for_field(kind.name_field, MAX_TEXT_FIELD as u64),
         );
     let mut multipart = multer::Multipart::with_constraints(body, boundary, constraints);
 
-    let mut user_id = query.user_id;
-    let mut dataset_name = query.dataset_name;
+    let mut user_id = user_id;
+    let mut dataset_name = name;
     let mut staged: Option<(BlobKey, String, ObjectMeta)> = None;
     let mut form_names = std::collections::HashSet::new();
     let result = async {
         while let Some(mut field) = multipart
             .next_field()
             .await
-            .map_err(|e| multipart_error(e, &watch))?
+            .map_err(|e| form_error(e, &watch, Some(kind)))?
         {
             let name = field.name().unwrap_or_default().to_owned();
             // A name given twice is ambiguous (found by schemathesis, which
             // sends a list as repeated fields): refused, not last-one-wins.
-            if matches!(name.as_str(), "user_id" | "dataset_name")
-                && !form_names.insert(name.clone())
-            {
+            if (name == "user_id" || name == kind.name_field) && !form_names.insert(name.clone()) {
                 return Err(Error::invalid(name, "given more than once").into());
             }
             match name.as_str() {
                 "user_id" => user_id = Some(text(&mut field, "user_id", &watch).await?),
-                "dataset_name" => {
-                    dataset_name = Some(text(&mut field, "dataset_name", &watch).await?)
+                other if other == kind.name_field => {
+                    dataset_name = Some(text(&mut field, kind.name_field, &watch).await?)
                 }
                 "file" => {
                     if staged.is_some() {
@@ -392,14 +528,15 @@ pub async fn upload(
                     }
                     let filename = safe_file_name(field.file_name());
                     let key = BlobKey::parse(&format!("uploads/tmp/{}", uuid::Uuid::new_v4()))?;
-                    let meta = stream_field(&state, &key, &mut field, limit, &watch).await?;
+                    let meta = stream_field(state, &key, &mut field, limit, &watch).await?;
                     staged = Some((key, filename, meta));
                 }
                 other => {
                     return Err(Error::invalid(
                         other.to_owned(),
                         format!(
-                            "unknown form field {other:?}; expected file, user_id and dataset_name"
+                            "unknown form field {other:?}; expected file, user_id and {}",
+                            kind.name_field
                         ),
                     )
                     .into());
@@ -423,19 +560,18 @@ pub async fn upload(
         caller.check_acts_for("user_id", &user_id)?;
         let dataset_name = dataset_name
             .take()
-            .ok_or_else(|| Error::invalid("dataset_name", "is required"))?;
+            .ok_or_else(|| Error::invalid(kind.name_field, "is required"))?;
         validate_name("user_id", &user_id)?;
-        validate_name("dataset_name", &dataset_name)?;
-        let key =
-            BlobKey::from_segments(&["users", &user_id, "datasets", &dataset_name, filename])?;
+        validate_name(kind.name_field, &dataset_name)?;
+        let key = BlobKey::from_segments(&["users", &user_id, kind.dir, &dataset_name, filename])?;
         state.blobs.copy(staging, &key).await?;
         let meta = state.blobs.head(&key).await?;
-        Ok::<_, ApiError>(Uploaded {
+        Ok::<_, ApiError>(Stored {
             s3_uri: state.blobs.uri(&key),
             size: meta.size,
             filename: filename.clone(),
             user_id,
-            dataset_name,
+            name: dataset_name,
         })
     }
     .await;
@@ -446,8 +582,8 @@ pub async fn upload(
         tracing::warn!(key = %staging.as_str(), error = %error_chain(&e), "could not remove a staged upload");
     }
     let uploaded = result?;
-    tracing::info!(uri = %uploaded.s3_uri, size = uploaded.size, "dataset uploaded");
-    Ok((StatusCode::CREATED, Json(uploaded)))
+    tracing::info!(uri = %uploaded.s3_uri, size = uploaded.size, "{} uploaded", kind.what);
+    Ok(uploaded)
 }
 
 /// Query of `DELETE /datasets/{dataset_name}`.

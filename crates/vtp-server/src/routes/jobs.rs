@@ -92,6 +92,46 @@ async fn check_init_weights(state: &AppState, new: &NewJob) -> ApiResult<()> {
     Ok(())
 }
 
+/// A `python` job runs its owner's code: only where the operator allows it
+/// (`VTP_ALLOW_USER_CODE`), and only code the owner uploaded
+/// (`users/{owner}/code/`, as `POST /code/upload` stores it) that exists.
+async fn check_user_code(state: &AppState, new: &NewJob) -> ApiResult<()> {
+    const FIELD: &str = "config.code_s3_uri";
+    if !new.runs_user_code() {
+        return Ok(());
+    }
+    if !state.allow_user_code {
+        return Err(Error::invalid(
+            "framework",
+            "python jobs run their owner's own code, which this backend does not allow \
+             (its operator enables it with VTP_ALLOW_USER_CODE=true)",
+        )
+        .into());
+    }
+    let config = vtp_core::ScriptConfig::from_json(&new.config)?;
+    let key = state
+        .blobs
+        .key_for(&config.code_s3_uri)
+        .map_err(|e| Error::invalid(FIELD, vtp_core::error_chain(&e)))?;
+    let own = format!("users/{}/code/", new.user_id);
+    if !key.as_str().starts_with(&own) {
+        return Err(Error::invalid(
+            FIELD,
+            format!(
+                "{} must be one of {}'s code archives (a key under {own}, as POST /code/upload stores them)",
+                config.code_s3_uri, new.user_id
+            ),
+        )
+        .into());
+    }
+    if !state.blobs.exists(&key).await? {
+        return Err(
+            Error::invalid(FIELD, format!("no code archive at {}", config.code_s3_uri)).into(),
+        );
+    }
+    Ok(())
+}
+
 /// The `Location` of a created job.
 fn location(job: &Job) -> (header::HeaderName, String) {
     (header::LOCATION, format!("/training/jobs/{}", job.id))
@@ -159,6 +199,8 @@ pub async fn create(
         .await?;
     }
     check_init_weights(&state, &new).await?;
+    new.validate()?;
+    check_user_code(&state, &new).await?;
     let mut job = new.into_job()?;
     job.idempotency.create = key
         .clone()

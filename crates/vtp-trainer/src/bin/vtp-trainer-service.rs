@@ -93,6 +93,20 @@ struct Args {
     /// seconds.
     #[arg(long, env = "VTP_UPLOAD_RETRY_SECS", default_value_t = 1800)]
     upload_retry_secs: u64,
+    /// The Python that `python` jobs' scripts run with. Default: the
+    /// active virtual environment's (`$VIRTUAL_ENV/bin/python`), else
+    /// `python3` on the PATH.
+    #[arg(long, env = "VTP_TRAINER_PYTHON")]
+    python: Option<std::path::PathBuf>,
+    /// More of this service's environment variables a script may see,
+    /// comma-separated: exact names, or prefixes ending in `_`.
+    #[arg(long, env = "VTP_TRAINER_SCRIPT_ENV", value_delimiter = ',')]
+    script_env: Vec<String>,
+    /// Seconds a script may go without a report, step or checkpoint before
+    /// it is stopped as hung, when its config names no
+    /// `report_timeout_secs`.
+    #[arg(long, env = "VTP_TRAINER_SCRIPT_TIMEOUT_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    script_timeout_secs: u64,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -131,6 +145,15 @@ async fn main() -> anyhow::Result<()> {
         upload_budget: Duration::from_secs(args.upload_retry_secs),
         archive_limits: vtp_trainer::data::archive::ArchiveLimits {
             max_bytes: args.max_unpacked_bytes,
+            ..Default::default()
+        },
+        script: vtp_trainer::service::script::ScriptOptions {
+            python: args
+                .python
+                .clone()
+                .unwrap_or_else(vtp_trainer::service::script::default_python),
+            extra_env: args.script_env.clone(),
+            report_timeout: Duration::from_secs(args.script_timeout_secs),
             ..Default::default()
         },
     };

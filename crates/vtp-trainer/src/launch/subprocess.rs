@@ -81,8 +81,13 @@ impl SubprocessLauncher {
     /// Variables the child inherits from the backend's environment, by
     /// prefix; everything else (the database URL with its password, the
     /// backend's own settings) stays out of the trainer.
-    pub const INHERITED_ENV: [&'static str; 23] = [
+    pub const INHERITED_ENV: [&'static str; 26] = [
         "PATH",
+        // The Python that user scripts run with (`python` jobs), and the
+        // switches that keep their libraries off the network.
+        "VIRTUAL_ENV",
+        "YOLO_OFFLINE",
+        "HF_HUB_OFFLINE",
         "HOME",
         "TMPDIR",
         "LANG",

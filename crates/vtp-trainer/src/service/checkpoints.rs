@@ -23,8 +23,32 @@ use crate::digest::sha256_file;
 
 /// The manifest's name inside a set.
 pub const MANIFEST: &str = "manifest.json";
-/// The weights a set is named by (its `last_checkpoint_s3_uri`).
+/// The weights a set of the engine's is named by (its
+/// `last_checkpoint_s3_uri`). A script's set is named by its own main
+/// `last.*` file ([`main_file`]).
 pub const LAST_WEIGHTS: &str = "last.safetensors";
+
+/// The file among `names` a set (`role` `last`) or a finished job (`best`)
+/// is named by: `{role}.safetensors` where there is one (the engine's),
+/// else the first `{role}.*` by name (a script's checkpoint of one file, or
+/// the first of several).
+pub fn main_file<'a>(
+    names: impl IntoIterator<Item = &'a String>,
+    role: &str,
+) -> Option<&'a String> {
+    let prefix = format!("{role}.");
+    let preferred = format!("{role}.safetensors");
+    let mut candidates: Vec<&String> = names
+        .into_iter()
+        .filter(|name| name.starts_with(&prefix) && name.len() > prefix.len())
+        .collect();
+    candidates.sort();
+    candidates
+        .iter()
+        .find(|name| **name == &preferred)
+        .or(candidates.first())
+        .copied()
+}
 
 /// What a set holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,12 +151,13 @@ pub async fn store_set(
         .await
         .map_err(|e| Error::internal(format!("hashing thread: {e}")))??
     };
-    if !files.iter().any(|(name, ..)| name == LAST_WEIGHTS) {
+    let names: Vec<String> = files.iter().map(|(name, ..)| name.clone()).collect();
+    let Some(last) = main_file(&names, "last").cloned() else {
         return Err(Error::internal(format!(
-            "{} holds no {LAST_WEIGHTS}",
+            "{} holds no last.* checkpoint",
             output.display()
         )));
-    }
+    };
     let mut manifest = Manifest {
         epoch,
         files: BTreeMap::new(),
@@ -146,7 +171,7 @@ pub async fn store_set(
     blobs
         .put_bytes(&prefix.join(MANIFEST)?, body.into())
         .await?;
-    Ok(blobs.uri(&prefix.join(LAST_WEIGHTS)?))
+    Ok(blobs.uri(&prefix.join(&last)?))
 }
 
 /// The `last.safetensors` URI of the newest complete set of `job_id` (the
@@ -157,17 +182,26 @@ pub async fn store_set(
 /// # Errors
 /// Blob store errors.
 pub async fn newest_set(blobs: &dyn BlobStore, job_id: JobId) -> Result<Option<String>> {
-    let newest = blobs
+    let objects = blobs
         .list(Some(&vtp_core::checkpoint_sets_prefix(job_id)?))
-        .await?
-        .into_iter()
+        .await?;
+    let newest = objects
+        .iter()
         .filter(|object| object.key.as_str().ends_with(&format!("/{MANIFEST}")))
         .filter_map(|object| vtp_core::checkpoint_set_epoch(job_id, &object.key))
         .max();
-    newest
-        .map(|epoch| {
-            Ok(blobs.uri(&vtp_core::checkpoint_set_prefix(job_id, epoch)?.join(LAST_WEIGHTS)?))
-        })
+    let Some(epoch) = newest else {
+        return Ok(None);
+    };
+    let prefix = vtp_core::checkpoint_set_prefix(job_id, epoch)?;
+    let inside = format!("{}/", prefix.as_str());
+    let names: Vec<String> = objects
+        .iter()
+        .filter_map(|object| object.key.as_str().strip_prefix(&inside))
+        .map(str::to_owned)
+        .collect();
+    main_file(&names, "last")
+        .map(|last| Ok(blobs.uri(&prefix.join(last)?)))
         .transpose()
 }
 
@@ -202,10 +236,11 @@ async fn restore_into(
     let key = blobs
         .key_for(last_uri)
         .map_err(|e| invalid(e.to_string()))?;
-    let dir = key
+    let (dir, last) = key
         .as_str()
-        .strip_suffix(&format!("/{LAST_WEIGHTS}"))
-        .ok_or_else(|| invalid(format!("{last_uri} is not a set's {LAST_WEIGHTS}")))?;
+        .rsplit_once('/')
+        .filter(|(_, name)| name.starts_with("last."))
+        .ok_or_else(|| invalid(format!("{last_uri} is not a set's last.* file")))?;
     let dir = BlobKey::parse(dir)?;
     if vtp_core::checkpoint_set_epoch(job_id, &dir).is_none() {
         return Err(invalid(format!(
@@ -214,10 +249,8 @@ async fn restore_into(
     }
     let manifest: Manifest = serde_json::from_slice(&blobs.get_bytes(&dir.join(MANIFEST)?).await?)
         .map_err(|e| invalid(format!("{MANIFEST} of {last_uri}: {e}")))?;
-    if !manifest.files.contains_key(LAST_WEIGHTS) {
-        return Err(invalid(format!(
-            "{MANIFEST} of {last_uri} lists no {LAST_WEIGHTS}"
-        )));
+    if !manifest.files.contains_key(last) {
+        return Err(invalid(format!("{MANIFEST} of {last_uri} lists no {last}")));
     }
     let _ = tokio::fs::remove_dir_all(output).await;
     tokio::fs::create_dir_all(output)

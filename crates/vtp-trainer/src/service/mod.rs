@@ -14,6 +14,7 @@
 pub mod checkpoints;
 pub mod http;
 pub mod outbox;
+pub mod script;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -79,10 +80,18 @@ pub struct Finished {
     pub retryable: bool,
 }
 
+/// What a job trains: a model of the engine's, or the user's own script.
+#[derive(Debug)]
+enum Work {
+    Engine(Box<TrainConfig>),
+    /// `framework: "python"`: the script's config and its code archive.
+    Script(vtp_core::ScriptConfig, BlobKey),
+}
+
 /// A request that passed [`TrainerService::admit`].
 #[derive(Debug)]
 struct Admitted {
-    config: TrainConfig,
+    work: Work,
     dataset: BlobKey,
     /// `config.init_weights`, a blob in the store.
     init_weights: Option<BlobKey>,
@@ -141,6 +150,8 @@ pub struct ServiceOptions {
     pub replaced_on_interrupt: bool,
     /// What a dataset archive may unpack to.
     pub archive_limits: crate::data::archive::ArchiveLimits,
+    /// How `python` jobs' scripts run.
+    pub script: script::ScriptOptions,
 }
 
 impl Default for ServiceOptions {
@@ -153,6 +164,7 @@ impl Default for ServiceOptions {
             replaced_on_interrupt: false,
             upload_budget: Duration::from_secs(30 * 60),
             archive_limits: crate::data::archive::ArchiveLimits::default(),
+            script: script::ScriptOptions::default(),
         }
     }
 }
@@ -173,6 +185,7 @@ pub struct TrainerService {
     replaced_on_interrupt: bool,
     upload_budget: Duration,
     archive_limits: crate::data::archive::ArchiveLimits,
+    script: script::ScriptOptions,
 }
 
 impl TrainerService {
@@ -234,6 +247,7 @@ impl TrainerService {
             replaced_on_interrupt: options.replaced_on_interrupt,
             upload_budget: options.upload_budget,
             archive_limits: options.archive_limits,
+            script: options.script,
         }))
     }
 
@@ -328,14 +342,25 @@ impl TrainerService {
     /// Validates `request` and claims its slot; `None` when it is here already.
     fn admit(&self, request: &StartTraining) -> Result<Option<Admitted>> {
         self.check_callback_url(&request.callback_url)?;
-        let config = TrainConfig::from_json(&request.config)?;
+        let work = if request.framework.eq_ignore_ascii_case("python") {
+            let config = vtp_core::ScriptConfig::from_json(&request.config)?;
+            let code = self
+                .blobs
+                .key_for(&config.code_s3_uri)
+                .map_err(|e| Error::invalid("config.code_s3_uri", e.to_string()))?;
+            Work::Script(config, code)
+        } else {
+            Work::Engine(Box::new(TrainConfig::from_json(&request.config)?))
+        };
+        let init_weights = match &work {
+            Work::Engine(config) => config.init_weights.as_deref(),
+            Work::Script(..) => None,
+        };
         let dataset = self
             .blobs
             .key_for(&request.dataset_s3_uri)
             .map_err(|e| Error::invalid("dataset_s3_uri", e.to_string()))?;
-        let init_weights = config
-            .init_weights
-            .as_deref()
+        let init_weights = init_weights
             .map(|uri| {
                 self.blobs
                     .key_for(uri)
@@ -377,7 +402,7 @@ impl TrainerService {
             held.interrupt();
         }
         Ok(Some(Admitted {
-            config,
+            work,
             dataset,
             init_weights,
             slot,
@@ -421,7 +446,7 @@ impl TrainerService {
         } else {
             self.run_job(
                 &request,
-                &admitted.config,
+                &admitted.work,
                 &admitted.dataset,
                 admitted.init_weights.as_ref(),
                 &slot,
@@ -632,7 +657,7 @@ impl TrainerService {
     async fn run_job(
         self: &Arc<Self>,
         request: &StartTraining,
-        config: &TrainConfig,
+        work: &Work,
         dataset: &BlobKey,
         init_weights: Option<&BlobKey>,
         slot: &Slot,
@@ -648,6 +673,12 @@ impl TrainerService {
         );
         let dir = self.job_dir(job_id, request.attempt);
         let dataset_dir = self.fetch_dataset(dataset, &dir).await?;
+        let code_dir = match work {
+            Work::Script(config, code) => {
+                Some(self.fetch_code(code, &config.entrypoint, &dir).await?)
+            }
+            Work::Engine(_) => None,
+        };
         if cancel.load(Ordering::SeqCst) {
             return Ok(
                 TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training")
@@ -696,10 +727,12 @@ impl TrainerService {
         {
             candidates.push(requested);
         }
+        let mut restored_epoch = None;
         for uri in candidates {
             match checkpoints::restore_set(self.blobs.as_ref(), job_id, uri, &output).await {
                 Ok(manifest) => {
                     let epoch = manifest.epoch;
+                    restored_epoch = Some(epoch);
                     tracing::info!(%job_id, epoch, attempt = request.attempt, "resuming from the stored checkpoint set");
                     let mut update = TrainingUpdate::new(JobStatus::Running)
                         .with_message(format!(
@@ -744,7 +777,7 @@ impl TrainerService {
             output_dir: output.clone(),
         };
         let job_span = tracing::Span::current();
-        let mut sink = OutboxSink {
+        let sink = OutboxSink {
             service: self.clone(),
             request: request.clone(),
             output: output.clone(),
@@ -754,7 +787,30 @@ impl TrainerService {
             epoch: Some(epoch_span(&job_span)),
             epoch_numbered: false,
             job_span,
+            last_report: None,
         };
+        let config = match (work, code_dir) {
+            (Work::Script(config, _), Some(code_dir)) => {
+                let run = script::ScriptRun {
+                    options: self.script.clone(),
+                    config: config.clone(),
+                    raw_config: request.config.clone(),
+                    job_id,
+                    attempt: request.attempt,
+                    job_dir: dir.clone(),
+                    code_dir,
+                    dataset_dir: spec.dataset_dir.clone(),
+                    output: output.clone(),
+                    restored_epoch,
+                };
+                return self.run_script(request, run, sink, slot).await;
+            }
+            (Work::Engine(config), _) => config,
+            (Work::Script(..), None) => {
+                return Err(Error::internal("a script job without its code"));
+            }
+        };
+        let mut sink = sink;
         self.report(
             request,
             TrainingUpdate::new(JobStatus::Running)
@@ -799,7 +855,9 @@ impl TrainerService {
                     .await
                     .unwrap_or_default();
                 let mut update = TrainingUpdate::new(JobStatus::Cancelled).with_message(reason);
-                if let Some(uri) = uploaded.get("last.safetensors") {
+                if let Some(uri) = checkpoints::main_file(uploaded.keys(), "last")
+                    .and_then(|name| uploaded.get(name))
+                {
                     update = update.with_checkpoint(uri.clone());
                 }
                 Ok(update)
@@ -840,6 +898,123 @@ impl TrainerService {
                 ),
             )),
             _ => Ok(raw),
+        }
+    }
+
+    /// Downloads the job's code archive and unpacks it (with the dataset
+    /// archives' limits); returns the directory the entrypoint is relative
+    /// to: the archive's root, or the one folder that wraps it all (a
+    /// zipped folder) when the entrypoint is there.
+    async fn fetch_code(&self, key: &BlobKey, entrypoint: &str, dir: &Path) -> Result<PathBuf> {
+        let name = key.as_str().rsplit('/').next().unwrap_or("code");
+        let archive = dir.join(format!("code-archive-{name}"));
+        self.blobs
+            .download_to(key, &archive)
+            .await
+            .map_err(|e| match e {
+                Error::NotFound { .. } => Error::invalid(
+                    "config.code_s3_uri",
+                    format!("no code archive at {}", self.blobs.uri(key)),
+                ),
+                other => other,
+            })?;
+        if !is_archive(&archive) {
+            return Err(Error::invalid(
+                "config.code_s3_uri",
+                format!(
+                    "{} is not a .zip, .tar or .tar.gz archive",
+                    self.blobs.uri(key)
+                ),
+            ));
+        }
+        let target = dir.join("code");
+        let limits = self.archive_limits;
+        let unpacked = target.clone();
+        tokio::task::spawn_blocking(move || extract_archive_with(&archive, &target, limits))
+            .await
+            .map_err(|e| Error::internal(format!("extraction thread: {e}")))??;
+        if unpacked.join(entrypoint).is_file() {
+            return Ok(unpacked);
+        }
+        let mut folders = Vec::new();
+        let mut entries = tokio::fs::read_dir(&unpacked)
+            .await
+            .map_err(|e| Error::internal(format!("{}: {e}", unpacked.display())))?;
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            if !entry.file_name().to_string_lossy().starts_with('.') {
+                folders.push(entry.path());
+            }
+        }
+        Ok(match folders.as_slice() {
+            [only] if only.join(entrypoint).is_file() => only.clone(),
+            _ => unpacked,
+        })
+    }
+
+    /// Runs a `python` job's script to its end (see [`script`]): its
+    /// reports and checkpoints go out exactly as a built-in model's.
+    async fn run_script(
+        self: &Arc<Self>,
+        request: &StartTraining,
+        run: script::ScriptRun,
+        mut sink: OutboxSink,
+        slot: &Slot,
+    ) -> Result<TrainingUpdate> {
+        let job_id = request.job_id;
+        let output = run.output.clone();
+        tokio::fs::create_dir_all(&output)
+            .await
+            .map_err(|e| Error::internal(format!("{}: {e}", output.display())))?;
+        self.report(
+            request,
+            TrainingUpdate::new(JobStatus::Running)
+                .with_progress(0.0)
+                .with_message(format!(
+                    "running {} for {} epochs",
+                    run.config.entrypoint, run.config.epochs
+                )),
+        );
+        let flag = slot.cancel.clone();
+        let span = tracing::Span::current();
+        let ended = tokio::task::spawn_blocking(move || {
+            let _in_job = span.enter();
+            run.run(&mut sink, &|| flag.load(Ordering::SeqCst))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("script thread: {e}")))?;
+        match ended {
+            Ok(script::ScriptEnd::Completed) => {
+                let uploaded = self.upload_final(request, &output).await?;
+                let mut update = TrainingUpdate::new(JobStatus::Completed)
+                    .with_progress(1.0)
+                    .with_message("done: the script finished");
+                let main = checkpoints::main_file(uploaded.keys(), "best")
+                    .or_else(|| checkpoints::main_file(uploaded.keys(), "last"));
+                if let Some(uri) = main.and_then(|name| uploaded.get(name)) {
+                    update = update.with_checkpoint(uri.clone());
+                }
+                Ok(update)
+            }
+            Ok(script::ScriptEnd::Cancelled) if slot.interrupted.load(Ordering::SeqCst) => {
+                Err(Error::Cancelled {
+                    reason: "the script was stopped".into(),
+                })
+            }
+            Ok(script::ScriptEnd::Cancelled) => {
+                let uploaded = self
+                    .upload_checkpoints(job_id, &output)
+                    .await
+                    .unwrap_or_default();
+                let mut update =
+                    TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled");
+                if let Some(uri) =
+                    checkpoints::main_file(uploaded.keys(), "last").and_then(|n| uploaded.get(n))
+                {
+                    update = update.with_checkpoint(uri.clone());
+                }
+                Ok(update)
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -974,6 +1149,8 @@ struct OutboxSink {
     epoch: Option<tracing::Span>,
     /// Whether `epoch` has its number yet.
     epoch_numbered: bool,
+    /// A script's last report, stored with the set it saves for that epoch.
+    last_report: Option<EpochReport>,
 }
 
 impl OutboxSink {
@@ -999,8 +1176,64 @@ impl OutboxSink {
     }
 }
 
+impl script::ScriptHost for OutboxSink {
+    fn epoch(&mut self, report: &EpochReport) {
+        // The script stores its sets itself, with `save_checkpoint`.
+        self.finish_epoch(report, false);
+        self.last_report = Some(report.clone());
+    }
+
+    fn step(&mut self, step: &StepProgress) {
+        self.step_finished(step);
+    }
+
+    fn checkpoint_saved(&mut self, epoch: u32) -> Option<String> {
+        let epochs =
+            vtp_core::ScriptConfig::from_json(&self.request.config).map_or(u32::MAX, |c| c.epochs);
+        // The final epoch's files are uploaded once the script ends.
+        if epoch >= epochs {
+            return None;
+        }
+        // The epoch's metrics go with its set, as the engine's do: an
+        // attempt resuming from it reports them again in case they were lost.
+        let metrics = self
+            .last_report
+            .as_ref()
+            .filter(|report| report.epoch == epoch)
+            .map(|report| {
+                report
+                    .metrics
+                    .iter()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let uri = self.store_set(epoch, &metrics)?;
+        self.service.report(
+            &self.request,
+            TrainingUpdate::new(JobStatus::Running)
+                .with_message(format!("epoch {epoch}: checkpoint stored"))
+                .with_last_checkpoint(uri.clone()),
+        );
+        Some(uri)
+    }
+}
+
 impl ProgressSink for OutboxSink {
     fn epoch_finished(&mut self, report: &EpochReport) {
+        self.finish_epoch(report, true);
+    }
+
+    fn step_finished(&mut self, step: &StepProgress) {
+        self.record_step(step);
+    }
+}
+
+impl OutboxSink {
+    /// Reports an epoch; with `store`, stores its checkpoint set first
+    /// (the engine's output holds it by now).
+    fn finish_epoch(&mut self, report: &EpochReport, store: bool) {
         // Validation and checkpointing come between epochs: no step time.
         self.last_step = None;
         let value = |name: &str| report.metrics.get(name).copied().filter(|v| v.is_finite());
@@ -1033,7 +1266,8 @@ impl ProgressSink for OutboxSink {
         }
         // After the final epoch the service uploads every checkpoint file at
         // once; storing a set here too would send them twice.
-        if report.epoch < report.epochs
+        if store
+            && report.epoch < report.epochs
             && let Some(uri) = self.store_set(report.epoch, &metrics)
         {
             update = update.with_last_checkpoint(uri);
@@ -1052,7 +1286,7 @@ impl ProgressSink for OutboxSink {
         self.epoch_numbered = false;
     }
 
-    fn step_finished(&mut self, step: &StepProgress) {
+    fn record_step(&mut self, step: &StepProgress) {
         let now = std::time::Instant::now();
         if let Some(last) = self.last_step
             && step.step > 1

@@ -144,6 +144,12 @@ def backend(
         "VTP_LOG": "info",
         "VTP_AUTH": "tokens",
     }
+    yield from run_backend(work, env)
+
+
+def run_backend(work: Path, env: dict[str, str]) -> Iterator[str]:
+    """Runs `vtp-backend` in `work` with `env`; yields its base URL, and
+    stops it after."""
     log = (work / "backend.log").open("w")
     process = subprocess.Popen(
         [str(binary("vtp-backend"))],

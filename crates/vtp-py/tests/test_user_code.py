@@ -1,0 +1,233 @@
+"""The user's own code (`framework: "python"`), end to end: the real backend
+on Postgres and Garage with tokens on, its subprocess trainer running
+`tests/scripts/train.py` (plain PyTorch) with the venv's Python, and the
+`vtp.run()` SDK inside it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtp
+from conftest import binary, run_backend
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="module")
+def code_backend(
+    postgres_url: str, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The backend with user code allowed (`VTP_ALLOW_USER_CODE=true`),
+    tokens on, two trainer slots, fast heartbeats."""
+    work = tmp_path_factory.mktemp("code-backend")
+    env = {
+        **os.environ,
+        **s3_env,
+        # Its own prefix of the bucket: not the other backend's.
+        "VTP_BLOB_URL": s3_env["VTP_BLOB_URL"] + "-code",
+        "VTP_DATABASE_URL": postgres_url,
+        "VTP_LISTEN": "127.0.0.1:0",
+        "VTP_LAUNCHER": "subprocess",
+        "VTP_TRAINER_BIN": str(binary("vtp-trainer-service")),
+        "VTP_TRAINER_CONCURRENCY": "2",
+        "VTP_WORK_DIR": str(work / "trainer"),
+        "VTP_LOG": "info",
+        "VTP_AUTH": "tokens",
+        "VTP_ALLOW_USER_CODE": "true",
+        "VTP_HEARTBEAT_SECS": "2",
+        # The scripts' Python: this venv's, where `vtp` and torch are.
+        "VIRTUAL_ENV": str(Path(sys.executable).parents[1]),
+    }
+    yield from run_backend(work, env)
+
+
+@pytest.fixture(scope="module")
+def alice(code_backend: str, make_token: Callable[[str], str]) -> vtp.Client:
+    return vtp.Client(code_backend, token=make_token("alice"))
+
+
+@pytest.fixture(scope="module")
+def uploaded(alice: vtp.Client, shapes: Path) -> tuple[str, str]:
+    """Alice's dataset and code URIs."""
+    dataset = alice.upload_dataset(shapes, name="shapes")
+    code = alice.upload_code(SCRIPTS, name="scripts")
+    return dataset, code
+
+
+def python_job(
+    client: vtp.Client, uploaded: tuple[str, str], epochs: int = 4, **config: object
+) -> vtp.Job:
+    dataset, code = uploaded
+    job = client.create_job(
+        dataset,
+        model="tiny-mlp",
+        framework="python",
+        config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": epochs, **config},
+    )
+    return job.start()
+
+
+def test_a_script_trains_through_the_backend_and_its_checkpoint_downloads(
+    alice: vtp.Client, uploaded: tuple[str, str], tmp_path: Path
+) -> None:
+    job = python_job(alice, uploaded).wait(timeout=240)
+    assert job.status == "completed", job.data
+    rows = job.metrics()
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
+    assert rows[-1]["accuracy"] > rows[0]["accuracy"] or rows[-1]["accuracy"] == 1.0
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    # Nothing of the backend's or the trainer's secrets in its environment.
+    assert all(row["leaked"] == 0 for row in rows)
+    path = Path(job.download_checkpoint(tmp_path))
+    assert path.name == "best.model.pt"
+    saved = torch.load(path)
+    assert set(saved) == {"model", "optimizer"}
+
+
+def test_a_killed_script_is_relaunched_and_resumes_from_its_last_set(
+    alice: vtp.Client, uploaded: tuple[str, str], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    job = python_job(alice, uploaded, mode="pause", pause_after=2, pid_file=str(pid_file))
+    deadline = time.monotonic() + 180
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, job.refresh().data
+        time.sleep(0.2)
+    # Epoch 2's set is stored before the script pauses (its reply waited).
+    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    job.wait(timeout=240)
+    assert job.status == "completed", job.data
+    rows = job.metrics()
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4], rows
+    assert [row["attempt"] for row in rows] == [1, 1, 2, 2]
+    # The second attempt restored epoch 2's set.
+    assert [row["resumed_from"] for row in rows] == [0, 0, 2, 2]
+    assert "signal 9" in str(job.data["attempts"][0]["reason"]), job.data["attempts"]
+
+
+def test_a_failing_script_fails_the_job_with_its_stderr(
+    alice: vtp.Client, uploaded: tuple[str, str]
+) -> None:
+    job = python_job(alice, uploaded, mode="fail", max_attempts=1)
+    with pytest.raises(vtp.JobFailed):
+        job.wait(timeout=120)
+    assert "exited with status 1" in str(job.error)
+    assert "ValueError: boom: the script's own bug" in str(job.error)
+
+
+def test_a_silent_script_is_stopped_as_hung(alice: vtp.Client, uploaded: tuple[str, str]) -> None:
+    job = python_job(alice, uploaded, mode="hang", report_timeout_secs=3, max_attempts=1)
+    with pytest.raises(vtp.JobFailed):
+        job.wait(timeout=120)
+    assert "stopped as hung" in str(job.error), job.error
+
+
+def test_a_missing_entrypoint_fails_the_job_naming_it(
+    alice: vtp.Client, uploaded: tuple[str, str]
+) -> None:
+    dataset, code = uploaded
+    job = alice.create_job(
+        dataset,
+        model="tiny-mlp",
+        framework="python",
+        config={"code_s3_uri": code, "entrypoint": "nowhere.py", "epochs": 1},
+    ).start()
+    with pytest.raises(vtp.JobFailed):
+        job.wait(timeout=120)
+    assert "config.entrypoint" in str(job.error) and "nowhere.py" in str(job.error)
+
+
+def test_bad_python_jobs_are_refused_at_create_naming_the_field(
+    alice: vtp.Client,
+    uploaded: tuple[str, str],
+    make_token: Callable[[str], str],
+    code_backend: str,
+) -> None:
+    dataset, code = uploaded
+    mallory = vtp.Client(code_backend, token=make_token("mallory"))
+    their_dataset = mallory.upload_dataset(SCRIPTS.parent / "scripts", name="m")
+
+    def field_of(client: vtp.Client, data: str, config: dict[str, object]) -> str:
+        with pytest.raises(vtp.InvalidInput) as refused:
+            client.create_job(data, model="m", framework="python", config=config)
+        return str(refused.value)
+
+    # Another user's code archive.
+    assert "config.code_s3_uri" in field_of(
+        mallory, their_dataset, {"code_s3_uri": code, "entrypoint": "train.py"}
+    )
+    # No entrypoint; one that climbs out of the archive; no archive there.
+    assert "config.entrypoint" in field_of(alice, dataset, {"code_s3_uri": code})
+    assert "config.entrypoint" in field_of(
+        alice, dataset, {"code_s3_uri": code, "entrypoint": "../x.py"}
+    )
+    missing = code.rsplit("/", 1)[0] + f"/{uuid.uuid4().hex}.zip"
+    assert "config.code_s3_uri" in field_of(
+        alice, dataset, {"code_s3_uri": missing, "entrypoint": "train.py"}
+    )
+
+
+def test_a_backend_that_does_not_allow_user_code_refuses_python_jobs(
+    backend: str, make_token: Callable[[str], str], shapes: Path
+) -> None:
+    bob = vtp.Client(backend, token=make_token("bob"))
+    dataset = bob.upload_dataset(shapes, name="shapes")
+    code = bob.upload_code(SCRIPTS, name="scripts")
+    with pytest.raises(vtp.InvalidInput) as refused:
+        bob.create_job(
+            dataset,
+            model="m",
+            framework="python",
+            config={"code_s3_uri": code, "entrypoint": "train.py"},
+        )
+    assert "framework" in str(refused.value) and "VTP_ALLOW_USER_CODE" in str(refused.value)
+
+
+def test_outside_a_job_the_sdk_is_a_local_run_that_prints(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        run = vtp.run(epochs=2, config={"lr": 0.1})
+        assert run.local and run.restored() is None and run.epochs == 2
+        run.report(1, {"loss": 0.5})
+        assert run.save_checkpoint("out/", 1) is None
+        assert not run.should_stop()
+        # A SIGTERM asks the run to stop; it does not end the process.
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert run.should_stop()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "epoch 1/2: loss 0.5" in capsys.readouterr().out
+
+
+def test_the_plain_pytorch_example_learns_the_digits_through_the_backend(
+    alice: vtp.Client, tmp_path: Path
+) -> None:
+    repo = Path(__file__).resolve().parents[3]
+    subprocess.run(
+        [sys.executable, str(repo / "examples/digits/export_digits.py"), str(tmp_path)], check=True
+    )
+    dataset = alice.upload_dataset(tmp_path / "digits.zip", name="digits")
+    code = alice.upload_code(repo / "examples/user_code", name="example")
+    job = alice.create_job(
+        dataset,
+        model="digits-cnn",
+        framework="python",
+        config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": 3, "lr": 0.1},
+    ).start()
+    job.wait(timeout=300)
+    rows = job.metrics()
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert rows[-1]["val_accuracy"] > 0.8, rows
+    assert job.checkpoint_uri is not None and job.checkpoint_uri.endswith("best.state.pt")

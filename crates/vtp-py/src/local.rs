@@ -54,7 +54,7 @@ fn io_err(path: &Path, e: std::io::Error) -> PyErr {
     VtpError::new_err(format!("{}: {e}", path.display()))
 }
 
-async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
+async fn start(root: PathBuf, concurrency: usize, python: PathBuf) -> PyResult<LocalPlatform> {
     let database = format!("sqlite://{}", root.join("vtp.db").display());
     let stores = vtp_storage::connect_stores(&database)
         .await
@@ -93,6 +93,11 @@ async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
         ServiceOptions {
             concurrency,
             backend_url: base_url.clone(),
+            // `python` jobs run with this very interpreter (its venv).
+            script: vtp_trainer::service::script::ScriptOptions {
+                python,
+                ..Default::default()
+            },
             ..ServiceOptions::default()
         },
     )
@@ -104,7 +109,10 @@ async fn start(root: PathBuf, concurrency: usize) -> PyResult<LocalPlatform> {
             .with_token(&trainer_token)
             .with_slots(u32::try_from(concurrency).ok()),
     );
-    let state = AppState::new(stores, blobs, launcher, &base_url).with_stale_after(STALE_AFTER);
+    // One local user, running their own code anyway: `python` jobs are taken.
+    let state = AppState::new(stores, blobs, launcher, &base_url)
+        .with_stale_after(STALE_AFTER)
+        .with_user_code(true);
     let stop = CancellationToken::new();
     let tasks = vec![
         tokio::spawn(vtp_trainer::service::http::serve_trainer(
@@ -143,7 +151,10 @@ impl LocalPlatform {
     fn new(py: Python<'_>, root: PathBuf, concurrency: usize) -> PyResult<Self> {
         std::fs::create_dir_all(&root).map_err(|e| io_err(&root, e))?;
         let root = root.canonicalize().map_err(|e| io_err(&root, e))?;
-        block_on(py, start(root, concurrency))
+        // `sys.executable` as Python started it (the venv's, not the
+        // interpreter it links to), so scripts find the same packages.
+        let python: PathBuf = py.import("sys")?.getattr("executable")?.extract()?;
+        block_on(py, start(root, concurrency, python))
     }
 
     /// The backend's URL, for `vtp.Client`.

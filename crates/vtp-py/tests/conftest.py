@@ -85,9 +85,10 @@ def binary(name: str) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the test Postgres, dropped at the end."""
+def fresh_database() -> Iterator[str]:
+    """A fresh database on the test Postgres, dropped at the end: each
+    backend its own (backends sharing one database are replicas of one
+    platform, and its leader launches every job)."""
     admin = os.environ.get("VTP_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
     if shutil.which("psql") is None:
         unavailable("psql is not installed")
@@ -105,6 +106,12 @@ def postgres_url() -> Iterator[str]:
         ["psql", admin, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
         capture_output=True,
     )
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the test Postgres, dropped at the end."""
+    yield from fresh_database()
 
 
 @pytest.fixture(scope="session")
@@ -175,12 +182,12 @@ def run_backend(work: Path, env: dict[str, str]) -> Iterator[str]:
     log.close()
 
 
-@pytest.fixture(scope="session")
-def make_token(postgres_url: str) -> Callable[[str], str]:
-    """Makes an API token for a user with ``vtp-backend token create``."""
+def token_maker(database: str) -> Callable[[str], str]:
+    """Makes API tokens for users of the backend on `database`, with
+    ``vtp-backend token create``."""
 
     def make(user: str) -> str:
-        env = {**os.environ, "VTP_DATABASE_URL": postgres_url}
+        env = {**os.environ, "VTP_DATABASE_URL": database}
         made = subprocess.run(
             [str(binary("vtp-backend")), "token", "create", "--user", user],
             env=env,
@@ -191,3 +198,9 @@ def make_token(postgres_url: str) -> Callable[[str], str]:
         return made.stdout.strip()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def make_token(postgres_url: str) -> Callable[[str], str]:
+    """Makes an API token for a user of the `backend` fixture."""
+    return token_maker(postgres_url)

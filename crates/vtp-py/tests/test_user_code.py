@@ -18,24 +18,29 @@ import pytest
 import torch
 
 import vtp
-from conftest import binary, run_backend
+from conftest import binary, fresh_database, run_backend, token_maker
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
 @pytest.fixture(scope="module")
+def code_database() -> Iterator[str]:
+    yield from fresh_database()
+
+
+@pytest.fixture(scope="module")
 def code_backend(
-    postgres_url: str, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    code_database: str, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """The backend with user code allowed (`VTP_ALLOW_USER_CODE=true`),
-    tokens on, two trainer slots, fast heartbeats."""
+    tokens on, two trainer slots, fast heartbeats, on a database of its own."""
     work = tmp_path_factory.mktemp("code-backend")
     env = {
         **os.environ,
         **s3_env,
         # Its own prefix of the bucket: not the other backend's.
         "VTP_BLOB_URL": s3_env["VTP_BLOB_URL"] + "-code",
-        "VTP_DATABASE_URL": postgres_url,
+        "VTP_DATABASE_URL": code_database,
         "VTP_LISTEN": "127.0.0.1:0",
         "VTP_LAUNCHER": "subprocess",
         "VTP_TRAINER_BIN": str(binary("vtp-trainer-service")),
@@ -52,8 +57,13 @@ def code_backend(
 
 
 @pytest.fixture(scope="module")
-def alice(code_backend: str, make_token: Callable[[str], str]) -> vtp.Client:
-    return vtp.Client(code_backend, token=make_token("alice"))
+def code_token(code_database: str) -> Callable[[str], str]:
+    return token_maker(code_database)
+
+
+@pytest.fixture(scope="module")
+def alice(code_backend: str, code_token: Callable[[str], str]) -> vtp.Client:
+    return vtp.Client(code_backend, token=code_token("alice"))
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +160,11 @@ def test_a_missing_entrypoint_fails_the_job_naming_it(
 def test_bad_python_jobs_are_refused_at_create_naming_the_field(
     alice: vtp.Client,
     uploaded: tuple[str, str],
-    make_token: Callable[[str], str],
+    code_token: Callable[[str], str],
     code_backend: str,
 ) -> None:
     dataset, code = uploaded
-    mallory = vtp.Client(code_backend, token=make_token("mallory"))
+    mallory = vtp.Client(code_backend, token=code_token("mallory"))
     their_dataset = mallory.upload_dataset(SCRIPTS.parent / "scripts", name="m")
 
     def field_of(client: vtp.Client, data: str, config: dict[str, object]) -> str:
@@ -231,3 +241,23 @@ def test_the_plain_pytorch_example_learns_the_digits_through_the_backend(
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[-1]["val_accuracy"] > 0.8, rows
     assert job.checkpoint_uri is not None and job.checkpoint_uri.endswith("best.state.pt")
+
+
+def test_the_local_platform_runs_python_jobs_with_this_interpreter(
+    shapes: Path, tmp_path: Path
+) -> None:
+    client = vtp.local(tmp_path / "local")
+    try:
+        dataset = client.upload_dataset(shapes, name="shapes")
+        code = client.upload_code(SCRIPTS, name="scripts")
+        job = client.create_job(
+            dataset,
+            model="tiny-mlp",
+            framework="python",
+            config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": 2},
+        ).start()
+        job.wait(timeout=120)
+        assert [row["epoch"] for row in job.metrics()] == [1, 2]
+        assert job.checkpoint_path is not None and job.checkpoint_path.name == "best.model.pt"
+    finally:
+        client.close()

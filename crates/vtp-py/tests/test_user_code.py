@@ -125,6 +125,24 @@ def test_a_killed_script_is_relaunched_and_resumes_from_its_last_set(
     assert "signal 9" in str(job.data["attempts"][0]["reason"]), job.data["attempts"]
 
 
+def test_a_cancelled_script_stops_and_keeps_its_last_checkpoint(
+    alice: vtp.Client, uploaded: tuple[str, str], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    job = python_job(alice, uploaded, mode="wait", pause_after=1, pid_file=str(pid_file))
+    deadline = time.monotonic() + 180
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, job.refresh().data
+        time.sleep(0.2)
+    job.cancel()
+    job.wait(timeout=120)
+    # It saw should_stop() turn true (the trainer's SIGTERM), left on its
+    # own, and its last saved checkpoint was kept.
+    assert job.status == "cancelled", job.data
+    assert [row["epoch"] for row in job.metrics()] == [1]
+    assert job.checkpoint_uri is not None and job.checkpoint_uri.endswith("last.model.pt")
+
+
 def test_a_failing_script_fails_the_job_with_its_stderr(
     alice: vtp.Client, uploaded: tuple[str, str]
 ) -> None:

@@ -2,7 +2,8 @@
 ImageFolder, through ``vtp.run()``. ``config["mode"]`` picks a misbehaviour:
 ``train`` (default), ``fail`` (raises), ``hang`` (never reports), ``pause``
 (after epoch ``pause_after``, on the first attempt, writes its pid to
-``pid_file`` and waits to be killed)."""
+``pid_file`` and waits to be killed), ``wait`` (the same, but waits for
+``run.should_stop()`` and leaves)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,11 @@ for epoch in range(start, run.epochs + 1):
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, out / "model.pt")
     run.save_checkpoint(out, epoch, best=accuracy >= best)
     best = max(best, accuracy)
-    if mode == "pause" and run.attempt == 1 and epoch == int(run.config["pause_after"]):
+    if mode in ("pause", "wait") and run.attempt == 1 and epoch == int(run.config["pause_after"]):
         Path(run.config["pid_file"]).write_text(str(os.getpid()))
-        time.sleep(3600)
+        if mode == "pause":
+            time.sleep(3600)
+        while not run.should_stop():
+            time.sleep(0.05)
     if run.should_stop():
         break

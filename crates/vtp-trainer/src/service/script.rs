@@ -501,8 +501,10 @@ impl ScriptRun {
             .map(|lines| Vec::from(lines.clone()).join("\n"))
             .unwrap_or_default();
         match ended? {
-            Ended::Exited(status) if status.success() => Ok(ScriptEnd::Completed),
+            // Asked to stop, it left (saving first, if it listened): a
+            // cancel, even when it exits 0.
             Ended::Exited(_) | Ended::Stopped if cancelled() => Ok(ScriptEnd::Cancelled),
+            Ended::Exited(status) if status.success() => Ok(ScriptEnd::Completed),
             Ended::Stopped => Ok(ScriptEnd::Cancelled),
             Ended::Exited(status) => Err(exit_error(status, &stderr_tail)),
             Ended::Silent(after) => Err(Error::unavailable(

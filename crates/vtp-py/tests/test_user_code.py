@@ -87,6 +87,15 @@ def python_job(
     return job.start()
 
 
+def paused_pid(job: vtp.Job, pid_file: Path) -> int:
+    """The pid the script writes once it pauses (modes `pause`, `wait`)."""
+    deadline = time.monotonic() + 180
+    while not pid_file.exists():
+        assert time.monotonic() < deadline, job.refresh().data
+        time.sleep(0.2)
+    return int(pid_file.read_text())
+
+
 def test_a_script_trains_through_the_backend_and_its_checkpoint_downloads(
     alice: vtp.Client, uploaded: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -109,12 +118,9 @@ def test_a_killed_script_is_relaunched_and_resumes_from_its_last_set(
 ) -> None:
     pid_file = tmp_path / "pid"
     job = python_job(alice, uploaded, mode="pause", pause_after=2, pid_file=str(pid_file))
-    deadline = time.monotonic() + 180
-    while not pid_file.exists():
-        assert time.monotonic() < deadline, job.refresh().data
-        time.sleep(0.2)
+    pid = paused_pid(job, pid_file)
     # Epoch 2's set is stored before the script pauses (its reply waited).
-    os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    os.kill(pid, signal.SIGKILL)
     job.wait(timeout=240)
     assert job.status == "completed", job.data
     rows = job.metrics()
@@ -130,10 +136,7 @@ def test_a_cancelled_script_stops_and_keeps_its_last_checkpoint(
 ) -> None:
     pid_file = tmp_path / "pid"
     job = python_job(alice, uploaded, mode="wait", pause_after=1, pid_file=str(pid_file))
-    deadline = time.monotonic() + 180
-    while not pid_file.exists():
-        assert time.monotonic() < deadline, job.refresh().data
-        time.sleep(0.2)
+    paused_pid(job, pid_file)
     job.cancel()
     job.wait(timeout=120)
     # It saw should_stop() turn true (the trainer's SIGTERM), left on its

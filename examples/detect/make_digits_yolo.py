@@ -1,9 +1,11 @@
 """Builds a small YOLO detection dataset from the UCI handwritten digits that
 scikit-learn ships (1,797 8x8 images; nothing is downloaded): each greyscale
 canvas holds 1-4 upscaled digits that do not overlap, boxed tightly around
-the digit's non-zero pixels, in the Ultralytics layout, zipped.
+the digit's non-zero pixels, in the Ultralytics layout, zipped. With
+``--polygons``, each label is the digit's outline instead of its box (the
+convex hull of its non-zero pixels): a segmentation set.
 
-Run with: python examples/detect/make_digits_yolo.py OUT [--train N] [--val N] [--size S] [--seed K]
+Run with: python examples/detect/make_digits_yolo.py OUT [--train N] [--val N] [--size S] [--seed K] [--polygons]
 Writes OUT/digits-yolo/{data.yaml,images/{train,val},labels/{train,val}} and
 OUT/digits-yolo.zip. Training and validation scenes use disjoint digits, and
 the same arguments always give the same files.
@@ -31,8 +33,32 @@ def png(pixels: np.ndarray) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
 
 
+def outline(digit: np.ndarray) -> list[tuple[float, float]]:
+    """The convex hull of `digit`'s non-zero pixels, counter-clockwise, in
+    pixel-edge coordinates (a pixel at (x, y) covers [x, x+1] x [y, y+1])."""
+    ys, xs = np.nonzero(digit)
+    corners = {(float(x + dx), float(y + dy)) for x, y in zip(xs, ys) for dx in (0, 1) for dy in (0, 1)}
+    points = sorted(corners)
+
+    def cross(o, a, b):
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    # Andrew's monotone chain.
+    lower: list[tuple[float, float]] = []
+    for p in points:
+        while len(lower) >= 2 and cross(lower[-2], lower[-1], p) <= 0:
+            lower.pop()
+        lower.append(p)
+    upper: list[tuple[float, float]] = []
+    for p in reversed(points):
+        while len(upper) >= 2 and cross(upper[-2], upper[-1], p) <= 0:
+            upper.pop()
+        upper.append(p)
+    return lower[:-1] + upper[:-1]
+
+
 def scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int):
-    """One canvas and its (class, x1, y1, x2, y2) boxes in pixels."""
+    """One canvas and its (class, x1, y1, x2, y2, outline) digits in pixels."""
     canvas = np.zeros((size, size), dtype=np.uint8)
     if rng.random() < 0.5:  # half the scenes get a noisy background
         canvas = rng.integers(0, 40, (size, size), dtype=np.uint8)
@@ -55,11 +81,12 @@ def scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size
             margin = 2
             if all(
                 x + w + margin <= bx1 or bx2 + margin <= x or y + h + margin <= by1 or by2 + margin <= y
-                for _, bx1, by1, bx2, by2 in placed
+                for _, bx1, by1, bx2, by2, _ in placed
             ):
                 region = canvas[y : y + h, x : x + w]
                 np.maximum(region, digit, out=region)
-                placed.append((int(labels[index]), x, y, x + w, y + h))
+                hull = [(px + x, py + y) for px, py in outline(digit)]
+                placed.append((int(labels[index]), x, y, x + w, y + h, hull))
                 break
     return canvas, placed
 
@@ -71,6 +98,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=100, help="validation scenes")
     parser.add_argument("--size", type=int, default=96, help="canvas side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--polygons", action="store_true", help="outlines, not boxes: a segmentation set")
     args = parser.parse_args()
     if args.size < 32:
         parser.error("--size must be at least 32")
@@ -79,7 +107,8 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(len(digits.images))
     cut = int(len(order) * 0.8)
     pools = {"train": order[:cut], "val": order[cut:]}
-    root = args.out / "digits-yolo"
+    stem = "digits-yolo-seg" if args.polygons else "digits-yolo"
+    root = args.out / stem
     rng = np.random.default_rng(args.seed + 1)
     for split, count in (("train", args.train), ("val", args.val)):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -90,15 +119,21 @@ def main() -> None:
             name = f"{split}_{n:05d}"
             (root / "images" / split / f"{name}.png").write_bytes(png(canvas))
             s = float(args.size)
-            rows = "".join(
-                f"{c} {(x1 + x2) / 2 / s:.6f} {(y1 + y2) / 2 / s:.6f} {(x2 - x1) / s:.6f} {(y2 - y1) / s:.6f}\n"
-                for c, x1, y1, x2, y2 in boxes
-            )
+            if args.polygons:
+                rows = "".join(
+                    f"{c} " + " ".join(f"{px / s:.6f} {py / s:.6f}" for px, py in hull) + "\n"
+                    for c, *_, hull in boxes
+                )
+            else:
+                rows = "".join(
+                    f"{c} {(x1 + x2) / 2 / s:.6f} {(y1 + y2) / 2 / s:.6f} {(x2 - x1) / s:.6f} {(y2 - y1) / s:.6f}\n"
+                    for c, x1, y1, x2, y2, _ in boxes
+                )
             (root / "labels" / split / f"{name}.txt").write_text(rows)
     names = "".join(f"  {i}: '{i}'\n" for i in range(10))
     (root / "data.yaml").write_text(f"train: images/train\nval: images/val\nnc: 10\nnames:\n{names}")
 
-    archive = args.out / "digits-yolo.zip"
+    archive = args.out / f"{stem}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             # A fixed timestamp keeps the zip byte-identical across runs.

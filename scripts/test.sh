@@ -106,6 +106,9 @@ else
     echo "warning: the RustSec database cannot be fetched (github.com unreachable) and no copy is in $advisory_db: advisories not checked" >&2
 fi
 
+step "the vtp Python package into the venv (maturin develop): user scripts import it, in the Rust tests too"
+(cd crates/vtp-py && maturin develop --locked)
+
 step "cargo test (VTP_REQUIRE_SERVICES=$VTP_REQUIRE_SERVICES)"
 cargo test --workspace --all-features --locked --no-fail-fast
 
@@ -122,10 +125,9 @@ if command -v kubectl >/dev/null 2>&1; then
     done
 fi
 
-step "Python bindings: maturin develop, pytest (real backend and in process; the dashboard in headless Chromium), mypy --strict, stubtest"
+step "Python bindings: pytest (real backend and in process; the dashboard in headless Chromium), mypy --strict, stubtest"
 # The backend and trainer binaries the pytest suite runs, as cargo test built them.
 cargo build --workspace --all-features --bins --locked
-(cd crates/vtp-py && maturin develop --locked)
 (cd crates/vtp-py && python -m pytest -q)
 (cd crates/vtp-py && python -m mypy --strict python/vtp ../../examples/notebook/notebook.py)
 (cd crates/vtp-py && python -m mypy.stubtest vtp._vtp)

@@ -235,6 +235,13 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
+    // What the trainer image sets itself: its Python environment (where
+    // torch and the `vtp` package are), offline.
+    for image_env in ["VIRTUAL_ENV", "YOLO_OFFLINE"] {
+        if let Ok(value) = std::env::var(image_env) {
+            command.env(image_env, value);
+        }
+    }
     for arg in container["args"].as_array().unwrap() {
         command.arg(arg.as_str().unwrap());
     }
@@ -401,6 +408,61 @@ async fn a_job_runs_as_a_kubernetes_job_on_the_same_backend_binary() {
         !created.to_string().contains("whsec_"),
         "the callback secret is not in the Job"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_job_runs_the_users_script_in_its_kubernetes_job() {
+    let Some(env) = Env::new().await else { return };
+    run_pods(&env);
+    let backend = ServiceProcess::start(&env.backend_env()).await;
+    let dataset = env.upload_shapes(&backend).await;
+    // The tests' own PyTorch script (`vtp.run()` inside), zipped and
+    // uploaded as the user's code.
+    let dir = tempfile::tempdir().unwrap();
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../vtp-py/tests/scripts");
+    let archive = dir.path().join("code.zip");
+    vtp_trainer::testing::zip_dir(&scripts, &archive);
+    let form = reqwest::multipart::Form::new()
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap()).file_name("code.zip"),
+        )
+        .text("user_id", "tier2")
+        .text("code_name", "scripts");
+    let (status, code) = env
+        .json(env.http.post(backend.at("/code/upload")).multipart(form))
+        .await;
+    assert_eq!(status, 201, "{code}");
+    let body = json!({"user_id": "tier2", "model_name": "tiny-mlp", "framework": "python",
+        "dataset_s3_uri": dataset, "config": {"code_s3_uri": code["s3_uri"],
+        "entrypoint": "train.py", "epochs": 2}});
+    let id = env.create_and_start_with(&backend, &body).await;
+    let job = env.wait_terminal(&backend, &id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert!(
+        job["checkpoint_s3_uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("/best.model.pt"),
+        "{job}"
+    );
+    let (_, metrics) = env
+        .json(
+            env.http
+                .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
+        )
+        .await;
+    let rows = metrics.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{metrics}");
+    // The script saw none of the pod's secrets (the S3 keys from envFrom,
+    // the start request and callback secret from the job's Secret).
+    assert!(rows.iter().all(|row| row["leaked"] == 0.0), "{metrics}");
+    let created = env.kube.job(&format!("vtp-{id}")).unwrap();
+    assert_eq!(
+        created["spec"]["template"]["spec"]["containers"][0]["image"], "vtp-trainer:e2e",
+        "no config.image: the trainer's own"
+    );
+    assert!(!created.to_string().contains("whsec_"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -266,11 +266,22 @@ pub struct ModelInfo {
     pub task: Task,
     /// One line about it.
     pub description: String,
-    /// Smallest `config.image_size`.
+    /// Smallest `config.image_size` (`imgsz` for the package engine).
     pub min_image_size: u32,
     /// Trainable parameters with 10 classes (classifiers) or 80
-    /// (detectors; Ultralytics' summary calls them "gradients").
-    pub parameters: i64,
+    /// (detectors; Ultralytics' summary calls them "gradients"); not
+    /// counted for the package engine's models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameters: Option<i64>,
+    /// Which engine trains it: `native` (VTP's own, the default for every
+    /// model it has) or `package` (the `ultralytics` package;
+    /// `config.engine: "package"`).
+    #[serde(default = "native")]
+    pub engine: crate::Engine,
+}
+
+fn native() -> crate::Engine {
+    crate::Engine::Native
 }
 
 /// The trainer service's answer to `POST /training/start` (202) and
@@ -332,7 +343,8 @@ pub struct TrainerHealth {
 /// schema of the OpenAPI document says what each one means).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ModelCatalog {
-    /// Every model VTP trains.
+    /// Every model VTP trains, with the engine that trains it (a model both
+    /// engines have is listed once for each).
     pub models: Vec<ModelInfo>,
     /// The `config` of a classifier, as defaulted.
     pub classify_defaults: crate::TrainConfig,

@@ -441,6 +441,19 @@ impl NewJob {
         self.framework.parse::<crate::Framework>().ok() == Some(crate::Framework::Python)
     }
 
+    /// Whether the `ultralytics` package trains the job
+    /// (`framework: "ultralytics"`, `config.engine: "package"`).
+    pub fn runs_package(&self) -> bool {
+        self.framework.parse::<crate::Framework>().ok() == Some(crate::Framework::Ultralytics)
+            && crate::PackageConfig::wanted(&self.config)
+    }
+
+    /// Whether the job runs Python code in the trainer's environment (its
+    /// own script, or the package engine's): what an operator must allow.
+    pub fn runs_python(&self) -> bool {
+        self.runs_user_code() || self.runs_package()
+    }
+
     /// Checks every field, naming the first bad one; gives the epochs the
     /// job trains.
     fn checked_epochs(&self) -> Result<u32> {
@@ -449,6 +462,23 @@ impl NewJob {
             // the script's (VTP's keys checked, the rest handed over).
             self.check_common(|| Ok(()))?;
             return Ok(crate::ScriptConfig::from_json(&self.config)?.epochs);
+        }
+        if self.runs_package() {
+            self.check_common(|| crate::find_package_model(&self.model_name).map(|_| ()))?;
+            if let Some(model) = self.config.get("model") {
+                let same = model
+                    .as_str()
+                    .and_then(|m| crate::find_package_model(m).ok())
+                    .zip(crate::find_package_model(&self.model_name).ok())
+                    .is_some_and(|(given, job)| given == job);
+                if !same {
+                    return Err(Error::invalid(
+                        "config.model",
+                        "differs from the job's model_name; leave it out or make them equal",
+                    ));
+                }
+            }
+            return Ok(crate::PackageConfig::from_json(&self.config)?.epochs);
         }
         Ok(self.checked_config()?.epochs)
     }
@@ -916,6 +946,34 @@ mod tests {
         }
         detector.config = serde_json::json!({"image_size": 96, "mosaic": 0.5});
         detector.validate().unwrap();
+    }
+
+    #[test]
+    fn a_package_job_takes_the_packages_models_and_arguments() {
+        let mut job = new_job();
+        job.framework = "ultralytics".into();
+        job.model_name = "yolo11n-seg".into();
+        job.config = serde_json::json!({"engine": "package", "epochs": 3, "imgsz": 64});
+        assert!(job.runs_package() && job.runs_python() && !job.runs_user_code());
+        assert_eq!(job.clone().into_job().unwrap().epochs, 3);
+        let field_of = |job: &NewJob| match job.validate() {
+            Err(Error::InvalidInput { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let mut bad = job.clone();
+        bad.model_name = "resnet18".into();
+        assert_eq!(field_of(&bad), "model_name");
+        let mut bad = job.clone();
+        bad.config["model"] = "yolo11n-pose".into();
+        assert_eq!(field_of(&bad), "config.model");
+        let mut bad = job.clone();
+        bad.config["project"] = "/tmp".into();
+        assert_eq!(field_of(&bad), "config.project");
+        // The native engine stays the default for the models it has.
+        job.model_name = "yolo11n".into();
+        job.config = serde_json::json!({"epochs": 3});
+        assert!(!job.runs_package() && !job.runs_python());
+        job.validate().unwrap();
     }
 
     #[test]

@@ -213,7 +213,13 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
     /// # Errors
     /// [`crate::Error::InvalidInput`] naming the offending field.
     fn check_config(&self, config: &serde_json::Value) -> Result<()> {
-        let _ = config;
+        // Only a launcher that starts containers can run another image.
+        if config.get("image").is_some() {
+            return Err(crate::Error::invalid(
+                "config.image",
+                "this platform runs every job in its trainer's own environment; no image is allow-listed",
+            ));
+        }
         Ok(())
     }
 

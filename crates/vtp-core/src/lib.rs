@@ -73,10 +73,13 @@ pub use job::{
 pub use job_store::{Expected, JobPages, JobStore, JobStoreExt, Quota, next_cursor};
 pub use launcher::{CancelOutcome, Capacity, Resources, StartTraining, TrainerLauncher};
 pub use leader::{LeaderElector, LeaderTerm, SoleLeader};
-pub use models::{Framework, MODELS, ModelSpec, Task, check_model, find_model};
+pub use models::{
+    Engine, Framework, MODELS, ModelSpec, PackageModel, Task, check_model, find_model,
+    find_package_model, package_models,
+};
 pub use queue::queue_order;
 pub use retry::{BackoffConfig, RetryConfig};
-pub use script_config::ScriptConfig;
+pub use script_config::{Distributed, PackageConfig, ScriptConfig};
 pub use status::JobStatus;
 pub use train_config::{DeviceChoice, OptimizerKind, TrainConfig};
 pub use trainer::{EpochReport, ProgressSink, StepProgress, TrainSpec, TrainSummary, Trainer};

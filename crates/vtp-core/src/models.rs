@@ -18,6 +18,12 @@ pub enum Task {
     Classify,
     /// Boxes with classes (YOLO datasets, mAP).
     Detect,
+    /// Boxes and masks (the `ultralytics` package's engine only).
+    Segment,
+    /// Boxes and keypoints (the `ultralytics` package's engine only).
+    Pose,
+    /// Oriented boxes (the `ultralytics` package's engine only).
+    Obb,
 }
 
 impl Task {
@@ -26,6 +32,9 @@ impl Task {
         match self {
             Task::Classify => "classify",
             Task::Detect => "detect",
+            Task::Segment => "segment",
+            Task::Pose => "pose",
+            Task::Obb => "obb",
         }
     }
 }
@@ -248,9 +257,141 @@ pub fn check_model(model_name: &str, framework: &str) -> Result<&'static ModelSp
     Ok(spec)
 }
 
+/// Which engine trains a model: VTP's own (libtorch, in Rust) or the
+/// `ultralytics` package, run as a program of its own
+/// (`config.engine: "package"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// VTP's own engine: the default for every model it has.
+    Native,
+    /// The `ultralytics` package in the trainer's Python.
+    Package,
+}
+
+/// A model the `ultralytics` package builds from its own configs (no
+/// weights are downloaded): `{yolov8,yolo11}{n,s,m,l,x}` with a task's
+/// suffix (`-seg`, `-cls`, `-pose`, `-obb`; none for detect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PackageModel {
+    /// The canonical name (`yolo11n-seg`).
+    pub name: String,
+    /// What it does.
+    pub task: Task,
+}
+
+/// The package's model families.
+const PACKAGE_FAMILIES: [(&str, &str); 2] = [("yolov8", "YOLOv8"), ("yolo11", "YOLO11")];
+/// Their sizes.
+const PACKAGE_SIZES: [(char, &str); 5] = [
+    ('n', "nano"),
+    ('s', "small"),
+    ('m', "medium"),
+    ('l', "large"),
+    ('x', "extra large"),
+];
+/// The tasks' name suffixes.
+const PACKAGE_TASKS: [(&str, Task); 5] = [
+    ("", Task::Detect),
+    ("-seg", Task::Segment),
+    ("-cls", Task::Classify),
+    ("-pose", Task::Pose),
+    ("-obb", Task::Obb),
+];
+
+impl PackageModel {
+    /// One line about it.
+    pub fn description(&self) -> String {
+        let (family, size) = PACKAGE_FAMILIES
+            .iter()
+            .flat_map(|(prefix, family)| {
+                PACKAGE_SIZES.iter().filter_map(move |(letter, size)| {
+                    self.name
+                        .starts_with(&format!("{prefix}{letter}"))
+                        .then_some((*family, *size))
+                })
+            })
+            .next()
+            .unwrap_or(("YOLO", ""));
+        format!(
+            "{family} {size} {} model, trained by the ultralytics package",
+            self.task
+        )
+    }
+}
+
+/// Every model the package engine takes.
+pub fn package_models() -> Vec<PackageModel> {
+    PACKAGE_FAMILIES
+        .iter()
+        .flat_map(|(family, _)| {
+            PACKAGE_SIZES.iter().flat_map(move |(size, _)| {
+                PACKAGE_TASKS
+                    .iter()
+                    .map(move |(suffix, task)| PackageModel {
+                        name: format!("{family}{size}{suffix}"),
+                        task: *task,
+                    })
+            })
+        })
+        .collect()
+}
+
+/// The package model `name` (case-insensitive; `yolov11` read as `yolo11`,
+/// as the native catalog does).
+///
+/// # Errors
+/// [`Error::InvalidInput`] on `model_name`, with the names' pattern.
+pub fn find_package_model(name: &str) -> Result<PackageModel> {
+    let normalised = name.to_ascii_lowercase().replace("yolov11", "yolo11");
+    package_models()
+        .into_iter()
+        .find(|m| m.name == normalised)
+        .ok_or_else(|| {
+            Error::invalid(
+                "model_name",
+                format!(
+                    "unknown model {name:?} for the ultralytics package engine; it takes \
+                     yolov8 or yolo11, a size (n, s, m, l, x) and a task's suffix \
+                     (none for detect, -seg, -cls, -pose, -obb): yolo11n-seg, yolov8s-pose, ..."
+                ),
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_package_engine_knows_every_task_of_both_families() {
+        let models = package_models();
+        assert_eq!(models.len(), 50);
+        let seg = find_package_model("YOLO11n-seg").unwrap();
+        assert_eq!(
+            (seg.name.as_str(), seg.task),
+            ("yolo11n-seg", Task::Segment)
+        );
+        assert_eq!(
+            find_package_model("yolov11s-cls").unwrap().task,
+            Task::Classify
+        );
+        assert_eq!(find_package_model("yolov8x-obb").unwrap().task, Task::Obb);
+        assert_eq!(find_package_model("yolov8m").unwrap().task, Task::Detect);
+        assert_eq!(
+            find_package_model("yolov8n-pose").unwrap().description(),
+            "YOLOv8 nano pose model, trained by the ultralytics package"
+        );
+        for bad in [
+            "yolo11q-seg",
+            "yolo11n-depth",
+            "resnet18",
+            "yolo11n-seg.pt",
+            "",
+        ] {
+            assert!(find_package_model(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn the_seeds_job_is_a_detector() {

@@ -180,7 +180,8 @@ impl TrainConfig {
     pub fn defaults_for(task: Task) -> Self {
         match task {
             Task::Classify => TrainConfig::default(),
-            Task::Detect => TrainConfig {
+            // Only the package engine has these; its config is its own.
+            Task::Detect | Task::Segment | Task::Pose | Task::Obb => TrainConfig {
                 model: "yolo11n".into(),
                 batch_size: 16,
                 lr: 0.01,

@@ -34,6 +34,12 @@ pub use run::RunConnection;
 fn _vtp(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The package engine's arguments (`python -m vtp.ultralytics_engine`):
+    // the list the backend checks a job's config against, not a copy.
+    m.add(
+        "PACKAGE_TRAIN_ARGS",
+        pyo3::types::PyFrozenSet::new(py, vtp_core::PackageConfig::TRAIN_ARGS)?,
+    )?;
     m.add_class::<Client>()?;
     m.add_class::<client::EventStream>()?;
     m.add_class::<LocalPlatform>()?;

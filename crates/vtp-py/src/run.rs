@@ -81,6 +81,12 @@ impl RunConnection {
         self.with_context(|c| c.attempt)
     }
 
+    /// This process's rank in a distributed run (0 in a plain one).
+    #[getter]
+    fn rank(&self) -> u32 {
+        self.with_context(|c| c.rank)
+    }
+
     /// Epochs to train.
     #[getter]
     fn epochs(&self) -> u32 {

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy
 import pytest
 from PIL import Image
+
+import vtp
 
 REPO = Path(__file__).resolve().parents[3]
 TARGET = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target")) / "debug"
@@ -204,3 +207,50 @@ def token_maker(database: str) -> Callable[[str], str]:
 def make_token(postgres_url: str) -> Callable[[str], str]:
     """Makes an API token for a user of the `backend` fixture."""
     return token_maker(postgres_url)
+
+
+# The backend that runs Python in its trainer: user code (`framework:
+# "python"`) and the ultralytics package engine.
+
+
+@pytest.fixture(scope="session")
+def code_database() -> Iterator[str]:
+    yield from fresh_database()
+
+
+@pytest.fixture(scope="session")
+def code_backend(
+    code_database: str, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The backend with user code allowed (`VTP_ALLOW_USER_CODE=true`),
+    tokens on, two trainer slots, fast heartbeats, on a database of its own."""
+    work = tmp_path_factory.mktemp("code-backend")
+    env = {
+        **os.environ,
+        **s3_env,
+        # Its own prefix of the bucket: not the other backend's.
+        "VTP_BLOB_URL": s3_env["VTP_BLOB_URL"] + "-code",
+        "VTP_DATABASE_URL": code_database,
+        "VTP_LISTEN": "127.0.0.1:0",
+        "VTP_LAUNCHER": "subprocess",
+        "VTP_TRAINER_BIN": str(binary("vtp-trainer-service")),
+        "VTP_TRAINER_CONCURRENCY": "2",
+        "VTP_WORK_DIR": str(work / "trainer"),
+        "VTP_LOG": "info",
+        "VTP_AUTH": "tokens",
+        "VTP_ALLOW_USER_CODE": "true",
+        "VTP_HEARTBEAT_SECS": "2",
+        # The scripts' Python: this venv's, where `vtp` and torch are.
+        "VIRTUAL_ENV": str(Path(sys.executable).parents[1]),
+    }
+    yield from run_backend(work, env)
+
+
+@pytest.fixture(scope="session")
+def code_token(code_database: str) -> Callable[[str], str]:
+    return token_maker(code_database)
+
+
+@pytest.fixture(scope="session")
+def alice(code_backend: str, code_token: Callable[[str], str]) -> vtp.Client:
+    return vtp.Client(code_backend, token=code_token("alice"))

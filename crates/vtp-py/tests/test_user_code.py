@@ -11,59 +11,15 @@ import sys
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 import vtp
-from conftest import binary, fresh_database, run_backend, token_maker
 
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-@pytest.fixture(scope="module")
-def code_database() -> Iterator[str]:
-    yield from fresh_database()
-
-
-@pytest.fixture(scope="module")
-def code_backend(
-    code_database: str, s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The backend with user code allowed (`VTP_ALLOW_USER_CODE=true`),
-    tokens on, two trainer slots, fast heartbeats, on a database of its own."""
-    work = tmp_path_factory.mktemp("code-backend")
-    env = {
-        **os.environ,
-        **s3_env,
-        # Its own prefix of the bucket: not the other backend's.
-        "VTP_BLOB_URL": s3_env["VTP_BLOB_URL"] + "-code",
-        "VTP_DATABASE_URL": code_database,
-        "VTP_LISTEN": "127.0.0.1:0",
-        "VTP_LAUNCHER": "subprocess",
-        "VTP_TRAINER_BIN": str(binary("vtp-trainer-service")),
-        "VTP_TRAINER_CONCURRENCY": "2",
-        "VTP_WORK_DIR": str(work / "trainer"),
-        "VTP_LOG": "info",
-        "VTP_AUTH": "tokens",
-        "VTP_ALLOW_USER_CODE": "true",
-        "VTP_HEARTBEAT_SECS": "2",
-        # The scripts' Python: this venv's, where `vtp` and torch are.
-        "VIRTUAL_ENV": str(Path(sys.executable).parents[1]),
-    }
-    yield from run_backend(work, env)
-
-
-@pytest.fixture(scope="module")
-def code_token(code_database: str) -> Callable[[str], str]:
-    return token_maker(code_database)
-
-
-@pytest.fixture(scope="module")
-def alice(code_backend: str, code_token: Callable[[str], str]) -> vtp.Client:
-    return vtp.Client(code_backend, token=code_token("alice"))
 
 
 @pytest.fixture(scope="module")
@@ -282,3 +238,61 @@ def test_the_local_platform_runs_python_jobs_with_this_interpreter(
         assert job.checkpoint_path is not None and job.checkpoint_path.name == "best.model.pt"
     finally:
         client.close()
+
+
+def ddp_job(
+    client: vtp.Client, uploaded: tuple[str, str], nproc: int, batch: int, **config: object
+) -> vtp.Job:
+    dataset, code = uploaded
+    return client.create_job(
+        dataset,
+        model="tiny-ddp",
+        framework="python",
+        config={
+            "code_s3_uri": code,
+            "entrypoint": "ddp.py",
+            "epochs": 4,
+            "batch": batch,
+            "distributed": {"nproc_per_node": nproc},
+            **config,
+        },
+    ).start()
+
+
+def test_two_gloo_ranks_under_torchrun_learn_as_one_process_with_the_doubled_batch(
+    alice: vtp.Client, uploaded: tuple[str, str], tmp_path: Path
+) -> None:
+    two = ddp_job(alice, uploaded, nproc=2, batch=8)
+    one = ddp_job(alice, uploaded, nproc=1, batch=16)
+    for job in (two, one):
+        job.wait(timeout=300)
+        assert job.status == "completed", job.data
+    rows_two, rows_one = two.metrics(), one.metrics()
+    # Every epoch once, and only rank 0's reports (every rank sent them).
+    assert [row["epoch"] for row in rows_two] == [1, 2, 3, 4]
+    assert {(row["rank"], row["world"]) for row in rows_two} == {(0, 2)}
+    assert {(row["rank"], row["world"]) for row in rows_one} == {(0, 1)}
+    for a, b in zip(rows_two, rows_one, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), (rows_two, rows_one)
+    assert rows_two[-1]["loss"] < rows_two[0]["loss"]
+    saved = torch.load(two.download_checkpoint(tmp_path))
+    assert set(saved) == {"model", "optimizer"}
+
+
+def test_a_killed_rank_ends_the_attempt_and_the_relaunch_resumes(
+    alice: vtp.Client, uploaded: tuple[str, str], tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    job = ddp_job(
+        alice, uploaded, nproc=2, batch=8, mode="pause", pause_after=2, pause_rank=1,
+        pid_file=str(pid_file),
+    )
+    os.kill(paused_pid(job, pid_file), signal.SIGKILL)
+    job.wait(timeout=300)
+    assert job.status == "completed", job.data
+    rows = job.metrics()
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4], rows
+    assert [row["attempt"] for row in rows] == [1, 1, 2, 2]
+    assert [row["resumed_from"] for row in rows] == [0, 0, 2, 2]
+    reason = str(job.data["attempts"][0]["reason"])
+    assert "signal 9" in reason and "rank 1" in reason, job.data["attempts"]

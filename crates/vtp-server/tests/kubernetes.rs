@@ -403,6 +403,66 @@ async fn resources_beyond_the_operators_maxima_are_refused_before_any_job_is_mad
 }
 
 #[tokio::test]
+async fn a_script_runs_in_an_allow_listed_image_and_no_other() {
+    let env = env().await;
+    // None allow-listed (the default): any `config.image` is refused.
+    match env.launcher.check_config(&json!({"image": "python:3.11"})) {
+        Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "config.image"),
+        other => panic!("{other:?}"),
+    }
+    let kube = env.kube.clone();
+    let store: Arc<dyn JobStore> = Arc::new(InMemoryJobStore::new());
+    let listed = KubernetesLauncher::new(
+        kube.client(NS),
+        KubernetesConfig {
+            script_images: vec!["registry.example/vtp-trainer:timm".into()],
+            ..env.launcher.config().clone()
+        },
+        store.clone(),
+    );
+    let env = Env {
+        kube,
+        store,
+        launcher: listed,
+    };
+    let script = json!({"code_s3_uri": "s3://datasets/vtp/users/u/code/c/t.zip",
+        "entrypoint": "train.py", "image": "registry.example/vtp-trainer:timm"});
+    env.launcher.check_config(&script).unwrap();
+    let mut other = script.clone();
+    other["image"] = json!("evil.example/miner:latest");
+    match env.launcher.check_config(&other) {
+        Err(Error::InvalidInput { field, message }) => {
+            assert_eq!(field, "config.image");
+            assert!(message.contains("vtp-trainer:timm"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // The Job's one container runs the allow-listed image; a job without
+    // one runs the trainer's.
+    let request = job_in(&env, JobStatus::Queued, script).await;
+    env.launcher.launch(&request).await.unwrap();
+    let job = env.kube.job(&job_name(request.job_id)).unwrap();
+    let containers = &job["spec"]["template"]["spec"]["containers"];
+    assert_eq!(containers[0]["image"], "registry.example/vtp-trainer:timm");
+    assert_eq!(containers.as_array().unwrap().len(), 1);
+    let plain = job_in(&env, JobStatus::Queued, json!({})).await;
+    env.launcher.launch(&plain).await.unwrap();
+    let job = env.kube.job(&job_name(plain.job_id)).unwrap();
+    assert_eq!(
+        job["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example/vtp-trainer:1.2.3"
+    );
+    // Taken off the list after the job was made: refused at launch, and
+    // no Job is made.
+    let late = job_in(&env, JobStatus::Queued, other).await;
+    assert!(matches!(
+        env.launcher.launch(&late).await,
+        Err(Error::InvalidInput { .. })
+    ));
+    assert!(env.kube.job(&job_name(late.job_id)).is_none());
+}
+
+#[tokio::test]
 async fn a_job_of_the_same_name_that_is_not_ours_is_a_conflict() {
     let env = env().await;
     let request = job_in(&env, JobStatus::Queued, json!({})).await;

@@ -270,12 +270,25 @@ async fn models_are_listed() {
     let s = stack().await;
     let (status, body) = s.call(s.http.get(format!("{}/models", s.trainer))).await;
     assert_eq!(status, 200);
-    let names: Vec<&str> = body["models"]
+    let (native, package): (Vec<_>, Vec<_>) = body["models"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["name"].as_str().unwrap())
-        .collect();
+        .partition(|m| m["engine"] == "native");
+    let names: Vec<&str> = native.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    // Then every model the ultralytics package engine builds, for each of
+    // its tasks; it counts no parameters (the package does).
+    assert_eq!(package.len(), 50);
+    assert!(
+        package
+            .iter()
+            .all(|m| m["engine"] == "package" && m["parameters"].is_null())
+    );
+    let seg = package.iter().find(|m| m["name"] == "yolo11n-seg").unwrap();
+    assert_eq!(seg["task"], "segment", "{seg}");
+    for task in ["detect", "segment", "classify", "pose", "obb"] {
+        assert!(package.iter().any(|m| m["task"] == task), "{task}");
+    }
     assert_eq!(
         names,
         [

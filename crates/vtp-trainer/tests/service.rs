@@ -48,7 +48,8 @@ impl Engine for CountingEngine {
             task: Task::Classify,
             description: "counts images".into(),
             min_image_size: 8,
-            parameters: 0,
+            parameters: Some(0),
+            engine: vtp_core::Engine::Native,
         }])
     }
 }

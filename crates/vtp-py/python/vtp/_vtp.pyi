@@ -14,12 +14,14 @@ __all__ = [
     "JobFailed",
     "LocalPlatform",
     "NotFound",
+    "PACKAGE_TRAIN_ARGS",
     "RunConnection",
     "Unavailable",
     "VtpError",
     "__version__",
 ]
 __version__: str
+PACKAGE_TRAIN_ARGS: frozenset[str]
 
 class VtpError(Exception): ...
 class NotFound(VtpError): ...
@@ -131,6 +133,8 @@ class RunConnection:
     def job_id(self) -> str: ...
     @property
     def attempt(self) -> int: ...
+    @property
+    def rank(self) -> int: ...
     @property
     def epochs(self) -> int: ...
     @property

@@ -25,6 +25,11 @@ computes, and each saved checkpoint becomes a verified set that a relaunched
 attempt restores. A cancel, or SIGTERM to the trainer, makes
 ``should_stop()`` true (a second SIGTERM ends the script).
 
+Under ``config.distributed`` the entrypoint runs under ``torchrun``, one
+process per rank, each with its own ``vtp.run()``: every rank may call
+``report`` and ``save_checkpoint`` (as the loop above does), and only rank
+0's are kept, so a script written for one process needs no ``if rank == 0``.
+
 Outside a job, ``vtp.run()`` is a local run that only prints.
 """
 
@@ -70,12 +75,15 @@ class Run:
         if connection is not None:
             self.job_id: str | None = connection.job_id
             self.attempt: int = connection.attempt
+            #: This process's rank under ``torchrun`` (0 in a plain run).
+            self.rank: int = connection.rank
             self.epochs: int = connection.epochs
             self.dataset_dir: Path = Path(connection.dataset_dir)
             self.config: dict[str, Any] = connection.config
         else:
             self.job_id = None
             self.attempt = 1
+            self.rank = int(os.environ.get("RANK", "0"))
             self.epochs = epochs
             self.dataset_dir = dataset_dir
             self.config = config
@@ -99,6 +107,8 @@ class Run:
         ``accuracy`` and any others, by name."""
         values = {str(name): float(value) for name, value in metrics.items()}
         if self._connection is None:
+            if self.rank != 0:
+                return
             shown = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
             print(f"epoch {epoch}/{self.epochs}: {shown}", flush=True)
             return
@@ -118,6 +128,8 @@ class Run:
         set's URI (None for the final epoch: the trainer uploads it when the
         script ends, and in a local run)."""
         if self._connection is None:
+            if self.rank != 0:
+                return None
             print(f"epoch {epoch}: checkpoint {os.fspath(path)}{' (best)' if best else ''}", flush=True)
             return None
         return self._connection.save_checkpoint(os.fspath(path), epoch, best)

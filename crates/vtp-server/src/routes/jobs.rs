@@ -92,21 +92,36 @@ async fn check_init_weights(state: &AppState, new: &NewJob) -> ApiResult<()> {
     Ok(())
 }
 
-/// A `python` job runs its owner's code: only where the operator allows it
-/// (`VTP_ALLOW_USER_CODE`), and only code the owner uploaded
-/// (`users/{owner}/code/`, as `POST /code/upload` stores it) that exists.
+/// A `python` job runs its owner's own code, and a package job the
+/// `ultralytics` package's: only where the operator allows Python code in
+/// the trainer's environment (`VTP_ALLOW_USER_CODE`), and a `python` job
+/// only over code the owner uploaded (`users/{owner}/code/`, as
+/// `POST /code/upload` stores it) that exists.
 async fn check_user_code(state: &AppState, new: &NewJob) -> ApiResult<()> {
     const FIELD: &str = "config.code_s3_uri";
-    if !new.runs_user_code() {
+    if !new.runs_python() {
         return Ok(());
     }
     if !state.allow_user_code {
+        let (field, what) = if new.runs_user_code() {
+            ("framework", "python jobs run their owner's own code")
+        } else {
+            (
+                "config.engine",
+                "the package engine runs the ultralytics package in the trainer's Python",
+            )
+        };
         return Err(Error::invalid(
-            "framework",
-            "python jobs run their owner's own code, which this backend does not allow \
-             (its operator enables it with VTP_ALLOW_USER_CODE=true)",
+            field,
+            format!(
+                "{what}, which this backend does not allow \
+                 (its operator enables it with VTP_ALLOW_USER_CODE=true)"
+            ),
         )
         .into());
+    }
+    if !new.runs_user_code() {
+        return Ok(());
     }
     let config = vtp_core::ScriptConfig::from_json(&new.config)?;
     let key = state

@@ -38,6 +38,12 @@ pub fn catalog() -> Result<&'static [ModelInfo]> {
                 .iter()
                 .map(|spec| match spec.task {
                     vtp_core::Task::Classify => Ok(spec.name.parse::<ModelKind>()?.info()),
+                    task @ (vtp_core::Task::Segment
+                    | vtp_core::Task::Pose
+                    | vtp_core::Task::Obb) => Err(Error::invalid(
+                        "model",
+                        format!("the native engine has no {task} models ({})", spec.name),
+                    )),
                     vtp_core::Task::Detect => {
                         let variant: super::detect::model::YoloVariant = spec.name.parse()?;
                         let vs = nn::VarStore::new(tch::Device::Cpu);
@@ -48,7 +54,8 @@ pub fn catalog() -> Result<&'static [ModelInfo]> {
                             task: spec.task,
                             description: spec.description.to_owned(),
                             min_image_size: spec.min_image_size,
-                            parameters: trainable_parameters(&vs),
+                            parameters: Some(trainable_parameters(&vs)),
+                            engine: vtp_core::Engine::Native,
                         })
                     }
                 })
@@ -119,7 +126,8 @@ impl ModelKind {
             task: vtp_core::Task::Classify,
             description: self.spec().description.to_owned(),
             min_image_size: self.min_image_size(),
-            parameters,
+            parameters: Some(parameters),
+            engine: vtp_core::Engine::Native,
         }
     }
 }

@@ -110,6 +110,14 @@ impl Predictor {
                 }
                 Network::Detector(DetectionModel::new(&vs.root(), variant, classes))
             }
+            task @ (Task::Segment | Task::Pose | Task::Obb) => {
+                return Err(Error::invalid(
+                    "checkpoint",
+                    format!(
+                        "a {task} model is the ultralytics package's; load it with ultralytics.YOLO"
+                    ),
+                ));
+            }
         };
         checkpoint.load_weights(&mut vs)?;
         Ok(Predictor {

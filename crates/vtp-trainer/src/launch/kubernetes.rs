@@ -116,6 +116,11 @@ pub struct KubernetesConfig {
     pub image: String,
     /// `imagePullPolicy` (`VTP_K8S_IMAGE_PULL_POLICY`), the cluster's default when unset.
     pub image_pull_policy: Option<String>,
+    /// Images a `python` job may name as `config.image`
+    /// (`VTP_K8S_SCRIPT_IMAGES`, comma-separated; none by default): images
+    /// built from the trainer's, with more Python packages. Any other is
+    /// refused when the job is created.
+    pub script_images: Vec<String>,
     /// Service account of the trainer pods (`VTP_K8S_SERVICE_ACCOUNT`).
     pub service_account: Option<String>,
     /// Secret whose keys become the trainer's environment: the S3
@@ -163,6 +168,7 @@ impl Default for KubernetesConfig {
             namespace: "default".into(),
             image: "vtp-trainer:latest".into(),
             image_pull_policy: None,
+            script_images: Vec::new(),
             service_account: None,
             s3_secret: None,
             env: Vec::new(),
@@ -292,6 +298,14 @@ pub struct K8sArgs {
     /// The trainer container's `imagePullPolicy`; the cluster's default when unset.
     #[arg(long = "k8s-image-pull-policy", env = "VTP_K8S_IMAGE_PULL_POLICY")]
     pub image_pull_policy: Option<String>,
+    /// Images a `python` job may name as `config.image` (comma-separated):
+    /// the trainer's image with more packages. None by default.
+    #[arg(
+        long = "k8s-script-images",
+        env = "VTP_K8S_SCRIPT_IMAGES",
+        value_delimiter = ','
+    )]
+    pub script_images: Vec<String>,
     /// Service account of the trainer pods.
     #[arg(long = "k8s-service-account", env = "VTP_K8S_SERVICE_ACCOUNT")]
     pub service_account: Option<String>,
@@ -410,6 +424,12 @@ impl K8sArgs {
             namespace,
             image: self.image.clone(),
             image_pull_policy: self.image_pull_policy.clone(),
+            script_images: self
+                .script_images
+                .iter()
+                .map(|image| image.trim().to_owned())
+                .filter(|image| !image.is_empty())
+                .collect(),
             service_account: self.service_account.clone(),
             s3_secret: self.s3_secret.clone(),
             env: trainer_env,
@@ -598,6 +618,34 @@ impl KubernetesLauncher {
         Ok(resources)
     }
 
+    /// The image a job with `config` runs: its `config.image` (a `python`
+    /// job's) when the operator allow-lists it, else the trainer's.
+    /// Checked at launch too: the list may have shrunk since.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] on `config.image`.
+    pub fn image_of(&self, config: &serde_json::Value) -> Result<String> {
+        let Some(asked) = config.get("image") else {
+            return Ok(self.config.image.clone());
+        };
+        match asked.as_str() {
+            Some(image) if self.config.script_images.iter().any(|ok| ok == image) => {
+                Ok(image.to_owned())
+            }
+            _ if self.config.script_images.is_empty() => Err(Error::invalid(
+                "config.image",
+                "no image is allow-listed here (VTP_K8S_SCRIPT_IMAGES): scripts run in the trainer's own",
+            )),
+            _ => Err(Error::invalid(
+                "config.image",
+                format!(
+                    "{asked} is not allow-listed; this platform runs scripts in {}",
+                    self.config.script_images.join(", ")
+                ),
+            )),
+        }
+    }
+
     /// The Job that runs `request`.
     ///
     /// # Errors
@@ -691,7 +739,7 @@ impl KubernetesLauncher {
         }
         let container = Container {
             name: CONTAINER.to_owned(),
-            image: Some(c.image.clone()),
+            image: Some(self.image_of(&request.config)?),
             image_pull_policy: c.image_pull_policy.clone(),
             args: Some(vec!["run-job".to_owned()]),
             env: Some(env),
@@ -1291,6 +1339,7 @@ impl TrainerLauncher for KubernetesLauncher {
     }
 
     fn check_config(&self, config: &serde_json::Value) -> Result<()> {
+        self.image_of(config)?;
         self.resources_of(config).map(|_| ())
     }
 

@@ -19,7 +19,9 @@ use axum::{Json, response::IntoResponse};
 use utoipa::OpenApi as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use vtp_core::api::{ErrorBody, ModelCatalog, TrainerAccepted, TrainerHealth, TrainerJob};
+use vtp_core::api::{
+    ErrorBody, ModelCatalog, ModelInfo, TrainerAccepted, TrainerHealth, TrainerJob,
+};
 use vtp_core::{Error, JobId, StartTraining, Task, TrainConfig};
 use vtp_http::openapi::{BearerAuth, CommonErrors};
 use vtp_http::{ApiError, ApiJson, ApiPath, ApiQuery};
@@ -155,8 +157,23 @@ async fn status(
     security((), ("bearer" = [])),
 )]
 async fn models(State(service): State<Service>) -> Result<Json<ModelCatalog>, ApiError> {
+    // The engine's own models, then the ones the `ultralytics` package
+    // trains (`config.engine: "package"`).
+    let mut models = service.engine().models()?;
+    models.extend(
+        vtp_core::package_models()
+            .into_iter()
+            .map(|model| ModelInfo {
+                description: model.description(),
+                name: model.name,
+                task: model.task,
+                min_image_size: 32,
+                parameters: None,
+                engine: vtp_core::Engine::Package,
+            }),
+    );
     Ok(Json(ModelCatalog {
-        models: service.engine().models()?,
+        models,
         classify_defaults: TrainConfig::defaults_for(Task::Classify),
         detect_defaults: TrainConfig::defaults_for(Task::Detect),
     }))

@@ -86,6 +86,16 @@ enum Work {
     Engine(Box<TrainConfig>),
     /// `framework: "python"`: the script's config and its code archive.
     Script(vtp_core::ScriptConfig, BlobKey),
+    /// `config.engine: "package"`: the `ultralytics` package, driven by
+    /// the `vtp` package's own SDK script.
+    Package(vtp_core::PackageConfig),
+}
+
+/// [`Work`] with what it needs on this disk: a script's code, unpacked.
+enum Fetched<'a> {
+    Engine(&'a TrainConfig),
+    Script(&'a vtp_core::ScriptConfig, PathBuf),
+    Package(&'a vtp_core::PackageConfig),
 }
 
 /// A request that passed [`TrainerService::admit`].
@@ -349,12 +359,14 @@ impl TrainerService {
                 .key_for(&config.code_s3_uri)
                 .map_err(|e| Error::invalid("config.code_s3_uri", e.to_string()))?;
             Work::Script(config, code)
+        } else if vtp_core::PackageConfig::wanted(&request.config) {
+            Work::Package(vtp_core::PackageConfig::from_json(&request.config)?)
         } else {
             Work::Engine(Box::new(TrainConfig::from_json(&request.config)?))
         };
         let init_weights = match &work {
             Work::Engine(config) => config.init_weights.as_deref(),
-            Work::Script(..) => None,
+            Work::Script(..) | Work::Package(_) => None,
         };
         let dataset = self
             .blobs
@@ -673,11 +685,13 @@ impl TrainerService {
         );
         let dir = self.job_dir(job_id, request.attempt);
         let dataset_dir = self.fetch_dataset(dataset, &dir).await?;
-        let code_dir = match work {
-            Work::Script(config, code) => {
-                Some(self.fetch_code(code, &config.entrypoint, &dir).await?)
-            }
-            Work::Engine(_) => None,
+        let work = match work {
+            Work::Script(config, code) => Fetched::Script(
+                config,
+                self.fetch_code(code, &config.entrypoint, &dir).await?,
+            ),
+            Work::Engine(config) => Fetched::Engine(config),
+            Work::Package(config) => Fetched::Package(config),
         };
         if cancel.load(Ordering::SeqCst) {
             return Ok(
@@ -692,13 +706,7 @@ impl TrainerService {
                 self.blobs
                     .download_to(key, &local)
                     .await
-                    .map_err(|e| match e {
-                        Error::NotFound { .. } => Error::invalid(
-                            "config.init_weights",
-                            format!("no weights at {}", self.blobs.uri(key)),
-                        ),
-                        other => other,
-                    })?;
+                    .map_err(self.missing_is_invalid(key, "config.init_weights", "weights"))?;
                 Some(local)
             }
             None => None,
@@ -789,26 +797,47 @@ impl TrainerService {
             job_span,
             last_report: None,
         };
-        let config = match (work, code_dir) {
-            (Work::Script(config, _), Some(code_dir)) => {
+        let config = match work {
+            Fetched::Script(config, code_dir) => {
                 let run = script::ScriptRun {
                     options: self.script.clone(),
-                    config: config.clone(),
+                    program: script::Program::File {
+                        code_dir,
+                        entrypoint: config.entrypoint.clone(),
+                    },
+                    args: config.args.clone(),
+                    epochs: config.epochs,
+                    report_timeout_secs: config.report_timeout_secs,
+                    distributed: config.distributed,
                     raw_config: request.config.clone(),
                     job_id,
                     attempt: request.attempt,
                     job_dir: dir.clone(),
-                    code_dir,
                     dataset_dir: spec.dataset_dir.clone(),
                     output: output.clone(),
                     restored_epoch,
                 };
                 return self.run_script(request, run, sink, slot).await;
             }
-            (Work::Engine(config), _) => config,
-            (Work::Script(..), None) => {
-                return Err(Error::internal("a script job without its code"));
+            Fetched::Package(config) => {
+                let run = script::ScriptRun {
+                    options: self.script.clone(),
+                    program: script::Program::Module(script::PACKAGE_ENGINE),
+                    args: Vec::new(),
+                    epochs: config.epochs,
+                    report_timeout_secs: config.report_timeout_secs,
+                    distributed: None,
+                    raw_config: request.config.clone(),
+                    job_id,
+                    attempt: request.attempt,
+                    job_dir: dir.clone(),
+                    dataset_dir: spec.dataset_dir.clone(),
+                    output: output.clone(),
+                    restored_epoch,
+                };
+                return self.run_script(request, run, sink, slot).await;
             }
+            Fetched::Engine(config) => config,
         };
         let mut sink = sink;
         self.report(
@@ -850,19 +879,25 @@ impl TrainerService {
             // attempt resumes from; the little time left goes to reporting.
             Err(e @ Error::Cancelled { .. }) if slot.interrupted.load(Ordering::SeqCst) => Err(e),
             Err(Error::Cancelled { reason }) => {
-                let uploaded = self
-                    .upload_checkpoints(job_id, &output)
-                    .await
-                    .unwrap_or_default();
-                let mut update = TrainingUpdate::new(JobStatus::Cancelled).with_message(reason);
-                if let Some(uri) = checkpoints::main_file(uploaded.keys(), "last")
-                    .and_then(|name| uploaded.get(name))
-                {
-                    update = update.with_checkpoint(uri.clone());
-                }
-                Ok(update)
+                Ok(self.cancelled_update(job_id, &output, reason).await)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Turns a blob the request names but the store lacks into a bad
+    /// `field` ("no {what} at {uri}"); other errors (an outage) stay.
+    fn missing_is_invalid<'a>(
+        &'a self,
+        key: &'a BlobKey,
+        field: &'static str,
+        what: &'static str,
+    ) -> impl FnOnce(Error) -> Error + 'a {
+        move |e| match e {
+            Error::NotFound { .. } => {
+                Error::invalid(field, format!("no {what} at {}", self.blobs.uri(key)))
+            }
+            other => other,
         }
     }
 
@@ -874,13 +909,7 @@ impl TrainerService {
             .blobs
             .download_prefix(key, &raw)
             .await
-            .map_err(|e| match e {
-                Error::NotFound { .. } => Error::invalid(
-                    "dataset_s3_uri",
-                    format!("no dataset at {}", self.blobs.uri(key)),
-                ),
-                other => other,
-            })?;
+            .map_err(self.missing_is_invalid(key, "dataset_s3_uri", "dataset"))?;
         match files.as_slice() {
             [single] if is_archive(single) => {
                 let archive = single.clone();
@@ -911,13 +940,7 @@ impl TrainerService {
         self.blobs
             .download_to(key, &archive)
             .await
-            .map_err(|e| match e {
-                Error::NotFound { .. } => Error::invalid(
-                    "config.code_s3_uri",
-                    format!("no code archive at {}", self.blobs.uri(key)),
-                ),
-                other => other,
-            })?;
+            .map_err(self.missing_is_invalid(key, "config.code_s3_uri", "code archive"))?;
         if !is_archive(&archive) {
             return Err(Error::invalid(
                 "config.code_s3_uri",
@@ -969,10 +992,7 @@ impl TrainerService {
             request,
             TrainingUpdate::new(JobStatus::Running)
                 .with_progress(0.0)
-                .with_message(format!(
-                    "running {} for {} epochs",
-                    run.config.entrypoint, run.config.epochs
-                )),
+                .with_message(format!("running {} for {} epochs", run.program, run.epochs)),
         );
         let flag = slot.cancel.clone();
         let span = tracing::Span::current();
@@ -1001,21 +1021,32 @@ impl TrainerService {
                 })
             }
             Ok(script::ScriptEnd::Cancelled) => {
-                let uploaded = self
-                    .upload_checkpoints(job_id, &output)
-                    .await
-                    .unwrap_or_default();
-                let mut update =
-                    TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled");
-                if let Some(uri) =
-                    checkpoints::main_file(uploaded.keys(), "last").and_then(|n| uploaded.get(n))
-                {
-                    update = update.with_checkpoint(uri.clone());
-                }
-                Ok(update)
+                Ok(self.cancelled_update(job_id, &output, "cancelled").await)
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// A cancelled job's last update: it keeps the last checkpoint saved
+    /// (uploaded now, on a best effort: the sets stored after each epoch
+    /// are there whatever happens).
+    async fn cancelled_update(
+        &self,
+        job_id: JobId,
+        output: &Path,
+        reason: impl Into<String>,
+    ) -> TrainingUpdate {
+        let uploaded = self
+            .upload_checkpoints(job_id, output)
+            .await
+            .unwrap_or_default();
+        let mut update = TrainingUpdate::new(JobStatus::Cancelled).with_message(reason);
+        if let Some(uri) =
+            checkpoints::main_file(uploaded.keys(), "last").and_then(|name| uploaded.get(name))
+        {
+            update = update.with_checkpoint(uri.clone());
+        }
+        update
     }
 
     /// Uploads the trained model, retrying an outage for up to
@@ -1188,12 +1219,6 @@ impl script::ScriptHost for OutboxSink {
     }
 
     fn checkpoint_saved(&mut self, epoch: u32) -> Option<String> {
-        let epochs =
-            vtp_core::ScriptConfig::from_json(&self.request.config).map_or(u32::MAX, |c| c.epochs);
-        // The final epoch's files are uploaded once the script ends.
-        if epoch >= epochs {
-            return None;
-        }
         // The epoch's metrics go with its set, as the engine's do: an
         // attempt resuming from it reports them again in case they were lost.
         let metrics = self

@@ -15,6 +15,10 @@
 //! [`RunClient`] is the SDK's side of the socket, which the `vtp` Python
 //! package wraps (PyO3): one implementation for the service and its tests.
 //!
+//! The package engine (`framework: "ultralytics"`, `config.engine:
+//! "package"`) is such a script too, shipped in the `vtp` package
+//! ([`PACKAGE_ENGINE`]): the same socket, reports and sets.
+//!
 //! How an attempt ends: the script's exit status 0 completes the job (with
 //! its best saved checkpoint); another status fails it with the tail of its
 //! stderr; a signal it did not get from us (the OOM killer, a `kill -9`)
@@ -96,6 +100,11 @@ pub const SCRIPT_ENV: [&str; 17] = [
     "TORCH_HOME",
 ];
 
+/// The module the package engine runs (`config.engine: "package"`): an
+/// SDK script of the `vtp` Python package that drives the `ultralytics`
+/// package.
+pub const PACKAGE_ENGINE: &str = "vtp.ultralytics_engine";
+
 /// The variable naming the SDK's socket.
 pub const SOCKET_ENV: &str = "VTP_RUN_SOCKET";
 /// The variable holding the token the SDK opens the socket with.
@@ -107,8 +116,9 @@ pub const MAX_CHECKPOINT_FILES: usize = 64;
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Most metrics in one report.
 pub const MAX_METRICS: usize = 256;
-/// Most connections a script holds at once.
-const MAX_CONNECTIONS: usize = 16;
+/// Most connections a script holds at once: a few per rank of the largest
+/// distributed run.
+const MAX_CONNECTIONS: usize = 4 * vtp_core::Distributed::MAX_NPROC_PER_NODE as usize;
 /// Lines of stderr kept for the failure message.
 const STDERR_TAIL_LINES: usize = 20;
 /// Longest line kept of the script's output.
@@ -131,6 +141,11 @@ pub mod protocol {
         Hello {
             /// The run's token.
             token: String,
+            /// The process's rank in a distributed run (torch's `RANK`; 0
+            /// in a plain one). Only rank 0's reports, steps and
+            /// checkpoints are kept; the others' count as signs of life.
+            #[serde(default)]
+            rank: u32,
         },
         /// An epoch's metrics.
         Report {
@@ -191,6 +206,9 @@ pub mod protocol {
         pub job_id: String,
         /// Which attempt this is (1 for the first launch).
         pub attempt: i32,
+        /// This process's rank (0 in a plain run): as its `hello` said.
+        #[serde(default)]
+        pub rank: u32,
         /// Epochs to train.
         pub epochs: u32,
         /// The job's whole config.
@@ -234,14 +252,21 @@ impl RunClient {
         else {
             return Ok(None);
         };
-        Self::connect(Path::new(&socket), &token).map(Some)
+        // torchrun's `RANK`; a plain run has none.
+        let rank = match std::env::var("RANK") {
+            Ok(rank) => rank
+                .parse()
+                .map_err(|_| Error::invalid("RANK", format!("{rank:?} is not a process rank")))?,
+            Err(_) => 0,
+        };
+        Self::connect(Path::new(&socket), &token, rank).map(Some)
     }
 
-    /// Connects to `socket` with `token`.
+    /// Connects to `socket` with `token`, as the process of `rank`.
     ///
     /// # Errors
     /// As [`RunClient::from_env`].
-    pub fn connect(socket: &Path, token: &str) -> Result<Self> {
+    pub fn connect(socket: &Path, token: &str, rank: u32) -> Result<Self> {
         let unavailable = |e: std::io::Error| {
             Error::unavailable(
                 "trainer",
@@ -256,6 +281,7 @@ impl RunClient {
             context: Context {
                 job_id: String::new(),
                 attempt: 0,
+                rank: 0,
                 epochs: 0,
                 config: serde_json::Value::Null,
                 dataset_dir: PathBuf::new(),
@@ -264,6 +290,7 @@ impl RunClient {
         };
         let reply = client.call(&Request::Hello {
             token: token.to_owned(),
+            rank,
         })?;
         client.context = reply
             .context
@@ -357,16 +384,47 @@ pub(crate) trait ScriptHost {
     fn epoch(&mut self, report: &EpochReport);
     /// Progress inside an epoch, for the heartbeats.
     fn step(&mut self, step: &StepProgress);
-    /// The output directory now holds the checkpoint of `epoch`: store its
-    /// set (unless it is the final epoch); the set's URI.
+    /// The output directory now holds the checkpoint of `epoch` (not the
+    /// final one): store its set; the set's URI.
     fn checkpoint_saved(&mut self, epoch: u32) -> Option<String>;
+}
+
+/// What a run starts.
+#[derive(Debug, Clone)]
+pub(crate) enum Program {
+    /// The user's entrypoint, a file of their unpacked code archive, run in
+    /// the archive's directory.
+    File {
+        code_dir: PathBuf,
+        entrypoint: String,
+    },
+    /// A module of the trainer's Python (`python -m`), run in the job's
+    /// directory: the package engine, `vtp.ultralytics_engine`.
+    Module(&'static str),
+}
+
+impl std::fmt::Display for Program {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Program::File { entrypoint, .. } => f.write_str(entrypoint),
+            Program::Module(module) => write!(f, "python -m {module}"),
+        }
+    }
 }
 
 /// One run of a script.
 #[derive(Debug)]
 pub(crate) struct ScriptRun {
     pub options: ScriptOptions,
-    pub config: vtp_core::ScriptConfig,
+    pub program: Program,
+    /// Its command-line arguments.
+    pub args: Vec<String>,
+    /// Epochs it trains.
+    pub epochs: u32,
+    /// Its own silence limit, if the job set one.
+    pub report_timeout_secs: Option<u64>,
+    /// Its processes under `torchrun`, if more than one.
+    pub distributed: Option<vtp_core::Distributed>,
     /// The job's config, whole (the script's `run.config`).
     pub raw_config: serde_json::Value,
     pub job_id: vtp_core::JobId,
@@ -374,8 +432,6 @@ pub(crate) struct ScriptRun {
     /// The attempt's directory: the script may save checkpoints from
     /// anywhere inside it but `output`.
     pub job_dir: PathBuf,
-    /// The unpacked code archive (the script's working directory).
-    pub code_dir: PathBuf,
     pub dataset_dir: PathBuf,
     /// Where checkpoint files go (`last.*`, `best.*`) for the sets and the
     /// final upload.
@@ -396,6 +452,8 @@ pub(crate) enum ScriptEnd {
 /// A message from a connection thread to the run's loop.
 struct Incoming {
     request: Request,
+    /// The rank its connection said hello as.
+    rank: u32,
     answer: mpsc::Sender<Reply>,
 }
 
@@ -407,14 +465,15 @@ impl ScriptRun {
         host: &mut dyn ScriptHost,
         cancelled: &(dyn Fn() -> bool + Sync),
     ) -> Result<ScriptEnd> {
-        let entrypoint = self.code_dir.join(&self.config.entrypoint);
-        if !entrypoint.is_file() {
+        if let Program::File {
+            code_dir,
+            entrypoint,
+        } = &self.program
+            && !code_dir.join(entrypoint).is_file()
+        {
             return Err(Error::invalid(
                 "config.entrypoint",
-                format!(
-                    "{} is not a file of the code archive",
-                    self.config.entrypoint
-                ),
+                format!("{entrypoint} is not a file of the code archive"),
             ));
         }
         let restored = self.restored_dir()?;
@@ -443,10 +502,38 @@ impl ScriptRun {
         }
 
         let mut command = Command::new(&self.options.python);
+        if let Some(distributed) = self.distributed {
+            // PyTorch's own launcher, through `vtp.torchrun`, which passes
+            // a rank's death by signal on as its own (see there). Every
+            // rank inherits the socket and token; only rank 0's reports and
+            // checkpoints are kept (`handle`).
+            command.args(["-m", "vtp.torchrun", "--standalone"]).args([
+                format!("--nnodes={}", distributed.nnodes),
+                format!("--nproc-per-node={}", distributed.nproc_per_node),
+            ]);
+        }
+        let cwd = match &self.program {
+            Program::File {
+                code_dir,
+                entrypoint,
+            } => {
+                command.arg(code_dir.join(entrypoint));
+                code_dir
+            }
+            Program::Module(module) => {
+                // torchrun's own flag for a module, else Python's.
+                command.arg(if self.distributed.is_some() {
+                    "--module"
+                } else {
+                    "-m"
+                });
+                command.arg(module);
+                &self.job_dir
+            }
+        };
         command
-            .arg(&entrypoint)
-            .args(&self.config.args)
-            .current_dir(&self.code_dir)
+            .args(&self.args)
+            .current_dir(cwd)
             .env_clear()
             .envs(script_env(&self.options.extra_env))
             .env("HOME", self.job_dir.join("home"))
@@ -466,7 +553,7 @@ impl ScriptRun {
                 format!("cannot start {}: {e}", self.options.python.display()),
             )
         })?;
-        tracing::info!(pid = child.id(), entrypoint = %self.config.entrypoint, "the script started");
+        tracing::info!(pid = child.id(), program = %self.program, "the script started");
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let span = tracing::Span::current();
         let readers = [
@@ -529,7 +616,6 @@ impl ScriptRun {
         restored: Option<protocol::Restored>,
     ) -> Result<Ended> {
         let timeout = self
-            .config
             .report_timeout_secs
             .map_or(self.options.report_timeout, Duration::from_secs);
         let mut heard = Instant::now();
@@ -537,7 +623,9 @@ impl ScriptRun {
         let context = Context {
             job_id: self.job_id.to_string(),
             attempt: self.attempt,
-            epochs: self.config.epochs,
+            // Each connection's own, from its hello.
+            rank: 0,
+            epochs: self.epochs,
             config: self.raw_config.clone(),
             dataset_dir: self.dataset_dir.clone(),
             restored,
@@ -556,7 +644,13 @@ impl ScriptRun {
             }
             if stopping.is_none() && cancelled() {
                 tracing::info!("asking the script to stop (SIGTERM)");
-                signal_group(child, nix::sys::signal::Signal::SIGTERM);
+                if self.distributed.is_some() {
+                    // torchrun relays it to every rank once; a second one
+                    // from us would end the ranks before they save.
+                    signal_child(child, nix::sys::signal::Signal::SIGTERM);
+                } else {
+                    signal_group(child, nix::sys::signal::Signal::SIGTERM);
+                }
                 stopping = Some(Instant::now());
             }
             if let Some(since) = stopping
@@ -571,13 +665,16 @@ impl ScriptRun {
             if stopping.is_none() && heard.elapsed() > timeout {
                 return Ok(Ended::Silent(timeout));
             }
-            let Ok(Incoming { request, answer }) =
-                incoming.recv_timeout(Duration::from_millis(100))
+            let Ok(Incoming {
+                request,
+                rank,
+                answer,
+            }) = incoming.recv_timeout(Duration::from_millis(100))
             else {
                 continue;
             };
             let stop = stopping.is_some() || cancelled();
-            let reply = match self.handle(request, host, &context) {
+            let reply = match self.handle(request, rank, host, &context) {
                 Ok((counts, mut reply)) => {
                     if counts {
                         heard = Instant::now();
@@ -597,10 +694,12 @@ impl ScriptRun {
         }
     }
 
-    /// One request; whether it counts as a sign of life, and the answer.
+    /// One request from the process of `rank`; whether it counts as a
+    /// sign of life, and the answer.
     fn handle(
         &self,
         request: Request,
+        rank: u32,
         host: &mut dyn ScriptHost,
         context: &Context,
     ) -> Result<(bool, Reply)> {
@@ -611,7 +710,7 @@ impl ScriptRun {
             context: None,
             stored: None,
         };
-        let epochs = self.config.epochs;
+        let epochs = self.epochs;
         let check_epoch = |epoch: u32| {
             if (1..=epochs).contains(&epoch) {
                 Ok(())
@@ -623,14 +722,28 @@ impl ScriptRun {
             }
         };
         match request {
-            Request::Hello { .. } => Ok((
+            Request::Hello { rank, .. } => Ok((
                 true,
                 Reply {
-                    context: Some(context.clone()),
+                    context: Some(Context {
+                        rank,
+                        ..context.clone()
+                    }),
                     ..ok
                 },
             )),
             Request::Poll => Ok((false, ok)),
+            // The other ranks of a distributed run compute the same epochs
+            // as rank 0: what they send shows they live, and only rank 0's
+            // is kept (as torch's own examples log and save on rank 0).
+            Request::Report { epoch, .. }
+            | Request::Step { epoch, .. }
+            | Request::Checkpoint { epoch, .. }
+                if rank != 0 =>
+            {
+                check_epoch(epoch)?;
+                Ok((true, ok))
+            }
             Request::Report { epoch, metrics } => {
                 check_epoch(epoch)?;
                 if metrics.len() > MAX_METRICS {
@@ -671,7 +784,10 @@ impl ScriptRun {
             Request::Checkpoint { path, epoch, best } => {
                 check_epoch(epoch)?;
                 self.take_checkpoint(&path, best)?;
-                let stored = host.checkpoint_saved(epoch);
+                // The final epoch's files are uploaded once the script ends.
+                let stored = (epoch < epochs)
+                    .then(|| host.checkpoint_saved(epoch))
+                    .flatten();
                 Ok((true, Reply { stored, ..ok }))
             }
         }
@@ -803,6 +919,13 @@ fn script_env(extra: &[String]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Sends `signal` to the script's own process (not its group).
+fn signal_child(child: &Child, signal: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
+
 /// Sends `signal` to the script's process group.
 fn signal_group(child: &Child, signal: nix::sys::signal::Signal) {
     if let Ok(pid) = i32::try_from(child.id()) {
@@ -907,7 +1030,7 @@ fn connection(stream: UnixStream, token: &str, sender: &mpsc::Sender<Incoming>) 
     };
     let mut reader = BufReader::new(stream);
     let mut line = Vec::new();
-    let mut greeted = false;
+    let mut greeted = None;
     let refuse = |writer: &mut UnixStream, error: String| {
         let reply = Reply {
             ok: false,
@@ -933,22 +1056,30 @@ fn connection(stream: UnixStream, token: &str, sender: &mpsc::Sender<Incoming>) 
                 continue;
             }
         };
-        match (&request, greeted) {
-            (Request::Hello { token: given }, _) => {
+        let rank = match (&request, greeted) {
+            (Request::Hello { token: given, rank }, _) => {
                 if !vtp_core::auth::tokens_match(given, token) {
                     refuse(&mut writer, "wrong run token".into());
                     return;
                 }
-                greeted = true;
+                greeted = Some(*rank);
+                *rank
             }
-            (_, false) => {
+            (_, None) => {
                 refuse(&mut writer, "say hello with the run's token first".into());
                 return;
             }
-            _ => {}
-        }
+            (_, Some(rank)) => rank,
+        };
         let (answer, reply) = mpsc::channel();
-        if sender.send(Incoming { request, answer }).is_err() {
+        if sender
+            .send(Incoming {
+                request,
+                rank,
+                answer,
+            })
+            .is_err()
+        {
             return;
         }
         let Ok(reply) = reply.recv() else {
@@ -1025,6 +1156,188 @@ mod tests {
             assert!(allowed(fine, &extra), "{fine}");
         }
         assert!(script_env(&[]).iter().all(|(name, _)| allowed(name, &[])));
+    }
+
+    /// What a run asked of its host.
+    #[derive(Default)]
+    struct Recorder {
+        epochs: Vec<u32>,
+        steps: usize,
+        sets: Vec<u32>,
+    }
+
+    impl ScriptHost for Recorder {
+        fn epoch(&mut self, report: &EpochReport) {
+            self.epochs.push(report.epoch);
+        }
+        fn step(&mut self, _: &StepProgress) {
+            self.steps += 1;
+        }
+        fn checkpoint_saved(&mut self, epoch: u32) -> Option<String> {
+            self.sets.push(epoch);
+            Some(format!("set-{epoch}"))
+        }
+    }
+
+    /// Writes its file when dropped.
+    struct Done(PathBuf);
+
+    impl Drop for Done {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, b"");
+        }
+    }
+
+    /// A run of a shell "script" (`/bin/sh` as the interpreter) that hands
+    /// its socket and token to the test in `probe`, then waits for `done`.
+    fn probe_run(dir: &Path) -> ScriptRun {
+        let code_dir = dir.join("code");
+        std::fs::create_dir_all(&code_dir).unwrap();
+        std::fs::create_dir_all(dir.join("output")).unwrap();
+        std::fs::write(
+            code_dir.join("probe.sh"),
+            format!(
+                "printf '%s\\n%s\\n' \"${SOCKET_ENV}\" \"${TOKEN_ENV}\" > ../probe.tmp\n\
+                 mv ../probe.tmp ../probe\n\
+                 while [ ! -e ../done ]; do sleep 0.05; done\n"
+            ),
+        )
+        .unwrap();
+        ScriptRun {
+            options: ScriptOptions {
+                python: PathBuf::from("/bin/sh"),
+                ..ScriptOptions::default()
+            },
+            program: Program::File {
+                code_dir,
+                entrypoint: "probe.sh".into(),
+            },
+            args: Vec::new(),
+            epochs: 3,
+            report_timeout_secs: None,
+            distributed: None,
+            raw_config: serde_json::json!({"epochs": 3}),
+            job_id: vtp_core::JobId::new(),
+            attempt: 1,
+            job_dir: dir.to_owned(),
+            dataset_dir: dir.join("dataset"),
+            output: dir.join("output"),
+            restored_epoch: None,
+        }
+    }
+
+    #[test]
+    fn the_socket_takes_only_the_runs_token_keeps_rank_0_and_bounds_connections_and_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = dir.path().canonicalize().unwrap();
+        let run = probe_run(&dir);
+        let served = std::thread::scope(|scope| {
+            let serving = scope.spawn(|| {
+                let mut host = Recorder::default();
+                let end = run.run(&mut host, &|| false);
+                (end, host)
+            });
+            // The script ends when the test does, even when it fails.
+            let _done = Done(dir.join("done"));
+            let probe = dir.join("probe");
+            while !probe.exists() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let text = std::fs::read_to_string(&probe).unwrap();
+            let (socket, token) = text.trim_end().split_once('\n').unwrap();
+            let socket = Path::new(socket);
+
+            // Rank 1 reports, steps and saves; none of it reaches the host.
+            let mut rank1 = RunClient::connect(socket, token, 1).unwrap();
+            assert_eq!(rank1.context().rank, 1);
+            let report = Request::Report {
+                epoch: 1,
+                metrics: metrics(&[("loss", 0.5)]),
+            };
+            assert!(rank1.call(&report).unwrap().ok);
+            let saved = rank1
+                .call(&Request::Checkpoint {
+                    path: dir.join("nowhere"),
+                    epoch: 1,
+                    best: false,
+                })
+                .unwrap();
+            assert_eq!(saved.stored, None);
+            // Its epochs are checked all the same.
+            assert!(rank1.call(&Request::Poll).is_ok());
+            let bad = Request::Report {
+                epoch: 9,
+                metrics: metrics(&[("loss", 0.5)]),
+            };
+            assert!(rank1.call(&bad).is_err());
+
+            // Rank 0's are kept: the report and a set (not for the final
+            // epoch, which is uploaded when the script ends).
+            let mut rank0 = RunClient::connect(socket, token, 0).unwrap();
+            assert!(rank0.call(&report).unwrap().ok);
+            let weights = dir.join("out");
+            std::fs::create_dir_all(&weights).unwrap();
+            std::fs::write(weights.join("model.pt"), b"weights").unwrap();
+            let save = |epoch| Request::Checkpoint {
+                path: weights.clone(),
+                epoch,
+                best: epoch == 1,
+            };
+            assert_eq!(
+                rank0.call(&save(1)).unwrap().stored.as_deref(),
+                Some("set-1")
+            );
+            assert_eq!(rank0.call(&save(3)).unwrap().stored, None);
+            assert!(dir.join("output/best.model.pt").is_file());
+            // A checkpoint of too many files is refused, naming the bound.
+            for i in 0..=MAX_CHECKPOINT_FILES {
+                std::fs::write(weights.join(format!("shard-{i}.pt")), b"x").unwrap();
+            }
+            let too_many = rank0.call(&save(2)).unwrap_err();
+            assert!(
+                too_many
+                    .to_string()
+                    .contains(&format!("1 to {MAX_CHECKPOINT_FILES}")),
+                "{too_many}"
+            );
+            // Outside the job's directory: refused.
+            let outside = rank0
+                .call(&Request::Checkpoint {
+                    path: PathBuf::from("/etc/hostname"),
+                    epoch: 2,
+                    best: false,
+                })
+                .unwrap_err();
+            assert!(outside.to_string().contains("not inside"), "{outside}");
+
+            // Connections are bounded: with the cap held open, one more is
+            // dropped before its hello is answered.
+            let held: Vec<RunClient> = (2..MAX_CONNECTIONS)
+                .map(|_| RunClient::connect(socket, token, 0).unwrap())
+                .collect();
+            let over = vtp_core::error_chain(&RunClient::connect(socket, token, 0).unwrap_err());
+            assert!(over.contains("went away"), "{over}");
+            drop(held);
+            // A wrong token is refused at hello (once the threads of the
+            // connections just closed have ended, and there is room).
+            let refused =
+                (0..200).find_map(|_| match RunClient::connect(socket, "not-the-token", 0) {
+                    Err(e) if vtp_core::error_chain(&e).contains("wrong run token") => Some(e),
+                    _ => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        None
+                    }
+                });
+            assert!(refused.is_some(), "a wrong token was not refused at hello");
+
+            drop(_done);
+            serving.join().unwrap()
+        });
+        let (end, host) = served;
+        assert_eq!(end.unwrap(), ScriptEnd::Completed);
+        assert_eq!(host.epochs, [1]);
+        assert_eq!(host.sets, [1]);
+        assert_eq!(host.steps, 0);
     }
 
     #[test]

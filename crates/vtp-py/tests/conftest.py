@@ -240,6 +240,9 @@ def code_backend(
         "VTP_AUTH": "tokens",
         "VTP_ALLOW_USER_CODE": "true",
         "VTP_HEARTBEAT_SECS": "2",
+        # Scripts never reach the Hugging Face hub (it is allow-listed
+        # through to them).
+        "HF_HUB_OFFLINE": "1",
         # The scripts' Python: this venv's, where `vtp` and torch are.
         "VIRTUAL_ENV": str(Path(sys.executable).parents[1]),
     }

@@ -198,26 +198,53 @@ def test_outside_a_job_the_sdk_is_a_local_run_that_prints(
     assert "epoch 1/2: loss 0.5" in capsys.readouterr().out
 
 
-def test_the_plain_pytorch_example_learns_the_digits_through_the_backend(
-    alice: vtp.Client, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module")
+def digits_example(alice: vtp.Client, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """The digits ImageFolder and examples/user_code, uploaded by Alice."""
     repo = Path(__file__).resolve().parents[3]
-    subprocess.run(
-        [sys.executable, str(repo / "examples/digits/export_digits.py"), str(tmp_path)], check=True
-    )
-    dataset = alice.upload_dataset(tmp_path / "digits.zip", name="digits")
-    code = alice.upload_code(repo / "examples/user_code", name="example")
-    job = alice.create_job(
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(repo / "examples/digits/export_digits.py"), str(out)], check=True)
+    dataset = alice.upload_dataset(out / "digits.zip", name="digits")
+    return dataset, alice.upload_code(repo / "examples/user_code", name="example")
+
+
+def example_job(alice: vtp.Client, digits_example: tuple[str, str], **config: object) -> vtp.Job:
+    dataset, code = digits_example
+    return alice.create_job(
         dataset,
-        model="digits-cnn",
+        model="digits-" + str(config.get("backbone", "cnn")).replace("/", "-"),
         framework="python",
-        config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": 3, "lr": 0.1},
+        config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": 3, **config},
     ).start()
-    job.wait(timeout=300)
+
+
+def test_the_plain_pytorch_example_learns_the_digits_through_the_backend(
+    alice: vtp.Client, digits_example: tuple[str, str]
+) -> None:
+    job = example_job(alice, digits_example, lr=0.1).wait(timeout=300)
     rows = job.metrics()
     assert [row["epoch"] for row in rows] == [1, 2, 3]
     assert rows[-1]["val_accuracy"] > 0.8, rows
     assert job.checkpoint_uri is not None and job.checkpoint_uri.endswith("best.state.pt")
+
+
+def test_the_timm_and_transformers_examples_learn_the_digits_through_the_backend(
+    alice: vtp.Client, digits_example: tuple[str, str]
+) -> None:
+    # Both built from their libraries' configs (nothing downloaded), both
+    # jobs at once (the backend has two trainer slots). Chance is 0.1.
+    timm = example_job(alice, digits_example, backbone="timm/resnet10t", size=16, lr=0.05)
+    vit = example_job(alice, digits_example, backbone="hf/vit", size=16, lr=0.002, optimizer="adamw")
+    # timm's resnet10t has about 4.9M parameters, this ViT about 70k, the
+    # example's own CNN 2.7k: each job trained the model it named.
+    for job, floor, size in ((timm, 0.8, (4e6, 6e6)), (vit, 0.5, (5e4, 1e5))):
+        job.wait(timeout=600)
+        assert job.status == "completed", job.data
+        rows = job.metrics()
+        assert [row["epoch"] for row in rows] == [1, 2, 3]
+        assert size[0] < rows[-1]["parameters"] < size[1], rows
+        assert rows[-1]["val_accuracy"] > floor, (job.data["config"], rows)
+        assert rows[-1]["val_loss"] < rows[0]["val_loss"], rows
 
 
 def test_the_local_platform_runs_python_jobs_with_this_interpreter(

@@ -91,11 +91,12 @@ enum Work {
     Package(vtp_core::PackageConfig),
 }
 
-/// [`Work`] with what it needs on this disk: a script's code, unpacked.
+/// [`Work`] with what it needs on this disk: the engine's config, or the
+/// script to run (a `python` job's with its code unpacked, or the package
+/// engine).
 enum Fetched<'a> {
     Engine(&'a TrainConfig),
-    Script(&'a vtp_core::ScriptConfig, PathBuf),
-    Package(&'a vtp_core::PackageConfig),
+    Script(script::Script),
 }
 
 /// A request that passed [`TrainerService::admit`].
@@ -686,12 +687,12 @@ impl TrainerService {
         let dir = self.job_dir(job_id, request.attempt);
         let dataset_dir = self.fetch_dataset(dataset, &dir).await?;
         let work = match work {
-            Work::Script(config, code) => Fetched::Script(
+            Work::Script(config, code) => Fetched::Script(script::Script::user(
                 config,
                 self.fetch_code(code, &config.entrypoint, &dir).await?,
-            ),
+            )),
+            Work::Package(config) => Fetched::Script(script::Script::package(config)),
             Work::Engine(config) => Fetched::Engine(config),
-            Work::Package(config) => Fetched::Package(config),
         };
         if cancel.load(Ordering::SeqCst) {
             return Ok(
@@ -798,35 +799,10 @@ impl TrainerService {
             last_report: None,
         };
         let config = match work {
-            Fetched::Script(config, code_dir) => {
+            Fetched::Script(script) => {
                 let run = script::ScriptRun {
                     options: self.script.clone(),
-                    program: script::Program::File {
-                        code_dir,
-                        entrypoint: config.entrypoint.clone(),
-                    },
-                    args: config.args.clone(),
-                    epochs: config.epochs,
-                    report_timeout_secs: config.report_timeout_secs,
-                    distributed: config.distributed,
-                    raw_config: request.config.clone(),
-                    job_id,
-                    attempt: request.attempt,
-                    job_dir: dir.clone(),
-                    dataset_dir: spec.dataset_dir.clone(),
-                    output: output.clone(),
-                    restored_epoch,
-                };
-                return self.run_script(request, run, sink, slot).await;
-            }
-            Fetched::Package(config) => {
-                let run = script::ScriptRun {
-                    options: self.script.clone(),
-                    program: script::Program::Module(script::PACKAGE_ENGINE),
-                    args: Vec::new(),
-                    epochs: config.epochs,
-                    report_timeout_secs: config.report_timeout_secs,
-                    distributed: None,
+                    script,
                     raw_config: request.config.clone(),
                     job_id,
                     attempt: request.attempt,
@@ -992,7 +968,10 @@ impl TrainerService {
             request,
             TrainingUpdate::new(JobStatus::Running)
                 .with_progress(0.0)
-                .with_message(format!("running {} for {} epochs", run.program, run.epochs)),
+                .with_message(format!(
+                    "running {} for {} epochs",
+                    run.script.program, run.script.epochs
+                )),
         );
         let flag = slot.cancel.clone();
         let span = tracing::Span::current();

@@ -412,10 +412,11 @@ impl std::fmt::Display for Program {
     }
 }
 
-/// One run of a script.
-#[derive(Debug)]
-pub(crate) struct ScriptRun {
-    pub options: ScriptOptions,
+/// What a run starts, and how the platform treats it: a `python` job's
+/// entrypoint ([`Script::user`]) or the package engine
+/// ([`Script::package`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Script {
     pub program: Program,
     /// Its command-line arguments.
     pub args: Vec<String>,
@@ -425,6 +426,41 @@ pub(crate) struct ScriptRun {
     pub report_timeout_secs: Option<u64>,
     /// Its processes under `torchrun`, if more than one.
     pub distributed: Option<vtp_core::Distributed>,
+}
+
+impl Script {
+    /// A `python` job's entrypoint, in its code archive unpacked at
+    /// `code_dir`.
+    pub(crate) fn user(config: &vtp_core::ScriptConfig, code_dir: PathBuf) -> Self {
+        Script {
+            program: Program::File {
+                code_dir,
+                entrypoint: config.entrypoint.clone(),
+            },
+            args: config.args.clone(),
+            epochs: config.epochs,
+            report_timeout_secs: config.report_timeout_secs,
+            distributed: config.distributed,
+        }
+    }
+
+    /// The package engine ([`PACKAGE_ENGINE`]), one process.
+    pub(crate) fn package(config: &vtp_core::PackageConfig) -> Self {
+        Script {
+            program: Program::Module(PACKAGE_ENGINE),
+            args: Vec::new(),
+            epochs: config.epochs,
+            report_timeout_secs: config.report_timeout_secs,
+            distributed: None,
+        }
+    }
+}
+
+/// One run of a script.
+#[derive(Debug)]
+pub(crate) struct ScriptRun {
+    pub options: ScriptOptions,
+    pub script: Script,
     /// The job's config, whole (the script's `run.config`).
     pub raw_config: serde_json::Value,
     pub job_id: vtp_core::JobId,
@@ -468,7 +504,7 @@ impl ScriptRun {
         if let Program::File {
             code_dir,
             entrypoint,
-        } = &self.program
+        } = &self.script.program
             && !code_dir.join(entrypoint).is_file()
         {
             return Err(Error::invalid(
@@ -502,7 +538,7 @@ impl ScriptRun {
         }
 
         let mut command = Command::new(&self.options.python);
-        if let Some(distributed) = self.distributed {
+        if let Some(distributed) = self.script.distributed {
             // PyTorch's own launcher, through `vtp.torchrun`, which passes
             // a rank's death by signal on as its own (see there). Every
             // rank inherits the socket and token; only rank 0's reports and
@@ -512,7 +548,7 @@ impl ScriptRun {
                 format!("--nproc-per-node={}", distributed.nproc_per_node),
             ]);
         }
-        let cwd = match &self.program {
+        let cwd = match &self.script.program {
             Program::File {
                 code_dir,
                 entrypoint,
@@ -522,7 +558,7 @@ impl ScriptRun {
             }
             Program::Module(module) => {
                 // torchrun's own flag for a module, else Python's.
-                command.arg(if self.distributed.is_some() {
+                command.arg(if self.script.distributed.is_some() {
                     "--module"
                 } else {
                     "-m"
@@ -532,7 +568,7 @@ impl ScriptRun {
             }
         };
         command
-            .args(&self.args)
+            .args(&self.script.args)
             .current_dir(cwd)
             .env_clear()
             .envs(script_env(&self.options.extra_env))
@@ -553,7 +589,7 @@ impl ScriptRun {
                 format!("cannot start {}: {e}", self.options.python.display()),
             )
         })?;
-        tracing::info!(pid = child.id(), program = %self.program, "the script started");
+        tracing::info!(pid = child.id(), program = %self.script.program, "the script started");
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let span = tracing::Span::current();
         let readers = [
@@ -616,6 +652,7 @@ impl ScriptRun {
         restored: Option<protocol::Restored>,
     ) -> Result<Ended> {
         let timeout = self
+            .script
             .report_timeout_secs
             .map_or(self.options.report_timeout, Duration::from_secs);
         let mut heard = Instant::now();
@@ -625,7 +662,7 @@ impl ScriptRun {
             attempt: self.attempt,
             // Each connection's own, from its hello.
             rank: 0,
-            epochs: self.epochs,
+            epochs: self.script.epochs,
             config: self.raw_config.clone(),
             dataset_dir: self.dataset_dir.clone(),
             restored,
@@ -644,7 +681,7 @@ impl ScriptRun {
             }
             if stopping.is_none() && cancelled() {
                 tracing::info!("asking the script to stop (SIGTERM)");
-                if self.distributed.is_some() {
+                if self.script.distributed.is_some() {
                     // torchrun relays it to every rank once; a second one
                     // from us would end the ranks before they save.
                     signal_child(child, nix::sys::signal::Signal::SIGTERM);
@@ -710,7 +747,7 @@ impl ScriptRun {
             context: None,
             stored: None,
         };
-        let epochs = self.epochs;
+        let epochs = self.script.epochs;
         let check_epoch = |epoch: u32| {
             if (1..=epochs).contains(&epoch) {
                 Ok(())
@@ -1208,14 +1245,16 @@ mod tests {
                 python: PathBuf::from("/bin/sh"),
                 ..ScriptOptions::default()
             },
-            program: Program::File {
-                code_dir,
-                entrypoint: "probe.sh".into(),
+            script: Script {
+                program: Program::File {
+                    code_dir,
+                    entrypoint: "probe.sh".into(),
+                },
+                args: Vec::new(),
+                epochs: 3,
+                report_timeout_secs: None,
+                distributed: None,
             },
-            args: Vec::new(),
-            epochs: 3,
-            report_timeout_secs: None,
-            distributed: None,
             raw_config: serde_json::json!({"epochs": 3}),
             job_id: vtp_core::JobId::new(),
             attempt: 1,

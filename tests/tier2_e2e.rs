@@ -112,6 +112,18 @@ impl Env {
         id
     }
 
+    /// The job's recorded metrics, one row per epoch.
+    async fn metrics(&self, backend: &ServiceProcess, id: &str) -> Value {
+        let (status, metrics) = self
+            .json(
+                self.http
+                    .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
+            )
+            .await;
+        assert_eq!(status, 200, "{metrics}");
+        metrics
+    }
+
     /// Polls the job until `done`.
     async fn wait_for(
         &self,
@@ -387,12 +399,7 @@ async fn a_job_runs_as_a_kubernetes_job_on_the_same_backend_binary() {
             .unwrap()
             .ends_with("/best.safetensors")
     );
-    let (_, metrics) = env
-        .json(
-            env.http
-                .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
-        )
-        .await;
+    let metrics = env.metrics(&backend, &id).await;
     assert_eq!(metrics.as_array().unwrap().len(), 2, "{metrics}");
 
     let created = env.kube.job(&format!("vtp-{id}")).expect("one Job per job");
@@ -446,12 +453,7 @@ async fn a_python_job_runs_the_users_script_in_its_kubernetes_job() {
             .ends_with("/best.model.pt"),
         "{job}"
     );
-    let (_, metrics) = env
-        .json(
-            env.http
-                .get(backend.at(&format!("/training/jobs/{id}/metrics"))),
-        )
-        .await;
+    let metrics = env.metrics(&backend, &id).await;
     let rows = metrics.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{metrics}");
     // The script saw none of the pod's secrets (the S3 keys from envFrom,

@@ -31,14 +31,22 @@ def uploaded(alice: vtp.Client, shapes: Path) -> tuple[str, str]:
 
 
 def python_job(
-    client: vtp.Client, uploaded: tuple[str, str], epochs: int = 4, **config: object
+    client: vtp.Client,
+    uploaded: tuple[str, str],
+    epochs: int = 4,
+    *,
+    model: str = "tiny-mlp",
+    entrypoint: str = "train.py",
+    **config: object,
 ) -> vtp.Job:
+    """Starts a python job over `uploaded` (a dataset URI, a code URI);
+    `config` beside the code, entrypoint and epochs is the script's."""
     dataset, code = uploaded
     job = client.create_job(
         dataset,
-        model="tiny-mlp",
+        model=model,
         framework="python",
-        config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": epochs, **config},
+        config={"code_s3_uri": code, "entrypoint": entrypoint, "epochs": epochs, **config},
     )
     return job.start()
 
@@ -122,13 +130,7 @@ def test_a_silent_script_is_stopped_as_hung(alice: vtp.Client, uploaded: tuple[s
 def test_a_missing_entrypoint_fails_the_job_naming_it(
     alice: vtp.Client, uploaded: tuple[str, str]
 ) -> None:
-    dataset, code = uploaded
-    job = alice.create_job(
-        dataset,
-        model="tiny-mlp",
-        framework="python",
-        config={"code_s3_uri": code, "entrypoint": "nowhere.py", "epochs": 1},
-    ).start()
+    job = python_job(alice, uploaded, epochs=1, entrypoint="nowhere.py")
     with pytest.raises(vtp.JobFailed):
         job.wait(timeout=120)
     assert "config.entrypoint" in str(job.error) and "nowhere.py" in str(job.error)
@@ -209,13 +211,8 @@ def digits_example(alice: vtp.Client, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def example_job(alice: vtp.Client, digits_example: tuple[str, str], **config: object) -> vtp.Job:
-    dataset, code = digits_example
-    return alice.create_job(
-        dataset,
-        model="digits-" + str(config.get("backbone", "cnn")).replace("/", "-"),
-        framework="python",
-        config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": 3, **config},
-    ).start()
+    model = "digits-" + str(config.get("backbone", "cnn")).replace("/", "-")
+    return python_job(alice, digits_example, epochs=3, model=model, **config)
 
 
 def test_the_plain_pytorch_example_learns_the_digits_through_the_backend(
@@ -254,12 +251,7 @@ def test_the_local_platform_runs_python_jobs_with_this_interpreter(
     try:
         dataset = client.upload_dataset(shapes, name="shapes")
         code = client.upload_code(SCRIPTS, name="scripts")
-        job = client.create_job(
-            dataset,
-            model="tiny-mlp",
-            framework="python",
-            config={"code_s3_uri": code, "entrypoint": "train.py", "epochs": 2},
-        ).start()
+        job = python_job(client, (dataset, code), epochs=2)
         job.wait(timeout=120)
         assert [row["epoch"] for row in job.metrics()] == [1, 2]
         assert job.checkpoint_path is not None and job.checkpoint_path.name == "best.model.pt"
@@ -270,20 +262,15 @@ def test_the_local_platform_runs_python_jobs_with_this_interpreter(
 def ddp_job(
     client: vtp.Client, uploaded: tuple[str, str], nproc: int, batch: int, **config: object
 ) -> vtp.Job:
-    dataset, code = uploaded
-    return client.create_job(
-        dataset,
+    return python_job(
+        client,
+        uploaded,
         model="tiny-ddp",
-        framework="python",
-        config={
-            "code_s3_uri": code,
-            "entrypoint": "ddp.py",
-            "epochs": 4,
-            "batch": batch,
-            "distributed": {"nproc_per_node": nproc},
-            **config,
-        },
-    ).start()
+        entrypoint="ddp.py",
+        batch=batch,
+        distributed={"nproc_per_node": nproc},
+        **config,
+    )
 
 
 def test_two_gloo_ranks_under_torchrun_learn_as_one_process_with_the_doubled_batch(

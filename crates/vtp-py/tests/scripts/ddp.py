@@ -17,11 +17,10 @@ import os
 import time
 from pathlib import Path
 
-import numpy
 import torch
 import torch.distributed as dist
-from PIL import Image
 
+import shapes
 import vtp
 
 run = vtp.run()
@@ -29,14 +28,7 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 assert run.rank == rank, (run.rank, rank)
 
-classes = sorted(p.name for p in run.dataset_dir.iterdir() if p.is_dir())
-images, labels = [], []
-for label, name in enumerate(classes):
-    for path in sorted((run.dataset_dir / name).iterdir()):
-        pixels = numpy.asarray(Image.open(path).convert("L").resize((12, 12)), dtype=numpy.float32)
-        images.append(pixels.reshape(-1) / 255.0)
-        labels.append(label)
-x, y = torch.tensor(numpy.stack(images)), torch.tensor(labels)
+x, y, classes = shapes.load(run.dataset_dir)
 # One fixed order that mixes the classes, the same in every process.
 order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
 x, y = x[order], y[order]

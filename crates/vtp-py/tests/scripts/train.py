@@ -11,10 +11,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy
 import torch
-from PIL import Image
 
+import shapes
 import vtp
 
 FORBIDDEN = ["DATABASE_URL", "VTP_DATABASE_URL", "VTP_S3_SECRET_ACCESS_KEY", "VTP_S3_ACCESS_KEY_ID",
@@ -31,14 +30,7 @@ leaked = [name for name in FORBIDDEN if name in os.environ]
 leaked += [name for name, value in os.environ.items() if value.startswith(("whsec_", "postgres://"))]
 assert not leaked, f"the script can read {leaked}"
 
-classes = sorted(p.name for p in run.dataset_dir.iterdir() if p.is_dir())
-images, labels = [], []
-for label, name in enumerate(classes):
-    for path in sorted((run.dataset_dir / name).iterdir()):
-        pixels = numpy.asarray(Image.open(path).convert("L").resize((12, 12)), dtype=numpy.float32)
-        images.append(pixels.reshape(-1) / 255.0)
-        labels.append(label)
-x, y = torch.tensor(numpy.stack(images)), torch.tensor(labels)
+x, y, classes = shapes.load(run.dataset_dir)
 
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(144, 32), torch.nn.ReLU(), torch.nn.Linear(32, len(classes)))

@@ -414,6 +414,57 @@ pub async fn concurrent_updates_apply_once_each(store: Store) {
     assert_eq!(store.metrics(job.id).await.unwrap().len(), 10);
 }
 
+/// Many jobs reporting at once, each report sent twice and from a version
+/// that may be outdated (as a backend that remembers versions sends them):
+/// every report lands at most once, every epoch's metrics are kept, and
+/// every change has its event, in order.
+pub async fn concurrent_reports_of_many_jobs_apply_once_each(store: Store) {
+    let mut jobs = Vec::new();
+    for _ in 0..12 {
+        jobs.push(running_job(&store).await);
+    }
+    let tasks: Vec<_> = (1..=6)
+        .flat_map(|seq| {
+            jobs.iter()
+                .flat_map(move |job| [(job.clone(), seq), (job.clone(), seq)])
+        })
+        .map(|(job, seq)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .apply_update_from(job.id, &epoch(seq, seq as u32, 1.0 / seq as f64), Some(job))
+                    .await
+            })
+        })
+        .collect();
+    let mut applied = 0;
+    for task in tasks {
+        applied += i64::from(task.await.unwrap().unwrap().applied());
+    }
+    let mut revisions = 0;
+    for job in &jobs {
+        let stored = store.get(job.id).await.unwrap();
+        assert_eq!(stored.last_seq, 6);
+        // A report overtaken by a newer one changes nothing but its
+        // epoch's metrics; each applied one is one revision and one event.
+        let changes = stored.revision - job.revision;
+        assert!((1..=6).contains(&changes), "{changes}");
+        revisions += changes;
+        let metrics = store.metrics(job.id).await.unwrap();
+        assert_eq!(
+            metrics.iter().map(|m| m.epoch).collect::<Vec<_>>(),
+            (1..=6).collect::<Vec<_>>()
+        );
+        let events = store.events(job.id, job.revision, 100).await.unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.revision).collect::<Vec<_>>(),
+            (job.revision + 1..=stored.revision).collect::<Vec<_>>(),
+            "one event per applied report, numbered by revision"
+        );
+    }
+    assert_eq!(applied, revisions, "each applied report is one change");
+}
+
 pub async fn updates_from_a_known_version_are_checked(store: Store) {
     let job = running_job(&store).await;
     // Current: the read is skipped and the write lands. The known version

@@ -41,6 +41,7 @@ macro_rules! job_store_conformance {
             terminal_job_refuses_updates,
             metrics_are_ordered_and_upserted,
             concurrent_updates_apply_once_each,
+            concurrent_reports_of_many_jobs_apply_once_each,
             updates_from_a_known_version_are_checked,
             metrics_of_unknown_job_is_not_found,
             lost_attempts_are_recorded_and_relaunched_then_fail,

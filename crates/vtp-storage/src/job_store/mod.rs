@@ -6,6 +6,8 @@ use vtp_core::{CredentialStore, Error, JobStore, LeaderElector, Result};
 
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) mod credentials;
+#[cfg(feature = "postgres")]
+mod group_commit;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;

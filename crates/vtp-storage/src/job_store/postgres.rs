@@ -1,6 +1,7 @@
 //! [`PostgresJobStore`]: the production job store.
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Connection;
@@ -8,6 +9,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use vtp_core::{Error, LeaderElector, LeaderTerm, Result};
 
 use super::credentials::impl_sql_credential_store;
+use super::group_commit::GroupCommit;
 use super::sql::{impl_sql_job_store, map_sqlx};
 
 /// A [`vtp_core::JobStore`] in Postgres.
@@ -21,6 +23,8 @@ use super::sql::{impl_sql_job_store, map_sqlx};
 pub struct PostgresJobStore {
     pool: PgPool,
     options: Option<PgConnectOptions>,
+    /// Compare-and-sets arriving together are written together.
+    group: Arc<GroupCommit>,
 }
 
 impl PostgresJobStore {
@@ -98,6 +102,7 @@ impl PostgresJobStore {
         Ok(PostgresJobStore {
             pool,
             options: None,
+            group: Arc::new(GroupCommit::default()),
         })
     }
 }
@@ -180,8 +185,22 @@ impl super::sql::HasDb for PostgresJobStore {
     type Db = sqlx::Postgres;
 }
 
+/// Through the group commit: one statement for the compare-and-sets that
+/// arrive together (see [`super::group_commit`]).
+impl super::sql::WriteChange for PostgresJobStore {
+    async fn write_change(
+        &self,
+        expected: vtp_core::Expected,
+        next: &vtp_core::Job,
+        metric: Option<&vtp_core::TrainingMetric>,
+    ) -> Result<Option<vtp_core::Job>> {
+        self.group
+            .compare_and_set(&self.pool, expected, next, metric)
+            .await
+    }
+}
+
 impl_sql_job_store!(
     PostgresJobStore,
-    single_statement = true,
     owner_lock = Some("SELECT pg_advisory_xact_lock(hashtextextended('vtp-owner:' || $1, 0))")
 );

@@ -91,6 +91,14 @@ impl TryFrom<JobRow> for Job {
     }
 }
 
+impl JobRow {
+    /// The job's id.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(crate) fn id(&self) -> Uuid {
+        self.id
+    }
+}
+
 /// One `training_metrics` row.
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct MetricRow {
@@ -331,12 +339,23 @@ pub(crate) fn lost_race(next: &Job, expected: &vtp_core::Expected, current: &Job
     ))
 }
 
-/// Implements `JobStore` for `$store`, a struct with a `pool: sqlx::Pool<$db>` field.
-///
-/// With `single_statement = true` (Postgres) a compare-and-set with a metric
-/// is one statement (the metric insert rides in a data-modifying CTE): one
-/// round trip instead of BEGIN, UPDATE, INSERT, COMMIT. SQLite has no
-/// data-modifying CTEs and uses the transaction.
+/// How a store writes one compare-and-set: the job's row where it is still
+/// as expected, with the change's metric row and event row, all or nothing.
+pub(crate) trait WriteChange {
+    /// Writes `next` (and `metric`, and the change's event) if the job is
+    /// as `expected`: the job as stored, or `None` when it was not (nothing
+    /// written).
+    async fn write_change(
+        &self,
+        expected: vtp_core::Expected,
+        next: &Job,
+        metric: Option<&TrainingMetric>,
+    ) -> Result<Option<Job>, Error>;
+}
+
+/// Implements `JobStore` for `$store`, a struct with a `pool: sqlx::Pool<$db>`
+/// field that implements [`WriteChange`] (how the database writes a
+/// compare-and-set).
 ///
 /// `owner_lock` is the statement that serialises a quota's count with its
 /// write, per owner, inside the write's transaction (Postgres: a
@@ -345,7 +364,7 @@ pub(crate) fn lost_race(next: &Job, expected: &vtp_core::Expected, current: &Job
 /// `None` where a single write statement is serialised anyway (SQLite
 /// allows one writer at a time).
 macro_rules! impl_sql_job_store {
-    ($store:ty, single_statement = $single:expr, owner_lock = $lock:expr) => {
+    ($store:ty, owner_lock = $lock:expr) => {
         impl $store {
             /// Takes the owner's quota lock in `tx`, where the database needs one.
             async fn lock_owner(
@@ -538,81 +557,11 @@ macro_rules! impl_sql_job_store {
                 next: &vtp_core::Job,
                 metric: Option<&vtp_core::TrainingMetric>,
             ) -> vtp_core::Result<vtp_core::Job> {
-                use $crate::job_store::sql::{lost_race, map_sqlx};
-                if $single {
-                    // The change as the UPDATE will store it: `next`'s
-                    // fields at the next revision.
-                    let mut after = next.clone();
-                    after.revision = expected.revision + 1;
-                    let event = vtp_core::JobEvent::of_change(Some(expected.status), &after, metric);
-                    let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
-                        sqlx::query_as(concat!(
-                            "WITH upd AS (",
-                            $crate::job_store::sql::update_job_sql!(),
-                            " RETURNING ",
-                            $crate::job_store::sql::job_columns!(),
-                            "), ins AS (INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) \
-                             SELECT id, $21, $22, $23 FROM upd WHERE $21 IS NOT NULL \
-                             ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
-                             recorded_at = excluded.recorded_at \
-                             WHERE training_metrics.metric_values <> excluded.metric_values), \
-                             ev AS (INSERT INTO job_events (job_id, revision, event) \
-                             SELECT id, revision, $24 FROM upd WHERE $25) \
-                             SELECT * FROM upd",
-                        )),
-                        next,
-                        expected
-                    )
-                    .bind(metric.map(|m| i64::from(m.epoch)))
-                    .bind(metric.map(|m| sqlx::types::Json(&m.values)))
-                    .bind(metric.map(|m| m.recorded_at))
-                    .bind(sqlx::types::Json(&event))
-                    .bind(event.kind.is_history())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(map_sqlx)?;
-                    return match row {
-                        Some(row) => row.try_into(),
-                        None => Err(lost_race(next, &expected, &self.get(next.id).await?)),
-                    };
+                use $crate::job_store::sql::{WriteChange, lost_race};
+                match self.write_change(expected, next, metric).await? {
+                    Some(stored) => Ok(stored),
+                    None => Err(lost_race(next, &expected, &self.get(next.id).await?)),
                 }
-                let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-                let row: Option<$crate::job_store::sql::JobRow> = $crate::job_store::sql::bind_update!(
-                    sqlx::query_as(concat!(
-                        $crate::job_store::sql::update_job_sql!(),
-                        " RETURNING ",
-                        $crate::job_store::sql::job_columns!()
-                    )),
-                    next,
-                    expected
-                )
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(map_sqlx)?;
-                let Some(row) = row else {
-                    drop(tx);
-                    return Err(lost_race(next, &expected, &self.get(next.id).await?));
-                };
-                if let Some(metric) = metric {
-                    sqlx::query(
-                        "INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) VALUES ($1, $2, $3, $4) \
-                         ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
-                         recorded_at = excluded.recorded_at \
-                         WHERE training_metrics.metric_values <> excluded.metric_values",
-                    )
-                    .bind(metric.job_id.0)
-                    .bind(i64::from(metric.epoch))
-                    .bind(sqlx::types::Json(&metric.values))
-                    .bind(metric.recorded_at)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(map_sqlx)?;
-                }
-                let stored: vtp_core::Job = row.try_into()?;
-                let event = vtp_core::JobEvent::of_change(Some(expected.status), &stored, metric);
-                Self::insert_event(&mut tx, &event).await?;
-                tx.commit().await.map_err(map_sqlx)?;
-                Ok(stored)
             }
 
             async fn compare_and_set_within(

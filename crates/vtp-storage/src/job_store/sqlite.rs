@@ -72,4 +72,52 @@ impl super::sql::HasDb for SqliteJobStore {
     type Db = sqlx::Sqlite;
 }
 
-impl_sql_job_store!(SqliteJobStore, single_statement = false, owner_lock = None);
+impl_sql_job_store!(SqliteJobStore, owner_lock = None);
+
+/// SQLite has no data-modifying CTEs: the update, the metric and the event
+/// are one transaction.
+impl super::sql::WriteChange for SqliteJobStore {
+    async fn write_change(
+        &self,
+        expected: vtp_core::Expected,
+        next: &vtp_core::Job,
+        metric: Option<&vtp_core::TrainingMetric>,
+    ) -> Result<Option<vtp_core::Job>> {
+        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
+        let row: Option<super::sql::JobRow> = super::sql::bind_update!(
+            sqlx::query_as(concat!(
+                super::sql::update_job_sql!(),
+                " RETURNING ",
+                super::sql::job_columns!()
+            )),
+            next,
+            expected
+        )
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(map_sqlx)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        if let Some(metric) = metric {
+            sqlx::query(
+                "INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
+                 recorded_at = excluded.recorded_at \
+                 WHERE training_metrics.metric_values <> excluded.metric_values",
+            )
+            .bind(metric.job_id.0)
+            .bind(i64::from(metric.epoch))
+            .bind(sqlx::types::Json(&metric.values))
+            .bind(metric.recorded_at)
+            .execute(&mut *tx)
+            .await
+            .map_err(map_sqlx)?;
+        }
+        let stored: vtp_core::Job = row.try_into()?;
+        let event = vtp_core::JobEvent::of_change(Some(expected.status), &stored, metric);
+        Self::insert_event(&mut tx, &event).await?;
+        tx.commit().await.map_err(map_sqlx)?;
+        Ok(Some(stored))
+    }
+}

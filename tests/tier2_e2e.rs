@@ -10,7 +10,7 @@
 mod fake_kube;
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +30,35 @@ struct Env {
     work: tempfile::TempDir,
     http: reqwest::Client,
     kube: FakeKube,
+    /// The pods this test's kubelet runs, killed with everything they
+    /// started when the test ends, passed or failed: a pod's trainer whose
+    /// backend is gone would retry its reports for ever.
+    pods: Pods,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let alive: Vec<u32> = self.pods.1.lock().unwrap().iter().copied().collect();
+        for pid in alive {
+            kill_tree(pid);
+        }
+    }
+}
+
+/// SIGKILLs `pid` and every process below it (a pod's trainer, its
+/// script's process group, torchrun's ranks), parents first.
+fn kill_tree(pid: u32) {
+    let mut tree = vec![pid];
+    let mut at = 0;
+    while at < tree.len() {
+        tree.extend(support::children_of(tree[at]));
+        at += 1;
+    }
+    let pids: Vec<String> = tree.iter().map(u32::to_string).collect();
+    let _ = std::process::Command::new("kill")
+        .arg("-KILL")
+        .args(&pids)
+        .status();
 }
 
 impl Env {
@@ -44,6 +73,7 @@ impl Env {
             work: tempfile::tempdir().unwrap(),
             http: reqwest::Client::new(),
             kube: FakeKube::start().await,
+            pods: Pods::default(),
         })
     }
 
@@ -90,6 +120,29 @@ impl Env {
         support::upload_shapes(&self.http, backend, "tier2", 30, 5).await
     }
 
+    /// The tests' own PyTorch scripts (`vtp.run()` inside), zipped and
+    /// uploaded as the user's code; its `s3_uri`.
+    async fn upload_scripts(&self, backend: &ServiceProcess) -> Value {
+        let dir = tempfile::tempdir().unwrap();
+        let scripts =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../vtp-py/tests/scripts");
+        let archive = dir.path().join("code.zip");
+        vtp_trainer::testing::zip_dir(&scripts, &archive);
+        let form = reqwest::multipart::Form::new()
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap())
+                    .file_name("code.zip"),
+            )
+            .text("user_id", "tier2")
+            .text("code_name", "scripts");
+        let (status, code) = self
+            .json(self.http.post(backend.at("/code/upload")).multipart(form))
+            .await;
+        assert_eq!(status, 201, "{code}");
+        code["s3_uri"].clone()
+    }
+
     async fn create_and_start(&self, backend: &ServiceProcess, dataset: &str) -> String {
         self.create_and_start_with(backend, &job_body(dataset, 2))
             .await
@@ -131,7 +184,7 @@ impl Env {
         id: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        for _ in 0..1200 {
+        for _ in 0..3000 {
             // A kubelet that failed an assertion fails the test here.
             self.kube.check_kubelet();
             let (_, job) = self
@@ -186,7 +239,11 @@ struct Kubelet {
 
 /// The pods the kubelet runs, by Job name.
 #[derive(Clone, Default)]
-struct Pods(Arc<Mutex<HashMap<String, PodState>>>);
+struct Pods(
+    Arc<Mutex<HashMap<String, PodState>>>,
+    /// The pods' processes not yet ended.
+    Arc<Mutex<HashSet<u32>>>,
+);
 
 #[derive(Default)]
 struct PodState {
@@ -196,6 +253,15 @@ struct PodState {
     started: usize,
     /// Set while the current pod is being evicted.
     evicting: bool,
+    /// An Indexed Job's pods still running, by completion index.
+    indexed: BTreeMap<u32, u32>,
+    /// Its pods that succeeded.
+    succeeded: u32,
+    /// Whether one of its pods failed (the Job with it).
+    failed: bool,
+    /// The Job (by uid) those pods are of: a relaunch makes a Job of the
+    /// same name while the pods of the one it replaced wind down.
+    uid: String,
 }
 
 impl Pods {
@@ -227,7 +293,7 @@ impl Pods {
 }
 
 fn run_pods(env: &Env) -> Pods {
-    let pods = Pods::default();
+    let pods = env.pods.clone();
     let kubelet = Arc::new(Kubelet {
         kube: env.kube.clone(),
         secret: env.secret(),
@@ -239,7 +305,38 @@ fn run_pods(env: &Env) -> Pods {
     pods
 }
 
+/// Starts the Job's pods: one, or one per completion index of an Indexed
+/// Job. The pods of an Indexed Job find pod 0 by its name under the Job's
+/// headless Service; this cluster's DNS is loopback, and since its pods
+/// share one network namespace, each Job's rendezvous gets a port of its own.
 fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
+    if job["spec"]["completionMode"] == "Indexed" {
+        let completions = job["spec"]["completions"].as_u64().unwrap() as u32;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // A new Job of that name (a relaunch) starts with no pods.
+        {
+            let mut pods = kubelet.pods.0.lock().unwrap();
+            let state = pods
+                .entry(job["metadata"]["name"].as_str().unwrap().to_owned())
+                .or_default();
+            state.indexed.clear();
+            state.succeeded = 0;
+            state.failed = false;
+            state.uid = job["metadata"]["uid"].as_str().unwrap().to_owned();
+        }
+        for index in 0..completions {
+            start_pod_of(kubelet, job.clone(), Some((index, port)));
+        }
+    } else {
+        start_pod_of(kubelet, job, None);
+    }
+}
+
+fn start_pod_of(kubelet: &Arc<Kubelet>, job: Value, indexed: Option<(u32, u16)>) {
     let name = job["metadata"]["name"].as_str().unwrap().to_owned();
     let container = &job["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["envFrom"][0]["secretRef"]["name"], SECRET);
@@ -277,28 +374,61 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
         );
     }
     let pod = kubelet.pods.started(&name) + 1;
+    let mut work = kubelet.work.join(format!("{name}-pod{pod}"));
+    if let Some((index, port)) = indexed {
+        // What Kubernetes sets in an Indexed Job's pod, and what its DNS
+        // and network namespace would give: pod 0's name resolves (here to
+        // loopback) under the Service the pod's subdomain names.
+        let master = container["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|var| var["name"] == "VTP_MASTER_ADDR")
+            .and_then(|var| var["value"].as_str())
+            .expect("an Indexed Job's pods are told where pod 0 is");
+        let subdomain = job["spec"]["template"]["spec"]["subdomain"]
+            .as_str()
+            .unwrap();
+        assert_eq!(master, format!("{name}-0.{subdomain}"));
+        command
+            .env("JOB_COMPLETION_INDEX", index.to_string())
+            .env("VTP_MASTER_ADDR", "127.0.0.1")
+            .env("VTP_MASTER_PORT", port.to_string());
+        work = kubelet.work.join(format!("{name}-pod{pod}-{index}"));
+    }
     command
         .envs(&kubelet.secret)
-        .env(
-            "VTP_WORK_DIR",
-            kubelet.work.join(format!("{name}-pod{pod}")),
-        )
+        .env("VTP_WORK_DIR", work)
         .env("VTP_LOG", "info");
     let child = command.spawn().expect("the trainer binary runs");
+    let pid = child.id();
+    kubelet.pods.1.lock().unwrap().insert(pid);
     {
         let mut pods = kubelet.pods.0.lock().unwrap();
         let state = pods.entry(name.clone()).or_default();
         state.pid = child.id();
-        state.started = pod;
+        match indexed {
+            Some((index, _)) => {
+                state.indexed.insert(index, child.id());
+                if index == 0 {
+                    state.started = pod;
+                }
+            }
+            None => state.started = pod,
+        }
     }
     let kubelet = kubelet.clone();
     std::thread::spawn(move || {
         // What the pod's watcher asserts fails the test (through
         // `check_kubelet`), not just this thread.
         let watcher = kubelet.clone();
-        let watched = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
-            watch_pod(&kubelet, child, name, job, pod);
-        }));
+        let watched =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || match indexed {
+                Some((index, _)) => watch_indexed_pod(&kubelet, child, &name, &job, index),
+                None => watch_pod(&kubelet, child, name, job, pod),
+            }));
+        // Waited for by now: its pid is free for another process.
+        watcher.pods.1.lock().unwrap().remove(&pid);
         if let Err(panic) = watched {
             let message = panic
                 .downcast_ref::<String>()
@@ -308,6 +438,65 @@ fn start_pod(kubelet: &Arc<Kubelet>, job: Value) {
             watcher.kube.kubelet_failed(message);
         }
     });
+}
+
+/// Waits for a pod of an Indexed Job and plays what the Job controller
+/// does with its end: the Job completes when every index has succeeded, and
+/// fails with the first pod that fails (backoff limit 0), whose siblings
+/// are then terminated.
+fn watch_indexed_pod(
+    kubelet: &Arc<Kubelet>,
+    mut child: std::process::Child,
+    name: &str,
+    job: &Value,
+    index: u32,
+) {
+    let status = child.wait().unwrap();
+    let completions = job["spec"]["completions"].as_u64().unwrap() as u32;
+    let uid = job["metadata"]["uid"].as_str().unwrap();
+    let (ended, siblings) = {
+        let mut pods = kubelet.pods.0.lock().unwrap();
+        let state = pods.get_mut(name).unwrap();
+        if state.uid != uid {
+            // A pod of a Job since replaced: its end is no news.
+            return;
+        }
+        state.indexed.remove(&index);
+        if state.failed {
+            (None, Vec::new())
+        } else if status.success() {
+            state.succeeded += 1;
+            ((state.succeeded == completions).then_some(true), Vec::new())
+        } else {
+            state.failed = true;
+            (Some(false), state.indexed.values().copied().collect())
+        }
+    };
+    for pid in siblings {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+    }
+    // The Job may be gone (a cancel, a relaunch) or replaced meanwhile.
+    if kubelet
+        .kube
+        .job(name)
+        .is_none_or(|current| current["metadata"]["uid"] != uid)
+    {
+        return;
+    }
+    match ended {
+        Some(true) => kubelet
+            .kube
+            .set_condition(name, "Complete", "Completed", ""),
+        Some(false) => kubelet.kube.set_condition(
+            name,
+            "Failed",
+            "BackoffLimitExceeded",
+            &format!("pod {index} exited: {status}"),
+        ),
+        None => {}
+    }
 }
 
 /// Waits for the pod's process and plays what the Job controller does
@@ -423,25 +612,9 @@ async fn a_python_job_runs_the_users_script_in_its_kubernetes_job() {
     run_pods(&env);
     let backend = ServiceProcess::start(&env.backend_env()).await;
     let dataset = env.upload_shapes(&backend).await;
-    // The tests' own PyTorch script (`vtp.run()` inside), zipped and
-    // uploaded as the user's code.
-    let dir = tempfile::tempdir().unwrap();
-    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../vtp-py/tests/scripts");
-    let archive = dir.path().join("code.zip");
-    vtp_trainer::testing::zip_dir(&scripts, &archive);
-    let form = reqwest::multipart::Form::new()
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(std::fs::read(&archive).unwrap()).file_name("code.zip"),
-        )
-        .text("user_id", "tier2")
-        .text("code_name", "scripts");
-    let (status, code) = env
-        .json(env.http.post(backend.at("/code/upload")).multipart(form))
-        .await;
-    assert_eq!(status, 201, "{code}");
+    let code = env.upload_scripts(&backend).await;
     let body = json!({"user_id": "tier2", "model_name": "tiny-mlp", "framework": "python",
-        "dataset_s3_uri": dataset, "config": {"code_s3_uri": code["s3_uri"],
+        "dataset_s3_uri": dataset, "config": {"code_s3_uri": code,
         "entrypoint": "train.py", "epochs": 2}});
     let id = env.create_and_start_with(&backend, &body).await;
     let job = env.wait_terminal(&backend, &id).await;
@@ -465,6 +638,93 @@ async fn a_python_job_runs_the_users_script_in_its_kubernetes_job() {
         "no config.image: the trainer's own"
     );
     assert!(!created.to_string().contains("whsec_"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_job_runs_across_two_machines_and_a_machine_that_dies_relaunches_both() {
+    let Some(env) = Env::new().await else { return };
+    let pods = run_pods(&env);
+    let backend = ServiceProcess::start(&env.backend_env()).await;
+    let dataset = env.upload_shapes(&backend).await;
+    let code = env.upload_scripts(&backend).await;
+    // Two machines of one rank each (gloo): pod 1's rank (global rank 1)
+    // pauses after epoch 2 of the first attempt, and is killed there.
+    let pid_file = env.work.path().join("rank1.pid");
+    let body = json!({"user_id": "tier2", "model_name": "tiny-ddp", "framework": "python",
+        "dataset_s3_uri": dataset, "config": {"code_s3_uri": code, "entrypoint": "ddp.py",
+        "epochs": 4, "batch": 8, "distributed": {"nproc_per_node": 1, "nnodes": 2},
+        "mode": "pause", "pause_after": 2, "pause_rank": 1, "pid_file": pid_file}});
+    let id = env.create_and_start_with(&backend, &body).await;
+    let name = format!("vtp-{id}");
+    let k8s = env.wait_for_k8s_job(&name, |_| true).await;
+    assert_eq!(k8s["spec"]["completionMode"], "Indexed", "{k8s}");
+    assert_eq!(k8s["spec"]["completions"], 2);
+    // The Service and the NetworkPolicy are owned by the Job, so they are
+    // created just after it.
+    let mut service = None;
+    for _ in 0..200 {
+        service = env.kube.service(&format!("{name}-1"));
+        if service.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let service = service.expect("the attempt's rendezvous Service");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    let mut waited = 0;
+    let pid = loop {
+        env.kube.check_kubelet();
+        waited += 1;
+        assert!(
+            waited < 3000,
+            "rank 1 never paused: {:?}",
+            env.kube.job(&name)
+        );
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+        {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Node 1's rank dies: its pod fails, the Job with it; node 0's rank
+    // loses its peer. The attempt ends, and the relaunch (a new Indexed
+    // Job, a new Service) resumes both machines from epoch 2's set.
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let job = env.wait_terminal(&backend, &id).await;
+    assert_eq!(job["status"], "completed", "{job}");
+    // ddp.py saves no best: the last set is the job's checkpoint.
+    assert!(
+        job["checkpoint_s3_uri"]
+            .as_str()
+            .unwrap()
+            .ends_with("/last.model.pt"),
+        "{job}"
+    );
+    let metrics = env.metrics(&backend, &id).await;
+    let rows = metrics.as_array().unwrap();
+    let column = |key: &str| {
+        rows.iter()
+            .map(|row| row[key].as_f64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    // Every epoch once, each from rank 0 of a world of two.
+    assert_eq!(column("epoch"), [1.0, 2.0, 3.0, 4.0], "{metrics}");
+    assert!(
+        rows.iter()
+            .all(|row| row["rank"] == 0.0 && row["world"] == 2.0),
+        "{metrics}"
+    );
+    assert_eq!(column("attempt"), [1.0, 1.0, 2.0, 2.0], "{metrics}");
+    assert_eq!(column("resumed_from"), [0.0, 0.0, 2.0, 2.0], "{metrics}");
+    assert!(env.kube.service(&format!("{name}-2")).is_some());
+    // Pods: two per attempt.
+    assert_eq!(pods.started(&name), 2, "the second attempt's pods");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

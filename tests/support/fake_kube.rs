@@ -1,8 +1,8 @@
 //! A fake Kubernetes API server on loopback, speaking the REST protocol for
 //! the calls the Kubernetes launcher makes: create, get, list (with a label
 //! selector, in pages of `limit` with a `continue` token), merge-patch and
-//! delete `batch/v1` Jobs, create, read, replace and delete Secrets, and
-//! list pods. The real kube client talks to it. Tests set Job conditions
+//! delete `batch/v1` Jobs, create, read, replace and delete Secrets,
+//! create, read and delete Services and NetworkPolicies, and list pods. The real kube client talks to it. Tests set Job conditions
 //! and pod statuses to play the cluster; with [`FakeKube::run_pods_with`],
 //! each created Job's container runs as a local process (a tiny kubelet),
 //! unless the Job is suspended (as Kueue leaves it until it admits it). A
@@ -40,6 +40,8 @@ struct Cluster {
     jobs: BTreeMap<String, Value>,
     pods: BTreeMap<String, Value>,
     secrets: BTreeMap<String, Value>,
+    /// Services and NetworkPolicies, by collection and name.
+    objects: BTreeMap<&'static str, BTreeMap<String, Value>>,
     seen: Vec<Seen>,
     kubelet: Option<Kubelet>,
     /// What a kubelet that panicked said.
@@ -309,6 +311,91 @@ async fn delete_secret(
     }
 }
 
+/// Creates an object of the collection `plural` (`services`, `networkpolicies`).
+async fn create_object(
+    plural: &'static str,
+    cluster: Shared,
+    namespace: String,
+    mut object: Value,
+) -> Response {
+    let name = object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "POST",
+        name: name.clone(),
+        body: object.clone(),
+    });
+    let objects = c.objects.entry(plural).or_default();
+    if objects.contains_key(&name) {
+        return status(
+            409,
+            "AlreadyExists",
+            format!("{plural} \"{name}\" already exists"),
+        );
+    }
+    object["metadata"]["namespace"] = json!(namespace);
+    object["metadata"]["resourceVersion"] = json!("1");
+    objects.insert(name, object.clone());
+    (StatusCode::CREATED, Json(object)).into_response()
+}
+
+async fn get_object(plural: &'static str, cluster: Shared, name: String) -> Response {
+    let c = cluster.lock().unwrap();
+    match c.objects.get(plural).and_then(|objects| objects.get(&name)) {
+        Some(object) => Json(object.clone()).into_response(),
+        None => status(404, "NotFound", format!("{plural} \"{name}\" not found")),
+    }
+}
+
+async fn delete_object(plural: &'static str, cluster: Shared, name: String) -> Response {
+    let mut c = cluster.lock().unwrap();
+    c.seen.push(Seen {
+        method: "DELETE",
+        name: name.clone(),
+        body: Value::Null,
+    });
+    match c
+        .objects
+        .get_mut(plural)
+        .and_then(|objects| objects.remove(&name))
+    {
+        Some(object) => Json(object).into_response(),
+        None => status(404, "NotFound", format!("{plural} \"{name}\" not found")),
+    }
+}
+
+/// The routes of the collection `plural` under `prefix` (`/api/v1`,
+/// `/apis/networking.k8s.io/v1`): create, get and delete.
+fn objects_routes(prefix: &str, plural: &'static str) -> Router<Shared> {
+    Router::new()
+        .route(
+            &format!("{prefix}/namespaces/{{namespace}}/{plural}"),
+            axum::routing::post(
+                move |State(cluster): State<Shared>,
+                      Path(namespace): Path<String>,
+                      Json(object): Json<Value>| {
+                    create_object(plural, cluster, namespace, object)
+                },
+            ),
+        )
+        .route(
+            &format!("{prefix}/namespaces/{{namespace}}/{plural}/{{name}}"),
+            get(
+                move |State(cluster): State<Shared>, Path((_, name)): Path<(String, String)>| {
+                    get_object(plural, cluster, name)
+                },
+            )
+            .delete(
+                move |State(cluster): State<Shared>, Path((_, name)): Path<(String, String)>| {
+                    delete_object(plural, cluster, name)
+                },
+            ),
+        )
+}
+
 async fn list_pods(
     State(cluster): State<Shared>,
     Query(query): Query<BTreeMap<String, String>>,
@@ -337,6 +424,11 @@ impl FakeKube {
                 get(get_job).delete(delete_job).patch(patch_job),
             )
             .route("/api/v1/namespaces/{namespace}/pods", get(list_pods))
+            .merge(objects_routes("/api/v1", "services"))
+            .merge(objects_routes(
+                "/apis/networking.k8s.io/v1",
+                "networkpolicies",
+            ))
             .route(
                 "/api/v1/namespaces/{namespace}/secrets",
                 axum::routing::post(create_secret),
@@ -417,6 +509,21 @@ impl FakeKube {
     /// The Secret named `name`.
     pub fn secret(&self, name: &str) -> Option<Value> {
         self.cluster.lock().unwrap().secrets.get(name).cloned()
+    }
+
+    /// The Service named `name`.
+    pub fn service(&self, name: &str) -> Option<Value> {
+        self.object("services", name)
+    }
+
+    /// The NetworkPolicy named `name`.
+    pub fn network_policy(&self, name: &str) -> Option<Value> {
+        self.object("networkpolicies", name)
+    }
+
+    fn object(&self, plural: &str, name: &str) -> Option<Value> {
+        let c = self.cluster.lock().unwrap();
+        c.objects.get(plural)?.get(name).cloned()
     }
 
     /// Names of the Jobs.

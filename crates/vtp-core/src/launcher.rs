@@ -76,6 +76,16 @@ pub const START_TRAINING_ENV: &str = "VTP_START_TRAINING";
 /// callback secret, so the secret is never in a pod spec or command line.
 pub const CALLBACK_SECRET_ENV: &str = "VTP_CALLBACK_SECRET";
 
+/// The variable telling each one-shot trainer of a run across machines
+/// where machine 0 is reached (`torchrun --master-addr`).
+pub const MASTER_ADDR_ENV: &str = "VTP_MASTER_ADDR";
+
+/// The variable holding machine 0's rendezvous port (`torchrun --master-port`).
+pub const MASTER_PORT_ENV: &str = "VTP_MASTER_PORT";
+
+/// The rendezvous port of a run across machines, on machine 0.
+pub const RENDEZVOUS_PORT: u16 = 29500;
+
 /// The line the trainer service prints on stdout once it listens, followed
 /// by its base URL (read by the subprocess launcher).
 pub const LISTENING_PREFIX: &str = "vtp-trainer-service listening on ";
@@ -208,7 +218,8 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
     /// Refuses a job's `config` that this launcher could never run (for
     /// Kubernetes: `resources` beyond the operator's maxima), so the job is
     /// refused when it is created rather than when it starts. The default
-    /// accepts everything.
+    /// refuses what only a launcher of containers can do: `config.image`,
+    /// and `config.distributed.nnodes` above 1.
     ///
     /// # Errors
     /// [`crate::Error::InvalidInput`] naming the offending field.
@@ -218,6 +229,14 @@ pub trait TrainerLauncher: Send + Sync + fmt::Debug + 'static {
             return Err(crate::Error::invalid(
                 "config.image",
                 "this platform runs every job in its trainer's own environment; no image is allow-listed",
+            ));
+        }
+        // Only a launcher that starts a trainer per machine can run ranks
+        // on several: refused, not silently run on one.
+        if crate::Distributed::nnodes_of(config) > 1 {
+            return Err(crate::Error::invalid(
+                "config.distributed.nnodes",
+                "this platform runs every job on one machine; runs across machines need the Kubernetes launcher",
             ));
         }
         Ok(())

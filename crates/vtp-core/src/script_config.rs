@@ -63,8 +63,10 @@ pub struct Distributed {
     /// on gloo.
     #[serde(default = "one")]
     pub nproc_per_node: u32,
-    /// Machines (`torchrun --nnodes`). Only 1 for now: every rank runs on
-    /// the job's one trainer.
+    /// Machines (`torchrun --nnodes`), 1 to [`Distributed::MAX_NNODES`].
+    /// More than one needs a launcher that starts one trainer per machine
+    /// (Kubernetes: an Indexed Job with a pod per machine and a headless
+    /// Service for the rendezvous); the others refuse it at create.
     #[serde(default = "one")]
     pub nnodes: u32,
 }
@@ -76,6 +78,18 @@ fn one() -> u32 {
 impl Distributed {
     /// Most processes on one machine.
     pub const MAX_NPROC_PER_NODE: u32 = 16;
+    /// Most machines.
+    pub const MAX_NNODES: u32 = 16;
+
+    /// The `nnodes` a job's `config` asks for (1 when it names none, or
+    /// names it badly: [`ScriptConfig::from_json`] says what is wrong).
+    pub fn nnodes_of(config: &serde_json::Value) -> u64 {
+        config
+            .get("distributed")
+            .and_then(|d| d.get("nnodes"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(1)
+    }
 
     /// Processes in all (torch's `WORLD_SIZE`).
     pub fn world_size(&self) -> u32 {
@@ -179,13 +193,10 @@ impl ScriptConfig {
                     format!("must be from 1 to {}", Distributed::MAX_NPROC_PER_NODE),
                 ));
             }
-            // Several machines need a rendezvous across pods (an Indexed
-            // Job and a headless Service), which no launcher has yet:
-            // refused, not silently run on one machine.
-            if distributed.nnodes != 1 {
+            if !(1..=Distributed::MAX_NNODES).contains(&distributed.nnodes) {
                 return Err(Error::invalid(
                     "config.distributed.nnodes",
-                    "must be 1: every rank runs on the job's one trainer (runs across machines are not supported yet)",
+                    format!("must be from 1 to {}", Distributed::MAX_NNODES),
                 ));
             }
         }
@@ -564,7 +575,8 @@ mod tests {
                 json!({"nproc_per_node": 17}),
                 "config.distributed.nproc_per_node",
             ),
-            (json!({"nnodes": 2}), "config.distributed.nnodes"),
+            (json!({"nnodes": 0}), "config.distributed.nnodes"),
+            (json!({"nnodes": 17}), "config.distributed.nnodes"),
             (json!({"nprocs": 2}), "config.distributed.nprocs"),
             (json!(2), "config.distributed"),
         ] {

@@ -164,6 +164,12 @@ def test_bad_python_jobs_are_refused_at_create_naming_the_field(
     assert "config.code_s3_uri" in field_of(
         alice, dataset, {"code_s3_uri": missing, "entrypoint": "train.py"}
     )
+    # Ranks on several machines: only the Kubernetes launcher runs them.
+    assert "config.distributed.nnodes" in field_of(
+        alice,
+        dataset,
+        {"code_s3_uri": code, "entrypoint": "ddp.py", "distributed": {"nproc_per_node": 1, "nnodes": 2}},
+    )
 
 
 def test_a_backend_that_does_not_allow_user_code_refuses_python_jobs(

@@ -463,6 +463,143 @@ async fn a_script_runs_in_an_allow_listed_image_and_no_other() {
 }
 
 #[tokio::test]
+async fn a_run_across_machines_is_an_indexed_job_whose_pods_find_pod_0_through_a_headless_service()
+{
+    let env = env().await;
+    let script = json!({"code_s3_uri": "s3://datasets/vtp/users/u/code/c/t.zip",
+        "entrypoint": "train.py", "distributed": {"nproc_per_node": 4, "nnodes": 3},
+        "resources": {"cpu": "4", "memory": "2Gi", "gpu": 1}});
+    // Only this launcher runs trainers on several machines; the others
+    // refuse it at create.
+    env.launcher.check_config(&script).unwrap();
+    let http = vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap();
+    match http.check_config(&script) {
+        Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "config.distributed.nnodes"),
+        other => panic!("{other:?}"),
+    }
+    let request = job_in(&env, JobStatus::Queued, script).await;
+    env.launcher.launch(&request).await.unwrap();
+    let name = job_name(request.job_id);
+    let job = env.kube.job(&name).unwrap();
+    let typed: k8s_openapi::api::batch::v1::Job = serde_json::from_value(job.clone()).unwrap();
+    let spec = typed.spec.unwrap();
+    // One pod per machine, each knowing its rank by its completion index.
+    assert_eq!(spec.completion_mode.as_deref(), Some("Indexed"));
+    assert_eq!((spec.completions, spec.parallelism), (Some(3), Some(3)));
+    let pod = spec.template.spec.unwrap();
+    let service = format!("{name}-1");
+    assert_eq!(pod.subdomain.as_deref(), Some(service.as_str()));
+    let container = &pod.containers[0];
+    // Each pod asks for the job's resources, its GPU too.
+    let requests = container
+        .resources
+        .as_ref()
+        .unwrap()
+        .requests
+        .clone()
+        .unwrap();
+    assert_eq!(requests["nvidia.com/gpu"].0, "1");
+    assert_eq!(requests["cpu"].0, "4");
+    let env_vars = container.env.clone().unwrap();
+    let value_of = |name: &str| {
+        env_vars
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        value_of("VTP_MASTER_ADDR"),
+        Some(format!("{name}-0.{service}"))
+    );
+    assert_eq!(value_of("VTP_MASTER_PORT").as_deref(), Some("29500"));
+
+    // The headless Service selects this attempt's pods, and goes with the Job.
+    let svc = env
+        .kube
+        .service(&service)
+        .expect("the rendezvous Service exists");
+    let typed: k8s_openapi::api::core::v1::Service = serde_json::from_value(svc.clone()).unwrap();
+    let svc_spec = typed.spec.unwrap();
+    assert_eq!(svc_spec.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(svc_spec.publish_not_ready_addresses, Some(true));
+    let selector = svc_spec.selector.unwrap();
+    assert_eq!(selector["vtp.dev/job-id"], request.job_id.to_string());
+    assert_eq!(selector["vtp.dev/attempt"], "1");
+    let labels = pod_labels(&job);
+    for (key, value) in &selector {
+        assert_eq!(labels[key.as_str()], value.as_str(), "the pods carry {key}");
+    }
+    assert_eq!(svc_spec.ports.unwrap()[0].port, 29500);
+    let owner = &svc["metadata"]["ownerReferences"][0];
+    assert_eq!(
+        (owner["kind"].as_str(), &owner["uid"]),
+        (Some("Job"), &job["metadata"]["uid"])
+    );
+
+    // Its pods, and only them, reach each other (the base policy lets
+    // nothing reach a trainer).
+    let policy = env
+        .kube
+        .network_policy(&service)
+        .expect("the attempt's NetworkPolicy");
+    let typed: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(policy.clone()).unwrap();
+    let policy_spec = typed.spec.unwrap();
+    let these = policy_spec.pod_selector.unwrap().match_labels.unwrap();
+    assert_eq!(these, selector);
+    let ingress = policy_spec.ingress.unwrap();
+    let egress = policy_spec.egress.unwrap();
+    let from = ingress[0].from.as_ref().unwrap()[0]
+        .pod_selector
+        .clone()
+        .unwrap();
+    let to = egress[0].to.as_ref().unwrap()[0]
+        .pod_selector
+        .clone()
+        .unwrap();
+    assert_eq!(from.match_labels.as_ref(), Some(&selector));
+    assert_eq!(to.match_labels.as_ref(), Some(&selector));
+    assert_eq!(
+        policy["metadata"]["ownerReferences"][0]["uid"],
+        job["metadata"]["uid"]
+    );
+
+    // Launched again (a retried start): the Job is adopted, the Service kept.
+    env.launcher.launch(&request).await.unwrap();
+    let posts = env
+        .kube
+        .seen()
+        .iter()
+        .filter(|s| s.method == "POST" && s.name == service)
+        .count();
+    assert_eq!(
+        posts, 4,
+        "the Service and the NetworkPolicy, asked again, and kept"
+    );
+    assert!(env.kube.service(&service).is_some());
+    assert!(env.kube.network_policy(&service).is_some());
+
+    // A job on one machine has neither.
+    let plain = job_in(&env, JobStatus::Queued, json!({})).await;
+    env.launcher.launch(&plain).await.unwrap();
+    let job = env.kube.job(&job_name(plain.job_id)).unwrap();
+    assert!(job["spec"].get("completionMode").is_none(), "{job}");
+    assert!(job["spec"]["template"]["spec"].get("subdomain").is_none());
+    assert!(
+        env.kube
+            .service(&format!("{}-1", job_name(plain.job_id)))
+            .is_none()
+    );
+}
+
+fn pod_labels(job: &Value) -> serde_json::Map<String, Value> {
+    job["spec"]["template"]["metadata"]["labels"]
+        .as_object()
+        .unwrap()
+        .clone()
+}
+
+#[tokio::test]
 async fn a_job_of_the_same_name_that_is_not_ours_is_a_conflict() {
     let env = env().await;
     let request = job_in(&env, JobStatus::Queued, json!({})).await;

@@ -267,7 +267,10 @@ fn check_platform(objects: &[Value]) -> (Value, serde_json::Map<String, Value>) 
                 .map(|v| v.as_str().unwrap())
         })
         .collect();
-    assert_eq!(resources, BTreeSet::from(["jobs", "pods", "secrets"]));
+    assert_eq!(
+        resources,
+        BTreeSet::from(["jobs", "pods", "secrets", "services", "networkpolicies"])
+    );
     let binding = find(objects, "RoleBinding", "vtp-launcher");
     assert_eq!(binding["subjects"][0]["name"], "vtp-backend");
     find(objects, "Service", "vtp-backend");

@@ -122,6 +122,17 @@ enum Command {
         /// Longest wait for the backend to take the last reports, in seconds.
         #[arg(long, env = "VTP_REPORT_DRAIN_SECS", default_value_t = 300)]
         drain_secs: u64,
+        /// This pod's machine in a run across several: its completion index
+        /// in the Indexed Job (Kubernetes sets it).
+        #[arg(long, env = "JOB_COMPLETION_INDEX", requires = "master_addr")]
+        node_rank: Option<u32>,
+        /// Where machine 0 of a run across several is reached (its pod's
+        /// name under the attempt's headless Service).
+        #[arg(long, env = vtp_core::launcher::MASTER_ADDR_ENV)]
+        master_addr: Option<String>,
+        /// Machine 0's rendezvous port.
+        #[arg(long, env = vtp_core::launcher::MASTER_PORT_ENV, default_value_t = vtp_core::launcher::RENDEZVOUS_PORT)]
+        master_port: u16,
     },
 }
 
@@ -160,8 +171,19 @@ async fn main() -> anyhow::Result<()> {
     if let Some(Command::RunJob {
         request,
         drain_secs,
+        node_rank,
+        master_addr,
+        master_port,
     }) = &args.command
     {
+        let mut options = options;
+        if let (Some(rank), Some(master_addr)) = (node_rank, master_addr) {
+            options.script.node = Some(vtp_trainer::service::script::Node {
+                rank: *rank,
+                master_addr: master_addr.clone(),
+                master_port: *master_port,
+            });
+        }
         let service = TrainerService::with_options(
             Arc::new(TchEngine),
             blobs,

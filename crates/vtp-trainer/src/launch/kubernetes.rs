@@ -24,6 +24,19 @@
 //!   size, which the trainer is told as the most its archive may unpack
 //!   to.
 //!
+//! - A run across machines (`config.distributed.nnodes` = M > 1, a
+//!   `python` job on `torchrun`) is an Indexed Job of M pods, one per
+//!   machine, each requesting the job's `config.resources` (its GPUs too).
+//!   Its pods share a headless Service (`vtp-{job_id}-{attempt}`, owned by
+//!   the Job), so pod 0 is reached as `vtp-{job_id}-0.vtp-{job_id}-{attempt}`:
+//!   every pod's trainer runs `torchrun --node-rank` from its completion
+//!   index against that address (PyTorch's static rendezvous), and only
+//!   pod 0 reports. The trainers' NetworkPolicy lets nothing reach a
+//!   trainer pod; a NetworkPolicy of the attempt's own (owned by the Job
+//!   too) lets its pods, and only them, reach each other, as the ranks'
+//!   collectives need. Any pod's failure fails the Job (and so the
+//!   attempt); the relaunch resumes every pod from the last stored set.
+//!
 //! The start request (with the job's config) and the job's callback secret
 //! reach the pod from the job's own Secret, never in the pod spec; S3
 //! credentials from the operator's Secret (`envFrom`), never inline. Those
@@ -43,11 +56,17 @@ use k8s_openapi::api::batch::v1::{
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, EnvVarSource, Pod,
-    PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements, SeccompProfile, Secret,
-    SecretEnvSource, SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    EnvVarSource, Pod, PodSecurityContext, PodSpec, PodTemplateSpec, ResourceRequirements,
+    SeccompProfile, Secret, SecretEnvSource, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicySpec,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, PropagationPolicy};
 use vtp_core::{
@@ -55,7 +74,10 @@ use vtp_core::{
     StartTraining, TrainerLauncher, error_chain,
 };
 
-pub use vtp_core::launcher::{CALLBACK_SECRET_ENV, EXIT_NON_RETRYABLE, START_TRAINING_ENV};
+pub use vtp_core::launcher::{
+    CALLBACK_SECRET_ENV, EXIT_NON_RETRYABLE, MASTER_ADDR_ENV, MASTER_PORT_ENV, RENDEZVOUS_PORT,
+    START_TRAINING_ENV,
+};
 
 /// Label carrying the job id on Jobs and pods.
 pub const JOB_ID_LABEL: &str = "vtp.dev/job-id";
@@ -482,6 +504,8 @@ pub struct KubernetesLauncher {
     jobs_api: Api<K8sJob>,
     pods_api: Api<Pod>,
     secrets_api: Api<Secret>,
+    services_api: Api<Service>,
+    policies_api: Api<NetworkPolicy>,
     config: KubernetesConfig,
     store: Arc<dyn JobStore>,
     /// The jobs whose Job was suspended (not yet admitted by Kueue) at the
@@ -509,6 +533,13 @@ pub fn install_crypto_provider() {
 /// The Job name of a job.
 pub fn job_name(job_id: JobId) -> String {
     format!("vtp-{job_id}")
+}
+
+/// The name of the headless Service of an attempt at a run across
+/// machines: one per attempt, owned by its Job, so a relaunch never finds
+/// the one an earlier attempt's Job is taking away with it.
+pub fn service_name(job_id: JobId, attempt: i32) -> String {
+    format!("{}-{attempt}", job_name(job_id))
 }
 
 /// The name of the Secret holding a job's start request and callback
@@ -569,7 +600,9 @@ impl KubernetesLauncher {
         KubernetesLauncher {
             jobs_api: Api::namespaced(client.clone(), &config.namespace),
             pods_api: Api::namespaced(client.clone(), &config.namespace),
-            secrets_api: Api::namespaced(client, &config.namespace),
+            secrets_api: Api::namespaced(client.clone(), &config.namespace),
+            services_api: Api::namespaced(client.clone(), &config.namespace),
+            policies_api: Api::namespaced(client, &config.namespace),
             config,
             store,
             suspended: Arc::default(),
@@ -644,6 +677,136 @@ impl KubernetesLauncher {
                 ),
             )),
         }
+    }
+
+    /// The machines a job runs on: its `config.distributed.nnodes` (a
+    /// `python` job's), else 1.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] beyond [`vtp_core::Distributed::MAX_NNODES`].
+    fn nnodes_of(&self, request: &StartTraining) -> Result<i32> {
+        let nnodes = vtp_core::Distributed::nnodes_of(&request.config);
+        if nnodes > u64::from(vtp_core::Distributed::MAX_NNODES) {
+            return Err(Error::invalid(
+                "config.distributed.nnodes",
+                format!("must be from 1 to {}", vtp_core::Distributed::MAX_NNODES),
+            ));
+        }
+        Ok(nnodes.max(1) as i32)
+    }
+
+    /// What a run across machines needs beside its Job `job`, both owned
+    /// by it (so they go with it), both named [`service_name`]: the
+    /// headless Service through which its pods find pod 0, and the
+    /// NetworkPolicy that lets its pods, and no others, reach each other
+    /// (the rendezvous, then the collectives' connections on any port).
+    /// `None` for a job on one machine.
+    ///
+    /// # Errors
+    /// As [`Self::job_manifest`].
+    pub fn peer_objects(
+        &self,
+        request: &StartTraining,
+        job: &K8sJob,
+    ) -> Result<Option<(Service, NetworkPolicy)>> {
+        if self.nnodes_of(request)? == 1 {
+            return Ok(None);
+        }
+        // This attempt's pods: the Job's, not an earlier attempt's.
+        let pods = BTreeMap::from([
+            (JOB_ID_LABEL.to_owned(), request.job_id.to_string()),
+            (ATTEMPT_LABEL.to_owned(), request.attempt.to_string()),
+        ]);
+        let mut labels = pods.clone();
+        labels.insert("app.kubernetes.io/managed-by".to_owned(), "vtp".to_owned());
+        let metadata = ObjectMeta {
+            name: Some(service_name(request.job_id, request.attempt)),
+            namespace: Some(self.config.namespace.clone()),
+            labels: Some(labels),
+            owner_references: job.metadata.uid.clone().map(|uid| {
+                vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                        api_version: "batch/v1".to_owned(),
+                        kind: "Job".to_owned(),
+                        name: job_name(request.job_id),
+                        uid,
+                        ..Default::default()
+                    },
+                ]
+            }),
+            ..ObjectMeta::default()
+        };
+        let service = Service {
+            metadata: metadata.clone(),
+            spec: Some(ServiceSpec {
+                // Headless: a DNS name per pod, no virtual IP.
+                cluster_ip: Some("None".to_owned()),
+                selector: Some(pods.clone()),
+                // Pods resolve each other while they start, before any is ready.
+                publish_not_ready_addresses: Some(true),
+                ports: Some(vec![ServicePort {
+                    name: Some("rendezvous".to_owned()),
+                    port: i32::from(RENDEZVOUS_PORT),
+                    ..ServicePort::default()
+                }]),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        };
+        let peers = || {
+            Some(vec![NetworkPolicyPeer {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(pods.clone()),
+                    ..LabelSelector::default()
+                }),
+                ..NetworkPolicyPeer::default()
+            }])
+        };
+        let policy = NetworkPolicy {
+            metadata,
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(pods.clone()),
+                    ..LabelSelector::default()
+                }),
+                policy_types: Some(vec!["Ingress".to_owned(), "Egress".to_owned()]),
+                ingress: Some(vec![NetworkPolicyIngressRule {
+                    from: peers(),
+                    ports: None,
+                }]),
+                egress: Some(vec![NetworkPolicyEgressRule {
+                    to: peers(),
+                    ports: None,
+                }]),
+            }),
+        };
+        Ok(Some((service, policy)))
+    }
+
+    /// Creates what `request`'s Job `job` needs beside it
+    /// ([`Self::peer_objects`]), if anything; what exists already (a
+    /// retried launch) is kept.
+    async fn put_peer_objects(&self, request: &StartTraining, job: &K8sJob) -> Result<()> {
+        let Some((service, policy)) = self.peer_objects(request, job)? else {
+            return Ok(());
+        };
+        let kept = |created: std::result::Result<(), kube::Error>| match created {
+            Ok(()) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+            Err(e) => Err(from_kube(e)),
+        };
+        kept(
+            self.policies_api
+                .create(&PostParams::default(), &policy)
+                .await
+                .map(drop),
+        )?;
+        kept(
+            self.services_api
+                .create(&PostParams::default(), &service)
+                .await
+                .map(drop),
+        )
     }
 
     /// The Job that runs `request`.
@@ -737,12 +900,36 @@ impl KubernetesLauncher {
         if request.callback_secret.is_some() {
             env.push(from_secret(CALLBACK_SECRET_ENV));
         }
+        // A run across machines: pod 0 under the attempt's headless Service
+        // hosts the rendezvous (each pod's rank is its completion index,
+        // `JOB_COMPLETION_INDEX`, which Kubernetes sets).
+        let nnodes = self.nnodes_of(request)?;
+        let service = service_name(request.job_id, request.attempt);
+        if nnodes > 1 {
+            for (name, value) in [
+                (MASTER_ADDR_ENV, format!("{name}-0.{service}")),
+                (MASTER_PORT_ENV, RENDEZVOUS_PORT.to_string()),
+            ] {
+                env.push(EnvVar {
+                    name: name.to_owned(),
+                    value: Some(value),
+                    ..EnvVar::default()
+                });
+            }
+        }
         let container = Container {
             name: CONTAINER.to_owned(),
             image: Some(self.image_of(&request.config)?),
             image_pull_policy: c.image_pull_policy.clone(),
             args: Some(vec!["run-job".to_owned()]),
             env: Some(env),
+            ports: (nnodes > 1).then(|| {
+                vec![ContainerPort {
+                    name: Some("rendezvous".to_owned()),
+                    container_port: i32::from(RENDEZVOUS_PORT),
+                    ..ContainerPort::default()
+                }]
+            }),
             env_from: c.s3_secret.as_ref().map(|secret| {
                 vec![EnvFromSource {
                     secret_ref: Some(SecretEnvSource {
@@ -814,6 +1001,10 @@ impl KubernetesLauncher {
             spec: Some(JobSpec {
                 // Kueue unsuspends the Job when it admits it.
                 suspend: c.kueue_queue.as_ref().map(|_| true),
+                // One pod per machine, each knowing its rank by its index.
+                completion_mode: (nnodes > 1).then(|| "Indexed".to_owned()),
+                completions: (nnodes > 1).then_some(nnodes),
+                parallelism: (nnodes > 1).then_some(nnodes),
                 backoff_limit: Some(c.backoff_limit),
                 active_deadline_seconds: Some(c.active_deadline.as_secs() as i64),
                 ttl_seconds_after_finished: Some(c.ttl_after_finished.as_secs() as i32),
@@ -849,6 +1040,8 @@ impl KubernetesLauncher {
                     spec: Some(PodSpec {
                         // Required by podFailurePolicy; the Job retries pods.
                         restart_policy: Some("Never".to_owned()),
+                        // `{job}-{index}.{service}` names each pod.
+                        subdomain: (nnodes > 1).then_some(service),
                         service_account_name: c.service_account.clone(),
                         termination_grace_period_seconds: Some(c.grace_period.as_secs() as i64),
                         containers: vec![container],
@@ -1402,6 +1595,9 @@ impl TrainerLauncher for KubernetesLauncher {
                 if let Err(e) = self.own_secret(request.job_id, &created).await {
                     tracing::warn!(job_id = %request.job_id, error = %error_chain(&e), "could not make the Job own its callback Secret");
                 }
+                // Its pods wait for pod 0's name to resolve; the launch
+                // fails (and is retried, adopting the Job) without it.
+                self.put_peer_objects(request, &created).await?;
                 tracing::info!(job_id = %request.job_id, name = %job_name(request.job_id), "created Kubernetes Job");
                 Ok(())
             }
@@ -1421,6 +1617,7 @@ impl TrainerLauncher for KubernetesLauncher {
                         request.job_id
                     )));
                 }
+                self.put_peer_objects(request, &existing).await?;
                 tracing::info!(job_id = %request.job_id, "adopted the existing Kubernetes Job");
                 Ok(())
             }

@@ -651,6 +651,17 @@ impl TrainerService {
     /// [`Self::report`], made in `span` (an epoch's): its delivery is traced
     /// under that span.
     fn report_in(&self, request: &StartTraining, update: TrainingUpdate, span: &tracing::Span) {
+        // One machine of several that are not node 0 trains its ranks and
+        // leaves the reports to node 0's trainer.
+        if self
+            .script
+            .node
+            .as_ref()
+            .is_some_and(|node| !node.reports())
+        {
+            tracing::debug!(job_id = %request.job_id, status = %update.status, "node 0 reports for this job");
+            return;
+        }
         // Every report names its attempt: once the job has moved on to a
         // later one, this attempt's reports change nothing.
         let update = update.with_attempt(request.attempt);

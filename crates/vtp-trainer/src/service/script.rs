@@ -53,6 +53,30 @@ pub struct ScriptOptions {
     pub report_timeout: Duration,
     /// How long a script has to stop after SIGTERM before SIGKILL.
     pub stop_grace: Duration,
+    /// This trainer's machine when it is one of several running one job
+    /// (a pod of a Kubernetes Indexed Job); `None` on a trainer of its own.
+    pub node: Option<Node>,
+}
+
+/// One machine of a run across several: a pod of a Kubernetes Indexed
+/// Job, whose completion index is its rank. Node 0 hosts the rendezvous
+/// and is the one that reports; the others train their ranks and stay
+/// silent towards the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    /// `torchrun --node-rank`.
+    pub rank: u32,
+    /// Where node 0 is reached (`torchrun --master-addr`).
+    pub master_addr: String,
+    /// Its rendezvous port (`torchrun --master-port`).
+    pub master_port: u16,
+}
+
+impl Node {
+    /// Whether this node reports for the job (node 0, where rank 0 runs).
+    pub fn reports(&self) -> bool {
+        self.rank == 0
+    }
 }
 
 impl Default for ScriptOptions {
@@ -62,6 +86,7 @@ impl Default for ScriptOptions {
             extra_env: Vec::new(),
             report_timeout: Duration::from_secs(3600),
             stop_grace: Duration::from_secs(30),
+            node: None,
         }
     }
 }
@@ -543,10 +568,8 @@ impl ScriptRun {
             // a rank's death by signal on as its own (see there). Every
             // rank inherits the socket and token; only rank 0's reports and
             // checkpoints are kept (`handle`).
-            command.args(["-m", "vtp.torchrun", "--standalone"]).args([
-                format!("--nnodes={}", distributed.nnodes),
-                format!("--nproc-per-node={}", distributed.nproc_per_node),
-            ]);
+            command.args(["-m", "vtp.torchrun"]);
+            command.args(torchrun_args(&distributed, self.options.node.as_ref())?);
         }
         let cwd = match &self.script.program {
             Program::File {
@@ -629,6 +652,18 @@ impl ScriptRun {
             Ended::Exited(_) | Ended::Stopped if cancelled() => Ok(ScriptEnd::Cancelled),
             Ended::Exited(status) if status.success() => Ok(ScriptEnd::Completed),
             Ended::Stopped => Ok(ScriptEnd::Cancelled),
+            // Across machines, a rank that fails here may have been failed
+            // by a machine that went away; as torchrun's own restarts do,
+            // the attempt is retried (up to the job's `max_attempts`).
+            Ended::Exited(status) if self.script.distributed.is_some_and(|d| d.nnodes > 1) => {
+                Err(Error::unavailable(
+                    "training script",
+                    format!(
+                        "{}; a run across machines is retried from its last stored set",
+                        vtp_core::error_chain(&exit_error(status, &stderr_tail))
+                    ),
+                ))
+            }
             Ended::Exited(status) => Err(exit_error(status, &stderr_tail)),
             Ended::Silent(after) => Err(Error::unavailable(
                 "training script",
@@ -971,6 +1006,42 @@ fn signal_group(child: &Child, signal: nix::sys::signal::Signal) {
 }
 
 /// The failure of a script that exited on its own with `status`.
+/// `torchrun`'s arguments for `distributed` (its module and arguments
+/// follow): on one machine its own standalone rendezvous; across machines
+/// node `node`'s rank and node 0's address (the static rendezvous).
+///
+/// # Errors
+/// [`Error::InvalidInput`] for a run across machines on a trainer that is
+/// not one of them.
+fn torchrun_args(distributed: &vtp_core::Distributed, node: Option<&Node>) -> Result<Vec<String>> {
+    let mut args = Vec::new();
+    if distributed.nnodes > 1 {
+        let Some(node) = node.filter(|node| node.rank < distributed.nnodes) else {
+            return Err(Error::invalid(
+                "config.distributed.nnodes",
+                format!(
+                    "a run across {} machines needs a trainer on each (the Kubernetes launcher's Indexed Job); this trainer is {}",
+                    distributed.nnodes,
+                    node.map_or("on its own".to_owned(), |node| format!(
+                        "node {}",
+                        node.rank
+                    ))
+                ),
+            ));
+        };
+        args.extend([
+            format!("--nnodes={}", distributed.nnodes),
+            format!("--node-rank={}", node.rank),
+            format!("--master-addr={}", node.master_addr),
+            format!("--master-port={}", node.master_port),
+        ]);
+    } else {
+        args.extend(["--standalone".to_owned(), "--nnodes=1".to_owned()]);
+    }
+    args.push(format!("--nproc-per-node={}", distributed.nproc_per_node));
+    Ok(args)
+}
+
 fn exit_error(status: ExitStatus, tail: &str) -> Error {
     match (status.code(), status.signal()) {
         (Some(code), _) => Error::backend(
@@ -1142,6 +1213,54 @@ mod tests {
 
     fn metrics(pairs: &[(&str, f64)]) -> BTreeMap<String, f64> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    }
+
+    #[test]
+    fn torchrun_runs_standalone_on_one_machine_and_from_node_0_across_several() {
+        let one = vtp_core::Distributed {
+            nproc_per_node: 4,
+            nnodes: 1,
+        };
+        assert_eq!(
+            torchrun_args(&one, None).unwrap(),
+            ["--standalone", "--nnodes=1", "--nproc-per-node=4"]
+        );
+        let across = vtp_core::Distributed {
+            nproc_per_node: 2,
+            nnodes: 3,
+        };
+        let node = Node {
+            rank: 2,
+            master_addr: "vtp-x-0.vtp-x-1".into(),
+            master_port: 29500,
+        };
+        assert!(!node.reports());
+        assert_eq!(
+            torchrun_args(&across, Some(&node)).unwrap(),
+            [
+                "--nnodes=3",
+                "--node-rank=2",
+                "--master-addr=vtp-x-0.vtp-x-1",
+                "--master-port=29500",
+                "--nproc-per-node=2"
+            ]
+        );
+        // Not one of the machines (a trainer of its own, or a rank beyond
+        // the run's): refused, not run on one machine.
+        for node in [
+            None,
+            Some(Node {
+                rank: 3,
+                ..node.clone()
+            }),
+        ] {
+            match torchrun_args(&across, node.as_ref()) {
+                Err(Error::InvalidInput { field, .. }) => {
+                    assert_eq!(field, "config.distributed.nnodes");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

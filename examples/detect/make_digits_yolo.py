@@ -1,14 +1,21 @@
 """Builds a small YOLO detection dataset from the UCI handwritten digits that
 scikit-learn ships (1,797 8x8 images; nothing is downloaded): each greyscale
 canvas holds 1-4 upscaled digits that do not overlap, boxed tightly around
-the digit's non-zero pixels, in the Ultralytics layout, zipped. With
-``--polygons``, each label is the digit's outline instead of its box (the
-convex hull of its non-zero pixels): a segmentation set.
+the digit's non-zero pixels, in the Ultralytics layout, zipped. Other
+labels of the same digits, for the package's other tasks:
 
-Run with: python examples/detect/make_digits_yolo.py OUT [--train N] [--val N] [--size S] [--seed K] [--polygons]
+- ``--labels polygons`` (or ``--polygons``): the digit's outline (the convex
+  hull of its non-zero pixels): a segmentation set.
+- ``--labels keypoints``: its box and four keypoints, the outline's top,
+  right, bottom and left extremes: a pose set (``kpt_shape: [4, 3]``).
+- ``--labels obb``: the smallest rotated rectangle around the outline, as
+  four corners: an oriented-box set.
+
+Run with: python examples/detect/make_digits_yolo.py OUT [--train N] [--val N] [--size S] [--seed K] [--labels KIND]
 Writes OUT/digits-yolo/{data.yaml,images/{train,val},labels/{train,val}} and
-OUT/digits-yolo.zip. Training and validation scenes use disjoint digits, and
-the same arguments always give the same files.
+OUT/digits-yolo.zip (digits-yolo-seg, -pose or -obb for the other labels).
+Training and validation scenes use disjoint digits, and the same arguments
+always give the same files.
 """
 import argparse
 import struct
@@ -57,6 +64,37 @@ def outline(digit: np.ndarray) -> list[tuple[float, float]]:
     return lower[:-1] + upper[:-1]
 
 
+def extremes(hull: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The outline's top, right, bottom and left points (ties: the first
+    along the other axis)."""
+    return [
+        min(hull, key=lambda p: (p[1], p[0])),
+        max(hull, key=lambda p: (p[0], -p[1])),
+        max(hull, key=lambda p: (p[1], -p[0])),
+        min(hull, key=lambda p: (p[0], p[1])),
+    ]
+
+
+def min_area_rectangle(hull: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The four corners of the smallest rectangle around the convex
+    `hull`: one of its sides lies on a side of the hull (rotating calipers)."""
+    points = np.asarray(hull, dtype=np.float64)
+    best = None
+    for i in range(len(points)):
+        edge = points[(i + 1) % len(points)] - points[i]
+        length = float(np.hypot(*edge))
+        if length == 0.0:
+            continue
+        u = edge / length
+        v = np.array([-u[1], u[0]])
+        a, b = points @ u, points @ v
+        area = (a.max() - a.min()) * (b.max() - b.min())
+        if best is None or area < best[0]:
+            best = (area, u, v, a.min(), a.max(), b.min(), b.max())
+    _, u, v, a0, a1, b0, b1 = best
+    return [tuple(float(c) for c in a * u + b * v) for a, b in ((a0, b0), (a1, b0), (a1, b1), (a0, b1))]
+
+
 def scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int):
     """One canvas and its (class, x1, y1, x2, y2, outline) digits in pixels."""
     canvas = np.zeros((size, size), dtype=np.uint8)
@@ -98,8 +136,14 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=100, help="validation scenes")
     parser.add_argument("--size", type=int, default=96, help="canvas side in pixels")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--polygons", action="store_true", help="outlines, not boxes: a segmentation set")
+    parser.add_argument(
+        "--labels", choices=("boxes", "polygons", "keypoints", "obb"), default="boxes",
+        help="boxes (detect), outlines (segment), boxes with 4 keypoints (pose) or rotated boxes (obb)",
+    )
+    parser.add_argument("--polygons", action="store_true", help="the same as --labels polygons")
     args = parser.parse_args()
+    if args.polygons:
+        args.labels = "polygons"
     if args.size < 32:
         parser.error("--size must be at least 32")
 
@@ -107,7 +151,8 @@ def main() -> None:
     order = np.random.default_rng(args.seed).permutation(len(digits.images))
     cut = int(len(order) * 0.8)
     pools = {"train": order[:cut], "val": order[cut:]}
-    stem = "digits-yolo-seg" if args.polygons else "digits-yolo"
+    stem = {"boxes": "digits-yolo", "polygons": "digits-yolo-seg", "keypoints": "digits-yolo-pose",
+            "obb": "digits-yolo-obb"}[args.labels]
     root = args.out / stem
     rng = np.random.default_rng(args.seed + 1)
     for split, count in (("train", args.train), ("val", args.val)):
@@ -119,19 +164,34 @@ def main() -> None:
             name = f"{split}_{n:05d}"
             (root / "images" / split / f"{name}.png").write_bytes(png(canvas))
             s = float(args.size)
-            if args.polygons:
-                rows = "".join(
-                    f"{c} " + " ".join(f"{px / s:.6f} {py / s:.6f}" for px, py in hull) + "\n"
-                    for c, *_, hull in boxes
+
+            def xy(points: list[tuple[float, float]], visible: bool = False) -> str:
+                # Normalised and kept on the canvas (a rotated rectangle's
+                # corner may stick out of it).
+                return " ".join(
+                    f"{min(max(px / s, 0.0), 1.0):.6f} {min(max(py / s, 0.0), 1.0):.6f}" + (" 2" if visible else "")
+                    for px, py in points
                 )
+
+            def box(x1: int, y1: int, x2: int, y2: int) -> str:
+                return f"{(x1 + x2) / 2 / s:.6f} {(y1 + y2) / 2 / s:.6f} {(x2 - x1) / s:.6f} {(y2 - y1) / s:.6f}"
+
+            if args.labels == "polygons":
+                rows = "".join(f"{c} {xy(hull)}\n" for c, *_, hull in boxes)
+            elif args.labels == "keypoints":
+                rows = "".join(
+                    f"{c} {box(x1, y1, x2, y2)} {xy(extremes(hull), visible=True)}\n"
+                    for c, x1, y1, x2, y2, hull in boxes
+                )
+            elif args.labels == "obb":
+                rows = "".join(f"{c} {xy(min_area_rectangle(hull))}\n" for c, *_, hull in boxes)
             else:
-                rows = "".join(
-                    f"{c} {(x1 + x2) / 2 / s:.6f} {(y1 + y2) / 2 / s:.6f} {(x2 - x1) / s:.6f} {(y2 - y1) / s:.6f}\n"
-                    for c, x1, y1, x2, y2, _ in boxes
-                )
+                rows = "".join(f"{c} {box(x1, y1, x2, y2)}\n" for c, x1, y1, x2, y2, _ in boxes)
             (root / "labels" / split / f"{name}.txt").write_text(rows)
     names = "".join(f"  {i}: '{i}'\n" for i in range(10))
-    (root / "data.yaml").write_text(f"train: images/train\nval: images/val\nnc: 10\nnames:\n{names}")
+    # Pose: a horizontal flip swaps the right and left extremes.
+    pose = "kpt_shape: [4, 3]\nflip_idx: [0, 3, 2, 1]\n" if args.labels == "keypoints" else ""
+    (root / "data.yaml").write_text(f"train: images/train\nval: images/val\nnc: 10\n{pose}names:\n{names}")
 
     archive = args.out / f"{stem}.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:

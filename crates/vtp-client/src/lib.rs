@@ -552,8 +552,30 @@ impl Client {
             .next()
             .unwrap_or("best.safetensors")
             .to_owned();
-        let weights_path = dir.join(&weights);
-        self.download_checkpoint(id, None, &weights_path).await?;
+        self.download_model_file(id, None, &weights, dir).await
+    }
+
+    /// Downloads `file`, one file of the job's final checkpoint set (the
+    /// package engine's `best.weights.safetensors` beside its
+    /// `best.weights.pt`), into the directory `dir`, with its sidecar when
+    /// it is safetensors weights. Returns its path.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for a file the set does not hold;
+    /// [`Error::InvalidInput`] for a name no set file has.
+    pub async fn download_set_file(&self, id: JobId, file: &str, dir: &Path) -> Result<PathBuf> {
+        self.download_model_file(id, Some(file), file, dir).await
+    }
+
+    async fn download_model_file(
+        &self,
+        id: JobId,
+        file: Option<&str>,
+        weights: &str,
+        dir: &Path,
+    ) -> Result<PathBuf> {
+        let weights_path = dir.join(weights);
+        self.download_checkpoint(id, file, &weights_path).await?;
         // VTP's own weights come with the sidecar that opens them; a
         // script's checkpoint (`best.model.pt`) is the file alone.
         if let Some(stem) = weights.strip_suffix(".safetensors") {

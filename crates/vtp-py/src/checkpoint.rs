@@ -221,3 +221,36 @@ impl Checkpoint {
         )
     }
 }
+
+/// Makes `dir/{stem}.safetensors`, a YOLO detector's weights under the
+/// Ultralytics parameter names (the package engine's, converted), a VTP
+/// checkpoint: writes its sidecar `{stem}.json` after checking that the
+/// weights load into the native model. Returns the sidecar as a dict.
+#[pyfunction]
+#[pyo3(signature = (dir, stem, model, class_names, image_size, epoch, metrics, best_fitness = None))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments, one per sidecar field
+pub(crate) fn adopt_detector(
+    py: Python<'_>,
+    dir: PathBuf,
+    stem: String,
+    model: String,
+    class_names: Vec<String>,
+    image_size: u32,
+    epoch: u32,
+    metrics: std::collections::BTreeMap<String, f64>,
+    best_fitness: Option<f64>,
+) -> PyResult<Py<PyAny>> {
+    let detector = vtp_trainer::engine::checkpoint::ForeignDetector {
+        model,
+        class_names,
+        image_size,
+        epoch,
+        metrics,
+        best_fitness,
+    };
+    let meta = py
+        .detach(|| vtp_trainer::engine::checkpoint::adopt_detector(&dir, &stem, detector))
+        .map_err(from_core)?;
+    let value = serde_json::to_value(&meta).map_err(|e| VtpError::new_err(e.to_string()))?;
+    to_python(py, &value)
+}

@@ -265,9 +265,17 @@ impl Client {
 
     /// Downloads the job's final checkpoint into the directory `dest`: the
     /// weights (`best.safetensors`) and the sidecar beside them
-    /// (`best.json`) that `vtp.load_checkpoint` needs. Returns the path of
-    /// the weights.
-    fn download_checkpoint(&self, py: Python<'_>, job_id: &str, dest: PathBuf) -> PyResult<String> {
+    /// (`best.json`) that `vtp.load_checkpoint` needs; or `file`, another
+    /// file of the set, with its sidecar when it is safetensors weights.
+    /// Returns the path of the weights.
+    #[pyo3(signature = (job_id, dest, file = None))]
+    fn download_checkpoint(
+        &self,
+        py: Python<'_>,
+        job_id: &str,
+        dest: PathBuf,
+        file: Option<String>,
+    ) -> PyResult<String> {
         let id = job_id_of(job_id)?;
         let inner = self.inner.clone();
         let weights = block_on(py, async move {
@@ -278,7 +286,11 @@ impl Client {
                     job.status
                 )));
             }
-            inner.download_model(id, &dest).await.map_err(from_core)
+            match file {
+                Some(file) => inner.download_set_file(id, &file, &dest).await,
+                None => inner.download_model(id, &dest).await,
+            }
+            .map_err(from_core)
         })?;
         Ok(weights.display().to_string())
     }

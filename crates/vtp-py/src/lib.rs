@@ -40,6 +40,18 @@ fn _vtp(m: &Bound<'_, PyModule>) -> PyResult<()> {
         "PACKAGE_TRAIN_ARGS",
         pyo3::types::PyFrozenSet::new(py, vtp_core::PackageConfig::TRAIN_ARGS)?,
     )?;
+    // The detectors the native engine builds: the package engine stores
+    // their weights as VTP checkpoints too (`adopt_detector`).
+    let native_detectors: Vec<&str> = vtp_core::models::MODELS
+        .iter()
+        .filter(|m| m.task == vtp_core::Task::Detect)
+        .map(|m| m.name)
+        .collect();
+    m.add(
+        "NATIVE_DETECTORS",
+        pyo3::types::PyFrozenSet::new(py, native_detectors)?,
+    )?;
+    m.add_function(wrap_pyfunction!(checkpoint::adopt_detector, m)?)?;
     m.add_class::<Client>()?;
     m.add_class::<client::EventStream>()?;
     m.add_class::<LocalPlatform>()?;

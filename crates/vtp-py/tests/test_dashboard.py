@@ -98,8 +98,9 @@ def test_a_job_started_from_the_dashboard_draws_its_curve_epoch_by_epoch(
     wait_for(lambda: "#/jobs/" in driver.current_url, 60, "the job's page")
     job_id = driver.current_url.rsplit("/", 1)[-1]
 
-    # The curve grows over the event stream until the job completes.
-    status = driver.find_element(By.ID, "job-status")
+    # The curve grows over the event stream until the job completes. The hash
+    # changes before the job page has fetched the job and drawn itself.
+    status = wait_for(lambda: driver.find_elements(By.ID, "job-status"), 30, "the job's status")[0]
     wait_for(lambda: status.text in ("completed", "failed", "cancelled"), 300, "the job to end")
     assert status.text == "completed", driver.find_element(By.ID, "job-error").text
     loss = driver.find_element(By.ID, "loss-chart")

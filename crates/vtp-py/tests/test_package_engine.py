@@ -27,18 +27,24 @@ REPO = Path(__file__).resolve().parents[3]
 SMALL = {"engine": "package", "batch": 8, "nbs": 8, "workers": 0, "seed": 0}
 
 
-@pytest.fixture(scope="module")
-def outlines(alice: vtp.Client, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """A segmentation set made from scikit-learn's digits: each digit's
-    outline (the convex hull of its ink) is its polygon label. Its folder,
-    and its URI once uploaded."""
-    out = tmp_path_factory.mktemp("outlines")
+def digits_set(client: vtp.Client, out: Path, labels: str, train: int, name: str) -> tuple[Path, str]:
+    """A set of 64 px scenes of scikit-learn's digits (8 for validation)
+    with `labels` (examples/detect/make_digits_yolo.py) made in the empty
+    folder `out`: its folder, and its URI once uploaded as `name`."""
     subprocess.run(
         [sys.executable, str(REPO / "examples/detect/make_digits_yolo.py"), str(out),
-         "--train", "32", "--val", "8", "--size", "64", "--polygons"],
+         "--train", str(train), "--val", "8", "--size", "64", "--labels", labels],
         check=True,
     )
-    return out / "digits-yolo-seg", alice.upload_dataset(out / "digits-yolo-seg.zip", name="outlines")
+    archive = next(out.glob("digits-yolo*.zip"))
+    return archive.with_suffix(""), client.upload_dataset(archive, name=name)
+
+
+@pytest.fixture(scope="module")
+def outlines(alice: vtp.Client, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A segmentation set: each digit's outline (the convex hull of its
+    ink) is its polygon label."""
+    return digits_set(alice, tmp_path_factory.mktemp("outlines"), "polygons", 32, "outlines")
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +81,77 @@ def test_a_segmentation_model_trains_and_its_best_weights_predict_masks(
     scene = sorted((folder / "images" / "val").iterdir())[0]
     result = model.predict(str(scene), imgsz=64, conf=0.001, verbose=False)[0]
     assert result.masks is not None and len(result.masks) == len(result.boxes) > 0
+
+
+@pytest.fixture(scope="module")
+def scenes(alice: vtp.Client, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A detection set: each digit's box."""
+    return digits_set(alice, tmp_path_factory.mktemp("scenes"), "boxes", 32, "scenes")
+
+
+def test_a_detector_the_native_engine_builds_is_stored_as_a_vtp_checkpoint_too(
+    alice: vtp.Client, scenes: tuple[Path, str], tmp_path: Path
+) -> None:
+    import torch
+    from ultralytics import YOLO  # type: ignore[attr-defined]
+
+    folder, uri = scenes
+    job = package_job(alice, uri, "yolo11n", epochs=2, imgsz=64)
+    job.wait(timeout=600)
+    assert job.status == "completed", job.data
+    assert [row["epoch"] for row in job.metrics()] == [1, 2]
+    # The package's own file is still the set's main one.
+    package_file = Path(job.download_checkpoint(tmp_path))
+    assert package_file.name == "best.weights.pt"
+    # Beside it, the same weights as VTP's checkpoint, with its sidecar.
+    weights = Path(job.download_checkpoint(tmp_path, file="best.weights.safetensors"))
+    assert (tmp_path / "best.weights.json").is_file()
+    checkpoint = vtp.load_checkpoint(weights)
+    assert (checkpoint.task, checkpoint.model) == ("detect", "yolo11n")
+    assert checkpoint.class_names == [str(d) for d in range(10)]
+    assert checkpoint.meta["epoch"] in (1, 2) and checkpoint.meta["image_size"] == 64
+    # The same network: VTP's native model on the stored safetensors
+    # computes what the package's model computes from best.pt.
+    model = YOLO(str(package_file)).model.float().eval()
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        _, raw = model(x)
+    theirs = torch.cat([raw["boxes"], raw["scores"]], 1)
+    ours = checkpoint._native.detector_outputs(x.flatten().tolist(), 64, 64)
+    mine = torch.cat([torch.tensor(flat).view(shape).flatten(2) for shape, flat in ours], dim=2)
+    assert mine.shape == theirs.shape
+    assert torch.allclose(mine, theirs, atol=1e-4, rtol=1e-4), (mine - theirs).abs().max()
+    scene = sorted((folder / "images" / "val").iterdir())[0]
+    # Two short epochs teach little: ask for every box the model dares.
+    assert checkpoint.predict(scene, conf=1e-6), "boxes from the stored weights"
+
+
+@pytest.mark.parametrize(
+    ("labels", "model", "metrics"),
+    [
+        ("keypoints", "yolo11n-pose", ("pose_map", "pose_map50", "map", "pose_loss", "kobj_loss")),
+        ("obb", "yolo11n-obb", ("map", "map50", "precision", "recall", "angle_loss")),
+    ],
+)
+def test_pose_and_oriented_box_models_train_on_their_own_labels(
+    alice: vtp.Client, tmp_path: Path, labels: str, model: str, metrics: tuple[str, ...]
+) -> None:
+    _, uri = digits_set(alice, tmp_path / "data", labels, 16, f"digits-{labels}")
+    job = package_job(alice, uri, model, epochs=2, imgsz=64)
+    job.wait(timeout=600)
+    assert job.status == "completed", job.data
+    rows = job.metrics()
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        for name in (*metrics, "loss", "val_loss"):
+            assert name in row, (name, row)
+    path = Path(job.download_checkpoint(tmp_path))
+    from ultralytics import YOLO  # type: ignore[attr-defined]
+
+    trained = YOLO(str(path))
+    assert trained.task == model.rsplit("-", 1)[1]
+    if labels == "keypoints":
+        assert list(trained.model.kpt_shape) == [4, 3]
 
 
 def engine_pid(deadline: float) -> int:

@@ -829,7 +829,13 @@ async fn callbacks_are_idempotent_and_ordered_by_seq() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "not uploaded: {body}");
-    for file in ["..%2Fsecret", "best.txt", "jobs.db"] {
+    for file in [
+        "..%2Fsecret",
+        "best.",
+        "jobs.db",
+        "best.a%20b",
+        "first.json",
+    ] {
         let (status, body) = send(
             &h.app,
             empty("GET", &format!("/training/jobs/{id}/checkpoint/{file}")),

@@ -13,15 +13,32 @@ __all__ = [
     "InvalidInput",
     "JobFailed",
     "LocalPlatform",
+    "NATIVE_DETECTORS",
     "NotFound",
     "PACKAGE_TRAIN_ARGS",
     "RunConnection",
     "Unavailable",
     "VtpError",
     "__version__",
+    "adopt_detector",
 ]
 __version__: str
 PACKAGE_TRAIN_ARGS: frozenset[str]
+NATIVE_DETECTORS: frozenset[str]
+
+def adopt_detector(
+    dir: str | PathLike[str],
+    stem: str,
+    model: str,
+    class_names: Sequence[str],
+    image_size: int,
+    epoch: int,
+    metrics: dict[str, float],
+    best_fitness: float | None = None,
+) -> dict[str, Any]:
+    """Writes ``dir/{stem}.json``, the sidecar that makes
+    ``dir/{stem}.safetensors`` (a native detector's weights under the
+    Ultralytics names) a VTP checkpoint, after checking that they load."""
 
 class VtpError(Exception): ...
 class NotFound(VtpError): ...
@@ -77,7 +94,9 @@ class Client:
     def upload_dataset(
         self, path: str | PathLike[str], dataset_name: str | None = None, user_id: str | None = None
     ) -> dict[str, Any]: ...
-    def download_checkpoint(self, job_id: str, dest: str | PathLike[str]) -> str: ...
+    def download_checkpoint(
+        self, job_id: str, dest: str | PathLike[str], file: str | None = None
+    ) -> str: ...
 
 @final
 class EventStream:

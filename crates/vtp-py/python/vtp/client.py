@@ -218,10 +218,12 @@ class Job:
             raise _vtp.JobFailed(f"job {self.id} failed: {self.error or self.message}")
         return self
 
-    def download_checkpoint(self, dest: PathLike) -> Path:
+    def download_checkpoint(self, dest: PathLike, file: str | None = None) -> Path:
         """Downloads the final checkpoint (weights and sidecar) into the
-        directory ``dest``; returns the weights' path."""
-        return self._client.download_checkpoint(self.id, dest)
+        directory ``dest``, or ``file``, another file of its set (the
+        package engine's ``best.weights.safetensors``, with its sidecar);
+        returns the weights' path."""
+        return self._client.download_checkpoint(self.id, dest, file)
 
     def load_checkpoint(self, dest: PathLike | None = None) -> Checkpoint:
         """Opens the final checkpoint for prediction, downloading it into
@@ -398,9 +400,10 @@ class Client:
         """Deletes a dataset (refused while a job under way uses it)."""
         self._native.delete_dataset(name, user_id=user_id or self.user_id)
 
-    def download_checkpoint(self, job_id: str, dest: PathLike) -> Path:
-        """Downloads a job's final checkpoint into the directory ``dest``."""
-        return Path(self._native.download_checkpoint(job_id, os.fspath(dest)))
+    def download_checkpoint(self, job_id: str, dest: PathLike, file: str | None = None) -> Path:
+        """Downloads a job's final checkpoint into the directory ``dest``
+        (or ``file``, another file of its set)."""
+        return Path(self._native.download_checkpoint(job_id, os.fspath(dest), file))
 
     def train(
         self,

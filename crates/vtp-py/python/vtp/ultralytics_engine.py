@@ -21,7 +21,10 @@ nothing is downloaded) and reports each epoch under VTP's names:
 
 Each saved epoch's ``last.pt`` (with its optimizer) is stored as the job's
 checkpoint set, ``weights.pt``, and as the best one when its fitness is the
-best so far; a relaunched attempt resumes the package's own way
+best so far (for the detectors the native engine also builds, ``yolov8n``,
+``yolov8s``, ``yolo11n`` and ``yolo11s``, the set holds the same weights as
+VTP's own checkpoint too, ``weights.safetensors`` and ``weights.json``, which
+``vtp.load_checkpoint`` opens); a relaunched attempt resumes the package's own way
 (``resume=True``) from the restored file, with this attempt's dataset. A
 cancel stops training between batches, after which the epoch is validated,
 saved and reported.
@@ -43,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import vtp
-from vtp._vtp import PACKAGE_TRAIN_ARGS
+from vtp._vtp import NATIVE_DETECTORS, PACKAGE_TRAIN_ARGS, adopt_detector
 
 #: The package's training arguments a job may set in its ``config`` (the
 #: backend refuses others at create: ``data``, ``project``, ``save_dir`` are
@@ -148,6 +151,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"config keys the package engine does not take: {', '.join(unknown)}")
 
+    # Nothing is downloaded at run time (no fonts, no pretrained weights,
+    # no update checks), whatever the trainer's environment says.
+    os.environ.setdefault("YOLO_OFFLINE", "1")
     from ultralytics import YOLO  # type: ignore[attr-defined]  # its own public name
 
     work = Path.cwd()
@@ -200,7 +206,8 @@ def main() -> None:
             return
         state["in_epoch"] = False
         epoch = trainer.epoch + 1
-        run.report(epoch, epoch_metrics(trainer))
+        metrics = epoch_metrics(trainer)
+        run.report(epoch, metrics)
         if state["saved"] and Path(trainer.last).is_file():
             target = staged / "weights.pt"
             target.unlink(missing_ok=True)
@@ -210,6 +217,8 @@ def main() -> None:
                 import shutil
 
                 shutil.copyfile(trainer.last, target)
+            if task == "detect" and model_name in NATIVE_DETECTORS:
+                native_weights(trainer, model_name, target, staged, epoch, metrics)
             best = trainer.fitness is not None and trainer.best_fitness == trainer.fitness
             run.save_checkpoint(staged, epoch, best=bool(best))
 
@@ -223,6 +232,40 @@ def main() -> None:
     # The platform's settings: one fixed directory per attempt, no plots
     # (they would fetch a font), no hub.
     model.train(**train, save_dir=str(save_dir), exist_ok=True, plots=False, verbose=False)
+
+
+def native_weights(
+    trainer: Any, model_name: str, saved: Path, staged: Path, epoch: int, metrics: dict[str, float]
+) -> None:
+    """Stores the detector's weights of ``saved`` (the package's ``last.pt``)
+    beside it as VTP's own checkpoint, ``weights.safetensors`` with its
+    sidecar ``weights.json``, for a model the native engine builds: the set
+    stored as best then opens with ``vtp.load_checkpoint``. The same weights
+    (the package's EMA, as it saved them), under the same parameter names."""
+    import torch
+    from safetensors.torch import save_file
+
+    weights, sidecar = staged / "weights.safetensors", staged / "weights.json"
+    for stale in (weights, sidecar):
+        stale.unlink(missing_ok=True)
+    # The file the package wrote a moment ago, in this attempt's directory.
+    ckpt = torch.load(saved, map_location="cpu", weights_only=False)
+    model = ckpt["ema"] if ckpt.get("ema") is not None else ckpt["model"]
+    state = {
+        name: (tensor.float() if tensor.is_floating_point() else tensor).detach().contiguous().clone()
+        for name, tensor in model.state_dict().items()
+    }
+    save_file(state, str(weights))
+    names = trainer.data["names"]
+    class_names = [str(names[i]) for i in sorted(names)] if isinstance(names, dict) else [str(n) for n in names]
+    try:
+        adopt_detector(
+            staged, "weights", model_name, class_names,
+            int(trainer.args.imgsz), epoch, metrics, float(trainer.best_fitness or 0.0),
+        )
+    except vtp.VtpError:
+        weights.unlink(missing_ok=True)
+        raise
 
 
 def _cuda() -> bool:

@@ -852,15 +852,17 @@ pub async fn checkpoint(
     stream_blob(&state, &key).await
 }
 
-/// The files a checkpoint consists of, servable next to it.
-const CHECKPOINT_FILES: [&str; 6] = [
-    "best.safetensors",
-    "best.json",
-    "best.optim.safetensors",
-    "last.safetensors",
-    "last.json",
-    "last.optim.safetensors",
-];
+/// Whether `file` can be one of a checkpoint set's files, servable next to
+/// its main file: the engine's (`best.safetensors`, `best.json`,
+/// `best.optim.safetensors` and their `last.*`), or a script's, which the
+/// trainer stores as `best.{name}` and `last.{name}` (the package engine's
+/// `best.weights.pt` beside `best.weights.safetensors` and its sidecar).
+fn is_set_file(file: &str) -> bool {
+    let name = file
+        .strip_prefix("best.")
+        .or_else(|| file.strip_prefix("last."));
+    name.is_some_and(|name| !name.is_empty()) && vtp_core::validate_name("file", file).is_ok()
+}
 
 /// `GET /training/jobs/{id}/checkpoint/{file}`: one file of the job's
 /// checkpoint directory, such as `best.json` (the sidecar with class names
@@ -871,7 +873,7 @@ const CHECKPOINT_FILES: [&str; 6] = [
     tag = "jobs",
     params(
         ("id" = JobId, Path, description = "The job's id (a UUID)"),
-        ("file" = String, Path, description = "`best.safetensors`, `best.json`, `best.optim.safetensors`, `last.safetensors`, `last.json` or `last.optim.safetensors`"),
+        ("file" = String, Path, description = "A file of the set: `best.safetensors`, `best.json`, `best.optim.safetensors` and their `last.*` for the engine's; `best.{name}` and `last.{name}` for a script's (`best.weights.pt`)", pattern = r"^(best|last)\.[A-Za-z0-9_.-]{1,123}$"),
     ),
     responses(
         (status = 200, description = "The file", body = Binary, content_type = "application/octet-stream"),
@@ -884,10 +886,13 @@ pub async fn checkpoint_file(
     caller: Caller,
     ApiPath((id, file)): ApiPath<(JobId, String)>,
 ) -> ApiResult<Response> {
-    if !CHECKPOINT_FILES.contains(&file.as_str()) {
+    if !is_set_file(&file) {
         return Err(Error::invalid(
             "file",
-            format!("{file:?} is not a checkpoint file; expected one of {CHECKPOINT_FILES:?}"),
+            format!(
+                "{file:?} is not a checkpoint file; expected best.* or last.* \
+                 (best.safetensors, best.json, last.optim.safetensors, best.weights.pt, ...)"
+            ),
         )
         .into());
     }

@@ -182,6 +182,91 @@ pub struct Checkpoint {
     pub optimizer: Option<PathBuf>,
 }
 
+/// What [`adopt_detector`] is told about weights it did not train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForeignDetector {
+    /// A detector the native engine builds (`yolo11n`, `yolov8s`, ...).
+    pub model: String,
+    /// Class names; output `i` is `class_names[i]`.
+    pub class_names: Vec<String>,
+    /// The side the weights were trained at (a multiple of 32).
+    pub image_size: u32,
+    /// The epoch they are of, with its metrics and the best fitness so far.
+    pub epoch: u32,
+    /// That epoch's metrics.
+    pub metrics: BTreeMap<String, f64>,
+    /// The best fitness so far.
+    pub best_fitness: Option<f64>,
+}
+
+/// Makes `dir/{stem}.safetensors`, a YOLO detector's weights under the
+/// Ultralytics `state_dict` names that the native models share (the
+/// ultralytics package engine's EMA weights, converted), a VTP checkpoint:
+/// writes its sidecar `{stem}.json`, then opens it as a [`Predictor`]
+/// would, so weights that do not fit the architecture are an error here
+/// and no sidecar is left for them.
+///
+/// [`Predictor`]: super::Predictor
+///
+/// # Errors
+/// [`Error::InvalidInput`] for a model the native engine does not build, a
+/// bad image size, or weights that do not fit; I/O failures.
+pub fn adopt_detector(dir: &Path, stem: &str, detector: ForeignDetector) -> Result<CheckpointMeta> {
+    // The image size is checked with the weights, by the load below.
+    let variant: super::detect::model::YoloVariant = detector.model.parse()?;
+    let weights = format!("{stem}.safetensors");
+    let config = TrainConfig {
+        model: variant.name().to_owned(),
+        epochs: detector.epoch.max(1),
+        image_size: detector.image_size,
+        ..TrainConfig::default()
+    };
+    let meta = CheckpointMeta {
+        format: FORMAT.into(),
+        task: Task::Detect,
+        model: variant.name().to_owned(),
+        class_names: detector.class_names,
+        image_size: detector.image_size,
+        // YOLO takes RGB scaled to 0..1, without per-channel normalisation.
+        mean: [0.0; 3],
+        std: [1.0; 3],
+        stride: Some(32),
+        config,
+        epoch: detector.epoch,
+        history: vec![detector.metrics.clone()],
+        metrics: detector.metrics,
+        best_val_accuracy: 0.0,
+        best_fitness: detector.best_fitness,
+        ema_updates: None,
+        sha256: sha256_file(&dir.join(&weights))?,
+        weights,
+        optimizer: None,
+        optimizer_sha256: None,
+    };
+    write_sidecar(dir, stem, &meta)?;
+    let sidecar = dir.join(format!("{stem}.json"));
+    if let Err(e) = super::Predictor::load(&sidecar) {
+        let _ = std::fs::remove_file(&sidecar);
+        return Err(e);
+    }
+    Ok(meta)
+}
+
+/// The weights a sidecar describes: `weights` beside it, as written; or,
+/// when a checkpoint set stored the pair under a role (`weights.json` and
+/// `weights.safetensors` as `best.weights.json` and
+/// `best.weights.safetensors`), the `.safetensors` of the sidecar's own
+/// stem. Either way the sidecar's sha256 must match.
+fn weights_beside(sidecar: &Path, weights: &str) -> PathBuf {
+    let dir = sidecar.parent().unwrap_or(Path::new("."));
+    let written = dir.join(weights);
+    if written.is_file() {
+        return written;
+    }
+    let renamed = sidecar.with_extension("safetensors");
+    if renamed.is_file() { renamed } else { written }
+}
+
 impl Checkpoint {
     /// Opens a checkpoint from its weights file (`best.safetensors`), its
     /// sidecar (`best.json`) or its directory (then `best`, else `last`),
@@ -230,7 +315,7 @@ impl Checkpoint {
             ));
         }
         let dir = sidecar.parent().unwrap_or(Path::new("."));
-        let weights = dir.join(&meta.weights);
+        let weights = weights_beside(&sidecar, &meta.weights);
         let digest = sha256_file(&weights)?;
         if digest != meta.sha256 {
             return Err(Error::invalid(
@@ -296,5 +381,77 @@ impl Checkpoint {
         let named = tch::Tensor::read_safetensors(path).map_err(torch_err)?;
         optimizer.load_state(&named)?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Predictor;
+    use crate::engine::detect::model::{DetectionModel, YoloVariant};
+    use tch::Device;
+
+    fn detector_weights(dir: &Path, stem: &str, variant: YoloVariant, classes: i64) {
+        let vs = VarStore::new(Device::Cpu);
+        let _model = DetectionModel::new(&vs.root(), variant, classes);
+        vs.save(dir.join(format!("{stem}.safetensors"))).unwrap();
+    }
+
+    fn told(model: &str, classes: usize) -> ForeignDetector {
+        ForeignDetector {
+            model: model.to_owned(),
+            class_names: (0..classes).map(|c| format!("c{c}")).collect(),
+            image_size: 64,
+            epoch: 3,
+            metrics: BTreeMap::from([("map".to_owned(), 0.25)]),
+            best_fitness: Some(0.3),
+        }
+    }
+
+    #[test]
+    fn foreign_detector_weights_become_a_checkpoint_that_opens_under_a_role_too() {
+        let dir = tempfile::tempdir().unwrap();
+        detector_weights(dir.path(), "weights", YoloVariant::V11n, 3);
+        let meta = adopt_detector(dir.path(), "weights", told("yolov11n", 3)).unwrap();
+        assert_eq!((meta.task, meta.model.as_str()), (Task::Detect, "yolo11n"));
+        assert_eq!(
+            (meta.epoch, meta.stride, meta.image_size),
+            (3, Some(32), 64)
+        );
+        let predictor = Predictor::load(&dir.path().join("weights.safetensors")).unwrap();
+        assert_eq!(predictor.classes(), ["c0", "c1", "c2"]);
+        // A checkpoint set stores the pair as `best.weights.*`; the sidecar
+        // still names `weights.safetensors`, and the renamed weights open.
+        let stored = tempfile::tempdir().unwrap();
+        for name in ["weights.safetensors", "weights.json"] {
+            std::fs::copy(
+                dir.path().join(name),
+                stored.path().join(format!("best.{name}")),
+            )
+            .unwrap();
+        }
+        let opened = Checkpoint::open(&stored.path().join("best.weights.safetensors")).unwrap();
+        assert_eq!(opened.meta, meta);
+        // Tampered weights still do not match the sidecar's digest.
+        std::fs::write(stored.path().join("best.weights.safetensors"), b"x").unwrap();
+        let err = Checkpoint::open(&stored.path().join("best.weights.json")).unwrap_err();
+        assert!(err.to_string().contains("sha256"), "{err}");
+    }
+
+    #[test]
+    fn weights_of_another_architecture_or_an_unknown_model_leave_no_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        detector_weights(dir.path(), "weights", YoloVariant::V8n, 3);
+        let err = adopt_detector(dir.path(), "weights", told("yolo11n", 3)).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+        assert!(!dir.path().join("weights.json").exists());
+        let err = adopt_detector(dir.path(), "weights", told("yolo11n-seg", 3)).unwrap_err();
+        assert!(err.to_string().contains("yolo11n-seg"), "{err}");
+        let mut odd = told("yolov8n", 3);
+        odd.image_size = 70;
+        let err = adopt_detector(dir.path(), "weights", odd).unwrap_err();
+        assert!(err.to_string().contains("multiple of 32"), "{err}");
+        assert!(!dir.path().join("weights.json").exists());
+        adopt_detector(dir.path(), "weights", told("yolov8n", 3)).unwrap();
     }
 }

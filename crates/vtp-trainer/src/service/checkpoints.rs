@@ -30,8 +30,10 @@ pub const LAST_WEIGHTS: &str = "last.safetensors";
 
 /// The file among `names` a set (`role` `last`) or a finished job (`best`)
 /// is named by: `{role}.safetensors` where there is one (the engine's),
-/// else the first `{role}.*` by name (a script's checkpoint of one file, or
-/// the first of several).
+/// else the first `{role}.*` by name that is not a JSON sidecar (a
+/// script's checkpoint of one file, or the first of several: the package
+/// engine's `weights.pt` before the `weights.json` of the weights it also
+/// stores as safetensors), else the first sidecar.
 pub fn main_file<'a>(
     names: impl IntoIterator<Item = &'a String>,
     role: &str,
@@ -42,12 +44,8 @@ pub fn main_file<'a>(
         .into_iter()
         .filter(|name| name.starts_with(&prefix) && name.len() > prefix.len())
         .collect();
-    candidates.sort();
-    candidates
-        .iter()
-        .find(|name| **name == &preferred)
-        .or(candidates.first())
-        .copied()
+    candidates.sort_by_key(|name| (**name != preferred, name.ends_with(".json"), *name));
+    candidates.first().copied()
 }
 
 /// What a set holds.
@@ -282,4 +280,34 @@ async fn restore_into(
         }
     }
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| (*n).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_set_is_named_by_its_weights_not_its_sidecar() {
+        let engine = names(&["last.json", "last.optim.safetensors", "last.safetensors"]);
+        assert_eq!(main_file(&engine, "last").unwrap(), "last.safetensors");
+        // The package engine's set: the package's file, then VTP's weights
+        // of the same epoch with their sidecar.
+        let package = names(&[
+            "best.weights.json",
+            "best.weights.pt",
+            "best.weights.safetensors",
+            "last.weights.json",
+            "last.weights.pt",
+        ]);
+        assert_eq!(main_file(&package, "best").unwrap(), "best.weights.pt");
+        assert_eq!(main_file(&package, "last").unwrap(), "last.weights.pt");
+        let sidecar_only = names(&["last.b.json", "last.a.json"]);
+        assert_eq!(main_file(&sidecar_only, "last").unwrap(), "last.a.json");
+        assert_eq!(main_file(&names(&["last."]), "last"), None);
+        assert_eq!(main_file(&engine, "best"), None);
+    }
 }

@@ -22,6 +22,8 @@
 //!   change of the statement is told so.
 //! - The statements run on tasks of their own: a caller that goes away (its
 //!   client hung up) does not take the other callers' changes with it.
+//!   Each writer keeps one connection for all the batches it writes until
+//!   none waits, rather than taking one from the pool per batch.
 //! - The queue holds one change per caller waiting for it, so it is as
 //!   bounded as the callers are (the backend's connection cap and its
 //!   internal tasks).
@@ -35,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
 use vtp_core::{Error, Expected, Job, JobEvent, Result, TrainingMetric, error_chain};
@@ -194,11 +196,12 @@ impl Default for GroupCommit {
 }
 
 impl GroupCommit {
-    /// Statements written at once, each on a pooled connection of its own:
-    /// as many as the Postgres store's pool holds (so at low load every
-    /// change is written at once, as before grouping; a read waits at most
-    /// for one statement to end for a connection). With 4, the callback
-    /// benchmark had a lower median but a p99 three times as long.
+    /// Statements written at once, each by a writer on a pooled connection
+    /// it holds while changes keep coming (the store's pool has a few more,
+    /// for reads). At low load every change is written at once, as before
+    /// grouping. On 2 cores the callback benchmark was fastest with 16
+    /// (BENCHMARKS.md): with 12, 8 or 4 its rate fell and its p99 doubled
+    /// or more, the batches bigger but fewer at once.
     pub(crate) const WRITERS: usize = 16;
     /// Most changes in one statement.
     pub(crate) const MAX_BATCH: usize = 64;
@@ -241,13 +244,35 @@ impl GroupCommit {
         };
         let (this, pool) = (self.clone(), pool.clone());
         tokio::spawn(async move {
+            // One connection for every batch this writer writes. A
+            // connection handed back to sqlx's pool returns to it on a task
+            // of its own, so taking one per batch often found none idle
+            // under load and opened another (seen: 90 ms to acquire).
+            let mut conn = None;
             loop {
                 let batch = this.take_batch();
                 if batch.is_empty() {
                     break;
                 }
-                write(&pool, &this.statements, batch).await;
+                let mut held = match conn.take() {
+                    Some(held) => held,
+                    None => match pool.acquire().await {
+                        Ok(held) => held,
+                        Err(e) => {
+                            answer_all(batch, map_sqlx(e));
+                            continue;
+                        }
+                    },
+                };
+                if write(&mut held, &this.statements, batch).await {
+                    conn = Some(held);
+                } else {
+                    // Not a refusal but a failure of the connection: it is
+                    // closed rather than handed to the next user.
+                    held.close_on_drop();
+                }
             }
+            drop(conn);
             drop(permit);
             // A change queued after the last look, while this writer still
             // held its permit, found no writer free: look once more.
@@ -282,12 +307,25 @@ impl GroupCommit {
     }
 }
 
-/// Writes `batch` in one statement and answers each change; when the
-/// database refuses the statement, writes them one by one.
-async fn write(pool: &PgPool, statements: &AtomicU64, batch: Vec<Pending>) {
+/// Tells every change of `batch` that it failed with `e`.
+fn answer_all(batch: Vec<Pending>, e: Error) {
+    let message = error_chain(&e);
+    let mut e = Some(e);
+    for pending in batch {
+        let error = e
+            .take()
+            .unwrap_or_else(|| Error::unavailable("database", message.clone()));
+        let _ = pending.reply.send(Err(error));
+    }
+}
+
+/// Writes `batch` in one statement on `conn` and answers each change; when
+/// the database refuses the statement, writes them one by one. Returns
+/// whether `conn` is still sound (false after an I/O or protocol failure).
+async fn write(conn: &mut PgConnection, statements: &AtomicU64, batch: Vec<Pending>) -> bool {
     let changes: Vec<&Change> = batch.iter().map(|pending| &pending.change).collect();
     statements.fetch_add(1, Ordering::Relaxed);
-    match write_changes(pool, &changes).await {
+    match write_changes(conn, &changes).await {
         Ok(mut written) => {
             for pending in batch {
                 let row = written
@@ -296,37 +334,37 @@ async fn write(pool: &PgPool, statements: &AtomicU64, batch: Vec<Pending>) {
                     .map(|at| written.swap_remove(at));
                 let _ = pending.reply.send(row.map(Job::try_from).transpose());
             }
+            true
         }
         Err(e) => {
             let refused = matches!(e, sqlx::Error::Database(_));
             let e = map_sqlx(e);
-            if batch.len() == 1 || (!refused && matches!(e, Error::Unavailable { .. })) {
-                // One change, or the database is unreachable: each is told so.
-                let message = error_chain(&e);
-                let mut e = Some(e);
-                for pending in batch {
-                    let error = e
-                        .take()
-                        .unwrap_or_else(|| Error::unavailable("database", message.clone()));
-                    let _ = pending.reply.send(Err(error));
-                }
-                return;
+            if !refused || batch.len() == 1 {
+                // The database is unreachable, or it refused the one change:
+                // each is told so.
+                answer_all(batch, e);
+                return refused;
             }
             tracing::debug!(error = %error_chain(&e), changes = batch.len(), "a batch was refused; writing its changes one by one");
+            let mut sound = true;
             for pending in batch {
                 statements.fetch_add(1, Ordering::Relaxed);
-                let outcome = match write_changes(pool, &[&pending.change]).await {
+                let outcome = match write_changes(conn, &[&pending.change]).await {
                     Ok(mut written) => written.pop().map(Job::try_from).transpose(),
-                    Err(e) => Err(map_sqlx(e)),
+                    Err(e) => {
+                        sound &= matches!(e, sqlx::Error::Database(_));
+                        Err(map_sqlx(e))
+                    }
                 };
                 let _ = pending.reply.send(outcome);
             }
+            sound
         }
     }
 }
 
 /// Runs [`WRITE_CHANGES`] over `changes`: the rows written.
-async fn write_changes(pool: &PgPool, changes: &[&Change]) -> sqlx::Result<Vec<JobRow>> {
+async fn write_changes(conn: &mut PgConnection, changes: &[&Change]) -> sqlx::Result<Vec<JobRow>> {
     fn column<'a, T>(changes: &[&'a Change], field: impl Fn(&'a Change) -> T) -> Vec<T> {
         changes.iter().map(|change| field(change)).collect()
     }
@@ -355,7 +393,7 @@ async fn write_changes(pool: &PgPool, changes: &[&Change]) -> sqlx::Result<Vec<J
         .bind(column(changes, |c| c.metric_values.as_deref()))
         .bind(column(changes, |c| c.recorded_at))
         .bind(column(changes, |c| c.event.as_deref()))
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
 }
 
@@ -608,6 +646,7 @@ mod tests {
                 "{outcome:?}"
             );
         }
-        assert_eq!(group.statements.load(Ordering::Relaxed), 1, "{group:?}");
+        // No connection, so no statement was tried.
+        assert_eq!(group.statements.load(Ordering::Relaxed), 0, "{group:?}");
     }
 }

@@ -28,6 +28,11 @@ pub struct PostgresJobStore {
 }
 
 impl PostgresJobStore {
+    /// Connections to the database: one for each group-commit writer
+    /// (which holds its own while changes keep coming), and four more, so
+    /// that reads never wait for the writers to go idle.
+    pub const MAX_CONNECTIONS: u32 = GroupCommit::WRITERS as u32 + 4;
+
     /// How long a call waits for a connection before reporting the database unavailable.
     pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -58,7 +63,7 @@ impl PostgresJobStore {
                 ("tcp_keepalives_count", "3".to_owned()),
             ]);
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(Self::MAX_CONNECTIONS)
             .acquire_timeout(Self::ACQUIRE_TIMEOUT)
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {

@@ -531,6 +531,8 @@ pub async fn callback(
     }
     let update: TrainingUpdate = parse_json(&body)?;
     check_report(&state, id, &update)?;
+    // Planned on the version the job's previous report stored, if any.
+    let _turn = state.known_jobs.turn(id).await;
     let known = state.known_jobs.get(id);
     let outcome = match state.jobs.apply_update_from(id, &update, known).await {
         Ok(outcome) => outcome,

@@ -340,8 +340,9 @@ async fn write(conn: &mut PgConnection, statements: &AtomicU64, batch: Vec<Pendi
             let refused = matches!(e, sqlx::Error::Database(_));
             let e = map_sqlx(e);
             if !refused || batch.len() == 1 {
-                // The database is unreachable, or it refused the one change:
-                // each is told so.
+                // The statement failed other than by a refusal (the
+                // connection; a row that does not decode), or the one change
+                // was refused: each is told so.
                 answer_all(batch, e);
                 return refused;
             }

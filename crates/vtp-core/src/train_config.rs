@@ -86,6 +86,16 @@ pub struct TrainConfig {
     /// `scripts/ultralytics_to_safetensors.py`). The trainer service takes a
     /// blob URI and downloads it; the engine reads a local path.
     pub init_weights: Option<String>,
+    /// Early stopping, with Ultralytics' semantics: the run ends
+    /// (`completed`, with the reason) once this many epochs have passed
+    /// since the validation fitness last rose; 0 or absent turns it off.
+    #[schema(maximum = 10_000)]
+    pub patience: Option<u32>,
+    /// A wall-clock limit in hours: the attempt finishes the epoch in which
+    /// it runs out (cut short there, then validated and saved) and ends
+    /// `completed`, with the reason.
+    #[schema(exclusive_minimum = 0.0, maximum = 8760.0)]
+    pub time: Option<f64>,
     /// Detection: probability of a four-image mosaic (0 turns it off).
     pub mosaic: f64,
     /// Detection: the last epochs trained without mosaic.
@@ -150,6 +160,8 @@ impl Default for TrainConfig {
             resources: None,
             max_attempts: None,
             init_weights: None,
+            patience: None,
+            time: None,
             mosaic: 1.0,
             close_mosaic: 10,
             translate: 0.1,
@@ -303,6 +315,16 @@ impl TrainConfig {
         if self.threads > 1024 || self.workers > 64 {
             return bad("threads", "too many threads".into());
         }
+        if let Some(patience) = self.patience
+            && patience > 10_000
+        {
+            return bad("patience", format!("{patience} is outside 0..=10000"));
+        }
+        if let Some(hours) = self.time
+            && !(hours.is_finite() && hours > 0.0 && hours <= 8760.0)
+        {
+            return bad("time", format!("{hours} hours must be in (0, 8760]"));
+        }
         Ok(())
     }
 
@@ -390,6 +412,9 @@ mod tests {
         assert_eq!(config.lr, 0.1);
         assert_eq!(config.epochs, 5);
         assert_eq!(config.model, "resnet18");
+        assert_eq!((config.patience, config.time), (None, None));
+        let stopping = TrainConfig::from_json(&json!({"patience": 3, "time": 0.5})).unwrap();
+        assert_eq!((stopping.patience, stopping.time), (Some(3), Some(0.5)));
     }
 
     #[test]
@@ -415,6 +440,10 @@ mod tests {
                 "config.batch_size",
             ),
             (json!({"model": "yolo11n", "mosaic": 2.0}), "config.mosaic"),
+            (json!({"patience": 10_001}), "config.patience"),
+            (json!({"patience": -1}), "config.patience"),
+            (json!({"time": 0.0}), "config.time"),
+            (json!({"time": 9000.0}), "config.time"),
         ];
         for (value, field) in cases {
             match TrainConfig::from_json(&value) {

@@ -47,6 +47,10 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
     /// The final epoch's metrics.
     pub metrics: BTreeMap<String, f64>,
+    /// Why the run ended before its last epoch (`patience`, the `time`
+    /// limit), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// Progress inside an epoch, after one training step (for progress bars

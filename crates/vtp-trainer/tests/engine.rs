@@ -440,3 +440,93 @@ fn backward_step_with_shared_gradients_and_frozen_parameters() {
         );
     }
 }
+
+#[test]
+fn a_classifier_starts_from_its_init_weights() {
+    let _serial = serial();
+    let (dir, data) = dataset();
+    let (parent, _) = train(&spec(&data, &dir.path().join("parent"), config(4)));
+    let weights = parent.unwrap().checkpoint;
+    // A learning rate too small to learn anything in one epoch: what the
+    // first validation sees is where the run started.
+    let still = |init: Option<&Path>| {
+        let mut config = config(1);
+        config["lr"] = 1e-6.into();
+        if let Some(init) = init {
+            config["init_weights"] = init.to_str().unwrap().into();
+        }
+        config
+    };
+    let (_, cold) = train(&spec(&data, &dir.path().join("cold"), still(None)));
+    let (_, warm) = train(&spec(
+        &data,
+        &dir.path().join("warm"),
+        still(Some(&weights)),
+    ));
+    let (cold, warm) = (
+        cold[0].metrics["val_accuracy"],
+        warm[0].metrics["val_accuracy"],
+    );
+    assert!(warm >= 0.8, "started from the parent's weights: {warm}");
+    assert!(
+        warm > cold + 0.3,
+        "far above a random start: {warm} vs {cold}"
+    );
+
+    // Weights that are not safetensors, or of which nothing fits, are refused.
+    let text = dir.path().join("notes.safetensors");
+    std::fs::write(&text, b"not weights").unwrap();
+    let (refused, _) = train(&spec(&data, &dir.path().join("bad"), still(Some(&text))));
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput { field, .. }) if field == "config.init_weights"),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn patience_stops_a_plateaued_run_and_says_why() {
+    let _serial = serial();
+    let (dir, data) = dataset();
+    // Too small a learning rate to move: validation accuracy plateaus at once.
+    let mut plateau = config(8);
+    plateau["lr"] = 1e-9.into();
+    plateau["patience"] = 2.into();
+    let (summary, reports) = train(&spec(&data, &dir.path().join("p"), plateau));
+    let summary = summary.unwrap();
+    let reason = summary.stopped.expect("stopped early");
+    assert!(reports.len() < 8, "{} epochs", reports.len());
+    assert_eq!(summary.epochs as usize, reports.len());
+    assert!(reason.contains("patience 2"), "{reason}");
+    // The last epoch trained is two past the best one, which the sidecar keeps.
+    let last = Checkpoint::open(&dir.path().join("p/last.json")).unwrap();
+    let best_epoch = last.meta.best_epoch.unwrap();
+    assert_eq!(last.meta.epoch, best_epoch + 2);
+    let accuracies: Vec<f64> = reports.iter().map(|r| r.metrics["val_accuracy"]).collect();
+    let best = accuracies[best_epoch as usize - 1];
+    assert!(
+        accuracies[best_epoch as usize..].iter().all(|&a| a <= best),
+        "no better epoch after the best: {accuracies:?}"
+    );
+}
+
+#[test]
+fn the_time_limit_cuts_the_epoch_short_and_saves_it() {
+    let _serial = serial();
+    let (dir, data) = dataset();
+    let mut timed = config(5);
+    // A millisecond: out of time after the first step.
+    timed["time"] = (0.001 / 3600.0).into();
+    let out = dir.path().join("t");
+    let (summary, reports) = train(&spec(&data, &out, timed));
+    let summary = summary.unwrap();
+    let reason = summary.stopped.expect("stopped by the time limit");
+    assert!(reason.contains("time limit"), "{reason}");
+    assert_eq!(reports.len(), 1);
+    assert_eq!(summary.epochs, 1);
+    // The cut epoch is validated and saved like any other.
+    assert!(reports[0].metrics["val_accuracy"].is_finite());
+    assert_eq!(
+        Checkpoint::open(&out.join("last.json")).unwrap().meta.epoch,
+        1
+    );
+}

@@ -125,6 +125,7 @@ impl Trainer for CountingEngine {
             epochs,
             checkpoint: spec.output_dir.join("best.safetensors"),
             metrics,
+            stopped: None,
         })
     }
 }

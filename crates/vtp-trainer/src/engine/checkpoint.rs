@@ -59,6 +59,10 @@ pub struct CheckpointMeta {
     /// Detection: the best fitness so far (mAP50-95, as Ultralytics 8.4 weighs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_fitness: Option<f64>,
+    /// The epoch that reached the best fitness so far (for `patience`
+    /// across a resume); absent in sidecars written before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_epoch: Option<u32>,
     /// Detection: updates of the weights' moving average, for resume.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ema_updates: Option<i64>,
@@ -237,6 +241,7 @@ pub fn adopt_detector(dir: &Path, stem: &str, detector: ForeignDetector) -> Resu
         metrics: detector.metrics,
         best_val_accuracy: 0.0,
         best_fitness: detector.best_fitness,
+        best_epoch: None,
         ema_updates: None,
         sha256: sha256_file(&dir.join(&weights))?,
         weights,

@@ -1,9 +1,12 @@
 //! The libtorch training engine: [`TchTrainer`] trains an image classifier
-//! on an ImageFolder dataset and leaves safetensors checkpoints;
-//! [`Predictor`] classifies images with one.
+//! on an ImageFolder dataset, or a detector on a YOLO one, through one
+//! training loop (`learner`) over a per-task trait, and leaves safetensors
+//! checkpoints; [`Predictor`] predicts with one.
 
 pub mod checkpoint;
+mod classify;
 pub mod detect;
+mod learner;
 pub mod model;
 pub mod optim;
 pub mod predict;

@@ -859,7 +859,10 @@ impl TrainerService {
                     .ok_or_else(|| Error::internal("the checkpoint was not uploaded"))?;
                 Ok(TrainingUpdate::new(JobStatus::Completed)
                     .with_progress(1.0)
-                    .with_message(format!("done: {}", headline(&summary.metrics)))
+                    .with_message(match &summary.stopped {
+                        Some(reason) => format!("done: {}; {reason}", headline(&summary.metrics)),
+                        None => format!("done: {}", headline(&summary.metrics)),
+                    })
                     .with_checkpoint(uri))
             }
             // Interrupted: the sets stored after each epoch are what the next

@@ -1,15 +1,15 @@
-//! The detection training loop: the Ultralytics recipe (mosaic closed for
-//! the last epochs, warm-up of learning rates, momentum and gradient
-//! accumulation, linear learning-rate decay, gradient clipping, an EMA of
-//! the weights that is what gets evaluated and saved), on VTP's engine.
+//! Detection as a [`Task`] of the one loop, with the Ultralytics recipe:
+//! mosaic closed for the last epochs, warm-up of learning rates, momentum
+//! and gradient accumulation, linear learning-rate decay, gradient
+//! clipping, and an EMA of the weights that is what gets evaluated and
+//! saved.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::time::Instant;
+use std::path::PathBuf;
 
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
-use vtp_core::{EpochReport, Error, ProgressSink, Result, Task, TrainSpec, TrainSummary};
+use vtp_core::{Error, Result, TrainSpec};
 
 use super::loss::{DetectionLoss, LossGains, LossParts};
 use super::metrics::{DetectionMetrics, GroundTruth, MapEvaluator};
@@ -18,9 +18,12 @@ use super::nms::{NmsConfig, non_max_suppression};
 use crate::data::detect_loader::{DetectBatch, DetectLoader, DetectLoaderConfig};
 use crate::data::yolo::YoloDataset;
 use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::engine::learner::{
+    Decay, Evaluation, Recipe, Record, Setup, StepLoss, Task, TrainData, Warmup, init_weights,
+    load_matching, seeded_init,
+};
 use crate::engine::optim::{Optimizer, ParamGroup};
 use crate::engine::torch_err;
-use crate::engine::trainer::{StepProgress, Waited, close_epoch, seeded_init, summary};
 use vtp_core::{OptimizerKind, TrainConfig};
 
 /// Ultralytics clips the gradient norm at 10 before every optimizer step.
@@ -66,28 +69,6 @@ impl Ema {
     }
 }
 
-/// Copies every tensor of `named` whose name and shape match a variable of
-/// `vs`; returns how many did. This is how pretrained weights with another
-/// class count start a run: everything but the class head transfers.
-fn load_matching(vs: &VarStore, named: &[(String, Tensor)]) -> Result<usize> {
-    let vars = vs.variables();
-    let mut loaded = 0;
-    tch::no_grad(|| -> Result<()> {
-        for (name, tensor) in named {
-            if let Some(var) = vars.get(name)
-                && var.size() == tensor.size()
-            {
-                var.shallow_clone()
-                    .f_copy_(&tensor.to_kind(var.kind()).to_device(var.device()))
-                    .map_err(torch_err)?;
-                loaded += 1;
-            }
-        }
-        Ok(())
-    })?;
-    Ok(loaded)
-}
-
 /// The parameter group of a YOLO parameter, as Ultralytics groups them:
 /// biases, normalisation weights, and the decayed rest.
 fn group_of(name: &str, _: &Tensor) -> ParamGroup {
@@ -98,18 +79,6 @@ fn group_of(name: &str, _: &Tensor) -> ParamGroup {
     } else {
         ParamGroup::Weights
     }
-}
-
-/// Linear decay from 1 to `lrf` over the run (Ultralytics' default `lf`).
-fn lr_factor(epoch0: u32, epochs: u32, lrf: f64) -> f64 {
-    (1.0 - f64::from(epoch0) / f64::from(epochs)).max(0.0) * (1.0 - lrf) + lrf
-}
-
-fn interp(x: f64, x1: f64, y0: f64, y1: f64) -> f64 {
-    if x1 <= 0.0 {
-        return y1;
-    }
-    y0 + (y1 - y0) * (x / x1).clamp(0.0, 1.0)
 }
 
 /// The optimizer, learning rate and momentum `auto` stands for: AdamW
@@ -136,66 +105,22 @@ fn resolve_optimizer(
     }
 }
 
-struct Run<'a> {
+/// A detector in training: the model, its moving average, the loss, and the
+/// validation data.
+pub(crate) struct Detect {
     config: TrainConfig,
     variant: YoloVariant,
     names: Vec<String>,
-    output: &'a Path,
+    output: PathBuf,
     device: Device,
     vs: VarStore,
     model: DetectionModel,
     ema: Ema,
-    optimizer: Optimizer,
     loss: DetectionLoss,
-    history: Vec<BTreeMap<String, f64>>,
-    best_fitness: f64,
+    val: DetectLoader,
 }
 
-impl Run<'_> {
-    fn meta(&self, epoch: u32) -> CheckpointMeta {
-        CheckpointMeta {
-            format: checkpoint::FORMAT.into(),
-            task: Task::Detect,
-            model: self.variant.name().to_owned(),
-            class_names: self.names.clone(),
-            image_size: self.config.image_size,
-            // YOLO takes RGB scaled to 0..1, without per-channel normalisation.
-            mean: [0.0; 3],
-            std: [1.0; 3],
-            stride: Some(32),
-            config: self.config.clone(),
-            epoch,
-            metrics: self.history.last().cloned().unwrap_or_default(),
-            history: self.history.clone(),
-            best_val_accuracy: 0.0,
-            best_fitness: Some(self.best_fitness.max(0.0)),
-            ema_updates: Some(self.ema.updates),
-            weights: String::new(),
-            sha256: String::new(),
-            optimizer: None,
-            optimizer_sha256: None,
-        }
-    }
-
-    /// Saves `stem`: the EMA weights (what users load), and beside them
-    /// the optimizer state and the raw weights, for resume.
-    fn save(&self, stem: &str, epoch: u32) -> Result<CheckpointMeta> {
-        let raw: Vec<(String, Tensor)> = self
-            .vs
-            .variables()
-            .into_iter()
-            .map(|(name, t)| (format!("{TRAIN_WEIGHTS}{name}"), t.to_device(Device::Cpu)))
-            .collect();
-        checkpoint::save_with(
-            self.output,
-            stem,
-            &self.ema.vs,
-            Some(&self.optimizer),
-            raw,
-            self.meta(epoch),
-        )
-    }
-
+impl Detect {
     fn tensors(&self, batch: &DetectBatch) -> Result<(Tensor, Tensor)> {
         let s = i64::from(self.config.image_size);
         let n = batch.shapes.len() as i64;
@@ -214,7 +139,7 @@ impl Run<'_> {
     }
 
     /// Validation with the EMA weights: the val losses and COCO metrics.
-    fn evaluate(&self, val: &DetectLoader, epoch: u32) -> Result<(LossParts, DetectionMetrics)> {
+    fn validate(&self, epoch: u32) -> Result<(LossParts, DetectionMetrics)> {
         let size = self.config.image_size as f32;
         let nms = NmsConfig {
             conf: self.config.conf as f32,
@@ -227,7 +152,7 @@ impl Run<'_> {
         let mut sums = [0.0f64; 3];
         let mut batches = 0usize;
         tch::no_grad(|| -> Result<()> {
-            for batch in val.epoch(self.config.seed, epoch, false, false) {
+            for batch in self.val.epoch(self.config.seed, epoch, false, false) {
                 let (xs, targets) = self.tensors(&batch)?;
                 let raw = self.ema.model.forward_t(&xs, false);
                 let (_, parts) = self.loss.compute(&raw, &targets);
@@ -276,14 +201,136 @@ impl Run<'_> {
     }
 }
 
-/// Trains the YOLO detector `config` names on the YOLO dataset of `spec`.
-pub(crate) fn run(
-    on_step: &mut Option<Box<dyn FnMut(StepProgress) + Send>>,
-    spec: &TrainSpec,
-    config: TrainConfig,
-    progress: &mut dyn ProgressSink,
-    cancelled: &(dyn Fn() -> bool + Sync),
-) -> Result<TrainSummary> {
+impl Task for Detect {
+    type Batch = DetectBatch;
+    const TASK: vtp_core::Task = vtp_core::Task::Detect;
+
+    fn batch_len(batch: &DetectBatch) -> usize {
+        batch.shapes.len()
+    }
+
+    fn identity(&self) -> (&str, &[String]) {
+        (self.variant.name(), &self.names)
+    }
+
+    fn loss(&mut self, batch: &DetectBatch) -> Result<StepLoss> {
+        let (xs, targets) = self.tensors(batch)?;
+        let raw = self.model.forward_t(&xs, true);
+        let (loss, parts) = self.loss.compute(&raw, &targets);
+        Ok(StepLoss {
+            loss,
+            parts: vec![
+                ("box_loss", parts.box_loss),
+                ("cls_loss", parts.cls_loss),
+                ("dfl_loss", parts.dfl_loss),
+            ],
+        })
+    }
+
+    fn stepped(&mut self) -> Result<()> {
+        self.ema.update(&self.vs)
+    }
+
+    fn evaluate(&self, epoch: u32) -> Result<Evaluation> {
+        let (val, metrics) = self.validate(epoch)?;
+        let fitness = metrics.fitness();
+        Ok(Evaluation {
+            metrics: BTreeMap::from([
+                (
+                    "val_loss".to_owned(),
+                    val.box_loss + val.cls_loss + val.dfl_loss,
+                ),
+                ("val_box_loss".to_owned(), val.box_loss),
+                ("val_cls_loss".to_owned(), val.cls_loss),
+                ("val_dfl_loss".to_owned(), val.dfl_loss),
+                ("precision".to_owned(), metrics.precision),
+                ("recall".to_owned(), metrics.recall),
+                ("map50".to_owned(), metrics.map50),
+                ("map".to_owned(), metrics.map),
+                ("fitness".to_owned(), fitness),
+            ]),
+            fitness,
+        })
+    }
+
+    /// Saves `stem`: the EMA weights (what users load), and beside them
+    /// the optimizer state and the raw weights, for resume.
+    fn save(&self, stem: &str, record: &Record<'_>) -> Result<CheckpointMeta> {
+        let raw: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (format!("{TRAIN_WEIGHTS}{name}"), t.to_device(Device::Cpu)))
+            .collect();
+        let meta = CheckpointMeta {
+            // YOLO takes RGB scaled to 0..1, without per-channel normalisation.
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            stride: Some(32),
+            best_fitness: Some(record.best.max(0.0)),
+            ema_updates: Some(self.ema.updates),
+            ..record.meta(Self::TASK, self.variant.name(), &self.names)
+        };
+        checkpoint::save_with(
+            &self.output,
+            stem,
+            &self.ema.vs,
+            Some(record.optimizer),
+            raw,
+            meta,
+        )
+    }
+
+    fn resume(&mut self, checkpoint: &Checkpoint, optimizer: &mut Optimizer) -> Result<()> {
+        checkpoint.load_weights(&mut self.ema.vs)?;
+        let state = checkpoint.training_state()?;
+        let raw: Vec<(String, Tensor)> = state
+            .iter()
+            .filter_map(|(n, t)| {
+                n.strip_prefix(TRAIN_WEIGHTS)
+                    .map(|n| (n.to_owned(), t.shallow_clone()))
+            })
+            .collect();
+        let expected = self.vs.variables().len();
+        if load_matching(&self.vs, &raw)? != expected {
+            return Err(Error::invalid(
+                "checkpoint",
+                "the last checkpoint's training state lacks the raw weights; cannot resume",
+            ));
+        }
+        optimizer.load_state(&state)?;
+        self.ema.updates = checkpoint.meta.ema_updates.unwrap_or_default();
+        Ok(())
+    }
+}
+
+/// The training half of the detector's data: mosaics until the last
+/// `close_mosaic` epochs.
+struct Train {
+    loader: DetectLoader,
+    seed: u64,
+    mosaic: f64,
+    close_mosaic: u32,
+}
+
+impl TrainData<DetectBatch> for Train {
+    fn batches(&self) -> usize {
+        self.loader.batches()
+    }
+
+    fn epoch(&self, epoch: u32, epochs: u32) -> Box<dyn Iterator<Item = DetectBatch> + '_> {
+        let mosaic = self.mosaic > 0.0 && epoch - 1 + self.close_mosaic < epochs;
+        Box::new(self.loader.epoch(self.seed, epoch, true, mosaic))
+    }
+}
+
+/// The YOLO detector `config` names, on the YOLO dataset of `spec`, ready
+/// to train.
+///
+/// # Errors
+/// An unknown model; CUDA asked for and absent; a dataset that cannot be
+/// read or has too many corrupt images; initial weights that do not fit.
+pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Detect>> {
     let variant = config.model.parse::<YoloVariant>()?;
     let device = crate::engine::select_device(&config.device)?;
     tch::set_num_threads(i32::try_from(config.effective_threads()).unwrap_or(1));
@@ -337,32 +384,9 @@ pub(crate) fn run(
         model: ema.1,
         updates: 0,
     };
-    let init_weights = spec
-        .init_weights
-        .clone()
-        .or_else(|| config.init_weights.as_ref().map(std::path::PathBuf::from));
-    if let Some(path) = &init_weights {
-        let named = Tensor::read_safetensors(path).map_err(|e| {
-            Error::invalid(
-                "config.init_weights",
-                format!("cannot read {} as safetensors: {e}", path.display()),
-            )
-        })?;
-        let loaded = load_matching(&vs, &named)?;
-        if loaded == 0 {
-            return Err(Error::invalid(
-                "config.init_weights",
-                format!(
-                    "no tensor of {} fits {variant}: is it a {variant} state_dict?",
-                    path.display()
-                ),
-            ));
-        }
-        tracing::info!(job_id = %spec.job_id, loaded, of = vs.variables().len(), "initial weights loaded");
-    }
+    init_weights(spec, &config, &vs, variant.name())?;
     ema.vs.copy(&vs).map_err(torch_err)?;
-    let ema_copied = ema.vs.variables();
-    for (_, t) in ema_copied {
+    for (_, t) in ema.vs.variables() {
         let _ = t.set_requires_grad(false);
     }
 
@@ -395,209 +419,41 @@ pub(crate) fn run(
             dfl: config.dfl,
         },
     );
-    let mut run = Run {
+    Ok(Setup {
+        recipe: Recipe {
+            lr0,
+            momentum,
+            decay: Decay::Linear { lrf: config.lrf },
+            warmup: Some(Warmup {
+                epochs: config.warmup_epochs,
+                bias_lr: warmup_bias_lr,
+                momentum: config.warmup_momentum,
+            }),
+            accumulate,
+            max_grad_norm: Some(MAX_GRAD_NORM),
+        },
+        train: Box::new(Train {
+            loader: train,
+            seed: config.seed,
+            mosaic: config.mosaic,
+            close_mosaic: config.close_mosaic,
+        }),
+        task: Detect {
+            variant,
+            names: data.names,
+            output: spec.output_dir.clone(),
+            device,
+            vs,
+            model,
+            ema,
+            loss,
+            val,
+            config: config.clone(),
+        },
         config,
-        variant,
-        names: data.names,
-        output: &spec.output_dir,
-        device,
-        vs,
-        model,
-        ema,
         optimizer,
-        loss,
-        history: Vec::new(),
-        best_fitness: f64::NEG_INFINITY,
-    };
-
-    let mut start = 1;
-    let last = spec.output_dir.join("last.json");
-    if run.config.resume && last.is_file() {
-        let checkpoint = Checkpoint::open(&last)?;
-        if checkpoint.meta.task != Task::Detect
-            || checkpoint.meta.model != variant.name()
-            || checkpoint.meta.class_names != run.names
-        {
-            return Err(Error::invalid(
-                "checkpoint",
-                "the last checkpoint in the output directory is of another model or class set",
-            ));
-        }
-        checkpoint.load_weights(&mut run.ema.vs)?;
-        let state = checkpoint.training_state()?;
-        let raw: Vec<(String, Tensor)> = state
-            .iter()
-            .filter_map(|(n, t)| {
-                n.strip_prefix(TRAIN_WEIGHTS)
-                    .map(|n| (n.to_owned(), t.shallow_clone()))
-            })
-            .collect();
-        let expected = run.vs.variables().len();
-        if load_matching(&run.vs, &raw)? != expected {
-            return Err(Error::invalid(
-                "checkpoint",
-                "the last checkpoint's training state lacks the raw weights; cannot resume",
-            ));
-        }
-        run.optimizer.load_state(&state)?;
-        run.ema.updates = checkpoint.meta.ema_updates.unwrap_or_default();
-        run.history = checkpoint.meta.history.clone();
-        run.best_fitness = checkpoint.meta.best_fitness.unwrap_or(f64::NEG_INFINITY);
-        start = checkpoint.meta.epoch + 1;
-        tracing::info!(job_id = %spec.job_id, epoch = start, "resuming from the last checkpoint");
-    }
-
-    let epochs = run.config.epochs;
-    // Warm-up leaves at least the final epoch for regular training.
-    let warmup_epochs = run
-        .config
-        .warmup_epochs
-        .min(f64::from(epochs.saturating_sub(1)));
-    let nw = (warmup_epochs * nb as f64).round() as usize;
-    let groups = [ParamGroup::Bias, ParamGroup::Weights, ParamGroup::Norm];
-    // Gradients accumulate across batches (and, as in Ultralytics, across
-    // an epoch's end) until `step_accumulate` batches have passed. A resumed
-    // run starts a fresh accumulation, as Ultralytics' resume does.
-    let mut last_opt_step: i64 = -1;
-    for epoch in start..=epochs {
-        let e0 = epoch - 1;
-        // The schedule steps at the start of each epoch, as Ultralytics'
-        // LambdaLR does; warm-up overrides it inside its window.
-        for group in groups {
-            run.optimizer
-                .set_group_lr(group, lr0 * lr_factor(e0, epochs, run.config.lrf));
-        }
-        let mosaic = run.config.mosaic > 0.0 && e0 + run.config.close_mosaic < epochs;
-        let started = Instant::now();
-        let (mut sums, mut seen, mut steps_done) = ([0.0f64; 3], 0usize, 0usize);
-        let mut step_accumulate = accumulate;
-        let mut data_wait = std::time::Duration::ZERO;
-        let batches = Waited {
-            inner: train.epoch(run.config.seed, epoch, true, mosaic),
-            waited: &mut data_wait,
-        };
-        for (i, batch) in batches.enumerate() {
-            if cancelled() {
-                run.save("last", epoch - 1)?;
-                return Err(Error::Cancelled {
-                    reason: format!("cancelled at epoch {epoch}, step {i}"),
-                });
-            }
-            let n = batch.shapes.len();
-            // BatchNorm cannot train on one image whose last feature map is
-            // 1x1; a lone leftover is dropped (batch_size is at least 2).
-            if n < 2 {
-                continue;
-            }
-            let ni = i + nb * e0 as usize;
-            if nw > 0 && ni <= nw {
-                let x = ni as f64;
-                step_accumulate = interp(x, nw as f64, 1.0, accumulate as f64)
-                    .round_ties_even()
-                    .max(1.0) as usize;
-                for group in groups {
-                    let start = if group == ParamGroup::Bias {
-                        warmup_bias_lr
-                    } else {
-                        0.0
-                    };
-                    let target = lr0 * lr_factor(e0, epochs, run.config.lrf);
-                    run.optimizer
-                        .set_group_lr(group, interp(x, nw as f64, start, target));
-                }
-                run.optimizer.set_momentum(interp(
-                    x,
-                    nw as f64,
-                    run.config.warmup_momentum,
-                    momentum,
-                ));
-            }
-            let (xs, targets) = run.tensors(&batch)?;
-            let raw = run.model.forward_t(&xs, true);
-            let (loss, parts) = run.loss.compute(&raw, &targets);
-            let total = parts.box_loss + parts.cls_loss + parts.dfl_loss;
-            if !total.is_finite() {
-                return Err(Error::invalid(
-                    "config.lr",
-                    format!(
-                        "training diverged (loss {total}) at epoch {epoch}, step {i}; try a lower learning rate or other initial weights"
-                    ),
-                ));
-            }
-            run.optimizer.accumulate(&loss)?;
-            if ni as i64 - last_opt_step >= step_accumulate as i64 {
-                run.optimizer.step_accumulated(Some(MAX_GRAD_NORM))?;
-                run.ema.update(&run.vs)?;
-                last_opt_step = ni as i64;
-            }
-            sums[0] += parts.box_loss;
-            sums[1] += parts.cls_loss;
-            sums[2] += parts.dfl_loss;
-            steps_done += 1;
-            seen += n;
-            let step_progress = StepProgress {
-                epoch,
-                epochs,
-                step: i + 1,
-                steps: nb,
-                loss: (sums[0] + sums[1] + sums[2]) / steps_done as f64,
-            };
-            progress.step_finished(&step_progress);
-            if let Some(on_step) = on_step.as_mut() {
-                on_step(step_progress);
-            }
-        }
-        let train_seconds = started.elapsed().as_secs_f64();
-        let (val_parts, metrics) = run.evaluate(&val, epoch)?;
-        let epoch_seconds = started.elapsed().as_secs_f64();
-        let steps = steps_done.max(1) as f64;
-        let fitness = metrics.fitness();
-        let report = BTreeMap::from([
-            ("epoch".to_owned(), f64::from(epoch)),
-            ("loss".to_owned(), (sums[0] + sums[1] + sums[2]) / steps),
-            ("box_loss".to_owned(), sums[0] / steps),
-            ("cls_loss".to_owned(), sums[1] / steps),
-            ("dfl_loss".to_owned(), sums[2] / steps),
-            (
-                "val_loss".to_owned(),
-                val_parts.box_loss + val_parts.cls_loss + val_parts.dfl_loss,
-            ),
-            ("val_box_loss".to_owned(), val_parts.box_loss),
-            ("val_cls_loss".to_owned(), val_parts.cls_loss),
-            ("val_dfl_loss".to_owned(), val_parts.dfl_loss),
-            ("precision".to_owned(), metrics.precision),
-            ("recall".to_owned(), metrics.recall),
-            ("map50".to_owned(), metrics.map50),
-            ("map".to_owned(), metrics.map),
-            ("fitness".to_owned(), fitness),
-            ("lr".to_owned(), run.optimizer.group_lr(ParamGroup::Weights)),
-            ("epoch_seconds".to_owned(), epoch_seconds),
-            (
-                "images_per_second".to_owned(),
-                seen as f64 / train_seconds.max(1e-9),
-            ),
-            ("skipped_images".to_owned(), skipped as f64),
-            ("data_wait_seconds".to_owned(), data_wait.as_secs_f64()),
-        ]);
-        run.history.push(report.clone());
-        let improved = fitness > run.best_fitness;
-        if improved {
-            run.best_fitness = fitness;
-        }
-        let last = run.save("last", epoch)?;
-        close_epoch(
-            run.output,
-            &last,
-            improved,
-            progress,
-            &EpochReport {
-                epoch,
-                epochs,
-                metrics: report,
-            },
-        )?;
-    }
-    Ok(summary(&spec.output_dir, epochs, &run.history))
+        skipped,
+    })
 }
 
 #[cfg(test)]
@@ -606,15 +462,8 @@ mod tests {
     use tch::Kind;
 
     #[test]
-    fn the_schedule_decays_linearly_to_lrf() {
-        assert!((lr_factor(0, 10, 0.01) - 1.0).abs() < 1e-12);
-        assert!((lr_factor(10, 10, 0.01) - 0.01).abs() < 1e-12);
-        assert!((lr_factor(5, 10, 0.01) - 0.505).abs() < 1e-12);
-    }
-
-    #[test]
     fn auto_picks_adamw_with_a_fitted_rate_for_short_runs() {
-        let config = TrainConfig::defaults_for(Task::Detect);
+        let config = TrainConfig::defaults_for(vtp_core::Task::Detect);
         let (kind, lr, momentum) = resolve_optimizer(&config, 1000, 10);
         assert_eq!(kind, OptimizerKind::Adamw);
         assert!((lr - 0.000714).abs() < 1e-12, "{lr}");

@@ -36,6 +36,34 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// Settings only detectors read: a classifier's config that names one is
+/// refused rather than silently ignored.
+const DETECTION_ONLY: &[&str] = &[
+    "mosaic",
+    "close_mosaic",
+    "translate",
+    "scale",
+    "fliplr",
+    "hsv_h",
+    "hsv_s",
+    "hsv_v",
+    "warmup_epochs",
+    "warmup_momentum",
+    "warmup_bias_lr",
+    "lrf",
+    "nbs",
+    "box",
+    "cls",
+    "dfl",
+    "conf",
+    "iou",
+    "max_det",
+];
+
+/// Settings only classifiers read (a YOLO dataset has its own splits and
+/// its flip is `fliplr`).
+const CLASSIFICATION_ONLY: &[&str] = &["val_split", "random_crop", "hflip"];
+
 /// The hyperparameters of one training run. Unknown keys are refused, so a
 /// typo is an error rather than a silently ignored setting.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -215,6 +243,22 @@ impl TrainConfig {
             Some(model) => find_model("config.model", model)?.task,
             None => Task::Classify,
         };
+        if let Some(given) = value.as_object() {
+            let (unread, reader) = match task {
+                Task::Classify => (DETECTION_ONLY, "detectors"),
+                _ => (CLASSIFICATION_ONLY, "classifiers"),
+            };
+            if let Some(key) = given.keys().find(|key| unread.contains(&key.as_str())) {
+                let model = value.get("model").and_then(serde_json::Value::as_str);
+                return Err(Error::invalid(
+                    format!("config.{key}"),
+                    format!(
+                        "only {reader} read `{key}`; {} is a {task} model and would ignore it",
+                        model.unwrap_or("the default model")
+                    ),
+                ));
+            }
+        }
         let mut merged = serde_json::to_value(TrainConfig::defaults_for(task))
             .map_err(|e| Error::internal(e.to_string()))?;
         if let (Some(base), Some(given)) = (merged.as_object_mut(), value.as_object()) {
@@ -444,6 +488,10 @@ mod tests {
             (json!({"patience": -1}), "config.patience"),
             (json!({"time": 0.0}), "config.time"),
             (json!({"time": 9000.0}), "config.time"),
+            // A key the model's task does not read.
+            (json!({"model": "resnet18", "mosaic": 0.5}), "config.mosaic"),
+            (json!({"lrf": 0.1}), "config.lrf"),
+            (json!({"model": "yolo11n", "hflip": true}), "config.hflip"),
         ];
         for (value, field) in cases {
             match TrainConfig::from_json(&value) {

@@ -530,3 +530,76 @@ fn the_time_limit_cuts_the_epoch_short_and_saves_it() {
         1
     );
 }
+
+/// A torchvision `state_dict` (random weights, from torchvision on PyPI)
+/// saved as safetensors starts a VTP ResNet or MobileNetV2 strict: every
+/// tensor of ours loads, and the sidecar says so.
+#[test]
+fn a_torchvision_state_dict_loads_strict() {
+    let _serial = serial();
+    let (dir, data) = dataset();
+    let python = std::env::var("VIRTUAL_ENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/torchvision_weights.py");
+    for (model, first) in [
+        ("resnet18", "conv1.weight"),
+        ("mobilenet_v2", "features.0.0.weight"),
+    ] {
+        let weights = dir.path().join(format!("{model}.safetensors"));
+        let output = match std::process::Command::new(&python)
+            .arg(&script)
+            .arg(&weights)
+            .arg(model)
+            .arg("3")
+            .output()
+        {
+            Ok(output) => output,
+            Err(e) if std::env::var("VTP_REQUIRE_SERVICES").is_err() => {
+                eprintln!("SKIPPED: {python} not runnable ({e}); run scripts/test.sh");
+                return;
+            }
+            Err(e) => panic!("{python}: {e}"),
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        if !output.status.success()
+            && stderr.contains("No module named")
+            && std::env::var("VTP_REQUIRE_SERVICES").is_err()
+        {
+            eprintln!("SKIPPED: torchvision is not installed for {python}; run scripts/test.sh");
+            return;
+        }
+        assert!(output.status.success(), "{stderr}");
+
+        let out = dir.path().join(model);
+        let config = serde_json::json!({"model": model, "epochs": 1, "batch_size": 16, "lr": 1e-9,
+            "image_size": 32, "threads": 2, "workers": 1, "seed": 7,
+            "init_weights": weights.to_str().unwrap()});
+        let (summary, _) = train(&spec(&data, &out, config));
+        summary.unwrap();
+        let meta = Checkpoint::open(&out.join("last.json")).unwrap().meta;
+        let report = meta.init_weights.expect("the sidecar reports the load");
+        assert!(report.strict(), "{model}: {report:?}");
+        assert_eq!(report.loaded, report.of, "{model}: {report:?}");
+        assert!(
+            report
+                .unexpected
+                .iter()
+                .all(|name| name.ends_with("num_batches_tracked")),
+            "{model}: only PyTorch's counters have no place: {report:?}"
+        );
+        // The weights trained from are torchvision's (a learning rate of
+        // 1e-9 moves nothing).
+        let theirs = tch::Tensor::read_safetensors(&weights).unwrap();
+        let ours = tch::Tensor::read_safetensors(out.join("last.safetensors")).unwrap();
+        let find = |named: &[(String, tch::Tensor)]| {
+            named
+                .iter()
+                .find(|(name, _)| name == first)
+                .map(|(_, t)| t.shallow_clone())
+                .unwrap()
+        };
+        let gap = (find(&theirs) - find(&ours)).abs().max().double_value(&[]);
+        assert!(gap < 1e-5, "{model}: {first} moved by {gap}");
+    }
+}

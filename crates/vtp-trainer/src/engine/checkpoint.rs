@@ -59,6 +59,10 @@ pub struct CheckpointMeta {
     /// Detection: the best fitness so far (mAP50-95, as Ultralytics 8.4 weighs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_fitness: Option<f64>,
+    /// What the run's initial weights (`config.init_weights`) loaded, when
+    /// it had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_weights: Option<InitReport>,
     /// The epoch that reached the best fitness so far (for `patience`
     /// across a resume); absent in sidecars written before it was kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +78,34 @@ pub struct CheckpointMeta {
     pub optimizer: Option<String>,
     /// sha256 of the optimizer file, hex.
     pub optimizer_sha256: Option<String>,
+}
+
+/// How initial weights loaded: every tensor of the model whose name and
+/// shape a tensor of the file matched was copied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitReport {
+    /// The file, as the job named it.
+    pub path: String,
+    /// Tensors of the model loaded from the file.
+    pub loaded: usize,
+    /// Tensors of the model.
+    pub of: usize,
+    /// The model's tensors the file lacks (they keep their random start).
+    pub missing: Vec<String>,
+    /// Tensors of both whose shapes differ (a class head of another class
+    /// count); they keep their random start.
+    pub mismatched: Vec<String>,
+    /// The file's tensors the model has no place for (PyTorch's
+    /// `num_batches_tracked` counters, which libtorch models lack).
+    pub unexpected: Vec<String>,
+}
+
+impl InitReport {
+    /// Whether every tensor of the model loaded (PyTorch's `strict` load,
+    /// but for tensors the model has no place for).
+    pub fn strict(&self) -> bool {
+        self.missing.is_empty() && self.mismatched.is_empty()
+    }
 }
 
 fn classify() -> Task {
@@ -242,6 +274,7 @@ pub fn adopt_detector(dir: &Path, stem: &str, detector: ForeignDetector) -> Resu
         best_val_accuracy: 0.0,
         best_fitness: detector.best_fitness,
         best_epoch: None,
+        init_weights: None,
         ema_updates: None,
         sha256: sha256_file(&dir.join(&weights))?,
         weights,

@@ -198,7 +198,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Class
         let model = kind.build(&vs.root(), data.classes.len() as i64);
         (vs, model)
     });
-    init_weights(spec, &config, &vs, kind.name())?;
+    let init = init_weights(spec, &config, &vs, kind.name())?;
     let params: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
@@ -236,5 +236,6 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Class
         config,
         optimizer,
         skipped,
+        init,
     })
 }

@@ -16,7 +16,7 @@ use tch::Tensor;
 use tch::nn::VarStore;
 use vtp_core::{EpochReport, Error, ProgressSink, Result, TrainConfig, TrainSpec, TrainSummary};
 
-use super::checkpoint::{self, Checkpoint, CheckpointMeta};
+use super::checkpoint::{self, Checkpoint, CheckpointMeta, InitReport};
 use super::optim::{Optimizer, ParamGroup};
 use super::torch_err;
 
@@ -109,6 +109,7 @@ pub(crate) struct Record<'a> {
     pub(crate) best: f64,
     /// The epoch that reached `best`.
     pub(crate) best_epoch: Option<u32>,
+    pub(crate) init: Option<&'a InitReport>,
     pub(crate) optimizer: &'a Optimizer,
 }
 
@@ -136,6 +137,7 @@ impl Record<'_> {
             best_val_accuracy: 0.0,
             best_fitness: None,
             best_epoch: self.best_epoch,
+            init_weights: self.init.cloned(),
             ema_updates: None,
             weights: String::new(),
             sha256: String::new(),
@@ -215,6 +217,8 @@ pub(crate) struct Setup<T: Task> {
     pub(crate) recipe: Recipe,
     /// Images the loaders skipped as corrupt.
     pub(crate) skipped: usize,
+    /// How the initial weights loaded, if the job named any.
+    pub(crate) init: Option<InitReport>,
 }
 
 /// Serialises seeding and weight initialisation across threads.
@@ -234,32 +238,54 @@ pub(crate) fn seeded_init<T>(seed: u64, init: impl FnOnce() -> T) -> T {
 }
 
 /// Copies every tensor of `named` whose name and shape match a variable of
-/// `vs`; returns how many did. This is how initial weights with another
+/// `vs`, and says which did not. This is how initial weights with another
 /// class count start a run: everything but the class head transfers.
 ///
 /// # Errors
 /// libtorch failures.
-pub(crate) fn load_matching(vs: &VarStore, named: &[(String, Tensor)]) -> Result<usize> {
+pub(crate) fn load_matching(vs: &VarStore, named: &[(String, Tensor)]) -> Result<InitReport> {
     let vars = vs.variables();
-    let mut loaded = 0;
+    let mut report = InitReport {
+        of: vars.len(),
+        ..InitReport::default()
+    };
+    let mut seen = std::collections::HashSet::new();
     tch::no_grad(|| -> Result<()> {
         for (name, tensor) in named {
-            if let Some(var) = vars.get(name)
-                && var.size() == tensor.size()
-            {
-                var.shallow_clone()
-                    .f_copy_(&tensor.to_kind(var.kind()).to_device(var.device()))
-                    .map_err(torch_err)?;
-                loaded += 1;
+            let Some(var) = vars.get(name) else {
+                report.unexpected.push(name.clone());
+                continue;
+            };
+            seen.insert(name.as_str());
+            if var.size() != tensor.size() {
+                report.mismatched.push(name.clone());
+                continue;
             }
+            var.shallow_clone()
+                .f_copy_(&tensor.to_kind(var.kind()).to_device(var.device()))
+                .map_err(torch_err)?;
+            report.loaded += 1;
         }
         Ok(())
     })?;
-    Ok(loaded)
+    report.missing = vars
+        .keys()
+        .filter(|name| !seen.contains(name.as_str()))
+        .cloned()
+        .collect();
+    for names in [
+        &mut report.missing,
+        &mut report.mismatched,
+        &mut report.unexpected,
+    ] {
+        names.sort();
+    }
+    Ok(report)
 }
 
 /// Loads the initial weights the job names (`spec.init_weights`, else
-/// `config.init_weights`) into `vs`, every tensor whose name and shape fit.
+/// `config.init_weights`) into `vs`, every tensor whose name and shape fit;
+/// what loaded, for the sidecar.
 ///
 /// # Errors
 /// [`Error::InvalidInput`] for a file that is not safetensors or of which no
@@ -269,13 +295,13 @@ pub(crate) fn init_weights(
     config: &TrainConfig,
     vs: &VarStore,
     model: &str,
-) -> Result<()> {
+) -> Result<Option<InitReport>> {
     let path = spec
         .init_weights
         .clone()
         .or_else(|| config.init_weights.as_ref().map(std::path::PathBuf::from));
     let Some(path) = path else {
-        return Ok(());
+        return Ok(None);
     };
     let named = Tensor::read_safetensors(&path).map_err(|e| {
         Error::invalid(
@@ -283,8 +309,8 @@ pub(crate) fn init_weights(
             format!("cannot read {} as safetensors: {e}", path.display()),
         )
     })?;
-    let loaded = load_matching(vs, &named)?;
-    if loaded == 0 {
+    let mut report = load_matching(vs, &named)?;
+    if report.loaded == 0 {
         return Err(Error::invalid(
             "config.init_weights",
             format!(
@@ -293,8 +319,12 @@ pub(crate) fn init_weights(
             ),
         ));
     }
-    tracing::info!(job_id = %spec.job_id, loaded, of = vs.variables().len(), "initial weights loaded");
-    Ok(())
+    tracing::info!(job_id = %spec.job_id, loaded = report.loaded, of = report.of, strict = report.strict(), "initial weights loaded");
+    report.path = config
+        .init_weights
+        .clone()
+        .unwrap_or_else(|| path.display().to_string());
+    Ok(Some(report))
 }
 
 /// An iterator that adds the time its `next` takes, the training loop's
@@ -331,6 +361,7 @@ struct Fit<T: Task> {
     history: Vec<BTreeMap<String, f64>>,
     best: f64,
     best_epoch: Option<u32>,
+    init: Option<InitReport>,
 }
 
 impl<T: Task> Fit<T> {
@@ -343,6 +374,7 @@ impl<T: Task> Fit<T> {
                 history: &self.history,
                 best: self.best,
                 best_epoch: self.best_epoch,
+                init: self.init.as_ref(),
                 optimizer: &self.optimizer,
             },
         )
@@ -403,6 +435,7 @@ pub(crate) fn fit<T: Task>(
         optimizer,
         recipe,
         skipped,
+        init,
     } = setup;
     let mut run = Fit {
         task,
@@ -411,6 +444,7 @@ pub(crate) fn fit<T: Task>(
         history: Vec::new(),
         best: f64::NEG_INFINITY,
         best_epoch: None,
+        init,
     };
     let start = run.resume(spec)?;
     let deadline = run

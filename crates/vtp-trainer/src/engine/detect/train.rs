@@ -292,7 +292,7 @@ impl Task for Detect {
             })
             .collect();
         let expected = self.vs.variables().len();
-        if load_matching(&self.vs, &raw)? != expected {
+        if load_matching(&self.vs, &raw)?.loaded != expected {
             return Err(Error::invalid(
                 "checkpoint",
                 "the last checkpoint's training state lacks the raw weights; cannot resume",
@@ -384,7 +384,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Detec
         model: ema.1,
         updates: 0,
     };
-    init_weights(spec, &config, &vs, variant.name())?;
+    let init = init_weights(spec, &config, &vs, variant.name())?;
     ema.vs.copy(&vs).map_err(torch_err)?;
     for (_, t) in ema.vs.variables() {
         let _ = t.set_requires_grad(false);
@@ -453,6 +453,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Detec
         config,
         optimizer,
         skipped,
+        init,
     })
 }
 

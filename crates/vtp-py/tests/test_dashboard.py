@@ -111,6 +111,18 @@ def test_a_job_started_from_the_dashboard_draws_its_curve_epoch_by_epoch(
     assert len(rows) == EPOCHS
     assert driver.find_elements(By.ID, "download"), "a completed job offers its checkpoint"
     assert '"image_size": 16' in driver.find_element(By.ID, "job-config").text
+    # Per class, from the best checkpoint's sidecar: accuracy, and the
+    # confusion matrix, whose diagonal holds the best epoch's hits.
+    classes = wait_for(
+        lambda: driver.find_elements(By.CSS_SELECTOR, "#per-class tbody tr"), 10, "per class"
+    )
+    assert len(classes) == 3, [row.text for row in classes]
+    matrix = [
+        [int(cell.text) for cell in row.find_elements(By.CSS_SELECTOR, "td")]
+        for row in driver.find_elements(By.CSS_SELECTOR, "#confusion tbody tr")
+    ]
+    assert len(matrix) == 3 and all(len(row) == 3 for row in matrix), matrix
+    assert sum(matrix[i][i] for i in range(3)) > 0, matrix
     screenshot = Path(os.environ.get("VTP_SCREENSHOT", tmp_path / "dashboard.png"))
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(screenshot))

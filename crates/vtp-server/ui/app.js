@@ -212,6 +212,41 @@ function chart(target, title, series) {
   }, [[], ...series.map(() => [])], target);
 }
 
+/**
+ * The final checkpoint's validation per class, from its sidecar: each
+ * class's accuracy (or a detector's mAP50-95) and a classifier's confusion
+ * matrix (rows: the true class; columns: the predicted one).
+ */
+async function perClassView(job, target) {
+  const file = (job.checkpoint_s3_uri || "").split("/").pop();
+  if (!file.endsWith(".safetensors")) return;
+  let meta;
+  try {
+    meta = await api("GET", `/training/jobs/${job.id}/checkpoint/${encodeURIComponent(file.replace(/\.safetensors$/, ".json"))}`);
+  } catch (_) { return; /* a set without a sidecar of ours */ }
+  const report = meta && meta.per_class;
+  if (!report) return;
+  const names = meta.class_names;
+  const label = report.metric === "map" ? "mAP50-95" : "accuracy";
+  const children = [
+    el("h2", {}, `Per class (epoch ${meta.epoch})`),
+    el("table", { id: "per-class" },
+      el("thead", {}, el("tr", {}, el("th", {}, "class"), el("th", {}, label))),
+      el("tbody", {}, ...names.map((name, i) => el("tr", {},
+        el("td", {}, name), el("td", { class: "num" }, fmt(report.values[i])))))),
+  ];
+  if (report.confusion) {
+    children.push(
+      el("h2", {}, "Confusion matrix (rows: true class, columns: predicted)"),
+      el("table", { id: "confusion", class: "confusion" },
+        el("thead", {}, el("tr", {}, el("th", {}, ""), ...names.map((name) => el("th", {}, name)))),
+        el("tbody", {}, ...report.confusion.map((row, i) => el("tr", {},
+          el("th", {}, names[i]),
+          ...row.map((count, j) => el("td", { class: i === j ? "num hit" : "num" }, String(count))))))));
+  }
+  target.replaceChildren(...children);
+}
+
 async function jobView(id) {
   let job;
   try {
@@ -231,6 +266,8 @@ async function jobView(id) {
   const rowsBody = el("tbody");
   const lossBox = el("div", { class: "card", id: "loss-chart", "data-points": "0" });
   const qualityBox = el("div", { class: "card", id: "quality-chart", "data-points": "0" });
+  const perClassBox = el("div", { id: "per-class-box" });
+  let perClassShown = false;
   const detector = job.framework === "ultralytics";
   view.replaceChildren(
     el("h1", {}, `Job ${job.id}`),
@@ -247,6 +284,7 @@ async function jobView(id) {
     el("div", { class: "cards" }, lossBox, qualityBox),
     el("h2", {}, "Epochs"),
     el("table", { id: "epochs" }, el("thead", {}, el("tr", {}, ["Epoch", "loss", "val_loss", detector ? "mAP50" : "accuracy", detector ? "mAP50-95" : "images/s", "seconds"].map((h) => el("th", {}, h)))), rowsBody),
+    perClassBox,
     el("h2", {}, "Config"),
     el("pre", { id: "job-config" }, JSON.stringify(job.config, null, 2)));
   const lossChart = chart(lossBox, "Loss", [["loss", "#2f6fde"], ["val_loss", "#e0862f"]]);
@@ -285,6 +323,10 @@ async function jobView(id) {
     // Events carry the job, not its place in the queue: the poll below does.
     if (job.queue_position) placeEl.textContent = `(place ${job.queue_position} in the queue)`;
     else if (job.status !== "queued" || job.launched_at) placeEl.textContent = "";
+    if (job.status === "completed" && job.checkpoint_s3_uri && !perClassShown) {
+      perClassShown = true;
+      perClassView(job, perClassBox);
+    }
     if (job.checkpoint_s3_uri && !checkpointEl.firstChild) {
       checkpointEl.replaceChildren(el("a", { href: "#", id: "download", onclick: (e) => { e.preventDefault(); download(job.id); } }, "download best.safetensors"));
     }

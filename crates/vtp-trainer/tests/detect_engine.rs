@@ -126,6 +126,18 @@ fn a_detector_learns_and_its_checkpoint_finds_the_objects() {
         checkpoint.meta.class_names,
         vtp_trainer::testing::YOLO_SHAPES_CLASSES.map(String::from)
     );
+    // Per class its mAP50-95; their mean over the classes with ground truth
+    // is the map.
+    let per_class = checkpoint.meta.per_class.as_ref().unwrap();
+    assert_eq!(per_class.metric, "map");
+    assert_eq!(per_class.values.len(), checkpoint.meta.class_names.len());
+    let present: Vec<f64> = per_class.values.iter().flatten().copied().collect();
+    assert!(!present.is_empty());
+    let mean = present.iter().sum::<f64>() / present.len() as f64;
+    assert!(
+        (mean - checkpoint.meta.metrics["map"]).abs() < 1e-9,
+        "{per_class:?}"
+    );
 
     // The checkpoint finds objects on fresh scenes, near where they are.
     let fresh = tempfile::tempdir().unwrap();

@@ -85,6 +85,21 @@ fn it_learns_and_checkpoints_predict() {
     let checkpoint = Checkpoint::open(&summary.checkpoint).unwrap();
     assert_eq!(checkpoint.meta.class_names, ["disc", "square", "stripes"]);
     assert!(checkpoint.meta.best_val_accuracy >= 0.8);
+    // Per class: accuracy and the confusion matrix of the best epoch, which
+    // agree with its accuracy; top-5 of 3 classes is every image.
+    let per_class = checkpoint.meta.per_class.as_ref().unwrap();
+    assert_eq!(per_class.metric, "accuracy");
+    assert_eq!(per_class.values.len(), 3);
+    let confusion = per_class.confusion.as_ref().unwrap();
+    let seen: u64 = confusion.iter().flatten().sum();
+    let correct: u64 = (0..3).map(|c| confusion[c][c]).sum();
+    let accuracy = checkpoint.meta.metrics["val_accuracy"];
+    assert!((correct as f64 / seen as f64 - accuracy).abs() < 1e-12);
+    for (c, row) in confusion.iter().enumerate() {
+        let class_accuracy = per_class.values[c].unwrap();
+        assert!((row[c] as f64 / row.iter().sum::<u64>() as f64 - class_accuracy).abs() < 1e-12);
+    }
+    assert_eq!(checkpoint.meta.metrics["val_top5_accuracy"], 1.0);
     let predictor = Predictor::load(&out).unwrap();
     let files: Vec<PathBuf> = ["disc/0.png", "square/0.png", "stripes/0.png"]
         .iter()

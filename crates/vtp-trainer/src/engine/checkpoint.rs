@@ -59,6 +59,10 @@ pub struct CheckpointMeta {
     /// Detection: the best fitness so far (mAP50-95, as Ultralytics 8.4 weighs it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub best_fitness: Option<f64>,
+    /// Validation per class at `epoch`: classify's accuracy per class and
+    /// its confusion matrix, detect's mAP50-95 per class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<ClassReport>,
     /// What the run's initial weights (`config.init_weights`) loaded, when
     /// it had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,6 +82,20 @@ pub struct CheckpointMeta {
     pub optimizer: Option<String>,
     /// sha256 of the optimizer file, hex.
     pub optimizer_sha256: Option<String>,
+}
+
+/// Validation per class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassReport {
+    /// What `values` holds: `accuracy` (classify: the share of a class's
+    /// validation images predicted as it) or `map` (detect: mAP50-95).
+    pub metric: String,
+    /// Per class, in the order of `class_names`; `None` for a class without
+    /// validation images (ground truth).
+    pub values: Vec<Option<f64>>,
+    /// Classify: `confusion[true][predicted]`, validation images counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confusion: Option<Vec<Vec<u64>>>,
 }
 
 /// How initial weights loaded: every tensor of the model whose name and
@@ -275,6 +293,7 @@ pub fn adopt_detector(dir: &Path, stem: &str, detector: ForeignDetector) -> Resu
         best_fitness: detector.best_fitness,
         best_epoch: None,
         init_weights: None,
+        per_class: None,
         ema_updates: None,
         sha256: sha256_file(&dir.join(&weights))?,
         weights,

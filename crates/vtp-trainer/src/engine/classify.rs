@@ -9,7 +9,7 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 use vtp_core::{Error, OptimizerKind, Result, TrainConfig, TrainSpec};
 
-use super::checkpoint::{self, Checkpoint, CheckpointMeta};
+use super::checkpoint::{self, Checkpoint, CheckpointMeta, ClassReport};
 use super::learner::{
     Evaluation, Recipe, Record, Setup, StepLoss, Task, TrainData, init_weights, seeded_init,
 };
@@ -18,6 +18,10 @@ use super::optim::Optimizer;
 use super::torch_err;
 use crate::data::loader::{Batch, MEAN, STD};
 use crate::data::{ImageFolder, Loader, LoaderConfig};
+
+/// The most classes whose confusion matrix a sidecar carries (100 x 100
+/// counts); larger class sets keep their per-class accuracy only.
+const MAX_CONFUSION_CLASSES: usize = 100;
 
 /// A classifier in training.
 pub(crate) struct Classify {
@@ -73,8 +77,14 @@ impl Task for Classify {
         })
     }
 
+    /// Validation: the loss, accuracy, top-5 accuracy (top-k for fewer
+    /// than 5 classes), and per class its accuracy and its row of the
+    /// confusion matrix.
     fn evaluate(&self, epoch: u32) -> Result<Evaluation> {
-        let (mut loss, mut correct, mut seen) = (0.0, 0i64, 0usize);
+        let nc = self.classes.len();
+        let k = nc.min(5) as i64;
+        let mut confusion = vec![vec![0u64; nc]; nc];
+        let (mut loss, mut top_k, mut seen) = (0.0, 0i64, 0usize);
         tch::no_grad(|| -> Result<()> {
             for batch in self.val.epoch(self.seed, epoch, false) {
                 let (xs, ys) = self.tensors(&batch)?;
@@ -83,16 +93,30 @@ impl Task for Classify {
                     .f_cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Sum, -100, 0.0)
                     .map_err(torch_err)?;
                 loss += batch_loss.f_double_value(&[]).map_err(torch_err)?;
-                let hits = logits
-                    .f_argmax(-1, false)
+                let (_, top) = logits.f_topk(k, -1, true, true).map_err(torch_err)?;
+                top_k += top
+                    .f_eq_tensor(&ys.f_unsqueeze(-1).map_err(torch_err)?)
                     .map_err(torch_err)?
-                    .f_eq_tensor(&ys)
-                    .map_err(torch_err)?;
-                correct += hits
+                    .f_any_dim(-1, false)
+                    .map_err(torch_err)?
                     .f_sum(Kind::Int64)
                     .map_err(torch_err)?
                     .f_int64_value(&[])
                     .map_err(torch_err)?;
+                let predicted = top
+                    .f_select(-1, 0)
+                    .and_then(|t| t.f_to_device(Device::Cpu))
+                    .map_err(torch_err)?;
+                let predicted = Vec::<i64>::try_from(&predicted).map_err(torch_err)?;
+                for (&truth, predicted) in batch.labels.iter().zip(predicted) {
+                    if let (Ok(truth), Ok(predicted)) =
+                        (usize::try_from(truth), usize::try_from(predicted))
+                        && truth < nc
+                        && predicted < nc
+                    {
+                        confusion[truth][predicted] += 1;
+                    }
+                }
                 seen += batch.len();
             }
             Ok(())
@@ -100,14 +124,30 @@ impl Task for Classify {
         if seen == 0 {
             return Err(Error::invalid("dataset", "no readable validation images"));
         }
+        let correct: u64 = (0..nc).map(|c| confusion[c][c]).sum();
         let accuracy = correct as f64 / seen as f64;
+        let per_class = confusion
+            .iter()
+            .enumerate()
+            .map(|(c, row)| {
+                let images: u64 = row.iter().sum();
+                (images > 0).then(|| row[c] as f64 / images as f64)
+            })
+            .collect();
         Ok(Evaluation {
             metrics: BTreeMap::from([
                 ("val_loss".to_owned(), loss / seen as f64),
                 ("val_accuracy".to_owned(), accuracy),
                 ("accuracy".to_owned(), accuracy),
+                ("val_top5_accuracy".to_owned(), top_k as f64 / seen as f64),
             ]),
             fitness: accuracy,
+            per_class: Some(ClassReport {
+                metric: "accuracy".to_owned(),
+                values: per_class,
+                // Bounded: a sidecar per epoch carries it.
+                confusion: (nc <= MAX_CONFUSION_CLASSES).then_some(confusion),
+            }),
         })
     }
 

@@ -16,7 +16,7 @@ use tch::Tensor;
 use tch::nn::VarStore;
 use vtp_core::{EpochReport, Error, ProgressSink, Result, TrainConfig, TrainSpec, TrainSummary};
 
-use super::checkpoint::{self, Checkpoint, CheckpointMeta, InitReport};
+use super::checkpoint::{self, Checkpoint, CheckpointMeta, ClassReport, InitReport};
 use super::optim::{Optimizer, ParamGroup};
 use super::torch_err;
 
@@ -99,6 +99,8 @@ pub(crate) struct Evaluation {
     pub(crate) metrics: BTreeMap<String, f64>,
     /// Higher is better; an epoch that raises it is saved as `best`.
     pub(crate) fitness: f64,
+    /// The metric per class, for the sidecar.
+    pub(crate) per_class: Option<ClassReport>,
 }
 
 /// What a checkpoint records of the run beside the task's own state.
@@ -110,6 +112,8 @@ pub(crate) struct Record<'a> {
     /// The epoch that reached `best`.
     pub(crate) best_epoch: Option<u32>,
     pub(crate) init: Option<&'a InitReport>,
+    /// The last validation's per-class report.
+    pub(crate) per_class: Option<&'a ClassReport>,
     pub(crate) optimizer: &'a Optimizer,
 }
 
@@ -138,6 +142,7 @@ impl Record<'_> {
             best_fitness: None,
             best_epoch: self.best_epoch,
             init_weights: self.init.cloned(),
+            per_class: self.per_class.cloned(),
             ema_updates: None,
             weights: String::new(),
             sha256: String::new(),
@@ -362,6 +367,7 @@ struct Fit<T: Task> {
     best: f64,
     best_epoch: Option<u32>,
     init: Option<InitReport>,
+    per_class: Option<ClassReport>,
 }
 
 impl<T: Task> Fit<T> {
@@ -375,6 +381,7 @@ impl<T: Task> Fit<T> {
                 best: self.best,
                 best_epoch: self.best_epoch,
                 init: self.init.as_ref(),
+                per_class: self.per_class.as_ref(),
                 optimizer: &self.optimizer,
             },
         )
@@ -445,6 +452,7 @@ pub(crate) fn fit<T: Task>(
         best: f64::NEG_INFINITY,
         best_epoch: None,
         init,
+        per_class: None,
     };
     let start = run.resume(spec)?;
     let deadline = run
@@ -558,6 +566,7 @@ pub(crate) fn fit<T: Task>(
         let epoch_seconds = started.elapsed().as_secs_f64();
         let steps = steps_done.max(1) as f64;
         let mut metrics = evaluation.metrics;
+        run.per_class = evaluation.per_class;
         for (name, sum) in sums {
             metrics.insert(name.to_owned(), sum / steps);
         }

@@ -12,7 +12,7 @@ pub mod optim;
 pub mod predict;
 pub mod trainer;
 
-pub use checkpoint::{Checkpoint, CheckpointMeta, InitReport};
+pub use checkpoint::{Checkpoint, CheckpointMeta, ClassReport, InitReport};
 pub use model::{ModelInfo, ModelKind};
 pub use predict::{BoxPrediction, DetectOptions, Prediction, Predictor};
 pub use trainer::{StepProgress, TchTrainer};

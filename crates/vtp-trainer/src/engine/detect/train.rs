@@ -17,7 +17,7 @@ use super::model::{DetectionModel, YoloVariant};
 use super::nms::{NmsConfig, non_max_suppression};
 use crate::data::detect_loader::{DetectBatch, DetectLoader, DetectLoaderConfig};
 use crate::data::yolo::YoloDataset;
-use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta};
+use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta, ClassReport};
 use crate::engine::learner::{
     Decay, Evaluation, Recipe, Record, Setup, StepLoss, Task, TrainData, Warmup, init_weights,
     load_matching, seeded_init,
@@ -250,6 +250,11 @@ impl Task for Detect {
                 ("fitness".to_owned(), fitness),
             ]),
             fitness,
+            per_class: Some(ClassReport {
+                metric: "map".to_owned(),
+                values: metrics.per_class_map,
+                confusion: None,
+            }),
         })
     }
 

@@ -177,7 +177,7 @@ fn callback_ingestion(c: &mut Criterion) {
             .await
             .unwrap();
         let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
-        let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
+        let launcher = Arc::new(vtp_launch::HttpLauncher::new("http://127.0.0.1:9").unwrap());
         (
             vtp_server::app(vtp_server::AppState::new(
                 stores,

@@ -545,7 +545,7 @@ async fn callbacks_ours(jobs_n: usize, per_job: usize) -> Load {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
-    let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
+    let launcher = Arc::new(vtp_launch::HttpLauncher::new("http://127.0.0.1:9").unwrap());
     let state = vtp_server::AppState::new(stores, blobs, launcher, base.clone());
     let server = tokio::spawn(axum::serve(listener, vtp_server::app(state)).into_future());
     let load = drive(&base, &ids, per_job, 32).await;
@@ -704,7 +704,7 @@ async fn victim_latency(flood: bool) -> Load {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let blobs: Arc<dyn BlobStore> = Arc::new(vtp_storage::ObjectStoreBlobStore::in_memory());
-    let launcher = Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap());
+    let launcher = Arc::new(vtp_launch::HttpLauncher::new("http://127.0.0.1:9").unwrap());
     let state = vtp_server::AppState::new(stores, blobs, launcher, base.clone())
         .with_auth(vtp_server::AuthMode::Tokens);
     let stop = tokio_util::sync::CancellationToken::new();

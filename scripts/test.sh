@@ -73,7 +73,17 @@ if cargo tree --locked -p vtp-server -e normal -i torch-sys >/dev/null 2>&1; the
     echo "vtp-server depends on libtorch without the torch feature" >&2
     exit 1
 fi
-if cargo tree --locked -p vtp-trainer --features service,kubernetes,s3 -e normal -i torch-sys >/dev/null 2>&1; then
+# The backend starts trainers through vtp-launch; the trainer is not its dependency.
+# (`-i` of a workspace member that is not in the graph prints nothing and succeeds.)
+if [ -n "$(cargo tree --locked -p vtp-server -e normal -i vtp-trainer 2>/dev/null)" ]; then
+    echo "vtp-server depends on vtp-trainer without the torch feature" >&2
+    exit 1
+fi
+if cargo tree --locked -p vtp-launch --features kubernetes -e normal -i torch-sys >/dev/null 2>&1; then
+    echo "vtp-launch depends on libtorch" >&2
+    exit 1
+fi
+if cargo tree --locked -p vtp-trainer --features service,s3 -e normal -i torch-sys >/dev/null 2>&1; then
     echo "vtp-trainer's service depends on libtorch without the torch feature" >&2
     exit 1
 fi
@@ -128,6 +138,11 @@ fi
 step "Python bindings: pytest (real backend and in process; the dashboard in headless Chromium), mypy --strict, stubtest"
 # The backend and trainer binaries the pytest suite runs, as cargo test built them.
 cargo build --workspace --all-features --bins --locked
+# Even built with every feature, the backend never trains: no libtorch in it.
+if ldd "$CARGO_TARGET_DIR/debug/vtp-backend" | grep -E 'lib(torch|c10)'; then
+    echo "vtp-backend links libtorch" >&2
+    exit 1
+fi
 (cd crates/vtp-py && python -m pytest -q)
 (cd crates/vtp-py && python -m mypy --strict python/vtp ../../examples/notebook/notebook.py)
 (cd crates/vtp-py && python -m mypy.stubtest vtp._vtp)

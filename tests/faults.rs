@@ -11,10 +11,10 @@ use serde_json::{Value, json};
 use support::{FaultProxy, json_of};
 use vtp_core::conformance::blob_store::pattern;
 use vtp_core::{BlobStore, JobFilter, JobStore};
+use vtp_launch::HttpLauncher;
 use vtp_server::AppState;
 use vtp_storage::PostgresJobStore;
 use vtp_storage::testing::{TestDatabase, TestS3};
-use vtp_trainer::HttpLauncher;
 
 /// Serves `state` on a loopback port; returns its base URL.
 async fn serve(state: AppState) -> String {

@@ -18,10 +18,10 @@ use axum::response::Response;
 use serde_json::json;
 use support::FaultProxy;
 use vtp_core::{BlobStoreExt, JobId, JobStatus, JobStore, StartTraining, TrainingUpdate};
+use vtp_launch::HttpLauncher;
 use vtp_server::AppState;
 use vtp_storage::PostgresJobStore;
 use vtp_storage::testing::TestDatabase;
-use vtp_trainer::HttpLauncher;
 use vtp_trainer::service::Outbox;
 use vtp_trainer::testing::TrainerDouble;
 

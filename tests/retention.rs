@@ -418,7 +418,7 @@ async fn a_dataset_in_use_cannot_be_deleted_and_finished_jobs_expire() {
     let state = vtp_server::AppState::new(
         stores,
         env.blobs.clone(),
-        Arc::new(vtp_trainer::HttpLauncher::new(&env.trainer.url()).unwrap()),
+        Arc::new(vtp_launch::HttpLauncher::new(&env.trainer.url()).unwrap()),
         "http://127.0.0.1:1",
     );
     let policy = vtp_server::retention::Policy {

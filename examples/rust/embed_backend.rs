@@ -16,9 +16,9 @@ use axum::Router;
 use axum::routing::get;
 use vtp_core::api::Health;
 use vtp_core::{Job, JobStatus};
+use vtp_launch::HttpLauncher;
 use vtp_server::AppState;
 use vtp_storage::BlobStoreBuilder;
-use vtp_trainer::HttpLauncher;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {

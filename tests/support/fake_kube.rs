@@ -451,7 +451,7 @@ impl FakeKube {
 
     /// A kube client of this server, in `namespace`.
     pub fn client(&self, namespace: &str) -> kube::Client {
-        vtp_trainer::launch::kubernetes::install_crypto_provider();
+        vtp_launch::kubernetes::install_crypto_provider();
         let mut config = kube::Config::new(self.url.parse().unwrap());
         config.default_namespace = namespace.to_owned();
         kube::Client::try_from(config).unwrap()

@@ -12,9 +12,9 @@ use pyo3::prelude::*;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use vtp_launch::HttpLauncher;
 use vtp_server::AppState;
 use vtp_storage::BlobStoreBuilder;
-use vtp_trainer::HttpLauncher;
 use vtp_trainer::service::{ServiceOptions, TrainerService};
 
 use crate::errors::{VtpError, from_core};

@@ -53,7 +53,7 @@ pub struct BackendConfig {
     /// The Kubernetes launcher's settings.
     #[cfg(feature = "kubernetes")]
     #[command(flatten)]
-    pub k8s: vtp_trainer::K8sArgs,
+    pub k8s: vtp_launch::K8sArgs,
 
     /// Where traces go; a trainer this backend starts exports to the same
     /// collector.
@@ -337,7 +337,7 @@ impl BackendConfig {
         match self.launcher {
             LauncherKind::Http => {
                 let mut launcher =
-                    vtp_trainer::HttpLauncher::new(&self.trainer_url)?.with_slots(self.max_running);
+                    vtp_launch::HttpLauncher::new(&self.trainer_url)?.with_slots(self.max_running);
                 if let Some(token) = &self.trainer_token {
                     launcher = launcher.with_token(token);
                 }
@@ -347,7 +347,7 @@ impl BackendConfig {
                 let program = self
                     .trainer_bin
                     .clone()
-                    .unwrap_or_else(vtp_trainer::SubprocessLauncher::sibling_binary);
+                    .unwrap_or_else(vtp_launch::SubprocessLauncher::sibling_binary);
                 let blob_url = if self.blob_url.starts_with("file://") {
                     blob_uri.to_owned()
                 } else {
@@ -356,7 +356,7 @@ impl BackendConfig {
                 // The child inherits `VTP_S3_*` from this process's
                 // environment; settings given as flags reach it the same
                 // way (in its environment, never on its command line).
-                let mut launcher = vtp_trainer::SubprocessLauncher::new(program, jobs)
+                let mut launcher = vtp_launch::SubprocessLauncher::new(program, jobs)
                     .with_slots(self.max_running.unwrap_or(1));
                 for (name, value) in self.s3.public_env().into_iter().chain(self.telemetry.env()) {
                     launcher = launcher.with_env(name, value);
@@ -403,7 +403,7 @@ impl BackendConfig {
                 }
                 // Its reconciler runs on the leading backend
                 // (`TrainerLauncher::reconcile`), not on every replica.
-                let launcher = vtp_trainer::KubernetesLauncher::connect(config, jobs).await?;
+                let launcher = vtp_launch::KubernetesLauncher::connect(config, jobs).await?;
                 Ok(Arc::new(launcher))
             }
         }

@@ -16,9 +16,9 @@ use vtp_core::{
     BackoffConfig, BlobKey, BlobStore, BlobStoreExt, CredentialStore, JobStatus, JobStore,
     JobStoreExt, RetryConfig, TrainingUpdate,
 };
+use vtp_launch::HttpLauncher;
 use vtp_server::{AppState, app};
 use vtp_storage::{ObjectStoreBlobStore, Stores};
-use vtp_trainer::HttpLauncher;
 use vtp_trainer::testing::TrainerDouble;
 
 struct Harness {

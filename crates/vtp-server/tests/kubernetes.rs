@@ -14,9 +14,9 @@ use vtp_core::launcher::{EXIT_NON_RETRYABLE, START_TRAINING_ENV};
 use vtp_core::{
     CancelOutcome, Error, JobStatus, JobStore, JobStoreExt, NewJob, StartTraining, TrainerLauncher,
 };
+use vtp_launch::kubernetes::job_name;
+use vtp_launch::{KubernetesConfig, KubernetesLauncher};
 use vtp_storage::InMemoryJobStore;
-use vtp_trainer::launch::kubernetes::job_name;
-use vtp_trainer::{KubernetesConfig, KubernetesLauncher};
 
 const NS: &str = "vtp-test";
 
@@ -394,9 +394,7 @@ async fn resources_beyond_the_operators_maxima_are_refused_before_any_job_is_mad
         assert!(env.kube.job(&job_name(request.job_id)).is_none());
         assert!(
             env.kube
-                .secret(&vtp_trainer::launch::kubernetes::secret_name(
-                    request.job_id
-                ))
+                .secret(&vtp_launch::kubernetes::secret_name(request.job_id))
                 .is_none()
         );
     }
@@ -472,7 +470,7 @@ async fn a_run_across_machines_is_an_indexed_job_whose_pods_find_pod_0_through_a
     // Only this launcher runs trainers on several machines; the others
     // refuse it at create.
     env.launcher.check_config(&script).unwrap();
-    let http = vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap();
+    let http = vtp_launch::HttpLauncher::new("http://127.0.0.1:9").unwrap();
     match http.check_config(&script) {
         Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "config.distributed.nnodes"),
         other => panic!("{other:?}"),
@@ -848,7 +846,7 @@ async fn the_reconciler_deletes_the_running_job_of_a_job_that_is_over() {
     assert!(env.kube.job(&job_name(over.job_id)).is_none());
     assert!(
         env.kube
-            .secret(&vtp_trainer::launch::kubernetes::secret_name(over.job_id))
+            .secret(&vtp_launch::kubernetes::secret_name(over.job_id))
             .is_none(),
         "its callback Secret goes too"
     );

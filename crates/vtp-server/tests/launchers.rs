@@ -5,8 +5,8 @@
 use std::os::unix::fs::PermissionsExt;
 
 use vtp_core::{JobStoreExt, NewJob, StartTraining, TrainerLauncher};
+use vtp_launch::SubprocessLauncher;
 use vtp_storage::Stores;
-use vtp_trainer::SubprocessLauncher;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_child_trainer_gets_an_allow_listed_environment_and_a_token() {

@@ -129,7 +129,7 @@ async fn the_backend_serves_its_document_and_renders_it_at_docs() {
     let state = AppState::new(
         Stores::memory(),
         Arc::new(ObjectStoreBlobStore::in_memory()),
-        Arc::new(vtp_trainer::HttpLauncher::new("http://127.0.0.1:9").unwrap()),
+        Arc::new(vtp_launch::HttpLauncher::new("http://127.0.0.1:9").unwrap()),
         "http://127.0.0.1:8000",
     );
     let app = vtp_server::app(state);

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use vtp_core::{BlobKey, BlobStore, BlobStoreExt};
+use vtp_launch::HttpLauncher;
 use vtp_server::AppState;
 use vtp_storage::{ObjectStoreBlobStore, Stores};
-use vtp_trainer::HttpLauncher;
 use vtp_trainer::TchEngine;
 use vtp_trainer::service::{ServiceOptions, TrainerService};
 

@@ -152,7 +152,7 @@ fn client(token: Option<&str>) -> Result<reqwest::Client> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    crate::tls::client_builder()?
+    vtp_client::tls::client_builder()?
         .timeout(HttpLauncher::REQUEST_TIMEOUT)
         .connect_timeout(Duration::from_secs(3))
         .redirect(reqwest::redirect::Policy::none())

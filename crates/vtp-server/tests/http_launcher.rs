@@ -6,7 +6,7 @@ use std::time::Duration;
 use vtp_core::{
     BackoffConfig, CancelOutcome, Error, JobId, RetryConfig, StartTraining, TrainerLauncher,
 };
-use vtp_trainer::HttpLauncher;
+use vtp_launch::HttpLauncher;
 use vtp_trainer::testing::TrainerDouble;
 
 fn request(job_id: JobId) -> StartTraining {

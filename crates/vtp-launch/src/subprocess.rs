@@ -23,7 +23,7 @@ use vtp_core::{
     CancelOutcome, Error, JobId, JobStore, JobStoreExt, Result, StartTraining, TrainerLauncher,
 };
 
-use super::http::HttpLauncher;
+use crate::http::HttpLauncher;
 
 pub use vtp_core::launcher::LISTENING_PREFIX;
 

@@ -252,6 +252,45 @@ fn bad_datasets_and_configs_fail_clearly() {
     assert!(err.contains("corrupt") && err.contains("disc"), "{err}");
 }
 
+/// Runs `tests/python/{script}` with `args` in the venv's Python (else
+/// `python3`) and asserts that it succeeded. Outside the test command
+/// (`VTP_REQUIRE_SERVICES` unset), a Python that cannot run or lacks
+/// `needs` skips the test: `None`.
+fn run_python(
+    script: &str,
+    args: &[&std::ffi::OsStr],
+    needs: &str,
+) -> Option<std::process::Output> {
+    let python = std::env::var("VIRTUAL_ENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| "python3".into());
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/python")
+        .join(script);
+    let output = match std::process::Command::new(&python)
+        .arg(&script)
+        .args(args)
+        .output()
+    {
+        Ok(output) => output,
+        Err(e) if std::env::var("VTP_REQUIRE_SERVICES").is_err() => {
+            eprintln!("SKIPPED: {python} not runnable ({e}); run scripts/test.sh");
+            return None;
+        }
+        Err(e) => panic!("{python}: {e}"),
+    };
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success()
+        && stderr.contains("No module named")
+        && std::env::var("VTP_REQUIRE_SERVICES").is_err()
+    {
+        eprintln!("SKIPPED: {needs} is not installed for {python}; run scripts/test.sh");
+        return None;
+    }
+    assert!(output.status.success(), "{stderr}");
+    Some(output)
+}
+
 /// The checkpoint loads in PyTorch with `safetensors.torch.load_file` and
 /// gives the same logits.
 #[test]
@@ -269,33 +308,17 @@ fn checkpoints_load_in_pytorch_with_the_same_logits() {
     let tensor = tch::Tensor::from_slice(&input).view([2, 3, 16, 16]);
     tch::Tensor::write_safetensors(&[("input", &tensor)], &input_path).unwrap();
 
-    let python = std::env::var("VIRTUAL_ENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/check_checkpoint.py");
-    let output = match std::process::Command::new(&python)
-        .arg(&script)
-        .arg(out.join("best.safetensors"))
-        .arg(&input_path)
-        .arg("3")
-        .output()
-    {
-        Ok(output) => output,
-        Err(e) if std::env::var("VTP_REQUIRE_SERVICES").is_err() => {
-            eprintln!("SKIPPED: {python} not runnable ({e}); run scripts/test.sh");
-            return;
-        }
-        Err(e) => panic!("{python}: {e}"),
-    };
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success()
-        && stderr.contains("No module named")
-        && std::env::var("VTP_REQUIRE_SERVICES").is_err()
-    {
-        eprintln!("SKIPPED: PyTorch is not installed for {python}; run scripts/test.sh");
+    let Some(output) = run_python(
+        "check_checkpoint.py",
+        &[
+            out.join("best.safetensors").as_os_str(),
+            input_path.as_os_str(),
+            "3".as_ref(),
+        ],
+        "PyTorch",
+    ) else {
         return;
-    }
-    assert!(output.status.success(), "{stderr}");
+    };
     let theirs: Vec<Vec<f32>> = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(theirs.len(), ours.len());
     for (a, b) in ours.iter().flatten().zip(theirs.iter().flatten()) {
@@ -553,38 +576,15 @@ fn the_time_limit_cuts_the_epoch_short_and_saves_it() {
 fn a_torchvision_state_dict_loads_strict() {
     let _serial = serial();
     let (dir, data) = dataset();
-    let python = std::env::var("VIRTUAL_ENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| "python3".into());
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/torchvision_weights.py");
     for (model, first) in [
         ("resnet18", "conv1.weight"),
         ("mobilenet_v2", "features.0.0.weight"),
     ] {
         let weights = dir.path().join(format!("{model}.safetensors"));
-        let output = match std::process::Command::new(&python)
-            .arg(&script)
-            .arg(&weights)
-            .arg(model)
-            .arg("3")
-            .output()
-        {
-            Ok(output) => output,
-            Err(e) if std::env::var("VTP_REQUIRE_SERVICES").is_err() => {
-                eprintln!("SKIPPED: {python} not runnable ({e}); run scripts/test.sh");
-                return;
-            }
-            Err(e) => panic!("{python}: {e}"),
-        };
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        if !output.status.success()
-            && stderr.contains("No module named")
-            && std::env::var("VTP_REQUIRE_SERVICES").is_err()
-        {
-            eprintln!("SKIPPED: torchvision is not installed for {python}; run scripts/test.sh");
+        let args = [weights.as_os_str(), model.as_ref(), "3".as_ref()];
+        if run_python("torchvision_weights.py", &args, "torchvision").is_none() {
             return;
         }
-        assert!(output.status.success(), "{stderr}");
 
         let out = dir.path().join(model);
         let config = serde_json::json!({"model": model, "epochs": 1, "batch_size": 16, "lr": 1e-9,

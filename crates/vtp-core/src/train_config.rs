@@ -124,6 +124,10 @@ pub struct TrainConfig {
     /// `completed`, with the reason.
     #[schema(exclusive_minimum = 0.0, maximum = 8760.0)]
     pub time: Option<f64>,
+    /// Mixed precision: the forward pass under autocast, in bfloat16 on CPU
+    /// or float16 on CUDA (with gradient scaling); weights, optimizer state
+    /// and losses stay float32. Off by default.
+    pub amp: bool,
     /// Detection: probability of a four-image mosaic (0 turns it off).
     pub mosaic: f64,
     /// Detection: the last epochs trained without mosaic.
@@ -190,6 +194,7 @@ impl Default for TrainConfig {
             init_weights: None,
             patience: None,
             time: None,
+            amp: false,
             mosaic: 1.0,
             close_mosaic: 10,
             translate: 0.1,
@@ -459,6 +464,8 @@ mod tests {
         assert_eq!((config.patience, config.time), (None, None));
         let stopping = TrainConfig::from_json(&json!({"patience": 3, "time": 0.5})).unwrap();
         assert_eq!((stopping.patience, stopping.time), (Some(3), Some(0.5)));
+        assert!(!config.amp);
+        assert!(TrainConfig::from_json(&json!({"amp": true})).unwrap().amp);
     }
 
     #[test]

@@ -182,6 +182,32 @@ fn training_resumes_at_the_next_epoch_from_the_last_checkpoint() {
     assert!(last.meta.ema_updates.unwrap() > 0);
 }
 
+/// `amp` on CPU: the detector's forward pass in bfloat16, its loss in
+/// float32; both epochs finish with finite losses and a float32 checkpoint.
+#[test]
+fn a_detector_trains_under_amp() {
+    let _serial = serial();
+    let (dir, data) = dataset(32, 8);
+    let out = dir.path().join("amp");
+    let mut mixed = config(2);
+    mixed["amp"] = true.into();
+    mixed["device"] = "cpu".into();
+    let (result, reports) = train(&spec(&data, &out, mixed));
+    result.unwrap();
+    assert_eq!(reports.len(), 2);
+    for report in &reports {
+        for key in ["box_loss", "cls_loss", "dfl_loss", "val_loss"] {
+            assert!(
+                report.metrics[key].is_finite(),
+                "{key}: {:?}",
+                report.metrics
+            );
+        }
+    }
+    let last = Checkpoint::open(&out.join("last.json")).unwrap();
+    assert!(last.meta.config.amp);
+}
+
 #[test]
 fn bad_datasets_fail_before_any_epoch_naming_the_file_and_line() {
     let _serial = serial();

@@ -618,3 +618,36 @@ fn a_torchvision_state_dict_loads_strict() {
         assert!(gap < 1e-5, "{model}: {first} moved by {gap}");
     }
 }
+
+/// `amp` on CPU: the forward pass runs in bfloat16 under autocast (the
+/// losses differ from a float32 run's), the classifier still learns, and
+/// its checkpoint keeps float32 weights that predict.
+#[test]
+fn amp_trains_in_bfloat16_on_cpu_and_still_learns() {
+    let _serial = serial();
+    let (dir, data) = dataset();
+    let mut mixed = config(4);
+    mixed["amp"] = true.into();
+    mixed["device"] = "cpu".into();
+    let out = dir.path().join("amp");
+    let (summary, reports) = train(&spec(&data, &out, mixed));
+    summary.unwrap();
+    let (first, last) = (&reports[0].metrics, &reports[3].metrics);
+    assert!(last["loss"] < first["loss"] * 0.7, "{first:?} -> {last:?}");
+    assert!(last["val_accuracy"] >= 0.8, "{last:?}");
+    // bfloat16 needs no gradient scaler.
+    assert!(!last.contains_key("amp_scale"), "{last:?}");
+    let mut full = config(1);
+    full["device"] = "cpu".into();
+    let (_, fp32) = train(&spec(&data, &dir.path().join("fp32"), full));
+    assert_ne!(
+        fp32[0].metrics["loss"], first["loss"],
+        "autocast changed the arithmetic"
+    );
+    assert!((fp32[0].metrics["loss"] - first["loss"]).abs() < 0.1 * fp32[0].metrics["loss"]);
+    let checkpoint = Checkpoint::open(&out.join("best.json")).unwrap();
+    assert!(checkpoint.meta.config.amp);
+    let predictor = Predictor::load(&out).unwrap();
+    let predictions = predictor.predict_paths(&[data.join("disc/0.png")]).unwrap();
+    assert!(predictions[0].probability > 0.0);
+}

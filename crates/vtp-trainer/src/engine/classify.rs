@@ -9,6 +9,7 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 use vtp_core::{Error, OptimizerKind, Result, TrainConfig, TrainSpec};
 
+use super::amp::Amp;
 use super::checkpoint::{self, Checkpoint, CheckpointMeta, ClassReport};
 use super::learner::{
     Evaluation, Recipe, Record, Setup, StepLoss, Task, TrainData, init_weights, seeded_init,
@@ -64,9 +65,9 @@ impl Task for Classify {
         (self.kind.name(), &self.classes)
     }
 
-    fn loss(&mut self, batch: &Batch) -> Result<StepLoss> {
+    fn loss(&mut self, batch: &Batch, amp: &Amp) -> Result<StepLoss> {
         let (xs, ys) = self.tensors(batch)?;
-        let logits = self.model.forward_t(&xs, true);
+        let logits = Amp::full(&amp.forward(|| self.model.forward_t(&xs, true))?)?;
         let loss = logits
             .f_cross_entropy_loss::<Tensor>(&ys, None, tch::Reduction::Mean, -100, 0.0)
             .map_err(torch_err)?;
@@ -257,6 +258,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Class
         params,
     );
     Ok(Setup {
+        device,
         recipe: Recipe::plain(config.lr, config.momentum),
         train: Box::new(Train {
             loader: train,

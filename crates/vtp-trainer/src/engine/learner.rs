@@ -16,6 +16,7 @@ use tch::Tensor;
 use tch::nn::VarStore;
 use vtp_core::{EpochReport, Error, ProgressSink, Result, TrainConfig, TrainSpec, TrainSummary};
 
+use super::amp::{Amp, GradScaler};
 use super::checkpoint::{self, Checkpoint, CheckpointMeta, ClassReport, InitReport};
 use super::optim::{Optimizer, ParamGroup};
 use super::torch_err;
@@ -41,11 +42,13 @@ pub(crate) trait Task {
     fn identity(&self) -> (&str, &[String]);
 
     /// The training loss of `batch`: the tensor to back-propagate, and its
-    /// named parts as numbers (their sum is the loss).
+    /// named parts as numbers (their sum is the loss). The forward pass
+    /// runs through `amp` ([`Amp::forward`]) and the loss is computed in
+    /// float32 ([`Amp::full`]).
     ///
     /// # Errors
     /// libtorch failures.
-    fn loss(&mut self, batch: &Self::Batch) -> Result<StepLoss>;
+    fn loss(&mut self, batch: &Self::Batch, amp: &Amp) -> Result<StepLoss>;
 
     /// After every optimizer step (a moving average of the weights).
     ///
@@ -216,6 +219,8 @@ impl Recipe {
 /// A task ready to train: its model, data, optimizer and recipe.
 pub(crate) struct Setup<T: Task> {
     pub(crate) task: T,
+    /// Where the model's weights live.
+    pub(crate) device: tch::Device,
     pub(crate) config: TrainConfig,
     pub(crate) train: Box<dyn TrainData<T::Batch>>,
     pub(crate) optimizer: Optimizer,
@@ -437,13 +442,18 @@ pub(crate) fn fit<T: Task>(
 ) -> Result<TrainSummary> {
     let Setup {
         task,
+        device,
         config,
         train,
-        optimizer,
+        mut optimizer,
         recipe,
         skipped,
         init,
     } = setup;
+    let amp = Amp::new(config.amp, device);
+    if amp.needs_scaler() {
+        optimizer.set_grad_scaler(GradScaler::new(device));
+    }
     let mut run = Fit {
         task,
         config,
@@ -520,7 +530,7 @@ pub(crate) fn fit<T: Task>(
                 run.optimizer
                     .set_momentum(interp(x, nw as f64, warmup.momentum, recipe.momentum));
             }
-            let step = run.task.loss(&batch)?;
+            let step = run.task.loss(&batch, &amp)?;
             let step_total: f64 = step.parts.iter().map(|(_, v)| v).sum();
             if !step_total.is_finite() {
                 return Err(Error::invalid(
@@ -582,6 +592,10 @@ pub(crate) fn fit<T: Task>(
             ("skipped_images".to_owned(), skipped as f64),
             ("data_wait_seconds".to_owned(), data_wait.as_secs_f64()),
         ]);
+        if let Some(scaler) = run.optimizer.grad_scaler() {
+            metrics.insert("amp_scale".to_owned(), scaler.scale_value()?);
+            metrics.insert("amp_skipped_steps".to_owned(), scaler.skipped() as f64);
+        }
         run.history.push(metrics.clone());
         let improved = evaluation.fitness > run.best;
         // Ultralytics' early stopping also moves the best epoch while the

@@ -3,6 +3,7 @@
 //! training loop (`learner`) over a per-task trait, and leaves safetensors
 //! checkpoints; [`Predictor`] predicts with one.
 
+pub mod amp;
 pub mod checkpoint;
 mod classify;
 pub mod detect;

@@ -6,6 +6,7 @@
 use tch::{Kind, Tensor};
 use vtp_core::Result;
 
+use super::amp::GradScaler;
 use super::torch_err;
 use vtp_core::OptimizerKind;
 
@@ -58,6 +59,9 @@ pub struct Optimizer {
     state: Vec<Vec<Tensor>>,
     /// Gradients summed by [`Optimizer::accumulate`] since the last step.
     pending: Option<Vec<Tensor>>,
+    /// Scales the loss of [`Optimizer::accumulate`] and checks the
+    /// gradients of [`Optimizer::step_accumulated`] (float16 training).
+    scaler: Option<GradScaler>,
 }
 
 impl Optimizer {
@@ -94,7 +98,19 @@ impl Optimizer {
             nesterov: false,
             state,
             pending: None,
+            scaler: None,
         }
+    }
+
+    /// Scales losses and checks gradients with `scaler` from now on
+    /// (mixed precision in float16).
+    pub fn set_grad_scaler(&mut self, scaler: GradScaler) {
+        self.scaler = Some(scaler);
+    }
+
+    /// The gradient scaler, if there is one.
+    pub fn grad_scaler(&self) -> Option<&GradScaler> {
+        self.scaler.as_ref()
     }
 
     /// Like [`Optimizer::new`], with each parameter put in the group
@@ -140,12 +156,16 @@ impl Optimizer {
 
     /// Back-propagates `loss` and adds the gradients to those held since the
     /// last [`Optimizer::step_accumulated`] (gradient accumulation over
-    /// several batches, as a nominal batch size asks).
+    /// several batches, as a nominal batch size asks). With a gradient
+    /// scaler, the scaled loss is back-propagated.
     ///
     /// # Errors
     /// libtorch failures.
     pub fn accumulate(&mut self, loss: &Tensor) -> Result<()> {
-        let grads = self.gradients(loss)?;
+        let grads = match &self.scaler {
+            Some(scaler) => self.gradients(&scaler.scale(loss)?)?,
+            None => self.gradients(loss)?,
+        };
         match &mut self.pending {
             None => self.pending = Some(grads),
             Some(held) => {
@@ -166,7 +186,10 @@ impl Optimizer {
 
     /// Applies the accumulated gradients, first scaling them so that their
     /// total L2 norm is at most `max_norm` (PyTorch's `clip_grad_norm_`).
-    /// Nothing happens when nothing was accumulated.
+    /// Nothing happens when nothing was accumulated. With a gradient
+    /// scaler, the gradients are unscaled first, and a step whose gradients
+    /// are not finite is skipped (as `GradScaler.step` skips it) and the
+    /// scale backed off.
     ///
     /// # Errors
     /// libtorch failures.
@@ -174,6 +197,13 @@ impl Optimizer {
         let Some(mut grads) = self.pending.take() else {
             return Ok(());
         };
+        if let Some(scaler) = &mut self.scaler {
+            let finite = scaler.unscale(&mut grads)?;
+            scaler.update(finite)?;
+            if !finite {
+                return Ok(());
+            }
+        }
         if let Some(max_norm) = max_norm {
             let norms: Vec<Tensor> = grads
                 .iter()
@@ -337,9 +367,13 @@ impl Optimizer {
         })
     }
 
-    /// The state as named tensors (for a checkpoint), plus the step count.
+    /// The state as named tensors (for a checkpoint), plus the step count
+    /// and any gradient scaler's state.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = vec![("step".to_owned(), Tensor::from_slice(&[self.step]))];
+        if let Some(scaler) = &self.scaler {
+            out.extend(scaler.state_tensors());
+        }
         for ((name, _), state) in self.params.iter().zip(&self.state) {
             for (i, t) in state.iter().enumerate() {
                 out.push((format!("{name}.{i}"), t.to_device(tch::Device::Cpu)));
@@ -362,6 +396,9 @@ impl Optimizer {
         };
         let step = find("step").ok_or_else(|| mismatch("no step".into()))?;
         self.step = step.f_int64_value(&[0]).map_err(torch_err)?;
+        if let Some(scaler) = &mut self.scaler {
+            scaler.load_state(named)?;
+        }
         tch::no_grad(|| -> Result<()> {
             for ((name, p), state) in self.params.iter().zip(&mut self.state) {
                 for (i, slot) in state.iter_mut().enumerate() {

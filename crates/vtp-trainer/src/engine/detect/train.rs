@@ -17,6 +17,7 @@ use super::model::{DetectionModel, YoloVariant};
 use super::nms::{NmsConfig, non_max_suppression};
 use crate::data::detect_loader::{DetectBatch, DetectLoader, DetectLoaderConfig};
 use crate::data::yolo::YoloDataset;
+use crate::engine::amp::Amp;
 use crate::engine::checkpoint::{self, Checkpoint, CheckpointMeta, ClassReport};
 use crate::engine::learner::{
     Decay, Evaluation, Recipe, Record, Setup, StepLoss, Task, TrainData, Warmup, init_weights,
@@ -213,9 +214,13 @@ impl Task for Detect {
         (self.variant.name(), &self.names)
     }
 
-    fn loss(&mut self, batch: &DetectBatch) -> Result<StepLoss> {
+    fn loss(&mut self, batch: &DetectBatch, amp: &Amp) -> Result<StepLoss> {
         let (xs, targets) = self.tensors(batch)?;
-        let raw = self.model.forward_t(&xs, true);
+        let raw = amp
+            .forward(|| self.model.forward_t(&xs, true))?
+            .iter()
+            .map(Amp::full)
+            .collect::<Result<Vec<_>>>()?;
         let (loss, parts) = self.loss.compute(&raw, &targets);
         Ok(StepLoss {
             loss,
@@ -425,6 +430,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Detec
         },
     );
     Ok(Setup {
+        device,
         recipe: Recipe {
             lr0,
             momentum,

@@ -685,10 +685,27 @@ fn describe(job: &Job) {
     if let Some(uri) = &job.checkpoint_s3_uri {
         println!("checkpoint  {uri}");
     }
+    if let Some(report) = &job.per_class {
+        println!("per class   {}", per_class_line(report));
+    }
     println!("created     {}", job.created_at.to_rfc3339());
     if let Some(at) = job.finished_at {
         println!("finished    {}", at.to_rfc3339());
     }
+}
+
+/// `accuracy: cat 0.91, dog 0.88, bird -` (a class without validation images: `-`).
+fn per_class_line(report: &vtp_core::ClassReport) -> String {
+    let values: Vec<String> = report
+        .classes
+        .iter()
+        .zip(&report.values)
+        .map(|(class, value)| match value {
+            Some(value) => format!("{class} {value:.3}"),
+            None => format!("{class} -"),
+        })
+        .collect();
+    format!("{}: {}", report.metric, values.join(", "))
 }
 
 #[cfg(feature = "torch")]

@@ -140,6 +140,10 @@ pub struct Job {
     pub created_at: DateTime<Utc>,
     /// When the job last changed.
     pub updated_at: DateTime<Utc>,
+    /// Validation per class of the final checkpoint, from the trainer's
+    /// final report (when it sent one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<crate::ClassReport>,
     /// When the trainer first reported `running`.
     pub started_at: Option<DateTime<Utc>>,
     /// When the job reached a terminal state.
@@ -587,6 +591,7 @@ impl NewJob {
             error: None,
             checkpoint_s3_uri: None,
             last_checkpoint_s3_uri: None,
+            per_class: None,
             attempt: 0,
             attempts: Vec::new(),
             last_seq: 0,

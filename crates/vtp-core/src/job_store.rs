@@ -98,7 +98,7 @@ impl Quota {
 ///   (status, progress, message, error, checkpoint_s3_uri,
 ///   last_checkpoint_s3_uri, attempt, attempts, last_seq, updated_at,
 ///   started_at, finished_at, queued_at, launched_at, not_before,
-///   deleted_at, the start's `Idempotency-Key`), bumps `revision` by one and upserts
+///   deleted_at, per_class, the start's `Idempotency-Key`), bumps `revision` by one and upserts
 ///   `metric` (one row per job and epoch, the newest wins) only if the stored
 ///   job matches `expected`; otherwise it changes nothing.
 /// - `create_within` and `compare_and_set_within` do the same only while

@@ -41,6 +41,7 @@ pub mod api;
 pub mod auth;
 pub mod blob;
 pub mod callback_signature;
+pub mod class_report;
 pub mod error;
 pub mod event;
 pub mod job;
@@ -63,6 +64,7 @@ pub mod conformance;
 pub use auth::{CredentialStore, CredentialStoreExt, NewToken, Principal, TokenRecord, hash_token};
 pub use blob::{BlobKey, BlobStore, BlobStoreExt, BlobUri, ByteStream, ObjectMeta};
 pub use callback_signature::CallbackSecret;
+pub use class_report::ClassReport;
 pub use error::{BoxError, Error, Result, error_chain};
 pub use event::{EventKind, JobEvent};
 pub use job::{

@@ -51,6 +51,10 @@ pub struct TrainSummary {
     /// limit), if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// The checkpoint's validation per class, its classes named (none past
+    /// [`crate::ClassReport::MAX_CLASSES`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<crate::ClassReport>,
 }
 
 /// Progress inside an epoch, after one training step (for progress bars

@@ -55,6 +55,9 @@ pub struct TrainingUpdate {
     /// attempts are left; a job being cancelled becomes `cancelled`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retryable: bool,
+    /// With `completed`: the final checkpoint's validation per class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_class: Option<crate::ClassReport>,
 }
 
 impl TrainingUpdate {
@@ -72,6 +75,7 @@ impl TrainingUpdate {
             attempt: None,
             last_checkpoint_s3_uri: None,
             retryable: false,
+            per_class: None,
         }
     }
 
@@ -125,6 +129,12 @@ impl TrainingUpdate {
         self
     }
 
+    /// Sets `per_class`.
+    pub fn with_per_class(mut self, per_class: Option<crate::ClassReport>) -> Self {
+        self.per_class = per_class;
+        self
+    }
+
     /// Marks a `failed` report as worth another attempt (see the field
     /// `retryable`).
     pub fn as_retryable(mut self) -> Self {
@@ -175,6 +185,15 @@ impl TrainingUpdate {
             && attempt < 1
         {
             return Err(Error::invalid("attempt", "must be 1 or more"));
+        }
+        if let Some(per_class) = &self.per_class {
+            if self.status != JobStatus::Completed {
+                return Err(Error::invalid(
+                    "per_class",
+                    format!("only a completed report carries it, not {}", self.status),
+                ));
+            }
+            per_class.validate()?;
         }
         if self.retryable && self.status != JobStatus::Failed {
             return Err(Error::invalid(
@@ -306,6 +325,9 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     }
     if update.checkpoint_s3_uri.is_some() {
         next.checkpoint_s3_uri.clone_from(&update.checkpoint_s3_uri);
+    }
+    if update.per_class.is_some() {
+        next.per_class.clone_from(&update.per_class);
     }
     if update.last_checkpoint_s3_uri.is_some() {
         next.last_checkpoint_s3_uri

@@ -65,7 +65,15 @@ def test_a_job_trains_streams_its_events_and_its_checkpoint_predicts(
     assert progress == sorted(progress) and progress[-1] == 1.0, progress
 
     # The same job through every read path.
-    assert client.get_job(job.id).status == "completed"
+    finished = client.get_job(job.id)
+    assert finished.status == "completed"
+    # The final report's validation per class: each class's accuracy is
+    # its row of the confusion matrix, read off the diagonal.
+    per_class = finished.per_class
+    assert per_class is not None and per_class["classes"] == CLASSES, finished.data
+    for c, (row, accuracy) in enumerate(zip(per_class["confusion"], per_class["values"])):
+        assert len(row) == len(CLASSES) and sum(row) > 0, per_class
+        assert accuracy == pytest.approx(row[c] / sum(row)), per_class
     assert job.id in {j.id for j in client.jobs(user_id=client.user_id)}
     assert job.id in {j.id for j in client.jobs(status="completed", limit=100)}
     metrics = job.metrics()

@@ -169,6 +169,15 @@ async fn a_job_trains_reports_every_epoch_and_uploads_checkpoints() {
         job["message"].as_str().unwrap().contains("val accuracy"),
         "{job}"
     );
+    // The final report's validation per class, stored with the job.
+    let per_class = &job["per_class"];
+    assert_eq!(per_class["metric"], "accuracy", "{job}");
+    assert_eq!(
+        per_class["classes"],
+        serde_json::json!(["disc", "square", "stripes"])
+    );
+    assert_eq!(per_class["values"].as_array().unwrap().len(), 3);
+    assert_eq!(per_class["confusion"].as_array().unwrap().len(), 3);
     let (_, metrics) = s
         .call(
             s.http

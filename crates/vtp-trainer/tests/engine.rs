@@ -100,6 +100,13 @@ fn it_learns_and_checkpoints_predict() {
         assert!((row[c] as f64 / row.iter().sum::<u64>() as f64 - class_accuracy).abs() < 1e-12);
     }
     assert_eq!(checkpoint.meta.metrics["val_top5_accuracy"], 1.0);
+    // The final report carries the same, its classes named.
+    let reported = summary.per_class.as_ref().unwrap();
+    assert_eq!(reported.classes, ["disc", "square", "stripes"]);
+    assert_eq!(
+        (&reported.values, &reported.confusion),
+        (&per_class.values, &per_class.confusion)
+    );
     let predictor = Predictor::load(&out).unwrap();
     let files: Vec<PathBuf> = ["disc/0.png", "square/0.png", "stripes/0.png"]
         .iter()

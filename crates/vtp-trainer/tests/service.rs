@@ -126,6 +126,7 @@ impl Trainer for CountingEngine {
             checkpoint: spec.output_dir.join("best.safetensors"),
             metrics,
             stopped: None,
+            per_class: None,
         })
     }
 }

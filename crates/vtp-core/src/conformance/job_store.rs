@@ -343,13 +343,22 @@ pub async fn reordered_epochs_are_all_recorded(store: Store) {
 
 pub async fn terminal_job_refuses_updates(store: Store) {
     let job = running_job(&store).await;
+    // The final report's validation per class is stored with the job.
+    let per_class = crate::ClassReport {
+        metric: "accuracy".into(),
+        classes: vec!["cat".into(), "dog".into()],
+        values: vec![Some(0.75), None],
+        confusion: Some(vec![vec![3, 1], vec![0, 0]]),
+    };
     let done = TrainingUpdate::new(JobStatus::Completed)
         .with_seq(1)
-        .with_checkpoint("s3://bucket/jobs/x/best.safetensors");
+        .with_checkpoint("s3://bucket/jobs/x/best.safetensors")
+        .with_per_class(Some(per_class.clone()));
     let completed = store.apply_update(job.id, &done).await.unwrap();
     assert_eq!(completed.job().status, JobStatus::Completed);
     assert_eq!(completed.job().progress, 1.0);
     let before = store.get(job.id).await.unwrap();
+    assert_eq!(before.per_class.as_ref(), Some(&per_class));
     for status in [JobStatus::Running, JobStatus::Failed, JobStatus::Completed] {
         let err = store
             .apply_update(job.id, &TrainingUpdate::new(status).with_seq(2))

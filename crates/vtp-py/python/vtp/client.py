@@ -110,6 +110,14 @@ class Job:
         return Path(unquote(urlparse(uri).path))
 
     @property
+    def per_class(self) -> dict[str, Any] | None:
+        """The final checkpoint's validation per class (``metric``,
+        ``classes``, ``values``, and for a classifier ``confusion``), from
+        the trainer's final report; ``None`` before it or without one."""
+        value = self.data.get("per_class")
+        return None if value is None else dict(value)
+
+    @property
     def done(self) -> bool:
         return self.status in TERMINAL
 

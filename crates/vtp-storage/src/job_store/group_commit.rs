@@ -75,6 +75,8 @@ struct Change {
     recorded_at: Option<DateTime<Utc>>,
     /// JSON; none for a change that is only progress (not history).
     event: Option<String>,
+    /// JSON.
+    per_class: Option<String>,
 }
 
 impl Change {
@@ -118,6 +120,12 @@ impl Change {
                 .then(|| serde_json::to_string(&event))
                 .transpose()
                 .map_err(|e| json("event", e))?,
+            per_class: next
+                .per_class
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| json("per_class", e))?,
         })
     }
 }
@@ -130,18 +138,18 @@ const WRITE_CHANGES: &str = concat!(
      $5::float8[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
      $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[], $15::text[], \
      $16::text[], $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], \
-     $20::timestamptz[], $21::int8[], $22::text[], $23::timestamptz[], $24::text[]) \
+     $20::timestamptz[], $21::int8[], $22::text[], $23::timestamptz[], $24::text[], $25::text[]) \
      AS c(id, expected_status, expected_revision, status, progress, message, error, \
      checkpoint_s3_uri, attempt, last_seq, updated_at, started_at, finished_at, \
      last_checkpoint_s3_uri, attempts, start_key, queued_at, launched_at, not_before, \
-     deleted_at, metric_epoch, metric_values, recorded_at, event)), \
+     deleted_at, metric_epoch, metric_values, recorded_at, event, per_class)), \
      upd AS (UPDATE jobs SET status = c.status, progress = c.progress, message = c.message, \
      error = c.error, checkpoint_s3_uri = c.checkpoint_s3_uri, attempt = c.attempt, \
      last_seq = c.last_seq, updated_at = c.updated_at, started_at = c.started_at, \
      finished_at = c.finished_at, last_checkpoint_s3_uri = c.last_checkpoint_s3_uri, \
      attempts = c.attempts::jsonb, start_key = c.start_key, queued_at = c.queued_at, \
      launched_at = c.launched_at, not_before = c.not_before, deleted_at = c.deleted_at, \
-     revision = jobs.revision + 1 \
+     per_class = c.per_class::jsonb, revision = jobs.revision + 1 \
      FROM change c \
      WHERE jobs.id = c.id AND jobs.status = c.expected_status \
      AND jobs.revision = c.expected_revision \
@@ -394,6 +402,7 @@ async fn write_changes(conn: &mut PgConnection, changes: &[&Change]) -> sqlx::Re
         .bind(column(changes, |c| c.metric_values.as_deref()))
         .bind(column(changes, |c| c.recorded_at))
         .bind(column(changes, |c| c.event.as_deref()))
+        .bind(column(changes, |c| c.per_class.as_deref()))
         .fetch_all(conn)
         .await
 }

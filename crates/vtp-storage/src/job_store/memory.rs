@@ -115,6 +115,7 @@ impl State {
         stored.launched_at = next.launched_at;
         stored.not_before = next.not_before;
         stored.deleted_at = next.deleted_at;
+        stored.per_class.clone_from(&next.per_class);
         stored.revision = current.revision + 1;
         let event = JobEvent::of_change(Some(current.status), &stored, metric);
         self.jobs.insert(stored.id, stored.clone());

@@ -30,6 +30,7 @@ pub(crate) struct JobRow {
     checkpoint_s3_uri: Option<String>,
     last_checkpoint_s3_uri: Option<String>,
     attempts: Json<Vec<vtp_core::AttemptEnded>>,
+    per_class: Option<Json<vtp_core::ClassReport>>,
     attempt: i32,
     last_seq: i64,
     revision: i64,
@@ -72,6 +73,7 @@ impl TryFrom<JobRow> for Job {
             checkpoint_s3_uri: row.checkpoint_s3_uri,
             last_checkpoint_s3_uri: row.last_checkpoint_s3_uri,
             attempts: row.attempts.0,
+            per_class: row.per_class.map(|json| json.0),
             attempt: row.attempt,
             last_seq: row.last_seq,
             revision: row.revision,
@@ -163,26 +165,26 @@ macro_rules! job_columns {
         "id, user_id, model_name, framework, dataset_s3_uri, config, epochs, status, priority, progress, \
          message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, \
          revision, created_at, updated_at, started_at, finished_at, queued_at, launched_at, not_before, \
-         deleted_at, create_key, create_digest, start_key"
+         deleted_at, create_key, create_digest, start_key, per_class"
     };
 }
 pub(crate) use job_columns;
 
 /// The compare-and-set `UPDATE` of a job, as a literal (so `concat!` can
 /// wrap it in a CTE or add a condition), without its `RETURNING`.
-/// Parameters `$1..$20`: see [`bind_update`].
+/// Parameters `$1..$21`: see [`bind_update`].
 macro_rules! update_job_sql {
     () => {
         "UPDATE jobs SET status = $3, progress = $4, message = $5, error = $6, checkpoint_s3_uri = $7, \
          attempt = $8, last_seq = $9, updated_at = $10, started_at = $11, finished_at = $12, \
          last_checkpoint_s3_uri = $14, attempts = $15, start_key = $16, queued_at = $17, \
-         launched_at = $18, not_before = $19, deleted_at = $20, revision = revision + 1 \
+         launched_at = $18, not_before = $19, deleted_at = $20, per_class = $21, revision = revision + 1 \
          WHERE id = $1 AND status = $2 AND revision = $13"
     };
 }
 pub(crate) use update_job_sql;
 
-/// Binds `$1..$20` of [`update_job_sql`]: the next job's fields and the expectation.
+/// Binds `$1..$21` of [`update_job_sql`]: the next job's fields and the expectation.
 macro_rules! bind_update {
     ($query:expr, $next:expr, $expected:expr) => {
         $query
@@ -206,6 +208,7 @@ macro_rules! bind_update {
             .bind($next.launched_at)
             .bind($next.not_before)
             .bind($next.deleted_at)
+            .bind($next.per_class.as_ref().map(sqlx::types::Json))
     };
 }
 pub(crate) use bind_update;
@@ -259,21 +262,21 @@ macro_rules! ranked_queue_sql {
 }
 pub(crate) use ranked_queue_sql;
 
-/// The SQL of the `INSERT` of a new job: parameters `$1..$29` (see
+/// The SQL of the `INSERT` of a new job: parameters `$1..$30` (see
 /// `bind_insert`), the values as one `SELECT` so a condition can follow.
 macro_rules! insert_job_sql {
     () => {
         "INSERT INTO jobs (id, user_id, model_name, framework, dataset_s3_uri, config, status, progress, \
          message, error, checkpoint_s3_uri, last_checkpoint_s3_uri, attempts, attempt, last_seq, revision, \
          created_at, updated_at, started_at, finished_at, create_key, create_digest, start_key, \
-         epochs, priority, queued_at, launched_at, not_before, deleted_at) \
+         epochs, priority, queued_at, launched_at, not_before, deleted_at, per_class) \
          SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, \
-         $21, $22, $23, $24, $25, $26, $27, $28, $29"
+         $21, $22, $23, $24, $25, $26, $27, $28, $29, $30"
     };
 }
 pub(crate) use insert_job_sql;
 
-/// Binds `$1..$29` of [`insert_job_sql`].
+/// Binds `$1..$30` of [`insert_job_sql`].
 macro_rules! bind_insert {
     ($query:expr, $job:expr) => {
         $query
@@ -306,6 +309,7 @@ macro_rules! bind_insert {
             .bind($job.launched_at)
             .bind($job.not_before)
             .bind($job.deleted_at)
+            .bind($job.per_class.as_ref().map(sqlx::types::Json))
     };
 }
 pub(crate) use bind_insert;
@@ -431,8 +435,8 @@ macro_rules! impl_sql_job_store {
                     sqlx::query(concat!(
                         $crate::job_store::sql::insert_job_sql!(),
                         " WHERE ",
-                        $crate::job_store::sql::quota_count_sql!("$2", "$1", "$30", "$31", "$32"),
-                        " < $33"
+                        $crate::job_store::sql::quota_count_sql!("$2", "$1", "$31", "$32", "$33"),
+                        " < $34"
                     )),
                     job
                 )
@@ -578,8 +582,8 @@ macro_rules! impl_sql_job_store {
                     sqlx::query_as(concat!(
                         $crate::job_store::sql::update_job_sql!(),
                         " AND ",
-                        $crate::job_store::sql::quota_count_sql!("jobs.user_id", "jobs.id", "$21", "$22", "$23"),
-                        " < $24 RETURNING ",
+                        $crate::job_store::sql::quota_count_sql!("jobs.user_id", "jobs.id", "$22", "$23", "$24"),
+                        " < $25 RETURNING ",
                         $crate::job_store::sql::job_columns!()
                     )),
                     next,

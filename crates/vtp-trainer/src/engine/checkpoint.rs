@@ -84,19 +84,9 @@ pub struct CheckpointMeta {
     pub optimizer_sha256: Option<String>,
 }
 
-/// Validation per class.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ClassReport {
-    /// What `values` holds: `accuracy` (classify: the share of a class's
-    /// validation images predicted as it) or `map` (detect: mAP50-95).
-    pub metric: String,
-    /// Per class, in the order of `class_names`; `None` for a class without
-    /// validation images (ground truth).
-    pub values: Vec<Option<f64>>,
-    /// Classify: `confusion[true][predicted]`, validation images counted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub confusion: Option<Vec<Vec<u64>>>,
-}
+/// Validation per class (the sidecar's leaves `classes` empty: its
+/// `class_names` name them).
+pub use vtp_core::ClassReport;
 
 /// How initial weights loaded: every tensor of the model whose name and
 /// shape a tensor of the file matched was copied.

@@ -144,6 +144,7 @@ impl Task for Classify {
             ]),
             fitness: accuracy,
             per_class: Some(ClassReport {
+                classes: Vec::new(),
                 metric: "accuracy".to_owned(),
                 values: per_class,
                 // Bounded: a sidecar per epoch carries it.

@@ -653,7 +653,8 @@ fn stop_reason(
 }
 
 /// What a finished run leaves: `best` if an epoch made one, else `last`,
-/// with the final epoch's metrics.
+/// with the final epoch's metrics and that checkpoint's validation per
+/// class, its classes named (from the set's sidecar).
 fn summary(
     output: &Path,
     epochs: u32,
@@ -661,15 +662,17 @@ fn summary(
     stopped: Option<String>,
 ) -> TrainSummary {
     let best = output.join("best.safetensors");
+    let stem = if best.is_file() { "best" } else { "last" };
+    let per_class = std::fs::read(output.join(format!("{stem}.json")))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice::<CheckpointMeta>(&bytes).ok())
+        .and_then(|meta| meta.per_class?.named(&meta.class_names));
     TrainSummary {
         epochs,
-        checkpoint: if best.is_file() {
-            best
-        } else {
-            output.join("last.safetensors")
-        },
+        checkpoint: output.join(format!("{stem}.safetensors")),
         metrics: history.last().cloned().unwrap_or_default(),
         stopped,
+        per_class,
     }
 }
 

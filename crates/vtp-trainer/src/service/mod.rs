@@ -863,7 +863,8 @@ impl TrainerService {
                         Some(reason) => format!("done: {}; {reason}", headline(&summary.metrics)),
                         None => format!("done: {}", headline(&summary.metrics)),
                     })
-                    .with_checkpoint(uri))
+                    .with_checkpoint(uri)
+                    .with_per_class(summary.per_class))
             }
             // Interrupted: the sets stored after each epoch are what the next
             // attempt resumes from; the little time left goes to reporting.

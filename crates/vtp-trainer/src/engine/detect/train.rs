@@ -256,6 +256,7 @@ impl Task for Detect {
             ]),
             fitness,
             per_class: Some(ClassReport {
+                classes: Vec::new(),
                 metric: "map".to_owned(),
                 values: metrics.per_class_map,
                 confusion: None,

@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batch: usize = arg(3, "32").parse()?;
     let images: usize = arg(4, "512").parse()?;
     let device = arg(5, "cuda");
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     let dir = tempfile::tempdir()?;
     let detector = model.starts_with("yolo");
     let data = if detector {
@@ -39,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let config = serde_json::json!({
         "model": model, "epochs": 3, "image_size": image_size, "batch_size": batch,
-        "device": device, "amp": amp, "seed": 1, "workers": 4,
+        "device": device, "amp": amp, "seed": 1, "workers": workers,
     });
     let spec = TrainSpec {
         job_id: JobId::new(),

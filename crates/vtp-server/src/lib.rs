@@ -320,17 +320,17 @@ pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
         .routes(routes!(routes::jobs::create, routes::jobs::list))
         .routes(routes!(routes::jobs::get, routes::jobs::cancel))
         .routes(routes!(routes::datasets::delete))
-        .routes(routes!(routes::jobs::start))
-        .routes(routes!(routes::jobs::callback))
-        .routes(routes!(routes::jobs::metrics))
+        .routes(routes!(routes::jobs::launch::start))
+        .routes(routes!(routes::jobs::reports::callback))
+        .routes(routes!(routes::jobs::reports::metrics))
         .route_layer(tower_http::timeout::TimeoutLayer::with_status_code(
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             REQUEST_TIMEOUT,
         ));
     let streaming = OpenApiRouter::new()
-        .routes(routes!(routes::jobs::events))
-        .routes(routes!(routes::jobs::checkpoint))
-        .routes(routes!(routes::jobs::checkpoint_file))
+        .routes(routes!(routes::jobs::reports::events))
+        .routes(routes!(routes::jobs::checkpoints::checkpoint))
+        .routes(routes!(routes::jobs::checkpoints::checkpoint_file))
         // The upload handler bounds the body itself while streaming it:
         // its size, each part's header section, its pace and its length.
         .routes(routes!(routes::datasets::upload).layer(DefaultBodyLimit::disable()))

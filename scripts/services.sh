@@ -55,10 +55,12 @@ start_postgres() {
         }
         PG_URL="$with_password"
     fi
-    # Drop databases left behind by interrupted test runs.
+    # Drop databases left behind by interrupted test runs. Not with (force):
+    # one with a session open belongs to a suite running beside this one
+    # (a second checkout's tests), and stays.
     psql "$PG_URL" -Atqc "select datname from pg_database where datname like 'vtp\_t\_%'" 2>/dev/null |
         while read -r db; do
-            [ -n "$db" ] && psql "$PG_URL" -qc "drop database if exists $db with (force)" >/dev/null 2>&1 || true
+            [ -n "$db" ] && psql "$PG_URL" -qc "drop database if exists $db" >/dev/null 2>&1 || true
         done
 }
 

@@ -78,17 +78,15 @@ impl Autocast {
         })
     }
 
-    /// Runs `f` inside an autocast region on `device` with its default dtype;
-    /// with `enabled` false, runs it as it is.
+    /// Runs `f` inside an autocast region on `device` in `dtype`; with
+    /// `dtype` `None`, runs it as it is.
     ///
     /// # Errors
     /// As [`Autocast::enter`].
-    pub fn run<T>(enabled: bool, device: Device, f: impl FnOnce() -> T) -> Result<T, Error> {
-        let _region = if enabled {
-            Some(Autocast::enter(device, default_dtype(device))?)
-        } else {
-            None
-        };
+    pub fn run<T>(dtype: Option<Kind>, device: Device, f: impl FnOnce() -> T) -> Result<T, Error> {
+        let _region = dtype
+            .map(|dtype| Autocast::enter(device, dtype))
+            .transpose()?;
         Ok(f())
     }
 }
@@ -215,10 +213,11 @@ mod tests {
     }
 
     #[test]
-    fn run_with_enabled_false_changes_nothing() {
-        let kind = Autocast::run(false, Device::Cpu, matmul_kind).unwrap();
+    fn run_without_a_dtype_changes_nothing() {
+        let kind = Autocast::run(None, Device::Cpu, matmul_kind).unwrap();
         assert_eq!(kind, Kind::Float);
-        let kind = Autocast::run(true, Device::Cpu, matmul_kind).unwrap();
+        let kind =
+            Autocast::run(Some(default_dtype(Device::Cpu)), Device::Cpu, matmul_kind).unwrap();
         assert_eq!(kind, Kind::BFloat16);
     }
 

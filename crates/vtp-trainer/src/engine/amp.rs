@@ -54,14 +54,8 @@ impl Amp {
     /// # Errors
     /// libtorch refusing autocast on the device.
     pub fn forward<T>(&self, forward: impl FnOnce() -> T) -> Result<T> {
-        let _region = match self.dtype {
-            Some(dtype) => Some(
-                Autocast::enter(self.device, dtype)
-                    .map_err(|e| Error::backend("libtorch", e.to_string()))?,
-            ),
-            None => None,
-        };
-        Ok(forward())
+        Autocast::run(self.dtype, self.device, forward)
+            .map_err(|e| Error::backend("libtorch", e.to_string()))
     }
 
     /// `output` in float32 (itself, unchanged, in full precision).

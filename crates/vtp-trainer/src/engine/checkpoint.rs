@@ -314,6 +314,35 @@ fn weights_beside(sidecar: &Path, weights: &str) -> PathBuf {
     if renamed.is_file() { renamed } else { written }
 }
 
+impl CheckpointMeta {
+    /// Reads a sidecar (`best.json`) and checks its format, without
+    /// touching the weights it describes.
+    ///
+    /// # Errors
+    /// [`Error::InvalidInput`] for a missing or malformed sidecar.
+    pub fn read(sidecar: &Path) -> Result<Self> {
+        let text = std::fs::read(sidecar).map_err(|e| {
+            Error::invalid(
+                "checkpoint",
+                format!("cannot read {}: {e}", sidecar.display()),
+            )
+        })?;
+        let meta: CheckpointMeta = serde_json::from_slice(&text).map_err(|e| {
+            Error::invalid(
+                "checkpoint",
+                format!("{} is not a VTP checkpoint sidecar: {e}", sidecar.display()),
+            )
+        })?;
+        if meta.format != FORMAT {
+            return Err(Error::invalid(
+                "checkpoint",
+                format!("unknown format {:?}", meta.format),
+            ));
+        }
+        Ok(meta)
+    }
+}
+
 impl Checkpoint {
     /// Opens a checkpoint from its weights file (`best.safetensors`), its
     /// sidecar (`best.json`) or its directory (then `best`, else `last`),
@@ -343,24 +372,7 @@ impl Checkpoint {
             let stem = name.strip_suffix(".safetensors").unwrap_or(name);
             path.with_file_name(format!("{stem}.json"))
         };
-        let text = std::fs::read(&sidecar).map_err(|e| {
-            Error::invalid(
-                "checkpoint",
-                format!("cannot read {}: {e}", sidecar.display()),
-            )
-        })?;
-        let meta: CheckpointMeta = serde_json::from_slice(&text).map_err(|e| {
-            Error::invalid(
-                "checkpoint",
-                format!("{} is not a VTP checkpoint sidecar: {e}", sidecar.display()),
-            )
-        })?;
-        if meta.format != FORMAT {
-            return Err(Error::invalid(
-                "checkpoint",
-                format!("unknown format {:?}", meta.format),
-            ));
-        }
+        let meta = CheckpointMeta::read(&sidecar)?;
         let dir = sidecar.parent().unwrap_or(Path::new("."));
         let weights = weights_beside(&sidecar, &meta.weights);
         let digest = sha256_file(&weights)?;

@@ -663,10 +663,15 @@ fn summary(
 ) -> TrainSummary {
     let best = output.join("best.safetensors");
     let stem = if best.is_file() { "best" } else { "last" };
-    let per_class = std::fs::read(output.join(format!("{stem}.json")))
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<CheckpointMeta>(&bytes).ok())
-        .and_then(|meta| meta.per_class?.named(&meta.class_names));
+    let per_class = match CheckpointMeta::read(&output.join(format!("{stem}.json"))) {
+        Ok(meta) => meta
+            .per_class
+            .and_then(|report| report.named(&meta.class_names)),
+        Err(e) => {
+            tracing::warn!(error = %e, "the final report goes without validation per class");
+            None
+        }
+    };
     TrainSummary {
         epochs,
         checkpoint: output.join(format!("{stem}.safetensors")),

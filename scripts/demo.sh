@@ -54,11 +54,9 @@ eval "$(scripts/libtorch.sh)"
 python -c "import sklearn" 2>/dev/null || pip install -q --disable-pip-version-check scikit-learn
 
 step "building vtp-backend, vtp-trainer-service and vtp"
-# Only what the embedded defaults run: no Postgres, S3 or Kubernetes code.
-# The backend is built without `torch`: it does not depend on the trainer, so
-# it compiles beside libtorch's bindings rather than after them.
-cargo build --locked -p vtp-server -p vtp-trainer -p vtp-cli --no-default-features \
-    --features vtp-trainer/service,vtp-trainer/torch,vtp-cli/torch --bins
+# shellcheck source=scripts/demo-build.sh
+. scripts/demo-build.sh
+cargo build "${demo_build_args[@]}" --bins
 bin="$CARGO_TARGET_DIR/debug"
 
 mkdir -p .vtp/demo

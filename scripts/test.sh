@@ -88,6 +88,21 @@ if cargo tree --locked -p vtp-trainer --features service,s3 -e normal -i torch-s
     exit 1
 fi
 
+step "the main job's build (scripts/demo-build.sh) has no TLS provider, Kubernetes, OpenTelemetry or Swagger UI"
+. scripts/demo-build.sh
+demo_tree="$(cargo tree "${demo_build_args[@]}" -e normal,build --prefix none)"
+for crate in rustls aws-lc-sys ring kube opentelemetry utoipa-swagger-ui sqlx-postgres; do
+    if grep -q "^$crate v" <<<"$demo_tree"; then
+        echo "the main job's build compiles $crate:" >&2
+        cargo tree "${demo_build_args[@]}" -e normal,build -i "$crate" >&2
+        exit 1
+    fi
+done
+echo "none of them in the main job's build"
+
+step "the http-only client (no \`tls\`) refuses https URLs and CA bundles with a clear error"
+cargo test --locked -q -p vtp-client --no-default-features --lib
+
 step "cargo clippy"
 cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 

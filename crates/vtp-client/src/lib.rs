@@ -136,6 +136,7 @@ impl ClientBuilder {
                 format!("{:?} is not an http(s) URL", self.base_url),
             ));
         }
+        tls::require_for("url", &base)?;
         if !base.path().ends_with('/') {
             let path = format!("{}/", base.path());
             base.set_path(&path);
@@ -790,4 +791,45 @@ async fn download(request: RequestBuilder, dest: &Path) -> Result<u64> {
     file.sync_all().await.map_err(io)?;
     partial.persist(dest).map_err(|e| io(e.error))?;
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_must_be_http_or_https() {
+        for url in ["ftp://vtp.example/", "not a url", "file:///etc/passwd"] {
+            match Client::builder(url).build() {
+                Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "url"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
+        let client = Client::builder("http://127.0.0.1:8000/api")
+            .build()
+            .unwrap();
+        assert_eq!(client.base_url().as_str(), "http://127.0.0.1:8000/api/");
+    }
+
+    #[test]
+    fn an_https_backend_needs_the_tls_feature() {
+        let built = Client::builder("https://vtp.example").build();
+        if tls::ENABLED {
+            built.unwrap();
+        } else {
+            let err = built.unwrap_err();
+            assert!(err.to_string().contains("`tls` feature"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_token_must_be_a_header_value() {
+        match Client::builder("http://127.0.0.1:8000")
+            .token("line\nbreak")
+            .build()
+        {
+            Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "token"),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -49,6 +49,7 @@ impl HttpLauncher {
                 format!("{base_url:?} is not an http(s) URL"),
             ));
         }
+        vtp_client::tls::require_for("trainer_url", &base)?;
         if !base.path().ends_with('/') {
             base.set_path(&format!("{}/", base.path()));
         }

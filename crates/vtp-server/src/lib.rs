@@ -341,20 +341,47 @@ pub(crate) fn routes_with_docs() -> OpenApiRouter<AppState> {
         .routes(routes!(metrics::render))
 }
 
+/// `/openapi.json`, and Swagger UI rendering it at `/docs`.
+#[cfg(feature = "swagger-ui")]
+fn api_docs<S: Clone + Send + Sync + 'static>(document: utoipa::openapi::OpenApi) -> Router<S> {
+    utoipa_swagger_ui::SwaggerUi::new("/docs")
+        .url("/openapi.json", document)
+        .into()
+}
+
+/// `/openapi.json` only: this build has no Swagger UI (the main job's
+/// leaves it out).
+#[cfg(not(feature = "swagger-ui"))]
+fn api_docs<S: Clone + Send + Sync + 'static>(document: utoipa::openapi::OpenApi) -> Router<S> {
+    let body = document
+        .to_json()
+        .expect("the OpenAPI document serializes to JSON");
+    Router::new().route(
+        "/openapi.json",
+        axum::routing::get(move || {
+            std::future::ready((
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body.clone(),
+            ))
+        }),
+    )
+}
+
 /// The backend router.
 ///
 /// Every answer carries `x-request-id` (the client's, or a fresh UUID);
 /// the request's log lines carry it too. Non-streaming routes time out after
 /// [`REQUEST_TIMEOUT`]; uploads and checkpoint downloads stream for as long
 /// as they need. `/openapi.json` is the API's OpenAPI document and `/docs`
-/// renders it (Swagger UI, built into the binary).
+/// renders it (Swagger UI, built into the binary with the `swagger-ui`
+/// feature).
 pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     // Install the recorder before the first request records anything.
     metrics::handle();
     let (router, document) = routes_with_docs().split_for_parts();
     router
-        .merge(utoipa_swagger_ui::SwaggerUi::new("/docs").url("/openapi.json", document))
+        .merge(api_docs(document))
         .merge(ui::router())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -255,6 +255,7 @@ impl TrainerService {
                     format!("{:?} is not an http(s) URL", options.backend_url),
                 )
             })?;
+        crate::tls::require_for("backend_url", &backend)?;
         let outbox = Arc::new(Outbox::open(&work_dir.join("outbox"))?);
         Ok(Arc::new(TrainerService {
             engine,

@@ -10,17 +10,15 @@
 //! the number of workers: each batch draws its augmentation from its own
 //! seeded generator.
 
-use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use image::ImageDecoder;
 use image::imageops::FilterType;
-use rand::seq::SliceRandom;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use vtp_core::{Error, Result};
 
+use super::image_set::{ImageSet, ImageSetConfig, batch_rng};
 use super::prefetch::Batches;
 use super::yolo::YoloSample;
 
@@ -213,33 +211,30 @@ pub fn letterbox_image(image: &image::DynamicImage, size: u32) -> (Vec<f32>, Ima
     (out, shape)
 }
 
+/// A decoded image, shared.
 type Image = Arc<Decoded>;
+
+impl super::Prepare for DetectLoader {
+    fn len(&self) -> usize {
+        DetectLoader::len(self)
+    }
+    fn prepare(&self) -> Result<usize> {
+        DetectLoader::prepare(self)
+    }
+    fn corrupt_paths(&self) -> Vec<std::path::PathBuf> {
+        DetectLoader::corrupt_paths(self)
+    }
+}
+
+/// [`decode`], shared.
+fn decode_image(path: &Path, size: u32) -> Result<Image> {
+    decode(path, size).map(Image::new)
+}
 
 #[derive(Debug)]
 struct Shared {
-    samples: Vec<YoloSample>,
+    images: ImageSet<YoloSample, Image>,
     config: DetectLoaderConfig,
-    cache: Option<Vec<OnceLock<Option<Image>>>>,
-    corrupt: Mutex<BTreeSet<usize>>,
-}
-
-impl Shared {
-    /// The decoded image `i`, or `None` when it is corrupt.
-    fn image(&self, i: usize) -> Option<Image> {
-        let load = || match decode(&self.samples[i].image, self.config.image_size) {
-            Ok(image) => Some(Image::new(image)),
-            Err(e) => {
-                if self.corrupt.lock().expect("corrupt set").insert(i) {
-                    tracing::warn!(error = %e, "skipping image");
-                }
-                None
-            }
-        };
-        match &self.cache {
-            Some(cache) => cache[i].get_or_init(load).clone(),
-            None => load(),
-        }
-    }
 }
 
 /// Makes detection batches of a fixed set of samples.
@@ -251,27 +246,29 @@ pub struct DetectLoader {
 impl DetectLoader {
     /// A loader over `samples`; nothing is decoded yet.
     pub fn new(samples: Vec<YoloSample>, config: DetectLoaderConfig) -> Self {
-        let bytes = samples.len() as u64 * 3 * u64::from(config.image_size).pow(2);
-        let cache = (bytes <= config.cache_bytes)
-            .then(|| (0..samples.len()).map(|_| OnceLock::new()).collect());
+        let images = ImageSet::new(
+            samples,
+            decode_image,
+            ImageSetConfig {
+                image_size: config.image_size,
+                workers: config.workers,
+                cache_bytes: config.cache_bytes,
+                max_corrupt: config.max_corrupt,
+            },
+        );
         DetectLoader {
-            shared: Arc::new(Shared {
-                samples,
-                config,
-                cache,
-                corrupt: Mutex::new(BTreeSet::new()),
-            }),
+            shared: Arc::new(Shared { images, config }),
         }
     }
 
     /// Samples in the set.
     pub fn len(&self) -> usize {
-        self.shared.samples.len()
+        self.shared.images.len()
     }
 
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
-        self.shared.samples.is_empty()
+        self.shared.images.is_empty()
     }
 
     /// Batches per pass.
@@ -281,12 +278,17 @@ impl DetectLoader {
 
     /// Whether decoded images are kept in memory.
     pub fn is_cached(&self) -> bool {
-        self.shared.cache.is_some()
+        self.shared.images.is_cached()
     }
 
     /// Corrupt images found so far (they are skipped).
     pub fn skipped(&self) -> usize {
-        self.shared.corrupt.lock().expect("corrupt set").len()
+        self.shared.images.skipped()
+    }
+
+    /// The files found corrupt so far.
+    pub fn corrupt_paths(&self) -> Vec<std::path::PathBuf> {
+        self.shared.images.corrupt_paths()
     }
 
     /// Decodes every image now, on the worker threads, so that a corrupt
@@ -311,42 +313,7 @@ impl DetectLoader {
         if config.batch_size == 0 {
             return Err(Error::invalid("batch_size", "must be at least 1"));
         }
-        let next = AtomicUsize::new(0);
-        let n = self.len();
-        std::thread::scope(|scope| {
-            for _ in 0..config.workers.max(1) {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= n {
-                            break;
-                        }
-                        self.shared.image(i);
-                    }
-                });
-            }
-        });
-        let skipped = self.skipped();
-        if skipped > config.max_corrupt {
-            let first = *self
-                .shared
-                .corrupt
-                .lock()
-                .expect("corrupt set")
-                .first()
-                .unwrap_or(&0);
-            let err = decode(&self.shared.samples[first].image, config.image_size)
-                .err()
-                .map_or_else(|| "unreadable".to_owned(), |e| e.to_string());
-            return Err(Error::invalid(
-                "dataset",
-                format!(
-                    "{skipped} corrupt images (at most {} tolerated); first: {err}",
-                    config.max_corrupt
-                ),
-            ));
-        }
-        Ok(skipped)
+        self.shared.images.prepare()
     }
 
     /// One pass over the set: shuffled and augmented when `train` (with
@@ -355,13 +322,7 @@ impl DetectLoader {
     /// whatever the number of workers. Workers start at once and stop when
     /// the iterator is dropped.
     pub fn epoch(&self, seed: u64, epoch: u32, train: bool, mosaic: bool) -> DetectEpoch {
-        let n = self.len();
-        let mut order: Vec<usize> = (0..n).collect();
-        let batch_seed = seed ^ (u64::from(epoch) << 32) ^ 0x9E37_79B9_7F4A_7C15;
-        if train {
-            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(batch_seed));
-        }
-        let order = Arc::new(order);
+        let (order, batch_seed) = self.shared.images.order(seed, epoch, train);
         let mode = Mode {
             train,
             mosaic: mosaic && train,
@@ -465,17 +426,15 @@ fn make_batch(
     let plane = 3 * size * size;
     let start = b * config.batch_size;
     let end = (start + config.batch_size).min(order.len());
-    let mut rng = rand::rngs::StdRng::seed_from_u64(
-        seed.wrapping_add((b as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)),
-    );
+    let mut rng = batch_rng(seed, b);
     let mut images = vec![0.0f32; (end - start) * plane];
     let mut targets = Vec::new();
     let mut shapes = Vec::with_capacity(end - start);
     for &i in &order[start..end] {
         let draw = mode
             .train
-            .then(|| Draw::new(&mut rng, config, shared.samples.len(), mode.mosaic));
-        let Some(image) = shared.image(i) else {
+            .then(|| Draw::new(&mut rng, config, shared.images.len(), mode.mosaic));
+        let Some(image) = shared.images.image(i) else {
             continue;
         };
         let slot = shapes.len();
@@ -554,7 +513,7 @@ fn letterbox(
     let pad = centre(image, size, scratch, out);
     scratch.boxes.clear();
     push_boxes(
-        &shared.samples[i],
+        &shared.images.samples()[i],
         image,
         (pad.0 as f32, pad.1 as f32),
         &mut scratch.boxes,
@@ -592,7 +551,12 @@ fn augment(
             (canvas, 2 * size, 2 * size)
         }
         None => {
-            push_boxes(&shared.samples[i], image, (0.0, 0.0), &mut scratch.boxes);
+            push_boxes(
+                &shared.images.samples()[i],
+                image,
+                (0.0, 0.0),
+                &mut scratch.boxes,
+            );
             (canvas, image.width, image.height)
         }
     };
@@ -666,7 +630,7 @@ fn mosaic(
     let mut tiles: [Option<(usize, Image)>; 4] = [None, None, None, None];
     for (k, &j) in others.iter().enumerate() {
         // A corrupt partner leaves its quarter grey.
-        tiles[k + 1] = shared.image(j).map(|img| (j, img));
+        tiles[k + 1] = shared.images.image(j).map(|img| (j, img));
     }
     for (k, tile) in tiles.iter().enumerate() {
         let (j, img): (usize, &Decoded) = match (k, tile) {
@@ -696,7 +660,7 @@ fn mosaic(
         }
         let first = boxes.len();
         let offset = (x1a as f32 - x1b as f32, y1a as f32 - y1b as f32);
-        push_boxes(&shared.samples[j], img, offset, boxes);
+        push_boxes(&shared.images.samples()[j], img, offset, boxes);
         // Parts of a box outside the canvas were never drawn: clip, and
         // drop what is left with no area.
         let s = side as f32;

@@ -5,18 +5,18 @@
 //!
 //! Batches come out in a fixed order for a given seed and epoch, whatever
 //! the number of workers: each batch draws its augmentation from its own
-//! seeded generator.
+//! seeded generator. The set, its cache and its corrupt images are the
+//! shared [`ImageSet`]'s; this module decodes and batches.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use image::imageops::FilterType;
-use rand::seq::SliceRandom;
-use rand::{RngExt, SeedableRng};
+use rand::RngExt;
 use vtp_core::{Error, Result};
 
 use super::Sample;
+use super::image_set::{ImageSet, ImageSetConfig, batch_rng};
 use super::prefetch::Batches;
 
 /// ImageNet channel means, the normalisation every model here expects.
@@ -78,7 +78,8 @@ impl Batch {
     }
 }
 
-type Pixels = Arc<[u8]>;
+/// A decoded image: an RGB `image_size` square.
+pub type Pixels = Arc<[u8]>;
 
 /// Decodes `path` and resizes it to an RGB `size`×`size` square.
 ///
@@ -145,33 +146,25 @@ pub fn normalise(pixels: &[u8], size: u32) -> Vec<f32> {
 
 #[derive(Debug)]
 struct Shared {
-    samples: Vec<Sample>,
+    images: ImageSet<Sample, Pixels>,
     config: LoaderConfig,
-    cache: Option<Vec<OnceLock<Option<Pixels>>>>,
-    skipped: AtomicUsize,
 }
 
-impl Shared {
-    /// The decoded pixels of sample `i`, or `None` when it is corrupt.
-    fn pixels(&self, i: usize) -> Option<Pixels> {
-        let load = || match decode(&self.samples[i].path, self.config.image_size) {
-            Ok(pixels) => Some(Pixels::from(pixels)),
-            Err(e) => {
-                tracing::warn!(error = %e, "skipping image");
-                None
-            }
-        };
-        match &self.cache {
-            Some(cache) => cache[i].get_or_init(load).clone(),
-            None => {
-                let pixels = load();
-                if pixels.is_none() {
-                    self.skipped.fetch_add(1, Ordering::Relaxed);
-                }
-                pixels
-            }
-        }
+impl super::Prepare for Loader {
+    fn len(&self) -> usize {
+        Loader::len(self)
     }
+    fn prepare(&self) -> Result<usize> {
+        Loader::prepare(self)
+    }
+    fn corrupt_paths(&self) -> Vec<std::path::PathBuf> {
+        Loader::corrupt_paths(self)
+    }
+}
+
+/// [`decode`], shared.
+fn decode_pixels(path: &Path, size: u32) -> Result<Pixels> {
+    decode(path, size).map(Pixels::from)
 }
 
 /// Makes batches of a fixed set of samples.
@@ -183,119 +176,72 @@ pub struct Loader {
 impl Loader {
     /// A loader over `samples`; nothing is decoded yet.
     pub fn new(samples: Vec<Sample>, config: LoaderConfig) -> Self {
-        let bytes = samples.len() as u64 * 3 * u64::from(config.image_size).pow(2);
-        let cache = (bytes <= config.cache_bytes)
-            .then(|| (0..samples.len()).map(|_| OnceLock::new()).collect());
+        let images = ImageSet::new(
+            samples,
+            decode_pixels,
+            ImageSetConfig {
+                image_size: config.image_size,
+                workers: config.workers,
+                cache_bytes: config.cache_bytes,
+                max_corrupt: config.max_corrupt,
+            },
+        );
         Loader {
-            shared: Arc::new(Shared {
-                samples,
-                config,
-                cache,
-                skipped: AtomicUsize::new(0),
-            }),
+            shared: Arc::new(Shared { images, config }),
         }
+    }
+
+    /// The samples and their decoded images.
+    pub fn images(&self) -> &ImageSet<Sample, Pixels> {
+        &self.shared.images
     }
 
     /// Samples in the set.
     pub fn len(&self) -> usize {
-        self.shared.samples.len()
+        self.shared.images.len()
     }
 
     /// Whether the set is empty.
     pub fn is_empty(&self) -> bool {
-        self.shared.samples.is_empty()
+        self.shared.images.is_empty()
     }
 
     /// Batches per pass.
     pub fn batches(&self) -> usize {
-        self.len().div_ceil(self.shared.config.batch_size)
+        self.len().div_ceil(self.shared.config.batch_size.max(1))
     }
 
     /// Whether decoded images are kept in memory.
     pub fn is_cached(&self) -> bool {
-        self.shared.cache.is_some()
+        self.shared.images.is_cached()
     }
 
-    /// Corrupt images skipped so far.
+    /// Corrupt images found so far (they are skipped).
     pub fn skipped(&self) -> usize {
-        match &self.shared.cache {
-            Some(cache) => cache
-                .iter()
-                .filter(|c| matches!(c.get(), Some(None)))
-                .count(),
-            None => self.shared.skipped.load(Ordering::Relaxed),
-        }
+        self.shared.images.skipped()
     }
 
-    /// The files found corrupt so far (cached loaders only).
+    /// The files found corrupt so far.
     pub fn corrupt_paths(&self) -> Vec<std::path::PathBuf> {
-        let Some(cache) = &self.shared.cache else {
-            return Vec::new();
-        };
-        (0..cache.len())
-            .filter(|&i| matches!(cache[i].get(), Some(None)))
-            .map(|i| self.shared.samples[i].path.clone())
-            .collect()
+        self.shared.images.corrupt_paths()
     }
 
-    /// Decodes every image now, on the worker threads (when caching), so a
-    /// dataset of corrupt files fails before training starts. Returns the
-    /// number of corrupt images skipped.
+    /// Decodes every image now, on the worker threads (filling the cache
+    /// when there is one), so a dataset of corrupt files fails before
+    /// training starts. Returns the number of corrupt images skipped.
     ///
     /// # Errors
     /// [`Error::InvalidInput`] naming a corrupt image when more than
     /// `max_corrupt` are corrupt.
     pub fn prepare(&self) -> Result<usize> {
-        let Some(cache) = &self.shared.cache else {
-            return Ok(0);
-        };
-        let next = AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            for _ in 0..self.shared.config.workers.max(1) {
-                scope.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= cache.len() {
-                            break;
-                        }
-                        self.shared.pixels(i);
-                    }
-                });
-            }
-        });
-        let skipped = self.skipped();
-        if skipped > self.shared.config.max_corrupt {
-            let first = (0..cache.len())
-                .find(|&i| matches!(cache[i].get(), Some(None)))
-                .unwrap_or(0);
-            let err = decode(
-                &self.shared.samples[first].path,
-                self.shared.config.image_size,
-            )
-            .err()
-            .map_or_else(|| "unreadable".to_owned(), |e| e.to_string());
-            return Err(Error::invalid(
-                "dataset",
-                format!(
-                    "{skipped} corrupt images (at most {} tolerated); first: {err}",
-                    self.shared.config.max_corrupt
-                ),
-            ));
-        }
-        Ok(skipped)
+        self.shared.images.prepare()
     }
 
     /// One pass over the set: shuffled and augmented when `train`, in order
     /// and plain otherwise. Workers start at once and stop when the
     /// iterator is dropped.
     pub fn epoch(&self, seed: u64, epoch: u32, train: bool) -> Epoch {
-        let n = self.len();
-        let mut order: Vec<usize> = (0..n).collect();
-        let batch_seed = seed ^ (u64::from(epoch) << 32) ^ 0x9E37_79B9_7F4A_7C15;
-        if train {
-            order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(batch_seed));
-        }
-        let order = Arc::new(order);
+        let (order, batch_seed) = self.shared.images.order(seed, epoch, train);
         Batches::spawn(
             "vtp-loader",
             self.batches(),
@@ -315,9 +261,7 @@ fn make_batch(shared: &Shared, order: &[usize], b: usize, train: bool, seed: u64
     let plane = 3 * size * size;
     let start = b * config.batch_size;
     let end = (start + config.batch_size).min(order.len());
-    let mut rng = rand::rngs::StdRng::seed_from_u64(
-        seed.wrapping_add((b as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)),
-    );
+    let mut rng = batch_rng(seed, b);
     let mut images = vec![0.0f32; (end - start) * plane];
     let mut labels = Vec::with_capacity(end - start);
     let pad = (size / 8) as i64;
@@ -337,7 +281,7 @@ fn make_batch(shared: &Shared, order: &[usize], b: usize, train: bool, seed: u64
         } else {
             (0, 0, false)
         };
-        let Some(pixels) = shared.pixels(i) else {
+        let Some(pixels) = shared.images.image(i) else {
             continue;
         };
         let slot = labels.len();
@@ -349,7 +293,7 @@ fn make_batch(shared: &Shared, order: &[usize], b: usize, train: bool, seed: u64
             flip,
             &mut images[slot * plane..(slot + 1) * plane],
         );
-        labels.push(shared.samples[i].label as i64);
+        labels.push(shared.images.samples()[i].label as i64);
     }
     images.truncate(labels.len() * plane);
     Batch { images, labels }
@@ -395,7 +339,7 @@ mod tests {
         assert_eq!(one.iter().map(Batch::len).collect::<Vec<_>>(), [3, 3, 3, 1]);
         assert_eq!(one[0].images.len(), 3 * 3 * 8 * 8);
         let again: Vec<Batch> = Loader::new(
-            loader.shared.samples.clone(),
+            loader.images().samples().to_vec(),
             LoaderConfig {
                 workers: 1,
                 ..config

@@ -12,6 +12,8 @@ pub mod detect_loader;
 #[cfg(feature = "torch")]
 pub mod image_folder;
 #[cfg(feature = "torch")]
+pub mod image_set;
+#[cfg(feature = "torch")]
 pub mod loader;
 #[cfg(feature = "torch")]
 pub mod prefetch;
@@ -23,6 +25,8 @@ pub use archive::{extract_archive, is_archive, pack_dir};
 pub use detect_loader::{DetectBatch, DetectEpoch, DetectLoader, DetectLoaderConfig, ImageShape};
 #[cfg(feature = "torch")]
 pub use image_folder::{ImageFolder, Sample};
+#[cfg(feature = "torch")]
+pub use image_set::{HasImage, ImageSet, ImageSetConfig, Prepare, max_corrupt, prepare_split};
 #[cfg(feature = "torch")]
 pub use loader::{Batch, Loader, LoaderConfig};
 #[cfg(feature = "torch")]

@@ -198,9 +198,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Class
     tch::set_num_threads(i32::try_from(config.effective_threads()).unwrap_or(1));
 
     let data = ImageFolder::open(&spec.dataset_dir, config.val_split, config.seed)?;
-    // Policy: a few corrupt images (1%, at least one) are skipped and counted.
-    let total = data.train.len() + data.val.len();
-    let max_corrupt = (total / 100).max(1);
+    let max_corrupt = crate::data::max_corrupt(data.train.len() + data.val.len());
     let loader_config = LoaderConfig {
         max_corrupt,
         image_size: config.image_size,
@@ -218,21 +216,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Class
             ..loader_config
         },
     );
-    let skipped = train.prepare()? + val.prepare()?;
-    if skipped > max_corrupt {
-        let mut corrupt = train.corrupt_paths();
-        corrupt.extend(val.corrupt_paths());
-        let first = corrupt
-            .first()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        return Err(Error::invalid(
-            "dataset",
-            format!(
-                "{skipped} corrupt images of {total} (at most {max_corrupt} tolerated); first: {first}"
-            ),
-        ));
-    }
+    let skipped = crate::data::prepare_split(&train, &val)?;
     tracing::info!(job_id = %spec.job_id, model = %kind, classes = data.classes.len(), train = train.len(), val = val.len(), skipped, ?device, "training");
 
     let (vs, model) = seeded_init(config.seed, || {

@@ -348,9 +348,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Detec
 
     let data = YoloDataset::open(&spec.dataset_dir)?;
     let nc = data.names.len();
-    let total = data.train.len() + data.val.len();
-    // Policy: a few corrupt images (1%, at least one) are skipped and counted.
-    let max_corrupt = (total / 100).max(1);
+    let max_corrupt = crate::data::max_corrupt(data.train.len() + data.val.len());
     let loader_config = DetectLoaderConfig {
         image_size: config.image_size,
         batch_size: config.batch_size,
@@ -374,13 +372,7 @@ pub(crate) fn setup(spec: &TrainSpec, config: TrainConfig) -> Result<Setup<Detec
             ..loader_config
         },
     );
-    let skipped = train.prepare()? + val.prepare()?;
-    if skipped > max_corrupt {
-        return Err(Error::invalid(
-            "dataset",
-            format!("{skipped} corrupt images of {total} (at most {max_corrupt} tolerated)"),
-        ));
-    }
+    let skipped = crate::data::prepare_split(&train, &val)?;
     tracing::info!(job_id = %spec.job_id, model = %variant, classes = nc, train = train.len(), val = val.len(), skipped, ?device, "training a detector");
 
     let (vs, model, ema) = seeded_init(config.seed, || {

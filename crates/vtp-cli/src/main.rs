@@ -653,7 +653,6 @@ fn csv(rows: &[EpochMetrics]) {
     }
 }
 
-/// A job for people.
 /// A job's status, with its place in the queue while it waits
 /// (`queued #3`).
 fn status_of(job: &Job) -> String {
@@ -663,6 +662,7 @@ fn status_of(job: &Job) -> String {
     }
 }
 
+/// A job for people.
 fn describe(job: &Job) {
     println!("id          {}", job.id);
     println!("status      {}", status_of(job));

@@ -918,6 +918,14 @@ async fn bad_callbacks_are_refused_and_change_nothing() {
         json!({"status": "running", "seq": 0}),
         json!({"status": "exploded"}),
         json!({"status": "running", "surprise": true}),
+        // Per-class results come with the final report only, and sized
+        // like the classes they name.
+        json!({"status": "running", "per_class": {"metric": "accuracy",
+               "classes": ["a", "b"], "values": [0.5, 1.0]}}),
+        json!({"status": "completed", "per_class": {"metric": "accuracy",
+               "classes": ["a", "b"], "values": [0.5]}}),
+        json!({"status": "completed", "per_class": {"metric": "accuracy",
+               "classes": ["a"], "values": [1.5]}}),
     ];
     for body in cases {
         let (status, answer) = report(&h, &id, body.clone()).await;
@@ -926,9 +934,14 @@ async fn bad_callbacks_are_refused_and_change_nothing() {
             StatusCode::UNPROCESSABLE_ENTITY,
             "{body} -> {answer}"
         );
+        if body.get("per_class").is_some() {
+            let field = answer["error"]["field"].as_str().unwrap_or_default();
+            assert!(field.starts_with("per_class"), "{answer}");
+        }
     }
     let (_, job) = send(&h.app, empty("GET", &format!("/training/jobs/{id}"))).await;
     assert_eq!(job["status"], "queued");
+    assert!(job["per_class"].is_null(), "{job}");
     assert_eq!(
         job["revision"], 2,
         "only the start and the launch changed the job: {job}"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Schemathesis against the live backend, on Postgres and Garage: every
-# operation of the OpenAPI document the backend serves, with generated valid
-# and invalid requests (and stateful sequences where responses link to
-# operations). It must answer no 5xx, only documented statuses, content
-# types and headers, bodies matching their schemas, and 4xx to invalid data.
+# Schemathesis against the live backend, on Postgres and Garage, with tokens
+# on (as any backend beyond loopback runs): every operation of the OpenAPI
+# document the backend serves, with generated valid and invalid requests,
+# and its stateful phase, which follows the document's links (a created
+# job to its read, start, cancel and metrics; an uploaded dataset to its
+# deletion). It must answer no 5xx, only documented statuses, content types
+# and headers, bodies matching their schemas, and 4xx to invalid data.
 #
 #   eval "$(scripts/services.sh start)"; scripts/schemathesis.sh
 #
@@ -27,7 +29,20 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# The caller's token, made the way an operator makes one; schemathesis
+# sends it from its environment (scripts/schemathesis.toml), never on a
+# command line.
+VTP_SCHEMATHESIS_TOKEN="$(VTP_DATABASE_URL="$server_url/$db" VTP_LOG=warn \
+    "$bin/vtp-backend" token create --user schemathesis)"
+export VTP_SCHEMATHESIS_TOKEN
+
+# Started jobs go to a trainer URL where nothing listens: their launches
+# fail and are retried as after any outage, and no training runs beside the
+# fuzzing.
 VTP_LISTEN=127.0.0.1:0 \
+VTP_AUTH=tokens \
+VTP_LAUNCHER=http \
+VTP_TRAINER_URL=http://127.0.0.1:9 \
 VTP_DATABASE_URL="$server_url/$db" \
 VTP_BLOB_URL="s3://$VTP_TEST_S3_BUCKET/schemathesis-$$" \
 VTP_S3_ENDPOINT="$VTP_TEST_S3_ENDPOINT" \
@@ -48,6 +63,25 @@ for _ in $(seq 1 100); do
 done
 [ -n "$url" ] || { echo "the backend did not start" >&2; cat "$work/backend.log" >&2; exit 1; }
 echo "schemathesis: backend at $url (Postgres database $db, Garage bucket $VTP_TEST_S3_BUCKET)"
+
+# One real dataset of the caller's, so that the jobs schemathesis creates
+# (scripts/schemathesis.toml names it in their bodies) are made, and the
+# stateful phase follows the links from a created job to its read, start,
+# cancel and metrics.
+python - "$work/shapes.zip" <<'PY'
+import sys, zipfile, io
+from PIL import Image
+with zipfile.ZipFile(sys.argv[1], "w") as archive:
+    for label, shade in (("dark", 40), ("light", 220)):
+        for i in range(4):
+            image = io.BytesIO()
+            Image.new("RGB", (16, 16), (shade, shade + i, shade)).save(image, "PNG")
+            archive.writestr(f"{label}/{i}.png", image.getvalue())
+PY
+VTP_SCHEMATHESIS_DATASET="$(curl -sf -H @<(printf 'Authorization: Bearer %s\n' "$VTP_SCHEMATHESIS_TOKEN") \
+    -F "file=@$work/shapes.zip" -F dataset_name=shapes "$url/datasets/upload" |
+    python -c 'import json, sys; print(json.load(sys.stdin)["s3_uri"])')"
+export VTP_SCHEMATHESIS_DATASET
 
 # Every check that holds for this API. Left out: positive_data_acceptance
 # (a request valid by the schema may still be refused: a dataset that does

@@ -335,7 +335,9 @@ const CODE: Kind = Kind {
     params(UploadQuery),
     request_body(content = UploadForm, content_type = "multipart/form-data"),
     responses(
-        (status = 201, description = "Stored under `users/{user_id}/datasets/{dataset_name}/`", body = Uploaded),
+        (status = 201, description = "Stored under `users/{user_id}/datasets/{dataset_name}/`", body = Uploaded, links(
+            ("DeleteDataset" = (operation_id = "delete", parameters(("dataset_name" = "$response.body#/dataset_name"), ("user_id" = "$response.body#/user_id")), description = "Deletes the dataset")),
+        )),
         crate::openapi::CommonErrors,
     ),
     security((), ("bearer" = [])),

@@ -46,7 +46,11 @@ fn started_with(job: &Job, key: Option<&String>) -> bool {
     tag = "jobs",
     params(("id" = JobId, Path, description = "The job's id (a UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "Makes the request safe to retry: the same key with the same request answers again with the first answer (marked `Idempotent-Replayed: true`) and does nothing twice; with another request it is 422. Visible ASCII, at most 255 characters.")),
     responses(
-        (status = 202, description = "Started: the job is `queued` (with its `queue_position` while it waits for capacity) or further along", body = Started, headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request"))),
+        (status = 202, description = "Started: the job is `queued` (with its `queue_position` while it waits for capacity) or further along", body = Started, headers(("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request")), links(
+            ("GetJob" = (operation_id = "get", parameters(("id" = "$request.path.id")), description = "The job")),
+            ("CancelJob" = (operation_id = "cancel", parameters(("id" = "$request.path.id")), description = "Cancels the job")),
+            ("JobMetrics" = (operation_id = "metrics", parameters(("id" = "$request.path.id")), description = "The job's metrics")),
+        )),
         (status = 409, description = "The job is not `pending`", body = vtp_core::api::ErrorBody),
         CommonErrors,
     ),

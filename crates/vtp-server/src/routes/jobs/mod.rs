@@ -173,6 +173,11 @@ fn location(job: &Job) -> (header::HeaderName, String) {
         (status = 201, description = "The job, `pending`", body = Job, headers(
             ("Location" = String, description = "The job's URL, `/training/jobs/{id}`"),
             ("Idempotent-Replayed" = String, description = "`true` when this is the first answer given again for a retried request"),
+        ), links(
+            ("GetJob" = (operation_id = "get", parameters(("id" = "$response.body#/id")), description = "The job")),
+            ("StartJob" = (operation_id = "start", parameters(("id" = "$response.body#/id")), description = "Starts the job")),
+            ("CancelJob" = (operation_id = "cancel", parameters(("id" = "$response.body#/id")), description = "Cancels the job, or with `purge` deletes it")),
+            ("JobMetrics" = (operation_id = "metrics", parameters(("id" = "$response.body#/id")), description = "The job's metrics")),
         )),
         CommonErrors,
     ),

@@ -7,7 +7,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::blob::{BlobKey, BlobUri};
+use crate::blob::BlobUri;
 use crate::error::{Error, Result};
 use crate::status::JobStatus;
 
@@ -395,37 +395,6 @@ fn max_attempts_of(config: &serde_json::Value) -> Option<i32> {
         .and_then(|n| i32::try_from(n).ok())
 }
 
-/// Where a job's checkpoint sets live in the blob store,
-/// `jobs/{id}/epochs/`: one set per epoch, `{epoch:06}/` (zero-padded, so
-/// the sets list in order), written by the trainer and pruned by the
-/// backend.
-///
-/// # Errors
-/// None for a real job id; the key is built from checked segments.
-pub fn checkpoint_sets_prefix(job_id: JobId) -> Result<BlobKey> {
-    BlobKey::from_segments(&["jobs", &job_id.to_string(), "epochs"])
-}
-
-/// The prefix of the job's checkpoint set of `epoch`,
-/// `jobs/{id}/epochs/{epoch:06}` (see [`checkpoint_sets_prefix`]).
-///
-/// # Errors
-/// As [`checkpoint_sets_prefix`].
-pub fn checkpoint_set_prefix(job_id: JobId, epoch: u32) -> Result<BlobKey> {
-    checkpoint_sets_prefix(job_id)?.join(&format!("{epoch:06}"))
-}
-
-/// The epoch of `key` when it lies inside one of the job's checkpoint sets
-/// (`jobs/{id}/epochs/{n}/...`, see [`checkpoint_sets_prefix`]).
-pub fn checkpoint_set_epoch(job_id: JobId, key: &BlobKey) -> Option<u32> {
-    key.as_str()
-        .strip_prefix(&format!("jobs/{job_id}/epochs/"))?
-        .split('/')
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn default_epochs() -> u32 {
     crate::TrainConfig::default().epochs
 }
@@ -787,22 +756,6 @@ pub struct JobPage {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checkpoint_sets_are_laid_out_per_job_and_epoch() {
-        let id = JobId::new();
-        let set = checkpoint_set_prefix(id, 7).unwrap();
-        assert_eq!(set.as_str(), format!("jobs/{id}/epochs/000007"));
-        let weights = set.join("last.safetensors").unwrap();
-        assert_eq!(checkpoint_set_epoch(id, &weights), Some(7));
-        assert_eq!(
-            checkpoint_set_epoch(JobId::new(), &weights),
-            None,
-            "another job's"
-        );
-        let loose = BlobKey::parse(&format!("jobs/{id}/last.safetensors")).unwrap();
-        assert_eq!(checkpoint_set_epoch(id, &loose), None, "not in a set");
-    }
 
     pub(crate) fn new_job() -> NewJob {
         NewJob {

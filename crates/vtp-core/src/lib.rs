@@ -47,6 +47,7 @@ pub mod event;
 pub mod job;
 pub mod job_store;
 pub mod launcher;
+pub mod layout;
 pub mod leader;
 pub mod models;
 pub mod queue;
@@ -69,11 +70,11 @@ pub use error::{BoxError, Error, Result, error_chain};
 pub use event::{EventKind, JobEvent};
 pub use job::{
     AttemptEnded, IDEMPOTENCY_KEY_MAX_LEN, IdempotencyKeys, Job, JobCursor, JobFilter, JobId,
-    JobPage, KeyedRequest, NewJob, checkpoint_set_epoch, checkpoint_set_prefix,
-    checkpoint_sets_prefix, validate_idempotency_key, validate_name,
+    JobPage, KeyedRequest, NewJob, validate_idempotency_key, validate_name,
 };
 pub use job_store::{Expected, JobPages, JobStore, JobStoreExt, Quota, next_cursor};
 pub use launcher::{CancelOutcome, Capacity, Resources, StartTraining, TrainerLauncher};
+pub use layout::{checkpoint_set_epoch, checkpoint_set_prefix, checkpoint_sets_prefix};
 pub use leader::{LeaderElector, LeaderTerm, SoleLeader};
 pub use models::{
     Engine, Framework, MODELS, ModelSpec, PackageModel, Task, check_model, find_model,

@@ -186,21 +186,18 @@ pub async fn check_owned_blob(
         .blobs
         .key_for(uri)
         .map_err(|e| Error::invalid(field, vtp_core::error_chain(&e)))?;
-    let key = key.as_str();
+    use vtp_core::layout;
     let user_prefix = if datasets_only {
-        format!("users/{owner}/datasets/")
+        layout::uploads_prefix(owner, layout::Upload::Dataset)
     } else {
-        format!("users/{owner}/")
-    };
-    if key.starts_with(&user_prefix) {
+        layout::user_prefix(owner)
+    }
+    .map_err(|e| Error::invalid(field, vtp_core::error_chain(&e)))?;
+    if layout::is_below(&key, &user_prefix) {
         return Ok(());
     }
     if !datasets_only
-        && let Some(rest) = key.strip_prefix("jobs/")
-        && let Some(id) = rest
-            .split('/')
-            .next()
-            .and_then(|id| id.parse::<JobId>().ok())
+        && let Some(id) = layout::job_of(&key)
         && let Ok(job) = state.jobs.get(id).await
         && job.user_id == owner
         && job.deleted_at.is_none()
@@ -209,11 +206,11 @@ pub async fn check_owned_blob(
     }
     let what = if datasets_only {
         format!(
-            "must be one of {owner}'s datasets (a key under {user_prefix}, as uploads are stored)"
+            "must be one of {owner}'s datasets (a key under {user_prefix}/, as uploads are stored)"
         )
     } else {
         format!(
-            "must be {owner}'s own object (under {user_prefix} or a checkpoint of {owner}'s job)"
+            "must be {owner}'s own object (under {user_prefix}/ or a checkpoint of {owner}'s job)"
         )
     };
     Err(Error::invalid(field, format!("{uri} {what}")).into())

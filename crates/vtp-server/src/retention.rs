@@ -20,7 +20,7 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use vtp_core::{BlobKey, Error, Job, JobFilter, JobId, JobPages, JobStoreExt, Result};
+use vtp_core::{Error, Job, JobFilter, JobId, JobPages, JobStoreExt, Result};
 
 use crate::AppState;
 use crate::error::error_chain;
@@ -47,9 +47,6 @@ impl Default for Policy {
         }
     }
 }
-
-/// Where a crash mid-upload leaves staged objects.
-pub const STAGING_PREFIX: &str = "uploads/tmp";
 
 /// Phase 1: marks finished job `id` deleted.
 ///
@@ -82,7 +79,7 @@ pub async fn tombstone(state: &AppState, id: JobId) -> Result<Job> {
 /// # Errors
 /// Blob or store errors (the leader's pass tries again).
 pub async fn purge(state: &AppState, id: JobId) -> Result<()> {
-    let prefix = BlobKey::from_segments(&["jobs", &id.to_string()])?;
+    let prefix = vtp_core::layout::job_prefix(id);
     for object in state.blobs.list(Some(&prefix)).await? {
         match state.blobs.delete(&object.key).await {
             Ok(()) | Err(Error::NotFound { .. }) => {}
@@ -152,7 +149,7 @@ pub async fn retain_once(
             }
         }
     }
-    let staging = BlobKey::parse(STAGING_PREFIX)?;
+    let staging = vtp_core::layout::staging_prefix();
     let cutoff =
         now - chrono::Duration::from_std(policy.keep_staged).unwrap_or(chrono::Duration::MAX);
     match state.blobs.list(Some(&staging)).await {

@@ -30,7 +30,7 @@ use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use vtp_core::api::{Uploaded, UploadedCode};
 use vtp_core::{
-    BlobKey, BlobStoreExt, Error, JobFilter, JobPages, JobStatus, ObjectMeta, validate_name,
+    BlobKey, BlobStoreExt, Error, JobFilter, JobPages, JobStatus, ObjectMeta, layout, validate_name,
 };
 
 use crate::AppState;
@@ -307,8 +307,8 @@ fn form_error(e: multer::Error, watch: &Watch, kind: Option<Kind>) -> ApiError {
 /// What an upload stores: datasets, or code archives.
 #[derive(Debug, Clone, Copy)]
 struct Kind {
-    /// The folder under `users/{user_id}/`.
-    dir: &'static str,
+    /// Its layout under `users/{user_id}/`.
+    upload: layout::Upload,
     /// The form field (and query parameter) naming the upload.
     name_field: &'static str,
     /// For the log.
@@ -316,13 +316,13 @@ struct Kind {
 }
 
 const DATASETS: Kind = Kind {
-    dir: "datasets",
+    upload: layout::Upload::Dataset,
     name_field: "dataset_name",
     what: "dataset",
 };
 
 const CODE: Kind = Kind {
-    dir: "code",
+    upload: layout::Upload::Code,
     name_field: "code_name",
     what: "code archive",
 };
@@ -529,7 +529,7 @@ async fn receive(
                         return Err(Error::invalid("file", "send exactly one file").into());
                     }
                     let filename = safe_file_name(field.file_name());
-                    let key = BlobKey::parse(&format!("uploads/tmp/{}", uuid::Uuid::new_v4()))?;
+                    let key = layout::staging_key();
                     let meta = stream_field(state, &key, &mut field, limit, &watch).await?;
                     staged = Some((key, filename, meta));
                 }
@@ -565,7 +565,7 @@ async fn receive(
             .ok_or_else(|| Error::invalid(kind.name_field, "is required"))?;
         validate_name("user_id", &user_id)?;
         validate_name(kind.name_field, &dataset_name)?;
-        let key = BlobKey::from_segments(&["users", &user_id, kind.dir, &dataset_name, filename])?;
+        let key = layout::upload_key(&user_id, kind.upload, &dataset_name, filename)?;
         state.blobs.copy(staging, &key).await?;
         let meta = state.blobs.head(&key).await?;
         Ok::<_, ApiError>(Stored {
@@ -634,7 +634,7 @@ pub async fn delete(
     if !caller.principal().may_access(&user_id) {
         return Err(Error::not_found("dataset", what).into());
     }
-    let prefix = BlobKey::from_segments(&["users", &user_id, "datasets", &dataset_name])?;
+    let prefix = layout::upload_prefix(&user_id, layout::Upload::Dataset, &dataset_name)?;
     let objects = state.blobs.list(Some(&prefix)).await?;
     if objects.is_empty() {
         return Err(Error::not_found("dataset", what).into());

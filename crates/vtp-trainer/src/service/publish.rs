@@ -6,8 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vtp_core::{
-    BlobKey, BlobStoreExt, Error, JobId, JobStatus, Result, StartTraining, TrainingUpdate,
-    error_chain,
+    BlobStoreExt, Error, JobId, JobStatus, Result, StartTraining, TrainingUpdate, error_chain,
 };
 
 use super::{TrainerService, checkpoints};
@@ -85,7 +84,7 @@ impl TrainerService {
             if name.starts_with('.') {
                 continue;
             }
-            let key = BlobKey::from_segments(&["jobs", &job_id.to_string(), &name])?;
+            let key = vtp_core::layout::job_file(job_id, &name)?;
             let size = entry
                 .metadata()
                 .await

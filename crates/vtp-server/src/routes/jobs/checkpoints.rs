@@ -102,7 +102,7 @@ async fn checkpoint_key(state: &AppState, caller: &Caller, id: JobId) -> ApiResu
     let key = state.blobs.key_for(&uri)?;
     // Reports are refused when they point elsewhere; a row written before
     // that check existed is not served either.
-    if !key.as_str().starts_with(&format!("jobs/{id}/")) {
+    if !vtp_core::layout::is_below(&key, &vtp_core::layout::job_prefix(id)) {
         return Err(Error::not_found("checkpoint of job", id).into());
     }
     Ok(key)

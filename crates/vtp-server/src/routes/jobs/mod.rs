@@ -133,8 +133,8 @@ async fn check_user_code(state: &AppState, new: &NewJob) -> ApiResult<()> {
         .blobs
         .key_for(&config.code_s3_uri)
         .map_err(|e| Error::invalid(FIELD, vtp_core::error_chain(&e)))?;
-    let own = format!("users/{}/code/", new.user_id);
-    if !key.as_str().starts_with(&own) {
+    let own = vtp_core::layout::uploads_prefix(&new.user_id, vtp_core::layout::Upload::Code)?;
+    if !vtp_core::layout::is_below(&key, &own) {
         return Err(Error::invalid(
             FIELD,
             format!(

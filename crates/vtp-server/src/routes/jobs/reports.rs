@@ -174,15 +174,15 @@ fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResu
         ("last_checkpoint_s3_uri", &update.last_checkpoint_s3_uri),
     ] {
         let Some(uri) = uri else { continue };
-        let prefix = format!("jobs/{id}/");
+        let prefix = vtp_core::layout::job_prefix(id);
         let inside = state
             .blobs
             .key_for(uri)
-            .is_ok_and(|key| key.as_str().starts_with(&prefix));
+            .is_ok_and(|key| vtp_core::layout::is_below(&key, &prefix));
         if !inside {
             return Err(Error::invalid(
                 field,
-                format!("{uri} is not under this job's {prefix} in the backend's blob store"),
+                format!("{uri} is not under this job's {prefix}/ in the backend's blob store"),
             )
             .into());
         }

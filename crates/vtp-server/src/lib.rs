@@ -377,9 +377,9 @@ pub fn app(state: AppState) -> Router {
     use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
     // Install the recorder before the first request records anything.
     metrics::handle();
-    let (router, _) = routes_with_docs().split_for_parts();
+    let (router, document) = routes_with_docs().split_for_parts();
     router
-        .merge(api_docs(openapi::document_json()))
+        .merge(api_docs(openapi::served_json(&document)))
         .merge(ui::router())
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

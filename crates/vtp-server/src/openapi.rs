@@ -53,7 +53,13 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// `/openapi.json`: [`document`] as JSON, with its response links spelled
 /// as OpenAPI spells them.
 pub fn document_json() -> serde_json::Value {
-    let mut json = serde_json::to_value(document()).expect("the document serializes");
+    served_json(&document())
+}
+
+/// `document` as JSON, with its response links spelled as OpenAPI spells
+/// them (see [`document_json`]).
+pub(crate) fn served_json(document: &utoipa::openapi::OpenApi) -> serde_json::Value {
+    let mut json = serde_json::to_value(document).expect("the document serializes");
     camel_case_links(&mut json);
     json
 }

@@ -639,7 +639,6 @@ pub async fn delete(
     if objects.is_empty() {
         return Err(Error::not_found("dataset", what).into());
     }
-    let inside = format!("{}/", prefix.as_str());
     for status in [JobStatus::Queued, JobStatus::Running, JobStatus::Cancelling] {
         let filter = JobFilter::new()
             .with_status(status)
@@ -647,9 +646,11 @@ pub async fn delete(
         let mut pages = JobPages::new(state.jobs.as_ref(), filter);
         while let Some(page) = pages.next().await? {
             if let Some(job) = page.iter().find(|job| {
-                state.blobs.key_for(&job.dataset_s3_uri).is_ok_and(|key| {
-                    key.as_str() == prefix.as_str() || key.as_str().starts_with(&inside)
-                })
+                // The dataset's prefix itself, or any key below it.
+                state
+                    .blobs
+                    .key_for(&job.dataset_s3_uri)
+                    .is_ok_and(|key| key.strip_prefix(&prefix).is_some())
             }) {
                 return Err(Error::conflict(format!(
                     "job {} is {} on dataset {what}; cancel it or wait for it to finish first",

@@ -2,8 +2,10 @@
 //!
 //! The storage backends of VTP:
 //!
-//! - job stores: [`SqliteJobStore`] (the embedded default), [`PostgresJobStore`],
-//!   [`InMemoryJobStore`], picked by URL with [`connect_job_store`];
+//! - job stores: [`SqliteJobStore`] (the embedded default) and
+//!   [`PostgresJobStore`], both the one [`SqlJobStore`] on its
+//!   [`Dialect`], and [`InMemoryJobStore`], picked by URL with
+//!   [`connect_job_store`];
 //! - blob stores: [`ObjectStoreBlobStore`] on S3-compatible stores, local disk
 //!   or memory, built by URL with [`BlobStoreBuilder`].
 //!
@@ -32,6 +34,8 @@ pub use blob_store::{
 pub use job_store::memory::InMemoryJobStore;
 #[cfg(feature = "postgres")]
 pub use job_store::postgres::{PostgresJobStore, PostgresLeaderElector};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use job_store::sql::{Dialect, SqlJobStore};
 #[cfg(feature = "sqlite")]
 pub use job_store::sqlite::SqliteJobStore;
 pub use job_store::{DEFAULT_DATABASE_URL, Stores, connect as connect_job_store, connect_stores};

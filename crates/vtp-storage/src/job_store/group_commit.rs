@@ -37,12 +37,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Encode, PgConnection, PgPool, Postgres, QueryBuilder, Type};
 use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
 use vtp_core::{Error, Expected, Job, JobEvent, Result, TrainingMetric, error_chain};
 
-use super::sql::{JobRow, job_columns, map_sqlx};
+use super::sql::{JOB_COLUMNS, JobRow, map_sqlx};
 
 /// One compare-and-set, as the statement binds it: the expectation, the
 /// job's new mutable fields, its metric and its event.
@@ -130,26 +130,18 @@ impl Change {
     }
 }
 
-/// The statement writing a batch of [`Change`]s: each job's row where it
-/// is still as expected, then the metric and event rows of the jobs
-/// written. Returns the rows written.
-const WRITE_CHANGES: &str = concat!(
-    "WITH change AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::text[], \
-     $5::float8[], $6::text[], $7::text[], $8::text[], $9::int4[], $10::int8[], \
-     $11::timestamptz[], $12::timestamptz[], $13::timestamptz[], $14::text[], $15::text[], \
-     $16::text[], $17::timestamptz[], $18::timestamptz[], $19::timestamptz[], \
-     $20::timestamptz[], $21::int8[], $22::text[], $23::timestamptz[], $24::text[], $25::text[]) \
-     AS c(id, expected_status, expected_revision, status, progress, message, error, \
-     checkpoint_s3_uri, attempt, last_seq, updated_at, started_at, finished_at, \
-     last_checkpoint_s3_uri, attempts, start_key, queued_at, launched_at, not_before, \
-     deleted_at, metric_epoch, metric_values, recorded_at, event, per_class)), \
-     upd AS (UPDATE jobs SET status = c.status, progress = c.progress, message = c.message, \
-     error = c.error, checkpoint_s3_uri = c.checkpoint_s3_uri, attempt = c.attempt, \
-     last_seq = c.last_seq, updated_at = c.updated_at, started_at = c.started_at, \
-     finished_at = c.finished_at, last_checkpoint_s3_uri = c.last_checkpoint_s3_uri, \
-     attempts = c.attempts::jsonb, start_key = c.start_key, queued_at = c.queued_at, \
-     launched_at = c.launched_at, not_before = c.not_before, deleted_at = c.deleted_at, \
-     per_class = c.per_class::jsonb, revision = jobs.revision + 1 \
+/// What the statement does with the batch, after [`write_changes`] has
+/// bound its columns as the rows of `change`: each job's row where it is
+/// still as expected, then the metric and event rows of the jobs written.
+/// Returns the rows written.
+const WRITE_CHANGES: &str = "upd AS (UPDATE jobs SET status = c.status, progress = c.progress, \
+     message = c.message, error = c.error, checkpoint_s3_uri = c.checkpoint_s3_uri, \
+     attempt = c.attempt, last_seq = c.last_seq, updated_at = c.updated_at, \
+     started_at = c.started_at, finished_at = c.finished_at, \
+     last_checkpoint_s3_uri = c.last_checkpoint_s3_uri, attempts = c.attempts::jsonb, \
+     start_key = c.start_key, queued_at = c.queued_at, launched_at = c.launched_at, \
+     not_before = c.not_before, deleted_at = c.deleted_at, per_class = c.per_class::jsonb, \
+     revision = jobs.revision + 1 \
      FROM change c \
      WHERE jobs.id = c.id AND jobs.status = c.expected_status \
      AND jobs.revision = c.expected_revision \
@@ -162,11 +154,7 @@ const WRITE_CHANGES: &str = concat!(
      WHERE training_metrics.metric_values <> excluded.metric_values), \
      ev AS (INSERT INTO job_events (job_id, revision, event) \
      SELECT upd.id, upd.revision, c.event::jsonb \
-     FROM upd JOIN change c ON c.id = upd.id WHERE c.event IS NOT NULL) \
-     SELECT ",
-    job_columns!(),
-    " FROM upd"
-);
+     FROM upd JOIN change c ON c.id = upd.id WHERE c.event IS NOT NULL) ";
 
 /// A change waiting to be written, and who waits for it.
 struct Pending {
@@ -372,39 +360,88 @@ async fn write(conn: &mut PgConnection, statements: &AtomicU64, batch: Vec<Pendi
     }
 }
 
-/// Runs [`WRITE_CHANGES`] over `changes`: the rows written.
-async fn write_changes(conn: &mut PgConnection, changes: &[&Change]) -> sqlx::Result<Vec<JobRow>> {
-    fn column<'a, T>(changes: &[&'a Change], field: impl Fn(&'a Change) -> T) -> Vec<T> {
-        changes.iter().map(|change| field(change)).collect()
+/// The changes of a batch as the rows of a table `change`: one array
+/// parameter per column, `unnest`ed together, each bound beside its name.
+struct ChangeTable<'c> {
+    changes: &'c [&'c Change],
+    query: QueryBuilder<Postgres>,
+    names: Vec<&'static str>,
+}
+
+impl<'c> ChangeTable<'c> {
+    fn new(changes: &'c [&'c Change]) -> Self {
+        ChangeTable {
+            changes,
+            query: QueryBuilder::new("WITH change AS (SELECT * FROM unnest("),
+            names: Vec::new(),
+        }
     }
-    sqlx::query_as(WRITE_CHANGES)
-        .bind(column(changes, |c| c.id))
-        .bind(column(changes, |c| c.expected_status))
-        .bind(column(changes, |c| c.expected_revision))
-        .bind(column(changes, |c| c.status))
-        .bind(column(changes, |c| c.progress))
-        .bind(column(changes, |c| c.message.as_deref()))
-        .bind(column(changes, |c| c.error.as_deref()))
-        .bind(column(changes, |c| c.checkpoint_s3_uri.as_deref()))
-        .bind(column(changes, |c| c.attempt))
-        .bind(column(changes, |c| c.last_seq))
-        .bind(column(changes, |c| c.updated_at))
-        .bind(column(changes, |c| c.started_at))
-        .bind(column(changes, |c| c.finished_at))
-        .bind(column(changes, |c| c.last_checkpoint_s3_uri.as_deref()))
-        .bind(column(changes, |c| c.attempts.as_str()))
-        .bind(column(changes, |c| c.start_key.as_deref()))
-        .bind(column(changes, |c| c.queued_at))
-        .bind(column(changes, |c| c.launched_at))
-        .bind(column(changes, |c| c.not_before))
-        .bind(column(changes, |c| c.deleted_at))
-        .bind(column(changes, |c| c.metric_epoch))
-        .bind(column(changes, |c| c.metric_values.as_deref()))
-        .bind(column(changes, |c| c.recorded_at))
-        .bind(column(changes, |c| c.event.as_deref()))
-        .bind(column(changes, |c| c.per_class.as_deref()))
-        .fetch_all(conn)
-        .await
+
+    /// Adds the column `name` of SQL type `sql_type`: `field` of every change.
+    fn column<T>(
+        mut self,
+        name: &'static str,
+        sql_type: &str,
+        field: impl Fn(&'c Change) -> T,
+    ) -> Self
+    where
+        Vec<T>: Encode<'c, Postgres> + Type<Postgres>,
+    {
+        if !self.names.is_empty() {
+            self.query.push(", ");
+        }
+        let values: Vec<T> = self.changes.iter().map(|change| field(change)).collect();
+        self.query
+            .push_bind(values)
+            .push(format_args!("::{sql_type}[]"));
+        self.names.push(name);
+        self
+    }
+
+    /// The whole statement: the table, then [`WRITE_CHANGES`].
+    fn finish(mut self) -> QueryBuilder<Postgres> {
+        self.query
+            .push(format_args!(") AS c({})), ", self.names.join(", ")))
+            .push(WRITE_CHANGES)
+            .push(format_args!("SELECT {JOB_COLUMNS} FROM upd"));
+        self.query
+    }
+}
+
+/// Writes `changes` in one statement: the rows written.
+async fn write_changes(conn: &mut PgConnection, changes: &[&Change]) -> sqlx::Result<Vec<JobRow>> {
+    let mut query = ChangeTable::new(changes)
+        .column("id", "uuid", |c| c.id)
+        .column("expected_status", "text", |c| c.expected_status)
+        .column("expected_revision", "int8", |c| c.expected_revision)
+        .column("status", "text", |c| c.status)
+        .column("progress", "float8", |c| c.progress)
+        .column("message", "text", |c| c.message.as_deref())
+        .column("error", "text", |c| c.error.as_deref())
+        .column("checkpoint_s3_uri", "text", |c| {
+            c.checkpoint_s3_uri.as_deref()
+        })
+        .column("attempt", "int4", |c| c.attempt)
+        .column("last_seq", "int8", |c| c.last_seq)
+        .column("updated_at", "timestamptz", |c| c.updated_at)
+        .column("started_at", "timestamptz", |c| c.started_at)
+        .column("finished_at", "timestamptz", |c| c.finished_at)
+        .column("last_checkpoint_s3_uri", "text", |c| {
+            c.last_checkpoint_s3_uri.as_deref()
+        })
+        .column("attempts", "text", |c| c.attempts.as_str())
+        .column("start_key", "text", |c| c.start_key.as_deref())
+        .column("queued_at", "timestamptz", |c| c.queued_at)
+        .column("launched_at", "timestamptz", |c| c.launched_at)
+        .column("not_before", "timestamptz", |c| c.not_before)
+        .column("deleted_at", "timestamptz", |c| c.deleted_at)
+        .column("metric_epoch", "int8", |c| c.metric_epoch)
+        .column("metric_values", "text", |c| c.metric_values.as_deref())
+        .column("recorded_at", "timestamptz", |c| c.recorded_at)
+        .column("event", "text", |c| c.event.as_deref())
+        .column("per_class", "text", |c| c.per_class.as_deref())
+        .finish();
+    query.build_query_as().fetch_all(conn).await
 }
 
 #[cfg(test)]

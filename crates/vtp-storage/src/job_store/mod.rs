@@ -4,15 +4,13 @@ use std::sync::Arc;
 
 use vtp_core::{CredentialStore, Error, JobStore, LeaderElector, Result};
 
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) mod credentials;
 #[cfg(feature = "postgres")]
 mod group_commit;
 pub mod memory;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) mod sql;
+pub mod sql;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 

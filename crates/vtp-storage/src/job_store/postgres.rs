@@ -8,9 +8,8 @@ use sqlx::Connection;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use vtp_core::{Error, LeaderElector, LeaderTerm, Result};
 
-use super::credentials::impl_sql_credential_store;
 use super::group_commit::GroupCommit;
-use super::sql::{impl_sql_job_store, map_sqlx};
+use super::sql::{BindExt, Dialect, SqlJobStore, map_sqlx};
 
 /// A [`vtp_core::JobStore`] in Postgres.
 ///
@@ -19,15 +18,18 @@ use super::sql::{impl_sql_job_store, map_sqlx};
 /// reconnects by itself without paying a ping on every busy request; while
 /// the database is down calls fail fast with [`Error::Unavailable`] after
 /// `acquire_timeout`.
+pub type PostgresJobStore = SqlJobStore<sqlx::Postgres>;
+
+/// What the Postgres store keeps besides its pool.
 #[derive(Debug, Clone)]
-pub struct PostgresJobStore {
-    pool: PgPool,
+pub struct PostgresOwn {
+    /// What the pool connects with, for the leader's own connection.
     options: Option<PgConnectOptions>,
     /// Compare-and-sets arriving together are written together.
     group: Arc<GroupCommit>,
 }
 
-impl PostgresJobStore {
+impl SqlJobStore<sqlx::Postgres> {
     /// Connections to the database: one for each group-commit writer
     /// (which holds its own while changes keep coming), and four more, so
     /// that reads never wait for the writers to go idle.
@@ -79,7 +81,7 @@ impl PostgresJobStore {
             .await
             .map_err(map_sqlx)?;
         let mut store = Self::from_pool(pool).await?;
-        store.options = Some(options);
+        store.own.options = Some(options);
         Ok(store)
     }
 
@@ -88,6 +90,7 @@ impl PostgresJobStore {
     pub fn leader_elector(&self) -> PostgresLeaderElector {
         PostgresLeaderElector {
             options: self
+                .own
                 .options
                 .clone()
                 .unwrap_or_else(|| (*self.pool.connect_options()).clone()),
@@ -104,10 +107,12 @@ impl PostgresJobStore {
                 sqlx::migrate::MigrateError::Execute(inner) => map_sqlx(inner),
                 other => Error::backend("database", other),
             })?;
-        Ok(PostgresJobStore {
+        Ok(SqlJobStore {
             pool,
-            options: None,
-            group: Arc::new(GroupCommit::default()),
+            own: PostgresOwn {
+                options: None,
+                group: Arc::new(GroupCommit::default()),
+            },
         })
     }
 }
@@ -185,27 +190,29 @@ impl LeaderTerm for PostgresTerm {
     }
 }
 
-impl_sql_credential_store!(PostgresJobStore);
-impl super::sql::HasDb for PostgresJobStore {
-    type Db = sqlx::Postgres;
-}
+/// A quota's count is serialised per owner by a transaction-scoped
+/// advisory lock; compare-and-sets go through the group commit: one
+/// statement for those that arrive together (`group_commit.rs`).
+impl Dialect for sqlx::Postgres {
+    type Own = PostgresOwn;
 
-/// Through the group commit: one statement for the compare-and-sets that
-/// arrive together (see [`super::group_commit`]).
-impl super::sql::WriteChange for PostgresJobStore {
-    async fn write_change(
-        &self,
+    fn owner_lock(owner: &str) -> Option<sqlx::QueryBuilder<Self>> {
+        let mut lock = sqlx::QueryBuilder::new(
+            "SELECT pg_advisory_xact_lock(hashtextextended('vtp-owner:' || ",
+        );
+        lock.bind_value(owner).push(", 0))");
+        Some(lock)
+    }
+
+    fn write_change<'a>(
+        store: &'a PostgresJobStore,
         expected: vtp_core::Expected,
-        next: &vtp_core::Job,
-        metric: Option<&vtp_core::TrainingMetric>,
-    ) -> Result<Option<vtp_core::Job>> {
-        self.group
-            .compare_and_set(&self.pool, expected, next, metric)
-            .await
+        next: &'a vtp_core::Job,
+        metric: Option<&'a vtp_core::TrainingMetric>,
+    ) -> impl std::future::Future<Output = Result<Option<vtp_core::Job>>> + Send + 'a {
+        store
+            .own
+            .group
+            .compare_and_set(&store.pool, expected, next, metric)
     }
 }
-
-impl_sql_job_store!(
-    PostgresJobStore,
-    owner_lock = Some("SELECT pg_advisory_xact_lock(hashtextextended('vtp-owner:' || $1, 0))")
-);

@@ -9,16 +9,12 @@ use sqlx::sqlite::{
 };
 use vtp_core::{Error, Result};
 
-use super::credentials::impl_sql_credential_store;
-use super::sql::{impl_sql_job_store, map_sqlx};
+use super::sql::{Dialect, SqlJobStore, map_sqlx};
 
 /// A [`vtp_core::JobStore`] in a SQLite database file (WAL mode).
-#[derive(Debug, Clone)]
-pub struct SqliteJobStore {
-    pool: SqlitePool,
-}
+pub type SqliteJobStore = SqlJobStore<sqlx::Sqlite>;
 
-impl SqliteJobStore {
+impl SqlJobStore<sqlx::Sqlite> {
     /// Opens (creating if needed) and migrates the database at `url`
     /// (`sqlite://path/to/file.db` or `sqlite::memory:`). Parent directories
     /// of a file are created.
@@ -63,61 +59,26 @@ impl SqliteJobStore {
             .run(&pool)
             .await
             .map_err(|e| Error::backend("database", e))?;
-        Ok(SqliteJobStore { pool })
+        Ok(SqlJobStore { pool, own: () })
     }
 }
 
-impl_sql_credential_store!(SqliteJobStore);
-impl super::sql::HasDb for SqliteJobStore {
-    type Db = sqlx::Sqlite;
-}
+/// SQLite allows one writer at a time, so a quota's count needs no lock;
+/// it has no data-modifying CTEs, so a compare-and-set is a transaction of
+/// its statements.
+impl Dialect for sqlx::Sqlite {
+    type Own = ();
 
-impl_sql_job_store!(SqliteJobStore, owner_lock = None);
+    fn owner_lock(_owner: &str) -> Option<sqlx::QueryBuilder<Self>> {
+        None
+    }
 
-/// SQLite has no data-modifying CTEs: the update, the metric and the event
-/// are one transaction.
-impl super::sql::WriteChange for SqliteJobStore {
-    async fn write_change(
-        &self,
+    fn write_change<'a>(
+        store: &'a SqliteJobStore,
         expected: vtp_core::Expected,
-        next: &vtp_core::Job,
-        metric: Option<&vtp_core::TrainingMetric>,
-    ) -> Result<Option<vtp_core::Job>> {
-        let mut tx = self.pool.begin().await.map_err(map_sqlx)?;
-        let row: Option<super::sql::JobRow> = super::sql::bind_update!(
-            sqlx::query_as(concat!(
-                super::sql::update_job_sql!(),
-                " RETURNING ",
-                super::sql::job_columns!()
-            )),
-            next,
-            expected
-        )
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(map_sqlx)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        if let Some(metric) = metric {
-            sqlx::query(
-                "INSERT INTO training_metrics (job_id, epoch, metric_values, recorded_at) VALUES ($1, $2, $3, $4) \
-                 ON CONFLICT (job_id, epoch) DO UPDATE SET metric_values = excluded.metric_values, \
-                 recorded_at = excluded.recorded_at \
-                 WHERE training_metrics.metric_values <> excluded.metric_values",
-            )
-            .bind(metric.job_id.0)
-            .bind(i64::from(metric.epoch))
-            .bind(sqlx::types::Json(&metric.values))
-            .bind(metric.recorded_at)
-            .execute(&mut *tx)
-            .await
-            .map_err(map_sqlx)?;
-        }
-        let stored: vtp_core::Job = row.try_into()?;
-        let event = vtp_core::JobEvent::of_change(Some(expected.status), &stored, metric);
-        Self::insert_event(&mut tx, &event).await?;
-        tx.commit().await.map_err(map_sqlx)?;
-        Ok(Some(stored))
+        next: &'a vtp_core::Job,
+        metric: Option<&'a vtp_core::TrainingMetric>,
+    ) -> impl std::future::Future<Output = Result<Option<vtp_core::Job>>> + Send + 'a {
+        store.write_change_in_transaction(expected, next, metric)
     }
 }

@@ -7,8 +7,8 @@
 use std::path::Path;
 
 use vtp_core::callback_signature::CallbackSecret;
-use vtp_core::update::{UpdatePlan, plan_update};
-use vtp_core::{JobStatus, NewJob, TrainingUpdate};
+use vtp_core::report::{ReportPlan, plan_report};
+use vtp_core::{JobStatus, NewJob, TrainingReport};
 use vtp_trainer::data::archive::{ArchiveLimits, extract_archive_with};
 use vtp_trainer::data::yolo::parse_labels;
 
@@ -108,7 +108,7 @@ pub fn callback(data: &[u8]) {
     }
     assert!(secret.verify(&headers, body, 1_800_000_000).is_err());
 
-    let Ok(update) = serde_json::from_slice::<TrainingUpdate>(body) else {
+    let Ok(update) = serde_json::from_slice::<TrainingReport>(body) else {
         return;
     };
     let mut job = NewJob {
@@ -123,7 +123,7 @@ pub fn callback(data: &[u8]) {
     .unwrap();
     job.transition(JobStatus::Queued).unwrap();
     job.transition(JobStatus::Running).unwrap();
-    if let Ok(UpdatePlan::Apply { job: next, .. }) = plan_update(&job, &update) {
+    if let Ok(ReportPlan::Apply { job: next, .. }) = plan_report(&job, &update) {
         assert!((0.0..=1.0).contains(&next.progress));
         assert!(next.status == job.status || job.status.can_transition_to(next.status));
         assert!(next.attempt >= job.attempt);

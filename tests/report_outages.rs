@@ -17,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::response::Response;
 use serde_json::json;
 use support::FaultProxy;
-use vtp_core::{BlobStoreExt, JobId, JobStatus, JobStore, StartTraining, TrainingUpdate};
+use vtp_core::{BlobStoreExt, JobId, JobStatus, JobStore, StartTraining, TrainingReport};
 use vtp_launch::HttpLauncher;
 use vtp_server::AppState;
 use vtp_storage::PostgresJobStore;
@@ -199,7 +199,7 @@ impl Trainer {
 
     /// Queues the report of `epoch`; returns its `seq`.
     fn report_epoch(&self, epoch: u32) -> i64 {
-        let update = TrainingUpdate::new(JobStatus::Running)
+        let update = TrainingReport::new(JobStatus::Running)
             .with_progress(f64::from(epoch) / 3.0)
             .with_metric("epoch", f64::from(epoch))
             .with_metric("loss", 1.0 / f64::from(epoch));

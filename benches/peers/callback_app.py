@@ -52,7 +52,7 @@ class NewJob(BaseModel):
     dataset_s3_uri: str
 
 
-class TrainingUpdate(BaseModel):
+class TrainingReport(BaseModel):
     job_id: Optional[str] = None
     status: str
     progress: float = 0.0
@@ -85,7 +85,7 @@ async def create(job: NewJob, session: AsyncSession = Depends(db)):
 
 
 @app.post("/training/jobs/{job_id}/callback")
-async def callback(job_id: uuid.UUID, update: TrainingUpdate, session: AsyncSession = Depends(db)):
+async def callback(job_id: uuid.UUID, update: TrainingReport, session: AsyncSession = Depends(db)):
     job = await session.get(TrainingJob, job_id)
     if not job:
         raise HTTPException(404)

@@ -215,8 +215,8 @@ pub struct EpochMetrics {
     pub values: BTreeMap<String, f64>,
 }
 
-impl From<crate::update::TrainingMetric> for EpochMetrics {
-    fn from(metric: crate::update::TrainingMetric) -> Self {
+impl From<crate::report::TrainingMetric> for EpochMetrics {
+    fn from(metric: crate::report::TrainingMetric) -> Self {
         EpochMetrics {
             epoch: metric.epoch,
             recorded_at: metric.recorded_at,

@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::EpochMetrics;
 use crate::job::Job;
+use crate::report::TrainingMetric;
 use crate::status::JobStatus;
-use crate::update::TrainingMetric;
 
 /// What one change did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -132,7 +132,7 @@ pub struct Job {
     /// How each earlier attempt ended, oldest first.
     #[serde(default)]
     pub attempts: Vec<AttemptEnded>,
-    /// Highest [`crate::TrainingUpdate::seq`] applied so far (0: none).
+    /// Highest [`crate::TrainingReport::seq`] applied so far (0: none).
     pub last_seq: i64,
     /// Bumped on every stored change; the optimistic-lock token.
     pub revision: i64,
@@ -363,12 +363,22 @@ impl Job {
 #[serde(deny_unknown_fields)]
 pub struct NewJob {
     /// Who owns the job; with authentication on, filled in from the token
-    /// when left out.
+    /// when left out. A name as [`validate_name`] checks it.
     #[serde(default)]
+    #[schema(max_length = 128, pattern = r"^([A-Za-z0-9_-][A-Za-z0-9._-]*)?$")]
     pub user_id: String,
-    /// Model architecture.
+    /// Model architecture: a name of the catalog (the trainer service's
+    /// `GET /models`), or for `python` the user's own name for it.
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"
+    )]
     pub model_name: String,
-    /// Training framework.
+    /// Training framework: `tch` and `ultralytics` train a model of the
+    /// catalog on VTP's engine (or the `ultralytics` package's), `python`
+    /// runs the user's own code.
+    #[schema(value_type = crate::Framework)]
     pub framework: String,
     /// Dataset location, checked for form here and for existence at start.
     pub dataset_s3_uri: String,

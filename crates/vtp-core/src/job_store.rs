@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use crate::error::{Error, Result};
 use crate::event::JobEvent;
 use crate::job::{Job, JobCursor, JobFilter, JobId, JobPage, NewJob};
+use crate::report::{ReportOutcome, ReportPlan, TrainingMetric, TrainingReport, plan_report};
 use crate::status::JobStatus;
-use crate::update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan, plan_update};
 
 /// What a compare-and-set expects to find.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,7 +203,7 @@ pub trait JobStore: Send + Sync + fmt::Debug + 'static {
     async fn ping(&self) -> Result<()>;
 }
 
-/// How often [`JobStoreExt::apply_update`] re-reads and retries after losing a race.
+/// How often [`JobStoreExt::apply_report`] re-reads and retries after losing a race.
 pub const UPDATE_ATTEMPTS: usize = 16;
 
 /// Transitions and callback handling, for every [`JobStore`].
@@ -352,11 +352,11 @@ pub trait JobStoreExt: JobStore {
     /// [`Error::NotFound`], [`Error::InvalidInput`] for a malformed update,
     /// [`Error::Conflict`] when the job is terminal or the report is illegal;
     /// [`Error::Unavailable`] (retryable) when every try lost its race.
-    async fn apply_update(&self, id: JobId, update: &TrainingUpdate) -> Result<UpdateOutcome> {
-        self.apply_update_from(id, update, None).await
+    async fn apply_report(&self, id: JobId, update: &TrainingReport) -> Result<ReportOutcome> {
+        self.apply_report_from(id, update, None).await
     }
 
-    /// [`JobStoreExt::apply_update`], planned against `known` (a version of
+    /// [`JobStoreExt::apply_report`], planned against `known` (a version of
     /// the job this caller stored or read before) instead of a fresh read.
     ///
     /// This saves the read when `known` is current, and is as safe as a fresh
@@ -366,20 +366,20 @@ pub trait JobStoreExt: JobStore {
     /// decided again on a fresh read before it is returned.
     ///
     /// # Errors
-    /// As [`JobStoreExt::apply_update`].
-    async fn apply_update_from(
+    /// As [`JobStoreExt::apply_report`].
+    async fn apply_report_from(
         &self,
         id: JobId,
-        update: &TrainingUpdate,
+        update: &TrainingReport,
         known: Option<Job>,
-    ) -> Result<UpdateOutcome> {
+    ) -> Result<ReportOutcome> {
         let mut known = known.filter(|job| job.id == id);
         for _ in 0..UPDATE_ATTEMPTS {
             let (job, fresh) = match known.take() {
                 Some(job) => (job, false),
                 None => (self.get(id).await?, true),
             };
-            let plan = match plan_update(&job, update) {
+            let plan = match plan_report(&job, update) {
                 Ok(plan) => plan,
                 // A refusal may come from the known version being outdated
                 // (a finished job that is running in the store, say).
@@ -387,19 +387,19 @@ pub trait JobStoreExt: JobStore {
                 Err(e) => return Err(e),
             };
             match plan {
-                UpdatePlan::Stale { .. } if !fresh => continue,
-                UpdatePlan::Stale { metric } => {
+                ReportPlan::Stale { .. } if !fresh => continue,
+                ReportPlan::Stale { metric } => {
                     if let Some(metric) = metric {
                         self.insert_metric_if_absent(&metric).await?;
                     }
-                    return Ok(UpdateOutcome::Duplicate(Box::new(job)));
+                    return Ok(ReportOutcome::Duplicate(Box::new(job)));
                 }
-                UpdatePlan::Apply { job: next, metric } => {
+                ReportPlan::Apply { job: next, metric } => {
                     match self
                         .compare_and_set(Expected::exactly(&job), &next, metric.as_ref())
                         .await
                     {
-                        Ok(stored) => return Ok(UpdateOutcome::Applied(Box::new(stored))),
+                        Ok(stored) => return Ok(ReportOutcome::Applied(Box::new(stored))),
                         Err(Error::Conflict { .. }) => continue,
                         Err(e) => return Err(e),
                     }
@@ -622,9 +622,9 @@ mod tests {
         .into_job()
         .unwrap();
         job.transition(JobStatus::Queued).unwrap();
-        let report = TrainingUpdate::new(JobStatus::Running).with_seq(1);
+        let report = TrainingReport::new(JobStatus::Running).with_seq(1);
         let store = always_losing(&job);
-        let err = store.apply_update(job.id, &report).await.unwrap_err();
+        let err = store.apply_report(job.id, &report).await.unwrap_err();
         assert!(
             matches!(err, Error::Unavailable { .. }) && err.is_retryable(),
             "{err:?}"

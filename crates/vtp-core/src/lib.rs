@@ -12,7 +12,7 @@
 //!
 //! ```no_run
 //! # async fn demo(store: std::sync::Arc<dyn vtp_core::JobStore>) -> vtp_core::Result<()> {
-//! use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingUpdate};
+//! use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingReport};
 //!
 //! let job = store
 //!     .create_job(NewJob {
@@ -25,13 +25,13 @@
 //!     })
 //!     .await?;
 //! store.transition(job.id, JobStatus::Pending, JobStatus::Queued).await?;
-//! let report = TrainingUpdate::new(JobStatus::Running)
+//! let report = TrainingReport::new(JobStatus::Running)
 //!     .with_seq(1)
 //!     .with_metric("epoch", 1.0)
 //!     .with_metric("loss", 0.42);
-//! store.apply_update(job.id, &report).await?;
+//! store.apply_report(job.id, &report).await?;
 //! // The same report again changes nothing.
-//! assert!(!store.apply_update(job.id, &report).await?.applied());
+//! assert!(!store.apply_report(job.id, &report).await?.applied());
 //! # Ok(())
 //! # }
 //! ```
@@ -51,13 +51,13 @@ pub mod layout;
 pub mod leader;
 pub mod models;
 pub mod queue;
+pub mod report;
 pub mod retry;
 pub mod script_config;
 pub mod status;
 pub mod tls;
 pub mod train_config;
 pub mod trainer;
-pub mod update;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
@@ -81,9 +81,9 @@ pub use models::{
     find_package_model, package_models,
 };
 pub use queue::queue_order;
+pub use report::{ReportOutcome, ReportPlan, TrainingMetric, TrainingReport};
 pub use retry::{BackoffConfig, RetryConfig};
 pub use script_config::{Distributed, PackageConfig, ScriptConfig};
 pub use status::JobStatus;
 pub use train_config::{DeviceChoice, OptimizerKind, TrainConfig};
 pub use trainer::{EpochReport, ProgressSink, StepProgress, TrainSpec, TrainSummary, Trainer};
-pub use update::{TrainingMetric, TrainingUpdate, UpdateOutcome, UpdatePlan};

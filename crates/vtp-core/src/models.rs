@@ -49,7 +49,7 @@ impl fmt::Display for Task {
 /// and metrics it means. `tch` and `ultralytics` are trained by VTP's own
 /// libtorch engine; `python` runs the user's own code
 /// ([`crate::ScriptConfig`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Framework {
     /// VTP's engine with any model of the catalog.
@@ -84,7 +84,7 @@ impl FromStr for Framework {
     fn from_str(s: &str) -> Result<Self> {
         Framework::ALL
             .into_iter()
-            .find(|f| f.name().eq_ignore_ascii_case(s))
+            .find(|f| f.name() == s)
             .ok_or_else(|| {
                 Error::invalid(
                     "framework",
@@ -362,6 +362,24 @@ pub fn find_package_model(name: &str) -> Result<PackageModel> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_framework_is_named_exactly_as_the_document_enumerates_it() {
+        for framework in Framework::ALL {
+            assert_eq!(framework.name().parse::<Framework>().unwrap(), framework);
+            let json = serde_json::to_value(framework).unwrap();
+            assert_eq!(json, framework.name());
+        }
+        // The OpenAPI document's enum is lowercase, and so is the server:
+        // what the schema refuses, the server refuses too.
+        for other in ["TCH", "Ultralytics", "pytorch", ""] {
+            let err = other.parse::<Framework>().unwrap_err();
+            assert!(
+                err.to_string().contains("known: tch, ultralytics, python"),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn the_package_engine_knows_every_task_of_both_families() {

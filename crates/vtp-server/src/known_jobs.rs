@@ -13,7 +13,7 @@ use vtp_core::{Job, JobId};
 /// The last stored version of recently reported jobs, least recently used
 /// out first.
 ///
-/// It is a hint, never the truth: [`vtp_core::JobStoreExt::apply_update_from`]
+/// It is a hint, never the truth: [`vtp_core::JobStoreExt::apply_report_from`]
 /// writes with a compare-and-set on the hinted revision, so a version that
 /// another writer (a cancel, another replica, the reconciler) has since
 /// changed costs one lost race and a re-read, not a wrong answer.

@@ -209,7 +209,7 @@ pub async fn run(jobs: Arc<dyn JobStore>, launcher: Arc<dyn TrainerLauncher>, po
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingUpdate};
+    use vtp_core::{JobStatus, JobStoreExt, NewJob, TrainingReport};
     use vtp_storage::InMemoryJobStore;
 
     use super::*;
@@ -263,7 +263,7 @@ pub(crate) mod tests {
             .await
             .unwrap();
         store
-            .apply_update(job.id, &TrainingUpdate::new(JobStatus::Running).with_seq(1))
+            .apply_report(job.id, &TrainingReport::new(JobStatus::Running).with_seq(1))
             .await
             .unwrap();
         store.get(job.id).await.unwrap()
@@ -511,10 +511,10 @@ pub(crate) mod tests {
         async fn list(&self, filter: &JobFilter) -> Result<vtp_core::JobPage> {
             let page = self.0.list(filter).await?;
             for job in &page.jobs {
-                let report = TrainingUpdate::new(JobStatus::Running)
+                let report = TrainingReport::new(JobStatus::Running)
                     .with_seq(job.last_seq + 1)
                     .with_progress(0.5);
-                self.0.apply_update(job.id, &report).await?;
+                self.0.apply_report(job.id, &report).await?;
             }
             Ok(page)
         }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tower::ServiceExt;
 use vtp_core::{
     BackoffConfig, BlobKey, BlobStore, BlobStoreExt, CredentialStore, JobStatus, JobStore,
-    JobStoreExt, RetryConfig, TrainingUpdate,
+    JobStoreExt, RetryConfig, TrainingReport,
 };
 use vtp_launch::HttpLauncher;
 use vtp_server::{AppState, app};
@@ -863,12 +863,12 @@ async fn reports_are_decided_on_the_stored_job_when_another_writer_changed_it() 
     assert_eq!(status, StatusCode::OK, "{body}");
     // Another writer (a second replica, the reconciler) moves the job on
     // behind this backend, whose remembered version is now outdated.
-    let direct = |update: TrainingUpdate| {
+    let direct = |update: TrainingReport| {
         let jobs = h.jobs.clone();
-        async move { jobs.apply_update(job_id, &update).await.unwrap() }
+        async move { jobs.apply_report(job_id, &update).await.unwrap() }
     };
     direct(
-        TrainingUpdate::new(JobStatus::Running)
+        TrainingReport::new(JobStatus::Running)
             .with_seq(2)
             .with_progress(0.5),
     )
@@ -884,7 +884,7 @@ async fn reports_are_decided_on_the_stored_job_when_another_writer_changed_it() 
         "{body}"
     );
     direct(
-        TrainingUpdate::new(JobStatus::Failed)
+        TrainingReport::new(JobStatus::Failed)
             .with_seq(4)
             .with_error("evicted"),
     )

@@ -829,9 +829,9 @@ async fn the_reconciler_deletes_the_running_job_of_a_job_that_is_over() {
     let done = job_in(&env, JobStatus::Running, json!({})).await;
     env.launcher.launch(&done).await.unwrap();
     env.store
-        .apply_update(
+        .apply_report(
             done.job_id,
-            &vtp_core::TrainingUpdate::new(JobStatus::Completed).with_seq(1),
+            &vtp_core::TrainingReport::new(JobStatus::Completed).with_seq(1),
         )
         .await
         .unwrap();

@@ -99,7 +99,7 @@ use vtp_storage::SqliteJobStore;
 #[tokio::test]
 async fn postgres_progress_reports_are_heap_only_updates() {
     use std::time::{Duration, Instant};
-    use vtp_core::{JobStatus, JobStoreExt, TrainingUpdate};
+    use vtp_core::{JobStatus, JobStoreExt, TrainingReport};
     use vtp_storage::PostgresJobStore;
     use vtp_storage::testing::TestDatabase;
 
@@ -114,13 +114,13 @@ async fn postgres_progress_reports_are_heap_only_updates() {
         .unwrap();
     let reports = 40;
     for seq in 1..=reports {
-        let update = TrainingUpdate::new(JobStatus::Running)
+        let update = TrainingReport::new(JobStatus::Running)
             .with_seq(seq)
             .with_progress(seq as f64 / 100.0)
             .with_message(format!("step {seq}"))
             .with_metric("epoch", seq as f64)
             .with_metric("loss", 1.0 / seq as f64);
-        store.apply_update(job.id, &update).await.unwrap();
+        store.apply_report(job.id, &update).await.unwrap();
     }
     // A backend publishes its table statistics when it exits (or after 10 s idle).
     drop(store);

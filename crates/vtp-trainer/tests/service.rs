@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use vtp_core::api::ModelInfo;
 use vtp_core::{
     BlobKey, BlobStore, BlobStoreExt, CallbackSecret, EpochReport, Error, JobId, JobStatus,
-    ProgressSink, Result, StepProgress, Task, TrainSpec, TrainSummary, Trainer, TrainingUpdate,
+    ProgressSink, Result, StepProgress, Task, TrainSpec, TrainSummary, Trainer, TrainingReport,
 };
 use vtp_storage::ObjectStoreBlobStore;
 use vtp_trainer::service::http::serve_trainer;
@@ -135,7 +135,7 @@ impl Trainer for CountingEngine {
 #[derive(Clone)]
 struct Receiver {
     secret: CallbackSecret,
-    reports: Arc<Mutex<Vec<TrainingUpdate>>>,
+    reports: Arc<Mutex<Vec<TrainingReport>>>,
 }
 
 async fn receive(
@@ -151,7 +151,7 @@ async fn receive(
         .secret
         .verify(&headers, &body, i64::try_from(now).unwrap())
         .expect("every report is signed with the job's secret");
-    let update: TrainingUpdate = serde_json::from_slice(&body).unwrap();
+    let update: TrainingReport = serde_json::from_slice(&body).unwrap();
     receiver.reports.lock().unwrap().push(update);
     "{}"
 }
@@ -250,12 +250,12 @@ impl Stack {
             .unwrap()
     }
 
-    fn reports(&self) -> Vec<TrainingUpdate> {
+    fn reports(&self) -> Vec<TrainingReport> {
         self.receiver.reports.lock().unwrap().clone()
     }
 
     /// Waits for a report in a terminal state; returns every report so far.
-    async fn until_final(&self) -> Vec<TrainingUpdate> {
+    async fn until_final(&self) -> Vec<TrainingReport> {
         for _ in 0..600 {
             let reports = self.reports();
             if reports.iter().any(|r| r.status.is_terminal()) {

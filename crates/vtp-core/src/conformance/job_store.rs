@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::job::{JobFilter, JobId, NewJob};
 use crate::job_store::{Expected, JobStore, JobStoreExt};
+use crate::report::TrainingReport;
 use crate::status::JobStatus;
-use crate::update::TrainingUpdate;
 use crate::{Error, Job};
 
 type Store = Arc<dyn JobStore>;
@@ -34,8 +34,8 @@ async fn running_job(store: &Store) -> Job {
         .unwrap()
 }
 
-fn epoch(seq: i64, epoch: u32, loss: f64) -> TrainingUpdate {
-    TrainingUpdate::new(JobStatus::Running)
+fn epoch(seq: i64, epoch: u32, loss: f64) -> TrainingReport {
+    TrainingReport::new(JobStatus::Running)
         .with_seq(seq)
         .with_progress(f64::from(epoch) / 10.0)
         .with_metric("epoch", f64::from(epoch))
@@ -271,9 +271,9 @@ pub async fn stale_revision_is_a_conflict(store: Store) {
 pub async fn updates_are_idempotent_by_seq(store: Store) {
     let job = running_job(&store).await;
     let update = epoch(1, 1, 0.9);
-    assert!(store.apply_update(job.id, &update).await.unwrap().applied());
+    assert!(store.apply_report(job.id, &update).await.unwrap().applied());
     let after_first = store.get(job.id).await.unwrap();
-    let again = store.apply_update(job.id, &update).await.unwrap();
+    let again = store.apply_report(job.id, &update).await.unwrap();
     assert!(!again.applied());
     assert_eq!(
         store.get(job.id).await.unwrap(),
@@ -286,14 +286,14 @@ pub async fn updates_are_idempotent_by_seq(store: Store) {
 pub async fn older_update_after_newer_changes_nothing(store: Store) {
     let job = running_job(&store).await;
     store
-        .apply_update(job.id, &epoch(3, 3, 0.5).with_message("epoch 3"))
+        .apply_report(job.id, &epoch(3, 3, 0.5).with_message("epoch 3"))
         .await
         .unwrap();
     let newer = store.get(job.id).await.unwrap();
     let outcome = store
-        .apply_update(
+        .apply_report(
             job.id,
-            &TrainingUpdate::new(JobStatus::Running)
+            &TrainingReport::new(JobStatus::Running)
                 .with_seq(2)
                 .with_progress(0.2)
                 .with_message("old"),
@@ -302,12 +302,12 @@ pub async fn older_update_after_newer_changes_nothing(store: Store) {
         .unwrap();
     assert!(!outcome.applied());
     assert_eq!(store.get(job.id).await.unwrap(), newer);
-    let late_failure = TrainingUpdate::new(JobStatus::Failed)
+    let late_failure = TrainingReport::new(JobStatus::Failed)
         .with_seq(1)
         .with_error("stale");
     assert!(
         !store
-            .apply_update(job.id, &late_failure)
+            .apply_report(job.id, &late_failure)
             .await
             .unwrap()
             .applied()
@@ -323,7 +323,7 @@ pub async fn reordered_epochs_are_all_recorded(store: Store) {
         epoch(3, 2, 0.7),
         epoch(2, 1, 0.9),
     ] {
-        store.apply_update(job.id, &update).await.unwrap();
+        store.apply_report(job.id, &update).await.unwrap();
     }
     let metrics = store.metrics(job.id).await.unwrap();
     let epochs: Vec<_> = metrics.iter().map(|m| m.epoch).collect();
@@ -350,18 +350,18 @@ pub async fn terminal_job_refuses_updates(store: Store) {
         values: vec![Some(0.75), None],
         confusion: Some(vec![vec![3, 1], vec![0, 0]]),
     };
-    let done = TrainingUpdate::new(JobStatus::Completed)
+    let done = TrainingReport::new(JobStatus::Completed)
         .with_seq(1)
         .with_checkpoint("s3://bucket/jobs/x/best.safetensors")
         .with_per_class(Some(per_class.clone()));
-    let completed = store.apply_update(job.id, &done).await.unwrap();
+    let completed = store.apply_report(job.id, &done).await.unwrap();
     assert_eq!(completed.job().status, JobStatus::Completed);
     assert_eq!(completed.job().progress, 1.0);
     let before = store.get(job.id).await.unwrap();
     assert_eq!(before.per_class.as_ref(), Some(&per_class));
     for status in [JobStatus::Running, JobStatus::Failed, JobStatus::Completed] {
         let err = store
-            .apply_update(job.id, &TrainingUpdate::new(status).with_seq(2))
+            .apply_report(job.id, &TrainingReport::new(status).with_seq(2))
             .await
             .unwrap_err();
         assert!(matches!(err, Error::Conflict { .. }), "{status}: {err:?}");
@@ -372,25 +372,25 @@ pub async fn terminal_job_refuses_updates(store: Store) {
 pub async fn metrics_are_ordered_and_upserted(store: Store) {
     let job = running_job(&store).await;
     for (e, loss) in [(3, 0.3), (1, 0.9), (2, 0.6)] {
-        let update = TrainingUpdate::new(JobStatus::Running)
+        let update = TrainingReport::new(JobStatus::Running)
             .with_metric("epoch", f64::from(e))
             .with_metric("loss", loss)
             .with_metric("accuracy", 1.0 - loss);
-        store.apply_update(job.id, &update).await.unwrap();
+        store.apply_report(job.id, &update).await.unwrap();
     }
     // The same values again (a resumed attempt re-reporting its set's
     // epoch) keep the row as it was recorded.
     let kept = store.metrics(job.id).await.unwrap();
-    let again = TrainingUpdate::new(JobStatus::Running)
+    let again = TrainingReport::new(JobStatus::Running)
         .with_metric("epoch", 1.0)
         .with_metric("loss", 0.9)
         .with_metric("accuracy", 1.0 - 0.9);
-    store.apply_update(job.id, &again).await.unwrap();
+    store.apply_report(job.id, &again).await.unwrap();
     assert_eq!(store.metrics(job.id).await.unwrap(), kept);
-    let rerun = TrainingUpdate::new(JobStatus::Running)
+    let rerun = TrainingReport::new(JobStatus::Running)
         .with_metric("epoch", 2.0)
         .with_metric("loss", 0.55);
-    store.apply_update(job.id, &rerun).await.unwrap();
+    store.apply_report(job.id, &rerun).await.unwrap();
     let metrics = store.metrics(job.id).await.unwrap();
     let epochs: Vec<_> = metrics.iter().map(|m| m.epoch).collect();
     assert_eq!(epochs, vec![1, 2, 3]);
@@ -410,7 +410,7 @@ pub async fn concurrent_updates_apply_once_each(store: Store) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .apply_update(job.id, &epoch(seq, seq as u32, 1.0 / seq as f64))
+                    .apply_report(job.id, &epoch(seq, seq as u32, 1.0 / seq as f64))
                     .await
             })
         })
@@ -441,7 +441,7 @@ pub async fn concurrent_reports_of_many_jobs_apply_once_each(store: Store) {
             let store = store.clone();
             tokio::spawn(async move {
                 store
-                    .apply_update_from(job.id, &epoch(seq, seq as u32, 1.0 / seq as f64), Some(job))
+                    .apply_report_from(job.id, &epoch(seq, seq as u32, 1.0 / seq as f64), Some(job))
                     .await
             })
         })
@@ -481,7 +481,7 @@ pub async fn updates_from_a_known_version_are_checked(store: Store) {
     let mut slim = job.clone();
     slim.config = serde_json::Value::Null;
     let first = store
-        .apply_update_from(job.id, &epoch(1, 1, 0.9), Some(slim))
+        .apply_report_from(job.id, &epoch(1, 1, 0.9), Some(slim))
         .await
         .unwrap();
     assert!(first.applied());
@@ -490,7 +490,7 @@ pub async fn updates_from_a_known_version_are_checked(store: Store) {
     assert_eq!(first.job().revision, job.revision + 1);
     // Outdated: the compare-and-set loses, the job is re-read, the write lands once.
     let second = store
-        .apply_update_from(job.id, &epoch(2, 2, 0.5), Some(job.clone()))
+        .apply_report_from(job.id, &epoch(2, 2, 0.5), Some(job.clone()))
         .await
         .unwrap();
     assert!(second.applied());
@@ -498,7 +498,7 @@ pub async fn updates_from_a_known_version_are_checked(store: Store) {
     assert_eq!(second.job().revision, job.revision + 2);
     // A replay that the outdated version would apply is a duplicate of the stored job.
     let replay = store
-        .apply_update_from(job.id, &epoch(1, 1, 0.9), Some(job.clone()))
+        .apply_report_from(job.id, &epoch(1, 1, 0.9), Some(job.clone()))
         .await
         .unwrap();
     assert!(!replay.applied());
@@ -507,14 +507,14 @@ pub async fn updates_from_a_known_version_are_checked(store: Store) {
     let mut finished = second.job().clone();
     finished.set_status(JobStatus::Completed);
     let third = store
-        .apply_update_from(job.id, &epoch(3, 3, 0.3), Some(finished))
+        .apply_report_from(job.id, &epoch(3, 3, 0.3), Some(finished))
         .await
         .unwrap();
     assert!(third.applied(), "the stored job is still running");
     // Another job's version is ignored.
     let other = running_job(&store).await;
     let fourth = store
-        .apply_update_from(job.id, &epoch(4, 4, 0.2), Some(other))
+        .apply_report_from(job.id, &epoch(4, 4, 0.2), Some(other))
         .await
         .unwrap();
     assert_eq!(fourth.job().id, job.id);
@@ -543,14 +543,14 @@ pub async fn lost_attempts_are_recorded_and_relaunched_then_fail(store: Store) {
         .await
         .unwrap();
     let set = "s3://datasets/jobs/x/epochs/000002/last.safetensors";
-    let report = TrainingUpdate::new(JobStatus::Running)
+    let report = TrainingReport::new(JobStatus::Running)
         .with_seq(1)
         .with_attempt(1)
         .with_progress(0.4)
         .with_last_checkpoint(set)
         .with_metric("epoch", 2.0)
         .with_metric("loss", 0.5);
-    store.apply_update(job.id, &report).await.unwrap();
+    store.apply_report(job.id, &report).await.unwrap();
 
     let requeued = store.end_attempt(job.id, 1, "killed").await.unwrap();
     assert_eq!((requeued.status, requeued.attempt), (JobStatus::Queued, 2));
@@ -574,17 +574,17 @@ pub async fn lost_attempts_are_recorded_and_relaunched_then_fail(store: Store) {
     );
     // The lost attempt reporting late changes nothing; the new one applies
     // without moving progress back.
-    let late = TrainingUpdate::new(JobStatus::Failed)
+    let late = TrainingReport::new(JobStatus::Failed)
         .with_seq(2)
         .with_attempt(1)
         .with_error("late");
-    assert!(!store.apply_update(job.id, &late).await.unwrap().applied());
-    let resumed = TrainingUpdate::new(JobStatus::Running)
+    assert!(!store.apply_report(job.id, &late).await.unwrap().applied());
+    let resumed = TrainingReport::new(JobStatus::Running)
         .with_seq(3)
         .with_attempt(2)
         .with_progress(0.0);
     let job_now = store
-        .apply_update(job.id, &resumed)
+        .apply_report(job.id, &resumed)
         .await
         .unwrap()
         .into_job();
@@ -615,11 +615,11 @@ pub async fn ping_succeeds(store: Store) {
 pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
     use crate::event::EventKind;
     let job = running_job(&store).await;
-    store.apply_update(job.id, &epoch(1, 1, 0.9)).await.unwrap();
+    store.apply_report(job.id, &epoch(1, 1, 0.9)).await.unwrap();
     // A replay and a lost race change nothing, so they are no events.
     assert!(
         !store
-            .apply_update(job.id, &epoch(1, 1, 0.9))
+            .apply_report(job.id, &epoch(1, 1, 0.9))
             .await
             .unwrap()
             .applied()
@@ -633,16 +633,16 @@ pub async fn every_change_is_an_event_numbered_by_revision(store: Store) {
     // Heartbeats and progress change the job, not its history: a job that
     // runs for days keeps one event per epoch and status.
     for seq in 2..12 {
-        let progress = TrainingUpdate::new(JobStatus::Running)
+        let progress = TrainingReport::new(JobStatus::Running)
             .with_seq(seq)
             .with_progress(0.1 + seq as f64 / 100.0)
             .with_message("half way");
-        store.apply_update(job.id, &progress).await.unwrap();
+        store.apply_report(job.id, &progress).await.unwrap();
     }
-    let done = TrainingUpdate::new(JobStatus::Completed)
+    let done = TrainingReport::new(JobStatus::Completed)
         .with_seq(12)
         .with_checkpoint("s3://bucket/jobs/x/best.safetensors");
-    store.apply_update(job.id, &done).await.unwrap();
+    store.apply_report(job.id, &done).await.unwrap();
     let finished = store.get(job.id).await.unwrap();
 
     let events = store.events(job.id, -1, 100).await.unwrap();
@@ -949,10 +949,10 @@ pub async fn pages_visit_every_job_once(store: Store) {
 /// finds nothing and is no error.
 pub async fn delete_removes_the_job_and_everything_with_it(store: Store) {
     let job = running_job(&store).await;
-    store.apply_update(job.id, &epoch(2, 1, 0.5)).await.unwrap();
+    store.apply_report(job.id, &epoch(2, 1, 0.5)).await.unwrap();
     let other = running_job(&store).await;
     store
-        .apply_update(other.id, &epoch(2, 1, 0.5))
+        .apply_report(other.id, &epoch(2, 1, 0.5))
         .await
         .unwrap();
     assert!(store.delete(job.id).await.unwrap());

@@ -24,8 +24,8 @@ use proptest::test_runner::{Config, TestCaseError, TestRunner};
 
 use crate::job::{Job, JobId, NewJob};
 use crate::job_store::{JobStore, JobStoreExt};
+use crate::report::TrainingReport;
 use crate::status::JobStatus;
-use crate::update::TrainingUpdate;
 
 /// Jobs per history.
 const JOBS: usize = 3;
@@ -210,7 +210,7 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
             let seq = (e.job.last_seq + seq_step).max(1);
             let attempt = (e.job.attempt - attempts_back).max(1);
             let stale = seq <= e.job.last_seq || attempt < e.job.attempt;
-            let mut update = TrainingUpdate::new(*status)
+            let mut update = TrainingReport::new(*status)
                 .with_seq(seq)
                 .with_attempt(attempt)
                 .with_progress(f64::from(*progress) / 100.0);
@@ -222,7 +222,7 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
                     .with_metric("epoch", f64::from(*epoch))
                     .with_metric("loss", 1.0 / f64::from(*epoch));
             }
-            if store.apply_update(e.job.id, &update).await.is_ok()
+            if store.apply_report(e.job.id, &update).await.is_ok()
                 && let Some(epoch) = epoch
             {
                 e.epochs.insert(*epoch);
@@ -231,16 +231,16 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
         }
         Op::Heartbeat { job, progress } => {
             let e = &expected[at(*job)];
-            let update = TrainingUpdate::new(JobStatus::Running)
+            let update = TrainingReport::new(JobStatus::Running)
                 .with_seq(e.job.last_seq + 1)
                 .with_attempt(e.job.attempt.max(1))
                 .with_progress(f64::from(*progress) / 100.0);
-            let _ = store.apply_update(e.job.id, &update).await;
+            let _ = store.apply_report(e.job.id, &update).await;
             None
         }
         Op::Interrupted { job, epoch } => {
             let e = &mut expected[at(*job)];
-            let mut update = TrainingUpdate::new(JobStatus::Failed)
+            let mut update = TrainingReport::new(JobStatus::Failed)
                 .with_seq(e.job.last_seq + 1)
                 .with_attempt(e.job.attempt.max(1))
                 .with_error("stopped by its host")
@@ -248,7 +248,7 @@ async fn apply(store: &dyn JobStore, expected: &mut [Expected], op: &Op) -> Opti
             if let Some(epoch) = epoch {
                 update = update.with_metric("epoch", f64::from(*epoch));
             }
-            if store.apply_update(e.job.id, &update).await.is_ok()
+            if store.apply_report(e.job.id, &update).await.is_ok()
                 && let Some(epoch) = epoch
             {
                 e.epochs.insert(*epoch);

@@ -39,7 +39,7 @@ use tracing::Instrument;
 use vtp_core::api::ModelInfo;
 use vtp_core::{
     BlobKey, BlobStore, BlobStoreExt, Error, JobId, JobStatus, Result, StartTraining, StepProgress,
-    TrainConfig, Trainer, TrainingUpdate, error_chain,
+    TrainConfig, Trainer, TrainingReport, error_chain,
 };
 
 pub use outbox::Outbox;
@@ -350,7 +350,7 @@ impl TrainerService {
             Err(e) => {
                 self.report(
                     &request,
-                    TrainingUpdate::new(JobStatus::Failed).with_error(error_chain(&e)),
+                    TrainingReport::new(JobStatus::Failed).with_error(error_chain(&e)),
                 );
                 return Err(e);
             }
@@ -492,7 +492,7 @@ impl TrainerService {
                 (self.interrupted_update(Some(&reason)), true)
             }
             Err(Error::Cancelled { reason }) => (
-                TrainingUpdate::new(JobStatus::Cancelled).with_message(reason),
+                TrainingReport::new(JobStatus::Cancelled).with_message(reason),
                 false,
             ),
             Ok(update) => (update, false),
@@ -500,7 +500,7 @@ impl TrainerService {
                 let message = error_chain(&e);
                 let retryable = e.is_retryable();
                 tracing::warn!(%job_id, error = %message, retryable, "job failed");
-                let update = TrainingUpdate::new(JobStatus::Failed).with_error(message);
+                let update = TrainingReport::new(JobStatus::Failed).with_error(message);
                 // An outage that outlasted its retries: another attempt
                 // (after the backend's backoff) may find it over.
                 (
@@ -572,15 +572,15 @@ impl TrainerService {
     }
 
     /// The report of an attempt stopped by its machine rather than its owner.
-    fn interrupted_update(&self, detail: Option<&str>) -> TrainingUpdate {
+    fn interrupted_update(&self, detail: Option<&str>) -> TrainingReport {
         let detail = detail.unwrap_or("before training");
         if self.replaced_on_interrupt {
             // Not final: the replacement reports on under the same attempt.
-            return TrainingUpdate::new(JobStatus::Running).with_message(format!(
+            return TrainingReport::new(JobStatus::Running).with_message(format!(
                 "the trainer was interrupted by its host ({detail}); its replacement resumes from the last stored checkpoint set"
             ));
         }
-        TrainingUpdate::new(JobStatus::Failed)
+        TrainingReport::new(JobStatus::Failed)
             .with_error(format!(
                 "the trainer was stopped by its host ({detail}); the job resumes from its last stored checkpoint set"
             ))

@@ -16,7 +16,7 @@ use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tracing::Instrument as _;
-use vtp_core::{BackoffConfig, CallbackSecret, Error, JobId, Result, TrainingUpdate};
+use vtp_core::{BackoffConfig, CallbackSecret, Error, JobId, Result, TrainingReport};
 
 /// One pending report.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,7 +28,7 @@ pub struct OutboxEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_secret: Option<CallbackSecret>,
     /// What it says (with `seq` set).
-    pub update: TrainingUpdate,
+    pub update: TrainingReport,
     /// The W3C trace context of the span that made the report (an epoch,
     /// the job), when traces are exported: each delivery attempt is a
     /// `report` span under it, and the request carries that span's
@@ -128,7 +128,7 @@ impl Outbox {
         job_id: JobId,
         callback_url: &str,
         callback_secret: Option<&CallbackSecret>,
-        mut update: TrainingUpdate,
+        mut update: TrainingReport,
         traceparent: Option<String>,
     ) -> Result<i64> {
         let dir = self.job_dir(job_id);

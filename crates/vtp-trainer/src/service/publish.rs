@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use vtp_core::{
-    BlobStoreExt, Error, JobId, JobStatus, Result, StartTraining, TrainingUpdate, error_chain,
+    BlobStoreExt, Error, JobId, JobStatus, Result, StartTraining, TrainingReport, error_chain,
 };
 
 use super::{TrainerService, checkpoints};
@@ -20,12 +20,12 @@ impl TrainerService {
         job_id: JobId,
         output: &Path,
         reason: impl Into<String>,
-    ) -> TrainingUpdate {
+    ) -> TrainingReport {
         let uploaded = self
             .upload_checkpoints(job_id, output)
             .await
             .unwrap_or_default();
-        let mut update = TrainingUpdate::new(JobStatus::Cancelled).with_message(reason);
+        let mut update = TrainingReport::new(JobStatus::Cancelled).with_message(reason);
         if let Some(uri) =
             checkpoints::main_file(uploaded.keys(), "last").and_then(|name| uploaded.get(name))
         {
@@ -58,7 +58,7 @@ impl TrainerService {
                     tracing::warn!(%job_id, %message);
                     self.report(
                         request,
-                        TrainingUpdate::new(JobStatus::Running).with_message(message),
+                        TrainingReport::new(JobStatus::Running).with_message(message),
                     );
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(60));

@@ -8,14 +8,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vtp_core::{
-    EpochReport, JobStatus, ProgressSink, StartTraining, StepProgress, TrainingUpdate, error_chain,
+    EpochReport, JobStatus, ProgressSink, StartTraining, StepProgress, TrainingReport, error_chain,
 };
 
 use super::run::epoch_span;
 use super::{StepCell, TrainerService, checkpoints, script};
 
 impl TrainerService {
-    pub(super) fn report(&self, request: &StartTraining, update: TrainingUpdate) {
+    pub(super) fn report(&self, request: &StartTraining, update: TrainingReport) {
         self.report_in(request, update, &tracing::Span::current());
     }
 
@@ -24,7 +24,7 @@ impl TrainerService {
     pub(super) fn report_in(
         &self,
         request: &StartTraining,
-        update: TrainingUpdate,
+        update: TrainingReport,
         span: &tracing::Span,
     ) {
         // One machine of several that are not node 0 trains its ranks and
@@ -65,8 +65,8 @@ pub(crate) fn unix_now() -> f64 {
 /// A heartbeat: `running`, with the fraction of the run done (whole epochs
 /// and the steps of this one) and where it is, when the engine has begun
 /// stepping; without, it only renews the lease.
-pub(super) fn heartbeat_update(step: Option<StepProgress>) -> TrainingUpdate {
-    let update = TrainingUpdate::new(JobStatus::Running);
+pub(super) fn heartbeat_update(step: Option<StepProgress>) -> TrainingReport {
+    let update = TrainingReport::new(JobStatus::Running);
     let Some(p) = step else { return update };
     let done = f64::from(p.epoch.saturating_sub(1)) + p.step as f64 / p.steps.max(1) as f64;
     update
@@ -165,7 +165,7 @@ impl script::ScriptHost for OutboxSink {
         let uri = self.store_set(epoch, &metrics)?;
         self.service.report(
             &self.request,
-            TrainingUpdate::new(JobStatus::Running)
+            TrainingReport::new(JobStatus::Running)
                 .with_message(format!("epoch {epoch}: checkpoint stored"))
                 .with_last_checkpoint(uri.clone()),
         );
@@ -200,7 +200,7 @@ impl OutboxSink {
             metrics::gauge!("vtp_trainer_data_wait_seconds").set(wait);
         }
         let loss = report.metrics.get("loss").copied().unwrap_or(f64::NAN);
-        let mut update = TrainingUpdate::new(JobStatus::Running)
+        let mut update = TrainingReport::new(JobStatus::Running)
             .with_progress(f64::from(report.epoch) / f64::from(report.epochs.max(1)))
             .with_message(format!(
                 "epoch {}/{}: loss {loss:.4}, {}",

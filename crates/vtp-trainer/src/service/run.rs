@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use vtp_core::{
     BlobKey, BlobStoreExt, Error, JobId, JobStatus, Result, StartTraining, TrainSpec,
-    TrainingUpdate, error_chain,
+    TrainingReport, error_chain,
 };
 
 use super::reports::{OutboxSink, headline};
@@ -32,12 +32,12 @@ impl TrainerService {
         init_weights: Option<&BlobKey>,
         slot: &Slot,
         steps: StepCell,
-    ) -> Result<TrainingUpdate> {
+    ) -> Result<TrainingReport> {
         let cancel = &slot.cancel;
         let job_id = request.job_id;
         self.report(
             request,
-            TrainingUpdate::new(JobStatus::Running)
+            TrainingReport::new(JobStatus::Running)
                 .with_progress(0.0)
                 .with_message("downloading the dataset"),
         );
@@ -53,7 +53,7 @@ impl TrainerService {
         };
         if cancel.load(Ordering::SeqCst) {
             return Ok(
-                TrainingUpdate::new(JobStatus::Cancelled).with_message("cancelled before training")
+                TrainingReport::new(JobStatus::Cancelled).with_message("cancelled before training")
             );
         }
         let init_weights = match init_weights {
@@ -100,7 +100,7 @@ impl TrainerService {
                     let epoch = manifest.epoch;
                     restored_epoch = Some(epoch);
                     tracing::info!(%job_id, epoch, attempt = request.attempt, "resuming from the stored checkpoint set");
-                    let mut update = TrainingUpdate::new(JobStatus::Running)
+                    let mut update = TrainingReport::new(JobStatus::Running)
                         .with_message(format!(
                             "attempt {}: resuming after epoch {epoch} from the stored checkpoint",
                             request.attempt
@@ -129,7 +129,7 @@ impl TrainerService {
                     tracing::warn!(%job_id, %message);
                     self.report(
                         request,
-                        TrainingUpdate::new(JobStatus::Running).with_message(message),
+                        TrainingReport::new(JobStatus::Running).with_message(message),
                     );
                 }
                 Err(e) => return Err(e),
@@ -175,7 +175,7 @@ impl TrainerService {
         let mut sink = sink;
         self.report(
             request,
-            TrainingUpdate::new(JobStatus::Running)
+            TrainingReport::new(JobStatus::Running)
                 .with_progress(0.0)
                 .with_message(format!(
                     "training {} for {} epochs",
@@ -203,7 +203,7 @@ impl TrainerService {
                     .get(best)
                     .cloned()
                     .ok_or_else(|| Error::internal("the checkpoint was not uploaded"))?;
-                Ok(TrainingUpdate::new(JobStatus::Completed)
+                Ok(TrainingReport::new(JobStatus::Completed)
                     .with_progress(1.0)
                     .with_message(match &summary.stopped {
                         Some(reason) => format!("done: {}; {reason}", headline(&summary.metrics)),
@@ -230,7 +230,7 @@ impl TrainerService {
         run: script::ScriptRun,
         mut sink: OutboxSink,
         slot: &Slot,
-    ) -> Result<TrainingUpdate> {
+    ) -> Result<TrainingReport> {
         let job_id = request.job_id;
         let output = run.output.clone();
         tokio::fs::create_dir_all(&output)
@@ -238,7 +238,7 @@ impl TrainerService {
             .map_err(|e| Error::internal(format!("{}: {e}", output.display())))?;
         self.report(
             request,
-            TrainingUpdate::new(JobStatus::Running)
+            TrainingReport::new(JobStatus::Running)
                 .with_progress(0.0)
                 .with_message(format!(
                     "running {} for {} epochs",
@@ -256,7 +256,7 @@ impl TrainerService {
         match ended {
             Ok(script::ScriptEnd::Completed) => {
                 let uploaded = self.upload_final(request, &output).await?;
-                let mut update = TrainingUpdate::new(JobStatus::Completed)
+                let mut update = TrainingReport::new(JobStatus::Completed)
                     .with_progress(1.0)
                     .with_message("done: the script finished");
                 let main = checkpoints::main_file(uploaded.keys(), "best")

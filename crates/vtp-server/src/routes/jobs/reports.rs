@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use vtp_core::api::{CallbackAck, EpochMetrics};
-use vtp_core::{BlobStoreExt, Error, JobId, JobStatus, JobStoreExt, TrainingUpdate};
+use vtp_core::{BlobStoreExt, Error, JobId, JobStatus, JobStoreExt, TrainingReport};
 
 use super::ApiResult;
 use crate::AppState;
@@ -38,7 +38,7 @@ fn max_seq() -> i64 {
         ("webhook-timestamp" = i64, Header, description = "Unix seconds when signed; at most 5 minutes off"),
         ("webhook-signature" = String, Header, description = "`v1,<base64 HMAC-SHA256>` of `id.timestamp.body` with the job's callback secret"),
     ),
-    request_body = TrainingUpdate,
+    request_body = TrainingReport,
     responses(
         (status = 200, description = "Taken: applied, or a replay or older report (by `seq`) that changed nothing", body = CallbackAck),
         (status = 409, description = "The job has finished", body = vtp_core::api::ErrorBody),
@@ -90,12 +90,12 @@ pub async fn callback(
             "expected Content-Type: application/json",
         ));
     }
-    let update: TrainingUpdate = parse_json(&body)?;
+    let update: TrainingReport = parse_json(&body)?;
     check_report(&state, id, &update)?;
     // Planned on the version the job's previous report stored, if any.
     let _turn = state.known_jobs.turn(id).await;
     let known = state.known_jobs.get(id);
-    let outcome = match state.jobs.apply_update_from(id, &update, known).await {
+    let outcome = match state.jobs.apply_report_from(id, &update, known).await {
         Ok(outcome) => outcome,
         Err(e) => {
             state.known_jobs.forget(id);
@@ -168,7 +168,7 @@ fn prune_checkpoint_sets(state: &AppState, id: JobId, below: u32) {
 
 /// What a signed report may still not do: point its checkpoint outside
 /// the job's own prefix, or claim a `seq` no trainer can reach.
-fn check_report(state: &AppState, id: JobId, update: &TrainingUpdate) -> ApiResult<()> {
+fn check_report(state: &AppState, id: JobId, update: &TrainingReport) -> ApiResult<()> {
     for (field, uri) in [
         ("checkpoint_s3_uri", &update.checkpoint_s3_uri),
         ("last_checkpoint_s3_uri", &update.last_checkpoint_s3_uri),

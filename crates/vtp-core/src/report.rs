@@ -12,11 +12,11 @@ use crate::status::JobStatus;
 /// What a trainer posts to `POST /training/jobs/{id}/callback`.
 ///
 /// The seed's shape, plus `seq`: a per-job sequence number, increasing by
-/// event, that makes replays harmless. An update whose `seq` is not above the
+/// event, that makes replays harmless. A report whose `seq` is not above the
 /// job's last applied one changes nothing.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct TrainingUpdate {
+pub struct TrainingReport {
     /// The job reported on; must match the URL when given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_id: Option<JobId>,
@@ -60,10 +60,10 @@ pub struct TrainingUpdate {
     pub per_class: Option<crate::ClassReport>,
 }
 
-impl TrainingUpdate {
-    /// An update with only a status.
+impl TrainingReport {
+    /// A report with only a status.
     pub fn new(status: JobStatus) -> Self {
-        TrainingUpdate {
+        TrainingReport {
             job_id: None,
             status,
             progress: None,
@@ -231,9 +231,9 @@ pub struct TrainingMetric {
     pub recorded_at: DateTime<Utc>,
 }
 
-/// What applying an update does.
+/// What applying a report does.
 #[derive(Debug, Clone, PartialEq)]
-pub enum UpdatePlan {
+pub enum ReportPlan {
     /// A replay or an older event: the job stays as it is. An epoch metric it
     /// carries is recorded only if that epoch has none yet, so reordered
     /// deliveries lose no epoch.
@@ -243,23 +243,23 @@ pub enum UpdatePlan {
     },
     /// Store this job state (and metric), if the job is still as read.
     Apply {
-        /// The job after the update.
+        /// The job after the report.
         job: Box<Job>,
-        /// The epoch metrics to record, if the update carried any.
+        /// The epoch metrics to record, if the report carried any.
         metric: Option<TrainingMetric>,
     },
 }
 
-/// Decides what `update` does to `job`, without touching any store.
+/// Decides what `report` does to `job`, without touching any store.
 ///
 /// # Errors
-/// [`Error::InvalidInput`] for a malformed update, [`Error::Conflict`] when
+/// [`Error::InvalidInput`] for a malformed report, [`Error::Conflict`] when
 /// the job's status does not allow the reported one (a terminal job).
-pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
-    update.validate(job.id)?;
+pub fn plan_report(job: &Job, report: &TrainingReport) -> Result<ReportPlan> {
+    report.validate(job.id)?;
     // One metric row per epoch the job trains, and no more: a signed
     // report still cannot grow the job's table past its epochs.
-    if let Some(metrics) = &update.metrics {
+    if let Some(metrics) = &report.metrics {
         let epoch = epoch_of(metrics)?;
         if !(1..=job.epochs).contains(&epoch) {
             return Err(Error::invalid(
@@ -269,7 +269,7 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
         }
     }
     let metric = |recorded_at| {
-        update.metrics.as_ref().map(|metrics| {
+        report.metrics.as_ref().map(|metrics| {
             let mut values = metrics.clone();
             let epoch = values.remove("epoch").unwrap_or_default() as u32;
             TrainingMetric {
@@ -283,10 +283,10 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     // A replay, or a report of an attempt the job has moved past (a trainer
     // that was given up on and relaunched elsewhere): nothing changes, but an
     // epoch it finished is kept if no attempt has recorded it.
-    if update.seq.is_some_and(|seq| seq <= job.last_seq)
-        || update.attempt.is_some_and(|attempt| attempt < job.attempt)
+    if report.seq.is_some_and(|seq| seq <= job.last_seq)
+        || report.attempt.is_some_and(|attempt| attempt < job.attempt)
     {
-        return Ok(UpdatePlan::Stale {
+        return Ok(ReportPlan::Stale {
             metric: metric(now()),
         });
     }
@@ -294,13 +294,13 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     // under way ends that attempt, below, rather than the job; a cancel the
     // user asked for still ends `cancelled`.
     let interrupted =
-        update.retryable && matches!(job.status, JobStatus::Queued | JobStatus::Running);
+        report.retryable && matches!(job.status, JobStatus::Queued | JobStatus::Running);
     let status = if interrupted {
         job.status
-    } else if update.retryable && job.status == JobStatus::Cancelling {
+    } else if report.retryable && job.status == JobStatus::Cancelling {
         JobStatus::Cancelled
     } else {
-        job.status.after_report(update.status)?
+        job.status.after_report(report.status)?
     };
     let mut next = job.clone();
     if status != job.status {
@@ -309,79 +309,79 @@ pub fn plan_update(job: &Job, update: &TrainingUpdate) -> Result<UpdatePlan> {
     next.updated_at = now();
     // Progress never goes backwards: a relaunched attempt starts by
     // reporting 0 while it restores the checkpoint it resumes from.
-    if let Some(progress) = update.progress {
+    if let Some(progress) = report.progress {
         next.progress = progress.max(job.progress);
     }
-    if update.message.is_some() {
-        next.message.clone_from(&update.message);
+    if report.message.is_some() {
+        next.message.clone_from(&report.message);
     }
     // An interrupted attempt's reason goes to its `attempts` entry; a
     // cancelled job has no error.
-    if update.error.is_some() && !update.retryable {
-        next.error.clone_from(&update.error);
+    if report.error.is_some() && !report.retryable {
+        next.error.clone_from(&report.error);
     }
     if status == JobStatus::Failed && next.error.is_none() {
         next.error = Some("trainer reported failure without a reason".into());
     }
-    if update.checkpoint_s3_uri.is_some() {
-        next.checkpoint_s3_uri.clone_from(&update.checkpoint_s3_uri);
+    if report.checkpoint_s3_uri.is_some() {
+        next.checkpoint_s3_uri.clone_from(&report.checkpoint_s3_uri);
     }
-    if update.per_class.is_some() {
-        next.per_class.clone_from(&update.per_class);
+    if report.per_class.is_some() {
+        next.per_class.clone_from(&report.per_class);
     }
-    if update.last_checkpoint_s3_uri.is_some() {
+    if report.last_checkpoint_s3_uri.is_some() {
         next.last_checkpoint_s3_uri
-            .clone_from(&update.last_checkpoint_s3_uri);
+            .clone_from(&report.last_checkpoint_s3_uri);
     }
     // A completed job has its final checkpoint; the backend deletes the sets
     // it trained through, so nothing may point at them.
     if status == JobStatus::Completed && next.checkpoint_s3_uri.is_some() {
         next.last_checkpoint_s3_uri = None;
     }
-    if let Some(seq) = update.seq {
+    if let Some(seq) = report.seq {
         next.last_seq = seq;
     }
     if interrupted {
-        let reason = update
+        let reason = report
             .error
             .as_deref()
             .unwrap_or("the trainer was interrupted");
         next.end_attempt(reason)?;
     }
     let metric = metric(next.updated_at);
-    Ok(UpdatePlan::Apply {
+    Ok(ReportPlan::Apply {
         job: Box::new(next),
         metric,
     })
 }
 
-/// What [`crate::JobStoreExt::apply_update`] did.
+/// What [`crate::JobStoreExt::apply_report`] did.
 #[derive(Debug, Clone, PartialEq)]
-pub enum UpdateOutcome {
-    /// The update was applied; the job as it now is.
+pub enum ReportOutcome {
+    /// The report was applied; the job as it now is.
     Applied(Box<Job>),
-    /// The update was a replay and changed nothing; the job as it is.
+    /// The report was a replay and changed nothing; the job as it is.
     Duplicate(Box<Job>),
 }
 
-impl UpdateOutcome {
+impl ReportOutcome {
     /// The job after the call.
     pub fn job(&self) -> &Job {
         match self {
-            UpdateOutcome::Applied(job) | UpdateOutcome::Duplicate(job) => job,
+            ReportOutcome::Applied(job) | ReportOutcome::Duplicate(job) => job,
         }
     }
 
     /// The job after the call, by value.
     pub fn into_job(self) -> Job {
         match self {
-            UpdateOutcome::Applied(job) | UpdateOutcome::Duplicate(job) => *job,
+            ReportOutcome::Applied(job) | ReportOutcome::Duplicate(job) => *job,
         }
     }
 
     /// Whether anything changed.
     pub fn applied(&self) -> bool {
-        matches!(self, UpdateOutcome::Applied(_))
+        matches!(self, ReportOutcome::Applied(_))
     }
 }
 
@@ -400,12 +400,12 @@ mod tests {
             f64::MIN_POSITIVE,
             1e300,
         ];
-        let mut update = TrainingUpdate::new(JobStatus::Running);
+        let mut report = TrainingReport::new(JobStatus::Running);
         for (i, value) in values.iter().enumerate() {
-            update = update.with_metric(format!("m{i}"), *value);
+            report = report.with_metric(format!("m{i}"), *value);
         }
-        let json = serde_json::to_string(&update).unwrap();
-        let back: TrainingUpdate = serde_json::from_str(&json).unwrap();
+        let json = serde_json::to_string(&report).unwrap();
+        let back: TrainingReport = serde_json::from_str(&json).unwrap();
         for (i, value) in values.iter().enumerate() {
             assert_eq!(
                 back.metrics.as_ref().unwrap()[&format!("m{i}")].to_bits(),
@@ -435,9 +435,9 @@ mod tests {
         let body = r#"{"job_id": "0190d3f6-1234-7abc-8def-0123456789ab", "status": "running",
                        "progress": 0.5, "message": "Training in progress...",
                        "metrics": {"epoch": 1, "loss": 0.7, "map": 0.1}}"#;
-        let update: TrainingUpdate = serde_json::from_str(body).unwrap();
-        assert_eq!(update.metrics.unwrap()["map"], 0.1);
-        let minimal: TrainingUpdate =
+        let report: TrainingReport = serde_json::from_str(body).unwrap();
+        assert_eq!(report.metrics.unwrap()["map"], 0.1);
+        let minimal: TrainingReport =
             serde_json::from_str(r#"{"status": "failed", "error": "boom"}"#).unwrap();
         assert_eq!(minimal.error.as_deref(), Some("boom"));
     }
@@ -445,11 +445,11 @@ mod tests {
     #[test]
     fn metrics_become_one_row_without_epoch() {
         let job = running_job();
-        let update = TrainingUpdate::new(JobStatus::Running)
+        let report = TrainingReport::new(JobStatus::Running)
             .with_seq(1)
             .with_metric("epoch", 2.0)
             .with_metric("loss", 0.25);
-        let UpdatePlan::Apply { job: next, metric } = plan_update(&job, &update).unwrap() else {
+        let ReportPlan::Apply { job: next, metric } = plan_report(&job, &report).unwrap() else {
             panic!("expected an applied plan")
         };
         let metric = metric.unwrap();
@@ -464,19 +464,19 @@ mod tests {
         let job = running_job();
         assert_eq!(job.epochs, 5);
         for epoch in [0.0, 6.0, 1e9] {
-            let update = TrainingUpdate::new(JobStatus::Running)
+            let report = TrainingReport::new(JobStatus::Running)
                 .with_seq(1)
                 .with_metric("epoch", epoch)
                 .with_metric("loss", 0.25);
-            match plan_update(&job, &update) {
+            match plan_report(&job, &report) {
                 Err(Error::InvalidInput { field, .. }) => assert_eq!(field, "metrics.epoch"),
                 other => panic!("epoch {epoch}: {other:?}"),
             }
         }
-        let last = TrainingUpdate::new(JobStatus::Running)
+        let last = TrainingReport::new(JobStatus::Running)
             .with_seq(1)
             .with_metric("epoch", 5.0);
-        plan_update(&job, &last).unwrap();
+        plan_report(&job, &last).unwrap();
     }
 
     #[test]
@@ -484,19 +484,19 @@ mod tests {
         let mut job = running_job();
         job.last_seq = 5;
         for seq in [3, 5] {
-            let update = TrainingUpdate::new(JobStatus::Running).with_seq(seq);
+            let report = TrainingReport::new(JobStatus::Running).with_seq(seq);
             assert_eq!(
-                plan_update(&job, &update).unwrap(),
-                UpdatePlan::Stale { metric: None }
+                plan_report(&job, &report).unwrap(),
+                ReportPlan::Stale { metric: None }
             );
         }
-        let late_epoch = TrainingUpdate::new(JobStatus::Running)
+        let late_epoch = TrainingReport::new(JobStatus::Running)
             .with_seq(4)
             .with_metric("epoch", 1.0)
             .with_metric("loss", 0.5);
-        let UpdatePlan::Stale {
+        let ReportPlan::Stale {
             metric: Some(metric),
-        } = plan_update(&job, &late_epoch).unwrap()
+        } = plan_report(&job, &late_epoch).unwrap()
         else {
             panic!("a late epoch keeps its metric")
         };
@@ -511,21 +511,21 @@ mod tests {
         assert_eq!(job.attempt, 2);
         // The first attempt, still reporting (say, a finish): stale, though
         // the epoch it carries is kept if no attempt recorded it.
-        let late = TrainingUpdate::new(JobStatus::Failed)
+        let late = TrainingReport::new(JobStatus::Failed)
             .with_seq(99)
             .with_attempt(1)
             .with_error("boom");
         assert_eq!(
-            plan_update(&job, &late).unwrap(),
-            UpdatePlan::Stale { metric: None }
+            plan_report(&job, &late).unwrap(),
+            ReportPlan::Stale { metric: None }
         );
         // The second attempt starts at 0 while it restores: progress stays.
-        let resumed = TrainingUpdate::new(JobStatus::Running)
+        let resumed = TrainingReport::new(JobStatus::Running)
             .with_seq(100)
             .with_attempt(2)
             .with_progress(0.0)
             .with_last_checkpoint("s3://b/jobs/x/epochs/3/last.safetensors");
-        let UpdatePlan::Apply { job: next, .. } = plan_update(&job, &resumed).unwrap() else {
+        let ReportPlan::Apply { job: next, .. } = plan_report(&job, &resumed).unwrap() else {
             panic!("the current attempt applies")
         };
         assert_eq!((next.status, next.progress), (JobStatus::Running, 0.6));
@@ -541,13 +541,13 @@ mod tests {
         // and the job waits for its relaunch, keeping its checkpoint set.
         let job = running_job();
         let set = "s3://b/jobs/x/epochs/000002/last.safetensors";
-        let interrupted = TrainingUpdate::new(JobStatus::Failed)
+        let interrupted = TrainingReport::new(JobStatus::Failed)
             .with_seq(1)
             .with_attempt(1)
             .with_error("stopped by SIGTERM at epoch 3")
             .with_last_checkpoint(set)
             .as_retryable();
-        let UpdatePlan::Apply { job: next, .. } = plan_update(&job, &interrupted).unwrap() else {
+        let ReportPlan::Apply { job: next, .. } = plan_report(&job, &interrupted).unwrap() else {
             panic!("the current attempt applies")
         };
         assert_eq!((next.status, next.attempt), (JobStatus::Queued, 2));
@@ -559,7 +559,7 @@ mod tests {
         // No attempts left: failed, with the reason and the checkpoint.
         let mut last = running_job();
         last.config = serde_json::json!({"max_attempts": 1});
-        let UpdatePlan::Apply { job: next, .. } = plan_update(&last, &interrupted).unwrap() else {
+        let ReportPlan::Apply { job: next, .. } = plan_report(&last, &interrupted).unwrap() else {
             panic!("applies")
         };
         assert_eq!(next.status, JobStatus::Failed);
@@ -569,7 +569,7 @@ mod tests {
         // The user asked for the stop: cancelled.
         let mut cancelling = running_job();
         cancelling.transition(JobStatus::Cancelling).unwrap();
-        let UpdatePlan::Apply { job: next, .. } = plan_update(&cancelling, &interrupted).unwrap()
+        let ReportPlan::Apply { job: next, .. } = plan_report(&cancelling, &interrupted).unwrap()
         else {
             panic!("applies")
         };
@@ -577,11 +577,11 @@ mod tests {
         assert_eq!(next.error, None, "a cancelled job has no error");
 
         // Only a failure can be retryable.
-        let odd = TrainingUpdate {
+        let odd = TrainingReport {
             retryable: true,
-            ..TrainingUpdate::new(JobStatus::Running)
+            ..TrainingReport::new(JobStatus::Running)
         };
-        let err = plan_update(&job, &odd).unwrap_err();
+        let err = plan_report(&job, &odd).unwrap_err();
         assert!(err.to_string().contains("retryable"), "{err}");
     }
 
@@ -590,47 +590,47 @@ mod tests {
         let job = running_job();
         let cases = [
             (
-                TrainingUpdate::new(JobStatus::Running).with_progress(1.5),
+                TrainingReport::new(JobStatus::Running).with_progress(1.5),
                 "progress",
             ),
             (
-                TrainingUpdate::new(JobStatus::Running).with_metric("loss", 1.0),
+                TrainingReport::new(JobStatus::Running).with_metric("loss", 1.0),
                 "metrics.epoch",
             ),
             (
-                TrainingUpdate::new(JobStatus::Running).with_metric("epoch", 1.5),
+                TrainingReport::new(JobStatus::Running).with_metric("epoch", 1.5),
                 "metrics.epoch",
             ),
             (
-                TrainingUpdate::new(JobStatus::Running)
+                TrainingReport::new(JobStatus::Running)
                     .with_metric("epoch", 1.0)
                     .with_metric("loss", f64::NAN),
                 "metrics.loss",
             ),
-            (TrainingUpdate::new(JobStatus::Running).with_seq(0), "seq"),
+            (TrainingReport::new(JobStatus::Running).with_seq(0), "seq"),
             (
-                TrainingUpdate::new(JobStatus::Completed).with_checkpoint("/tmp/x"),
+                TrainingReport::new(JobStatus::Completed).with_checkpoint("/tmp/x"),
                 "checkpoint_s3_uri",
             ),
             (
-                TrainingUpdate::new(JobStatus::Running).with_last_checkpoint("/tmp/x"),
+                TrainingReport::new(JobStatus::Running).with_last_checkpoint("/tmp/x"),
                 "last_checkpoint_s3_uri",
             ),
             (
-                TrainingUpdate::new(JobStatus::Running).with_attempt(0),
+                TrainingReport::new(JobStatus::Running).with_attempt(0),
                 "attempt",
             ),
         ];
-        for (update, field) in cases {
-            match plan_update(&job, &update) {
+        for (report, field) in cases {
+            match plan_report(&job, &report) {
                 Err(Error::InvalidInput { field: got, .. }) => assert_eq!(got, field),
                 other => panic!("{field}: expected invalid input, got {other:?}"),
             }
         }
-        let mut foreign = TrainingUpdate::new(JobStatus::Running);
+        let mut foreign = TrainingReport::new(JobStatus::Running);
         foreign.job_id = Some(JobId::new());
         assert!(matches!(
-            plan_update(&job, &foreign),
+            plan_report(&job, &foreign),
             Err(Error::InvalidInput { .. })
         ));
     }
@@ -639,15 +639,15 @@ mod tests {
     fn terminal_jobs_conflict() {
         let mut job = running_job();
         job.transition(JobStatus::Completed).unwrap();
-        let err = plan_update(&job, &TrainingUpdate::new(JobStatus::Running)).unwrap_err();
+        let err = plan_report(&job, &TrainingReport::new(JobStatus::Running)).unwrap_err();
         assert!(matches!(err, Error::Conflict { .. }), "{err:?}");
     }
 
     #[test]
     fn failure_always_carries_a_reason() {
         let job = running_job();
-        let UpdatePlan::Apply { job: next, .. } =
-            plan_update(&job, &TrainingUpdate::new(JobStatus::Failed)).unwrap()
+        let ReportPlan::Apply { job: next, .. } =
+            plan_report(&job, &TrainingReport::new(JobStatus::Failed)).unwrap()
         else {
             panic!("expected an applied plan")
         };

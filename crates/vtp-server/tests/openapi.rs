@@ -1,6 +1,11 @@
 //! The OpenAPI documents: generated from the handlers, committed under
 //! `docs/`, served at `/openapi.json` and rendered at `/docs`.
 //!
+//! The Python package's wire types (`crates/vtp-py/python/vtp/_schema.py`,
+//! `TypedDict`s that type `vtp.Job.data` and the client's answers) are
+//! generated from the same document here, so Python reads exactly the
+//! fields the backend writes.
+//!
 //! When a route or a wire type changes, regenerate the committed copies:
 //!
 //! ```sh
@@ -26,15 +31,21 @@ fn committed(name: &str) -> PathBuf {
 /// Fails when `docs/{name}` is not `document` as generated now.
 fn check_committed(name: &str, document: &impl serde::Serialize) {
     let generated = format!("{}\n", serde_json::to_string_pretty(document).unwrap());
-    let path = committed(name);
+    check_file(committed(name), &generated);
+}
+
+/// Fails when the file at `path` does not hold `generated` (or writes it,
+/// with `VTP_UPDATE_OPENAPI` set).
+fn check_file(path: PathBuf, generated: &str) {
+    let name = path.display().to_string();
     if std::env::var_os("VTP_UPDATE_OPENAPI").is_some() {
-        std::fs::write(&path, &generated).unwrap();
+        std::fs::write(&path, generated).unwrap();
         return;
     }
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         on_disk == generated,
-        "docs/{name} differs from the document the code generates; if the change is \
+        "{name} differs from what the code generates; if the change is \
          meant, regenerate it: VTP_UPDATE_OPENAPI=1 cargo test -p vtp-server --all-features --test openapi"
     );
 }
@@ -44,6 +55,166 @@ fn the_committed_backend_document_is_the_generated_one() {
     let document = vtp_server::openapi::document();
     assert!(document.openapi == utoipa::openapi::OpenApiVersion::Version31);
     check_committed("openapi.json", &vtp_server::openapi::document_json());
+}
+
+#[test]
+fn the_python_packages_wire_types_are_generated_from_the_document() {
+    let python = python_types(&vtp_server::openapi::document_json());
+    // Every answer the Python client types is among them.
+    for class in [
+        "class Job(",
+        "class JobPage(",
+        "class JobEvent(",
+        "class Health(",
+    ] {
+        assert!(python.contains(class), "{class}");
+    }
+    assert!(python.contains("JobStatus = Literal["), "{python}");
+    check_file(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../vtp-py/python/vtp/_schema.py"),
+        &python,
+    );
+}
+
+/// The components of the OpenAPI `document` as Python: an enum is a
+/// `Literal` alias, an object with named fields a `TypedDict` (its optional
+/// fields in a `total=False` subclass, as Python 3.10 has no
+/// `NotRequired`), an open object or a scalar an alias.
+fn python_types(document: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let schemas = document["components"]["schemas"]
+        .as_object()
+        .expect("the document has component schemas");
+    let mut out = String::from(
+        "\"\"\"The backend's wire types, generated from its OpenAPI document: do not edit.\n\n\
+         Regenerate with ``VTP_UPDATE_OPENAPI=1 cargo test -p vtp-server --all-features\n\
+         --test openapi`` (see ``crates/vtp-server/tests/openapi.rs``).\n\"\"\"\n\n\
+         from __future__ import annotations\n\n\
+         from typing import Any, Literal, TypedDict\n",
+    );
+    let is_class = |schema: &serde_json::Value| {
+        schema["properties"].is_object() && !schema["additionalProperties"].is_object()
+    };
+    // Aliases first: they are evaluated when the module loads.
+    for (name, schema) in schemas.iter().filter(|(_, schema)| !is_class(schema)) {
+        let _ = write!(
+            out,
+            "\n{}{name} = {}\n",
+            comment(schema, ""),
+            python_type(schema)
+        );
+    }
+    for (name, schema) in schemas.iter().filter(|(_, schema)| is_class(schema)) {
+        let properties = schema["properties"].as_object().expect("an object");
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .map(|names| names.iter().filter_map(|n| n.as_str()).collect())
+            .unwrap_or_default();
+        let fields = |want_required: bool| {
+            let mut body = String::new();
+            for (field, property) in properties {
+                if required.contains(&field.as_str()) == want_required {
+                    let _ = writeln!(
+                        body,
+                        "{}    {field}: {}",
+                        comment(property, "    "),
+                        python_type(property)
+                    );
+                }
+            }
+            body
+        };
+        let (always, optional) = (fields(true), fields(false));
+        let doc = format!("    \"\"\"{}\"\"\"\n\n", first_sentence(schema));
+        let _ = match (always.is_empty(), optional.is_empty()) {
+            (false, false) => write!(
+                out,
+                "\n\nclass _{name}Required(TypedDict):\n{always}\n\n\
+                 class {name}(_{name}Required, total=False):\n{doc}{optional}"
+            ),
+            (false, true) => write!(out, "\n\nclass {name}(TypedDict):\n{doc}{always}"),
+            (true, _) => write!(
+                out,
+                "\n\nclass {name}(TypedDict, total=False):\n{doc}{optional}"
+            ),
+        };
+    }
+    out
+}
+
+/// The first sentence of a schema's description, on one line.
+fn first_sentence(schema: &serde_json::Value) -> String {
+    let text = schema["description"]
+        .as_str()
+        .unwrap_or_default()
+        .split("\n\n")
+        .next()
+        .unwrap_or_default()
+        .replace('\n', " ");
+    let end = text.find(". ").map_or(text.len(), |at| at + 1);
+    text[..end].replace('\\', "\\\\").replace("\"\"\"", "'''")
+}
+
+/// `#: <first sentence>` on a line of its own, indented, where the schema
+/// has a description.
+fn comment(schema: &serde_json::Value, indent: &str) -> String {
+    let sentence = first_sentence(schema);
+    if sentence.is_empty() {
+        String::new()
+    } else {
+        format!("{indent}#: {sentence}\n")
+    }
+}
+
+/// The Python type of a schema.
+fn python_type(schema: &serde_json::Value) -> String {
+    if let Some(reference) = schema["$ref"].as_str() {
+        return reference.rsplit('/').next().unwrap_or("Any").to_owned();
+    }
+    if let Some(values) = schema["enum"].as_array() {
+        let names: Vec<String> = values.iter().map(|value| value.to_string()).collect();
+        return format!("Literal[{}]", names.join(", "));
+    }
+    if let Some(members) = schema["oneOf"].as_array().or(schema["anyOf"].as_array()) {
+        let mut types: Vec<String> = members.iter().map(python_type).collect();
+        types.dedup();
+        return types.join(" | ");
+    }
+    match &schema["type"] {
+        serde_json::Value::String(kind) => scalar(kind, schema),
+        serde_json::Value::Array(kinds) => kinds
+            .iter()
+            .filter_map(|kind| kind.as_str())
+            .map(|kind| scalar(kind, schema))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        _ => "Any".to_owned(),
+    }
+}
+
+/// The Python type of one JSON Schema `type` of `schema`.
+fn scalar(kind: &str, schema: &serde_json::Value) -> String {
+    match kind {
+        "string" if schema["format"] == "binary" => "bytes".to_owned(),
+        "string" => "str".to_owned(),
+        "integer" => "int".to_owned(),
+        "number" => "float".to_owned(),
+        "boolean" => "bool".to_owned(),
+        "null" => "None".to_owned(),
+        "array" => format!("list[{}]", python_type(&schema["items"])),
+        "object" => match &schema["additionalProperties"] {
+            // Named fields and more: their types differ, so only `Any` holds them all.
+            _ if schema["properties"].is_object() => "dict[str, Any]".to_owned(),
+            serde_json::Value::Object(_) => {
+                format!(
+                    "dict[str, {}]",
+                    python_type(&schema["additionalProperties"])
+                )
+            }
+            _ => "dict[str, Any]".to_owned(),
+        },
+        _ => "Any".to_owned(),
+    }
 }
 
 /// The trainer service's document needs no libtorch to generate.
@@ -83,8 +254,8 @@ fn the_document_names_every_field_the_seeds_clients_send() {
         "seq",
     ] {
         assert!(
-            schemas["TrainingUpdate"]["properties"][field].is_object(),
-            "TrainingUpdate.{field}"
+            schemas["TrainingReport"]["properties"][field].is_object(),
+            "TrainingReport.{field}"
         );
     }
     // Every hyperparameter, with its meaning, from the TrainConfig the

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union
 from urllib.parse import unquote, urlparse
 
-from . import _vtp
+from . import _schema, _vtp
 from ._progress import ProgressBar
 from .checkpoint import Checkpoint, load_checkpoint
 
@@ -22,7 +22,8 @@ if TYPE_CHECKING:  # optional dependencies
     from matplotlib.figure import Figure
 
 PathLike = Union[str, "os.PathLike[str]"]
-JobData = dict[str, Any]
+#: A job as the backend's JSON has it (generated from its OpenAPI document).
+JobData = _schema.Job
 Metrics = list[dict[str, Any]]
 
 #: Statuses a job never leaves.
@@ -328,10 +329,9 @@ class Client:
     def base_url(self) -> str:
         return self._native.base_url
 
-    def health(self) -> dict[str, Any]:
+    def health(self) -> _schema.Health:
         """The backend's ``/health``."""
-        answer: dict[str, Any] = self._native.health()
-        return answer
+        return self._native.health()
 
     def upload_dataset(
         self, path: PathLike, name: str | None = None, user_id: str | None = None

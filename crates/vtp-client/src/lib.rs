@@ -822,6 +822,105 @@ mod tests {
         }
     }
 
+    /// A backend that answers every request with `status` and `body` (not
+    /// the API's error shape: a proxy's page, say), and `Retry-After: 7`.
+    async fn answering(status: u16, body: &'static str) -> Client {
+        let app = axum::Router::new().fallback(move || async move {
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [(reqwest::header::RETRY_AFTER, "7")],
+                body,
+            )
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let once = RetryConfig {
+            max_retries: 0,
+            ..RetryConfig::default()
+        };
+        Client::builder(&url)
+            .timeout(Duration::from_secs(10))
+            .retry(once)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_answer_not_in_the_apis_shape_is_named_by_its_status() {
+        let err = answering(502, "<html>bad gateway</html>")
+            .await
+            .health()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+        let text = vtp_core::error_chain(&err);
+        assert!(
+            text.contains("502") && text.contains("<html>bad gateway</html>"),
+            "{text}"
+        );
+
+        let err = answering(404, "").await.health().await.unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }), "{err:?}");
+        assert!(
+            vtp_core::error_chain(&err).contains("answered 404"),
+            "{err:?}"
+        );
+
+        match answering(429, "slow down")
+            .await
+            .health()
+            .await
+            .unwrap_err()
+        {
+            Error::RateLimited { retry_after, .. } => {
+                assert_eq!(retry_after, Duration::from_secs(7))
+            }
+            other => panic!("{other:?}"),
+        }
+        let kinds = [
+            (401, "unauthenticated"),
+            (403, "forbidden"),
+            (409, "conflict"),
+            (422, "invalid_input"),
+            (418, "internal"),
+        ];
+        for (status, code) in kinds {
+            assert_eq!(status_code(StatusCode::from_u16(status).unwrap()), code);
+            let err = answering(status, "no").await.health().await.unwrap_err();
+            let text = vtp_core::error_chain(&err);
+            assert!(
+                text.contains(&format!("answered {status}")),
+                "{status}: {text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_success_whose_json_is_not_the_answer_says_so() {
+        let err = answering(200, "{\"status\": 3}")
+            .await
+            .health()
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+        assert!(
+            vtp_core::error_chain(&err).contains("unexpected JSON"),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn the_event_streams_reconnect_pause_has_a_floor() {
+        let client = Client::builder("http://127.0.0.1:8000")
+            .poll_interval(Duration::ZERO)
+            .build()
+            .unwrap();
+        assert_eq!(client.poll, Duration::from_millis(10));
+        let client = Client::new("http://127.0.0.1:8000").unwrap();
+        assert_eq!(client.poll, Duration::from_millis(500));
+    }
+
     #[test]
     fn a_token_must_be_a_header_value() {
         match Client::builder("http://127.0.0.1:8000")

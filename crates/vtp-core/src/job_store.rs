@@ -30,6 +30,20 @@ impl Expected {
             revision: job.revision,
         }
     }
+
+    /// Whether `job` is as expected: in the status, at the revision.
+    pub fn matches(&self, job: &Job) -> bool {
+        job.status == self.status && job.revision == self.revision
+    }
+
+    /// The conflict a compare-and-set of job `id` reports when it found
+    /// `current` instead, naming both.
+    pub fn lost_to(&self, id: JobId, current: &Job) -> Error {
+        Error::conflict(format!(
+            "job {id} changed concurrently: expected {} (revision {}), found {} (revision {})",
+            self.status, self.revision, current.status, current.revision
+        ))
+    }
 }
 
 /// A cap on how many jobs one owner may have in some statuses, which a

@@ -88,11 +88,8 @@ impl State {
             .jobs
             .get(&next.id)
             .ok_or_else(|| Error::not_found("job", next.id))?;
-        if current.status != expected.status || expected.revision != current.revision {
-            return Err(Error::conflict(format!(
-                "job {} changed concurrently: expected {} (revision {}), found {} (revision {})",
-                next.id, expected.status, expected.revision, current.status, current.revision
-            )));
+        if !expected.matches(current) {
+            return Err(expected.lost_to(next.id, current));
         }
         // Only the mutable fields change; identity and request stay as stored.
         let mut stored = current.clone();
@@ -177,8 +174,7 @@ impl JobStore for InMemoryJobStore {
             .jobs
             .get(&next.id)
             .ok_or_else(|| Error::not_found("job", next.id))?;
-        if current.status == expected.status
-            && current.revision == expected.revision
+        if expected.matches(current)
             && state.count(&next.user_id, next.id, &quota) >= u64::from(quota.limit)
         {
             return Err(quota.exceeded(&next.user_id));

@@ -145,14 +145,6 @@ fn create_conflict(job: &Job, err: sqlx::Error) -> Error {
     }
 }
 
-/// The conflict a failed compare-and-set reports, naming what was expected and what was found.
-fn lost_race(next: &Job, expected: &Expected, current: &Job) -> Error {
-    Error::conflict(format!(
-        "job {} changed concurrently: expected {} (revision {}), found {} (revision {})",
-        next.id, expected.status, expected.revision, current.status, current.revision
-    ))
-}
-
 /// `INSERT INTO table (names) VALUES (values)`, each column's value bound
 /// in its place.
 fn insert_values<'a, DB: Runs>(
@@ -482,7 +474,7 @@ impl<DB: Dialect> vtp_core::JobStore for SqlJobStore<DB> {
     ) -> Result<Job> {
         match DB::write_change(self, expected, next, metric).await? {
             Some(stored) => Ok(stored),
-            None => Err(lost_race(next, &expected, &self.get(next.id).await?)),
+            None => Err(expected.lost_to(next.id, &self.get(next.id).await?)),
         }
     }
 
@@ -504,13 +496,11 @@ impl<DB: Dialect> vtp_core::JobStore for SqlJobStore<DB> {
         let Some(row) = row else {
             drop(tx);
             let current = self.get(next.id).await?;
-            return Err(
-                if current.status == expected.status && current.revision == expected.revision {
-                    quota.exceeded(&next.user_id)
-                } else {
-                    lost_race(next, &expected, &current)
-                },
-            );
+            return Err(if expected.matches(&current) {
+                quota.exceeded(&next.user_id)
+            } else {
+                expected.lost_to(next.id, &current)
+            });
         };
         let stored: Job = <DB as Decodes<JobRow>>::decode(&row)
             .map_err(map_sqlx)?

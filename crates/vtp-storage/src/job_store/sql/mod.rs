@@ -216,15 +216,22 @@ const RANKED_QUEUE: &str = "WITH held AS (\
        SELECT waiting.*, COALESCE(held.n, 0) + waiting.rn AS share \
        FROM waiting LEFT JOIN held ON held.user_id = waiting.user_id) ";
 
-/// Decodes every row as a `T`, converted.
+/// Decodes `row` as an `R`, converted to a `T` (a `JobRow` to a `Job`).
+fn decode<DB, R, T>(row: &DB::Row) -> Result<T>
+where
+    DB: Decodes<R>,
+    T: TryFrom<R, Error = Error>,
+{
+    T::try_from(DB::decode(row).map_err(map_sqlx)?)
+}
+
+/// Decodes every row as in [`decode`].
 fn decode_all<DB, R, T>(rows: Vec<DB::Row>) -> Result<Vec<T>>
 where
     DB: Decodes<R>,
     T: TryFrom<R, Error = Error>,
 {
-    rows.iter()
-        .map(|row| T::try_from(DB::decode(row).map_err(map_sqlx)?))
-        .collect()
+    rows.iter().map(decode::<DB, R, T>).collect()
 }
 
 impl<DB: Dialect> SqlJobStore<DB> {
@@ -251,6 +258,15 @@ impl<DB: Dialect> SqlJobStore<DB> {
             .await
             .map_err(map_sqlx)?;
         Ok(())
+    }
+
+    /// Runs `query`, a `SELECT COUNT(*)`: the count.
+    async fn count(&self, query: QueryBuilder<DB>) -> Result<u64> {
+        let count = match self.fetch_optional(query).await? {
+            Some(row) => <DB as Decodes<CountRow>>::decode(&row).map_err(map_sqlx)?.0,
+            None => 0,
+        };
+        Ok(u64::try_from(count).unwrap_or(0))
     }
 
     /// Takes the owner's quota lock in `tx`, where the database needs one.
@@ -336,9 +352,7 @@ impl<DB: Dialect> SqlJobStore<DB> {
             );
             DB::execute(&mut *tx, &mut upsert).await.map_err(map_sqlx)?;
         }
-        let stored: Job = <DB as Decodes<JobRow>>::decode(&row)
-            .map_err(map_sqlx)?
-            .try_into()?;
+        let stored = decode::<DB, JobRow, Job>(&row)?;
         let event = JobEvent::of_change(Some(expected.status), &stored, metric);
         Self::insert_event(&mut tx, &event).await?;
         tx.commit().await.map_err(map_sqlx)?;
@@ -373,14 +387,10 @@ impl<DB: Dialect> SqlJobStore<DB> {
         let jobs: Vec<Job> = decode_all::<DB, JobRow, _>(self.fetch_all(page).await?)?;
         let mut count = QueryBuilder::new("SELECT COUNT(*) FROM jobs");
         push_filter(&mut count, filter);
-        let total = match self.fetch_optional(count).await? {
-            Some(row) => <DB as Decodes<CountRow>>::decode(&row).map_err(map_sqlx)?.0,
-            None => 0,
-        };
         Ok(JobPage {
             next_cursor: vtp_core::next_cursor(&jobs, limit),
             jobs,
-            total: u64::try_from(total).unwrap_or(0),
+            total: self.count(count).await?,
             limit,
             offset: filter.offset,
         })
@@ -440,9 +450,7 @@ impl<DB: Dialect> vtp_core::JobStore for SqlJobStore<DB> {
             .fetch_optional(query)
             .await?
             .ok_or_else(|| Error::not_found("job", id))?;
-        <DB as Decodes<JobRow>>::decode(&row)
-            .map_err(map_sqlx)?
-            .try_into()
+        decode::<DB, JobRow, Job>(&row)
     }
 
     async fn find_created_with_key(&self, user_id: &str, key: &str) -> Result<Option<Job>> {
@@ -454,11 +462,7 @@ impl<DB: Dialect> vtp_core::JobStore for SqlJobStore<DB> {
             .bind_value(key);
         self.fetch_optional(query)
             .await?
-            .map(|row| {
-                <DB as Decodes<JobRow>>::decode(&row)
-                    .map_err(map_sqlx)?
-                    .try_into()
-            })
+            .map(|row| decode::<DB, JobRow, Job>(&row))
             .transpose()
     }
 
@@ -502,9 +506,7 @@ impl<DB: Dialect> vtp_core::JobStore for SqlJobStore<DB> {
                 expected.lost_to(next.id, &current)
             });
         };
-        let stored: Job = <DB as Decodes<JobRow>>::decode(&row)
-            .map_err(map_sqlx)?
-            .try_into()?;
+        let stored = decode::<DB, JobRow, Job>(&row)?;
         let event = JobEvent::of_change(Some(expected.status), &stored, None);
         Self::insert_event(&mut tx, &event).await?;
         tx.commit().await.map_err(map_sqlx)?;
@@ -548,11 +550,7 @@ impl<DB: Dialect> vtp_core::JobStore for SqlJobStore<DB> {
             "SELECT COUNT(*) FROM jobs WHERE deleted_at IS NULL AND (status IN ('running', 'cancelling') \
              OR (status = 'queued' AND launched_at IS NOT NULL))",
         );
-        let taken = match self.fetch_optional(query).await? {
-            Some(row) => <DB as Decodes<CountRow>>::decode(&row).map_err(map_sqlx)?.0,
-            None => 0,
-        };
-        Ok(u64::try_from(taken).unwrap_or(0))
+        self.count(query).await
     }
 
     async fn delete(&self, id: JobId) -> Result<bool> {

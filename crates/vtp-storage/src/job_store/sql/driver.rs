@@ -14,7 +14,7 @@ use sqlx::{Database, Encode, Executor, FromRow, IntoArguments, QueryBuilder, Typ
 use uuid::Uuid;
 
 /// One value bound to a statement, in the types both databases share.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Value<'a> {
     /// A UUID (`uuid` on Postgres, a blob on SQLite).
     Uuid(Uuid),
@@ -30,8 +30,9 @@ pub enum Value<'a> {
     Bool(Option<bool>),
     /// An instant, or NULL.
     Time(Option<DateTime<Utc>>),
-    /// A JSON document (`jsonb` on Postgres, text on SQLite), or NULL.
-    Json(Option<serde_json::Value>),
+    /// A JSON document (`jsonb` on Postgres, text on SQLite), or NULL:
+    /// serialized once, as the column stores it.
+    Json(Option<Box<serde_json::value::RawValue>>),
 }
 
 impl Value<'_> {
@@ -40,7 +41,7 @@ impl Value<'_> {
     /// # Errors
     /// When `value` does not serialize (a map with non-string keys).
     pub fn json(value: &impl serde::Serialize) -> vtp_core::Result<Value<'static>> {
-        serde_json::to_value(value)
+        serde_json::value::to_raw_value(value)
             .map(|json| Value::Json(Some(json)))
             .map_err(|e| vtp_core::Error::internal(format!("a JSON column: {e}")))
     }
@@ -171,7 +172,7 @@ where
     Option<i64>: for<'t> Encode<'t, DB> + Type<DB>,
     Option<bool>: for<'t> Encode<'t, DB> + Type<DB>,
     Option<DateTime<Utc>>: for<'t> Encode<'t, DB> + Type<DB>,
-    Option<sqlx::types::Json<serde_json::Value>>: for<'t> Encode<'t, DB> + Type<DB>,
+    Option<Box<serde_json::value::RawValue>>: for<'t> Encode<'t, DB> + Type<DB>,
 {
     fn bind(query: &mut QueryBuilder<DB>, value: Value<'_>) {
         match value {
@@ -182,7 +183,7 @@ where
             Value::Float(v) => query.push_bind(v),
             Value::Bool(v) => query.push_bind(v),
             Value::Time(v) => query.push_bind(v),
-            Value::Json(v) => query.push_bind(v.map(sqlx::types::Json)),
+            Value::Json(v) => query.push_bind(v),
         };
     }
 
